@@ -1,0 +1,1 @@
+//! Host layout and per-CT configuration.

@@ -1,0 +1,10 @@
+//! berth-runtime: the container model and everything that touches the kernel for a CT.
+
+pub mod cgroups;
+pub mod config;
+pub mod ctid;
+pub mod size;
+pub mod template;
+
+pub use ctid::Ctid;
+pub use size::Size;

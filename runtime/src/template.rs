@@ -1,0 +1,1 @@
+//! OS templates: the store, busybox/debootstrap builders, tarball import.

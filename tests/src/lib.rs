@@ -1,0 +1,1 @@
+//! Support code shared by berth's privileged end-to-end tests. Each area adds its own module.

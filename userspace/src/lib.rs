@@ -1,0 +1,1 @@
+//! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs every prerequisite berth needs to build, test and benchmark on Debian 12.
+# Idempotent and fast when everything is already present (each step checks first).
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: must run as root (apt-get, bpffs, cgroups)" >&2
+  exit 1
+fi
+
+APT_PACKAGES=(
+  llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev   # bpf-linker (LLVM 22)
+  build-essential pkg-config                           # -sys crates
+  busybox-static                                       # built-in CT template
+  debootstrap                                          # `berth template build debian`
+  iproute2 iperf3 iputils-ping                         # tests: netns, traffic
+  crun                                                 # benchmark control
+  prometheus                                           # promtool, e2e scrape test
+  hyperfine                                            # whole-process timings
+  xz-utils zstd tar                                    # template import formats
+  e2fsprogs quota                                      # project quotas (--diskspace)
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  [[ "$p" == \#* ]] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "apt packages present"
+fi
+
+# Debian's prometheus package starts a server on :9090 by default; tests start their own.
+if systemctl is-active --quiet prometheus 2>/dev/null; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "installing nightly toolchain"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  log "adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly
+fi
+
+if ! bpf-linker --version 2>/dev/null | grep -q '^bpf-linker 0\.13'; then
+  log "building bpf-linker 0.13 against LLVM 22 (~1 min)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version '^0.13' \
+    --no-default-features --features llvm-22
+else
+  log "bpf-linker present"
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  log "mounting bpffs at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+log "done"
