@@ -1,1 +1,389 @@
-//! Host layout and per-CT configuration.
+//! Host layout (where berth keeps state) and the per-CT configuration file.
+//!
+//! Layout under the root (default `/var/lib/berth`, `--root` / `BERTH_ROOT`):
+//! - `conf/<CTID>.toml`  — one human-editable config per CT (keys documented on [`CtConfig`])
+//! - `private/<CTID>/`   — the CT's files (its root filesystem)
+//! - `root/<CTID>/`      — mount point: `private` is bind-mounted here while the CT is mounted/running
+//! - `template/<name>/`  — OS templates
+//!
+//! Run state lives in the run dir (default `/run/berth` for the default root, `<root>/run` otherwise,
+//! `BERTH_RUN_DIR` overrides): `<CTID>.lock`, `<CTID>.state.json`, `<CTID>.console.log`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ctid::{Ctid, validate_name};
+use crate::size::Size;
+
+pub const DEFAULT_ROOT: &str = "/var/lib/berth";
+pub const DEFAULT_RUN: &str = "/run/berth";
+pub const DEFAULT_CGROUP_PARENT: &str = "berth";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("parse CT config {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("CT config {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("CT {0} does not exist")]
+    NotFound(String),
+    #[error("CT {0} already exists")]
+    Exists(Ctid),
+    #[error("name {name:?} is already used by CT {ctid}")]
+    NameTaken { name: String, ctid: Ctid },
+    #[error("invalid cgroup parent {0:?}: use [a-zA-Z0-9._-], no slashes")]
+    BadCgroupParent(String),
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where one berth installation keeps its state. Tests use temporary roots and unique cgroup parents.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub root: PathBuf,
+    pub run: PathBuf,
+    /// cgroup directory under each hierarchy that holds this installation's CTs.
+    pub cgroup_parent: String,
+}
+
+impl Host {
+    pub fn new(
+        root: Option<PathBuf>,
+        run: Option<PathBuf>,
+        cgroup_parent: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let root = root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        let run = run.unwrap_or_else(|| {
+            if root == Path::new(DEFAULT_ROOT) {
+                PathBuf::from(DEFAULT_RUN)
+            } else {
+                root.join("run")
+            }
+        });
+        let cgroup_parent = cgroup_parent.unwrap_or_else(|| DEFAULT_CGROUP_PARENT.to_string());
+        if cgroup_parent.is_empty()
+            || !cgroup_parent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            || cgroup_parent.starts_with('.')
+        {
+            return Err(ConfigError::BadCgroupParent(cgroup_parent));
+        }
+        Ok(Self {
+            root,
+            run,
+            cgroup_parent,
+        })
+    }
+
+    /// Creates the directory skeleton (idempotent).
+    pub fn ensure_dirs(&self) -> Result<(), ConfigError> {
+        for d in [
+            self.conf_dir(),
+            self.root.join("private"),
+            self.root.join("root"),
+            self.template_dir(),
+            self.run.clone(),
+        ] {
+            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+        }
+        Ok(())
+    }
+
+    pub fn conf_dir(&self) -> PathBuf {
+        self.root.join("conf")
+    }
+    pub fn conf_path(&self, ctid: Ctid) -> PathBuf {
+        self.conf_dir().join(format!("{ctid}.toml"))
+    }
+    pub fn private_dir(&self, ctid: Ctid) -> PathBuf {
+        self.root.join("private").join(ctid.to_string())
+    }
+    pub fn root_dir(&self, ctid: Ctid) -> PathBuf {
+        self.root.join("root").join(ctid.to_string())
+    }
+    pub fn template_dir(&self) -> PathBuf {
+        self.root.join("template")
+    }
+    pub fn lock_path(&self, ctid: Ctid) -> PathBuf {
+        self.run.join(format!("{ctid}.lock"))
+    }
+    pub fn state_path(&self, ctid: Ctid) -> PathBuf {
+        self.run.join(format!("{ctid}.state.json"))
+    }
+    pub fn console_log_path(&self, ctid: Ctid) -> PathBuf {
+        self.run.join(format!("{ctid}.console.log"))
+    }
+
+    /// All CTIDs with a config file, sorted.
+    pub fn list_ctids(&self) -> Result<Vec<Ctid>, ConfigError> {
+        let dir = self.conf_dir();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("read directory", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(io_err("read directory", &dir))?;
+            let name = ent.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".toml")) else {
+                continue;
+            };
+            if let Ok(c) = stem.parse::<Ctid>() {
+                out.push(c);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Resolves a user-given CT reference: a CTID, or a name set with `--name`.
+    pub fn resolve(&self, what: &str) -> Result<Ctid, ConfigError> {
+        if what.bytes().all(|b| b.is_ascii_digit()) {
+            return what
+                .parse::<Ctid>()
+                .map_err(|e| ConfigError::NotFound(format!("{what} ({e})")));
+        }
+        for c in self.list_ctids()? {
+            if let Ok(cfg) = CtConfig::load(self, c)
+                && cfg.name.as_deref() == Some(what)
+            {
+                return Ok(c);
+            }
+        }
+        Err(ConfigError::NotFound(format!("named {what:?}")))
+    }
+}
+
+/// User namespace mapping for a CT: CT uid/gid 0..size map to host base..base+size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserNs {
+    pub uid_base: u32,
+    pub gid_base: u32,
+    pub size: u32,
+}
+
+/// Resource settings (see `berth set`). Absent = unlimited / kernel default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// Memory limit (`--memory`), e.g. "512M".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    /// Swap on top of memory (`--swap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap: Option<Size>,
+    /// CPU weight, OpenVZ units (`--cpuunits`, default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuunits: Option<u64>,
+    /// CPU limit in percent of one CPU (`--cpulimit`, 0 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpulimit: Option<u32>,
+    /// Number of CPUs the CT may use (`--cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Maximum number of processes/threads (`--numproc`, 0 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numproc: Option<u64>,
+    /// Block I/O weight 10..1000 (`--ioweight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ioweight: Option<u32>,
+    /// Disk quota on the private area (`--diskspace`), needs project quotas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diskspace: Option<Size>,
+}
+
+/// `conf/<CTID>.toml`. Every key is documented in the README ("CT config").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtConfig {
+    pub ctid: Ctid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Template the private area was created from.
+    pub template: String,
+    /// Program started as the CT's PID 1.
+    #[serde(default = "default_init")]
+    pub init: String,
+    /// Signal that makes the CT's init power off (`SIGUSR2` for busybox, `SIGPWR` sysvinit,
+    /// `SIGRTMIN+4` systemd).
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// Seconds `stop` waits for init to halt before killing everything in the CT's cgroup.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<UserNs>,
+    #[serde(default)]
+    pub resources: ResourceConfig,
+}
+
+fn default_init() -> String {
+    "/sbin/init".into()
+}
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+fn default_stop_timeout() -> u32 {
+    30
+}
+
+impl CtConfig {
+    pub fn new(ctid: Ctid, template: String) -> Self {
+        Self {
+            ctid,
+            name: None,
+            hostname: None,
+            template,
+            init: default_init(),
+            stop_signal: default_stop_signal(),
+            stop_timeout: default_stop_timeout(),
+            userns: None,
+            resources: ResourceConfig::default(),
+        }
+    }
+
+    pub fn load(host: &Host, ctid: Ctid) -> Result<Self, ConfigError> {
+        let path = host.conf_path(ctid);
+        let text = fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                ConfigError::NotFound(ctid.to_string())
+            } else {
+                io_err("read", &path)(e)
+            }
+        })?;
+        let cfg: CtConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        if cfg.ctid != ctid {
+            return Err(ConfigError::Invalid {
+                path,
+                msg: format!("ctid = {} but the file is named for CT {ctid}", cfg.ctid),
+            });
+        }
+        cfg.validate(&path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |msg: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if let Some(n) = &self.name {
+            validate_name(n).map_err(|e| bad(e.to_string()))?;
+        }
+        if let Some(h) = &self.hostname {
+            validate_hostname(h).map_err(bad)?;
+        }
+        if !self.init.starts_with('/') {
+            return Err(bad(format!("init {:?} must be an absolute path", self.init)));
+        }
+        crate::signal::parse_signal(&self.stop_signal).map_err(|e| bad(e.to_string()))?;
+        if let Some(u) = self.userns
+            && (u.size == 0 || u.uid_base.checked_add(u.size).is_none() || u.gid_base.checked_add(u.size).is_none())
+        {
+            return Err(bad(format!("userns range {u:?} is empty or overflows")));
+        }
+        Ok(())
+    }
+
+    /// Writes the config atomically (temp file + rename), so a crash never leaves half a file.
+    pub fn save(&self, host: &Host) -> Result<(), ConfigError> {
+        let path = host.conf_path(self.ctid);
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let tmp = path.with_extension("toml.tmp");
+        fs::write(&tmp, text).map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+        Ok(())
+    }
+}
+
+/// RFC 1123 host name (labels of a-z0-9-, dots between, 253 max).
+pub fn validate_hostname(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid hostname {h:?}: use labels of a-z, 0-9 and '-', separated by dots"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        host.ensure_dirs().unwrap();
+        assert_eq!(host.run, dir.path().join("run"));
+        let ctid = Ctid::new(101).unwrap();
+        let mut cfg = CtConfig::new(ctid, "busybox".into());
+        cfg.name = Some("web".into());
+        cfg.resources.memory = Some("256M".parse().unwrap());
+        cfg.save(&host).unwrap();
+        let back = CtConfig::load(&host, ctid).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(host.resolve("web").unwrap(), ctid);
+        assert_eq!(host.resolve("101").unwrap(), ctid);
+        assert!(host.resolve("nope").is_err());
+
+        let path = host.conf_path(ctid);
+        fs::write(&path, "ctid = 101\ntemplate = \"b\"\nbogus = 1\n").unwrap();
+        let e = CtConfig::load(&host, ctid).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        fs::write(&path, "ctid = 102\ntemplate = \"b\"\n").unwrap();
+        assert!(CtConfig::load(&host, ctid).is_err());
+        fs::write(&path, "ctid = 101\ntemplate = \"b\"\nhostname = \"-x\"\n").unwrap();
+        assert!(CtConfig::load(&host, ctid).is_err());
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(validate_hostname("web1.example.com").is_ok());
+        assert!(validate_hostname("a_b").is_err());
+        assert!(validate_hostname("").is_err());
+        assert!(validate_hostname("a..b").is_err());
+    }
+
+    #[test]
+    fn cgroup_parent_validated() {
+        assert!(Host::new(None, None, Some("../x".into())).is_err());
+        assert!(Host::new(None, None, Some("a/b".into())).is_err());
+        assert_eq!(Host::new(None, None, None).unwrap().run, PathBuf::from(DEFAULT_RUN));
+    }
+}

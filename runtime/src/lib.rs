@@ -2,7 +2,10 @@
 
 pub mod cgroups;
 pub mod config;
+pub mod container;
 pub mod ctid;
+pub mod lock;
+pub mod signal;
 pub mod size;
 pub mod template;
 

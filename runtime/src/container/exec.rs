@@ -1,0 +1,294 @@
+//! `berth exec` / `berth enter`: run a command inside a running CT's namespaces and cgroup.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, fork};
+
+use super::{CtError, Result, cgroup, cg_err, running};
+use crate::cgroups::CgroupManager;
+use crate::config::{CtConfig, Host};
+use crate::ctid::Ctid;
+
+/// Namespaces joined, in order: user first (it grants the rights for the others), mnt before
+/// the chdir, pid last (it only applies to children).
+const NAMESPACES: &[(&str, CloneFlags)] = &[
+    ("user", CloneFlags::CLONE_NEWUSER),
+    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+    ("ipc", CloneFlags::CLONE_NEWIPC),
+    ("uts", CloneFlags::CLONE_NEWUTS),
+    ("net", CloneFlags::CLONE_NEWNET),
+    ("mnt", CloneFlags::CLONE_NEWNS),
+    ("pid", CloneFlags::CLONE_NEWPID),
+];
+
+struct Target {
+    ns: Vec<(CloneFlags, OwnedFd)>,
+    cgroup_procs: Vec<fs::File>,
+    userns: bool,
+}
+
+fn open_target(host: &Host, ctid: Ctid) -> Result<(Target, i32)> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let st = running(host, ctid).ok_or(CtError::NotRunning(ctid))?;
+    let pid = st.init_pid;
+    let mut ns = Vec::new();
+    for (name, flag) in NAMESPACES {
+        if *name == "user" && cfg.userns.is_none() {
+            continue;
+        }
+        let p = format!("/proc/{pid}/ns/{name}");
+        let f = fs::File::open(&p).map_err(super::io_err(ctid, "open namespace", Path::new(&p)))?;
+        ns.push((*flag, OwnedFd::from(f)));
+    }
+    let cg = cgroup(host, ctid)?;
+    let mut cgroup_procs = Vec::new();
+    for p in cg.join_self_files() {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(super::io_err(ctid, "open", &p))?;
+        cgroup_procs.push(f);
+    }
+    if cg.is_frozen().unwrap_or(false) {
+        return Err(CtError::Suspended(ctid));
+    }
+    let _ = cg_err;
+    Ok((
+        Target {
+            ns,
+            cgroup_procs,
+            userns: cfg.userns.is_some(),
+        },
+        pid,
+    ))
+}
+
+/// In a forked child: join the CT and become its root. Errors are returned as text because the
+/// child reports them on stderr before `_exit`.
+fn enter_ct(t: &mut Target) -> std::result::Result<(), String> {
+    for f in &mut t.cgroup_procs {
+        f.write_all(b"0").map_err(|e| format!("join CT cgroup: {e}"))?;
+    }
+    for (flag, fd) in &t.ns {
+        if *flag == CloneFlags::CLONE_NEWPID {
+            continue;
+        }
+        setns(fd.as_fd(), *flag).map_err(|e| format!("setns {flag:?}: {e}"))?;
+    }
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    if t.userns {
+        nix::unistd::setgroups(&[]).ok();
+        nix::unistd::setresgid(0.into(), 0.into(), 0.into()).map_err(|e| format!("setgid: {e}"))?;
+        nix::unistd::setresuid(0.into(), 0.into(), 0.into()).map_err(|e| format!("setuid: {e}"))?;
+    }
+    super::init::drop_caps()?;
+    Ok(())
+}
+
+fn exec_argv(argv: &[String], term: Option<&str>) -> String {
+    let Ok(args) = argv
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+    else {
+        return "argument contains NUL".into();
+    };
+    let mut env = vec![
+        c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        c"HOME=/root".to_owned(),
+        c"container=berth".to_owned(),
+    ];
+    if let Some(t) = term.and_then(|t| CString::new(format!("TERM={t}")).ok()) {
+        env.push(t);
+    }
+    let e = nix::unistd::execvpe(&args[0], &args, &env).unwrap_err();
+    format!("exec {}: {e}", argv[0])
+}
+
+fn exit_code(ws: WaitStatus) -> i32 {
+    match ws {
+        WaitStatus::Exited(_, c) => c,
+        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+        _ => 1,
+    }
+}
+
+/// Runs `argv` in the CT with berth's stdin/stdout/stderr; returns the command's exit code
+/// (128+N when killed by signal N, 127 when it could not be executed).
+pub fn exec(host: &Host, ctid: Ctid, argv: &[String]) -> Result<i32> {
+    if argv.is_empty() {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: "exec needs a command".into(),
+        });
+    }
+    let (mut t, _) = open_target(host, ctid)?;
+    run_in_ct(ctid, &mut t, |t| {
+        if let Err(e) = enter_ct(t) {
+            return e;
+        }
+        exec_argv(argv, std::env::var("TERM").ok().as_deref())
+    })
+}
+
+fn run_in_ct(
+    ctid: Ctid,
+    t: &mut Target,
+    child: impl FnOnce(&mut Target) -> String,
+) -> Result<i32> {
+    // setns(pid) only moves future children; berth itself stays where it is.
+    if let Some((_, fd)) = t.ns.iter().find(|(f, _)| *f == CloneFlags::CLONE_NEWPID) {
+        setns(fd.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|errno| CtError::Sys {
+            ctid,
+            op: "join pid namespace",
+            errno,
+        })?;
+    }
+    // SAFETY: single-threaded CLI; the child execs or _exits.
+    match unsafe { fork() }.map_err(|errno| CtError::Sys {
+        ctid,
+        op: "fork",
+        errno,
+    })? {
+        ForkResult::Child => {
+            let msg = child(t);
+            let _ = writeln!(std::io::stderr(), "berth: CT {ctid}: {msg}");
+            // SAFETY: leave the forked child without running the parent's destructors.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            // Ctrl-C reaches the whole foreground process group; the CT command decides.
+            let _ = unsafe {
+                nix::sys::signal::signal(nix::sys::signal::SIGINT, nix::sys::signal::SigHandler::SigIgn)
+            };
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => continue,
+                    Ok(ws) => return Ok(exit_code(ws)),
+                    Err(errno) => {
+                        return Err(CtError::Sys {
+                            ctid,
+                            op: "wait for command",
+                            errno,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `berth enter`: an interactive login shell on a new pty, the terminal in raw mode.
+/// Without a terminal on stdin it runs the shell with plain stdio.
+pub fn enter(host: &Host, ctid: Ctid) -> Result<i32> {
+    let shell: Vec<String> = vec!["/bin/sh".into(), "-l".into()];
+    let stdin = std::io::stdin();
+    if !nix::unistd::isatty(stdin.as_fd()).unwrap_or(false) {
+        return exec(host, ctid, &shell);
+    }
+    let (mut t, _) = open_target(host, ctid)?;
+    let ws = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let mut size = ws;
+    // SAFETY: TIOCGWINSZ fills the struct we own.
+    unsafe { libc::ioctl(stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+    let pty = nix::pty::openpty(Some(&size), None).map_err(|errno| CtError::Sys {
+        ctid,
+        op: "open pty",
+        errno,
+    })?;
+    let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok();
+    if let Some(s) = &saved {
+        let mut raw = s.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        let _ = nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw);
+    }
+    let master = pty.master;
+    let slave = pty.slave;
+    let master_fd = master.as_raw_fd();
+    let pump_in = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut inp = std::io::stdin();
+        loop {
+            match inp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    // SAFETY: writing to the pty master, which outlives this thread's use.
+                    if unsafe { libc::write(master_fd, buf.as_ptr().cast(), n) } < 0 {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let _ = pump_in;
+    let term = std::env::var("TERM").ok();
+    let out = {
+        let mfd = master.try_clone().map_err(|e| CtError::Io {
+            ctid,
+            op: "dup pty",
+            path: "pty".into(),
+            source: e,
+        })?;
+        std::thread::spawn(move || {
+            let mut m = fs::File::from(mfd);
+            let mut o = std::io::stdout();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = m.read(&mut buf) {
+                if n == 0 || o.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                let _ = o.flush();
+            }
+        })
+    };
+    let code = run_in_ct(ctid, &mut t, |t| {
+        if let Err(e) = enter_ct(t) {
+            return e;
+        }
+        if let Err(e) = nix::unistd::setsid() {
+            return format!("setsid: {e}");
+        }
+        // SAFETY: TIOCSCTTY on our pty slave.
+        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
+        let _ = nix::unistd::dup2_stdin(&slave);
+        let _ = nix::unistd::dup2_stdout(&slave);
+        let _ = nix::unistd::dup2_stderr(&slave);
+        drop(master);
+        exec_argv(&shell, term.as_deref())
+    });
+    if let Some(s) = &saved {
+        let _ = nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, s);
+    }
+    let _ = out.join();
+    code
+}
+
+/// Sets the hostname of a running CT (its UTS namespace) without a restart.
+pub fn set_hostname_live(ctid: Ctid, init_pid: i32, hostname: &str) -> Result<()> {
+    let p = format!("/proc/{init_pid}/ns/uts");
+    let f = fs::File::open(&p).map_err(super::io_err(ctid, "open namespace", Path::new(&p)))?;
+    // A thread of our own joins the UTS namespace so the calling thread's namespaces stay put.
+    let h = hostname.to_string();
+    std::thread::spawn(move || -> std::result::Result<(), nix::errno::Errno> {
+        setns(f.as_fd(), CloneFlags::CLONE_NEWUTS)?;
+        nix::unistd::sethostname(&h)
+    })
+    .join()
+    .unwrap_or(Err(nix::errno::Errno::EIO))
+    .map_err(|errno| CtError::Sys {
+        ctid,
+        op: "set hostname in CT",
+        errno,
+    })
+}

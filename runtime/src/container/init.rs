@@ -1,0 +1,327 @@
+//! What runs inside the freshly cloned CT init before it execs the CT's `/sbin/init`:
+//! mounts, pivot_root, /dev, hostname, console, capabilities.
+//!
+//! Runs in a forked copy of a single-threaded process, so plain Rust (allocation included) is safe.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use caps::Capability;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::unistd::{chdir, dup2_stdin, dup2_stdout, dup2_stderr, pivot_root, sethostname, setsid};
+
+/// Capabilities removed from the CT's bounding set, like OpenVZ's defaults: no module loading,
+/// no raw I/O, no clock setting, no MAC policy, no kernel log, no BPF/perf, no process accounting.
+pub const DROPPED_CAPS: &[Capability] = &[
+    Capability::CAP_SYS_MODULE,
+    Capability::CAP_SYS_RAWIO,
+    Capability::CAP_SYS_TIME,
+    Capability::CAP_SYS_PACCT,
+    Capability::CAP_MAC_ADMIN,
+    Capability::CAP_MAC_OVERRIDE,
+    Capability::CAP_SYSLOG,
+    Capability::CAP_WAKE_ALARM,
+    Capability::CAP_BLOCK_SUSPEND,
+    Capability::CAP_AUDIT_CONTROL,
+    Capability::CAP_AUDIT_READ,
+    Capability::CAP_BPF,
+    Capability::CAP_PERFMON,
+    Capability::CAP_CHECKPOINT_RESTORE,
+];
+
+/// Host paths masked with /dev/null (or an empty read-only tmpfs for dirs) inside the CT.
+const MASKED: &[&str] = &[
+    "proc/kcore",
+    "proc/sysrq-trigger",
+    "proc/timer_list",
+    "proc/keys",
+];
+
+/// Everything the init child needs, prepared by the parent before clone.
+pub struct InitSpec {
+    pub rootfs: PathBuf,
+    pub hostname: Option<String>,
+    /// Host path of the console pty slave (bind-mounted onto /dev/console).
+    pub console: Option<PathBuf>,
+    pub console_fd: Option<RawFd>,
+    pub init: String,
+    pub userns: bool,
+}
+
+fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) -> Result<T, String> {
+    r.map_err(|e| format!("{}: {e}", what()))
+}
+
+fn mnt(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    ctx(mount(src, target, fstype, flags, data), || {
+        format!(
+            "mount {} on {} ({flags:?})",
+            src.or(fstype).unwrap_or("-"),
+            target.display()
+        )
+    })
+}
+
+fn ensure_dir(p: &Path) -> Result<(), String> {
+    ctx(fs::create_dir_all(p), || format!("create directory {}", p.display()))
+}
+
+fn ensure_file(p: &Path) -> Result<(), String> {
+    if p.symlink_metadata().is_err() {
+        ctx(fs::write(p, b""), || format!("create mount point {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Mount setup inside the new mount namespace, ending in pivot_root into the CT root.
+pub fn setup_rootfs(spec: &InitSpec) -> Result<(), String> {
+    let root = &spec.rootfs;
+    // Host / is usually shared (systemd); without this the CT's mounts would propagate back.
+    mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    // pivot_root needs the new root to be a mount point in this namespace.
+    mnt(
+        Some(&root.to_string_lossy()),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let proc = root.join("proc");
+    ensure_dir(&proc)?;
+    mnt(Some("proc"), &proc, Some("proc"), nosuid_nodev_noexec, None)?;
+    // /proc/sys is read-only except net/, which belongs to the CT's own network namespace.
+    let sys_ = proc.join("sys");
+    mnt(Some(&sys_.to_string_lossy()), &sys_, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    let sysnet = sys_.join("net");
+    mnt(Some(&sysnet.to_string_lossy()), &sysnet, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mnt(
+        None,
+        &sys_,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid_nodev_noexec,
+        None,
+    )?;
+
+    let sys = root.join("sys");
+    ensure_dir(&sys)?;
+    // sysfs may only be mounted by the owner of the network namespace; with a user namespace we
+    // own it too, since it was created in the same clone.
+    mnt(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+        None,
+    )?;
+
+    setup_dev(spec)?;
+
+    for d in ["run", "tmp"] {
+        ensure_dir(&root.join(d))?;
+    }
+    mnt(
+        Some("tmpfs"),
+        &root.join("run"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755,size=64m"),
+    )?;
+
+    for m in MASKED {
+        let p = root.join(m);
+        if p.exists() {
+            mnt(Some("/dev/null"), &p, None, MsFlags::MS_BIND, None)?;
+        }
+    }
+
+    ctx(chdir(root.as_path()), || format!("chdir {}", root.display()))?;
+    // pivot_root(".", "."): stacks the old root on top of the new one, then detaching "."
+    // removes the old root without needing a put_old directory inside the CT.
+    ctx(pivot_root(".", "."), || format!("pivot_root into {}", root.display()))?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || "detach old root".to_string())?;
+    ctx(chdir("/"), || "chdir /".to_string())?;
+    Ok(())
+}
+
+fn setup_dev(spec: &InitSpec) -> Result<(), String> {
+    let dev = spec.rootfs.join("dev");
+    ensure_dir(&dev)?;
+    mnt(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=65536k,nr_inodes=4096"),
+    )?;
+    const NODES: &[(&str, u64, u64)] = &[
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ];
+    for (name, maj, min) in NODES {
+        let p = dev.join(name);
+        if spec.userns {
+            // mknod is refused inside a user namespace: bind the host's node instead.
+            ensure_file(&p)?;
+            mnt(Some(&format!("/dev/{name}")), &p, None, MsFlags::MS_BIND, None)?;
+        } else {
+            ctx(
+                mknod(&p, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(*maj, *min)),
+                || format!("mknod {}", p.display()),
+            )?;
+            // mknod honours the umask; the nodes must be world-usable.
+            ctx(fs::set_permissions(&p, fs::Permissions::from_mode(0o666)), || {
+                format!("chmod {}", p.display())
+            })?;
+        }
+    }
+    let pts = dev.join("pts");
+    ensure_dir(&pts)?;
+    mnt(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    ctx(symlink("pts/ptmx", dev.join("ptmx")), || "symlink /dev/ptmx".into())?;
+    let shm = dev.join("shm");
+    ensure_dir(&shm)?;
+    mnt(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=64m"),
+    )?;
+    for (l, t) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        ctx(symlink(t, dev.join(l)), || format!("symlink /dev/{l}"))?;
+    }
+    if let Some(console) = &spec.console {
+        let p = dev.join("console");
+        ensure_file(&p)?;
+        mnt(Some(&console.to_string_lossy()), &p, None, MsFlags::MS_BIND, None)?;
+    }
+    Ok(())
+}
+
+/// Session, controlling terminal and stdio on the console.
+pub fn setup_console(spec: &InitSpec) -> Result<(), String> {
+    ctx(setsid(), || "setsid".into())?;
+    if let Some(fd) = spec.console_fd {
+        // SAFETY: TIOCSCTTY on a tty fd we own; arg 0 = do not steal from another session.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
+        if rc != 0 {
+            return Err(format!(
+                "make console the controlling terminal: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: fd stays open for the duration of the dup2 calls.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        ctx(dup2_stdin(b), || "dup2 console to stdin".into())?;
+        ctx(dup2_stdout(b), || "dup2 console to stdout".into())?;
+        ctx(dup2_stderr(b), || "dup2 console to stderr".into())?;
+        if fd > 2 {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+    Ok(())
+}
+
+pub fn set_hostname(h: Option<&str>) -> Result<(), String> {
+    if let Some(h) = h {
+        ctx(sethostname(h), || format!("sethostname {h}"))?;
+    }
+    Ok(())
+}
+
+/// Drops the capabilities a CT must never have from the bounding set (inherited by every
+/// descendant) and from the current sets.
+pub fn drop_caps() -> Result<(), String> {
+    for c in DROPPED_CAPS {
+        // Older kernels do not know the newest capabilities (CAP_BPF/PERFMON: 5.8, CHECKPOINT_RESTORE: 5.9).
+        if !caps::all().contains(c) {
+            continue;
+        }
+        ctx(caps::drop(None, caps::CapSet::Bounding, *c), || format!("drop {c} from bounding set"))?;
+        for set in [caps::CapSet::Effective, caps::CapSet::Permitted, caps::CapSet::Inheritable] {
+            ctx(caps::drop(None, set, *c), || format!("drop {c}"))?;
+        }
+    }
+    caps::clear(None, caps::CapSet::Ambient).map_err(|e| format!("clear ambient caps: {e}"))?;
+    Ok(())
+}
+
+/// Closes every fd above stderr except `keep` (so the CT inherits nothing of berth's).
+pub fn close_fds_except(keep: &[RawFd]) {
+    let Ok(rd) = fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2 && !keep.contains(fd))
+        .collect();
+    for fd in fds {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+/// exec's the CT's init with a clean environment. Only returns on failure.
+pub fn exec_init(spec: &InitSpec) -> String {
+    let Ok(path) = CString::new(spec.init.as_str()) else {
+        return format!("init path {:?} contains NUL", spec.init);
+    };
+    let env = [
+        c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        c"TERM=linux",
+        c"container=berth",
+    ];
+    let e = nix::unistd::execve(&path, &[&path], &env).unwrap_err();
+    format!("exec {} inside the CT: {e}", spec.init)
+}
+
+/// Reads `n` bytes from a raw pipe fd; used to wait for the parent's go-ahead.
+pub fn read_exact_fd(fd: RawFd, buf: &mut [u8]) -> Result<(), String> {
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: buf is a valid writable slice.
+        let n = unsafe { libc::read(fd, buf[off..].as_mut_ptr().cast(), buf.len() - off) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("read from parent: {e}"));
+        }
+        if n == 0 {
+            return Err("parent went away before the CT could start".into());
+        }
+        off += n as usize;
+    }
+    Ok(())
+}
+
+pub fn fd_of<T: AsRawFd>(t: &T) -> RawFd {
+    t.as_raw_fd()
+}

@@ -1,0 +1,1041 @@
+//! The CT lifecycle: create, start, stop, destroy, mount, suspend, set, status, gc.
+//!
+//! Start clones the CT's init in new pid/mnt/uts/ipc/net/cgroup (+user) namespaces from a small
+//! per-CT monitor process. The monitor holds the console pty (logging it to
+//! `<run>/<CTID>.console.log`) and reaps init; berth itself exits once init has exec'd, so the CT
+//! keeps running with no berth command alive.
+
+pub mod exec;
+pub mod init;
+pub mod state;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{ForkResult, Pid, fork, pipe2};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::cgroups::{self, CgroupManager, Resources};
+use crate::config::{ConfigError, CtConfig, Host, ResourceConfig, UserNs};
+use crate::ctid::{Ctid, validate_name};
+use crate::lock::{CtLock, LockError};
+use crate::template::TemplateStore;
+use state::RunState;
+
+/// How long a command waits for another command on the same CT to finish.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("CT {ctid}: {source}")]
+    Cgroup {
+        ctid: Ctid,
+        #[source]
+        source: cgroups::CgroupError,
+    },
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
+    #[error(transparent)]
+    Quota(#[from] crate::quota::QuotaError),
+    #[error("CT {ctid}: {op} {path}: {source}")]
+    Io {
+        ctid: Ctid,
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("CT {ctid}: {op}: {errno}")]
+    Sys {
+        ctid: Ctid,
+        op: &'static str,
+        errno: nix::errno::Errno,
+    },
+    #[error("CT {0} is not running")]
+    NotRunning(Ctid),
+    #[error("CT {0} is already running")]
+    AlreadyRunning(Ctid),
+    #[error("CT {0} is running: stop it first")]
+    Running(Ctid),
+    #[error("CT {0} is suspended: resume it first")]
+    Suspended(Ctid),
+    #[error("CT {ctid} failed to start: {msg}")]
+    StartFailed { ctid: Ctid, msg: String },
+    #[error("CT {ctid}: {msg}")]
+    Invalid { ctid: Ctid, msg: String },
+    #[error("CT {0} is stopped: use --save to change its stored config")]
+    NeedSave(Ctid),
+}
+
+type Result<T, E = CtError> = std::result::Result<T, E>;
+
+fn io_err(ctid: Ctid, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CtError + '_ {
+    move |source| CtError::Io {
+        ctid,
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn cg_err(ctid: Ctid) -> impl FnOnce(cgroups::CgroupError) -> CtError {
+    move |source| CtError::Cgroup { ctid, source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Running,
+    Suspended,
+    Mounted,
+    Stopped,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Running => "running",
+            State::Suspended => "suspended",
+            State::Mounted => "mounted",
+            State::Stopped => "stopped",
+        })
+    }
+}
+
+/// What `berth status --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub ctid: Ctid,
+    pub name: Option<String>,
+    pub hostname: Option<String>,
+    pub template: String,
+    pub state: State,
+    pub init_pid: Option<i32>,
+    pub config_path: PathBuf,
+    pub root_path: PathBuf,
+    pub private_path: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// Options of `berth create`.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOpts {
+    pub template: String,
+    pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub userns: bool,
+}
+
+/// Changes of `berth set`; `None` = unchanged.
+#[derive(Debug, Clone, Default)]
+pub struct SetOpts {
+    pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub resources: ResourceConfig,
+}
+
+fn cgroup(host: &Host, ctid: Ctid) -> Result<cgroups::Cgroup> {
+    cgroups::open(&host.cgroup_parent, ctid).map_err(cg_err(ctid))
+}
+
+fn resources_of(r: &ResourceConfig) -> Resources {
+    Resources {
+        memory: r.memory,
+        swap: r.swap,
+        cpuunits: r.cpuunits,
+        cpulimit: r.cpulimit,
+        cpus: r.cpus,
+        numproc: r.numproc,
+        ioweight: r.ioweight,
+    }
+}
+
+/// The live run state, if the CT's init is running.
+pub fn running(host: &Host, ctid: Ctid) -> Option<RunState> {
+    RunState::read(&host.state_path(ctid))
+        .ok()
+        .flatten()
+        .filter(RunState::alive)
+}
+
+pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let run = running(host, ctid);
+    let state = match &run {
+        Some(_) => {
+            if cgroup(host, ctid)?.is_frozen().unwrap_or(false) {
+                State::Suspended
+            } else {
+                State::Running
+            }
+        }
+        None if state::is_mount_point(&host.root_dir(ctid)) => State::Mounted,
+        None => State::Stopped,
+    };
+    Ok(Status {
+        ctid,
+        name: cfg.name,
+        hostname: cfg.hostname,
+        template: cfg.template,
+        state,
+        init_pid: run.map(|r| r.init_pid),
+        config_path: host.conf_path(ctid),
+        root_path: host.root_dir(ctid),
+        private_path: host.private_dir(ctid),
+        console_log: host.console_log_path(ctid),
+    })
+}
+
+fn lock(host: &Host, ctid: Ctid) -> Result<CtLock> {
+    fs::create_dir_all(&host.run).map_err(io_err(ctid, "create run directory", &host.run))?;
+    Ok(CtLock::acquire(&host.lock_path(ctid), LOCK_TIMEOUT)?)
+}
+
+/// Default user-namespace range for a CT: 65536 ids per CT above 1e6, by CTID, like LXC's
+/// subordinate ranges but deterministic so a private area's ownership matches across hosts.
+pub fn default_userns(ctid: Ctid) -> UserNs {
+    let base = 1_000_000u64 + u64::from(ctid.get() % 60_000) * 65_536;
+    UserNs {
+        uid_base: base as u32,
+        gid_base: base as u32,
+        size: 65_536,
+    }
+}
+
+pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
+    if let Some(n) = &opts.name {
+        validate_name(n).map_err(|e| CtError::Invalid {
+            ctid,
+            msg: e.to_string(),
+        })?;
+    }
+    if let Some(h) = &opts.hostname {
+        crate::config::validate_hostname(h).map_err(|msg| CtError::Invalid { ctid, msg })?;
+    }
+    let store = TemplateStore::open(&host.template_dir())?;
+    let tmpl = store.get(&opts.template)?;
+    host.ensure_dirs()?;
+    let _lock = lock(host, ctid)?;
+    if host.conf_path(ctid).exists() {
+        return Err(ConfigError::Exists(ctid).into());
+    }
+    if let Some(n) = &opts.name {
+        for other in host.list_ctids()? {
+            if let Ok(c) = CtConfig::load(host, other)
+                && c.name.as_deref() == Some(n)
+            {
+                return Err(ConfigError::NameTaken {
+                    name: n.clone(),
+                    ctid: other,
+                }
+                .into());
+            }
+        }
+    }
+    let private = host.private_dir(ctid);
+    if private.exists() {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: format!(
+                "private area {} exists without a config: remove it or run `berth gc`",
+                private.display()
+            ),
+        });
+    }
+    let mut cfg = CtConfig::new(ctid, opts.template.clone());
+    cfg.name = opts.name.clone();
+    cfg.hostname = opts.hostname.clone();
+    cfg.init = tmpl.init.clone();
+    cfg.stop_signal = tmpl.stop_signal.clone();
+    if opts.userns {
+        cfg.userns = Some(default_userns(ctid));
+    }
+    // Copy into a hidden sibling and rename: a crash mid-copy leaves only `.N.tmp`, which gc removes.
+    let tmp = host.root.join("private").join(format!(".{ctid}.tmp"));
+    if tmp.exists() {
+        TemplateStore::remove_tree_fast(&tmp)?;
+    }
+    let shift = cfg.userns.map(|u| (u.uid_base, u.gid_base));
+    let res = (|| -> Result<()> {
+        store.instantiate(&opts.template, &tmp, shift)?;
+        if let Some(h) = &cfg.hostname {
+            write_hostname_files(ctid, &tmp, h)?;
+        }
+        fs::rename(&tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
+        cfg.save(host)?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = TemplateStore::remove_tree_fast(&tmp);
+        let _ = TemplateStore::remove_tree_fast(&private);
+        let _ = fs::remove_file(host.conf_path(ctid));
+        return Err(e);
+    }
+    info!(%ctid, template = %opts.template, "created");
+    Ok(())
+}
+
+/// Writes /etc/hostname and the CT's own line in /etc/hosts inside a rootfs.
+pub fn write_hostname_files(ctid: Ctid, rootfs: &Path, hostname: &str) -> Result<()> {
+    let etc = rootfs.join("etc");
+    if !etc.is_dir() {
+        return Ok(());
+    }
+    let hn = etc.join("hostname");
+    write_in_ct(ctid, &hn, format!("{hostname}\n").as_bytes())?;
+    let hosts = etc.join("hosts");
+    let old = fs::read_to_string(&hosts).unwrap_or_default();
+    let short = hostname.split('.').next().unwrap_or(hostname);
+    let mine = if short == hostname {
+        format!("127.0.1.1\t{hostname}")
+    } else {
+        format!("127.0.1.1\t{hostname} {short}")
+    };
+    let mut lines: Vec<String> = old
+        .lines()
+        .filter(|l| !l.starts_with("127.0.1.1"))
+        .map(str::to_string)
+        .collect();
+    if !lines.iter().any(|l| l.starts_with("127.0.0.1")) {
+        lines.insert(0, "127.0.0.1\tlocalhost".into());
+    }
+    lines.push(mine);
+    write_in_ct(ctid, &hosts, (lines.join("\n") + "\n").as_bytes())
+}
+
+/// Writes a file inside a CT's tree without following a symlink planted by the CT's root user
+/// (e.g. /etc/hostname -> /etc/shadow on the host, resolved outside the CT).
+fn write_in_ct(ctid: Ctid, path: &Path, data: &[u8]) -> Result<()> {
+    if let Ok(md) = path.symlink_metadata()
+        && md.file_type().is_symlink()
+    {
+        fs::remove_file(path).map_err(io_err(ctid, "remove symlink", path))?;
+    }
+    let tmp = path.with_extension("berth-tmp");
+    let _ = fs::remove_file(&tmp);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io_err(ctid, "write", path))?;
+        f.write_all(data).map_err(io_err(ctid, "write", path))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err(ctid, "rename into place", path))
+}
+
+fn bind_private(host: &Host, ctid: Ctid) -> Result<bool> {
+    let root = host.root_dir(ctid);
+    if state::is_mount_point(&root) {
+        return Ok(false);
+    }
+    let private = host.private_dir(ctid);
+    if !private.is_dir() {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: format!("private area {} is missing", private.display()),
+        });
+    }
+    fs::create_dir_all(&root).map_err(io_err(ctid, "create mount point", &root))?;
+    mount(
+        Some(&private),
+        &root,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|errno| CtError::Sys {
+        ctid,
+        op: "bind-mount private area",
+        errno,
+    })?;
+    // Nothing the host mounts under /var/lib/berth should leak into or out of a CT root.
+    mount(
+        None::<&str>,
+        &root,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|errno| CtError::Sys {
+        ctid,
+        op: "make CT root private",
+        errno,
+    })?;
+    Ok(true)
+}
+
+fn unbind_private(host: &Host, ctid: Ctid) -> Result<()> {
+    let root = host.root_dir(ctid);
+    while state::is_mount_point(&root) {
+        match umount2(&root, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(errno) => {
+                return Err(CtError::Sys {
+                    ctid,
+                    op: "unmount CT root",
+                    errno,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn mount_ct(host: &Host, ctid: Ctid) -> Result<()> {
+    CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    bind_private(host, ctid)?;
+    Ok(())
+}
+
+pub fn umount_ct(host: &Host, ctid: Ctid) -> Result<()> {
+    CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_some() {
+        return Err(CtError::Running(ctid));
+    }
+    unbind_private(host, ctid)
+}
+
+/// Runs registered undo steps in reverse unless disarmed: a failed start leaves nothing behind.
+struct Undo<'a> {
+    steps: Vec<(&'static str, Box<dyn FnOnce() + 'a>)>,
+}
+
+impl<'a> Undo<'a> {
+    fn new() -> Self {
+        Self { steps: Vec::new() }
+    }
+    fn push(&mut self, what: &'static str, f: impl FnOnce() + 'a) {
+        self.steps.push((what, Box::new(f)));
+    }
+    fn disarm(mut self) {
+        self.steps.clear();
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        while let Some((what, f)) = self.steps.pop() {
+            debug!(step = what, "rolling back");
+            f();
+        }
+    }
+}
+
+fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
+    let mut f = fs::File::from(fd.try_clone()?);
+    f.write_all(data)
+}
+
+/// Hooks into the start sequence: called with the init's host PID while init waits, before it
+/// builds its root and execs. The network setup (issue #3) plugs in here.
+pub trait StartHook {
+    fn before_exec(&mut self, ctid: Ctid, init_pid: i32) -> Result<(), String>;
+    /// Undo of `before_exec` when a later step fails.
+    fn rollback(&mut self, ctid: Ctid, init_pid: i32);
+}
+
+/// A start without extra steps.
+pub struct NoHook;
+impl StartHook for NoHook {
+    fn before_exec(&mut self, _: Ctid, _: i32) -> Result<(), String> {
+        Ok(())
+    }
+    fn rollback(&mut self, _: Ctid, _: i32) {}
+}
+
+pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunState> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_some() {
+        return Err(CtError::AlreadyRunning(ctid));
+    }
+    // Leftovers of a crashed start/stop (or of an init that exited on its own).
+    cleanup_stopped(host, ctid, false)?;
+
+    let cg = cgroup(host, ctid)?;
+    let res = resources_of(&cfg.resources);
+    res.validate().map_err(cg_err(ctid))?;
+    let mut undo = Undo::new();
+    cg.create().map_err(cg_err(ctid))?;
+    undo.push("cgroup", || {
+        if let Err(e) = cg.kill_all(Duration::from_secs(5)).and_then(|_| cg.destroy()) {
+            warn!(%ctid, error = %e, "rollback: remove cgroup");
+        }
+    });
+    cg.setup_devices().map_err(cg_err(ctid))?;
+    cg.apply(&res).map_err(cg_err(ctid))?;
+    if let Some(limit) = cfg.resources.diskspace {
+        crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
+    }
+
+    let mounted = bind_private(host, ctid)?;
+    if mounted {
+        undo.push("mount", || {
+            let _ = unbind_private(host, ctid);
+        });
+    }
+    let rootfs = host.root_dir(ctid);
+    let init_path = rootfs.join(cfg.init.trim_start_matches('/'));
+    if fs::symlink_metadata(&init_path).is_err() {
+        return Err(CtError::StartFailed {
+            ctid,
+            msg: format!(
+                "the CT has no init at {} (set `init` in {})",
+                cfg.init,
+                host.conf_path(ctid).display()
+            ),
+        });
+    }
+
+    let pipe = |what| {
+        pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| CtError::Sys {
+            ctid,
+            op: what,
+            errno,
+        })
+    };
+    let (ready_r, ready_w) = pipe("pipe")?;
+    let (go_r, go_w) = pipe("pipe")?;
+    let (err_r, err_w) = pipe("pipe")?;
+
+    let spec = init::InitSpec {
+        rootfs: rootfs.clone(),
+        hostname: cfg.hostname.clone(),
+        console: None,
+        console_fd: None,
+        init: cfg.init.clone(),
+        userns: cfg.userns.is_some(),
+    };
+    let log_path = host.console_log_path(ctid);
+
+    // SAFETY: berth's CLI is single-threaded here; the child only runs the monitor and exits.
+    let monitor_pid = match unsafe { fork() }.map_err(|errno| CtError::Sys {
+        ctid,
+        op: "fork monitor",
+        errno,
+    })? {
+        ForkResult::Child => {
+            drop((ready_r, go_w, err_r));
+            let code = monitor_main(ctid, spec, &log_path, ready_w, go_r, err_w, cfg.userns);
+            // SAFETY: _exit skips atexit handlers and destructors of the parent's state.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop((ready_w, go_r, err_w));
+    undo.push("monitor", move || {
+        let _ = kill(monitor_pid, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(monitor_pid, None);
+    });
+
+    // Protocol: the monitor sends init's host PID as 4 bytes, or 0 followed by an error text.
+    let mut ready = fs::File::from(ready_r);
+    let mut pidbuf = [0u8; 4];
+    let init_pid = match ready.read_exact(&mut pidbuf) {
+        Ok(()) => i32::from_ne_bytes(pidbuf),
+        Err(_) => 0,
+    };
+    if init_pid <= 0 {
+        let mut msg = String::new();
+        let _ = ready.read_to_string(&mut msg);
+        return Err(CtError::StartFailed {
+            ctid,
+            msg: if msg.is_empty() {
+                "monitor exited before cloning init".into()
+            } else {
+                msg
+            },
+        });
+    }
+    undo.push("init", move || {
+        let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
+    });
+    let starttime = state::proc_starttime(init_pid).unwrap_or(0);
+
+    cg.add_pid(init_pid).map_err(cg_err(ctid))?;
+    if let Some(u) = cfg.userns {
+        write_id_maps(ctid, init_pid, &u)?;
+    }
+    hook.before_exec(ctid, init_pid)
+        .map_err(|msg| CtError::StartFailed { ctid, msg })?;
+    undo.push("hook", move || hook.rollback(ctid, init_pid));
+
+    write_fd(&go_w, b"g").map_err(io_err(ctid, "signal init", Path::new("pipe")))?;
+    drop(go_w);
+    let mut msg = String::new();
+    let _ = fs::File::from(err_r).read_to_string(&mut msg);
+    if !msg.is_empty() {
+        return Err(CtError::StartFailed { ctid, msg });
+    }
+    let st = RunState {
+        init_pid,
+        init_starttime: starttime,
+        monitor_pid: monitor_pid.as_raw(),
+        boot_id: state::boot_id().unwrap_or_default(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        mounted_by_start: mounted,
+    };
+    let sp = host.state_path(ctid);
+    st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+    undo.disarm();
+    info!(%ctid, init_pid, "started");
+    Ok(st)
+}
+
+fn write_id_maps(ctid: Ctid, pid: i32, u: &UserNs) -> Result<()> {
+    for (file, base) in [("uid_map", u.uid_base), ("gid_map", u.gid_base)] {
+        let p = PathBuf::from(format!("/proc/{pid}/{file}"));
+        fs::write(&p, format!("0 {base} {}\n", u.size)).map_err(io_err(ctid, "write", &p))?;
+    }
+    Ok(())
+}
+
+/// The monitor: clones init, tells berth its PID, then logs the console and reaps init.
+fn monitor_main(
+    ctid: Ctid,
+    mut spec: init::InitSpec,
+    log_path: &Path,
+    ready_w: OwnedFd,
+    go_r: OwnedFd,
+    err_w: OwnedFd,
+    userns: Option<UserNs>,
+) -> i32 {
+    let fail = |msg: String| {
+        let mut f = fs::File::from(ready_w.try_clone().expect("dup pipe"));
+        let _ = f.write_all(&0i32.to_ne_bytes());
+        let _ = f.write_all(msg.as_bytes());
+        1
+    };
+    let _ = nix::unistd::setsid();
+    let _ = nix::sys::prctl::set_name(&std::ffi::CString::new(format!("berth-mon {ctid}")).unwrap_or_default());
+    // The monitor outlives the CLI: it must not hold the CLI's stdio (a caller reading
+    // `berth start` output to EOF would hang) nor its CT lock (flock is per open file).
+    if let Ok(null) = fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let b = std::os::fd::AsFd::as_fd(&null);
+        let _ = nix::unistd::dup2_stdin(b);
+        let _ = nix::unistd::dup2_stdout(b);
+        let _ = nix::unistd::dup2_stderr(b);
+    }
+    let pty = match nix::pty::openpty(None, None) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("open console pty: {e}")),
+    };
+    let console_path = match nix::unistd::ttyname(&pty.slave) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("console pty name: {e}")),
+    };
+    spec.console = Some(console_path);
+    spec.console_fd = Some(pty.slave.as_raw_fd());
+    let keep = [
+        ready_w.as_raw_fd(),
+        go_r.as_raw_fd(),
+        err_w.as_raw_fd(),
+        pty.master.as_raw_fd(),
+        pty.slave.as_raw_fd(),
+    ];
+    init::close_fds_except(&keep);
+
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET;
+    if userns.is_some() {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    let go_fd = go_r.as_raw_fd();
+    let err_fd = err_w.as_raw_fd();
+    let mut stack = vec![0u8; 256 * 1024];
+    let child = {
+        let spec = &spec;
+        let cb = Box::new(move || init_main(spec, go_fd, err_fd));
+        // SAFETY: clone without CLONE_VM gives the child its own copy of memory, like fork; the
+        // monitor is single-threaded.
+        unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) }
+    };
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => return fail(format!("clone CT init with {flags:?}: {e}")),
+    };
+    drop(go_r);
+    drop(err_w);
+    drop(pty.slave);
+    {
+        let mut f = fs::File::from(ready_w);
+        if f.write_all(&child.as_raw().to_ne_bytes()).is_err() {
+            let _ = kill(child, Signal::SIGKILL);
+        }
+    }
+    console_loop(child, pty.master, log_path);
+    0
+}
+
+/// In the cloned init: wait for the go-ahead, build the CT's view of the world, exec init.
+fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
+    let res = (|| -> Result<(), String> {
+        let mut b = [0u8; 1];
+        init::read_exact_fd(go_fd, &mut b)?;
+        let _ = nix::unistd::close(go_fd);
+        // berth already put us in the CT's cgroup; the cgroup namespace roots it there.
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| format!("unshare cgroup namespace: {e}"))?;
+        if spec.userns {
+            nix::unistd::setgroups(&[]).ok();
+            nix::unistd::setresgid(0.into(), 0.into(), 0.into())
+                .map_err(|e| format!("setgid 0 in user namespace: {e}"))?;
+            nix::unistd::setresuid(0.into(), 0.into(), 0.into())
+                .map_err(|e| format!("setuid 0 in user namespace: {e}"))?;
+        }
+        init::set_hostname(spec.hostname.as_deref())?;
+        init::setup_rootfs(spec)?;
+        init::setup_console(spec)?;
+        init::drop_caps()?;
+        init::close_fds_except(&[err_fd]);
+        Err(init::exec_init(spec))
+    })();
+    if let Err(msg) = res {
+        // SAFETY: writing a byte buffer to a pipe fd we hold.
+        unsafe { libc::write(err_fd, msg.as_ptr().cast(), msg.len()) };
+    }
+    // SAFETY: exiting the forked child without running the parent's destructors.
+    unsafe { libc::_exit(127) }
+}
+
+/// Copies console output to the log (capped: halves when it passes 1 MiB) until init exits.
+fn console_loop(child: Pid, master: OwnedFd, log_path: &Path) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use std::os::fd::AsFd;
+    const CAP: u64 = 1 << 20;
+    let mut log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .ok();
+    let mut master_open = true;
+    let mut buf = [0u8; 8192];
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            _ => break,
+        }
+        if master_open {
+            let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(1000u16));
+            let rev = fds[0].revents().unwrap_or(PollFlags::empty());
+            if rev.contains(PollFlags::POLLIN) {
+                match nix::unistd::read(&master, &mut buf) {
+                    Ok(n) if n > 0 => {
+                        if let Some(l) = log.as_mut() {
+                            let _ = l.write_all(&buf[..n]);
+                            if l.metadata().map(|m| m.len() > CAP).unwrap_or(false) {
+                                let _ = l.set_len(0);
+                            }
+                        }
+                    }
+                    _ => master_open = false,
+                }
+            } else if rev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                master_open = false;
+            }
+        } else {
+            // No console reader left: only reaping matters; a blocking wait is exact.
+            let _ = waitpid(child, None);
+            break;
+        }
+    }
+}
+
+/// Sends init the distro's halt signal, waits, then kills whatever is left in the cgroup.
+pub fn stop(host: &Host, ctid: Ctid, fast: bool) -> Result<()> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    let Some(st) = running(host, ctid) else {
+        // Not running: still clean what a crash may have left, so `stop` always converges.
+        cleanup_stopped(host, ctid, true)?;
+        return Err(CtError::NotRunning(ctid));
+    };
+    let cg = cgroup(host, ctid)?;
+    if cg.is_frozen().unwrap_or(false) {
+        cg.thaw().map_err(cg_err(ctid))?;
+    }
+    if !fast {
+        let sig = crate::signal::parse_signal(&cfg.stop_signal).map_err(|e| CtError::Invalid {
+            ctid,
+            msg: e.to_string(),
+        })?;
+        if let Ok(pidfd) = state::pidfd_open(st.init_pid) {
+            // SAFETY: sending a signal to the recorded init, verified alive by start time above.
+            unsafe { libc::kill(st.init_pid, sig) };
+            if !state::wait_pidfd(&pidfd, Duration::from_secs(cfg.stop_timeout.into())) {
+                warn!(%ctid, timeout = cfg.stop_timeout, "init did not halt in time; killing");
+            }
+        }
+    }
+    cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+    teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
+    info!(%ctid, "stopped");
+    Ok(())
+}
+
+fn teardown_after_stop(
+    host: &Host,
+    ctid: Ctid,
+    cg: &cgroups::Cgroup,
+    unmount: bool,
+) -> Result<()> {
+    if cg.exists() {
+        cg.destroy().map_err(cg_err(ctid))?;
+    }
+    if unmount {
+        unbind_private(host, ctid)?;
+    }
+    for p in [host.state_path(ctid)] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a stopped CT may have left (stale state, cgroup, start's mount). `unmount_any`
+/// also drops a mount made by `berth mount`.
+fn cleanup_stopped(host: &Host, ctid: Ctid, unmount_any: bool) -> Result<bool> {
+    let st = RunState::read(&host.state_path(ctid)).ok().flatten();
+    let cg = cgroup(host, ctid)?;
+    let had_cg = cg.exists();
+    let mut cleaned = false;
+    if had_cg {
+        cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+        cleaned = true;
+    }
+    let unmount = unmount_any || st.as_ref().is_some_and(|s| s.mounted_by_start);
+    if st.is_some() || had_cg || (unmount && state::is_mount_point(&host.root_dir(ctid))) {
+        teardown_after_stop(host, ctid, &cg, unmount)?;
+        cleaned = true;
+    }
+    Ok(cleaned)
+}
+
+pub fn restart(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunState> {
+    match stop(host, ctid, false) {
+        Ok(()) | Err(CtError::NotRunning(_)) => {}
+        Err(e) => return Err(e),
+    }
+    start(host, ctid, hook)
+}
+
+pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_some() {
+        return Err(CtError::Running(ctid));
+    }
+    cleanup_stopped(host, ctid, true)?;
+    let private = host.private_dir(ctid);
+    if cfg.resources.diskspace.is_some() && private.exists() {
+        if let Err(e) = crate::quota::clear_diskspace(&private, ctid.get()) {
+            warn!(%ctid, error = %e, "clear disk quota");
+        }
+    }
+    if private.exists() {
+        TemplateStore::remove_tree_fast(&private)?;
+    }
+    let root = host.root_dir(ctid);
+    match fs::remove_dir(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(ctid, "remove mount point", &root)(e)),
+    }
+    for p in [host.console_log_path(ctid), host.conf_path(ctid), host.lock_path(ctid)] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
+        }
+    }
+    info!(%ctid, "destroyed");
+    Ok(())
+}
+
+pub fn suspend(host: &Host, ctid: Ctid) -> Result<()> {
+    CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_none() {
+        return Err(CtError::NotRunning(ctid));
+    }
+    cgroup(host, ctid)?.freeze().map_err(cg_err(ctid))
+}
+
+pub fn resume(host: &Host, ctid: Ctid) -> Result<()> {
+    CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_none() {
+        return Err(CtError::NotRunning(ctid));
+    }
+    cgroup(host, ctid)?.thaw().map_err(cg_err(ctid))
+}
+
+/// Applies `set`: live on a running CT, persisted with `save`. Validates everything first so a
+/// bad value changes nothing.
+pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
+    let mut cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    let run = running(host, ctid);
+    if run.is_none() && !save {
+        return Err(CtError::NeedSave(ctid));
+    }
+    if let Some(n) = &opts.name {
+        validate_name(n).map_err(|e| CtError::Invalid {
+            ctid,
+            msg: e.to_string(),
+        })?;
+        for other in host.list_ctids()? {
+            if other != ctid
+                && let Ok(c) = CtConfig::load(host, other)
+                && c.name.as_deref() == Some(n)
+            {
+                return Err(ConfigError::NameTaken {
+                    name: n.clone(),
+                    ctid: other,
+                }
+                .into());
+            }
+        }
+    }
+    if let Some(h) = &opts.hostname {
+        crate::config::validate_hostname(h).map_err(|msg| CtError::Invalid { ctid, msg })?;
+    }
+    let r = &opts.resources;
+    let mut merged = cfg.resources.clone();
+    macro_rules! merge {
+        ($($f:ident),*) => { $( if r.$f.is_some() { merged.$f = r.$f; } )* };
+    }
+    merge!(memory, swap, cpuunits, cpulimit, cpus, numproc, ioweight, diskspace);
+    let delta = resources_of(r);
+    delta.validate().map_err(cg_err(ctid))?;
+    resources_of(&merged).validate().map_err(cg_err(ctid))?;
+
+    if let Some(limit) = r.diskspace {
+        crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
+    }
+    if let Some(st) = &run {
+        let cg = cgroup(host, ctid)?;
+        cg.apply(&delta).map_err(cg_err(ctid))?;
+        if let Some(h) = &opts.hostname {
+            exec::set_hostname_live(ctid, st.init_pid, h)?;
+        }
+    }
+    if let Some(h) = &opts.hostname {
+        write_hostname_files(ctid, &host.private_dir(ctid), h)?;
+    }
+    if save {
+        if opts.hostname.is_some() {
+            cfg.hostname = opts.hostname.clone();
+        }
+        if opts.name.is_some() {
+            cfg.name = opts.name.clone();
+        }
+        cfg.resources = merged;
+        cfg.save(host)?;
+    }
+    Ok(())
+}
+
+/// Resource counters of a running CT (`list -o`, berthd).
+pub fn stats(host: &Host, ctid: Ctid) -> Result<Option<cgroups::Stats>> {
+    if running(host, ctid).is_none() {
+        return Ok(None);
+    }
+    cgroup(host, ctid)?.stats().map(Some).map_err(cg_err(ctid))
+}
+
+/// What `berth gc` cleaned.
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub cleaned: Vec<Ctid>,
+    pub orphan_cgroups: Vec<Ctid>,
+    pub partial_creates: Vec<PathBuf>,
+    pub errors: Vec<String>,
+}
+
+/// Cleans what a `kill -9` of berth mid start/stop/create left behind: stale state files,
+/// cgroups (with their processes) of CTs that are not running, start's mounts, half-copied
+/// private areas. Running CTs are left alone.
+pub fn gc(host: &Host) -> Result<GcReport> {
+    let mut rep = GcReport::default();
+    let known = host.list_ctids()?;
+    for &ctid in &known {
+        let _lock = match lock(host, ctid) {
+            Ok(l) => l,
+            Err(e) => {
+                rep.errors.push(e.to_string());
+                continue;
+            }
+        };
+        if running(host, ctid).is_some() {
+            continue;
+        }
+        match cleanup_stopped(host, ctid, false) {
+            Ok(true) => rep.cleaned.push(ctid),
+            Ok(false) => {}
+            Err(e) => rep.errors.push(e.to_string()),
+        }
+    }
+    match cgroups::list_ctids(&host.cgroup_parent) {
+        Ok(list) => {
+            for ctid in list {
+                if known.contains(&ctid) {
+                    continue;
+                }
+                let r = cgroup(host, ctid).and_then(|cg| {
+                    cg.kill_all(Duration::from_secs(10))
+                        .and_then(|_| cg.destroy())
+                        .map_err(cg_err(ctid))
+                });
+                match r {
+                    Ok(()) => rep.orphan_cgroups.push(ctid),
+                    Err(e) => rep.errors.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => rep.errors.push(e.to_string()),
+    }
+    let pdir = host.root.join("private");
+    if let Ok(rd) = fs::read_dir(&pdir) {
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let n = name.to_string_lossy();
+            if n.starts_with('.') && n.ends_with(".tmp") {
+                let p = ent.path();
+                match TemplateStore::remove_tree_fast(&p) {
+                    Ok(()) => rep.partial_creates.push(p),
+                    Err(e) => rep.errors.push(e.to_string()),
+                }
+            }
+        }
+    }
+    Ok(rep)
+}

@@ -1,0 +1,155 @@
+//! Run state of a CT: which process is its init, and how to tell it is still the same process.
+
+use std::fs;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Written to `<run>/<CTID>.state.json` once the CT's init has exec'd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Host PID of the CT's init (PID 1 inside).
+    pub init_pid: i32,
+    /// `/proc/<pid>/stat` start time (clock ticks since boot): tells a reused PID apart.
+    pub init_starttime: u64,
+    /// Host PID of the monitor that holds the console and reaps init.
+    pub monitor_pid: i32,
+    /// Kernel boot id when started: a state file from before a reboot is stale.
+    pub boot_id: String,
+    /// Unix time of the start.
+    pub started_at: u64,
+    /// Whether `start` bind-mounted the private area (so `stop` unmounts it again).
+    pub mounted_by_start: bool,
+}
+
+impl RunState {
+    pub fn read(path: &Path) -> io::Result<Option<Self>> {
+        match fs::read(path) {
+            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, path)
+    }
+
+    /// True when the recorded init still runs (same PID, same start time, same boot).
+    pub fn alive(&self) -> bool {
+        boot_id().as_deref() == Some(self.boot_id.as_str())
+            && proc_starttime(self.init_pid) == Some(self.init_starttime)
+    }
+}
+
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Field 22 of /proc/<pid>/stat. The comm field may hold spaces and parens, so parse after the last ')'.
+pub fn proc_starttime(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    // rest starts at field 3 (state); starttime is field 22 → index 19.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if f.first() == Some(&"Z") {
+        return None;
+    }
+    f.get(19)?.parse().ok()
+}
+
+/// A pidfd for a process that is not our child: poll() says readable when it exits.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; the returned fd is owned by us.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor returned by the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits up to `timeout` for the process behind `pidfd` to exit. Returns true if it did.
+pub fn wait_pidfd(pidfd: &OwnedFd, timeout: std::time::Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) => return false,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Whether `path` is the root of a mount (statx STATX_ATTR_MOUNT_ROOT, Linux ≥ 5.8).
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statx writes into the zeroed struct we own; path is NUL-terminated.
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let rc = libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_BASIC_STATS,
+            &mut stx,
+        );
+        rc == 0
+            && stx.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
+            && stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_starttime_and_mounts() {
+        let me = std::process::id() as i32;
+        assert!(proc_starttime(me).is_some());
+        assert!(proc_starttime(i32::MAX).is_none());
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(!is_mount_point(Path::new("/proc/self")));
+    }
+
+    #[test]
+    fn state_roundtrip_and_liveness() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("1.state.json");
+        assert_eq!(RunState::read(&p).unwrap(), None);
+        let me = std::process::id() as i32;
+        let st = RunState {
+            init_pid: me,
+            init_starttime: proc_starttime(me).unwrap(),
+            monitor_pid: me,
+            boot_id: boot_id().unwrap(),
+            started_at: 0,
+            mounted_by_start: true,
+        };
+        st.write(&p).unwrap();
+        let back = RunState::read(&p).unwrap().unwrap();
+        assert!(back.alive());
+        let stale = RunState {
+            init_starttime: st.init_starttime + 1,
+            ..st
+        };
+        assert!(!stale.alive());
+    }
+}
