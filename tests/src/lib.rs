@@ -1,1 +1,2 @@
 //! Support code shared by berth's privileged end-to-end tests. Each area adds its own module.
+pub mod ct;

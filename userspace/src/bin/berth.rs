@@ -1,1 +1,552 @@
-fn main() {}
+//! `berth`: the vzctl-style command line of berth.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use berth_runtime::cgroups::Stats;
+use berth_runtime::config::{CtConfig, Host, ResourceConfig};
+use berth_runtime::container::{self, CreateOpts, NoHook, SetOpts, State};
+use berth_runtime::template::TemplateStore;
+use berth_runtime::{Ctid, Size};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(name = "berth", version, about = "OpenVZ-style system containers on a mainline kernel")]
+struct Cli {
+    /// State directory (configs, private areas, templates).
+    #[arg(long, global = true, env = "BERTH_ROOT")]
+    root: Option<PathBuf>,
+    /// Run-state directory (locks, init PIDs, console logs). Default: /run/berth, or <root>/run.
+    #[arg(long, global = true, env = "BERTH_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// cgroup directory holding this installation's CTs, under every hierarchy.
+    #[arg(long, global = true, env = "BERTH_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logging on stderr (-v info, -vv debug). BERTH_LOG takes tracing filter syntax.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a CT from a template.
+    Create {
+        ctid: String,
+        #[arg(long, default_value = "busybox")]
+        template: String,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Run the CT in a user namespace with its own 65536-id range.
+        #[arg(long)]
+        userns: bool,
+    },
+    /// Boot a CT.
+    Start { ct: String },
+    /// Halt a CT (the distro's halt signal, then kill what is left after stop_timeout).
+    Stop {
+        ct: String,
+        /// Kill everything at once instead of asking init to halt.
+        #[arg(long)]
+        fast: bool,
+    },
+    Restart { ct: String },
+    /// Remove a stopped CT: its files, config and cgroups.
+    Destroy { ct: String },
+    Status { ct: String },
+    /// Bind-mount the CT's private area on its root directory.
+    Mount { ct: String },
+    Umount { ct: String },
+    /// Freeze every process of the CT.
+    Suspend { ct: String },
+    Resume { ct: String },
+    /// Run a command in a running CT; its exit code becomes berth's.
+    Exec {
+        ct: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Interactive shell in a running CT.
+    Enter { ct: String },
+    /// Change a CT's settings, live when it runs; --save persists them.
+    Set(SetArgs),
+    /// List CTs (running ones; -a for all).
+    List {
+        #[arg(short, long)]
+        all: bool,
+        /// Comma-separated fields (see `berth list -L`).
+        #[arg(short, long)]
+        output: Option<String>,
+        /// No header line.
+        #[arg(short = 'H', long)]
+        no_header: bool,
+        /// List the available fields.
+        #[arg(short = 'L', long)]
+        list_fields: bool,
+    },
+    /// OS templates.
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Clean what a killed berth left behind (stale state, cgroups, mounts, half-made CTs).
+    Gc,
+}
+
+#[derive(Args, Debug)]
+struct SetArgs {
+    ct: String,
+    #[arg(long)]
+    hostname: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory limit, e.g. 512M (unlimited to remove).
+    #[arg(long)]
+    memory: Option<Size>,
+    /// Swap allowed on top of --memory.
+    #[arg(long)]
+    swap: Option<Size>,
+    /// CPU weight (OpenVZ units, default 1000).
+    #[arg(long)]
+    cpuunits: Option<u64>,
+    /// CPU limit in percent of one CPU (100 = one CPU, 0 = none).
+    #[arg(long)]
+    cpulimit: Option<u32>,
+    /// Number of CPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Maximum number of processes (0 = none).
+    #[arg(long)]
+    numproc: Option<u64>,
+    /// Block I/O weight 10..1000.
+    #[arg(long)]
+    ioweight: Option<u32>,
+    /// Disk quota (needs project quotas on the filesystem).
+    #[arg(long)]
+    diskspace: Option<Size>,
+    /// Persist in the CT's config.
+    #[arg(long)]
+    save: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplateCmd {
+    List,
+    /// Import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    #[command(subcommand)]
+    Build(BuildCmd),
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BuildCmd {
+    /// Offline, from Debian's busybox-static.
+    Busybox {
+        #[arg(long, default_value = "busybox")]
+        name: String,
+    },
+    /// A real distribution with debootstrap (needs the Debian mirror).
+    Debian {
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("BERTH_LOG").unwrap_or_else(|_| {
+        match cli.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+        .into()
+    });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        .init();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("berth: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print(json: bool, value: Value, human: impl FnOnce()) {
+    if json {
+        println!("{value}");
+    } else {
+        human();
+    }
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let host = Host::new(cli.root.clone(), cli.run_dir.clone(), cli.cgroup_parent.clone())?;
+    let json = cli.json;
+    let resolve = |s: &str| host.resolve(s).map_err(anyhow::Error::from);
+    match cli.cmd {
+        Cmd::Create {
+            ctid,
+            template,
+            hostname,
+            name,
+            userns,
+        } => {
+            let ctid: Ctid = ctid.parse()?;
+            container::create(
+                &host,
+                ctid,
+                &CreateOpts {
+                    template,
+                    hostname,
+                    name,
+                    userns,
+                },
+            )?;
+            print(json, json!({"ctid": ctid, "created": true}), || {
+                println!("CT {ctid} created")
+            });
+        }
+        Cmd::Start { ct } => {
+            let ctid = resolve(&ct)?;
+            let st = container::start(&host, ctid, &mut NoHook)?;
+            print(json, json!({"ctid": ctid, "init_pid": st.init_pid}), || {
+                println!("CT {ctid} started (init PID {})", st.init_pid)
+            });
+        }
+        Cmd::Stop { ct, fast } => {
+            let ctid = resolve(&ct)?;
+            container::stop(&host, ctid, fast)?;
+            print(json, json!({"ctid": ctid, "stopped": true}), || {
+                println!("CT {ctid} stopped")
+            });
+        }
+        Cmd::Restart { ct } => {
+            let ctid = resolve(&ct)?;
+            let st = container::restart(&host, ctid, &mut NoHook)?;
+            print(json, json!({"ctid": ctid, "init_pid": st.init_pid}), || {
+                println!("CT {ctid} restarted (init PID {})", st.init_pid)
+            });
+        }
+        Cmd::Destroy { ct } => {
+            let ctid = resolve(&ct)?;
+            container::destroy(&host, ctid)?;
+            print(json, json!({"ctid": ctid, "destroyed": true}), || {
+                println!("CT {ctid} destroyed")
+            });
+        }
+        Cmd::Status { ct } => {
+            let ctid = resolve(&ct)?;
+            let st = container::status(&host, ctid)?;
+            print(json, serde_json::to_value(&st)?, || {
+                println!(
+                    "CT {ctid} {}{}",
+                    st.state,
+                    st.init_pid.map(|p| format!(" (init PID {p})")).unwrap_or_default()
+                )
+            });
+        }
+        Cmd::Mount { ct } => {
+            let ctid = resolve(&ct)?;
+            container::mount_ct(&host, ctid)?;
+            print(json, json!({"ctid": ctid, "mounted": true}), || {
+                println!("CT {ctid} mounted at {}", host.root_dir(ctid).display())
+            });
+        }
+        Cmd::Umount { ct } => {
+            let ctid = resolve(&ct)?;
+            container::umount_ct(&host, ctid)?;
+            print(json, json!({"ctid": ctid, "mounted": false}), || {
+                println!("CT {ctid} unmounted")
+            });
+        }
+        Cmd::Suspend { ct } => {
+            let ctid = resolve(&ct)?;
+            container::suspend(&host, ctid)?;
+            print(json, json!({"ctid": ctid, "state": "suspended"}), || {
+                println!("CT {ctid} suspended")
+            });
+        }
+        Cmd::Resume { ct } => {
+            let ctid = resolve(&ct)?;
+            container::resume(&host, ctid)?;
+            print(json, json!({"ctid": ctid, "state": "running"}), || {
+                println!("CT {ctid} resumed")
+            });
+        }
+        Cmd::Exec { ct, cmd } => {
+            let ctid = resolve(&ct)?;
+            let code = container::exec::exec(&host, ctid, &cmd)?;
+            return Ok(code.clamp(0, 255) as u8);
+        }
+        Cmd::Enter { ct } => {
+            let ctid = resolve(&ct)?;
+            let code = container::exec::enter(&host, ctid)?;
+            return Ok(code.clamp(0, 255) as u8);
+        }
+        Cmd::Set(a) => {
+            let ctid = resolve(&a.ct)?;
+            let opts = SetOpts {
+                hostname: a.hostname,
+                name: a.name,
+                resources: ResourceConfig {
+                    memory: a.memory,
+                    swap: a.swap,
+                    cpuunits: a.cpuunits,
+                    cpulimit: a.cpulimit,
+                    cpus: a.cpus,
+                    numproc: a.numproc,
+                    ioweight: a.ioweight,
+                    diskspace: a.diskspace,
+                },
+            };
+            container::set(&host, ctid, &opts, a.save)?;
+            print(json, json!({"ctid": ctid, "saved": a.save}), || {
+                println!("CT {ctid} updated{}", if a.save { " and saved" } else { "" })
+            });
+        }
+        Cmd::List {
+            all,
+            output,
+            no_header,
+            list_fields,
+        } => {
+            if list_fields {
+                for (f, doc) in FIELDS {
+                    println!("{f:<16} {doc}");
+                }
+                return Ok(0);
+            }
+            list(&host, all, output.as_deref(), no_header, json)?;
+        }
+        Cmd::Template(t) => template(&host, t, json)?,
+        Cmd::Gc => {
+            let rep = container::gc(&host)?;
+            print(json, serde_json::to_value(&rep)?, || {
+                println!(
+                    "cleaned {} CT(s), {} orphan cgroup(s), {} partial create(s)",
+                    rep.cleaned.len(),
+                    rep.orphan_cgroups.len(),
+                    rep.partial_creates.len()
+                );
+                for e in &rep.errors {
+                    eprintln!("berth: gc: {e}");
+                }
+            });
+            if !rep.errors.is_empty() {
+                bail!("gc finished with {} error(s)", rep.errors.len());
+            }
+        }
+    }
+    Ok(0)
+}
+
+const FIELDS: &[(&str, &str)] = &[
+    ("ctid", "container ID"),
+    ("name", "name set with --name"),
+    ("hostname", "host name"),
+    ("status", "running, suspended, mounted or stopped"),
+    ("template", "template the CT was created from"),
+    ("init_pid", "host PID of the CT's init"),
+    ("numproc", "processes and threads in the CT"),
+    ("numproc.l", "process limit (--numproc)"),
+    ("memory.usage", "memory in use, bytes"),
+    ("memory.limit", "memory limit, bytes"),
+    ("memory.failcnt", "times the memory limit was hit"),
+    ("oom_kills", "processes killed by the OOM killer"),
+    ("cpu.usage", "CPU time used, seconds"),
+    ("cpu.throttled", "periods the CPU limit throttled the CT"),
+    ("cpulimit", "CPU limit, percent of one CPU"),
+    ("cpuunits", "CPU weight"),
+    ("diskspace", "disk quota"),
+];
+
+fn field(
+    f: &str,
+    st: &container::Status,
+    cfg: &CtConfig,
+    stats: Option<&Stats>,
+) -> Result<Value> {
+    let r = &cfg.resources;
+    Ok(match f {
+        "ctid" => json!(st.ctid),
+        "name" => json!(st.name),
+        "hostname" => json!(st.hostname),
+        "status" => json!(st.state),
+        "template" => json!(st.template),
+        "init_pid" => json!(st.init_pid),
+        "numproc" => json!(stats.map(|s| s.numproc)),
+        "numproc.l" => json!(r.numproc),
+        "memory.usage" => json!(stats.map(|s| s.memory_usage)),
+        "memory.limit" => json!(stats.and_then(|s| s.memory_limit)),
+        "memory.failcnt" => json!(stats.map(|s| s.memory_failcnt)),
+        "oom_kills" => json!(stats.map(|s| s.oom_kills)),
+        "cpu.usage" => json!(stats.map(|s| s.cpu_usage_ns as f64 / 1e9)),
+        "cpu.throttled" => json!(stats.map(|s| s.nr_throttled)),
+        "cpulimit" => json!(r.cpulimit),
+        "cpuunits" => json!(r.cpuunits),
+        "diskspace" => json!(r.diskspace.map(|d| d.to_string())),
+        other => bail!("unknown field {other:?} (see `berth list -L`)"),
+    })
+}
+
+fn list(host: &Host, all: bool, output: Option<&str>, no_header: bool, json: bool) -> Result<()> {
+    let fields: Vec<&str> = output
+        .unwrap_or("ctid,numproc,status,hostname")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    for f in &fields {
+        if !FIELDS.iter().any(|(n, _)| n == f) {
+            bail!("unknown field {f:?} (see `berth list -L`)");
+        }
+    }
+    let mut rows: Vec<Vec<Value>> = Vec::new();
+    for ctid in host.list_ctids()? {
+        let st = match container::status(host, ctid) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%ctid, error = %e, "skipping CT");
+                continue;
+            }
+        };
+        if !all && !matches!(st.state, State::Running | State::Suspended) {
+            continue;
+        }
+        let cfg = CtConfig::load(host, ctid)?;
+        let stats = container::stats(host, ctid).ok().flatten();
+        rows.push(
+            fields
+                .iter()
+                .map(|f| field(f, &st, &cfg, stats.as_ref()))
+                .collect::<Result<_>>()?,
+        );
+    }
+    if json {
+        let arr: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                Value::Object(
+                    fields
+                        .iter()
+                        .zip(r)
+                        .map(|(f, v)| (f.to_string(), v.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
+        println!("{}", Value::Array(arr));
+        return Ok(());
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|v| match v {
+                    Value::Null => "-".into(),
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n
+                        .as_f64()
+                        .filter(|_| n.is_f64())
+                        .map(|f| format!("{f:.2}"))
+                        .unwrap_or_else(|| n.to_string()),
+                    v => v.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
+    let mut width: Vec<usize> = header.iter().map(String::len).collect();
+    for r in &cells {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.len());
+        }
+    }
+    let line = |r: &[String]| {
+        r.iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:>w$}", w = width[i]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if !no_header {
+        println!("{}", line(&header));
+    }
+    for r in &cells {
+        println!("{}", line(r));
+    }
+    Ok(())
+}
+
+fn template(host: &Host, t: TemplateCmd, json: bool) -> Result<()> {
+    host.ensure_dirs()?;
+    let store = TemplateStore::open(host.template_dir())?;
+    match t {
+        TemplateCmd::List => {
+            let list = store.list()?;
+            print(json, serde_json::to_value(&list)?, || {
+                println!("{:<20} {:<10} {:>10}", "NAME", "KIND", "SIZE");
+                for t in &list {
+                    println!(
+                        "{:<20} {:<10} {:>10}",
+                        t.name,
+                        format!("{:?}", t.kind).to_lowercase(),
+                        Size::Bytes(t.size).to_string()
+                    );
+                }
+            });
+        }
+        TemplateCmd::Import { file, name } => {
+            let info = store
+                .import(&file, name.as_deref())
+                .with_context(|| format!("import template {}", file.display()))?;
+            print(json, serde_json::to_value(&info)?, || {
+                println!("template {} imported", info.name)
+            });
+        }
+        TemplateCmd::Build(BuildCmd::Busybox { name }) => {
+            let info = store.build_busybox(&name)?;
+            print(json, serde_json::to_value(&info)?, || {
+                println!("template {} built", info.name)
+            });
+        }
+        TemplateCmd::Build(BuildCmd::Debian {
+            suite,
+            name,
+            mirror,
+        }) => {
+            let name = name.unwrap_or_else(|| format!("debian-{suite}"));
+            let info = store.build_debian(&suite, &name, mirror.as_deref())?;
+            print(json, serde_json::to_value(&info)?, || {
+                println!("template {} built", info.name)
+            });
+        }
+        TemplateCmd::Remove { name } => {
+            store.remove(&name)?;
+            print(json, json!({"removed": name}), || {
+                println!("template {name} removed")
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! A throwaway berth installation per test: temporary root, unique cgroup parent, the real
+//! `berth` binary, and a check that nothing was left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Directory holding the built `berth` binary: `BERTH_BIN_DIR` (set by `cargo xtask test`) or
+/// the workspace's target/debug.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("BERTH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+pub fn berth_bin() -> PathBuf {
+    let p = bin_dir().join("berth");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p berth` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// v1 hierarchies (or the v2 root) where per-CT cgroups appear.
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return out;
+    };
+    for l in mi.lines() {
+        let Some((pre, post)) = l.split_once(" - ") else { continue };
+        let fstype = post.split_whitespace().next().unwrap_or("");
+        if fstype == "cgroup" || fstype == "cgroup2" {
+            if let Some(mp) = pre.split_whitespace().nth(4) {
+                out.push(PathBuf::from(mp));
+            }
+        }
+    }
+    out
+}
+
+pub struct TestHost {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub cgroup_parent: String,
+    bin: PathBuf,
+}
+
+impl TestHost {
+    /// A new installation with the busybox template built.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().join("root");
+        let cgroup_parent = format!(
+            "berth-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let h = Self {
+            dir,
+            root,
+            cgroup_parent,
+            bin: berth_bin(),
+        };
+        h.ok(&["template", "build", "busybox"]);
+        h
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .args(args)
+            .env_remove("BERTH_ROOT")
+            .env_remove("BERTH_RUN_DIR")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("spawn berth")
+    }
+
+    /// Runs berth, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs berth, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            !o.status.success(),
+            "berth {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("berth {args:?}: bad JSON {e}: {out}"))
+    }
+
+    /// Exit code of `berth exec <ct> -- argv...`, with its stdout.
+    pub fn exec(&self, ct: &str, argv: &[&str]) -> (i32, String, String) {
+        let mut a = vec!["exec", ct, "--"];
+        a.extend_from_slice(argv);
+        let o = self.run(&a);
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    pub fn status(&self, ct: &str) -> serde_json::Value {
+        self.json(&["status", ct])
+    }
+
+    /// Every cgroup directory this installation owns, in any hierarchy.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        cgroup_roots()
+            .into_iter()
+            .map(|r| r.join(&self.cgroup_parent))
+            .flat_map(|p| {
+                let mut v = Vec::new();
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    for e in rd.flatten() {
+                        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                            v.push(e.path());
+                        }
+                    }
+                }
+                v
+            })
+            .collect()
+    }
+
+    /// Mounts below this installation's root.
+    pub fn mounts(&self) -> Vec<String> {
+        let root = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .filter(|mp| mp.starts_with(&root))
+            .collect()
+    }
+
+    /// Asserts no CT cgroup, mount or process is left.
+    pub fn assert_clean(&self) {
+        assert_eq!(self.cgroup_dirs(), Vec::<PathBuf>::new(), "leftover cgroups");
+        assert_eq!(self.mounts(), Vec::<String>::new(), "leftover mounts");
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        // Best effort even after a failed assertion: stop what runs, then drop our cgroup parents.
+        if let Ok(rd) = std::fs::read_dir(self.root.join("conf")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().replace(".toml", "");
+                let _ = self.run(&["stop", "--fast", &n]);
+                let _ = self.run(&["umount", &n]);
+            }
+        }
+        let _ = self.run(&["gc"]);
+        for r in cgroup_roots() {
+            let _ = std::fs::remove_dir(r.join(&self.cgroup_parent));
+        }
+    }
+}

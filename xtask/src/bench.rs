@@ -1,0 +1,157 @@
+//! Benchmarks that print ratios against a control measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+use crate::build_release;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// create → start → stop → destroy of a busybox CT, berth vs crun on the same rootfs.
+    Start {
+        #[arg(long, default_value_t = 60)]
+        cycles: usize,
+    },
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Start { cycles } => start(cycles),
+    }
+}
+
+fn quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub struct Summary {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub min: Duration,
+    pub max: Duration,
+}
+
+pub fn summarize(mut v: Vec<Duration>) -> Summary {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Summary {
+        p50: at(0.5),
+        p99: at(0.99),
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn start(cycles: usize) -> Result<()> {
+    let bin = build_release()?.join("berth");
+    let crun = which("crun").context("crun not installed (xtask/setup.sh installs it)")?;
+    let tmp = tempdir()?;
+    let root = tmp.join("berth");
+    let cg_parent = format!("berth-bench-{}", std::process::id());
+    let berth = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.arg("--root")
+            .arg(&root)
+            .arg("--cgroup-parent")
+            .arg(&cg_parent)
+            .args(args);
+        c
+    };
+    quiet(&mut berth(&["template", "build", "busybox"]))?;
+
+    // crun control: an OCI bundle on a copy of the very same busybox rootfs.
+    let bundle = tmp.join("bundle");
+    std::fs::create_dir_all(&bundle)?;
+    quiet(Command::new("cp").arg("-a").arg(root.join("template/busybox/rootfs")).arg(bundle.join("rootfs")))?;
+    quiet(Command::new(&crun).arg("spec").current_dir(&bundle))?;
+    let spec_path = bundle.join("config.json");
+    let spec = std::fs::read_to_string(&spec_path)?;
+    let spec = spec
+        .replace("\"terminal\": true", "\"terminal\": false")
+        .replace("\"sh\"", "\"/sbin/init\"")
+        .replace("\"readonly\": true", "\"readonly\": false");
+    std::fs::write(&spec_path, spec)?;
+    let crun_root = tmp.join("crun-state");
+
+    let mut berth_t = Vec::with_capacity(cycles);
+    let mut crun_t = Vec::with_capacity(cycles);
+    // Interleaved so both see the same machine noise.
+    for i in 0..cycles + 3 {
+        let ctid = (1000 + i).to_string();
+        let t0 = Instant::now();
+        quiet(&mut berth(&["create", &ctid, "--template", "busybox"]))?;
+        quiet(&mut berth(&["start", &ctid]))?;
+        quiet(&mut berth(&["stop", "--fast", &ctid]))?;
+        quiet(&mut berth(&["destroy", &ctid]))?;
+        let b = t0.elapsed();
+
+        let id = format!("bench{}-{i}", std::process::id());
+        let c = |args: &[&str]| {
+            let mut c = Command::new(&crun);
+            c.arg("--root")
+                .arg(&crun_root)
+                .arg("--cgroup-manager=cgroupfs")
+                .args(args);
+            c
+        };
+        let t0 = Instant::now();
+        quiet(c(&["create", "--bundle"]).arg(&bundle).arg(&id))?;
+        quiet(&mut c(&["start", &id]))?;
+        quiet(&mut c(&["kill", &id, "KILL"]))?;
+        quiet(&mut c(&["delete", "--force", &id]))?;
+        let r = t0.elapsed();
+        if i >= 3 {
+            berth_t.push(b);
+            crun_t.push(r);
+        }
+    }
+    let b = summarize(berth_t);
+    let c = summarize(crun_t);
+    println!("bench start: {cycles} cycles of create→start→stop --fast→destroy (busybox rootfs), whole CLI processes");
+    println!("  berth: p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})", ms(b.p50), ms(b.p99), ms(b.min), ms(b.max));
+    println!("  crun:  p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})  [create→start→kill→delete]", ms(c.p50), ms(c.p99), ms(c.min), ms(c.max));
+    println!("  ratio berth/crun: p50 {:.3}  p99 {:.3}", ms(b.p50) / ms(c.p50), ms(b.p99) / ms(c.p99));
+    println!(
+        "  bar: p50 <= 25 ms: {}; berth/crun <= 1.0: {}",
+        if ms(b.p50) <= 25.0 { "PASS" } else { "FAIL" },
+        if b.p50 <= c.p50 { "PASS" } else { "FAIL" }
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/memory/{cg_parent}"));
+    Ok(())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let p = std::env::temp_dir().join(format!("berth-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}
