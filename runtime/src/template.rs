@@ -1,1 +1,0 @@
-//! OS templates: the store, busybox/debootstrap builders, tarball import.
