@@ -5,6 +5,7 @@ pub mod config;
 pub mod container;
 pub mod ctid;
 pub mod lock;
+pub mod net;
 pub mod quota;
 pub mod signal;
 pub mod size;

@@ -1,0 +1,466 @@
+//! Routed (venet-style) mode. See the module documentation of [`super`] for the design.
+
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{RouteAttribute, RouteType};
+
+use super::config::{NeighbourDevs, ROUTED_GW4, ROUTED_GW6, VENET_CT_IFNAME};
+use super::error::{AddrHolder, KernelError, NetError};
+use super::nl::{Netlink, full_prefix};
+use super::{
+    HostNet, IfaceState, IpNet, MacAddr, Mode, NetConfig, NetState, ProxyEntry, packet, sysctl,
+    venet_host_ifname,
+};
+use crate::Ctid;
+
+fn is_gone(e: &KernelError) -> bool {
+    matches!(
+        e.errno,
+        libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::EADDRNOTAVAIL
+    )
+}
+
+pub(crate) fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) if b.len() == 6 => {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(b);
+            Some(MacAddr(m))
+        }
+        _ => None,
+    })
+}
+
+/// Builds an RTM_NEWLINK for a veth pair whose peer is created directly in `peer_netns`.
+pub(crate) fn veth_request(
+    host_attrs: Vec<LinkAttribute>,
+    mut peer_attrs: Vec<LinkAttribute>,
+    peer_netns: BorrowedFd<'_>,
+    peer_up: bool,
+) -> LinkMessage {
+    let mut peer = LinkMessage::default();
+    if peer_up {
+        peer.header.flags = LinkFlags::Up;
+        peer.header.change_mask = LinkFlags::Up;
+    }
+    // IFLA_NET_NS_FD inside the peer's ifinfomsg: the kernel creates the peer in that netns,
+    // which saves a rename + move round trip per CT (and a window where it sits on the host).
+    peer_attrs.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+    peer.attributes = peer_attrs;
+    let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg.attributes = host_attrs;
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+    ]));
+    msg
+}
+
+/// Turns EEXIST on a veth creation into an error naming the side that exists.
+pub(crate) fn which_exists(
+    e: NetError,
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    host_name: &str,
+    ct_name: &str,
+) -> NetError {
+    if !matches!(e, NetError::LinkExists { .. }) {
+        return e;
+    }
+    if matches!(host.nl.link_by_name(host_name), Ok(Some(_))) {
+        return e;
+    }
+    if matches!(ct.link_by_name(ct_name), Ok(Some(_))) {
+        return NetError::LinkExists {
+            ifname: ct_name.to_string(),
+            ns: ct.ns.clone(),
+        };
+    }
+    e
+}
+
+/// Reads back host ifindex, peer ifindex (IFLA_LINK) and MAC of a freshly created veth.
+pub(crate) fn read_back(
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    host_name: &str,
+    ct_name: &str,
+    st: &mut IfaceState,
+    need_ct_mac: bool,
+) -> Result<(), NetError> {
+    let l = host
+        .nl
+        .link_by_name(host_name)?
+        .ok_or_else(|| NetError::LinkNotFound {
+            ifname: host_name.to_string(),
+            ns: host.nl.ns.clone(),
+        })?;
+    st.host_ifindex = l.header.index;
+    st.host_mac = link_mac(&l);
+    st.ct_ifindex = l
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Link(i) => Some(*i),
+            _ => None,
+        })
+        .unwrap_or(0);
+    if st.ct_ifindex == 0 || need_ct_mac {
+        let p = ct
+            .link_by_name(ct_name)?
+            .ok_or_else(|| NetError::LinkNotFound {
+                ifname: ct_name.to_string(),
+                ns: ct.ns.clone(),
+            })?;
+        st.ct_ifindex = p.header.index;
+        st.ct_mac = link_mac(&p);
+    }
+    Ok(())
+}
+
+/// Creates the `venet<CTID>` / `venet0` pair and records it in `state` (so rollback removes it).
+pub(crate) fn create_link(
+    ctid: Ctid,
+    ct_netns: BorrowedFd<'_>,
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    state: &mut NetState,
+) -> Result<(), NetError> {
+    let name = venet_host_ifname(ctid);
+    let msg = veth_request(
+        vec![LinkAttribute::IfName(name.clone())],
+        vec![LinkAttribute::IfName(VENET_CT_IFNAME.into())],
+        ct_netns,
+        true,
+    );
+    host.nl
+        .link_create(msg, &name)
+        .map_err(|e| which_exists(e, host, ct, &name, VENET_CT_IFNAME))?;
+    state.ifaces.push(IfaceState {
+        mode: Mode::Routed,
+        ct_ifname: VENET_CT_IFNAME.into(),
+        host_ifname: name.clone(),
+        host_ifindex: 0,
+        ct_ifindex: 0,
+        ct_mac: None,
+        host_mac: None,
+        bridge: None,
+        vlan: None,
+        addrs: Vec::new(),
+        proxy: Vec::new(),
+    });
+    let st = state.ifaces.last_mut().expect("just pushed");
+    // The CT end's MAC is random (veth default) and only matters on this point-to-point link.
+    read_back(host, ct, &name, VENET_CT_IFNAME, st, false)
+}
+
+/// Who holds `addr` on the host, or which host device routes towards it (for `detect`).
+pub(crate) fn classify(
+    ctid: Ctid,
+    addr: IpAddr,
+    host: &mut HostNet,
+) -> Result<Option<(String, u32)>, NetError> {
+    let route = match host.nl.route_get(addr)? {
+        Ok(r) => r,
+        // No route towards the address: nothing holds it, and there is no device to detect.
+        Err(e)
+            if matches!(
+                e.errno,
+                libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EINVAL
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(host.nl.fail("look up route to", addr.to_string(), e)),
+    };
+    let oif = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    if route.header.kind == RouteType::Local {
+        let dev = host_dev_holding(host, addr);
+        return Err(NetError::AddressInUse {
+            addr,
+            holder: AddrHolder::Host,
+            dev,
+        });
+    }
+    let Some(oif) = oif else { return Ok(None) };
+    let name = host.dev_name(oif)?;
+    if let Some(other) = name
+        .strip_prefix("venet")
+        .and_then(|n| n.parse::<Ctid>().ok())
+    {
+        if other == ctid {
+            return Ok(None);
+        }
+        return Err(NetError::AddressInUse {
+            addr,
+            holder: AddrHolder::Ct(other),
+            dev: Some(name),
+        });
+    }
+    Ok(Some((name, oif)))
+}
+
+/// Error path only: names the host interface an address is assigned to.
+fn host_dev_holding(host: &mut HostNet, addr: IpAddr) -> Option<String> {
+    let addrs = host.nl.addrs().ok()?;
+    let idx = addrs
+        .iter()
+        .find(|m| super::inspect::addr_of(m) == Some(addr))?
+        .header
+        .index;
+    host.dev_name(idx).ok()
+}
+
+fn ok_if_exists(r: Result<(), KernelError>) -> Result<(), KernelError> {
+    match r {
+        Err(e) if e.errno == libc::EEXIST => Ok(()),
+        r => r,
+    }
+}
+
+/// Adds routed addresses to the CT's venet interface `st` (host route, CT address, proxy
+/// entries), after checking ownership and, if configured, probing for duplicates on the link.
+pub(crate) fn add(
+    ctid: Ctid,
+    cfg: &NetConfig,
+    addrs: &[IpAddr],
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    st: &mut IfaceState,
+) -> Result<(), NetError> {
+    for a in addrs {
+        if st.addrs.iter().any(|n| n.addr() == *a) {
+            return Err(NetError::Invalid(format!(
+                "CT {ctid} already has address {a}"
+            )));
+        }
+    }
+    // Phase 1: decide everything before changing anything.
+    let mut plan: Vec<(IpAddr, Vec<(String, u32)>)> = Vec::with_capacity(addrs.len());
+    for &a in addrs {
+        let detected = classify(ctid, a, host)?;
+        let devs = match &cfg.neighbour_devs {
+            NeighbourDevs::List(l) => l
+                .iter()
+                .map(|d| host.resolve_dev(d).map(|i| (d.clone(), i)))
+                .collect::<Result<Vec<_>, _>>()?,
+            NeighbourDevs::Detect => {
+                if detected.is_none() {
+                    tracing::warn!(%ctid, addr = %a,
+                        "no host route towards the address: no proxy ARP/NDP entry (only reachable from the host and other CTs)");
+                }
+                detected.into_iter().collect()
+            }
+        };
+        plan.push((a, devs));
+    }
+    let want4 = addrs.iter().any(IpAddr::is_ipv4);
+    let want6 = addrs.iter().any(IpAddr::is_ipv6);
+    if want4 {
+        sysctl::ensure(host, "ipv4/conf/all/forwarding")?;
+    }
+    if want6 {
+        sysctl::ensure(host, "ipv6/conf/all/forwarding")?;
+        let mut devs: Vec<&str> = plan
+            .iter()
+            .filter(|(a, _)| a.is_ipv6())
+            .flat_map(|(_, d)| d.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        devs.sort_unstable();
+        devs.dedup();
+        for d in devs {
+            sysctl::ensure(host, &format!("ipv6/conf/{d}/proxy_ndp"))?;
+        }
+    }
+    if cfg.arp_probe {
+        let targets: Vec<(IpAddr, String, u32)> = plan
+            .iter()
+            .flat_map(|(a, devs)| devs.iter().map(|(n, i)| (*a, n.clone(), *i)))
+            .collect();
+        packet::dad_probe(host, &targets)?;
+    }
+
+    // Phase 2: apply; on failure remove what this call added.
+    let had4 = st.addrs.iter().any(|n| n.addr().is_ipv4());
+    let had6 = st.addrs.iter().any(|n| n.addr().is_ipv6());
+    let mut added: Vec<IpAddr> = Vec::new();
+    let res = (|| -> Result<(), NetError> {
+        for (want, had, gw) in [
+            (want4, had4, IpAddr::V4(ROUTED_GW4)),
+            (want6, had6, IpAddr::V6(ROUTED_GW6)),
+        ] {
+            if !want || had {
+                continue;
+            }
+            let prefix = if gw.is_ipv4() { 32 } else { 64 };
+            let r = host
+                .nl
+                .addr_add(st.host_ifindex, gw, prefix, &st.host_ifname)?;
+            ok_if_exists(r).map_err(|e| {
+                host.nl.fail(
+                    "add gateway address",
+                    format!("{gw} on {}", st.host_ifname),
+                    e,
+                )
+            })?;
+            let unspec = if gw.is_ipv4() {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            };
+            let msg = Netlink::route_msg(unspec, 0, st.ct_ifindex, Some(gw), true);
+            ok_if_exists(ct.route_add(msg)?).map_err(|e| {
+                ct.fail(
+                    "add default route",
+                    format!("via {gw} dev {}", st.ct_ifname),
+                    e,
+                )
+            })?;
+        }
+        for (a, devs) in &plan {
+            let a = *a;
+            let prefix = full_prefix(a);
+            let msg = Netlink::route_msg(a, prefix, st.host_ifindex, None, false);
+            match host.nl.route_add(msg)? {
+                Ok(()) => {}
+                Err(e) if e.errno == libc::EEXIST => {
+                    // A route for exactly this address exists: another CT (or the admin)
+                    // holds it. Name the holder if we can.
+                    return Err(match classify(ctid, a, host) {
+                        Err(e @ NetError::AddressInUse { .. }) => e,
+                        _ => NetError::AddressInUse {
+                            addr: a,
+                            holder: AddrHolder::Host,
+                            dev: Some("a host route".into()),
+                        },
+                    });
+                }
+                Err(e) => {
+                    return Err(host.nl.fail(
+                        "add host route",
+                        format!("{a}/{prefix} dev {}", st.host_ifname),
+                        e,
+                    ));
+                }
+            }
+            added.push(a);
+            let r = ct.addr_add(st.ct_ifindex, a, prefix, &st.ct_ifname)?;
+            ok_if_exists(r).map_err(|e| {
+                ct.fail(
+                    "add address",
+                    format!("{a}/{prefix} on {}", st.ct_ifname),
+                    e,
+                )
+            })?;
+            st.addrs.push(IpNet::from(a));
+            for (dev, idx) in devs {
+                host.nl.proxy_add(*idx, a)?.map_err(|e| {
+                    host.nl
+                        .fail("add proxy neighbour entry", format!("{a} on {dev}"), e)
+                })?;
+                st.proxy.push(ProxyEntry {
+                    addr: a,
+                    dev: dev.clone(),
+                    ifindex: *idx,
+                });
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let mut errors = Vec::new();
+        for a in added.iter().rev() {
+            del_one(host, Some(ct), st, *a, &mut errors);
+        }
+        for re in errors {
+            tracing::warn!(%ctid, error = %re, "rollback step failed");
+        }
+        return Err(e);
+    }
+    tracing::debug!(%ctid, addrs = ?addrs, "routed addresses added");
+    if cfg.gratuitous_arp {
+        let targets: Vec<(IpAddr, String, u32)> = plan
+            .iter()
+            .flat_map(|(a, devs)| devs.iter().map(|(n, i)| (*a, n.clone(), *i)))
+            .collect();
+        if let Err(e) = packet::announce(host, &targets) {
+            // The addresses work without the announcement; peers learn them on first contact.
+            tracing::warn!(%ctid, error = %e, "gratuitous ARP / unsolicited NA failed");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn proxy_del(
+    host: &mut HostNet,
+    ifindex: u32,
+    addr: IpAddr,
+    errors: &mut Vec<NetError>,
+) {
+    match host.nl.proxy_del(ifindex, addr) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if is_gone(&e) => {}
+        Ok(Err(e)) => {
+            let dev = host
+                .dev_name(ifindex)
+                .unwrap_or_else(|_| format!("#{ifindex}"));
+            errors.push(host.nl.fail(
+                "delete proxy neighbour entry",
+                format!("{addr} on {dev}"),
+                e,
+            ));
+        }
+        Err(e) => errors.push(e),
+    }
+}
+
+/// Removes one routed address (proxy entries, host route, CT address). Best effort.
+pub(crate) fn del_one(
+    host: &mut HostNet,
+    ct: Option<&mut Netlink>,
+    st: &mut IfaceState,
+    a: IpAddr,
+    errors: &mut Vec<NetError>,
+) {
+    let prefix = full_prefix(a);
+    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut st.proxy)
+        .into_iter()
+        .partition(|p| p.addr == a);
+    st.proxy = kept;
+    for p in gone.iter().rev() {
+        proxy_del(host, p.ifindex, a, errors);
+    }
+    let msg = Netlink::route_msg(a, prefix, st.host_ifindex, None, false);
+    match host.nl.route_del(msg) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if is_gone(&e) => {}
+        Ok(Err(e)) => errors.push(host.nl.fail(
+            "delete host route",
+            format!("{a}/{prefix} dev {}", st.host_ifname),
+            e,
+        )),
+        Err(e) => errors.push(e),
+    }
+    if let Some(ct) = ct {
+        match ct.addr_del(st.ct_ifindex, a, prefix) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_gone(&e) => {}
+            Ok(Err(e)) => errors.push(ct.fail(
+                "delete address",
+                format!("{a}/{prefix} on {}", st.ct_ifname),
+                e,
+            )),
+            Err(e) => errors.push(e),
+        }
+    }
+    st.addrs.retain(|n| n.addr() != a);
+}
