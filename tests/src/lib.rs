@@ -1,2 +1,3 @@
 //! Support code shared by berth's privileged end-to-end tests. Each area adds its own module.
 pub mod ct;
+pub mod datapath;

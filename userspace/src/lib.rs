@@ -1,1 +1,3 @@
 //! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.
+
+pub mod datapath;

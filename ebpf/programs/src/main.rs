@@ -1,2 +1,26 @@
+//! berth's tc programs, attached to the host-side interface of every CT (one file per attach
+//! point): `ingress.rs` sees what the CT sends, `egress.rs` what is delivered to it. Both count
+//! traffic per (CTID, direction, class, family) and drop spoofed packets, counted by reason.
+//!
+//! No panics (the verifier rejects them), no per-packet logging.
 #![no_std]
 #![no_main]
+
+mod account;
+mod egress;
+mod ingress;
+mod maps;
+mod packet;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: every access is bounds-checked and nothing unwraps.
+    loop {}
+}
+
+/// The kernel only allows GPL-compatible programs to call some helpers (none used today, but the
+/// license is part of the object's ABI with the kernel).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

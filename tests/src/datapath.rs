@@ -1,0 +1,315 @@
+//! Helpers for the datapath tests: private bpffs pin directories, network namespaces entered
+//! with setns, synthetic packets for `BPF_PROG_TEST_RUN`, and interface statistics.
+
+use std::{
+    fs::File,
+    marker::PhantomData,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use berth::datapath::Datapath;
+use nix::sched::{CloneFlags, setns};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `<prefix><pid>x<n>` (short: interface names have
+/// 15 characters at most).
+pub fn unique(prefix: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id())
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("spawning {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A private pin directory on bpffs, unloaded (links, programs, maps) on drop.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self {
+            path: Path::new("/sys/fs/bpf").join(unique("berth-test-")),
+        }
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = Datapath::unload_all(&self.path) {
+            eprintln!("cleanup of {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A network namespace created with `ip netns add` (so `ip -n` can configure it), deleted on
+/// drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace with `ip netns exec` (fine for tools; it remounts
+    /// /sys for the child, which is what makes /sys/class/net show the namespace's devices).
+    pub fn exec(&self, cmd: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        run("ip", &full)
+    }
+
+    /// `/sys/class/net/<ifname>/statistics/<stat>` as seen inside the namespace.
+    pub fn if_stat(&self, ifname: &str, stat: &str) -> Result<u64> {
+        let path = format!("/sys/class/net/{ifname}/statistics/{stat}");
+        let s = self.exec(&["cat", &path])?;
+        s.trim().parse().with_context(|| format!("{path}: {s:?}"))
+    }
+
+    pub fn ifindex(&self, ifname: &str) -> Result<u32> {
+        let path = format!("/sys/class/net/{ifname}/ifindex");
+        let s = self.exec(&["cat", &path])?;
+        s.trim().parse().with_context(|| format!("{path}: {s:?}"))
+    }
+
+    pub fn enter(&self) -> Result<NetNsGuard> {
+        NetNsGuard::enter(&self.path())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup of netns {}: {e}", self.name);
+        }
+    }
+}
+
+/// Moves the current thread into a network namespace and back on drop. `!Send`: setns is per
+/// thread, the guard must be dropped on the thread that created it.
+pub struct NetNsGuard {
+    saved: File,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl NetNsGuard {
+    pub fn enter(target: &Path) -> Result<Self> {
+        let saved = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
+        let ns = File::open(target).with_context(|| format!("opening {}", target.display()))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into {}", target.display()))?;
+        Ok(Self {
+            saved,
+            _not_send: PhantomData,
+        })
+    }
+}
+
+impl Drop for NetNsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.saved.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // Continuing in the wrong namespace would corrupt every later test on this thread.
+            panic!("restoring the thread's network namespace: {e}");
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair: `host` holds `host_if` (where the datapath is
+/// attached), `ct` holds `ct_if`. Deleting the namespaces removes the pair.
+pub struct Pair {
+    pub host: Netns,
+    pub ct: Netns,
+    pub host_if: String,
+    pub ct_if: String,
+}
+
+impl Pair {
+    pub fn new() -> Result<Self> {
+        let host = Netns::new("bdh")?;
+        let ct = Netns::new("bdc")?;
+        let host_if = unique("vh");
+        let ct_if = unique("vc");
+        host.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ct_if, "netns", &ct.name,
+        ])?;
+        host.ip(&["link", "set", &host_if, "up"])?;
+        ct.ip(&["link", "set", &ct_if, "up"])?;
+        Ok(Self {
+            host,
+            ct,
+            host_if,
+            ct_if,
+        })
+    }
+
+    pub fn ct_mac(&self) -> Result<[u8; 6]> {
+        let s = self
+            .ct
+            .exec(&["cat", &format!("/sys/class/net/{}/address", self.ct_if)])?;
+        parse_mac(s.trim())
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {s:?}"))?;
+    ensure!(parts.len() == 6, "MAC {s:?}");
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&parts);
+    Ok(mac)
+}
+
+// ---- synthetic frames --------------------------------------------------------------------
+
+pub const CT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+pub const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xfe];
+
+pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(64);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// Ethernet + IPv4 (no options) + `payload` bytes; `frag` is the raw flags/fragment-offset
+/// field (e.g. 0x2000 = more fragments, 0x0010 = offset 128 bytes).
+pub fn ipv4(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], payload: usize, frag: u16) -> Vec<u8> {
+    let mut f = eth(HOST_MAC, src_mac, 0x0800);
+    let tot = (20 + payload) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&tot.to_be_bytes());
+    f.extend_from_slice(&[0, 1]);
+    f.extend_from_slice(&frag.to_be_bytes());
+    f.extend_from_slice(&[64, 17, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend(std::iter::repeat_n(0xab, payload));
+    f
+}
+
+pub fn ipv6(
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    next_hdr: u8,
+    payload: usize,
+) -> Vec<u8> {
+    let mut f = eth(HOST_MAC, src_mac, 0x86dd);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload as u16).to_be_bytes());
+    f.extend_from_slice(&[next_hdr, 64]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend(std::iter::repeat_n(0xcd, payload));
+    f
+}
+
+/// An ICMPv6 neighbour solicitation for `target` (type 135).
+pub fn nd_solicit(src_mac: [u8; 6], src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    // Solicited-node multicast ff02::1:ffXX:XXXX.
+    let mut dst = [0u8; 16];
+    dst[0] = 0xff;
+    dst[1] = 0x02;
+    dst[11] = 0x01;
+    dst[12] = 0xff;
+    dst[13..].copy_from_slice(&target[13..]);
+    let mut f = ipv6(src_mac, src, dst, 58, 0);
+    f.truncate(f.len());
+    let body_start = f.len();
+    f.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&target);
+    let plen = (f.len() - body_start) as u16;
+    f[14 + 4..14 + 6].copy_from_slice(&plen.to_be_bytes());
+    f
+}
+
+/// ARP request "who has `tpa`, tell `spa`".
+pub fn arp(src_mac: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = eth([0xff; 6], src_mac, 0x0806);
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa);
+    f
+}
+
+/// The frame size the kernel runs the program on: BPF_PROG_TEST_RUN pads nothing, so this is
+/// the frame as built.
+pub fn wire_len(frame: &[u8]) -> u64 {
+    frame.len() as u64
+}
+
+/// `struct __sk_buff` (192 bytes on every architecture); only the fields BPF_PROG_TEST_RUN
+/// accepts as input are set.
+pub fn skb_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes()); // ifindex
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes()); // gso_segs
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes()); // gso_size
+    ctx
+}
+
+/// tc verdicts as `BPF_PROG_TEST_RUN` reports them (the i32 return value as u32).
+pub const VERDICT_PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): pass on to the next program
+pub const VERDICT_DROP: u32 = 2; // TC_ACT_SHOT
+
+/// Runs `prog` once on `frame` (as loopback traffic unless `ctx` says otherwise).
+pub fn test_run(prog: &SchedClassifier, frame: &[u8], ctx: Option<&[u8]>) -> Result<u32> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ctx,
+        ..TestRunOptions::new()
+    };
+    let res = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    Ok(res.return_value)
+}
