@@ -1,3 +1,6 @@
 //! Support code shared by berth's privileged end-to-end tests. Each area adds its own module.
+pub mod cgroups;
 pub mod ct;
+pub mod net;
 pub mod datapath;
+pub mod template;

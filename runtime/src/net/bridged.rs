@@ -141,7 +141,7 @@ pub(crate) fn add(
     // With static addresses berth configures the CT end, so it comes up now; otherwise the CT's
     // own network configuration brings it up.
     let configure = !b.addrs.is_empty() || b.gateway4.is_some() || b.gateway6.is_some();
-    let msg = veth_request(host_attrs, peer_attrs, ct_netns, configure);
+    let msg = veth_request(host_attrs, peer_attrs, ct_netns);
     host.nl
         .link_create(msg, &host_name)
         .map_err(|e| which_exists(e, host, ct, &host_name, &b.name))?;
@@ -160,6 +160,9 @@ pub(crate) fn add(
     });
     let st = state.ifaces.last_mut().expect("just pushed");
     read_back(host, ct, &host_name, &b.name, st, false)?;
+    if configure {
+        ct.link_set_up(st.ct_ifindex, &b.name)?;
+    }
 
     if let (Some(vid), Some(br)) = (b.vlan, &bridge) {
         port_vlan(
@@ -198,8 +201,18 @@ pub(crate) fn add(
     ];
     for (gw, unspec) in gws.into_iter().flatten() {
         let msg = Netlink::route_msg(unspec, 0, st.ct_ifindex, Some(gw), false);
-        ct.route_add(msg)?
-            .map_err(|e| ct.fail("add default route", format!("via {gw} dev {}", b.name), e))?;
+        match ct.route_add(msg)? {
+            Ok(()) => {}
+            Err(e) if e.errno == libc::EEXIST => {
+                return Err(NetError::Invalid(format!(
+                    "{} gateway {gw}: CT {ctid} already has a default route for this address family (venet0 or another interface); give only one interface a gateway",
+                    b.name
+                )));
+            }
+            Err(e) => {
+                return Err(ct.fail("add default route", format!("via {gw} dev {}", b.name), e));
+            }
+        }
     }
     tracing::debug!(%ctid, ifname = %b.name, host_ifname = %host_name, "bridged interface added");
     Ok(())

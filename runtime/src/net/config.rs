@@ -349,6 +349,29 @@ impl NetConfig {
                 Iface::Bridged(b) => b.validate(ctid, &mut ct_names, &mut host_names, &mut seen)?,
             }
         }
+        // One default route per family: venet0's (when it has addresses of that family) or one
+        // bridged interface's gateway.
+        for v6 in [false, true] {
+            let mut sources: Vec<String> = Vec::new();
+            if self
+                .routed()
+                .is_some_and(|r| r.addrs.iter().any(|a| a.is_ipv6() == v6))
+            {
+                sources.push(VENET_CT_IFNAME.into());
+            }
+            for b in self.bridged() {
+                if (v6 && b.gateway6.is_some()) || (!v6 && b.gateway4.is_some()) {
+                    sources.push(b.name.clone());
+                }
+            }
+            if sources.len() > 1 {
+                return Err(NetError::Invalid(format!(
+                    "more than one IPv{} default route (from {}): give only one interface a gateway",
+                    if v6 { 6 } else { 4 },
+                    sources.join(", ")
+                )));
+            }
+        }
         if let NeighbourDevs::List(l) = &self.neighbour_devs {
             for d in l {
                 validate_ifname(d, "neighbour device")?;

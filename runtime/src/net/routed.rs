@@ -35,18 +35,15 @@ pub(crate) fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
     })
 }
 
-/// Builds an RTM_NEWLINK for a veth pair whose peer is created directly in `peer_netns`.
+/// Builds an RTM_NEWLINK for a veth pair (host end up) whose peer is created directly in
+/// `peer_netns`, down: the kernel configures the peer before linking the pair, so IFF_UP on the
+/// peer fails with ENOTCONN from veth_open (seen on 6.18); bring it up afterwards.
 pub(crate) fn veth_request(
     host_attrs: Vec<LinkAttribute>,
     mut peer_attrs: Vec<LinkAttribute>,
     peer_netns: BorrowedFd<'_>,
-    peer_up: bool,
 ) -> LinkMessage {
     let mut peer = LinkMessage::default();
-    if peer_up {
-        peer.header.flags = LinkFlags::Up;
-        peer.header.change_mask = LinkFlags::Up;
-    }
     // IFLA_NET_NS_FD inside the peer's ifinfomsg: the kernel creates the peer in that netns,
     // which saves a rename + move round trip per CT (and a window where it sits on the host).
     peer_attrs.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
@@ -137,7 +134,6 @@ pub(crate) fn create_link(
         vec![LinkAttribute::IfName(name.clone())],
         vec![LinkAttribute::IfName(VENET_CT_IFNAME.into())],
         ct_netns,
-        true,
     );
     host.nl
         .link_create(msg, &name)
@@ -157,7 +153,8 @@ pub(crate) fn create_link(
     });
     let st = state.ifaces.last_mut().expect("just pushed");
     // The CT end's MAC is random (veth default) and only matters on this point-to-point link.
-    read_back(host, ct, &name, VENET_CT_IFNAME, st, false)
+    read_back(host, ct, &name, VENET_CT_IFNAME, st, false)?;
+    ct.link_set_up(st.ct_ifindex, VENET_CT_IFNAME)
 }
 
 /// Who holds `addr` on the host, or which host device routes towards it (for `detect`).
@@ -318,13 +315,22 @@ pub(crate) fn add(
                 IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
             };
             let msg = Netlink::route_msg(unspec, 0, st.ct_ifindex, Some(gw), true);
-            ok_if_exists(ct.route_add(msg)?).map_err(|e| {
-                ct.fail(
-                    "add default route",
-                    format!("via {gw} dev {}", st.ct_ifname),
-                    e,
-                )
-            })?;
+            match ct.route_add(msg)? {
+                Ok(()) => {}
+                Err(e) if e.errno == libc::EEXIST => {
+                    // A bridged interface's gateway got there first (validation refuses that
+                    // combination in one config; live changes can still produce it).
+                    tracing::warn!(%ctid, gateway = %gw,
+                        "CT already has a default route for this family; venet0's is not added");
+                }
+                Err(e) => {
+                    return Err(ct.fail(
+                        "add default route",
+                        format!("via {gw} dev {}", st.ct_ifname),
+                        e,
+                    ));
+                }
+            }
         }
         for (a, devs) in &plan {
             let a = *a;
