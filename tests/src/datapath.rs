@@ -168,6 +168,14 @@ pub struct Pair {
 
 impl Pair {
     pub fn new() -> Result<Self> {
+        let pair = Self::new_down()?;
+        pair.up()?;
+        Ok(pair)
+    }
+
+    /// The pair with both ends down: attach first, then [`Self::up`], and the interface
+    /// statistics and the counters start from the same zero.
+    pub fn new_down() -> Result<Self> {
         let host = Netns::new("bdh")?;
         let ct = Netns::new("bdc")?;
         let host_if = unique("vh");
@@ -175,14 +183,18 @@ impl Pair {
         host.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &ct_if, "netns", &ct.name,
         ])?;
-        host.ip(&["link", "set", &host_if, "up"])?;
-        ct.ip(&["link", "set", &ct_if, "up"])?;
         Ok(Self {
             host,
             ct,
             host_if,
             ct_if,
         })
+    }
+
+    pub fn up(&self) -> Result<()> {
+        self.host.ip(&["link", "set", &self.host_if, "up"])?;
+        self.ct.ip(&["link", "set", &self.ct_if, "up"])?;
+        Ok(())
     }
 
     pub fn ct_mac(&self) -> Result<[u8; 6]> {
@@ -312,4 +324,99 @@ pub fn test_run(prog: &SchedClassifier, frame: &[u8], ctx: Option<&[u8]>) -> Res
     };
     let res = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
     Ok(res.return_value)
+}
+
+// ---- traffic -----------------------------------------------------------------------------
+
+/// A UDP socket bound inside `ns` (a socket stays in the namespace it was created in).
+pub fn udp_bind(ns: &Netns, addr: std::net::SocketAddr) -> Result<std::net::UdpSocket> {
+    let _g = ns.enter()?;
+    let s = std::net::UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_millis(300)))?;
+    // The tests drain after sending; a receive buffer that overflows would lose datagrams
+    // the counters rightly counted. SO_RCVBUFFORCE (root) bypasses net.core.rmem_max.
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: valid fd and option pointer/length for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    ensure!(
+        r == 0,
+        "SO_RCVBUFFORCE: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(s)
+}
+
+/// Sends `n` datagrams of `size` payload bytes from `from` to `to`, paced so that no queue
+/// on the way overflows (the test compares exact counts).
+pub fn udp_send(
+    from: &std::net::UdpSocket,
+    to: std::net::SocketAddr,
+    n: usize,
+    size: usize,
+) -> Result<()> {
+    let buf = vec![0x5a; size];
+    for i in 0..n {
+        from.send_to(&buf, to)
+            .with_context(|| format!("sending to {to}"))?;
+        if i % 20 == 19 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    Ok(())
+}
+
+/// Receives until the socket is quiet; returns the number of datagrams.
+pub fn udp_drain(s: &std::net::UdpSocket) -> usize {
+    let mut buf = [0u8; 65536];
+    let mut n = 0;
+    while s.recv_from(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+/// Sends a raw frame out of `ifname` from inside `ns` (AF_PACKET: no stack checks, so a CT
+/// can send truncated or foreign frames this way).
+pub fn send_raw(ns: &Netns, ifindex: u32, frame: &[u8]) -> Result<()> {
+    let _g = ns.enter()?;
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    ensure!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd was just returned by socket(2) and is owned here.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: frame and sll are valid for the call's duration.
+    let r = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    ensure!(
+        r == frame.len() as isize,
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }

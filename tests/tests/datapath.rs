@@ -5,18 +5,21 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
 use berth::datapath::{
-    AttachMethod, ByteLayer, Datapath, DatapathConfig, Direction, DropReason, Family, IfaceConfig,
-    parse_networks_classes,
+    AttachMethod, ByteLayer, CounterRow, Datapath, DatapathConfig, Direction, DropReason, DropRow,
+    Family, IfaceConfig, parse_networks_classes,
 };
 use berth_tests::datapath::{
-    CT_MAC, HOST_MAC, Netns, Pair, PinDir, VERDICT_DROP, VERDICT_PASS, arp, eth, ipv4, ipv6,
-    nd_solicit, skb_ctx, test_run, wire_len,
+    CT_MAC, HOST_MAC, NetNsGuard, Netns, Pair, PinDir, VERDICT_DROP, VERDICT_PASS, arp, eth, ipv4,
+    ipv6, nd_solicit, parse_mac, send_raw, skb_ctx, test_run, udp_bind, udp_drain, udp_send,
+    wire_len,
 };
 
 /// Interfaces are gone with their namespaces; pins with the directory; the programs with the
@@ -620,4 +623,437 @@ fn prog_test_run_verdicts_and_counters() -> Result<()> {
     drop(pin);
     drop(ns);
     assert_clean(&path, ids)
+}
+
+// ---- end to end: real veths, real traffic, no loader process alive -------------------------
+
+const E2E_CT: u32 = 777;
+const CLASSES_FILE: &str = "\
+# test classes
+0 192.0.2.0/24
+2 198.51.100.0/24
+1 0.0.0.0/0
+1 ::/0
+3 fd00:78::/64
+";
+
+/// Not a test on its own: the end-to-end test runs this in a child process (the binary
+/// re-executed) to load, attach and pin the datapath, then exit.
+#[test]
+#[ignore = "helper: run by end_to_end_* in a child process"]
+fn child_loader() -> Result<()> {
+    let Ok(pin) = std::env::var("BERTH_DP_PIN") else {
+        println!("child_loader: not run as a child (no BERTH_DP_PIN); nothing to do");
+        return Ok(());
+    };
+    let var = |k: &str| std::env::var(k).with_context(|| k.to_owned());
+    let _ns = NetNsGuard::enter(Path::new(&var("BERTH_DP_NETNS")?))?;
+    let mut dp = Datapath::open_or_load(&pin)?;
+    let ifindex = var("BERTH_DP_IFINDEX")?.parse()?;
+    let mut cfg = IfaceConfig::routed(E2E_CT, parse_mac(&var("BERTH_DP_MAC")?)?);
+    cfg.mac_filter = true;
+    dp.attach(ifindex, cfg)?;
+    let addrs: Vec<IpAddr> = var("BERTH_DP_ADDRS")?
+        .split(',')
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    dp.set_ct_addrs(E2E_CT, &addrs)?;
+    dp.load_classes(&parse_networks_classes(CLASSES_FILE)?)?;
+    println!("CHILD_OK pid {}", std::process::id());
+    Ok(())
+}
+
+fn spawn_loader(pin: &Path, pair: &Pair, ct_mac: [u8; 6]) -> Result<()> {
+    let mac = ct_mac.map(|b| format!("{b:02x}")).join(":");
+    let out = Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "child_loader",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BERTH_DP_PIN", pin)
+        .env("BERTH_DP_NETNS", pair.host.path())
+        .env(
+            "BERTH_DP_IFINDEX",
+            pair.host.ifindex(&pair.host_if)?.to_string(),
+        )
+        .env("BERTH_DP_MAC", mac)
+        .env("BERTH_DP_ADDRS", "10.78.0.2,fd00:78::2")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.contains("CHILD_OK"),
+        "loader child failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    bytes: u64,
+    packets: u64,
+}
+
+fn totals(rows: &[CounterRow], dir: Direction, pred: impl Fn(&CounterRow) -> bool) -> Totals {
+    rows.iter()
+        .filter(|r| r.ctid == E2E_CT && r.dir == dir && pred(r))
+        .fold(Totals::default(), |t, r| Totals {
+            bytes: t.bytes + r.bytes,
+            packets: t.packets + r.packets,
+        })
+}
+
+fn drop_totals(rows: &[DropRow], dir: Direction, reason: Option<DropReason>) -> Totals {
+    rows.iter()
+        .filter(|r| r.ctid == E2E_CT && r.dir == dir && reason.is_none_or(|x| x == r.reason))
+        .fold(Totals::default(), |t, r| Totals {
+            bytes: t.bytes + r.bytes,
+            packets: t.packets + r.packets,
+        })
+}
+
+/// The interface counts what the peer handed it (rx, before tc ingress, so including our
+/// drops) and what it transmitted (tx, after tc egress, so excluding them).
+fn check_against_iface(pair: &Pair, dp: &Datapath, exact_packets: bool) -> Result<()> {
+    let rows = dp.counters()?;
+    let drops = dp.drops()?;
+    let out = totals(&rows, Direction::Out, |_| true);
+    let inn = totals(&rows, Direction::In, |_| true);
+    let out_drop = drop_totals(&drops, Direction::Out, None);
+    let in_drop = drop_totals(&drops, Direction::In, None);
+    ensure!(
+        in_drop.packets == 0,
+        "nothing addressed wrongly was sent to the CT: {drops:?}"
+    );
+    let rx_bytes = pair.host.if_stat(&pair.host_if, "rx_bytes")?;
+    let rx_packets = pair.host.if_stat(&pair.host_if, "rx_packets")?;
+    let tx_bytes = pair.host.if_stat(&pair.host_if, "tx_bytes")?;
+    let tx_packets = pair.host.if_stat(&pair.host_if, "tx_packets")?;
+    ensure!(
+        out.bytes + out_drop.bytes == rx_bytes,
+        "out bytes {} + dropped {} != rx_bytes {rx_bytes}",
+        out.bytes,
+        out_drop.bytes
+    );
+    ensure!(
+        inn.bytes == tx_bytes,
+        "in bytes {} != tx_bytes {tx_bytes}",
+        inn.bytes
+    );
+    if exact_packets {
+        ensure!(
+            out.packets + out_drop.packets == rx_packets,
+            "out packets {out:?} {out_drop:?} vs {rx_packets}"
+        );
+        ensure!(
+            inn.packets == tx_packets,
+            "in packets {inn:?} vs {tx_packets}"
+        );
+    } else {
+        // GSO: the interface counts super-packets, we count wire segments.
+        ensure!(
+            out.packets + out_drop.packets >= rx_packets,
+            "out packets {out:?} < {rx_packets}"
+        );
+        ensure!(
+            inn.packets >= tx_packets,
+            "in packets {inn:?} < {tx_packets}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn end_to_end_counts_polices_and_outlives_the_loader() -> Result<()> {
+    let pin = PinDir::new();
+    let pair = Pair::new_down()?;
+    let (h, c) = (&pair.host, &pair.ct);
+    h.ip(&["addr", "add", "10.78.0.1/24", "dev", &pair.host_if])?;
+    h.ip(&[
+        "addr",
+        "add",
+        "fd00:78::1/64",
+        "dev",
+        &pair.host_if,
+        "nodad",
+    ])?;
+    h.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"])?;
+    h.ip(&["addr", "add", "198.51.100.1/32", "dev", "lo"])?;
+    c.ip(&["addr", "add", "10.78.0.2/24", "dev", &pair.ct_if])?;
+    c.ip(&["addr", "add", "fd00:78::2/64", "dev", &pair.ct_if, "nodad"])?;
+    let ct_mac = pair.ct_mac()?;
+
+    // Load, attach and pin from a process that then exits: from here on no process of ours
+    // holds the programs, maps or links. The links come up only after the attach, so the
+    // interface statistics and the counters start from the same zero.
+    spawn_loader(&pin.path, &pair, ct_mac)?;
+    pair.up()?;
+    c.ip(&["route", "add", "default", "via", "10.78.0.1"])?;
+
+    // Phase 1: UDP (no GSO), exact independent counts per class.
+    let sock = |ns: &Netns, a: &str| udp_bind(ns, a.parse()?);
+    let rx0 = sock(h, "192.0.2.1:7000")?;
+    let rx2 = sock(h, "198.51.100.1:7000")?;
+    let rx1 = sock(h, "10.78.0.1:7000")?;
+    let rx3 = sock(h, "[fd00:78::1]:7000")?;
+    let tx4 = sock(c, "10.78.0.2:0")?;
+    let tx6 = sock(c, "[fd00:78::2]:0")?;
+    // Resolve neighbours first, so no datagram waits in an ARP/ND queue.
+    c.exec(&["ping", "-c", "1", "-W", "2", "10.78.0.1"])?;
+    c.exec(&["ping", "-6", "-c", "1", "-W", "2", "fd00:78::1"])?;
+    let (n, size) = (200usize, 300usize);
+    udp_send(&tx4, "192.0.2.1:7000".parse()?, n, size)?;
+    udp_send(&tx4, "198.51.100.1:7000".parse()?, n / 2, size)?;
+    udp_send(&tx4, "10.78.0.1:7000".parse()?, n / 4, size)?;
+    udp_send(&tx6, "[fd00:78::1]:7000".parse()?, n, size)?;
+    let got = [udp_drain(&rx0), udp_drain(&rx2), udp_drain(&rx1)];
+    ensure!(got == [n, n / 2, n / 4], "received {got:?}");
+    ensure!(udp_drain(&rx3) == n);
+    let dp = Datapath::open_or_load(&pin.path)?;
+    let rows = dp.counters()?;
+    let v4_frame = (size + 8 + 20 + 14) as u64;
+    let class = |k: u8, f: Family| totals(&rows, Direction::Out, |r| r.class == k && r.family == f);
+    let c0 = class(0, Family::V4);
+    ensure!(
+        c0.packets == n as u64 && c0.bytes == n as u64 * v4_frame,
+        "class 0: {c0:?}"
+    );
+    let c2 = class(2, Family::V4);
+    ensure!(
+        c2.packets == (n / 2) as u64 && c2.bytes == (n / 2) as u64 * v4_frame,
+        "class 2: {c2:?}"
+    );
+    let c3 = class(3, Family::V6);
+    ensure!(
+        c3.packets >= n as u64 && c3.bytes >= n as u64 * (size + 8 + 40 + 14) as u64,
+        "class 3: {c3:?}"
+    );
+    let c1 = class(1, Family::V4);
+    ensure!(
+        c1.packets >= (n / 4) as u64,
+        "class 1 (default route) {c1:?}"
+    );
+    check_against_iface(&pair, &dp, true)?;
+
+    // Phase 2: the L3 byte layer counts the frame minus its Ethernet header.
+    let mut dp = dp;
+    dp.set_config(DatapathConfig {
+        byte_layer: ByteLayer::L3,
+        default_class: 0,
+    })?;
+    let before = class(2, Family::V4);
+    udp_send(&tx4, "198.51.100.1:7000".parse()?, n, size)?;
+    ensure!(udp_drain(&rx2) == n);
+    let rows = dp.counters()?;
+    let after = totals(&rows, Direction::Out, |r| {
+        r.class == 2 && r.family == Family::V4
+    });
+    ensure!(
+        after.bytes - before.bytes == n as u64 * (size + 8 + 20) as u64,
+        "L3: {before:?} -> {after:?}"
+    );
+    dp.set_config(DatapathConfig {
+        byte_layer: ByteLayer::L2,
+        default_class: 0,
+    })?;
+    // From here the byte totals mix layers; compare with the interface by deltas.
+    let base_rows = dp.counters()?;
+    let base_out = totals(&base_rows, Direction::Out, |_| true);
+    let base_in = totals(&base_rows, Direction::In, |_| true);
+    let base_rx = h.if_stat(&pair.host_if, "rx_bytes")?;
+    let base_tx = h.if_stat(&pair.host_if, "tx_bytes")?;
+
+    // Phase 3: TCP with GSO both ways (iperf3): bytes equal the interface's, packets count
+    // segments (at least the interface's skbs).
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.name,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            "10.78.0.1",
+            "-p",
+            "5201",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut ok = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        if c.exec(&[
+            "iperf3",
+            "-c",
+            "10.78.0.1",
+            "-p",
+            "5201",
+            "-t",
+            "1",
+            "--bidir",
+        ])
+        .is_ok()
+        {
+            ok = true;
+            break;
+        }
+    }
+    let _ = server.kill();
+    server.wait()?;
+    ensure!(ok, "iperf3 never ran");
+    let rows = dp.counters()?;
+    let d_out = totals(&rows, Direction::Out, |_| true).bytes - base_out.bytes;
+    let d_in = totals(&rows, Direction::In, |_| true).bytes - base_in.bytes;
+    let d_drop = drop_totals(&dp.drops()?, Direction::Out, None).bytes;
+    let d_rx = h.if_stat(&pair.host_if, "rx_bytes")? - base_rx;
+    let d_tx = h.if_stat(&pair.host_if, "tx_bytes")? - base_tx;
+    ensure!(d_drop == 0, "legitimate TCP dropped: {:?}", dp.drops()?);
+    ensure!(
+        d_out == d_rx && d_in == d_tx,
+        "iperf3: out {d_out} vs rx {d_rx}, in {d_in} vs tx {d_tx}"
+    );
+    ensure!(
+        d_out > 1_000_000 && d_in > 1_000_000,
+        "iperf3 moved too little: {d_out} {d_in}"
+    );
+    let tcp = totals(&rows, Direction::Out, |r| r.family == Family::V4);
+    let rx_packets = h.if_stat(&pair.host_if, "rx_packets")?;
+    println!("after iperf3: out v4 {tcp:?}, interface rx_packets {rx_packets} (GSO super-packets)");
+
+    // Phase 4: spoofing from inside the CT is 100 % dropped and counted; legitimate traffic
+    // at the same time is untouched.
+    c.ip(&["addr", "add", "10.78.0.99/32", "dev", &pair.ct_if])?;
+    let spoof = sock(c, "10.78.0.99:0")?;
+    let before = drop_totals(&dp.drops()?, Direction::Out, Some(DropReason::SpoofedIp));
+    udp_send(&spoof, "192.0.2.1:7000".parse()?, n, size)?;
+    udp_send(&tx4, "198.51.100.1:7000".parse()?, n, size)?;
+    ensure!(udp_drain(&rx0) == 0, "a spoofed datagram got through");
+    ensure!(udp_drain(&rx2) == n, "legitimate traffic lost");
+    let after = drop_totals(&dp.drops()?, Direction::Out, Some(DropReason::SpoofedIp));
+    ensure!(
+        after.packets - before.packets >= n as u64,
+        "spoofed drops {before:?} -> {after:?}"
+    );
+    c.ip(&["addr", "del", "10.78.0.99/32", "dev", &pair.ct_if])?;
+    // Truncated IPv4 through a packet socket: malformed.
+    let ct_ifindex = c.ifindex(&pair.ct_if)?;
+    let mut frame = ipv4(ct_mac, [10, 78, 0, 2], [192, 0, 2, 1], 0, 0);
+    frame.truncate(14 + 12);
+    send_raw(c, ct_ifindex, &frame)?;
+    std::thread::sleep(Duration::from_millis(100));
+    ensure!(drop_totals(&dp.drops()?, Direction::Out, Some(DropReason::Malformed)).packets == 1);
+    // A changed MAC inside the CT: every frame is dropped (mac_filter).
+    c.ip(&["link", "set", &pair.ct_if, "address", "02:00:00:00:77:77"])?;
+    // The MAC change flushes the CT's neighbour table and its ARP requests are dropped too
+    // (correctly); a static entry makes the datagrams themselves go out.
+    let host_mac = h.exec(&["cat", &format!("/sys/class/net/{}/address", pair.host_if)])?;
+    c.ip(&[
+        "neigh",
+        "replace",
+        "10.78.0.1",
+        "lladdr",
+        host_mac.trim(),
+        "dev",
+        &pair.ct_if,
+        "nud",
+        "permanent",
+    ])?;
+    udp_send(&tx4, "192.0.2.1:7000".parse()?, n / 4, size)?;
+    ensure!(
+        udp_drain(&rx0) == 0,
+        "a frame from a changed MAC got through"
+    );
+    let mac_drops = drop_totals(&dp.drops()?, Direction::Out, Some(DropReason::SpoofedMac));
+    ensure!(
+        mac_drops.packets >= (n / 4) as u64,
+        "spoofed MAC drops {mac_drops:?}"
+    );
+    check_against_iface_deltas(&pair, &dp, base_out, base_in, base_rx, base_tx)?;
+
+    // Phase 5: the CT "restarts": its interface is re-created (new ifindex) and attached by
+    // another short-lived loader; its totals carry on.
+    let before = totals(&dp.counters()?, Direction::Out, |r| {
+        r.class == 0 && r.family == Family::V4
+    });
+    let ids = dp.program_ids()?;
+    drop(dp);
+    h.ip(&["link", "del", &pair.host_if])?;
+    h.ip(&[
+        "link",
+        "add",
+        &pair.host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &pair.ct_if,
+        "netns",
+        &c.name,
+    ])?;
+    h.ip(&["link", "set", &pair.host_if, "up"])?;
+    h.ip(&["addr", "add", "10.78.0.1/24", "dev", &pair.host_if])?;
+    c.ip(&["link", "set", &pair.ct_if, "up"])?;
+    c.ip(&["addr", "add", "10.78.0.2/24", "dev", &pair.ct_if])?;
+    c.ip(&["route", "add", "default", "via", "10.78.0.1"])?;
+    spawn_loader(&pin.path, &pair, pair.ct_mac()?)?;
+    c.exec(&["ping", "-c", "1", "-W", "2", "10.78.0.1"])?;
+    let tx4 = sock(c, "10.78.0.2:0")?;
+    udp_send(&tx4, "192.0.2.1:7000".parse()?, n, size)?;
+    ensure!(udp_drain(&rx0) == n);
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    ensure!(
+        dp.program_ids()? == ids,
+        "the second loader reused the pinned programs"
+    );
+    let after = totals(&dp.counters()?, Direction::Out, |r| {
+        r.class == 0 && r.family == Family::V4
+    });
+    ensure!(
+        after.packets == before.packets + n as u64,
+        "totals across restart: {before:?} -> {after:?}"
+    );
+    // The dead interface's link pin and IFACES entry are garbage: gc finds them.
+    {
+        let _in_host = h.enter()?;
+        let cleaned = dp.gc()?;
+        ensure!(cleaned.len() == 1, "gc cleaned {cleaned:?}");
+        ensure!(dp.attached()?.len() == 1);
+    }
+    drop(dp);
+
+    let path = pin.path.clone();
+    drop((rx0, rx1, rx2, rx3, tx4, tx6, spoof));
+    {
+        let _in_host = h.enter()?;
+        drop(pin);
+    }
+    drop(pair);
+    assert_clean(&path, ids)
+}
+
+fn check_against_iface_deltas(
+    pair: &Pair,
+    dp: &Datapath,
+    base_out: Totals,
+    base_in: Totals,
+    base_rx: u64,
+    base_tx: u64,
+) -> Result<()> {
+    let rows = dp.counters()?;
+    let out = totals(&rows, Direction::Out, |_| true).bytes - base_out.bytes;
+    let inn = totals(&rows, Direction::In, |_| true).bytes - base_in.bytes;
+    let dropped = drop_totals(&dp.drops()?, Direction::Out, None).bytes;
+    let rx = pair.host.if_stat(&pair.host_if, "rx_bytes")? - base_rx;
+    let tx = pair.host.if_stat(&pair.host_if, "tx_bytes")? - base_tx;
+    ensure!(
+        out + dropped == rx,
+        "out {out} + dropped {dropped} != rx {rx}"
+    );
+    ensure!(inn == tx, "in {inn} != tx {tx}");
+    Ok(())
 }
