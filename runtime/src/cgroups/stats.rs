@@ -16,7 +16,9 @@ pub struct Stats {
     /// Bytes charged: v1 `memory.usage_in_bytes`, v2 `memory.current`.
     pub memory_usage: u64,
     pub memory_limit: Option<u64>,
-    /// Times usage hit the limit: v1 `memory.failcnt`, v2 `memory.events` max.
+    /// Times usage hit the limit: v1 `memory.failcnt` + `memory.memsw.failcnt`, v2 `memory.events`
+    /// max. Kernel 6.18 leaves memsw.failcnt at 0 even when memsw refuses charges (measured), so
+    /// a v1 CT held by its swap limit shows no failures there; `oom_kills` still counts.
     pub memory_failcnt: u64,
     /// usage − inactive_file, as cAdvisor computes `container_memory_working_set_bytes`.
     pub memory_working_set: u64,

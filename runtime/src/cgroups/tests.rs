@@ -386,7 +386,8 @@ fn v1_stats_from_sample_files() {
     put(&mem, "memory.memsw.usage_in_bytes", "110100480\n");
     put(&mem, "memory.limit_in_bytes", "134217728\n");
     put(&mem, "memory.memsw.limit_in_bytes", "201326592\n");
-    put(&mem, "memory.failcnt", "17\n");
+    put(&mem, "memory.failcnt", "10\n");
+    put(&mem, "memory.memsw.failcnt", "7\n");
     put(
         &mem,
         "memory.oom_control",

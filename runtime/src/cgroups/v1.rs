@@ -295,7 +295,10 @@ impl V1Cgroup {
             s.memory_usage = fsops::read_u64_opt(&d, "memory.usage_in_bytes")?.unwrap_or(0);
             let limit = fsops::read_u64_opt(&d, MEM_LIMIT)?;
             s.memory_limit = limit.and_then(v1_limit);
-            s.memory_failcnt = fsops::read_u64_opt(&d, "memory.failcnt")?.unwrap_or(0);
+            // A failed charge is counted once, at the counter that refused it: memsw (tried
+            // first) or memory. Their sum is "times the CT hit its memory limits".
+            s.memory_failcnt = fsops::read_u64_opt(&d, "memory.failcnt")?.unwrap_or(0)
+                + fsops::read_u64_opt(&d, "memory.memsw.failcnt")?.unwrap_or(0);
             if let Some(oc) = fsops::read_opt(&d, "memory.oom_control")? {
                 s.oom_kills = flat_keyed(&oc).get("oom_kill").copied().unwrap_or(0);
             }
