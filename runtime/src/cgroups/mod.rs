@@ -71,7 +71,8 @@ pub trait CgroupManager {
     fn freeze(&self) -> Result<()>;
     fn thaw(&self) -> Result<()>;
     fn is_frozen(&self) -> Result<bool>;
-    /// SIGKILLs every process in the cgroup and waits until it is empty.
+    /// SIGKILLs every process in the cgroup and waits until it is empty (a missing cgroup is
+    /// empty).
     fn kill_all(&self, timeout: Duration) -> Result<()>;
     fn stats(&self) -> Result<Stats>;
     /// True while the cgroup directory exists in any hierarchy.

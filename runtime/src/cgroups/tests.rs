@@ -758,7 +758,14 @@ fn layout_open_list_and_remove_parent() {
 
     let v2 = FakeV2::new();
     let layout = Layout::V2(v2.root().to_path_buf());
-    assert!(layout.open("berth", ctid(9)).unwrap().is_v2());
+    let missing = layout.open("berth", ctid(9)).unwrap();
+    assert!(missing.is_v2() && !missing.exists());
+    // Nothing to kill or remove in a cgroup that does not exist.
+    missing
+        .kill_all(std::time::Duration::from_millis(10))
+        .unwrap();
+    missing.destroy().unwrap();
+    assert!(missing.pids().unwrap().is_empty());
     fs::create_dir(v2.root().join("t")).unwrap();
     layout.remove_parent_if_empty("t").unwrap();
     assert!(!v2.root().join("t").exists());

@@ -316,7 +316,11 @@ impl CgroupManager for V2Cgroup {
     /// kernels: freeze, SIGKILL (v2 lets fatal signals through to frozen tasks), thaw.
     fn kill_all(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
-        let dir = self.existing_dir("kill all processes in")?;
+        let dir = self.dir();
+        if !dir.is_dir() {
+            // Nothing can run in a cgroup that does not exist (same as v1).
+            return Ok(());
+        }
         if dir.join("cgroup.kill").exists() {
             fsops::write(&dir, "cgroup.kill", "1")?;
         } else {
