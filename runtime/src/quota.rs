@@ -17,6 +17,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::sys::statfs::{
+    BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, F2FS_SUPER_MAGIC, FsType, NFS_SUPER_MAGIC,
+    OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
+};
+
 use crate::size::Size;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +67,6 @@ const FS_QSTATV_VERSION1: i8 = 1;
 const FS_QUOTA_PDQ_ACCT: u16 = 1 << 4;
 const FS_QUOTA_PDQ_ENFD: u16 = 1 << 5;
 const FS_XFLAG_PROJINHERIT: u32 = 0x0000_0200;
-
-const EXT_SUPER_MAGIC: i64 = 0xEF53;
-const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
-const F2FS_SUPER_MAGIC: i64 = 0xF2F5_2010;
 
 /// `struct fsxattr` from linux/fs.h.
 #[repr(C)]
@@ -136,7 +137,7 @@ impl Target {
             .map_err(io_err("open private area", path))?;
         let st = nix::sys::statfs::fstatfs(&dir)
             .map_err(|e| io_err("statfs", path)(io::Error::from(e)))?;
-        let magic = st.filesystem_type().0 as i64;
+        let magic = st.filesystem_type();
         let dev = dir.metadata().map_err(io_err("stat", path))?.dev();
         let (maj, min) = (libc::major(dev), libc::minor(dev));
         let mount = crate::template::mounts()
@@ -156,15 +157,14 @@ impl Target {
             fs,
             device,
         };
-        if !matches!(magic, EXT_SUPER_MAGIC | XFS_SUPER_MAGIC | F2FS_SUPER_MAGIC) {
-            let why = match magic {
-                m if m == nix::sys::statfs::BTRFS_SUPER_MAGIC.0 as i64 => {
-                    "btrfs has no project quotas (it limits subvolumes with qgroups)"
-                }
-                m if m == nix::sys::statfs::TMPFS_MAGIC.0 as i64 => {
-                    "tmpfs has no project quotas (only user and group quotas, since Linux 6.6)"
-                }
-                _ => "this filesystem has no project quotas (use ext4 or xfs)",
+        // ext2, ext3 and ext4 share one magic; ext2/3 are told apart by the mount's type below.
+        if ![EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, F2FS_SUPER_MAGIC].contains(&magic) {
+            let why = if magic == BTRFS_SUPER_MAGIC {
+                "btrfs has no project quotas (it limits subvolumes with qgroups)"
+            } else if magic == TMPFS_MAGIC {
+                "tmpfs has no project quotas (only user and group quotas, since Linux 6.6)"
+            } else {
+                "this filesystem has no project quotas (use ext4 or xfs)"
             };
             return Err(t.unsupported(why.to_string()));
         }
@@ -233,36 +233,43 @@ impl Target {
         }
     }
 
-    /// Fails with Unsupported unless project quotas are both accounted and enforced here.
+    /// Fails with Unsupported unless project quotas are accounted and (where the filesystem says)
+    /// enforced here. Q_GETINFO answers ESRCH when project quota is off and ENOSYS when the
+    /// filesystem has no quota operations at all (tmpfs without CONFIG_TMPFS_QUOTA). ext4 without
+    /// the quota feature lacks Q_XGETQSTATV (ENOSYS, seen on 6.18), so that query, which tells
+    /// accounting-only apart from enforcing, is only trusted when it answers.
     fn check_enforced(&self) -> Result<()> {
+        // Room for struct if_dqinfo (u64 bgrace, u64 igrace, u32 flags, u32 valid).
+        let mut info = [0u64; 3];
+        if let Err(e) = self.quotactl(libc::Q_GETINFO as u32, 0, info.as_mut_ptr().cast()) {
+            let why = match e.raw_os_error() {
+                Some(libc::ENOSYS) => format!(
+                    "{} has no quota support in this kernel (CONFIG_QUOTA, CONFIG_QFMT_V2 for ext4, CONFIG_XFS_QUOTA for xfs)",
+                    self.fs
+                ),
+                Some(libc::ESRCH) => self.enable_hint().to_string(),
+                _ => format!("{} (querying quota state: {e})", self.enable_hint()),
+            };
+            return Err(self.unsupported(why));
+        }
         let mut st = FsQuotaStatv {
             qs_version: FS_QSTATV_VERSION1,
             ..Default::default()
         };
         match self.quotactl(Q_XGETQSTATV, 0, (&raw mut st).cast()) {
-            Ok(()) => {}
-            Err(e) => {
-                let why = match e.raw_os_error() {
-                    Some(libc::ENOSYS) => {
-                        "the kernel or filesystem has no quota support (CONFIG_QUOTA/CONFIG_QUOTACTL)"
-                            .to_string()
-                    }
-                    Some(libc::ESRCH) => self.enable_hint().to_string(),
-                    _ => format!("{} (querying quota state: {e})", self.enable_hint()),
-                };
-                return Err(self.unsupported(why));
+            Ok(()) if st.qs_flags & FS_QUOTA_PDQ_ACCT == 0 => {
+                Err(self.unsupported(self.enable_hint().to_string()))
             }
-        }
-        if st.qs_flags & FS_QUOTA_PDQ_ACCT == 0 {
-            return Err(self.unsupported(self.enable_hint().to_string()));
-        }
-        if st.qs_flags & FS_QUOTA_PDQ_ENFD == 0 {
-            return Err(self.unsupported(
+            Ok(()) if st.qs_flags & FS_QUOTA_PDQ_ENFD == 0 => Err(self.unsupported(
                 "project quota is accounted but not enforced (mount with prjquota, or quotaon -P)"
                     .into(),
-            ));
+            )),
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "Q_XGETQSTATV unavailable; relying on Q_GETINFO");
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn set_limits(&self, ctid: u32, bytes: u64) -> Result<()> {
@@ -282,17 +289,19 @@ impl Target {
     }
 }
 
-fn fs_name(magic: i64) -> &'static str {
-    match magic {
-        EXT_SUPER_MAGIC => "ext4",
-        XFS_SUPER_MAGIC => "xfs",
-        F2FS_SUPER_MAGIC => "f2fs",
-        m if m == nix::sys::statfs::TMPFS_MAGIC.0 as i64 => "tmpfs",
-        m if m == nix::sys::statfs::BTRFS_SUPER_MAGIC.0 as i64 => "btrfs",
-        m if m == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC.0 as i64 => "overlayfs",
-        m if m == nix::sys::statfs::NFS_SUPER_MAGIC.0 as i64 => "nfs",
-        _ => "an unknown filesystem",
-    }
+fn fs_name(magic: FsType) -> &'static str {
+    [
+        (EXT4_SUPER_MAGIC, "ext4"),
+        (XFS_SUPER_MAGIC, "xfs"),
+        (F2FS_SUPER_MAGIC, "f2fs"),
+        (TMPFS_MAGIC, "tmpfs"),
+        (BTRFS_SUPER_MAGIC, "btrfs"),
+        (OVERLAYFS_SUPER_MAGIC, "overlayfs"),
+        (NFS_SUPER_MAGIC, "nfs"),
+    ]
+    .into_iter()
+    .find(|(m, _)| *m == magic)
+    .map_or("an unknown filesystem", |(_, n)| n)
 }
 
 /// Project id and PROJINHERIT flag of a file or directory.

@@ -6,14 +6,17 @@
 //! ownership is only changed when it differs from what a fresh file gets anyway.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{CStr, OsStr};
+use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::AT_FDCWD;
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
@@ -32,18 +35,27 @@ struct Copier {
     try_clone: bool,
     /// Cleared when copy_file_range is unavailable between these two filesystems.
     try_cfr: bool,
+    /// Paths of the directories being copied, for error messages and hard links only: all
+    /// file operations are relative to open directory fds (no repeated path walks).
+    src: PathBuf,
+    dst: PathBuf,
 }
 
-fn times(m: &fs::Metadata) -> (TimeSpec, TimeSpec) {
+fn stat_times(st: &libc::stat) -> (TimeSpec, TimeSpec) {
     (
-        TimeSpec::new(m.atime(), m.atime_nsec()),
-        TimeSpec::new(m.mtime(), m.mtime_nsec()),
+        TimeSpec::new(st.st_atime, st.st_atime_nsec),
+        TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
     )
 }
 
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
 impl Copier {
-    fn owner(&self, m: &fs::Metadata, path: &Path) -> Result<(u32, u32)> {
-        let (uid, gid) = (m.uid(), m.gid());
+    fn owner(&self, st: &libc::stat, path: &Path) -> Result<(u32, u32)> {
+        let (uid, gid) = (st.st_uid, st.st_gid);
         let Some((ub, gb)) = self.shift else {
             return Ok((uid, gid));
         };
@@ -58,121 +70,166 @@ impl Copier {
         }
     }
 
-    fn chown(&self, path: &Path, owner: (u32, u32), follow: bool) -> Result<()> {
-        if owner == (self.euid, self.egid) {
-            return Ok(());
-        }
-        let flag = if follow {
-            nix::fcntl::AtFlags::empty()
-        } else {
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW
-        };
-        nix::unistd::fchownat(
-            AT_FDCWD,
-            path,
-            Some(Uid::from_raw(owner.0)),
-            Some(Gid::from_raw(owner.1)),
-            flag,
-        )
-        .map_err(nix_err("chown", path))
-    }
-
-    /// Owner, then mode (chown clears set-id bits), then times (both change ctime, not mtime).
-    fn finish(&self, path: &Path, m: &fs::Metadata) -> Result<()> {
-        let owner = self.owner(m, path)?;
-        self.chown(path, owner, true)?;
-        fs::set_permissions(path, fs::Permissions::from_mode(m.mode() & 0o7777))
-            .map_err(io_err("chmod", path))?;
-        let (a, mt) = times(m);
-        nix::sys::stat::utimensat(AT_FDCWD, path, &a, &mt, UtimensatFlags::FollowSymlink)
-            .map_err(nix_err("set times", path))
-    }
-
-    fn copy_dir(&mut self, src: &Path, dst: &Path) -> Result<()> {
-        for ent in fs::read_dir(src).map_err(io_err("read directory", src))? {
-            let ent = ent.map_err(io_err("read directory", src))?;
-            let s = ent.path();
-            let d = dst.join(ent.file_name());
-            let m = fs::symlink_metadata(&s).map_err(io_err("stat", &s))?;
-            let ft = m.file_type();
-            if ft.is_dir() {
-                if m.dev() != self.root_dev {
-                    return Err(TemplateError::Refused {
-                        op: "copy template",
-                        path: s,
-                        why: "is a mount point inside the template; unmount it".into(),
-                    });
-                }
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&d)
-                    .map_err(io_err("create directory", &d))?;
-                self.copy_dir(&s, &d)?;
-                self.finish(&d, &m)?;
-            } else if ft.is_file() {
-                self.copy_file(&s, &d, &m)?;
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&s).map_err(io_err("read symlink", &s))?;
-                std::os::unix::fs::symlink(&target, &d).map_err(io_err("create symlink", &d))?;
-                let owner = self.owner(&m, &s)?;
-                self.chown(&d, owner, false)?;
-                let (a, mt) = times(&m);
-                nix::sys::stat::utimensat(AT_FDCWD, &d, &a, &mt, UtimensatFlags::NoFollowSymlink)
-                    .map_err(nix_err("set times", &d))?;
-            } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-                let kind = SFlag::from_bits_truncate(m.mode() & libc::S_IFMT);
-                nix::sys::stat::mknod(&d, kind, Mode::from_bits_truncate(0o600), m.rdev())
-                    .map_err(nix_err("create node", &d))?;
-                self.finish(&d, &m)?;
-            } else {
-                tracing::debug!(path = %s.display(), "not copying socket");
-            }
-        }
-        Ok(())
-    }
-
-    fn copy_file(&mut self, src: &Path, dst: &Path, m: &fs::Metadata) -> Result<()> {
-        let key = (m.dev(), m.ino());
-        if m.nlink() > 1 {
-            if let Some(first) = self.links.get(&key) {
-                return fs::hard_link(first, dst).map_err(io_err("create hard link", dst));
-            }
-        }
-        let from = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(src)
-            .map_err(io_err("open", src))?;
-        let to = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(dst)
-            .map_err(io_err("create", dst))?;
-        if m.len() > 0 {
-            self.copy_data(&from, &to, m.len(), dst)?;
-        }
-        let owner = self.owner(m, src)?;
+    /// Owner, then mode (chown clears set-id bits), then times, all through an open fd.
+    fn finish_fd(&self, fd: &OwnedFd, st: &libc::stat, path: &Path) -> Result<()> {
+        let owner = self.owner(st, path)?;
         if owner != (self.euid, self.egid) {
             nix::unistd::fchown(
-                &to,
+                fd,
                 Some(Uid::from_raw(owner.0)),
                 Some(Gid::from_raw(owner.1)),
             )
-            .map_err(nix_err("chown", dst))?;
+            .map_err(nix_err("chown", path))?;
         }
-        to.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
-            .map_err(io_err("chmod", dst))?;
-        let (a, mt) = times(m);
-        nix::sys::stat::futimens(&to, &a, &mt).map_err(nix_err("set times", dst))?;
-        if m.nlink() > 1 {
-            self.links.insert(key, dst.to_path_buf());
+        nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(st.st_mode & 0o7777))
+            .map_err(nix_err("chmod", path))?;
+        let (a, m) = stat_times(st);
+        nix::sys::stat::futimens(fd, &a, &m).map_err(nix_err("set times", path))
+    }
+
+    /// Same for a node that cannot be opened (symlink, device, fifo), by name in `dir`.
+    fn finish_at(&self, dir: &OwnedFd, name: &CStr, st: &libc::stat, path: &Path) -> Result<()> {
+        let owner = self.owner(st, path)?;
+        if owner != (self.euid, self.egid) {
+            nix::unistd::fchownat(
+                dir,
+                name,
+                Some(Uid::from_raw(owner.0)),
+                Some(Gid::from_raw(owner.1)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(nix_err("chown", path))?;
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            nix::sys::stat::fchmodat(
+                dir,
+                name,
+                Mode::from_bits_truncate(st.st_mode & 0o7777),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .map_err(nix_err("chmod", path))?;
+        }
+        let (a, m) = stat_times(st);
+        nix::sys::stat::utimensat(dir, name, &a, &m, UtimensatFlags::NoFollowSymlink)
+            .map_err(nix_err("set times", path))
+    }
+
+    /// Copies the entries of the open directory `src` into the open directory `dst`.
+    fn copy_dir(&mut self, src: OwnedFd, dst: &OwnedFd) -> Result<()> {
+        let mut dir = Dir::from_fd(src).map_err(nix_err("read directory", &self.src))?;
+        let src_fd = dir
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err("dup", &self.src))?;
+        for ent in dir.iter() {
+            let ent = ent.map_err(nix_err("read directory", &self.src))?;
+            let name = ent.file_name();
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            let os = OsStr::from_bytes(bytes);
+            self.src.push(os);
+            self.dst.push(os);
+            let r = self.copy_entry(&src_fd, dst, name);
+            self.src.pop();
+            self.dst.pop();
+            r?;
         }
         Ok(())
     }
 
-    fn copy_data(&mut self, from: &File, to: &File, len: u64, dst: &Path) -> Result<()> {
+    fn copy_entry(&mut self, src_dir: &OwnedFd, dst_dir: &OwnedFd, name: &CStr) -> Result<()> {
+        let st = nix::sys::stat::fstatat(src_dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(nix_err("stat", &self.src))?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                if st.st_dev != self.root_dev {
+                    return Err(TemplateError::Refused {
+                        op: "copy template",
+                        path: self.src.clone(),
+                        why: "is a mount point inside the template; unmount it".into(),
+                    });
+                }
+                nix::sys::stat::mkdirat(dst_dir, name, Mode::from_bits_truncate(0o700))
+                    .map_err(nix_err("create directory", &self.dst))?;
+                let s = nix::fcntl::openat(src_dir, name, DIR_FLAGS, Mode::empty())
+                    .map_err(nix_err("open directory", &self.src))?;
+                let d = nix::fcntl::openat(dst_dir, name, DIR_FLAGS, Mode::empty())
+                    .map_err(nix_err("open directory", &self.dst))?;
+                self.copy_dir(s, &d)?;
+                let path = self.dst.clone();
+                self.finish_fd(&d, &st, &path)
+            }
+            libc::S_IFREG => self.copy_file(src_dir, dst_dir, name, &st),
+            libc::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(src_dir, name)
+                    .map_err(nix_err("read symlink", &self.src))?;
+                nix::unistd::symlinkat(target.as_os_str(), dst_dir, name)
+                    .map_err(nix_err("create symlink", &self.dst))?;
+                self.finish_at(dst_dir, name, &st, &self.dst)
+            }
+            libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK => {
+                let kind = SFlag::from_bits_truncate(st.st_mode & libc::S_IFMT);
+                nix::sys::stat::mknodat(
+                    dst_dir,
+                    name,
+                    kind,
+                    Mode::from_bits_truncate(0o600),
+                    st.st_rdev,
+                )
+                .map_err(nix_err("create node", &self.dst))?;
+                self.finish_at(dst_dir, name, &st, &self.dst)
+            }
+            _ => {
+                tracing::debug!(path = %self.src.display(), "not copying socket");
+                Ok(())
+            }
+        }
+    }
+
+    fn copy_file(
+        &mut self,
+        src_dir: &OwnedFd,
+        dst_dir: &OwnedFd,
+        name: &CStr,
+        st: &libc::stat,
+    ) -> Result<()> {
+        let key = (st.st_dev, st.st_ino);
+        if st.st_nlink > 1
+            && let Some(first) = self.links.get(&key)
+        {
+            // linkat without AT_SYMLINK_FOLLOW: `first` is a regular file we created.
+            return nix::unistd::linkat(AT_FDCWD, first, dst_dir, name, AtFlags::empty())
+                .map_err(nix_err("create hard link", &self.dst));
+        }
+        let from = nix::fcntl::openat(
+            src_dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(nix_err("open", &self.src))?;
+        let to = nix::fcntl::openat(
+            dst_dir,
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(nix_err("create", &self.dst))?;
+        let len = u64::try_from(st.st_size).unwrap_or(0);
+        if len > 0 {
+            let dst = self.dst.clone();
+            self.copy_data(&File::from(from), &to, len, &dst)?;
+        }
+        self.finish_fd(&to, st, &self.dst)?;
+        if st.st_nlink > 1 {
+            self.links.insert(key, self.dst.clone());
+        }
+        Ok(())
+    }
+
+    fn copy_data(&mut self, from: &File, to: &OwnedFd, len: u64, dst: &Path) -> Result<()> {
         if self.try_clone {
             // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
             let r = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
@@ -225,7 +282,8 @@ impl Copier {
                 return Ok(());
             }
         }
-        io::copy(&mut &*from, &mut &*to).map_err(io_err("copy file data", dst))?;
+        let mut out = File::from(to.try_clone().map_err(io_err("dup", dst))?);
+        io::copy(&mut &*from, &mut out).map_err(io_err("copy file data", dst))?;
         Ok(())
     }
 }
@@ -234,7 +292,7 @@ impl Copier {
 /// device nodes and hard links within the tree. `dest` must not exist or be an empty directory;
 /// on failure whatever was copied is removed again.
 pub(crate) fn copy_tree(src: &Path, dest: &Path, shift: Option<(u32, u32)>) -> Result<()> {
-    let root_meta = fs::symlink_metadata(src).map_err(io_err("stat", src))?;
+    let root_st = nix::sys::stat::lstat(src).map_err(nix_err("stat", src))?;
     let created = match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::DirBuilder::new()
@@ -271,14 +329,21 @@ pub(crate) fn copy_tree(src: &Path, dest: &Path, shift: Option<(u32, u32)>) -> R
         shift,
         euid: nix::unistd::geteuid().as_raw(),
         egid: nix::unistd::getegid().as_raw(),
-        root_dev: root_meta.dev(),
+        root_dev: root_st.st_dev,
         links: HashMap::new(),
         try_clone: true,
         try_cfr: true,
+        src: src.to_path_buf(),
+        dst: dest.to_path_buf(),
     };
-    let res = c
-        .copy_dir(src, dest)
-        .and_then(|()| c.finish(dest, &root_meta));
+    let res = (|| {
+        let s = nix::fcntl::openat(AT_FDCWD, src, DIR_FLAGS, Mode::empty())
+            .map_err(nix_err("open directory", src))?;
+        let d = nix::fcntl::openat(AT_FDCWD, dest, DIR_FLAGS, Mode::empty())
+            .map_err(nix_err("open directory", dest))?;
+        c.copy_dir(s, &d)?;
+        c.finish_fd(&d, &root_st, dest)
+    })();
     if let Err(e) = res {
         let cleanup = if created {
             remove_tree_fast(dest)

@@ -385,6 +385,14 @@ impl Extractor<'_> {
                 self.chown(&abs, uid, gid, false)?;
                 fs::set_permissions(&abs, fs::Permissions::from_mode(mode))
                     .map_err(io_err("chmod", &abs))?;
+                nix::sys::stat::utimensat(
+                    AT_FDCWD,
+                    &abs,
+                    &mtime,
+                    &mtime,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(nix_err("set times", &abs))?;
                 self.files += 1;
             }
             EntryType::Char | EntryType::Block => {
