@@ -18,7 +18,7 @@ use berth::datapath::{
 };
 use berth_tests::datapath::{
     CT_MAC, HOST_MAC, NetNsGuard, Netns, Pair, PinDir, VERDICT_DROP, VERDICT_PASS, arp, eth, ipv4,
-    ipv6, nd_solicit, parse_mac, send_raw, skb_ctx, test_run, udp_bind, udp_drain, udp_send,
+    ipv6, nd_solicit, parse_mac, run, send_raw, skb_ctx, test_run, udp_bind, udp_drain, udp_send,
     wire_len,
 };
 
@@ -1055,5 +1055,187 @@ fn check_against_iface_deltas(
         "out {out} + dropped {dropped} != rx {rx}"
     );
     ensure!(inn == tx, "in {inn} != tx {tx}");
+    Ok(())
+}
+
+/// The clsact + cls_bpf fallback for kernels without TCX, exercised on this kernel.
+#[test]
+fn netlink_fallback_attaches_counts_and_detaches() -> Result<()> {
+    let pin = PinDir::new();
+    let pair = Pair::new()?;
+    pair.host
+        .ip(&["addr", "add", "10.79.0.1/24", "dev", &pair.host_if])?;
+    pair.ct
+        .ip(&["addr", "add", "10.79.0.2/24", "dev", &pair.ct_if])?;
+    let ids;
+    {
+        let _in_host = pair.host.enter()?;
+        let mut dp = Datapath::open_or_load_with(&pin.path, AttachMethod::Netlink)?;
+        ids = dp.program_ids()?;
+        let ifindex = pair.host.ifindex(&pair.host_if)?;
+        dp.attach(ifindex, IfaceConfig::routed(4343, pair.ct_mac()?))?;
+        // Attaching again replaces our filters instead of stacking them.
+        dp.attach(ifindex, IfaceConfig::routed(4343, pair.ct_mac()?))?;
+        let filters = pair.host.ip(&["-d", "link", "show", &pair.host_if])?;
+        let tc = run(
+            "tc",
+            &[
+                "-n",
+                &pair.host.name,
+                "filter",
+                "show",
+                "dev",
+                &pair.host_if,
+                "ingress",
+            ],
+        )?;
+        ensure!(
+            tc.matches("name berth_from_ct").count() == 1,
+            "ingress filters: {tc}\n{filters}"
+        );
+        dp.set_ct_addrs(4343, &["10.79.0.2".parse()?])?;
+        pair.ct
+            .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.79.0.1"])?;
+        let out = dp
+            .counters()?
+            .iter()
+            .filter(|r| r.ctid == 4343 && r.dir == Direction::Out && r.family == Family::V4)
+            .map(|r| r.packets)
+            .sum::<u64>();
+        ensure!(out >= 2, "counters {:?}", dp.counters()?);
+        dp.detach(ifindex)?;
+        let tc = run(
+            "tc",
+            &[
+                "-n",
+                &pair.host.name,
+                "filter",
+                "show",
+                "dev",
+                &pair.host_if,
+                "ingress",
+            ],
+        )?;
+        ensure!(
+            !tc.contains("berth_from_ct"),
+            "filter left after detach: {tc}"
+        );
+        drop(dp);
+        let path = pin.path.clone();
+        drop(pin);
+        drop(_in_host);
+        drop(pair);
+        assert_clean(&path, ids)
+    }
+}
+
+/// Per-packet cost of both hooks under iperf3 load (bar: <= 100 ns per hook), measured with
+/// the kernel's run-time statistics. Prints the numbers; run with
+/// `cargo test -p berth-tests --test datapath bench -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark"]
+fn bench_per_packet_cost_under_iperf3() -> Result<()> {
+    let pin = PinDir::new();
+    let pair = Pair::new()?;
+    pair.host
+        .ip(&["addr", "add", "10.80.0.1/24", "dev", &pair.host_if])?;
+    pair.ct
+        .ip(&["addr", "add", "10.80.0.2/24", "dev", &pair.ct_if])?;
+    let _in_host = pair.host.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    let ifindex = pair.host.ifindex(&pair.host_if)?;
+    dp.attach(ifindex, IfaceConfig::routed(4444, pair.ct_mac()?))?;
+    dp.set_ct_addrs(4444, &["10.80.0.2".parse()?])?;
+    dp.load_classes(&parse_networks_classes(CLASSES_FILE)?)?;
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.host.name,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            "10.80.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let ct = pair.ct.name.clone();
+    let (res, stats) = dp.measure(|| {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ct,
+                "iperf3",
+                "-c",
+                "10.80.0.1",
+                "-t",
+                "5",
+                "--bidir",
+            ],
+        )
+    })?;
+    let _ = server.kill();
+    server.wait()?;
+    res?;
+    println!(
+        "from_ct: {} runs, {:.1} ns/run; to_ct: {} runs, {:.1} ns/run",
+        stats.from_ct.run_cnt,
+        stats.from_ct.ns_per_run(),
+        stats.to_ct.run_cnt,
+        stats.to_ct.ns_per_run()
+    );
+    ensure!(stats.from_ct.run_cnt > 1000 && stats.to_ct.run_cnt > 1000);
+    Ok(())
+}
+
+/// Cost of one run on a typical frame, by BPF_PROG_TEST_RUN repeated (no skb allocation in
+/// the loop; excludes the bpf_stats overhead).
+#[test]
+#[ignore = "benchmark"]
+fn bench_prog_test_run_cost() -> Result<()> {
+    let pin = PinDir::new();
+    let ns = Netns::new("bdb")?;
+    let _in_ns = ns.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    dp.attach(LO, IfaceConfig::routed(CT, CT_MAC))?;
+    dp.set_ct_addrs(CT, &["10.0.0.2".parse()?])?;
+    dp.load_classes(&parse_networks_classes(CLASSES_FILE)?)?;
+    let (from_ct, to_ct) = dp.programs();
+    let out_frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 9], 1400, 0);
+    let in_frame = ipv4(HOST_MAC, [192, 0, 2, 9], CT_V4, 1400, 0);
+    for (name, prog, frame) in [
+        ("from_ct", from_ct, &out_frame),
+        ("to_ct", to_ct, &in_frame),
+    ] {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1_000_000,
+            ..aya::programs::TestRunOptions::new()
+        };
+        let res = aya::programs::TestRun::test_run(prog, opts)?;
+        println!(
+            "{name}: {} ns/run (BPF_PROG_TEST_RUN, repeat 1e6)",
+            res.duration.as_nanos()
+        );
+    }
+    // Floor: an interface berth does not manage (one IFACES lookup, then pass).
+    dp.detach(LO)?;
+    let (from_ct, _) = dp.programs();
+    let mut out = vec![0u8; out_frame.len() + 256];
+    let opts = aya::programs::TestRunOptions {
+        data_in: Some(&out_frame),
+        data_out: Some(&mut out),
+        repeat: 1_000_000,
+        ..aya::programs::TestRunOptions::new()
+    };
+    let res = aya::programs::TestRun::test_run(from_ct, opts)?;
+    println!("unmanaged interface: {} ns/run", res.duration.as_nanos());
     Ok(())
 }
