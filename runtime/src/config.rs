@@ -45,7 +45,7 @@ pub enum ConfigError {
     BadCgroupParent(String),
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConfigError + '_ {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ConfigError + 'a {
     move |source| ConfigError::Io {
         op,
         path: path.to_path_buf(),
@@ -298,11 +298,16 @@ impl CtConfig {
             validate_hostname(h).map_err(bad)?;
         }
         if !self.init.starts_with('/') {
-            return Err(bad(format!("init {:?} must be an absolute path", self.init)));
+            return Err(bad(format!(
+                "init {:?} must be an absolute path",
+                self.init
+            )));
         }
         crate::signal::parse_signal(&self.stop_signal).map_err(|e| bad(e.to_string()))?;
         if let Some(u) = self.userns
-            && (u.size == 0 || u.uid_base.checked_add(u.size).is_none() || u.gid_base.checked_add(u.size).is_none())
+            && (u.size == 0
+                || u.uid_base.checked_add(u.size).is_none()
+                || u.gid_base.checked_add(u.size).is_none())
         {
             return Err(bad(format!("userns range {u:?} is empty or overflows")));
         }
@@ -337,7 +342,9 @@ pub fn validate_hostname(h: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid hostname {h:?}: use labels of a-z, 0-9 and '-', separated by dots"))
+        Err(format!(
+            "invalid hostname {h:?}: use labels of a-z, 0-9 and '-', separated by dots"
+        ))
     }
 }
 
@@ -384,6 +391,9 @@ mod tests {
     fn cgroup_parent_validated() {
         assert!(Host::new(None, None, Some("../x".into())).is_err());
         assert!(Host::new(None, None, Some("a/b".into())).is_err());
-        assert_eq!(Host::new(None, None, None).unwrap().run, PathBuf::from(DEFAULT_RUN));
+        assert_eq!(
+            Host::new(None, None, None).unwrap().run,
+            PathBuf::from(DEFAULT_RUN)
+        );
     }
 }

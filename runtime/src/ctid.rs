@@ -19,7 +19,9 @@ pub enum CtidError {
     NotNumber(String),
     #[error("invalid CTID 0: 0 is the host")]
     Zero,
-    #[error("invalid CTID {0}: larger than {CTID_MAX} (host interface names must fit 15 characters)")]
+    #[error(
+        "invalid CTID {0}: larger than {CTID_MAX} (host interface names must fit 15 characters)"
+    )]
     TooLarge(u64),
     #[error(
         "invalid CT name {0:?}: use 1-63 characters from a-z A-Z 0-9 . _ -, starting with a letter"
@@ -60,9 +62,7 @@ impl FromStr for Ctid {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(CtidError::NotNumber(s.to_string()));
         }
-        let v: u64 = s
-            .parse()
-            .map_err(|_| CtidError::TooLarge(u64::MAX))?;
+        let v: u64 = s.parse().map_err(|_| CtidError::TooLarge(u64::MAX))?;
         if v > u64::from(CTID_MAX) {
             return Err(CtidError::TooLarge(v));
         }
@@ -109,7 +109,10 @@ mod tests {
             Err(CtidError::TooLarge(1_000_000_000))
         );
         assert!(matches!("-1".parse::<Ctid>(), Err(CtidError::NotNumber(_))));
-        assert!(matches!("abc".parse::<Ctid>(), Err(CtidError::NotNumber(_))));
+        assert!(matches!(
+            "abc".parse::<Ctid>(),
+            Err(CtidError::NotNumber(_))
+        ));
         assert!(matches!("".parse::<Ctid>(), Err(CtidError::NotNumber(_))));
         assert!(matches!(
             "99999999999999999999999".parse::<Ctid>(),

@@ -25,7 +25,11 @@ pub fn parse_signal(s: &str) -> Result<i32, SignalError> {
                 .ok_or_else(err)?
         };
         let n = libc::SIGRTMIN() + off;
-        return if n <= libc::SIGRTMAX() { Ok(n) } else { Err(err()) };
+        return if n <= libc::SIGRTMAX() {
+            Ok(n)
+        } else {
+            Err(err())
+        };
     }
     let n = match name {
         "HUP" => libc::SIGHUP,

@@ -43,9 +43,7 @@ impl FromStr for Size {
         if t.starts_with('-') {
             return Err(err("negative"));
         }
-        let split = t
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, suffix) = t.split_at(split);
         if num.is_empty() {
             return Err(err("no number"));
@@ -59,7 +57,9 @@ impl FromStr for Size {
             "T" | "TB" | "TIB" => 1 << 40,
             _ => return Err(err("unknown suffix")),
         };
-        let b = n.checked_mul(mult).ok_or_else(|| err("overflows 64 bits"))?;
+        let b = n
+            .checked_mul(mult)
+            .ok_or_else(|| err("overflows 64 bits"))?;
         Ok(Size::Bytes(b))
     }
 }
@@ -109,7 +109,15 @@ mod tests {
 
     #[test]
     fn rejects_bad() {
-        for bad in ["", "-1", "12X", "M", "1.5G", "99999999999999999999T", "100000000000T"] {
+        for bad in [
+            "",
+            "-1",
+            "12X",
+            "M",
+            "1.5G",
+            "99999999999999999999T",
+            "100000000000T",
+        ] {
             assert!(bad.parse::<Size>().is_err(), "{bad} accepted");
         }
     }

@@ -32,7 +32,9 @@ pub fn cgroup_roots() -> Vec<PathBuf> {
         return out;
     };
     for l in mi.lines() {
-        let Some((pre, post)) = l.split_once(" - ") else { continue };
+        let Some((pre, post)) = l.split_once(" - ") else {
+            continue;
+        };
         let fstype = post.split_whitespace().next().unwrap_or("");
         if fstype == "cgroup" || fstype == "cgroup2" {
             if let Some(mp) = pre.split_whitespace().nth(4) {
@@ -169,7 +171,11 @@ impl TestHost {
 
     /// Asserts no CT cgroup, mount or process is left.
     pub fn assert_clean(&self) {
-        assert_eq!(self.cgroup_dirs(), Vec::<PathBuf>::new(), "leftover cgroups");
+        assert_eq!(
+            self.cgroup_dirs(),
+            Vec::<PathBuf>::new(),
+            "leftover cgroups"
+        );
         assert_eq!(self.mounts(), Vec::<String>::new(), "leftover mounts");
     }
 }

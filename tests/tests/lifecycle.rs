@@ -23,12 +23,26 @@ fn field(h: &TestHost, ct: &str, f: &str) -> serde_json::Value {
 #[test]
 fn boot_exec_isolation_stop_destroy() {
     let h = TestHost::new();
-    h.ok(&["create", "101", "--template", "busybox", "--hostname", "ct101.test", "--name", "web"]);
+    h.ok(&[
+        "create",
+        "101",
+        "--template",
+        "busybox",
+        "--hostname",
+        "ct101.test",
+        "--name",
+        "web",
+    ]);
     assert_eq!(h.status("web")["state"], "stopped");
     h.ok(&["start", "web"]);
     let init_pid = running(&h, "101");
     let st = h.status("101");
-    assert!(st["config_path"].as_str().unwrap().ends_with("conf/101.toml"));
+    assert!(
+        st["config_path"]
+            .as_str()
+            .unwrap()
+            .ends_with("conf/101.toml")
+    );
     assert!(st["root_path"].as_str().unwrap().ends_with("root/101"));
 
     // exit codes propagate; stdin/stdout pass through
@@ -36,7 +50,8 @@ fn boot_exec_isolation_stop_destroy() {
     assert_eq!(h.exec("101", &["sh", "-c", "exit 42"]).0, 42);
     assert_eq!(h.exec("101", &["/nonexistent"]).0, 127);
     let mut c = h.cmd(&["exec", "101", "--", "tr", "a-z", "A-Z"]);
-    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"hello").unwrap();
@@ -55,20 +70,42 @@ fn boot_exec_isolation_stop_destroy() {
     assert!(me.trim().parse::<u32>().unwrap() < 100);
     // the host's processes are not visible, berth's own PID is not there
     let host_pid = std::process::id().to_string();
-    assert_ne!(h.exec("101", &["test", "-d", &format!("/proc/{host_pid}")]).0, 0);
+    assert_ne!(
+        h.exec("101", &["test", "-d", &format!("/proc/{host_pid}")])
+            .0,
+        0
+    );
     // mounts: /proc/sys and /sys read-only, a minimal /dev
-    assert_ne!(h.exec("101", &["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]).0, 0);
+    assert_ne!(
+        h.exec("101", &["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])
+            .0,
+        0
+    );
     assert_ne!(h.exec("101", &["touch", "/sys/x"]).0, 0);
     let (_, dev, _) = h.exec("101", &["ls", "/dev"]);
-    for d in ["null", "zero", "full", "random", "urandom", "tty", "console", "ptmx", "pts", "shm"] {
-        assert!(dev.split_whitespace().any(|x| x == d), "/dev lacks {d}: {dev}");
+    for d in [
+        "null", "zero", "full", "random", "urandom", "tty", "console", "ptmx", "pts", "shm",
+    ] {
+        assert!(
+            dev.split_whitespace().any(|x| x == d),
+            "/dev lacks {d}: {dev}"
+        );
     }
     assert_eq!(h.exec("101", &["sh", "-c", "echo x > /dev/null"]).0, 0);
     // dropped capabilities: no clock setting, no module loading
-    assert_ne!(h.exec("101", &["date", "-s", "2001-01-01"]).0, 0);
+    // busybox date reports the failure but exits 0, so check what it says
+    let (_, _, err) = h.exec("101", &["date", "-s", "2001-01-01"]);
+    assert!(
+        err.contains("not permitted"),
+        "setting the clock was not refused: {err:?}"
+    );
     let (_, capbnd, _) = h.exec("101", &["grep", "CapBnd", "/proc/self/status"]);
     let bnd = u64::from_str_radix(capbnd.split_whitespace().nth(1).unwrap(), 16).unwrap();
-    assert_eq!(bnd & (1 << 16), 0, "CAP_SYS_MODULE still in the bounding set");
+    assert_eq!(
+        bnd & (1 << 16),
+        0,
+        "CAP_SYS_MODULE still in the bounding set"
+    );
     assert_eq!(bnd & (1 << 25), 0, "CAP_SYS_TIME still in the bounding set");
 
     // init keeps running after every berth process is gone
@@ -76,8 +113,12 @@ fn boot_exec_isolation_stop_destroy() {
 
     h.ok(&["stop", "101"]);
     assert_eq!(h.status("101")["state"], "stopped");
-    assert!(!std::path::Path::new(&format!("/proc/{init_pid}/cmdline")).exists()
-        || std::fs::read(format!("/proc/{init_pid}/cmdline")).unwrap_or_default().is_empty());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{init_pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{init_pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty()
+    );
     h.assert_clean();
     let err = h.fails(&["stop", "101"]);
     assert!(err.contains("not running"), "{err}");
@@ -93,25 +134,37 @@ fn boot_exec_isolation_stop_destroy() {
 fn resources_memory_numproc_cpulimit_live() {
     let h = TestHost::new();
     h.ok(&["create", "102"]);
-    h.ok(&["set", "102", "--memory", "48M", "--swap", "0", "--numproc", "24", "--save"]);
+    // no --swap: on 6.18 v1 a memsw-limited charge failure does not count in any failcnt
+    h.ok(&["set", "102", "--memory", "48M", "--numproc", "24", "--save"]);
     h.ok(&["start", "102"]);
     let pid = running(&h, "102");
     assert_eq!(field(&h, "102", "memory.limit"), 48 << 20);
 
     // memory: a 96 MB buffer cannot fit: the OOM killer ends it
-    let (code, _, _) = h.exec("102", &["dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1"]);
+    let (code, _, _) = h.exec(
+        "102",
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1"],
+    );
     assert_eq!(code, 137, "dd over the memory limit was not OOM-killed");
     assert!(field(&h, "102", "oom_kills").as_u64().unwrap() >= 1);
     assert!(field(&h, "102", "memory.failcnt").as_u64().unwrap() >= 1);
 
-    // numproc: forks beyond the limit fail
+    // numproc: forks beyond the limit fail, counted from the host while the sleeps run
     let (_, out, err) = h.exec(
         "102",
-        &["sh", "-c", "for i in $(seq 1 40); do sleep 3 & done 2>&1; echo procs=$(ls /proc | grep -c '^[0-9]')"],
+        &[
+            "sh",
+            "-c",
+            "for i in $(seq 1 40); do sleep 3 & done; echo spawned",
+        ],
     );
-    let procs: u64 = out.trim().rsplit('=').next().unwrap().parse().unwrap();
-    assert!(procs <= 24, "numproc limit 24 exceeded: {procs}\n{err}");
-    assert!(out.contains("fork") || err.contains("fork") || procs < 40, "no fork failure seen");
+    let procs = field(&h, "102", "numproc").as_u64().unwrap();
+    assert!(procs <= 24, "numproc limit 24 exceeded: {procs}");
+    assert!(
+        procs >= 20,
+        "the sleeps did not run: {procs} processes\n{out}{err}"
+    );
+    assert!(err.contains("fork"), "no fork failure reported: {err:?}");
     std::thread::sleep(Duration::from_secs(3));
 
     // live change without restart
@@ -130,8 +183,15 @@ fn resources_memory_numproc_cpulimit_live() {
     let wall = t0.elapsed().as_secs_f64();
     let used = field(&h, "102", "cpu.usage").as_f64().unwrap() - before;
     let ratio = used / wall;
-    eprintln!("cpulimit 50: used {used:.3}s CPU in {wall:.3}s wall = {:.1} %", ratio * 100.0);
-    assert!((0.4..=0.6).contains(&ratio), "cpulimit 50 gave {:.1} %", ratio * 100.0);
+    eprintln!(
+        "cpulimit 50: used {used:.3}s CPU in {wall:.3}s wall = {:.1} %",
+        ratio * 100.0
+    );
+    assert!(
+        (0.4..=0.6).contains(&ratio),
+        "cpulimit 50 gave {:.1} %",
+        ratio * 100.0
+    );
 
     h.ok(&["stop", "--fast", "102"]);
     h.assert_clean();
@@ -181,7 +241,10 @@ fn user_namespace() {
     let init_pid = running(&h, "104");
     let host_uid = std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap();
     let uid_line = host_uid.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(!uid_line.contains("\t0\t"), "init runs as host root: {uid_line}");
+    assert!(
+        !uid_line.contains("\t0\t"),
+        "init runs as host root: {uid_line}"
+    );
     h.ok(&["stop", "--fast", "104"]);
     h.ok(&["destroy", "104"]);
     h.assert_clean();
@@ -209,15 +272,24 @@ fn bad_input_changes_nothing() {
         (vec!["create", "105"], "already exists"),
         (vec!["set", "105", "--memory", "12X", "--save"], "suffix"),
         (vec!["set", "105", "--memory", "-1", "--save"], ""),
-        (vec!["set", "105", "--cpulimit", "lots", "--save"], "cpulimit"),
+        (
+            vec!["set", "105", "--cpulimit", "lots", "--save"],
+            "cpulimit",
+        ),
         (vec!["set", "105", "--memory", "64M"], "--save"),
         (vec!["start", "999"], "999"),
         (vec!["exec", "105", "--", "true"], "not running"),
         (vec!["list", "-o", "ctid,bogus"], "bogus"),
-        (vec!["template", "import", "/nonexistent.tar.gz"], "nonexistent"),
+        (
+            vec!["template", "import", "/nonexistent.tar.gz"],
+            "nonexistent",
+        ),
     ] {
         let err = h.fails(&args);
-        assert!(err.contains(needle), "berth {args:?}: error {err:?} lacks {needle:?}");
+        assert!(
+            err.contains(needle),
+            "berth {args:?}: error {err:?} lacks {needle:?}"
+        );
         assert_eq!(snapshot(), before, "berth {args:?} changed state");
     }
     // a corrupt template tarball is refused and leaves no template behind
@@ -290,7 +362,11 @@ fn per_ct_lock_serializes() {
     h.ok(&["create", "108"]);
     h.ok(&["create", "109"]);
     let a = h.cmd(&["start", "108"]).spawn().unwrap();
-    let b = h.cmd(&["start", "108"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let b = h
+        .cmd(&["start", "108"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let c = h.cmd(&["start", "109"]).spawn().unwrap();
     let ra = a.wait_with_output().unwrap();
     let rb = b.wait_with_output().unwrap();

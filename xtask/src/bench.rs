@@ -83,7 +83,12 @@ fn start(cycles: usize) -> Result<()> {
     // crun control: an OCI bundle on a copy of the very same busybox rootfs.
     let bundle = tmp.join("bundle");
     std::fs::create_dir_all(&bundle)?;
-    quiet(Command::new("cp").arg("-a").arg(root.join("template/busybox/rootfs")).arg(bundle.join("rootfs")))?;
+    quiet(
+        Command::new("cp")
+            .arg("-a")
+            .arg(root.join("template/busybox/rootfs"))
+            .arg(bundle.join("rootfs")),
+    )?;
     quiet(Command::new(&crun).arg("spec").current_dir(&bundle))?;
     let spec_path = bundle.join("config.json");
     let spec = std::fs::read_to_string(&spec_path)?;
@@ -128,10 +133,28 @@ fn start(cycles: usize) -> Result<()> {
     }
     let b = summarize(berth_t);
     let c = summarize(crun_t);
-    println!("bench start: {cycles} cycles of create→start→stop --fast→destroy (busybox rootfs), whole CLI processes");
-    println!("  berth: p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})", ms(b.p50), ms(b.p99), ms(b.min), ms(b.max));
-    println!("  crun:  p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})  [create→start→kill→delete]", ms(c.p50), ms(c.p99), ms(c.min), ms(c.max));
-    println!("  ratio berth/crun: p50 {:.3}  p99 {:.3}", ms(b.p50) / ms(c.p50), ms(b.p99) / ms(c.p99));
+    println!(
+        "bench start: {cycles} cycles of create→start→stop --fast→destroy (busybox rootfs), whole CLI processes"
+    );
+    println!(
+        "  berth: p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})",
+        ms(b.p50),
+        ms(b.p99),
+        ms(b.min),
+        ms(b.max)
+    );
+    println!(
+        "  crun:  p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})  [create→start→kill→delete]",
+        ms(c.p50),
+        ms(c.p99),
+        ms(c.min),
+        ms(c.max)
+    );
+    println!(
+        "  ratio berth/crun: p50 {:.3}  p99 {:.3}",
+        ms(b.p50) / ms(c.p50),
+        ms(b.p99) / ms(c.p99)
+    );
     println!(
         "  bar: p50 <= 25 ms: {}; berth/crun <= 1.0: {}",
         if ms(b.p50) <= 25.0 { "PASS" } else { "FAIL" },

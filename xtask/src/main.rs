@@ -57,7 +57,13 @@ fn cargo() -> Command {
 }
 
 /// Crates built for the host (ebpf/programs only builds for bpfel through aya-build).
-const HOST_CRATES: &[&str] = &["berth-common", "berth-runtime", "berth", "berth-tests", "xtask"];
+const HOST_CRATES: &[&str] = &[
+    "berth-common",
+    "berth-runtime",
+    "berth",
+    "berth-tests",
+    "xtask",
+];
 
 pub fn build_release() -> Result<PathBuf> {
     run(cargo().args(["build", "--release", "-p", "berth"]))?;
@@ -84,7 +90,14 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     clippy.args(["--", "-D", "warnings"]);
     run(&mut clippy)?;
-    run(cargo().args(["test", "--workspace", "--exclude", "berth-ebpf", "--exclude", "berth-tests"]))?;
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "berth-ebpf",
+        "--exclude",
+        "berth-tests",
+    ]))?;
     run(cargo().args(["build", "-p", "berth", "--bins"]))?;
     let bin = workspace_root().join("target/debug");
     let mut e2e = cargo();
@@ -148,9 +161,24 @@ fn demo(root: &Path) -> Result<()> {
         if !running {
             berth(&["start", ctid])?;
         }
-        berth(&["set", ctid, "--memory", "256M", "--numproc", "200", "--save"])?;
+        berth(&[
+            "set",
+            ctid,
+            "--memory",
+            "256M",
+            "--numproc",
+            "200",
+            "--save",
+        ])?;
     }
-    berth(&["exec", "101", "--", "sh", "-c", "echo hello from $(hostname), PID $$"])?;
+    berth(&[
+        "exec",
+        "101",
+        "--",
+        "sh",
+        "-c",
+        "echo hello from $(hostname), PID $$",
+    ])?;
     berth(&[
         "list",
         "-a",

@@ -10,7 +10,7 @@ use nix::sched::{CloneFlags, setns};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork};
 
-use super::{CtError, Result, cgroup, cg_err, running};
+use super::{CtError, Result, cg_err, cgroup, running};
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host};
 use crate::ctid::Ctid;
@@ -73,7 +73,8 @@ fn open_target(host: &Host, ctid: Ctid) -> Result<(Target, i32)> {
 /// child reports them on stderr before `_exit`.
 fn enter_ct(t: &mut Target) -> std::result::Result<(), String> {
     for f in &mut t.cgroup_procs {
-        f.write_all(b"0").map_err(|e| format!("join CT cgroup: {e}"))?;
+        f.write_all(b"0")
+            .map_err(|e| format!("join CT cgroup: {e}"))?;
     }
     for (flag, fd) in &t.ns {
         if *flag == CloneFlags::CLONE_NEWPID {
@@ -137,11 +138,7 @@ pub fn exec(host: &Host, ctid: Ctid, argv: &[String]) -> Result<i32> {
     })
 }
 
-fn run_in_ct(
-    ctid: Ctid,
-    t: &mut Target,
-    child: impl FnOnce(&mut Target) -> String,
-) -> Result<i32> {
+fn run_in_ct(ctid: Ctid, t: &mut Target, child: impl FnOnce(&mut Target) -> String) -> Result<i32> {
     // setns(pid) only moves future children; berth itself stays where it is.
     if let Some((_, fd)) = t.ns.iter().find(|(f, _)| *f == CloneFlags::CLONE_NEWPID) {
         setns(fd.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|errno| CtError::Sys {
@@ -165,7 +162,10 @@ fn run_in_ct(
         ForkResult::Parent { child } => {
             // Ctrl-C reaches the whole foreground process group; the CT command decides.
             let _ = unsafe {
-                nix::sys::signal::signal(nix::sys::signal::SIGINT, nix::sys::signal::SigHandler::SigIgn)
+                nix::sys::signal::signal(
+                    nix::sys::signal::SIGINT,
+                    nix::sys::signal::SigHandler::SigIgn,
+                )
             };
             loop {
                 match waitpid(child, None) {
@@ -211,7 +211,8 @@ pub fn enter(host: &Host, ctid: Ctid) -> Result<i32> {
     if let Some(s) = &saved {
         let mut raw = s.clone();
         nix::sys::termios::cfmakeraw(&mut raw);
-        let _ = nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw);
+        let _ =
+            nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw);
     }
     let master = pty.master;
     let slave = pty.slave;

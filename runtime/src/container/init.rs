@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use caps::Capability;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-use nix::unistd::{chdir, dup2_stdin, dup2_stdout, dup2_stderr, pivot_root, sethostname, setsid};
+use nix::unistd::{chdir, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname, setsid};
 
 /// Capabilities removed from the CT's bounding set, like OpenVZ's defaults: no module loading,
 /// no raw I/O, no clock setting, no MAC policy, no kernel log, no BPF/perf, no process accounting.
@@ -52,7 +52,10 @@ pub struct InitSpec {
     pub userns: bool,
 }
 
-fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) -> Result<T, String> {
+fn ctx<T, E: std::fmt::Display>(
+    r: Result<T, E>,
+    what: impl FnOnce() -> String,
+) -> Result<T, String> {
     r.map_err(|e| format!("{}: {e}", what()))
 }
 
@@ -73,12 +76,16 @@ fn mnt(
 }
 
 fn ensure_dir(p: &Path) -> Result<(), String> {
-    ctx(fs::create_dir_all(p), || format!("create directory {}", p.display()))
+    ctx(fs::create_dir_all(p), || {
+        format!("create directory {}", p.display())
+    })
 }
 
 fn ensure_file(p: &Path) -> Result<(), String> {
     if p.symlink_metadata().is_err() {
-        ctx(fs::write(p, b""), || format!("create mount point {}", p.display()))?;
+        ctx(fs::write(p, b""), || {
+            format!("create mount point {}", p.display())
+        })?;
     }
     Ok(())
 }
@@ -87,7 +94,13 @@ fn ensure_file(p: &Path) -> Result<(), String> {
 pub fn setup_rootfs(spec: &InitSpec) -> Result<(), String> {
     let root = &spec.rootfs;
     // Host / is usually shared (systemd); without this the CT's mounts would propagate back.
-    mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
     // pivot_root needs the new root to be a mount point in this namespace.
     mnt(
         Some(&root.to_string_lossy()),
@@ -103,9 +116,21 @@ pub fn setup_rootfs(spec: &InitSpec) -> Result<(), String> {
     mnt(Some("proc"), &proc, Some("proc"), nosuid_nodev_noexec, None)?;
     // /proc/sys is read-only except net/, which belongs to the CT's own network namespace.
     let sys_ = proc.join("sys");
-    mnt(Some(&sys_.to_string_lossy()), &sys_, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mnt(
+        Some(&sys_.to_string_lossy()),
+        &sys_,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     let sysnet = sys_.join("net");
-    mnt(Some(&sysnet.to_string_lossy()), &sysnet, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mnt(
+        Some(&sysnet.to_string_lossy()),
+        &sysnet,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     mnt(
         None,
         &sys_,
@@ -146,11 +171,17 @@ pub fn setup_rootfs(spec: &InitSpec) -> Result<(), String> {
         }
     }
 
-    ctx(chdir(root.as_path()), || format!("chdir {}", root.display()))?;
+    ctx(chdir(root.as_path()), || {
+        format!("chdir {}", root.display())
+    })?;
     // pivot_root(".", "."): stacks the old root on top of the new one, then detaching "."
     // removes the old root without needing a put_old directory inside the CT.
-    ctx(pivot_root(".", "."), || format!("pivot_root into {}", root.display()))?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || "detach old root".to_string())?;
+    ctx(pivot_root(".", "."), || {
+        format!("pivot_root into {}", root.display())
+    })?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detach old root".to_string()
+    })?;
     ctx(chdir("/"), || "chdir /".to_string())?;
     Ok(())
 }
@@ -178,16 +209,28 @@ fn setup_dev(spec: &InitSpec) -> Result<(), String> {
         if spec.userns {
             // mknod is refused inside a user namespace: bind the host's node instead.
             ensure_file(&p)?;
-            mnt(Some(&format!("/dev/{name}")), &p, None, MsFlags::MS_BIND, None)?;
+            mnt(
+                Some(&format!("/dev/{name}")),
+                &p,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
         } else {
             ctx(
-                mknod(&p, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(*maj, *min)),
+                mknod(
+                    &p,
+                    SFlag::S_IFCHR,
+                    Mode::from_bits_truncate(0o666),
+                    makedev(*maj, *min),
+                ),
                 || format!("mknod {}", p.display()),
             )?;
             // mknod honours the umask; the nodes must be world-usable.
-            ctx(fs::set_permissions(&p, fs::Permissions::from_mode(0o666)), || {
-                format!("chmod {}", p.display())
-            })?;
+            ctx(
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o666)),
+                || format!("chmod {}", p.display()),
+            )?;
         }
     }
     let pts = dev.join("pts");
@@ -199,7 +242,9 @@ fn setup_dev(spec: &InitSpec) -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )?;
-    ctx(symlink("pts/ptmx", dev.join("ptmx")), || "symlink /dev/ptmx".into())?;
+    ctx(symlink("pts/ptmx", dev.join("ptmx")), || {
+        "symlink /dev/ptmx".into()
+    })?;
     let shm = dev.join("shm");
     ensure_dir(&shm)?;
     mnt(
@@ -220,7 +265,13 @@ fn setup_dev(spec: &InitSpec) -> Result<(), String> {
     if let Some(console) = &spec.console {
         let p = dev.join("console");
         ensure_file(&p)?;
-        mnt(Some(&console.to_string_lossy()), &p, None, MsFlags::MS_BIND, None)?;
+        mnt(
+            Some(&console.to_string_lossy()),
+            &p,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -264,8 +315,14 @@ pub fn drop_caps() -> Result<(), String> {
         if !caps::all().contains(c) {
             continue;
         }
-        ctx(caps::drop(None, caps::CapSet::Bounding, *c), || format!("drop {c} from bounding set"))?;
-        for set in [caps::CapSet::Effective, caps::CapSet::Permitted, caps::CapSet::Inheritable] {
+        ctx(caps::drop(None, caps::CapSet::Bounding, *c), || {
+            format!("drop {c} from bounding set")
+        })?;
+        for set in [
+            caps::CapSet::Effective,
+            caps::CapSet::Permitted,
+            caps::CapSet::Inheritable,
+        ] {
             ctx(caps::drop(None, set, *c), || format!("drop {c}"))?;
         }
     }

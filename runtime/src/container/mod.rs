@@ -80,7 +80,11 @@ pub enum CtError {
 
 type Result<T, E = CtError> = std::result::Result<T, E>;
 
-fn io_err(ctid: Ctid, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CtError + '_ {
+fn io_err<'a>(
+    ctid: Ctid,
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> CtError + 'a {
     move |source| CtError::Io {
         ctid,
         op,
@@ -475,7 +479,10 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
     let mut undo = Undo::new();
     cg.create().map_err(cg_err(ctid))?;
     undo.push("cgroup", || {
-        if let Err(e) = cg.kill_all(Duration::from_secs(5)).and_then(|_| cg.destroy()) {
+        if let Err(e) = cg
+            .kill_all(Duration::from_secs(5))
+            .and_then(|_| cg.destroy())
+        {
             warn!(%ctid, error = %e, "rollback: remove cgroup");
         }
     });
@@ -485,6 +492,24 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
         crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
     }
 
+    let sp = host.state_path(ctid);
+    let mut st = RunState {
+        init_pid: 0,
+        init_starttime: 0,
+        monitor_pid: 0,
+        boot_id: state::boot_id().unwrap_or_default(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        mounted_by_start: !state::is_mount_point(&host.root_dir(ctid)),
+    };
+    // A provisional state (init_pid 0, never "alive") records that the mount is start's own, so
+    // gc after a kill -9 mid-start unmounts it but leaves a `berth mount` of the admin alone.
+    st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+    undo.push("state", || {
+        let _ = fs::remove_file(host.state_path(ctid));
+    });
     let mounted = bind_private(host, ctid)?;
     if mounted {
         undo.push("mount", || {
@@ -584,18 +609,10 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
     if !msg.is_empty() {
         return Err(CtError::StartFailed { ctid, msg });
     }
-    let st = RunState {
-        init_pid,
-        init_starttime: starttime,
-        monitor_pid: monitor_pid.as_raw(),
-        boot_id: state::boot_id().unwrap_or_default(),
-        started_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        mounted_by_start: mounted,
-    };
-    let sp = host.state_path(ctid);
+    st.init_pid = init_pid;
+    st.init_starttime = starttime;
+    st.monitor_pid = monitor_pid.as_raw();
+    st.mounted_by_start = mounted;
     st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
     undo.disarm();
     info!(%ctid, init_pid, "started");
@@ -620,17 +637,24 @@ fn monitor_main(
     err_w: OwnedFd,
     userns: Option<UserNs>,
 ) -> i32 {
+    // No panics from here on: unwinding in this forked copy would run the parent's rollback.
     let fail = |msg: String| {
-        let mut f = fs::File::from(ready_w.try_clone().expect("dup pipe"));
-        let _ = f.write_all(&0i32.to_ne_bytes());
-        let _ = f.write_all(msg.as_bytes());
+        let mut buf = 0i32.to_ne_bytes().to_vec();
+        buf.extend_from_slice(msg.as_bytes());
+        let _ = nix::unistd::write(&ready_w, &buf);
         1
     };
     let _ = nix::unistd::setsid();
-    let _ = nix::sys::prctl::set_name(&std::ffi::CString::new(format!("berth-mon {ctid}")).unwrap_or_default());
+    let _ = nix::sys::prctl::set_name(
+        &std::ffi::CString::new(format!("berth-mon {ctid}")).unwrap_or_default(),
+    );
     // The monitor outlives the CLI: it must not hold the CLI's stdio (a caller reading
     // `berth start` output to EOF would hang) nor its CT lock (flock is per open file).
-    if let Ok(null) = fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         let b = std::os::fd::AsFd::as_fd(&null);
         let _ = nix::unistd::dup2_stdin(b);
         let _ = nix::unistd::dup2_stdout(b);
@@ -798,12 +822,7 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool) -> Result<()> {
     Ok(())
 }
 
-fn teardown_after_stop(
-    host: &Host,
-    ctid: Ctid,
-    cg: &cgroups::Cgroup,
-    unmount: bool,
-) -> Result<()> {
+fn teardown_after_stop(host: &Host, ctid: Ctid, cg: &cgroups::Cgroup, unmount: bool) -> Result<()> {
     if cg.exists() {
         cg.destroy().map_err(cg_err(ctid))?;
     }
@@ -869,7 +888,11 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(ctid, "remove mount point", &root)(e)),
     }
-    for p in [host.console_log_path(ctid), host.conf_path(ctid), host.lock_path(ctid)] {
+    for p in [
+        host.console_log_path(ctid),
+        host.conf_path(ctid),
+        host.lock_path(ctid),
+    ] {
         match fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -933,8 +956,16 @@ pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
     macro_rules! merge {
         ($($f:ident),*) => { $( if r.$f.is_some() { merged.$f = r.$f; } )* };
     }
-    merge!(memory, swap, cpuunits, cpulimit, cpus, numproc, ioweight, diskspace);
-    let delta = resources_of(r);
+    merge!(
+        memory, swap, cpuunits, cpulimit, cpus, numproc, ioweight, diskspace
+    );
+    let mut delta = resources_of(r);
+    // cpulimit and cpus both become the one CFS quota (the smaller wins): a change of either
+    // must carry the other, or applying it would drop the other's cap.
+    if r.cpulimit.is_some() || r.cpus.is_some() {
+        delta.cpulimit = merged.cpulimit;
+        delta.cpus = merged.cpus;
+    }
     delta.validate().map_err(cg_err(ctid))?;
     resources_of(&merged).validate().map_err(cg_err(ctid))?;
 

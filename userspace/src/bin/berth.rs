@@ -13,7 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
-#[command(name = "berth", version, about = "OpenVZ-style system containers on a mainline kernel")]
+#[command(
+    name = "berth",
+    version,
+    about = "OpenVZ-style system containers on a mainline kernel"
+)]
 struct Cli {
     /// State directory (configs, private areas, templates).
     #[arg(long, global = true, env = "BERTH_ROOT")]
@@ -50,7 +54,9 @@ enum Cmd {
         userns: bool,
     },
     /// Boot a CT.
-    Start { ct: String },
+    Start {
+        ct: String,
+    },
     /// Halt a CT (the distro's halt signal, then kill what is left after stop_timeout).
     Stop {
         ct: String,
@@ -58,16 +64,30 @@ enum Cmd {
         #[arg(long)]
         fast: bool,
     },
-    Restart { ct: String },
+    Restart {
+        ct: String,
+    },
     /// Remove a stopped CT: its files, config and cgroups.
-    Destroy { ct: String },
-    Status { ct: String },
+    Destroy {
+        ct: String,
+    },
+    Status {
+        ct: String,
+    },
     /// Bind-mount the CT's private area on its root directory.
-    Mount { ct: String },
-    Umount { ct: String },
+    Mount {
+        ct: String,
+    },
+    Umount {
+        ct: String,
+    },
     /// Freeze every process of the CT.
-    Suspend { ct: String },
-    Resume { ct: String },
+    Suspend {
+        ct: String,
+    },
+    Resume {
+        ct: String,
+    },
     /// Run a command in a running CT; its exit code becomes berth's.
     Exec {
         ct: String,
@@ -75,7 +95,9 @@ enum Cmd {
         cmd: Vec<String>,
     },
     /// Interactive shell in a running CT.
-    Enter { ct: String },
+    Enter {
+        ct: String,
+    },
     /// Change a CT's settings, live when it runs; --save persists them.
     Set(SetArgs),
     /// List CTs (running ones; -a for all).
@@ -146,7 +168,9 @@ enum TemplateCmd {
     },
     #[command(subcommand)]
     Build(BuildCmd),
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,7 +224,11 @@ fn print(json: bool, value: Value, human: impl FnOnce()) {
 }
 
 fn run(cli: Cli) -> Result<u8> {
-    let host = Host::new(cli.root.clone(), cli.run_dir.clone(), cli.cgroup_parent.clone())?;
+    let host = Host::new(
+        cli.root.clone(),
+        cli.run_dir.clone(),
+        cli.cgroup_parent.clone(),
+    )?;
     let json = cli.json;
     let resolve = |s: &str| host.resolve(s).map_err(anyhow::Error::from);
     match cli.cmd {
@@ -261,7 +289,9 @@ fn run(cli: Cli) -> Result<u8> {
                 println!(
                     "CT {ctid} {}{}",
                     st.state,
-                    st.init_pid.map(|p| format!(" (init PID {p})")).unwrap_or_default()
+                    st.init_pid
+                        .map(|p| format!(" (init PID {p})"))
+                        .unwrap_or_default()
                 )
             });
         }
@@ -321,7 +351,10 @@ fn run(cli: Cli) -> Result<u8> {
             };
             container::set(&host, ctid, &opts, a.save)?;
             print(json, json!({"ctid": ctid, "saved": a.save}), || {
-                println!("CT {ctid} updated{}", if a.save { " and saved" } else { "" })
+                println!(
+                    "CT {ctid} updated{}",
+                    if a.save { " and saved" } else { "" }
+                )
             });
         }
         Cmd::List {
@@ -380,12 +413,7 @@ const FIELDS: &[(&str, &str)] = &[
     ("diskspace", "disk quota"),
 ];
 
-fn field(
-    f: &str,
-    st: &container::Status,
-    cfg: &CtConfig,
-    stats: Option<&Stats>,
-) -> Result<Value> {
+fn field(f: &str, st: &container::Status, cfg: &CtConfig, stats: Option<&Stats>) -> Result<Value> {
     let r = &cfg.resources;
     Ok(match f {
         "ctid" => json!(st.ctid),
