@@ -36,10 +36,10 @@ pub fn cgroup_roots() -> Vec<PathBuf> {
             continue;
         };
         let fstype = post.split_whitespace().next().unwrap_or("");
-        if fstype == "cgroup" || fstype == "cgroup2" {
-            if let Some(mp) = pre.split_whitespace().nth(4) {
-                out.push(PathBuf::from(mp));
-            }
+        if (fstype == "cgroup" || fstype == "cgroup2")
+            && let Some(mp) = pre.split_whitespace().nth(4)
+        {
+            out.push(PathBuf::from(mp));
         }
     }
     out
@@ -50,6 +50,12 @@ pub struct TestHost {
     pub root: PathBuf,
     pub cgroup_parent: String,
     bin: PathBuf,
+}
+
+impl Default for TestHost {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl TestHost {

@@ -15,7 +15,7 @@ fn field(h: &TestHost, ct: &str, f: &str) -> serde_json::Value {
     v.as_array()
         .unwrap()
         .iter()
-        .find(|r| r["ctid"].to_string() == ct)
+        .find(|r| r["ctid"].as_u64().map(|c| c.to_string()).as_deref() == Some(ct))
         .unwrap_or_else(|| panic!("CT {ct} not listed: {v}"))[f]
         .clone()
 }

@@ -227,7 +227,7 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if let Some(h) = &opts.hostname {
         crate::config::validate_hostname(h).map_err(|msg| CtError::Invalid { ctid, msg })?;
     }
-    let store = TemplateStore::open(&host.template_dir())?;
+    let store = TemplateStore::open(host.template_dir())?;
     let tmpl = store.get(&opts.template)?;
     host.ensure_dirs()?;
     let _lock = lock(host, ctid)?;
@@ -417,8 +417,10 @@ pub fn umount_ct(host: &Host, ctid: Ctid) -> Result<()> {
 }
 
 /// Runs registered undo steps in reverse unless disarmed: a failed start leaves nothing behind.
+type UndoStep<'a> = (&'static str, Box<dyn FnOnce() + 'a>);
+
 struct Undo<'a> {
-    steps: Vec<(&'static str, Box<dyn FnOnce() + 'a>)>,
+    steps: Vec<UndoStep<'a>>,
 }
 
 impl<'a> Undo<'a> {
@@ -758,11 +760,7 @@ fn console_loop(child: Pid, master: OwnedFd, log_path: &Path) {
         .ok();
     let mut master_open = true;
     let mut buf = [0u8; 8192];
-    loop {
-        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {}
-            _ => break,
-        }
+    while let Ok(WaitStatus::StillAlive) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
         if master_open {
             let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(1000u16));
@@ -874,10 +872,11 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
     }
     cleanup_stopped(host, ctid, true)?;
     let private = host.private_dir(ctid);
-    if cfg.resources.diskspace.is_some() && private.exists() {
-        if let Err(e) = crate::quota::clear_diskspace(&private, ctid.get()) {
-            warn!(%ctid, error = %e, "clear disk quota");
-        }
+    if cfg.resources.diskspace.is_some()
+        && private.exists()
+        && let Err(e) = crate::quota::clear_diskspace(&private, ctid.get())
+    {
+        warn!(%ctid, error = %e, "clear disk quota");
     }
     if private.exists() {
         TemplateStore::remove_tree_fast(&private)?;
