@@ -20,7 +20,7 @@ APT_PACKAGES=(
   prometheus                                           # promtool, e2e scrape test
   hyperfine                                            # whole-process timings
   xz-utils zstd tar                                    # template import formats
-  e2fsprogs quota                                      # project quotas (--diskspace)
+  e2fsprogs quota xfsprogs                             # project quotas (--diskspace)
 )
 
 missing=()

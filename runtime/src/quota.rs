@@ -244,8 +244,13 @@ impl Target {
         if let Err(e) = self.quotactl(libc::Q_GETINFO as u32, 0, info.as_mut_ptr().cast()) {
             let why = match e.raw_os_error() {
                 Some(libc::ENOSYS) => format!(
-                    "{} has no quota support in this kernel (CONFIG_QUOTA, CONFIG_QFMT_V2 for ext4, CONFIG_XFS_QUOTA for xfs)",
-                    self.fs
+                    "{} has no quota support in this kernel{}",
+                    self.fs,
+                    match self.fs.as_str() {
+                        "xfs" => " (needs CONFIG_XFS_QUOTA)",
+                        "ext4" => " (needs CONFIG_QUOTA and CONFIG_QFMT_V2)",
+                        _ => "",
+                    }
                 ),
                 Some(libc::ESRCH) => self.enable_hint().to_string(),
                 _ => format!("{} (querying quota state: {e})", self.enable_hint()),
