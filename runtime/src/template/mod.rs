@@ -169,6 +169,16 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The pid in a scratch directory name `.{import,build,remove}-<name>-<pid>-<seq>`.
+fn scratch_owner(file_name: &str) -> Option<u32> {
+    let rest = [".import-", ".build-", ".remove-"]
+        .iter()
+        .find_map(|p| file_name.strip_prefix(p))?;
+    let mut it = rest.rsplitn(3, '-');
+    let (_seq, pid, _name) = (it.next()?, it.next()?, it.next()?);
+    pid.parse().ok()
+}
+
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -362,11 +372,41 @@ impl TemplateStore {
         }
         // Rename first so a half-removed template never shows up in list() and the name is free
         // again at once.
-        let doomed = self
-            .dir
-            .join(format!(".remove-{name}-{}", std::process::id()));
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let doomed = self.dir.join(format!(
+            ".remove-{name}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         fs::rename(&dir, &doomed).map_err(io_err("remove template", &dir))?;
         remove_tree_fast(&doomed)
+    }
+
+    /// Removes scratch directories (`.import-*`, `.build-*`, `.remove-*`) left by berth processes
+    /// that died mid-operation; those of live processes are left alone. Returns how many went.
+    pub fn cleanup_stale(&self) -> Result<usize> {
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("list template store", &self.dir)(e)),
+        };
+        let mut removed = 0;
+        for ent in rd {
+            let ent = ent.map_err(io_err("list template store", &self.dir))?;
+            let name = ent.file_name();
+            let Some(pid) = name.to_str().and_then(scratch_owner) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = ent.path();
+            fsutil::detach_mounts_below(&path);
+            remove_tree_fast(&path)?;
+            tracing::info!(path = %path.display(), pid, "removed stale template scratch directory");
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     /// Same as [`remove_tree_fast`], for callers that hold the store type.

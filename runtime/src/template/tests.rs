@@ -535,3 +535,24 @@ fn tar_unpack_in_guards_but_silently() {
     assert!(!outside.join("passwd").exists());
     assert!(!tmp.path().join("escape").exists());
 }
+
+#[test]
+fn stale_scratch_directories_are_cleaned() {
+    let fx = fixture();
+    // pid 0 never names a live process in /proc; our own pid does.
+    let dead = fx.store.dir.join(".import-debian-12-0-3");
+    let live = fx
+        .store
+        .dir
+        .join(format!(".build-x-{}-0", std::process::id()));
+    for d in [&dead, &live] {
+        fs::create_dir_all(d.join("rootfs/etc")).unwrap();
+    }
+    fs::create_dir(fx.store.dir.join("keep")).unwrap();
+    assert_eq!(fx.store.cleanup_stale().unwrap(), 1);
+    assert!(!dead.exists());
+    assert!(live.exists());
+    assert!(fx.store.dir.join("keep").exists());
+    assert_eq!(super::scratch_owner(".remove-a-b-c-42-7"), Some(42));
+    assert_eq!(super::scratch_owner("debian-12"), None);
+}
