@@ -7,7 +7,7 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind,
-    LinkAttribute, LinkInfo, LinkMessage,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 
 use super::error::NetError;
@@ -141,8 +141,9 @@ pub(crate) fn add(
     // With static addresses berth configures the CT end, so it comes up now; otherwise the CT's
     // own network configuration brings it up.
     let configure = !b.addrs.is_empty() || b.gateway4.is_some() || b.gateway6.is_some();
-    let msg = veth_request(host_attrs, peer_attrs, ct_netns);
-    host.nl
+    let msg = veth_request(host_attrs, peer_attrs, ct_netns, LinkFlags::empty());
+    let echo = host
+        .nl
         .link_create(msg, &host_name)
         .map_err(|e| which_exists(e, host, ct, &host_name, &b.name))?;
     state.ifaces.push(IfaceState {
@@ -159,7 +160,7 @@ pub(crate) fn add(
         proxy: Vec::new(),
     });
     let st = state.ifaces.last_mut().expect("just pushed");
-    read_back(host, ct, &host_name, &b.name, st, false)?;
+    read_back(host, ct, echo, &host_name, &b.name, st)?;
     if configure {
         ct.link_set_up(st.ct_ifindex, &b.name)?;
     }

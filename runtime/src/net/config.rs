@@ -196,6 +196,13 @@ impl MacAddr {
         ])
     }
 
+    /// The MAC of both ends of a CT's routed venet pair (first byte `06`: locally administered,
+    /// distinct from bridged interfaces' `02`/`fe`).
+    pub fn venet(ctid: Ctid) -> Self {
+        let c = ctid.get().to_be_bytes();
+        Self([0x06, 0, c[0], c[1], c[2], c[3]])
+    }
+
     pub fn is_valid_unicast(&self) -> bool {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }

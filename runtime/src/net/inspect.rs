@@ -118,7 +118,12 @@ fn link_line(l: &LinkMessage, names: &HashMap<u32, String>) -> String {
     } else {
         "down"
     };
-    let mut s = format!("{name} {kind} {up} mtu {mtu}");
+    let noarp = if l.header.flags.contains(LinkFlags::Noarp) {
+        " noarp"
+    } else {
+        ""
+    };
+    let mut s = format!("{name} {kind} {up}{noarp} mtu {mtu}");
     if let Some(m) = master {
         s += &format!(
             " master {}",

@@ -7,12 +7,15 @@
 //!
 //! # Routed mode (OpenVZ venet semantics on a mainline kernel)
 //! One veth pair per CT: host end `venet<CTID>`, peer created directly inside the CT's netns as
-//! `venet0` (no rename/move round trip). Inside the CT: each address as /32 or /128 on `venet0`,
-//! default routes `via 169.254.0.1 onlink` and `via fe80::1 onlink`. On the host: 169.254.0.1/32
-//! and fe80::1/64 on `venet<CTID>` (so the CT can resolve its gateway), a /32 or /128 route per
-//! address to `venet<CTID>`, and a proxy ARP/NDP entry (`NTF_PROXY`) per address on each
-//! neighbour device (a list, or `detect`: the device holding the route towards the address). The
-//! CT sees no other CT's frames: every CT has its own point-to-point veth.
+//! `venet0` (no rename/move round trip). Like OpenVZ's venet the pair is a point-to-point L3 link
+//! without ARP/NDP: both ends IFF_NOARP with the same MAC (see `routed::create_link` for why that
+//! works), so neither side needs a neighbour entry or a gateway address. Inside the CT: each
+//! address as /32 or /128 on `venet0`, default routes `via 169.254.0.1 onlink` and
+//! `via fe80::1 onlink` (the gateway is never resolved; any onlink address would do, these are
+//! the conventional ones). On the host: no address on `venet<CTID>`, a /32 or /128 route per
+//! address to it, and a proxy ARP/NDP entry (`NTF_PROXY`) per address on each neighbour device
+//! (a list, or `detect`: the device holding the route towards the address). The CT sees no other
+//! CT's frames: every CT has its own point-to-point veth.
 //!
 //! Host sysctls routed mode needs (set only when not already set, never reset):
 //! - `net.ipv4.conf.all.forwarding=1` (= `net.ipv4.ip_forward`): the host routes CT traffic, and
@@ -27,7 +30,7 @@
 //! `net.ipv4.neigh.<dev>.proxy_delay=0` and `net.ipv6.neigh.<dev>.proxy_delay=0`.
 //!
 //! Teardown: deleting `venet<CTID>` (or letting the kernel destroy it with the CT's netns) removes
-//! the peer, the host routes and the gateway addresses with it; proxy entries live on the
+//! the peer and the host routes with it; proxy entries live on the
 //! neighbour devices and are deleted explicitly.
 //!
 //! # Bridged mode

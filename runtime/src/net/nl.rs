@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use std::os::fd::BorrowedFd;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
@@ -138,7 +139,18 @@ impl Netlink {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Result<(), KernelError>, NetError> {
+        Ok(self.request_echo(msg, flags)?.map(|_| ()))
+    }
+
+    /// Like [`Self::request`], also returning the messages the kernel sent back before the ACK
+    /// (with `NLM_F_ECHO`: the object as created, saving a GET round trip).
+    pub fn request_echo(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Result<Vec<RouteNetlinkMessage>, KernelError>, NetError> {
         let seq = self.send(msg, NLM_F_REQUEST | NLM_F_ACK | flags)?;
+        let mut echoed = Vec::new();
         loop {
             self.recv_batch()?;
             let mut off = 0;
@@ -150,14 +162,18 @@ impl Netlink {
                 if m.header.sequence_number != seq {
                     continue;
                 }
-                if let NetlinkPayload::Error(err) = m.payload {
-                    return Ok(match err.code {
-                        None => Ok(()),
-                        Some(code) => Err(KernelError {
-                            errno: -code.get(),
-                            extack: extack_text(&err.header),
-                        }),
-                    });
+                match m.payload {
+                    NetlinkPayload::Error(err) => {
+                        return Ok(match err.code {
+                            None => Ok(echoed),
+                            Some(code) => Err(KernelError {
+                                errno: -code.get(),
+                                extack: extack_text(&err.header),
+                            }),
+                        });
+                    }
+                    NetlinkPayload::InnerMessage(inner) => echoed.push(inner),
+                    _ => {}
                 }
             }
         }
@@ -264,10 +280,21 @@ impl Netlink {
         }
     }
 
-    /// Creates a link; EEXIST becomes [`NetError::LinkExists`].
-    pub fn link_create(&mut self, msg: LinkMessage, name: &str) -> Result<(), NetError> {
-        match self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)? {
-            Ok(()) => Ok(()),
+    /// Creates a link; EEXIST becomes [`NetError::LinkExists`]. Returns the link as created
+    /// when the kernel echoes it (NLM_F_ECHO on RTM_NEWLINK; older kernels: None).
+    pub fn link_create(
+        &mut self,
+        msg: LinkMessage,
+        name: &str,
+    ) -> Result<Option<LinkMessage>, NetError> {
+        match self.request_echo(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
+        )? {
+            Ok(echo) => Ok(echo.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })),
             Err(e) if e.errno == libc::EEXIST => Err(NetError::LinkExists {
                 ifname: name.to_string(),
                 ns: self.ns.clone(),

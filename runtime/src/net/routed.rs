@@ -3,8 +3,10 @@
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAttribute, RouteType};
 
@@ -42,15 +44,18 @@ pub(crate) fn veth_request(
     host_attrs: Vec<LinkAttribute>,
     mut peer_attrs: Vec<LinkAttribute>,
     peer_netns: BorrowedFd<'_>,
+    flags: LinkFlags,
 ) -> LinkMessage {
     let mut peer = LinkMessage::default();
+    peer.header.flags = flags;
+    peer.header.change_mask = flags;
     // IFLA_NET_NS_FD inside the peer's ifinfomsg: the kernel creates the peer in that netns,
     // which saves a rename + move round trip per CT (and a window where it sits on the host).
     peer_attrs.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
     peer.attributes = peer_attrs;
     let mut msg = LinkMessage::default();
-    msg.header.flags = LinkFlags::Up;
-    msg.header.change_mask = LinkFlags::Up;
+    msg.header.flags = flags | LinkFlags::Up;
+    msg.header.change_mask = flags | LinkFlags::Up;
     msg.attributes = host_attrs;
     msg.attributes.push(LinkAttribute::LinkInfo(vec![
         LinkInfo::Kind(InfoKind::Veth),
@@ -82,22 +87,26 @@ pub(crate) fn which_exists(
     e
 }
 
-/// Reads back host ifindex, peer ifindex (IFLA_LINK) and MAC of a freshly created veth.
+/// Records host ifindex, peer ifindex (IFLA_LINK) and host MAC of a freshly created veth, from
+/// the kernel's echo of the creation or, without one, from a GET.
 pub(crate) fn read_back(
     host: &mut HostNet,
     ct: &mut Netlink,
+    echo: Option<LinkMessage>,
     host_name: &str,
     ct_name: &str,
     st: &mut IfaceState,
-    need_ct_mac: bool,
 ) -> Result<(), NetError> {
-    let l = host
-        .nl
-        .link_by_name(host_name)?
-        .ok_or_else(|| NetError::LinkNotFound {
-            ifname: host_name.to_string(),
-            ns: host.nl.ns.clone(),
-        })?;
+    let l = match echo {
+        Some(l) => l,
+        None => host
+            .nl
+            .link_by_name(host_name)?
+            .ok_or_else(|| NetError::LinkNotFound {
+                ifname: host_name.to_string(),
+                ns: host.nl.ns.clone(),
+            })?,
+    };
     st.host_ifindex = l.header.index;
     st.host_mac = link_mac(&l);
     st.ct_ifindex = l
@@ -108,7 +117,7 @@ pub(crate) fn read_back(
             _ => None,
         })
         .unwrap_or(0);
-    if st.ct_ifindex == 0 || need_ct_mac {
+    if st.ct_ifindex == 0 {
         let p = ct
             .link_by_name(ct_name)?
             .ok_or_else(|| NetError::LinkNotFound {
@@ -116,12 +125,19 @@ pub(crate) fn read_back(
                 ns: ct.ns.clone(),
             })?;
         st.ct_ifindex = p.header.index;
-        st.ct_mac = link_mac(&p);
     }
     Ok(())
 }
 
 /// Creates the `venet<CTID>` / `venet0` pair and records it in `state` (so rollback removes it).
+///
+/// The pair is a pure layer-3 point-to-point link, like OpenVZ's venet: both ends IFF_NOARP and
+/// the same MAC. On a NOARP device the kernel resolves every neighbour to the device's own MAC
+/// (arp_constructor / ndisc_constructor), which is the peer's MAC too, so frames are accepted as
+/// PACKET_HOST without any ARP/NDP: no gateway addresses on the host end, no neighbour entries,
+/// no DAD on the CT's addresses (addrconf skips DAD on NOARP devices). The host end also gets
+/// no IPv6 link-local (addr_gen_mode none): it needs no address at all, and a link-local derived
+/// from the shared MAC would equal the CT end's.
 pub(crate) fn create_link(
     ctid: Ctid,
     ct_netns: BorrowedFd<'_>,
@@ -130,12 +146,21 @@ pub(crate) fn create_link(
     state: &mut NetState,
 ) -> Result<(), NetError> {
     let name = venet_host_ifname(ctid);
+    let mac = MacAddr::venet(ctid);
     let msg = veth_request(
-        vec![LinkAttribute::IfName(name.clone())],
-        vec![LinkAttribute::IfName(VENET_CT_IFNAME.into())],
+        vec![
+            LinkAttribute::IfName(name.clone()),
+            LinkAttribute::Address(mac.0.to_vec()),
+        ],
+        vec![
+            LinkAttribute::IfName(VENET_CT_IFNAME.into()),
+            LinkAttribute::Address(mac.0.to_vec()),
+        ],
         ct_netns,
+        LinkFlags::Noarp,
     );
-    host.nl
+    let echo = host
+        .nl
         .link_create(msg, &name)
         .map_err(|e| which_exists(e, host, ct, &name, VENET_CT_IFNAME))?;
     state.ifaces.push(IfaceState {
@@ -144,16 +169,27 @@ pub(crate) fn create_link(
         host_ifname: name.clone(),
         host_ifindex: 0,
         ct_ifindex: 0,
-        ct_mac: None,
-        host_mac: None,
+        ct_mac: Some(mac),
+        host_mac: Some(mac),
         bridge: None,
         vlan: None,
         addrs: Vec::new(),
         proxy: Vec::new(),
     });
     let st = state.ifaces.last_mut().expect("just pushed");
-    // The CT end's MAC is random (veth default) and only matters on this point-to-point link.
-    read_back(host, ct, &name, VENET_CT_IFNAME, st, false)?;
+    read_back(host, ct, echo, &name, VENET_CT_IFNAME, st)?;
+    // addr_gen_mode is refused in RTM_NEWLINK (EAFNOSUPPORT: the inet6 device does not exist
+    // yet), so it is set here. The host end already being up does not matter: a veth gets
+    // carrier, and with it a link-local, only once the CT end comes up, after this.
+    let mut set = LinkMessage::default();
+    set.header.index = st.host_ifindex;
+    set.attributes
+        .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+            vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+        )]));
+    host.nl
+        .request(RouteNetlinkMessage::SetLink(set), 0)?
+        .map_err(|e| host.nl.fail("disable IPv6 link-local on", name.clone(), e))?;
     ct.link_set_up(st.ct_ifindex, VENET_CT_IFNAME)
 }
 
@@ -298,17 +334,6 @@ pub(crate) fn add(
             if !want || had {
                 continue;
             }
-            let prefix = if gw.is_ipv4() { 32 } else { 64 };
-            let r = host
-                .nl
-                .addr_add(st.host_ifindex, gw, prefix, &st.host_ifname)?;
-            ok_if_exists(r).map_err(|e| {
-                host.nl.fail(
-                    "add gateway address",
-                    format!("{gw} on {}", st.host_ifname),
-                    e,
-                )
-            })?;
             let unspec = if gw.is_ipv4() {
                 IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
             } else {
