@@ -77,8 +77,36 @@ fn main() {
     in_ns(h, &["addr", "add", "2001:db8::1/32", "dev", "up0", "nodad"]);
     in_ns(h, &["link", "set", "up1", "up"]);
     in_ns(h, &["link", "set", "up0", "up"]);
+    {
+        // A routing host: forwarding on before the "before" snapshot (IPv6 adds anycast routes
+        // when it is switched on, which would otherwise show up as a difference).
+        let _g = berth_runtime::net::NetNsGuard::enter(h).unwrap();
+        for k in [
+            "ipv4/conf/all/forwarding",
+            "ipv6/conf/all/forwarding",
+            "ipv6/conf/up0/proxy_ndp",
+        ] {
+            std::fs::write(format!("/proc/sys/net/{k}"), "1\n").expect("sysctl");
+        }
+    }
     let mut host = HostNet::open(Some(h)).expect("host side");
-    let before = Snapshot::take(&mut Netlink::open_in(h, "bench host").unwrap()).unwrap();
+    // Let the kernel finish its own follow-ups (link-locals, forwarding anycast routes) first.
+    let mut nl0 = Netlink::open_in(h, "bench host").unwrap();
+    let mut before = Snapshot::take(&mut nl0).unwrap();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = Snapshot::take(&mut nl0).unwrap();
+        if now == before
+            && ["dev up0", "dev up1"].iter().all(|d| {
+                now.routes
+                    .iter()
+                    .any(|r| r.contains("fe80:") && r.contains("type Local") && r.ends_with(d))
+            })
+        {
+            break;
+        }
+        before = now;
+    }
 
     // ---- in-process setup ----------------------------------------------------------------
     let mut lat = Vec::with_capacity(cts as usize);
