@@ -211,6 +211,19 @@ pub struct ResourceConfig {
     pub diskspace: Option<Size>,
 }
 
+/// How a CT's files are laid out in its private area.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// `private/<CTID>` is a full copy of the template (vzctl's layout; needed with a user
+    /// namespace, whose ids are shifted on disk).
+    #[default]
+    Copy,
+    /// `private/<CTID>/upper` holds only the CT's changes over the template's rootfs, mounted with
+    /// overlayfs: create copies nothing, and the template cannot be removed while CTs use it.
+    Overlay,
+}
+
 /// `conf/<CTID>.toml`. Every key is documented in the README ("CT config").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,6 +235,9 @@ pub struct CtConfig {
     pub hostname: Option<String>,
     /// Template the private area was created from.
     pub template: String,
+    /// `copy` or `overlay` (see [`Layout`]).
+    #[serde(default)]
+    pub layout: Layout,
     /// Program started as the CT's PID 1.
     #[serde(default = "default_init")]
     pub init: String,
@@ -255,6 +271,7 @@ impl CtConfig {
             name: None,
             hostname: None,
             template,
+            layout: Layout::default(),
             init: default_init(),
             stop_signal: default_stop_signal(),
             stop_timeout: default_stop_timeout(),

@@ -299,7 +299,13 @@ fn bad_input_changes_nothing() {
     assert!(!err.is_empty());
     assert!(!h.root.join("template/bad").exists());
     // a CT whose init is missing fails to start and leaves nothing running or mounted
-    std::fs::remove_file(h.root.join("private/105/sbin/init")).unwrap();
+    let conf = h.root.join("conf/105.toml");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("init = \"/sbin/init\"", "init = \"/sbin/nope\""),
+    )
+    .unwrap();
     let err = h.fails(&["start", "105"]);
     assert!(err.contains("init"), "{err}");
     assert_eq!(h.status("105")["state"], "stopped");

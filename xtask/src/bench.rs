@@ -24,19 +24,19 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
+/// Runs a command with stdio detached. stderr goes to a file, not a pipe: crun's container
+/// init inherits it, and a pipe would only reach EOF when the container exits.
 fn quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd
+    let errf = std::env::temp_dir().join(format!("berth-bench-{}.stderr", std::process::id()));
+    let st = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
+        .stderr(std::fs::File::create(&errf)?)
+        .status()
         .with_context(|| format!("spawn {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+    if !st.success() {
+        let err = std::fs::read_to_string(&errf).unwrap_or_default();
+        bail!("{cmd:?} failed: {st}: {err}");
     }
     Ok(())
 }
@@ -63,8 +63,61 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// crun 1.8 refuses hybrid hosts whose cgroup2 mount holds a controller ("cgroups in hybrid
+/// mode not supported"; here: hugetlb). The benchmark therefore runs in a private mount
+/// namespace whose /sys/fs/cgroup is a fresh tmpfs holding bind mounts of the v1 hierarchies
+/// only: the host's mounts are not touched, and crun then manages v1 cgroups exactly like
+/// berth does, so both pay the same kernel cgroup costs.
+fn hide_unified_cgroup2() -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    use std::os::fd::AsRawFd;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("make / private in the benchmark's mount namespace")?;
+    let base = Path::new("/sys/fs/cgroup");
+    let mut keep = Vec::new();
+    for e in std::fs::read_dir(base)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "unified" || !e.path().join("cgroup.procs").exists() {
+            continue;
+        }
+        // O_PATH handles keep the hierarchies reachable after the tmpfs covers them.
+        let f = std::fs::File::open(e.path())?;
+        keep.push((name, f));
+    }
+    mount(
+        Some("tmpfs"),
+        base,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=755"),
+    )
+    .context("cover /sys/fs/cgroup in the benchmark's mount namespace")?;
+    for (name, f) in &keep {
+        let target = base.join(name);
+        std::fs::create_dir_all(&target)?;
+        let src = format!("/proc/self/fd/{}", f.as_raw_fd());
+        mount(
+            Some(src.as_str()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind cgroup hierarchy {name}"))?;
+    }
+    Ok(())
+}
+
 fn start(cycles: usize) -> Result<()> {
     let bin = build_release()?.join("berth");
+    hide_unified_cgroup2()?;
     let crun = which("crun").context("crun not installed (xtask/setup.sh installs it)")?;
     let tmp = tempdir()?;
     let root = tmp.join("berth");
@@ -161,7 +214,9 @@ fn start(cycles: usize) -> Result<()> {
         if b.p50 <= c.p50 { "PASS" } else { "FAIL" }
     );
     let _ = std::fs::remove_dir_all(&tmp);
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/memory/{cg_parent}"));
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let _ = std::fs::remove_dir(h.path().join(&cg_parent));
+    }
     Ok(())
 }
 

@@ -61,7 +61,7 @@ pub trait CgroupManager {
     /// Applies the `Some` fields of `r` (validated first; a bad or unsupported setting writes
     /// nothing). Works on a running CT.
     fn apply(&self, r: &Resources) -> Result<()>;
-    /// The cgroup.procs files a freshly forked child writes "0" to (joining itself) before
+    /// The files a freshly forked, single-threaded child writes "0" to (joining itself) before
     /// unshare(CLONE_NEWCGROUP), so the CT's cgroup namespace is rooted at its cgroup.
     fn join_self_files(&self) -> Vec<PathBuf>;
     /// Moves a process (all its threads) into the cgroup.

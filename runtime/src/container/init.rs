@@ -50,6 +50,8 @@ pub struct InitSpec {
     pub console_fd: Option<RawFd>,
     pub init: String,
     pub userns: bool,
+    /// Files the init writes "0" to, joining the CT's cgroups.
+    pub join_cgroup: Vec<PathBuf>,
 }
 
 fn ctx<T, E: std::fmt::Display>(

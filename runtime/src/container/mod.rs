@@ -23,7 +23,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::cgroups::{self, CgroupManager, Resources};
-use crate::config::{ConfigError, CtConfig, Host, ResourceConfig, UserNs};
+use crate::config::{ConfigError, CtConfig, Host, Layout, ResourceConfig, UserNs};
 use crate::ctid::{Ctid, validate_name};
 use crate::lock::{CtLock, LockError};
 use crate::template::TemplateStore;
@@ -139,6 +139,8 @@ pub struct CreateOpts {
     pub hostname: Option<String>,
     pub name: Option<String>,
     pub userns: bool,
+    /// Full copy instead of an overlay over the template (always with `userns`).
+    pub copy: bool,
 }
 
 /// Changes of `berth set`; `None` = unchanged.
@@ -270,11 +272,35 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if tmp.exists() {
         TemplateStore::remove_tree_fast(&tmp)?;
     }
+    // A user namespace needs ids shifted on disk, so those CTs get their own copy.
+    cfg.layout = if opts.userns || opts.copy {
+        Layout::Copy
+    } else {
+        Layout::Overlay
+    };
     let shift = cfg.userns.map(|u| (u.uid_base, u.gid_base));
     let res = (|| -> Result<()> {
-        store.instantiate(&opts.template, &tmp, shift)?;
-        if let Some(h) = &cfg.hostname {
-            write_hostname_files(ctid, &tmp, h)?;
+        match cfg.layout {
+            Layout::Copy => {
+                store.instantiate(&opts.template, &tmp, shift)?;
+                if let Some(h) = &cfg.hostname {
+                    write_hostname_files(ctid, &tmp, &tmp, h)?;
+                }
+            }
+            Layout::Overlay => {
+                overlay_paths_ok(ctid, &[&store.rootfs(&opts.template), &private])?;
+                for d in [tmp.join("upper"), tmp.join("work")] {
+                    fs::create_dir_all(&d).map_err(io_err(ctid, "create directory", &d))?;
+                }
+                if let Some(h) = &cfg.hostname {
+                    write_hostname_files(
+                        ctid,
+                        &store.rootfs(&opts.template),
+                        &tmp.join("upper"),
+                        h,
+                    )?;
+                }
+            }
         }
         fs::rename(&tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
         cfg.save(host)?;
@@ -290,16 +316,41 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     Ok(())
 }
 
-/// Writes /etc/hostname and the CT's own line in /etc/hosts inside a rootfs.
-pub fn write_hostname_files(ctid: Ctid, rootfs: &Path, hostname: &str) -> Result<()> {
-    let etc = rootfs.join("etc");
-    if !etc.is_dir() {
+/// Overlay mount options are comma/colon separated: paths holding those cannot be passed.
+fn overlay_paths_ok(ctid: Ctid, paths: &[&Path]) -> Result<()> {
+    for p in paths {
+        let s = p.to_string_lossy();
+        if s.contains([',', ':', '\\']) {
+            return Err(CtError::Invalid {
+                ctid,
+                msg: format!(
+                    "path {s} contains ',', ':' or '\\', which overlayfs options cannot carry: use another --root or `create --copy`"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes /etc/hostname and the CT's own line in /etc/hosts: existing files are read from
+/// `read_root` (the template for a new overlay CT), written under `write_root`.
+pub fn write_hostname_files(
+    ctid: Ctid,
+    read_root: &Path,
+    write_root: &Path,
+    hostname: &str,
+) -> Result<()> {
+    if !read_root.join("etc").is_dir() {
         return Ok(());
     }
+    let etc = write_root.join("etc");
+    fs::create_dir_all(&etc).map_err(io_err(ctid, "create directory", &etc))?;
     let hn = etc.join("hostname");
     write_in_ct(ctid, &hn, format!("{hostname}\n").as_bytes())?;
     let hosts = etc.join("hosts");
-    let old = fs::read_to_string(&hosts).unwrap_or_default();
+    let old = fs::read_to_string(&hosts)
+        .or_else(|_| fs::read_to_string(read_root.join("etc/hosts")))
+        .unwrap_or_default();
     let short = hostname.split('.').next().unwrap_or(hostname);
     let mine = if short == hostname {
         format!("127.0.1.1\t{hostname}")
@@ -342,7 +393,10 @@ fn write_in_ct(ctid: Ctid, path: &Path, data: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(io_err(ctid, "rename into place", path))
 }
 
-fn bind_private(host: &Host, ctid: Ctid) -> Result<bool> {
+/// Mounts the CT's files on `root/<CTID>`: a bind mount of the private area, or the overlay of
+/// the private area's `upper` over the template. Returns false if it was mounted already.
+fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
+    let ctid = cfg.ctid;
     let root = host.root_dir(ctid);
     if state::is_mount_point(&root) {
         return Ok(false);
@@ -355,18 +409,52 @@ fn bind_private(host: &Host, ctid: Ctid) -> Result<bool> {
         });
     }
     fs::create_dir_all(&root).map_err(io_err(ctid, "create mount point", &root))?;
-    mount(
-        Some(&private),
-        &root,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|errno| CtError::Sys {
-        ctid,
-        op: "bind-mount private area",
-        errno,
-    })?;
+    match cfg.layout {
+        Layout::Copy => mount(
+            Some(&private),
+            &root,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|errno| CtError::Sys {
+            ctid,
+            op: "bind-mount private area",
+            errno,
+        })?,
+        Layout::Overlay => {
+            let lower = TemplateStore::open(host.template_dir())?.rootfs(&cfg.template);
+            if !lower.is_dir() {
+                return Err(CtError::Invalid {
+                    ctid,
+                    msg: format!(
+                        "template {:?} (its rootfs {}) is missing: the CT's files are an overlay over it",
+                        cfg.template,
+                        lower.display()
+                    ),
+                });
+            }
+            overlay_paths_ok(ctid, &[&lower, &private])?;
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                private.join("upper").display(),
+                private.join("work").display()
+            );
+            mount(
+                Some("overlay"),
+                &root,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(opts.as_str()),
+            )
+            .map_err(|errno| CtError::Sys {
+                ctid,
+                op: "mount overlay of the private area over the template",
+                errno,
+            })?;
+        }
+    }
     // Nothing the host mounts under /var/lib/berth should leak into or out of a CT root.
     mount(
         None::<&str>,
@@ -401,9 +489,9 @@ fn unbind_private(host: &Host, ctid: Ctid) -> Result<()> {
 }
 
 pub fn mount_ct(host: &Host, ctid: Ctid) -> Result<()> {
-    CtConfig::load(host, ctid)?;
+    let cfg = CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
-    bind_private(host, ctid)?;
+    bind_private(host, &cfg)?;
     Ok(())
 }
 
@@ -512,7 +600,7 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
     undo.push("state", || {
         let _ = fs::remove_file(host.state_path(ctid));
     });
-    let mounted = bind_private(host, ctid)?;
+    let mounted = bind_private(host, &cfg)?;
     if mounted {
         undo.push("mount", || {
             let _ = unbind_private(host, ctid);
@@ -549,6 +637,7 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
         console_fd: None,
         init: cfg.init.clone(),
         userns: cfg.userns.is_some(),
+        join_cgroup: cg.join_self_files(),
     };
     let log_path = host.console_log_path(ctid);
 
@@ -596,7 +685,6 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
     });
     let starttime = state::proc_starttime(init_pid).unwrap_or(0);
 
-    cg.add_pid(init_pid).map_err(cg_err(ctid))?;
     if let Some(u) = cfg.userns {
         write_id_maps(ctid, init_pid, &u)?;
     }
@@ -689,6 +777,20 @@ fn monitor_main(
     if userns.is_some() {
         flags |= CloneFlags::CLONE_NEWUSER;
     }
+    // SIGCHLD arrives on a signalfd so the monitor sleeps until there is console output or init
+    // exits; the mask is inherited by the clone and undone in init before exec.
+    let mut chld = nix::sys::signal::SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    if let Err(e) = chld.thread_block() {
+        return fail(format!("block SIGCHLD: {e}"));
+    }
+    let sfd = match nix::sys::signalfd::SignalFd::with_flags(
+        &chld,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    ) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("signalfd: {e}")),
+    };
     let go_fd = go_r.as_raw_fd();
     let err_fd = err_w.as_raw_fd();
     let mut stack = vec![0u8; 256 * 1024];
@@ -712,17 +814,22 @@ fn monitor_main(
             let _ = kill(child, Signal::SIGKILL);
         }
     }
-    console_loop(child, pty.master, log_path);
+    console_loop(child, pty.master, sfd, log_path);
     0
 }
 
 /// In the cloned init: wait for the go-ahead, build the CT's view of the world, exec init.
 fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
     let res = (|| -> Result<(), String> {
+        let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
         let mut b = [0u8; 1];
         init::read_exact_fd(go_fd, &mut b)?;
         let _ = nix::unistd::close(go_fd);
-        // berth already put us in the CT's cgroup; the cgroup namespace roots it there.
+        // Still single-threaded and on the host's paths: join the CT's cgroups ourselves (the
+        // cheap single-thread migration, see join_self_files), then root a cgroup namespace there.
+        for f in &spec.join_cgroup {
+            fs::write(f, b"0").map_err(|e| format!("join cgroup {}: {e}", f.display()))?;
+        }
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
             .map_err(|e| format!("unshare cgroup namespace: {e}"))?;
         if spec.userns {
@@ -747,8 +854,8 @@ fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
     unsafe { libc::_exit(127) }
 }
 
-/// Copies console output to the log (capped: halves when it passes 1 MiB) until init exits.
-fn console_loop(child: Pid, master: OwnedFd, log_path: &Path) {
+/// Copies console output to the log (capped: truncated when it passes 1 MiB) until init exits.
+fn console_loop(child: Pid, master: OwnedFd, sfd: nix::sys::signalfd::SignalFd, log_path: &Path) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     use std::os::fd::AsFd;
@@ -760,30 +867,50 @@ fn console_loop(child: Pid, master: OwnedFd, log_path: &Path) {
         .ok();
     let mut master_open = true;
     let mut buf = [0u8; 8192];
-    while let Ok(WaitStatus::StillAlive) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-        if master_open {
-            let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
-            let _ = poll(&mut fds, PollTimeout::from(1000u16));
-            let rev = fds[0].revents().unwrap_or(PollFlags::empty());
-            if rev.contains(PollFlags::POLLIN) {
-                match nix::unistd::read(&master, &mut buf) {
-                    Ok(n) if n > 0 => {
-                        if let Some(l) = log.as_mut() {
-                            let _ = l.write_all(&buf[..n]);
-                            if l.metadata().map(|m| m.len() > CAP).unwrap_or(false) {
-                                let _ = l.set_len(0);
-                            }
-                        }
+    let mut copy = |master: &OwnedFd, log: &mut Option<fs::File>| -> bool {
+        match nix::unistd::read(master, &mut buf) {
+            Ok(n) if n > 0 => {
+                if let Some(l) = log.as_mut() {
+                    let _ = l.write_all(&buf[..n]);
+                    if l.metadata().map(|m| m.len() > CAP).unwrap_or(false) {
+                        let _ = l.set_len(0);
                     }
-                    _ => master_open = false,
                 }
-            } else if rev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                true
+            }
+            _ => false,
+        }
+    };
+    loop {
+        let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        if master_open {
+            fds.push(PollFd::new(master.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+        let sig = fds[0].revents().unwrap_or(PollFlags::empty());
+        let con = fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .unwrap_or(PollFlags::empty());
+        if con.contains(PollFlags::POLLIN) {
+            if !copy(&master, &mut log) {
                 master_open = false;
             }
-        } else {
-            // No console reader left: only reaping matters; a blocking wait is exact.
-            let _ = waitpid(child, None);
-            break;
+        } else if con.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+            master_open = false;
+        }
+        if sig.contains(PollFlags::POLLIN) {
+            while let Ok(Some(_)) = sfd.read_signal() {}
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                _ => {
+                    while master_open && copy(&master, &mut log) {}
+                    break;
+                }
+            }
         }
     }
 }
@@ -801,7 +928,14 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool) -> Result<()> {
     if cg.is_frozen().unwrap_or(false) {
         cg.thaw().map_err(cg_err(ctid))?;
     }
-    if !fast {
+    if fast {
+        // SIGKILL to the pid namespace's init makes the kernel kill every task in it, and the
+        // pidfd turns readable only after that namespace is empty (zap_pid_ns_processes).
+        if let Ok(pidfd) = state::pidfd_open(st.init_pid) {
+            let _ = kill(Pid::from_raw(st.init_pid), Signal::SIGKILL);
+            state::wait_pidfd(&pidfd, Duration::from_secs(10));
+        }
+    } else {
         let sig = crate::signal::parse_signal(&cfg.stop_signal).map_err(|e| CtError::Invalid {
             ctid,
             msg: e.to_string(),
@@ -979,7 +1113,8 @@ pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
         }
     }
     if let Some(h) = &opts.hostname {
-        write_hostname_files(ctid, &host.private_dir(ctid), h)?;
+        let (read, write) = files_view(host, &cfg);
+        write_hostname_files(ctid, &read, &write, h)?;
     }
     if save {
         if opts.hostname.is_some() {
@@ -992,6 +1127,37 @@ pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
         cfg.save(host)?;
     }
     Ok(())
+}
+
+/// Where to read and write the CT's files from the host: the mounted view when mounted,
+/// otherwise the private area (for an overlay: its upper layer, reading through to the template).
+fn files_view(host: &Host, cfg: &CtConfig) -> (PathBuf, PathBuf) {
+    let root = host.root_dir(cfg.ctid);
+    if state::is_mount_point(&root) {
+        return (root.clone(), root);
+    }
+    let private = host.private_dir(cfg.ctid);
+    match cfg.layout {
+        Layout::Copy => (private.clone(), private),
+        Layout::Overlay => (
+            host.template_dir().join(&cfg.template).join("rootfs"),
+            private.join("upper"),
+        ),
+    }
+}
+
+/// CTs whose files are an overlay over `template` (it must not be removed under them).
+pub fn template_users(host: &Host, template: &str) -> Result<Vec<Ctid>> {
+    let mut out = Vec::new();
+    for c in host.list_ctids()? {
+        if let Ok(cfg) = CtConfig::load(host, c)
+            && cfg.layout == Layout::Overlay
+            && cfg.template == template
+        {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
 
 /// Resource counters of a running CT (`list -o`, berthd).

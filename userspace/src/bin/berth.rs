@@ -49,9 +49,12 @@ enum Cmd {
         hostname: Option<String>,
         #[arg(long)]
         name: Option<String>,
-        /// Run the CT in a user namespace with its own 65536-id range.
+        /// Run the CT in a user namespace with its own 65536-id range (implies --copy).
         #[arg(long)]
         userns: bool,
+        /// Give the CT a full copy of the template instead of an overlay over it.
+        #[arg(long)]
+        copy: bool,
     },
     /// Boot a CT.
     Start {
@@ -238,6 +241,7 @@ fn run(cli: Cli) -> Result<u8> {
             hostname,
             name,
             userns,
+            copy,
         } => {
             let ctid: Ctid = ctid.parse()?;
             container::create(
@@ -248,6 +252,7 @@ fn run(cli: Cli) -> Result<u8> {
                     hostname,
                     name,
                     userns,
+                    copy,
                 },
             )?;
             print(json, json!({"ctid": ctid, "created": true}), || {
@@ -570,6 +575,17 @@ fn template(host: &Host, t: TemplateCmd, json: bool) -> Result<()> {
             });
         }
         TemplateCmd::Remove { name } => {
+            let users = container::template_users(host, &name)?;
+            if !users.is_empty() {
+                bail!(
+                    "template {name} is in use by CT(s) {}: their files are an overlay over it",
+                    users
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             store.remove(&name)?;
             print(json, json!({"removed": name}), || {
                 println!("template {name} removed")
