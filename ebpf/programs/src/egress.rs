@@ -14,30 +14,31 @@ use crate::{
 
 #[classifier]
 pub fn berth_to_ct(ctx: TcContext) -> i32 {
-    let Some(iface) = account::iface(&ctx) else {
+    let Some(iface) = account::iface(&ctx, account::Hook::Egress) else {
         return TC_ACT_UNSPEC;
     };
-    let verdict = try_to_ct(&ctx, &iface);
-    account::finish(&ctx, &iface, DIR_IN, verdict)
+    let verdict = try_to_ct(&ctx, iface);
+    account::finish(&ctx, iface, DIR_IN, verdict)
 }
 
 #[inline(always)]
 fn try_to_ct(ctx: &TcContext, iface: &IfaceInfo) -> Result<Peer, u8> {
     let frame = packet::parse(ctx)?;
     let routed = iface.mode == MODE_ROUTED;
-    let ctid = iface.ctid;
     match frame.l3 {
         L3::V4 { src, dst } => {
-            if routed && !account::owns_v4(ctid, &dst) {
+            if routed && !account::owns_v4(iface, dst) {
                 return Err(DROP_BAD_DST);
             }
             Ok(Peer::V4(src))
         }
         L3::V6 { src, dst, .. } => {
-            let allowed = account::owns_v6(ctid, &dst)
-                || packet::is_v6_link_local(&dst)
-                || packet::is_v6_link_multicast(&dst);
-            if routed && !allowed {
+            // Only routed mode polices destinations: bridged CTs get no lookup at all.
+            if routed
+                && !(packet::is_v6_link_local(&dst)
+                    || packet::is_v6_link_multicast(&dst)
+                    || account::owns_v6(iface, &dst))
+            {
                 return Err(DROP_BAD_DST);
             }
             Ok(Peer::V6(src))

@@ -18,24 +18,23 @@ use crate::{
 
 #[classifier]
 pub fn berth_from_ct(ctx: TcContext) -> i32 {
-    let Some(iface) = account::iface(&ctx) else {
+    let Some(iface) = account::iface(&ctx, account::Hook::Ingress) else {
         return TC_ACT_UNSPEC;
     };
-    let verdict = try_from_ct(&ctx, &iface);
-    account::finish(&ctx, &iface, DIR_OUT, verdict)
+    let verdict = try_from_ct(&ctx, iface);
+    account::finish(&ctx, iface, DIR_OUT, verdict)
 }
 
 #[inline(always)]
 fn try_from_ct(ctx: &TcContext, iface: &IfaceInfo) -> Result<Peer, u8> {
     let frame = packet::parse(ctx)?;
-    if iface.flags & FLAG_MAC_FILTER != 0 && frame.src_mac != iface.mac {
+    if iface.flags & FLAG_MAC_FILTER != 0 && frame.src_mac != account::mac_words(iface) {
         return Err(DROP_SPOOFED_MAC);
     }
     let police_ip = iface.mode == MODE_ROUTED || iface.flags & FLAG_IP_FILTER != 0;
-    let ctid = iface.ctid;
     match frame.l3 {
         L3::V4 { src, dst } => {
-            if police_ip && !account::owns_v4(ctid, &src) {
+            if police_ip && !account::owns_v4(iface, src) {
                 return Err(DROP_SPOOFED_IP);
             }
             Ok(Peer::V4(dst))
@@ -45,10 +44,11 @@ fn try_from_ct(ctx: &TcContext, iface: &IfaceInfo) -> Result<Peer, u8> {
             // neighbour discovery needs them. `::` is legitimate only towards link-scope
             // multicast: DAD probes and the MLD reports Linux sends while its link-local
             // address is still tentative.
-            let allowed = account::owns_v6(ctid, &src)
-                || packet::is_v6_link_local(&src)
-                || (packet::is_v6_unspecified(&src) && packet::is_v6_link_multicast(&dst));
-            if police_ip && !allowed {
+            if police_ip
+                && !(packet::is_v6_link_local(&src)
+                    || (packet::is_v6_unspecified(&src) && packet::is_v6_link_multicast(&dst))
+                    || account::owns_v6(iface, &src))
+            {
                 return Err(DROP_SPOOFED_IP);
             }
             Ok(Peer::V6(dst))
@@ -56,7 +56,7 @@ fn try_from_ct(ctx: &TcContext, iface: &IfaceInfo) -> Result<Peer, u8> {
         L3::Arp { spa } => {
             // The host answers the CT's ARP by proxy ARP; the CT may only claim its own
             // addresses as sender (0.0.0.0 is an ARP probe, RFC 5227).
-            if police_ip && spa != [0; 4] && !account::owns_v4(ctid, &spa) {
+            if police_ip && spa != 0 && !account::owns_v4(iface, spa) {
                 return Err(DROP_SPOOFED_IP);
             }
             Ok(Peer::None)

@@ -12,6 +12,15 @@ mod ingress;
 mod maps;
 mod packet;
 
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+
+/// The benchmark's reference (`berth_common::program_names::NOOP`): the cost of running any
+/// program at all on the hook, which `bpf_stats` includes in every measurement.
+#[classifier]
+pub fn berth_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

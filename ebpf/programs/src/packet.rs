@@ -2,99 +2,75 @@
 //! are read: classes and anti-spoofing need addresses only, so fragments (which carry the full
 //! IP header but no L4 header after the first) and extension headers never need parsing.
 
-use core::mem::size_of;
-
 use aya_ebpf::programs::TcContext;
 use berth_common::{DROP_MALFORMED, ETH_HLEN};
 
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
-const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
+// Ethertypes as a native 16-bit load of the packet's bytes sees them.
+const ETH_P_IP: u16 = u16::from_ne_bytes([0x08, 0x00]);
+const ETH_P_IPV6: u16 = u16::from_ne_bytes([0x86, 0xdd]);
+const ETH_P_ARP: u16 = u16::from_ne_bytes([0x08, 0x06]);
 
 /// The longest header chain read: Ethernet + the fixed IPv6 header.
 const MAX_HDR: u32 = ETH_HLEN + 40;
 
-// Header layouts made of bytes only (alignment 1), so a pointer at any packet offset is valid.
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: [u8; 2],
-}
+// Header lengths and the offsets of the fields read (RFC 791, RFC 8200, RFC 826).
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const ARP_LEN: usize = 28;
+const ETH_SRC: usize = 6;
+const ETH_PROTO: usize = 12;
+const IPV4_SRC: usize = 12;
+const IPV4_DST: usize = 16;
+const IPV6_SRC: usize = 8;
+const IPV6_DST: usize = 24;
+const ARP_HLEN: usize = 4;
+const ARP_PLEN: usize = 5;
+const ARP_SPA: usize = 14;
 
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    protocol: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    version_tc: u8,
-    tc_flow: [u8; 3],
-    payload_len: [u8; 2],
-    next_hdr: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-/// ARP for IPv4 over Ethernet (RFC 826), the only kind a CT's interface carries.
-#[repr(C)]
-struct ArpEthIpv4 {
-    htype: [u8; 2],
-    ptype: [u8; 2],
-    hlen: u8,
-    plen: u8,
-    op: [u8; 2],
-    sha: [u8; 6],
-    spa: [u8; 4],
-    tha: [u8; 6],
-    tpa: [u8; 4],
-}
-
-const _: () = assert!(size_of::<EthHdr>() == ETH_HLEN as usize);
-const _: () = assert!(size_of::<Ipv4Hdr>() == 20);
-const _: () = assert!(size_of::<Ipv6Hdr>() == 40);
-const _: () = assert!(size_of::<ArpEthIpv4>() == 28);
-
+/// Addresses and MACs are words holding the packet's bytes in memory order (what a native
+/// load of those bytes gives): compared against map values stored the same way, never
+/// byte-swapped, and never spread over byte arrays (with misaligned access enabled LLVM
+/// would merge byte stores into misaligned stack stores, which the verifier rejects).
 pub enum L3 {
     V4 {
-        src: [u8; 4],
-        dst: [u8; 4],
+        src: u32,
+        dst: u32,
     },
     V6 {
-        src: [u8; 16],
-        dst: [u8; 16],
+        src: [u64; 2],
+        dst: [u64; 2],
     },
     Arp {
-        spa: [u8; 4],
+        spa: u32,
     },
     /// Any other ethertype (including VLAN-tagged frames).
     Other,
 }
 
 pub struct Frame {
-    pub src_mac: [u8; 6],
+    /// Source MAC bytes 0..4 and 4..6.
+    pub src_mac: (u32, u16),
     pub l3: L3,
 }
 
+/// `len` bytes at `offset` lie inside the linear packet data: their start address.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+fn bytes_at(ctx: &TcContext, offset: usize, len: usize) -> Option<usize> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
+    if start + offset + len > ctx.data_end() {
         return None;
     }
-    Some((start + offset) as *const T)
+    Some(start + offset)
+}
+
+/// A field inside a header `bytes_at` checked.
+///
+/// # Safety
+/// `base + off + size_of::<T>()` must lie within the checked range.
+#[inline(always)]
+unsafe fn load<T: Copy>(base: usize, off: usize) -> T {
+    // SAFETY: the caller guarantees the range; read_unaligned has no alignment requirement.
+    unsafe { core::ptr::read_unaligned((base + off) as *const T) }
 }
 
 /// Parses the frame; `Err(DROP_MALFORMED)` when a header it needs is truncated or invalid.
@@ -112,61 +88,74 @@ pub fn parse(ctx: &TcContext) -> Result<Frame, u8> {
         let _ = ctx.pull_data(want);
     }
 
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
-    // SAFETY: ptr_at checked that the header lies within [data, data_end).
-    let (src_mac, proto) = unsafe { ((*eth).src, (*eth).proto) };
+    let eth = bytes_at(ctx, 0, ETH_HLEN as usize).ok_or(DROP_MALFORMED)?;
+    // SAFETY (every load below): bytes_at checked the header's whole length.
+    let (src_mac, proto) = unsafe {
+        (
+            (load::<u32>(eth, ETH_SRC), load::<u16>(eth, ETH_SRC + 4)),
+            load::<u16>(eth, ETH_PROTO),
+        )
+    };
     let l3_off = ETH_HLEN as usize;
 
     let l3 = if proto == ETH_P_IP {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(DROP_MALFORMED)?;
-        // SAFETY: bounds-checked by ptr_at.
-        let (version_ihl, src, dst) = unsafe { ((*ip).version_ihl, (*ip).src, (*ip).dst) };
+        let ip = bytes_at(ctx, l3_off, IPV4_HLEN).ok_or(DROP_MALFORMED)?;
+        let version_ihl: u8 = unsafe { load(ip, 0) };
         if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
             return Err(DROP_MALFORMED);
         }
-        L3::V4 { src, dst }
+        unsafe {
+            L3::V4 {
+                src: load(ip, IPV4_SRC),
+                dst: load(ip, IPV4_DST),
+            }
+        }
     } else if proto == ETH_P_IPV6 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).ok_or(DROP_MALFORMED)?;
-        // SAFETY: bounds-checked by ptr_at.
-        let (version_tc, src, dst) = unsafe { ((*ip).version_tc, (*ip).src, (*ip).dst) };
-        if version_tc >> 4 != 6 {
+        let ip = bytes_at(ctx, l3_off, IPV6_HLEN).ok_or(DROP_MALFORMED)?;
+        let version: u8 = unsafe { load(ip, 0) };
+        if version >> 4 != 6 {
             return Err(DROP_MALFORMED);
         }
-        L3::V6 { src, dst }
+        unsafe {
+            L3::V6 {
+                src: [load(ip, IPV6_SRC), load(ip, IPV6_SRC + 8)],
+                dst: [load(ip, IPV6_DST), load(ip, IPV6_DST + 8)],
+            }
+        }
     } else if proto == ETH_P_ARP {
-        let arp: *const ArpEthIpv4 = ptr_at(ctx, l3_off).ok_or(DROP_MALFORMED)?;
-        // SAFETY: bounds-checked by ptr_at.
-        let (hlen, plen, spa) = unsafe { ((*arp).hlen, (*arp).plen, (*arp).spa) };
+        let arp = bytes_at(ctx, l3_off, ARP_LEN).ok_or(DROP_MALFORMED)?;
+        let (hlen, plen): (u8, u8) = unsafe { (load(arp, ARP_HLEN), load(arp, ARP_PLEN)) };
         if hlen != 6 || plen != 4 {
             return Err(DROP_MALFORMED);
         }
-        L3::Arp { spa }
+        L3::Arp {
+            spa: unsafe { load(arp, ARP_SPA) },
+        }
     } else {
         L3::Other
     };
     Ok(Frame { src_mac, l3 })
 }
 
+/// The first 8 bytes of a prefix as a native load sees them (for masks on `[u64; 2]`).
+const fn word(b: [u8; 8]) -> u64 {
+    u64::from_ne_bytes(b)
+}
+
 /// fe80::/10
 #[inline(always)]
-pub fn is_v6_link_local(a: &[u8; 16]) -> bool {
-    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+pub fn is_v6_link_local(a: &[u64; 2]) -> bool {
+    a[0] & word([0xff, 0xc0, 0, 0, 0, 0, 0, 0]) == word([0xfe, 0x80, 0, 0, 0, 0, 0, 0])
 }
 
-/// ff02::/16: link-scope multicast (all-nodes, solicited-node for neighbour discovery).
+/// ff02::/16 (any flags): link-scope multicast (all-nodes, solicited-node for neighbour
+/// discovery).
 #[inline(always)]
-pub fn is_v6_link_multicast(a: &[u8; 16]) -> bool {
-    a[0] == 0xff && a[1] & 0x0f == 0x02
+pub fn is_v6_link_multicast(a: &[u64; 2]) -> bool {
+    a[0] & word([0xff, 0x0f, 0, 0, 0, 0, 0, 0]) == word([0xff, 0x02, 0, 0, 0, 0, 0, 0])
 }
 
 #[inline(always)]
-pub fn is_v6_unspecified(a: &[u8; 16]) -> bool {
-    let mut i = 0;
-    while i < 16 {
-        if a[i] != 0 {
-            return false;
-        }
-        i += 1;
-    }
-    true
+pub fn is_v6_unspecified(a: &[u64; 2]) -> bool {
+    a[0] == 0 && a[1] == 0
 }

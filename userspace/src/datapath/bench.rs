@@ -1,13 +1,40 @@
-//! Per-packet cost of the datapath programs, from the kernel's own run-time statistics
-//! (`BPF_ENABLE_STATS`, the mechanism behind `sysctl kernel.bpf_stats_enabled=1`): the kernel
-//! adds up `run_time_ns` and `run_cnt` for every program while statistics are enabled.
+//! The datapath benchmark (`cargo xtask bench datapath`): per-packet cost of both hooks under
+//! iperf3 load, from the kernel's own run-time statistics (`BPF_ENABLE_STATS`, the mechanism
+//! behind `sysctl kernel.bpf_stats_enabled=1`: the kernel adds up `run_time_ns` and `run_cnt`
+//! of every program while enabled), and single-stream TCP throughput with and without the
+//! programs. Everything runs in two network namespaces it creates (a "host" and a "CT" joined
+//! by a veth pair) and a private pin directory, all removed afterwards.
+//!
+//! `bpf_stats` times each run between two `sched_clock()` reads around the program's indirect
+//! call, so even a program that does nothing shows a cost; on a VM with retpolines and SRSO
+//! that floor is ~100 ns under load. The benchmark therefore also measures the no-op program
+//! (`berth_noop`) on the same hooks under the same load, interleaved with the real programs,
+//! and reports both the raw figure and the cost net of that floor.
 
-use std::os::fd::OwnedFd;
+use std::{
+    fmt,
+    fs::File,
+    io,
+    marker::PhantomData,
+    net::IpAddr,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
 use berth_common::program_names;
+use nix::sched::{CloneFlags, setns};
 use serde::Serialize;
+use thiserror::Error;
+use tracing::{info, warn};
 
-use super::{Datapath, DatapathError, Result};
+use super::{
+    AttachMethod, Datapath, DatapathConfig, DatapathError, IfaceConfig, Result,
+    parse_networks_classes,
+};
 
 /// Keeps run-time statistics enabled while alive (they cost a few ns per run, so only for
 /// measurements).
@@ -49,6 +76,13 @@ impl ProgStats {
             self.run_time_ns as f64 / self.run_cnt as f64
         }
     }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            run_cnt: self.run_cnt + other.run_cnt,
+            run_time_ns: self.run_time_ns + other.run_time_ns,
+        }
+    }
 }
 
 /// Statistics of both hooks.
@@ -67,26 +101,34 @@ impl HookStats {
             to_ct: self.to_ct.since(earlier.to_ct),
         }
     }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            from_ct: self.from_ct.add(other.from_ct),
+            to_ct: self.to_ct.add(other.to_ct),
+        }
+    }
+}
+
+fn prog_stats(p: &SchedClassifier, name: &'static str) -> Result<ProgStats> {
+    let info = p.info().map_err(|e| DatapathError::Program {
+        program: name,
+        op: "reading info",
+        source: Box::new(e),
+    })?;
+    Ok(ProgStats {
+        run_cnt: info.run_count(),
+        run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+    })
 }
 
 impl Datapath {
     /// Current cumulative run statistics of the two programs.
     pub fn hook_stats(&self) -> Result<HookStats> {
         let (from, to) = self.programs();
-        let read = |p: &aya::programs::SchedClassifier, name: &'static str| -> Result<ProgStats> {
-            let info = p.info().map_err(|e| DatapathError::Program {
-                program: name,
-                op: "reading info",
-                source: Box::new(e),
-            })?;
-            Ok(ProgStats {
-                run_cnt: info.run_count(),
-                run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-            })
-        };
         Ok(HookStats {
-            from_ct: read(from, program_names::FROM_CT)?,
-            to_ct: read(to, program_names::TO_CT)?,
+            from_ct: prog_stats(from, program_names::FROM_CT)?,
+            to_ct: prog_stats(to, program_names::TO_CT)?,
         })
     }
 
@@ -98,5 +140,734 @@ impl Datapath {
         let after = self.hook_stats()?;
         drop(guard);
         Ok((out, after.since(before)))
+    }
+}
+
+// ---- the benchmark -------------------------------------------------------------------------
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error("datapath benchmark: {0}")]
+    Datapath(#[from] DatapathError),
+
+    #[error("datapath benchmark: {tool} not found in PATH ({hint})")]
+    MissingTool {
+        tool: &'static str,
+        hint: &'static str,
+    },
+
+    #[error("datapath benchmark: invalid options: {0}")]
+    Options(String),
+
+    #[error("datapath benchmark: `{cmd}` failed: {detail}")]
+    Command { cmd: String, detail: String },
+
+    #[error("datapath benchmark: {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("datapath benchmark: cannot read {what} from: {text}")]
+    Parse { what: &'static str, text: String },
+}
+
+type BenchResult<T> = std::result::Result<T, BenchError>;
+
+/// What to run. `Default` is what `cargo xtask bench datapath` runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchOptions {
+    /// Throughput runs per variant (with / without the programs) and direction; at least 5.
+    pub runs: usize,
+    /// Length of each throughput run (`iperf3 -t`).
+    pub seconds: u32,
+    /// Rounds of the cost measurement; each measures berth's programs, then the no-op, for
+    /// `cost_seconds` of `iperf3 --bidir` each.
+    pub cost_rounds: usize,
+    pub cost_seconds: u32,
+    /// Bars from issue #4.
+    pub bar_ns: f64,
+    pub bar_ratio: f64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            runs: 5,
+            seconds: 4,
+            cost_rounds: 3,
+            cost_seconds: 4,
+            bar_ns: 100.0,
+            bar_ratio: 0.98,
+        }
+    }
+}
+
+/// Per-packet cost of one hook.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct HookCost {
+    /// berth's program: runs and ns/run as `bpf_stats` reports them.
+    pub runs: u64,
+    pub ns_per_run: f64,
+    /// The no-op program on the same hook under the same load.
+    pub noop_runs: u64,
+    pub noop_ns_per_run: f64,
+}
+
+impl HookCost {
+    /// berth's cost above what running any program costs.
+    pub fn net_ns(&self) -> f64 {
+        self.ns_per_run - self.noop_ns_per_run
+    }
+}
+
+/// Throughput of one direction, Gbit/s per run, in the order run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Throughput {
+    pub direction: &'static str,
+    pub with_programs: Vec<f64>,
+    pub without_programs: Vec<f64>,
+}
+
+impl Throughput {
+    pub fn median_with(&self) -> f64 {
+        median(&self.with_programs)
+    }
+
+    pub fn median_without(&self) -> f64 {
+        median(&self.without_programs)
+    }
+
+    pub fn ratio(&self) -> f64 {
+        let base = self.median_without();
+        if base > 0.0 {
+            self.median_with() / base
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cpus: usize,
+    pub attach_method: AttachMethod,
+    pub options: BenchOptions,
+    pub from_ct: HookCost,
+    pub to_ct: HookCost,
+    pub throughput: Vec<Throughput>,
+}
+
+impl Report {
+    /// The bar read literally: raw `run_time_ns / run_cnt` of both hooks.
+    pub fn cost_pass_raw(&self) -> bool {
+        [self.from_ct, self.to_ct]
+            .iter()
+            .all(|h| h.ns_per_run <= self.options.bar_ns)
+    }
+
+    /// The bar on the programs' own cost: raw minus the no-op floor measured alongside.
+    pub fn cost_pass_net(&self) -> bool {
+        [self.from_ct, self.to_ct]
+            .iter()
+            .all(|h| h.net_ns() <= self.options.bar_ns)
+    }
+
+    pub fn throughput_pass(&self) -> bool {
+        self.throughput
+            .iter()
+            .all(|t| t.ratio() >= self.options.bar_ratio)
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.options;
+        writeln!(
+            f,
+            "berth datapath benchmark — kernel {}, {} CPUs, attach {:?}",
+            self.kernel, self.cpus, self.attach_method
+        )?;
+        writeln!(
+            f,
+            "\nper-packet cost under iperf3 --bidir load (bpf_stats run_time_ns / run_cnt; \
+             {} rounds × {} s, berth and no-op interleaved)",
+            o.cost_rounds, o.cost_seconds
+        )?;
+        writeln!(
+            f,
+            "  {:<20} {:>10} {:>14} {:>14} {:>16}",
+            "hook", "runs", "berth ns/run", "no-op ns/run", "berth − no-op"
+        )?;
+        for (name, h) in [
+            ("from_ct (ingress)", self.from_ct),
+            ("to_ct (egress)", self.to_ct),
+        ] {
+            writeln!(
+                f,
+                "  {:<20} {:>10} {:>14.1} {:>14.1} {:>16.1}",
+                name,
+                h.runs,
+                h.ns_per_run,
+                h.noop_ns_per_run,
+                h.net_ns()
+            )?;
+        }
+        writeln!(
+            f,
+            "  bar ≤ {:.0} ns per hook, raw run_time_ns/run_cnt: {}",
+            o.bar_ns,
+            verdict(self.cost_pass_raw())
+        )?;
+        writeln!(
+            f,
+            "  bar ≤ {:.0} ns per hook, net of the no-op floor:  {}",
+            o.bar_ns,
+            verdict(self.cost_pass_net())
+        )?;
+        writeln!(
+            f,
+            "\nsingle-stream TCP throughput (iperf3 -t {}, {} runs per variant, interleaved \
+             ABBA, medians)",
+            o.seconds, o.runs
+        )?;
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        for t in &self.throughput {
+            writeln!(
+                f,
+                "  {:<10} with {:>6.2} Gbit/s [{}]  without {:>6.2} Gbit/s [{}]  ratio {:.3}",
+                t.direction,
+                t.median_with(),
+                list(&t.with_programs),
+                t.median_without(),
+                list(&t.without_programs),
+                t.ratio()
+            )?;
+        }
+        writeln!(
+            f,
+            "  bar ≥ {:.2} × without: {}",
+            o.bar_ratio,
+            verdict(self.throughput_pass())
+        )?;
+        writeln!(
+            f,
+            "\nresult: cost (raw) {}, cost (net of no-op) {}, throughput {}",
+            verdict(self.cost_pass_raw()),
+            verdict(self.cost_pass_net()),
+            verdict(self.throughput_pass())
+        )
+    }
+}
+
+fn command_err(cmd: &Command, detail: impl Into<String>) -> BenchError {
+    BenchError::Command {
+        cmd: format!("{cmd:?}").replace('"', ""),
+        detail: detail.into(),
+    }
+}
+
+fn run(cmd: &mut Command) -> BenchResult<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| command_err(cmd, e.to_string()))?;
+    if !out.status.success() {
+        return Err(command_err(
+            cmd,
+            format!(
+                "{}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> BenchResult<String> {
+    run(Command::new("ip").args(args))
+}
+
+fn require(tool: &'static str, hint: &'static str) -> BenchResult<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(BenchError::MissingTool { tool, hint })
+    }
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop (which also deletes the
+/// veth end inside it, and so the pair).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> BenchResult<Self> {
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    fn ip(&self, args: &[&str]) -> BenchResult<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    fn exec(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(cmd);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            warn!(netns = %self.name, error = %e, "benchmark cleanup: deleting netns");
+        }
+    }
+}
+
+/// The calling thread inside a network namespace until dropped (setns is per thread; the
+/// guard is `!Send` so it is dropped where it was made).
+struct InNetns {
+    saved: File,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl InNetns {
+    fn enter(target: &Path) -> BenchResult<Self> {
+        let own = Path::new("/proc/thread-self/ns/net");
+        let saved = File::open(own).map_err(|source| BenchError::Io {
+            op: "opening",
+            path: own.to_owned(),
+            source,
+        })?;
+        let ns = File::open(target).map_err(|source| BenchError::Io {
+            op: "opening",
+            path: target.to_owned(),
+            source,
+        })?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| BenchError::Io {
+            op: "setns into",
+            path: target.to_owned(),
+            source: e.into(),
+        })?;
+        Ok(Self {
+            saved,
+            _not_send: PhantomData,
+        })
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.saved.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // Continuing in the wrong namespace would make the caller act on the wrong
+            // interfaces.
+            panic!("restoring the thread's network namespace: {e}");
+        }
+    }
+}
+
+/// The bench's world. Drop order: the iperf3 server, the pinned datapath (unloaded from
+/// inside the host namespace, where its interfaces are), then the namespaces (fields).
+struct Topology {
+    server: Option<Child>,
+    pin_dir: PathBuf,
+    host: Netns,
+    ct: Netns,
+    host_if: String,
+    ct_if: String,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        match InNetns::enter(&self.host.path()) {
+            Ok(_in_host) => {
+                if let Err(e) = Datapath::unload_all(&self.pin_dir) {
+                    warn!(pin_dir = %self.pin_dir.display(), error = %e, "benchmark cleanup: unloading");
+                }
+            }
+            Err(e) => warn!(error = %e, "benchmark cleanup: entering the host namespace"),
+        }
+    }
+}
+
+const HOST_V4: &str = "10.201.0.1";
+const CT_V4: &str = "10.201.0.2";
+const HOST_V6: &str = "fd00:201::1";
+const CT_V6: &str = "fd00:201::2";
+const BENCH_CTID: u32 = 4_000_001;
+/// A typical OpenVZ table: a few local networks, everything else class 1. The host side
+/// (10.201.0.1) matches only the /0, so the IPv4 scan passes every entry (its worst case).
+const BENCH_CLASSES: &str = "\
+0 192.0.2.0/24
+0 198.51.100.0/24
+2 203.0.113.0/24
+1 0.0.0.0/0
+0 2001:db8::/32
+1 ::/0
+";
+
+impl Topology {
+    fn create() -> BenchResult<Self> {
+        let pid = std::process::id();
+        let host = Netns::create(format!("berth-bench-h{pid}"))?;
+        let ct = Netns::create(format!("berth-bench-c{pid}"))?;
+        let host_if = format!("bbh{pid}");
+        let ct_if = format!("bbc{pid}");
+        let topo = Self {
+            server: None,
+            pin_dir: Path::new("/sys/fs/bpf").join(format!("berth-bench-{pid}")),
+            host,
+            ct,
+            host_if,
+            ct_if,
+        };
+        let (h, c) = (&topo.host, &topo.ct);
+        h.ip(&[
+            "link",
+            "add",
+            &topo.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &topo.ct_if,
+            "netns",
+            &c.name,
+        ])?;
+        h.ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_V4}/24"),
+            "dev",
+            &topo.host_if,
+        ])?;
+        h.ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_V6}/64"),
+            "dev",
+            &topo.host_if,
+            "nodad",
+        ])?;
+        c.ip(&["addr", "add", &format!("{CT_V4}/24"), "dev", &topo.ct_if])?;
+        c.ip(&[
+            "addr",
+            "add",
+            &format!("{CT_V6}/64"),
+            "dev",
+            &topo.ct_if,
+            "nodad",
+        ])?;
+        h.ip(&["link", "set", &topo.host_if, "up"])?;
+        c.ip(&["link", "set", &topo.ct_if, "up"])?;
+        Ok(topo)
+    }
+
+    fn ct_mac(&self) -> BenchResult<[u8; 6]> {
+        let out = self.ct.ip(&["-j", "link", "show", "dev", &self.ct_if])?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| BenchError::Parse {
+            what: "the CT interface's MAC",
+            text: out.clone(),
+        })?;
+        let text = v[0]["address"].as_str().unwrap_or_default();
+        let bytes: Vec<u8> = text
+            .split(':')
+            .filter_map(|p| u8::from_str_radix(p, 16).ok())
+            .collect();
+        bytes.try_into().map_err(|_| BenchError::Parse {
+            what: "the CT interface's MAC",
+            text: out,
+        })
+    }
+
+    fn start_server(&mut self) -> BenchResult<()> {
+        let mut cmd = self.host.exec(&["iperf3", "-s", "-B", HOST_V4]);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| command_err(&cmd, e.to_string()))?;
+        self.server = Some(child);
+        // Ready when a client gets through (the server binds within ~100 ms).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.iperf(&["-t", "1"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Runs an iperf3 client in the CT towards the host; returns the receiver's rate, Gbit/s.
+    fn iperf(&self, args: &[&str]) -> BenchResult<f64> {
+        let mut full = vec!["iperf3", "-c", HOST_V4, "-J"];
+        full.extend_from_slice(args);
+        let mut cmd = self.ct.exec(&full);
+        let out = run(&mut cmd)?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| BenchError::Parse {
+            what: "iperf3 JSON",
+            text: out.chars().take(500).collect(),
+        })?;
+        let end = &v["end"];
+        let bps = end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .or_else(|| end["sum"]["bits_per_second"].as_f64())
+            .ok_or_else(|| BenchError::Parse {
+                what: "iperf3 receiver bits_per_second",
+                text: end.to_string().chars().take(500).collect(),
+            })?;
+        Ok(bps / 1e9)
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Runs the benchmark (root; needs iperf3 and iproute2). Prints nothing itself: the
+/// [`Report`] displays as the benchmark's output.
+pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
+    if opts.runs < 5 {
+        return Err(BenchError::Options(format!(
+            "runs = {}: the bar needs at least 5 runs per variant",
+            opts.runs
+        )));
+    }
+    if opts.seconds == 0 || opts.cost_seconds == 0 || opts.cost_rounds == 0 {
+        return Err(BenchError::Options(
+            "seconds, cost_seconds and cost_rounds must be at least 1".to_owned(),
+        ));
+    }
+    require("ip", "install iproute2")?;
+    require("iperf3", "xtask/setup.sh installs it")?;
+
+    let mut topo = Topology::create()?;
+    let in_host = InNetns::enter(&topo.host.path())?;
+    let mut dp = Datapath::open_or_load(&topo.pin_dir)?;
+    let method = dp.attach_method();
+    let ifindex = super::sys::if_nametoindex(&topo.host_if).ok_or_else(|| {
+        DatapathError::NoSuchInterface {
+            name: topo.host_if.clone(),
+        }
+    })?;
+    let mut cfg = IfaceConfig::routed(BENCH_CTID, topo.ct_mac()?);
+    cfg.mac_filter = true;
+    let classes = parse_networks_classes(BENCH_CLASSES).map_err(DatapathError::from)?;
+    dp.load_classes(&classes)?;
+    dp.set_config(DatapathConfig::default())?;
+    let addrs: Vec<IpAddr> = [CT_V4, CT_V6]
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    dp.set_ct_addrs(BENCH_CTID, &addrs)?;
+    dp.attach(ifindex, cfg)?;
+    topo.start_server()?;
+
+    // Per-packet cost: berth's programs, then the no-op alone on the same hooks, per round.
+    // One instance per hook, so that each hook's floor is its own.
+    let noop_paths = [
+        topo.pin_dir.join("bench-noop-ingress"),
+        topo.pin_dir.join("bench-noop-egress"),
+    ];
+    let mut noop_in = dp.load_noop(&noop_paths[0])?;
+    let mut noop_eg = dp.load_noop(&noop_paths[1])?;
+    let load = |t: &Topology| t.iperf(&["-t", &opts.cost_seconds.to_string(), "--bidir"]);
+    let mut berth = HookStats::default();
+    let mut floor = HookStats::default();
+    for round in 0..opts.cost_rounds {
+        let (res, stats) = dp.measure(|| load(&topo))?;
+        res?;
+        berth = berth.add(stats);
+
+        dp.detach(ifindex)?;
+        let attach_err = |e: aya::programs::ProgramError| DatapathError::Attach {
+            ifname: topo.host_if.clone(),
+            ifindex,
+            op: "attaching the no-op reference program",
+            source: Box::new(e),
+        };
+        let a = noop_in
+            .attach_with_options(
+                &topo.host_if,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(attach_err)?;
+        let b = noop_eg
+            .attach_with_options(
+                &topo.host_if,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(attach_err)?;
+        let read = || -> Result<HookStats> {
+            Ok(HookStats {
+                from_ct: prog_stats(&noop_in, program_names::NOOP)?,
+                to_ct: prog_stats(&noop_eg, program_names::NOOP)?,
+            })
+        };
+        let guard = enable_stats()?;
+        let before = read()?;
+        let res = load(&topo);
+        let after = read()?;
+        drop(guard);
+        noop_in.detach(a).map_err(attach_err)?;
+        noop_eg.detach(b).map_err(attach_err)?;
+        res?;
+        floor = floor.add(after.since(before));
+        dp.attach(ifindex, cfg)?;
+        info!(round, "cost round done");
+    }
+    drop((noop_in, noop_eg));
+    for p in &noop_paths {
+        let _ = std::fs::remove_file(p);
+    }
+
+    let cost = |b: ProgStats, n: ProgStats| HookCost {
+        runs: b.run_cnt,
+        ns_per_run: b.ns_per_run(),
+        noop_runs: n.run_cnt,
+        noop_ns_per_run: n.ns_per_run(),
+    };
+    let from_ct = cost(berth.from_ct, floor.from_ct);
+    let to_ct = cost(berth.to_ct, floor.to_ct);
+
+    // Throughput, interleaved ABBA so that drift (thermal, neighbours) hits both alike.
+    let secs = opts.seconds.to_string();
+    let mut throughput = Vec::new();
+    for (direction, extra) in [("CT → host", None), ("host → CT", Some("-R"))] {
+        let mut t = Throughput {
+            direction,
+            with_programs: Vec::new(),
+            without_programs: Vec::new(),
+        };
+        for i in 0..opts.runs {
+            let order = if i % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for with in order {
+                if with {
+                    dp.attach(ifindex, cfg)?;
+                } else {
+                    dp.detach(ifindex)?;
+                }
+                let mut args = vec!["-t", secs.as_str()];
+                args.extend(extra);
+                let gbps = topo.iperf(&args)?;
+                if with {
+                    t.with_programs.push(gbps);
+                } else {
+                    t.without_programs.push(gbps);
+                }
+            }
+        }
+        throughput.push(t);
+    }
+    // The counters saw the traffic: a sanity check that the measured programs did work.
+    let counted: u64 = dp
+        .counters()?
+        .iter()
+        .filter(|r| r.ctid == BENCH_CTID)
+        .map(|r| r.packets)
+        .sum();
+    if counted == 0 {
+        return Err(BenchError::Command {
+            cmd: "datapath counters".to_owned(),
+            detail: "the programs counted nothing during the benchmark".to_owned(),
+        });
+    }
+    drop(dp);
+    drop(in_host);
+    let report = Report {
+        kernel: kernel_release(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        attach_method: method,
+        options: opts.clone(),
+        from_ct,
+        to_ct,
+        throughput,
+    };
+    drop(topo);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratio() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let t = Throughput {
+            direction: "x",
+            with_programs: vec![9.8, 10.0, 9.9, 1.0, 9.7],
+            without_programs: vec![10.0, 10.1, 9.9, 10.0, 10.2],
+        };
+        assert!((t.ratio() - 9.8 / 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn too_few_runs_is_refused() {
+        let opts = BenchOptions {
+            runs: 3,
+            ..BenchOptions::default()
+        };
+        let err = run_datapath_bench(&opts).unwrap_err();
+        assert!(err.to_string().contains("at least 5 runs"), "{err}");
     }
 }

@@ -117,6 +117,12 @@ pub enum DatapathError {
         capacity: u32,
     },
 
+    #[error(
+        "CT {ctid}: no counter slot left: all {slots} belong to CTs with interfaces attached \
+         (detach a stopped CT's interfaces, or raise capacity::SLOTS)"
+    )]
+    NoFreeSlot { ctid: u32, slots: u32 },
+
     #[error("class table: {0}")]
     Classes(#[from] super::classes::ClassesError),
 

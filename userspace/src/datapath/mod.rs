@@ -4,16 +4,34 @@
 //! # bpffs layout (`pin_dir`, default [`DEFAULT_PIN_DIR`])
 //!
 //! ```text
-//! <pin_dir>/maps/<MAP>              every map (IFACES, CT_ADDRS, CLASSES_V4/V6, COUNTERS, DROPS, CONFIG)
+//! <pin_dir>/maps/<MAP>              every map (berth_common::map_names::ALL)
 //! <pin_dir>/progs/<hash>/{from_ct,to_ct}   the programs of one build (hash of the object)
 //! <pin_dir>/links/<ifindex>/{from_ct,to_ct} TCX links (kernel >= 6.6)
 //! ```
 //!
-//! Everything lives in the kernel and keeps working with no berth process alive. Counters are
-//! keyed by CTID (never ifindex), so they survive CT restarts and interface re-creation; the
-//! maps are reused by every later load, so they survive program upgrades too: a binary with
-//! different programs pins them under a new `progs/<hash>` and atomically swaps every pinned
-//! link to them (`BPF_LINK_UPDATE`). A map layout change needs a new `v<N>` directory.
+//! Everything lives in the kernel and keeps working with no berth process alive. Counters
+//! belong to CTIDs (never ifindexes), so they survive CT restarts and interface re-creation;
+//! the maps are reused by every later load, so they survive program upgrades too: a binary
+//! with different programs pins them under a new `progs/<hash>` and atomically swaps every
+//! pinned link to them (`BPF_LINK_UPDATE`). A map layout change needs a new `v<N>` directory.
+//!
+//! # Per-packet cost
+//!
+//! The programs' common path touches arrays only (lookups the verifier inlines, no helper
+//! call): the interface's `IFACES` entry at `ifindex % 16384` carries the CT, its counter slot,
+//! mode, MAC and up to 8 IPv4 + 8 IPv6 addresses; `CONFIG` carries the settings and, for up
+//! to 8 prefixes per family, the class table; `COUNTERS` is a per-CPU array of one
+//! [`berth_common::SlotCounters`] per slot. Hash maps and LPM tries are fallbacks: an
+//! interface whose `IFACES` position is taken goes to `IFACES_SPILL`, addresses beyond 8 per
+//! family are found in `CT_ADDRS`, larger class tables in `CLASSES_V4/V6`.
+//!
+//! # Counter slots
+//!
+//! A CT gets a slot on its first attach and keeps it (`SLOT_CTIDS[slot] = ctid`, pinned, so
+//! the mapping is as persistent as the counters). When all [`berth_common::capacity::SLOTS`]
+//! slots are taken, the slot of a CT with no interface attached is reclaimed: its totals are
+//! first added to the `ARCHIVE` per-CPU hash (keyed by CTID), which every read includes, so
+//! totals never go back.
 //!
 //! # What is counted
 //!
@@ -40,6 +58,7 @@
 pub mod bench;
 mod classes;
 mod error;
+mod layout;
 mod sys;
 
 use std::{
@@ -53,7 +72,10 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap,
+        PerCpuValues, lpm_trie::Key,
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -63,8 +85,8 @@ use aya::{
 };
 use berth_common::{
     ADDR_ALLOWED, AddrKey, Config, CounterKey, CounterValue, DropKey, DropValue, FAMILY_V4,
-    FAMILY_V6, FLAG_IP_FILTER, FLAG_MAC_FILTER, IfaceInfo, LAYER_L2, LAYER_L3, MAX_CLASSES,
-    MODE_BRIDGED, MODE_ROUTED, capacity, map_names, program_names,
+    FAMILY_V6, FLAG_IP_FILTER, FLAG_MAC_FILTER, IfaceInfo, MAX_CLASSES, MODE_BRIDGED, MODE_ROUTED,
+    SlotCounters, capacity, map_names, program_names,
 };
 pub use classes::{ClassEntry, ClassesError, format_networks_classes, parse_networks_classes};
 pub use error::{DatapathError, Result};
@@ -73,7 +95,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 /// Where berth pins its datapath unless told otherwise.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/berth/v1";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/berth/v2";
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/berth-ebpf"));
@@ -129,7 +151,8 @@ impl IfaceConfig {
         }
     }
 
-    fn to_raw(self) -> IfaceInfo {
+    /// The `IFACES` entry, without addresses (see [`layout::set_inline_addrs`]).
+    fn to_raw(self, ifindex: u32, slot: u32) -> IfaceInfo {
         let mut flags = 0;
         if self.mac_filter {
             flags |= FLAG_MAC_FILTER;
@@ -138,13 +161,16 @@ impl IfaceConfig {
             flags |= FLAG_IP_FILTER;
         }
         IfaceInfo {
+            ifindex,
             ctid: self.ctid,
+            slot,
             mode: match self.mode {
                 IfaceMode::Routed => MODE_ROUTED,
                 IfaceMode::Bridged => MODE_BRIDGED,
             },
             flags,
             mac: self.mac,
+            ..IfaceInfo::EMPTY
         }
     }
 
@@ -363,13 +389,29 @@ pub struct Datapath {
     method: AttachMethod,
     from_ct: SchedClassifier,
     to_ct: SchedClassifier,
-    ifaces: HashMap<MapData, u32, IfaceInfo>,
+    ifaces: Array<MapData, IfaceInfo>,
+    ifaces_spill: HashMap<MapData, u32, IfaceInfo>,
     ct_addrs: HashMap<MapData, AddrKey, u32>,
     classes_v4: LpmTrie<MapData, [u8; 4], u32>,
     classes_v6: LpmTrie<MapData, [u8; 16], u32>,
-    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    counters: PerCpuArray<MapData, SlotCounters>,
+    slot_ctids: Array<MapData, u32>,
+    archive: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     drops: PerCpuHashMap<MapData, DropKey, DropValue>,
     config: Array<MapData, Config>,
+}
+
+/// Where an interface's entry lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IfaceAt {
+    /// `IFACES[ifindex % capacity::IFACES]`.
+    Array,
+    /// `IFACES_SPILL[ifindex]`: its array position holds another interface.
+    Spill,
+}
+
+fn iface_pos(ifindex: u32) -> u32 {
+    ifindex % capacity::IFACES
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
@@ -501,6 +543,19 @@ fn addr_key(ctid: u32, ip: IpAddr) -> AddrKey {
     }
 }
 
+/// aya reports a missing key as `KeyNotFound` from lookups but as a raw ENOENT from deletes.
+fn not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.kind() == io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(path, e)| io_err("reading", Path::new(path))(e))
+}
+
 fn ifname_of(ifindex: u32) -> Result<String> {
     sys::if_indextoname(ifindex).ok_or(DatapathError::NoSuchIfindex { ifindex })
 }
@@ -551,12 +606,20 @@ impl Datapath {
             to_ct,
             method,
             ifaces: open_map(&maps_dir, map_names::IFACES, 4, size_of::<IfaceInfo>())?,
+            ifaces_spill: open_map(
+                &maps_dir,
+                map_names::IFACES_SPILL,
+                4,
+                size_of::<IfaceInfo>(),
+            )?,
             ct_addrs: open_map(&maps_dir, map_names::CT_ADDRS, size_of::<AddrKey>(), 4)?,
             classes_v4: open_map(&maps_dir, map_names::CLASSES_V4, 8, 4)?,
             classes_v6: open_map(&maps_dir, map_names::CLASSES_V6, 20, 4)?,
-            counters: open_map(
+            counters: open_map(&maps_dir, map_names::COUNTERS, 4, size_of::<SlotCounters>())?,
+            slot_ctids: open_map(&maps_dir, map_names::SLOT_CTIDS, 4, 4)?,
+            archive: open_map(
                 &maps_dir,
-                map_names::COUNTERS,
+                map_names::ARCHIVE,
                 size_of::<CounterKey>(),
                 size_of::<CounterValue>(),
             )?,
@@ -641,6 +704,33 @@ impl Datapath {
         Ok(())
     }
 
+    /// Loads the benchmark's reference program (`berth_noop`, does nothing) and pins it at
+    /// `path` (the caller unpins it). It shares the pinned maps, so nothing else is created.
+    pub fn load_noop(&self, path: &Path) -> Result<SchedClassifier> {
+        let name = program_names::NOOP;
+        let mut loader = EbpfLoader::new();
+        for map in map_names::ALL {
+            loader.map_pin_path(map, self.map_path(map));
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| DatapathError::Load {
+            pin_dir: self.pin_dir.join("maps"),
+            source: Box::new(e),
+        })?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(aya::programs::ProgramError::NotLoaded)
+            .map_err(prog_err(name, "finding in the object"))?
+            .try_into()
+            .map_err(prog_err(name, "typing"))?;
+        prog.load().map_err(prog_err(name, "loading (verifier)"))?;
+        prog.pin(path).map_err(|source| DatapathError::PinProgram {
+            program: name,
+            path: path.to_owned(),
+            source,
+        })?;
+        SchedClassifier::from_pin(path).map_err(prog_err(name, "opening pin"))
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
@@ -683,11 +773,17 @@ impl Datapath {
         }
         let ifname = ifname_of(ifindex)?;
         let _lock = DirLock::take(&self.pin_dir)?;
-        let previous = self.ifaces.get(&ifindex, 0).ok();
+        let previous = self.find_iface(ifindex)?;
+        let slot = self.slot_for(config.ctid)?;
+        let mut raw = config.to_raw(ifindex, slot);
+        if let Some((_, p)) = previous {
+            // Keep the address positions a concurrent reader may be using.
+            raw.v4 = p.v4;
+            raw.v6 = p.v6;
+        }
+        layout::set_inline_addrs(&mut raw, &self.ct_addrs(config.ctid)?);
         // The entry goes first: from the first packet the programs see, the CT is known.
-        self.ifaces
-            .insert(ifindex, config.to_raw(), 0)
-            .map_err(map_err(map_names::IFACES, &self.pin_dir, "insert"))?;
+        self.write_iface(ifindex, raw)?;
         let res = match self.method {
             AttachMethod::Tcx => self.attach_tcx(ifindex, &ifname, true),
             AttachMethod::Netlink => self.attach_netlink(ifindex, &ifname),
@@ -695,12 +791,217 @@ impl Datapath {
         if let Err(e) = res {
             let _ = self.detach_links(ifindex, Some(&ifname));
             let _ = match previous {
-                Some(p) => self.ifaces.insert(ifindex, p, 0),
-                None => self.ifaces.remove(&ifindex),
+                Some((_, p)) => self.write_iface(ifindex, p),
+                None => self.remove_iface(ifindex),
             };
             return Err(e);
         }
-        info!(ifindex, ifname, ctid = config.ctid, mode = ?config.mode, method = ?self.method, "datapath attached");
+        info!(ifindex, ifname, ctid = config.ctid, slot, mode = ?config.mode, method = ?self.method, "datapath attached");
+        Ok(())
+    }
+
+    // ---- interface entries: IFACES[ifindex % N], else IFACES_SPILL[ifindex] ----------------
+
+    fn find_iface(&self, ifindex: u32) -> Result<Option<(IfaceAt, IfaceInfo)>> {
+        let at = self.ifaces.get(&iface_pos(ifindex), 0).map_err(map_err(
+            map_names::IFACES,
+            &self.pin_dir,
+            "get",
+        ))?;
+        if at.ifindex == ifindex && ifindex != 0 {
+            return Ok(Some((IfaceAt::Array, at)));
+        }
+        match self.ifaces_spill.get(&ifindex, 0) {
+            Ok(v) => Ok(Some((IfaceAt::Spill, v))),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map_names::IFACES_SPILL, &self.pin_dir, "get")(e)),
+        }
+    }
+
+    fn write_iface(&mut self, ifindex: u32, info: IfaceInfo) -> Result<()> {
+        let pos = iface_pos(ifindex);
+        let at =
+            self.ifaces
+                .get(&pos, 0)
+                .map_err(map_err(map_names::IFACES, &self.pin_dir, "get"))?;
+        if at.ifindex == 0 || at.ifindex == ifindex {
+            self.ifaces.set(pos, info, 0).map_err(map_err(
+                map_names::IFACES,
+                &self.pin_dir,
+                "set",
+            ))?;
+            return self.remove_spill(ifindex);
+        }
+        debug!(
+            ifindex,
+            holder = at.ifindex,
+            "IFACES position taken; using the spill map"
+        );
+        self.ifaces_spill.insert(ifindex, info, 0).map_err(map_err(
+            map_names::IFACES_SPILL,
+            &self.pin_dir,
+            "insert",
+        ))
+    }
+
+    fn remove_spill(&mut self, ifindex: u32) -> Result<()> {
+        match self.ifaces_spill.remove(&ifindex) {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(map_names::IFACES_SPILL, &self.pin_dir, "remove")(e)),
+        }
+    }
+
+    /// Removes the entry; a spilled interface waiting for the freed array position moves in
+    /// (written there before it leaves the spill map, so it is never missing).
+    fn remove_iface(&mut self, ifindex: u32) -> Result<()> {
+        match self.find_iface(ifindex)? {
+            None => Ok(()),
+            Some((IfaceAt::Spill, _)) => self.remove_spill(ifindex),
+            Some((IfaceAt::Array, _)) => {
+                let pos = iface_pos(ifindex);
+                let waiting = self
+                    .ifaces_spill
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .find(|(k, _)| iface_pos(*k) == pos);
+                let next = waiting.map(|(_, v)| v).unwrap_or(IfaceInfo::EMPTY);
+                self.ifaces.set(pos, next, 0).map_err(map_err(
+                    map_names::IFACES,
+                    &self.pin_dir,
+                    "set",
+                ))?;
+                if next.ifindex != 0 {
+                    self.remove_spill(next.ifindex)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every interface entry (array and spill), by ifindex.
+    fn iface_entries(&self) -> Result<BTreeMap<u32, IfaceInfo>> {
+        let mut out = BTreeMap::new();
+        let rows = sys::lookup_batch::<u32, IfaceInfo>(self.ifaces.map().fd().as_fd())
+            .map_err(io_err("batch lookup", &self.map_path(map_names::IFACES)))?;
+        for (_, v) in rows {
+            if v.ifindex != 0 {
+                out.insert(v.ifindex, v);
+            }
+        }
+        for item in self.ifaces_spill.iter() {
+            let (k, v) =
+                item.map_err(map_err(map_names::IFACES_SPILL, &self.pin_dir, "iterate"))?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    fn map_path(&self, name: &str) -> PathBuf {
+        self.pin_dir.join("maps").join(name)
+    }
+
+    // ---- counter slots ---------------------------------------------------------------------
+
+    fn slot_ctids(&self) -> Result<Vec<u32>> {
+        let rows = sys::lookup_batch::<u32, u32>(self.slot_ctids.map().fd().as_fd()).map_err(
+            io_err("batch lookup", &self.map_path(map_names::SLOT_CTIDS)),
+        )?;
+        let mut out = vec![0u32; capacity::SLOTS as usize];
+        for (slot, ctid) in rows {
+            if let Some(o) = out.get_mut(slot as usize) {
+                *o = ctid;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The CT's counter slot: its own, else a free one, else one reclaimed from a CT that has
+    /// no interface attached (its totals moved to `ARCHIVE` first).
+    fn slot_for(&mut self, ctid: u32) -> Result<u32> {
+        let owners = self.slot_ctids()?;
+        if let Some(slot) = owners.iter().position(|c| *c == ctid) {
+            return Ok(slot as u32);
+        }
+        let slot = match owners.iter().position(|c| *c == 0) {
+            Some(free) => free as u32,
+            None => {
+                let in_use: HashSet<u32> = self.iface_entries()?.values().map(|i| i.slot).collect();
+                let victim = (0..capacity::SLOTS).find(|s| !in_use.contains(s)).ok_or(
+                    DatapathError::NoFreeSlot {
+                        ctid,
+                        slots: capacity::SLOTS,
+                    },
+                )?;
+                self.archive_slot(victim, owners[victim as usize])?;
+                victim
+            }
+        };
+        // A fresh slot counts from zero (a reclaimed one was zeroed after archiving; a free
+        // one may hold what an interrupted reclaim left).
+        self.zero_slot(slot)?;
+        self.slot_ctids.set(slot, ctid, 0).map_err(map_err(
+            map_names::SLOT_CTIDS,
+            &self.pin_dir,
+            "set",
+        ))?;
+        debug!(ctid, slot, "counter slot assigned");
+        Ok(slot)
+    }
+
+    fn zero_slot(&mut self, slot: u32) -> Result<()> {
+        let nr_cpus = nr_cpus()?;
+        let zeros =
+            PerCpuValues::try_from(vec![SlotCounters::default(); nr_cpus]).map_err(io_err(
+                "building per-CPU values for",
+                &self.map_path(map_names::COUNTERS),
+            ))?;
+        self.counters.set(slot, zeros, 0).map_err(map_err(
+            map_names::COUNTERS,
+            &self.pin_dir,
+            "set",
+        ))
+    }
+
+    /// Adds the slot's counters to `ARCHIVE` under `ctid` and zeroes the slot. Only for a slot
+    /// no interface entry points at (no program writes to it any more).
+    fn archive_slot(&mut self, slot: u32, ctid: u32) -> Result<()> {
+        let values = self.counters.get(&slot, 0).map_err(map_err(
+            map_names::COUNTERS,
+            &self.pin_dir,
+            "get",
+        ))?;
+        for row in 0..berth_common::SLOT_ROWS {
+            if values
+                .iter()
+                .all(|v| v.rows[row] == CounterValue::default())
+            {
+                continue;
+            }
+            let key = layout::row_key(ctid, row);
+            let mut sum: Vec<CounterValue> = match self.archive.get(&key, 0) {
+                Ok(old) => old.iter().copied().collect(),
+                Err(e) if not_found(&e) => {
+                    vec![CounterValue::default(); values.len()]
+                }
+                Err(e) => return Err(map_err(map_names::ARCHIVE, &self.pin_dir, "get")(e)),
+            };
+            for (acc, v) in sum.iter_mut().zip(values.iter()) {
+                acc.bytes += v.rows[row].bytes;
+                acc.packets += v.rows[row].packets;
+            }
+            let sum = PerCpuValues::try_from(sum).map_err(io_err(
+                "building per-CPU values for",
+                &self.map_path(map_names::ARCHIVE),
+            ))?;
+            self.archive.insert(key, sum, 0).map_err(map_err(
+                map_names::ARCHIVE,
+                &self.pin_dir,
+                "insert",
+            ))?;
+        }
+        self.zero_slot(slot)?;
+        info!(ctid, slot, "counter slot reclaimed; totals archived");
         Ok(())
     }
 
@@ -878,11 +1179,7 @@ impl Datapath {
         let _lock = DirLock::take(&self.pin_dir)?;
         let ifname = sys::if_indextoname(ifindex);
         self.detach_links(ifindex, ifname.as_deref())?;
-        match self.ifaces.remove(&ifindex) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(map_names::IFACES, &self.pin_dir, "remove")(e)),
-        }
+        self.remove_iface(ifindex)?;
         info!(
             ifindex,
             ifname = ifname.as_deref().unwrap_or("-"),
@@ -930,20 +1227,30 @@ impl Datapath {
         Ok(gone.into_iter().collect())
     }
 
-    /// Every interface in `IFACES`.
+    /// Every interface with an entry (`IFACES` or `IFACES_SPILL`), by ifindex.
     pub fn attached(&self) -> Result<Vec<AttachedIface>> {
-        let mut out = Vec::new();
-        for item in self.ifaces.iter() {
-            let (ifindex, raw) =
-                item.map_err(map_err(map_names::IFACES, &self.pin_dir, "iterate"))?;
-            out.push(AttachedIface {
+        Ok(self
+            .iface_entries()?
+            .into_iter()
+            .map(|(ifindex, raw)| AttachedIface {
                 ifindex,
                 ifname: sys::if_indextoname(ifindex),
                 config: IfaceConfig::from_raw(raw),
-            });
+            })
+            .collect())
+    }
+
+    /// Rewrites the inline address copies of every interface of `ctid` from `CT_ADDRS`.
+    fn refresh_inline_addrs(&mut self, ctid: u32) -> Result<()> {
+        let addrs = self.ct_addrs(ctid)?;
+        for (ifindex, mut info) in self.iface_entries()? {
+            if info.ctid != ctid {
+                continue;
+            }
+            layout::set_inline_addrs(&mut info, &addrs);
+            self.write_iface(ifindex, info)?;
         }
-        out.sort_by_key(|i| i.ifindex);
-        Ok(out)
+        Ok(())
     }
 
     /// Replaces the set of addresses `ctid` may use (routed mode: send from and receive for;
@@ -984,6 +1291,9 @@ impl Datapath {
                 "insert",
             ))?;
         }
+        // CT_ADDRS holds old + new now; the inline copies switch to the new set, then the
+        // stale keys go: a kept address is found at every moment.
+        self.refresh_inline_addrs(ctid)?;
         for key in existing.difference(&wanted) {
             self.remove_addr_key(key)?;
         }
@@ -1021,7 +1331,8 @@ impl Datapath {
 
     fn remove_addr_key(&mut self, key: &AddrKey) -> Result<()> {
         match self.ct_addrs.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
             Err(e) => Err(map_err(map_names::CT_ADDRS, &self.pin_dir, "remove")(e)),
         }
     }
@@ -1032,7 +1343,7 @@ impl Datapath {
         for key in self.ct_addr_keys(Some(ctid))? {
             self.remove_addr_key(&key)?;
         }
-        Ok(())
+        self.refresh_inline_addrs(ctid)
     }
 
     /// Replaces the class table (both families) with `entries`; prefixes not in `entries` are
@@ -1069,6 +1380,10 @@ impl Datapath {
                     .map_err(map_err(map_names::CLASSES_V6, &path, "insert"))?,
             }
         }
+        // The tries hold old + new now; the fast path in CONFIG switches to the new table,
+        // then stale prefixes go.
+        let settings = self.config()?;
+        self.write_config(settings, entries)?;
         let keep: HashSet<IpNet> = entries.iter().map(|e| e.net.trunc()).collect();
         for e in old.iter().filter(|e| !keep.contains(&e.net)) {
             let res = match e.net {
@@ -1119,14 +1434,14 @@ impl Datapath {
             self.config
                 .get(&0, 0)
                 .map_err(map_err(map_names::CONFIG, &self.pin_dir, "get"))?;
-        Ok(DatapathConfig {
-            byte_layer: if raw.byte_layer == LAYER_L3 {
-                ByteLayer::L3
-            } else {
-                ByteLayer::L2
-            },
-            default_class: raw.default_class as u8,
-        })
+        Ok(layout::settings_of(&raw))
+    }
+
+    fn write_config(&mut self, settings: DatapathConfig, classes: &[ClassEntry]) -> Result<()> {
+        let raw = layout::config_value(settings, classes);
+        self.config
+            .set(0, raw, 0)
+            .map_err(map_err(map_names::CONFIG, &self.pin_dir, "set"))
     }
 
     /// Changes the global settings; applies to packets from now on (existing totals keep
@@ -1138,31 +1453,50 @@ impl Datapath {
                 max: MAX_CLASSES,
             });
         }
-        let raw = Config {
-            byte_layer: match config.byte_layer {
-                ByteLayer::L2 => LAYER_L2,
-                ByteLayer::L3 => LAYER_L3,
-            },
-            default_class: u32::from(config.default_class),
-        };
-        self.config
-            .set(0, raw, 0)
-            .map_err(map_err(map_names::CONFIG, &self.pin_dir, "set"))
+        let classes = self.classes()?;
+        self.write_config(config, &classes)
     }
 
     /// Every traffic counter row, summed over CPUs, sorted by (CTID, direction, class,
     /// family).
+    /// Rows that never counted anything are left out.
     pub fn counters(&self) -> Result<Vec<CounterRow>> {
-        let rows = self.read_percpu(&self.counters, map_names::COUNTERS)?;
-        let mut out: Vec<CounterRow> = rows
+        let mut sums: BTreeMap<CounterKey, (u64, u64)> = BTreeMap::new();
+        for (k, vals) in self.read_percpu(&self.archive, map_names::ARCHIVE)? {
+            let e = sums.entry(k).or_default();
+            e.0 += vals.iter().map(|v| v.bytes).sum::<u64>();
+            e.1 += vals.iter().map(|v| v.packets).sum::<u64>();
+        }
+        for (slot, ctid) in self.slot_ctids()?.into_iter().enumerate() {
+            if ctid == 0 {
+                continue;
+            }
+            let vals = self.counters.get(&(slot as u32), 0).map_err(map_err(
+                map_names::COUNTERS,
+                &self.pin_dir,
+                "get",
+            ))?;
+            for row in 0..berth_common::SLOT_ROWS {
+                let bytes: u64 = vals.iter().map(|v| v.rows[row].bytes).sum();
+                let packets: u64 = vals.iter().map(|v| v.rows[row].packets).sum();
+                if bytes == 0 && packets == 0 {
+                    continue;
+                }
+                let e = sums.entry(layout::row_key(ctid, row)).or_default();
+                e.0 += bytes;
+                e.1 += packets;
+            }
+        }
+        let mut out: Vec<CounterRow> = sums
             .into_iter()
-            .map(|(k, vals): (CounterKey, Vec<CounterValue>)| CounterRow {
+            .filter(|(_, (b, p))| *b != 0 || *p != 0)
+            .map(|(k, (bytes, packets))| CounterRow {
                 ctid: k.ctid,
                 dir: Direction::from_raw(k.dir),
                 class: k.class,
                 family: Family::from_raw(k.family),
-                bytes: vals.iter().map(|v| v.bytes).sum(),
-                packets: vals.iter().map(|v| v.packets).sum(),
+                bytes,
+                packets,
             })
             .collect();
         out.sort_by_key(|r| (r.ctid, r.dir, r.class, r.family));
@@ -1191,8 +1525,7 @@ impl Datapath {
         map: &PerCpuHashMap<MapData, K, V>,
         name: &'static str,
     ) -> Result<Vec<(K, Vec<V>)>> {
-        let nr_cpus =
-            aya::util::nr_cpus().map_err(|(path, e)| io_err("reading", Path::new(path))(e))?;
+        let nr_cpus = nr_cpus()?;
         match sys::lookup_batch_percpu::<K, V>(map.map().fd().as_fd(), nr_cpus) {
             Ok(rows) => return Ok(rows),
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
@@ -1224,13 +1557,29 @@ impl Datapath {
             return Ok(());
         }
         let ifaces_path = pin_dir.join("maps").join(map_names::IFACES);
-        if let Ok(ifaces) = open_map::<HashMap<MapData, u32, IfaceInfo>>(
-            &pin_dir.join("maps"),
+        let maps_dir = pin_dir.join("maps");
+        if let Ok(ifaces) = open_map::<Array<MapData, IfaceInfo>>(
+            &maps_dir,
             map_names::IFACES,
             4,
             size_of::<IfaceInfo>(),
         ) {
-            for ifindex in ifaces.keys().flatten() {
+            let mut ifindexes: Vec<u32> =
+                sys::lookup_batch::<u32, IfaceInfo>(ifaces.map().fd().as_fd())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(_, v)| v.ifindex)
+                    .filter(|i| *i != 0)
+                    .collect();
+            if let Ok(spill) = open_map::<HashMap<MapData, u32, IfaceInfo>>(
+                &maps_dir,
+                map_names::IFACES_SPILL,
+                4,
+                size_of::<IfaceInfo>(),
+            ) {
+                ifindexes.extend(spill.keys().flatten());
+            }
+            for ifindex in ifindexes {
                 if let Some(ifname) = sys::if_indextoname(ifindex) {
                     for (attach_type, name) in [
                         (TcAttachType::Ingress, program_names::FROM_CT),
@@ -1257,15 +1606,16 @@ mod tests {
     #[test]
     fn iface_config_round_trips_and_routed_always_polices_ip() {
         let r = IfaceConfig::routed(101, [2, 0, 0, 0, 0, 1]);
-        let raw = r.to_raw();
+        let raw = r.to_raw(5, 9);
+        assert_eq!((raw.ifindex, raw.slot, raw.ctid), (5, 9, 101));
         assert_eq!(raw.mode, MODE_ROUTED);
         assert_eq!(raw.flags, FLAG_IP_FILTER);
         assert_eq!(IfaceConfig::from_raw(raw), r);
 
         let mut b = IfaceConfig::bridged(7, [2, 0, 0, 0, 0, 2]);
-        assert_eq!(b.to_raw().flags, FLAG_MAC_FILTER);
+        assert_eq!(b.to_raw(5, 0).flags, FLAG_MAC_FILTER);
         b.ip_filter = true;
-        assert_eq!(IfaceConfig::from_raw(b.to_raw()), b);
+        assert_eq!(IfaceConfig::from_raw(b.to_raw(5, 0)), b);
     }
 
     #[test]

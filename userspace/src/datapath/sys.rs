@@ -102,14 +102,30 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Reads a whole per-CPU hash map with `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6): one syscall per
+/// Reads a whole per-CPU map with `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6): one syscall per
 /// `chunk` entries instead of two per entry. Returns `Unsupported` where the kernel lacks it.
 pub fn lookup_batch_percpu<K: Pod, V: Pod>(
     map: BorrowedFd<'_>,
     nr_cpus: usize,
 ) -> io::Result<Vec<(K, Vec<V>)>> {
     // Per-CPU values are laid out in 8-byte aligned slots, one per possible CPU.
-    let slot = size_of::<V>().next_multiple_of(8);
+    lookup_batch_inner(map, nr_cpus, size_of::<V>().next_multiple_of(8))
+}
+
+/// Reads a whole (not per-CPU) map, hash or array, with `BPF_MAP_LOOKUP_BATCH`.
+pub fn lookup_batch<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let rows = lookup_batch_inner::<K, V>(map, 1, size_of::<V>())?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(k, mut v)| v.pop().map(|v| (k, v)))
+        .collect())
+}
+
+fn lookup_batch_inner<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    nr_cpus: usize,
+    slot: usize,
+) -> io::Result<Vec<(K, Vec<V>)>> {
     let mut chunk: usize = 256;
     let mut out = Vec::new();
     let mut token = 0u64; // hash maps use a u32 bucket index as the batch cursor
