@@ -122,10 +122,14 @@ fn start(cycles: usize) -> Result<()> {
     let tmp = tempdir()?;
     let root = tmp.join("berth");
     let cg_parent = format!("berth-bench-{}", std::process::id());
+    // Run state on tmpfs, as with the default /run/berth; the CTs' files stay on the disk.
+    let run_dir = PathBuf::from(format!("/run/berth-bench-{}", std::process::id()));
     let berth = |args: &[&str]| {
         let mut c = Command::new(&bin);
         c.arg("--root")
             .arg(&root)
+            .arg("--run-dir")
+            .arg(&run_dir)
             .arg("--cgroup-parent")
             .arg(&cg_parent)
             .args(args);
@@ -214,6 +218,7 @@ fn start(cycles: usize) -> Result<()> {
         if b.p50 <= c.p50 { "PASS" } else { "FAIL" }
     );
     let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&run_dir);
     for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
         let _ = std::fs::remove_dir(h.path().join(&cg_parent));
     }
