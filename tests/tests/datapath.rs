@@ -1220,3 +1220,278 @@ fn bench_prog_test_run_cost() -> Result<()> {
     println!("no-op program: {} ns/run", res.duration.as_nanos());
     Ok(())
 }
+
+// ---- fast paths and their fallbacks ------------------------------------------------------
+
+/// Runs `prog` once on `frame` on loopback (the namespace's `lo`, ifindex 1) and returns the
+/// verdict.
+fn run_lo(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> Result<u32> {
+    test_run(prog, frame, Some(&skb_ctx(0, 0, 0)))
+}
+
+fn out_packets(dp: &Datapath, ctid: u32, class: u8, family: Family) -> Result<u64> {
+    Ok(dp
+        .counters()?
+        .iter()
+        .filter(|r| {
+            r.ctid == ctid && r.dir == Direction::Out && r.class == class && r.family == family
+        })
+        .map(|r| r.packets)
+        .sum())
+}
+
+/// Class tables take three forms in the programs: uniform (empty, or only /0), inline (up to
+/// 8 prefixes per family) and the LPM trie (more). Each must classify exactly like the trie.
+#[test]
+fn prog_test_run_class_plans() -> Result<()> {
+    const C: u32 = 303;
+    let pin = PinDir::new();
+    let ns = Netns::new("bdp")?;
+    let _in_ns = ns.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    let ids = dp.program_ids()?;
+    dp.attach(LO, IfaceConfig::routed(C, CT_MAC))?;
+    dp.set_ct_addrs(C, &["10.0.0.2".parse()?, "2001:db8::2".parse()?])?;
+    let ct6 = v6("2001:db8::2");
+    let v4_to = |dst: [u8; 4]| ipv4(CT_MAC, CT_V4, dst, 10, 0);
+    let v6_to = |dst: &str| ipv6(CT_MAC, ct6, v6(dst), 17, 10);
+    let mut expect: BTreeMap<(u8, Family), u64> = BTreeMap::new();
+    let mut check =
+        |dp: &Datapath, what: &str, frame: Vec<u8>, class: u8, fam: Family| -> Result<()> {
+            let (from_ct, _) = dp.programs();
+            let v = run_lo(from_ct, &frame)?;
+            ensure!(v == VERDICT_PASS, "{what}: verdict {v}");
+            *expect.entry((class, fam)).or_default() += 1;
+            for (&(k, f), &n) in &expect {
+                let got = out_packets(dp, C, k, f)?;
+                ensure!(got == n, "{what}: class {k} {f:?}: {got} packets, want {n}");
+            }
+            Ok(())
+        };
+
+    // Uniform: no table at all, then only /0 entries.
+    dp.set_config(DatapathConfig {
+        byte_layer: ByteLayer::L2,
+        default_class: 4,
+    })?;
+    check(
+        &dp,
+        "empty table v4",
+        v4_to([198, 51, 100, 1]),
+        4,
+        Family::V4,
+    )?;
+    check(&dp, "empty table v6", v6_to("2001:db8:5::1"), 4, Family::V6)?;
+    dp.load_classes(&parse_networks_classes("3 0.0.0.0/0\n5 ::/0\n")?)?;
+    check(&dp, "only /0 v4", v4_to([198, 51, 100, 1]), 3, Family::V4)?;
+    check(&dp, "only /0 v6", v6_to("2001:db8:5::1"), 5, Family::V6)?;
+
+    // LPM: 9 IPv4 and 9 IPv6 prefixes exceed the inline table.
+    let mut text = String::from("1 10.0.0.0/8\n2 2001:db8::/32\n");
+    for i in 0..8u8 {
+        text.push_str(&format!("{} 10.{i}.0.0/16\n", 8 + i));
+        text.push_str(&format!("{} 2001:db8:{i}::/48\n", 8 + i));
+    }
+    dp.load_classes(&parse_networks_classes(&text)?)?;
+    check(&dp, "LPM /16", v4_to([10, 3, 9, 9]), 11, Family::V4)?;
+    check(&dp, "LPM /8", v4_to([10, 9, 9, 9]), 1, Family::V4)?;
+    check(&dp, "LPM default v4", v4_to([192, 0, 2, 1]), 4, Family::V4)?;
+    check(&dp, "LPM /48", v6_to("2001:db8:7::1"), 15, Family::V6)?;
+    check(&dp, "LPM /32", v6_to("2001:db8:99::1"), 2, Family::V6)?;
+    check(&dp, "LPM default v6", v6_to("2001:db9::1"), 4, Family::V6)?;
+
+    // Back to inline (a reload shrinks the table): same answers as the trie would give.
+    dp.load_classes(&parse_networks_classes(
+        "1 10.0.0.0/8\n11 10.3.0.0/16\n2 2001:db8::/32\n15 2001:db8:7::/48\n",
+    )?)?;
+    ensure!(dp.classes()?.len() == 4, "stale prefixes removed");
+    check(&dp, "inline /16", v4_to([10, 3, 9, 9]), 11, Family::V4)?;
+    check(&dp, "inline /8", v4_to([10, 9, 9, 9]), 1, Family::V4)?;
+    check(&dp, "inline /48", v6_to("2001:db8:7::1"), 15, Family::V6)?;
+    check(
+        &dp,
+        "inline default v6",
+        v6_to("2001:db9::1"),
+        4,
+        Family::V6,
+    )?;
+
+    drop(dp);
+    drop(_in_ns);
+    let path = pin.path.clone();
+    drop(pin);
+    drop(ns);
+    assert_clean(&path, ids)
+}
+
+/// More addresses than the interface entry holds inline (8 per family) fall back to
+/// `CT_ADDRS`; shrinking the set again drops the removed ones.
+#[test]
+fn prog_test_run_many_addresses() -> Result<()> {
+    const C: u32 = 304;
+    let pin = PinDir::new();
+    let ns = Netns::new("bda")?;
+    let _in_ns = ns.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    let ids = dp.program_ids()?;
+    dp.attach(LO, IfaceConfig::routed(C, CT_MAC))?;
+    let v4s: Vec<[u8; 4]> = (1..=12).map(|i| [10, 4, 0, i]).collect();
+    let v6s: Vec<[u8; 16]> = (1..=11).map(|i| v6(&format!("2001:db8:4::{i}"))).collect();
+    let mut addrs: Vec<IpAddr> = v4s.iter().map(|a| IpAddr::from(*a)).collect();
+    addrs.extend(v6s.iter().map(|a| IpAddr::from(*a)));
+    dp.set_ct_addrs(C, &addrs)?;
+    let (from_ct, to_ct) = dp.programs();
+    for a in &v4s {
+        let v = run_lo(from_ct, &ipv4(CT_MAC, *a, [192, 0, 2, 1], 10, 0))?;
+        ensure!(v == VERDICT_PASS, "from {a:?}: {v}");
+        let v = run_lo(to_ct, &ipv4(HOST_MAC, [192, 0, 2, 1], *a, 10, 0))?;
+        ensure!(v == VERDICT_PASS, "to {a:?}: {v}");
+    }
+    for a in &v6s {
+        let v = run_lo(from_ct, &ipv6(CT_MAC, *a, v6("2001:db8:9::1"), 17, 10))?;
+        ensure!(v == VERDICT_PASS, "from {a:?}: {v}");
+    }
+    let v = run_lo(
+        from_ct,
+        &ipv4(CT_MAC, [10, 4, 0, 13], [192, 0, 2, 1], 10, 0),
+    )?;
+    ensure!(v == VERDICT_DROP, "foreign v4 source: {v}");
+    let v = run_lo(
+        from_ct,
+        &ipv6(CT_MAC, v6("2001:db8:4::12"), v6("2001:db8:9::1"), 17, 10),
+    )?;
+    ensure!(v == VERDICT_DROP, "foreign v6 source: {v}");
+    // 0.0.0.0 must not match an unused inline position.
+    let v = run_lo(from_ct, &ipv4(CT_MAC, [0, 0, 0, 0], [192, 0, 2, 1], 10, 0))?;
+    ensure!(v == VERDICT_DROP, "0.0.0.0 source: {v}");
+
+    // Shrink to two: an address that was inline and one that was in CT_ADDRS are gone.
+    dp.set_ct_addrs(C, &["10.4.0.12".parse()?, "10.4.0.1".parse()?])?;
+    ensure!(dp.ct_addrs(C)?.len() == 2);
+    let (from_ct, _) = dp.programs();
+    for (a, want) in [
+        ([10, 4, 0, 1], VERDICT_PASS),
+        ([10, 4, 0, 12], VERDICT_PASS),
+        ([10, 4, 0, 2], VERDICT_DROP),
+        ([10, 4, 0, 11], VERDICT_DROP),
+    ] {
+        let v = run_lo(from_ct, &ipv4(CT_MAC, a, [192, 0, 2, 1], 10, 0))?;
+        ensure!(v == want, "after shrinking, from {a:?}: {v}");
+    }
+    let drops: u64 = dp.drops()?.iter().map(|d| d.packets).sum();
+    ensure!(drops == 5, "drops counted: {:?}", dp.drops()?);
+
+    drop(dp);
+    drop(_in_ns);
+    let path = pin.path.clone();
+    drop(pin);
+    drop(ns);
+    assert_clean(&path, ids)
+}
+
+/// Two interfaces whose ifindexes share an `IFACES` position: the second lives in
+/// `IFACES_SPILL` and works the same; when the first goes, it moves into the array.
+#[test]
+fn prog_test_run_iface_position_collision() -> Result<()> {
+    const A: u32 = 305;
+    const B: u32 = 306;
+    let pin = PinDir::new();
+    let ns = Netns::new("bdk")?;
+    // ifindex 1 + 16384: the same position as lo.
+    ns.ip(&[
+        "link", "add", "name", "bdkv0", "index", "16385", "type", "veth", "peer", "name", "bdkv1",
+    ])?;
+    let _in_ns = ns.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    let ids = dp.program_ids()?;
+    dp.attach(16385, IfaceConfig::routed(A, CT_MAC))?;
+    dp.attach(LO, IfaceConfig::routed(B, CT_MAC))?;
+    dp.set_ct_addrs(B, &["10.0.0.2".parse()?])?;
+    let attached: Vec<(u32, u32)> = dp
+        .attached()?
+        .iter()
+        .map(|a| (a.ifindex, a.config.ctid))
+        .collect();
+    ensure!(attached == [(LO, B), (16385, A)], "attached: {attached:?}");
+    let frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 1], 10, 0);
+    let (from_ct, _) = dp.programs();
+    ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
+    ensure!(
+        out_packets(&dp, B, 0, Family::V4)? == 1,
+        "{:?}",
+        dp.counters()?
+    );
+    dp.detach(16385)?;
+    let (from_ct, _) = dp.programs();
+    ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
+    ensure!(
+        out_packets(&dp, B, 0, Family::V4)? == 2,
+        "{:?}",
+        dp.counters()?
+    );
+    ensure!(dp.attached()?.len() == 1);
+    // Re-attaching the dummy now spills it instead; lo keeps its position and its counts.
+    dp.attach(16385, IfaceConfig::routed(A, CT_MAC))?;
+    let (from_ct, _) = dp.programs();
+    ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
+    ensure!(out_packets(&dp, B, 0, Family::V4)? == 3);
+    ensure!(out_packets(&dp, A, 0, Family::V4)? == 0);
+
+    drop(dp);
+    let path = pin.path.clone();
+    drop(pin);
+    drop(_in_ns);
+    drop(ns);
+    assert_clean(&path, ids)
+}
+
+/// When every counter slot is taken, the slot of a CT with no interface attached is reused;
+/// that CT's totals carry on (archived), also when it gets a slot again.
+#[test]
+fn counter_slots_are_reclaimed_without_losing_totals() -> Result<()> {
+    const FIRST: u32 = 500_000;
+    let pin = PinDir::new();
+    let ns = Netns::new("bds")?;
+    let _in_ns = ns.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    let ids = dp.program_ids()?;
+    dp.set_ct_addrs(FIRST, &["10.0.0.2".parse()?])?;
+    dp.attach(LO, IfaceConfig::routed(FIRST, CT_MAC))?;
+    let frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 1], 10, 0);
+    for _ in 0..3 {
+        let (from_ct, _) = dp.programs();
+        ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
+    }
+    // Every other slot goes to other CTs (lo moves from CT to CT); the last attach has to
+    // reclaim FIRST's slot, the only one no interface points at.
+    let slots = berth_common::capacity::SLOTS;
+    for ctid in FIRST + 1..=FIRST + slots {
+        dp.attach(LO, IfaceConfig::routed(ctid, CT_MAC))?;
+    }
+    ensure!(
+        out_packets(&dp, FIRST, 0, Family::V4)? == 3,
+        "FIRST's totals after its slot was reclaimed"
+    );
+    // FIRST again: another reclaim; old totals + new packets.
+    dp.attach(LO, IfaceConfig::routed(FIRST, CT_MAC))?;
+    for _ in 0..2 {
+        let (from_ct, _) = dp.programs();
+        ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
+    }
+    ensure!(
+        out_packets(&dp, FIRST, 0, Family::V4)? == 5,
+        "{:?}",
+        dp.counters()?
+    );
+    ensure!(
+        dp.counters()?.iter().filter(|r| r.ctid != FIRST).count() == 0,
+        "other CTs counted nothing"
+    );
+
+    drop(dp);
+    drop(_in_ns);
+    let path = pin.path.clone();
+    drop(pin);
+    drop(ns);
+    assert_clean(&path, ids)
+}

@@ -195,10 +195,10 @@ pub struct BenchOptions {
 impl Default for BenchOptions {
     fn default() -> Self {
         Self {
-            runs: 5,
+            runs: 7,
             seconds: 4,
-            cost_rounds: 3,
-            cost_seconds: 4,
+            cost_rounds: 6,
+            cost_seconds: 3,
             bar_ns: 100.0,
             bar_ratio: 0.98,
         }
@@ -258,7 +258,17 @@ pub struct Report {
     pub options: BenchOptions,
     pub from_ct: HookCost,
     pub to_ct: HookCost,
+    /// The cost measurement round by round (the totals above sum them).
+    pub rounds: Vec<CostRound>,
     pub throughput: Vec<Throughput>,
+}
+
+/// One round of the cost measurement: berth's programs and the no-op, each under the same
+/// `cost_seconds` of load.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CostRound {
+    pub berth: HookStats,
+    pub noop: HookStats,
 }
 
 impl Report {
@@ -312,7 +322,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "\nper-packet cost under iperf3 --bidir load (bpf_stats run_time_ns / run_cnt; \
-             {} rounds × {} s, berth and no-op interleaved)",
+             {} rounds × {} s each for berth and the no-op, interleaved ABBA)",
             o.cost_rounds, o.cost_seconds
         )?;
         writeln!(
@@ -334,6 +344,22 @@ impl fmt::Display for Report {
                 h.net_ns()
             )?;
         }
+        let spread = |pick: fn(&HookStats) -> ProgStats| {
+            let nets: Vec<f64> = self
+                .rounds
+                .iter()
+                .map(|r| pick(&r.berth).ns_per_run() - pick(&r.noop).ns_per_run())
+                .collect();
+            let min = nets.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = nets.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (min, max)
+        };
+        let (a, b) = spread(|h| h.from_ct);
+        let (c, d) = spread(|h| h.to_ct);
+        writeln!(
+            f,
+            "  berth − no-op per round: from_ct {a:.1}..{b:.1}, to_ct {c:.1}..{d:.1}"
+        )?;
         writeln!(
             f,
             "  bar ≤ {:.0} ns per hook, raw run_time_ns/run_cnt: {}",
@@ -722,52 +748,74 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
     let mut noop_in = dp.load_noop(&noop_paths[0])?;
     let mut noop_eg = dp.load_noop(&noop_paths[1])?;
     let load = |t: &Topology| t.iperf(&["-t", &opts.cost_seconds.to_string(), "--bidir"]);
-    let mut berth = HookStats::default();
-    let mut floor = HookStats::default();
+    let attach_err = |e: aya::programs::ProgramError| DatapathError::Attach {
+        ifname: topo.host_if.clone(),
+        ifindex,
+        op: "attaching the no-op reference program",
+        source: Box::new(e),
+    };
+    let mut rounds = Vec::new();
     for round in 0..opts.cost_rounds {
-        let (res, stats) = dp.measure(|| load(&topo))?;
-        res?;
-        berth = berth.add(stats);
-
-        dp.detach(ifindex)?;
-        let attach_err = |e: aya::programs::ProgramError| DatapathError::Attach {
-            ifname: topo.host_if.clone(),
-            ifindex,
-            op: "attaching the no-op reference program",
-            source: Box::new(e),
+        // ABBA: drift over the measurement hits berth and the no-op alike.
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
         };
-        let a = noop_in
-            .attach_with_options(
-                &topo.host_if,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(attach_err)?;
-        let b = noop_eg
-            .attach_with_options(
-                &topo.host_if,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(attach_err)?;
-        let read = || -> Result<HookStats> {
-            Ok(HookStats {
-                from_ct: prog_stats(&noop_in, program_names::NOOP)?,
-                to_ct: prog_stats(&noop_eg, program_names::NOOP)?,
-            })
-        };
-        let guard = enable_stats()?;
-        let before = read()?;
-        let res = load(&topo);
-        let after = read()?;
-        drop(guard);
-        noop_in.detach(a).map_err(attach_err)?;
-        noop_eg.detach(b).map_err(attach_err)?;
-        res?;
-        floor = floor.add(after.since(before));
-        dp.attach(ifindex, cfg)?;
-        info!(round, "cost round done");
+        let mut this = CostRound::default();
+        for berth_phase in order {
+            if berth_phase {
+                dp.attach(ifindex, cfg)?;
+                let (res, stats) = dp.measure(|| load(&topo))?;
+                res?;
+                this.berth = stats;
+            } else {
+                dp.detach(ifindex)?;
+                let a = noop_in
+                    .attach_with_options(
+                        &topo.host_if,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .map_err(attach_err)?;
+                let b = noop_eg
+                    .attach_with_options(
+                        &topo.host_if,
+                        TcAttachType::Egress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .map_err(attach_err)?;
+                let read = |i: &SchedClassifier, e: &SchedClassifier| -> Result<HookStats> {
+                    Ok(HookStats {
+                        from_ct: prog_stats(i, program_names::NOOP)?,
+                        to_ct: prog_stats(e, program_names::NOOP)?,
+                    })
+                };
+                let guard = enable_stats()?;
+                let before = read(&noop_in, &noop_eg)?;
+                let res = load(&topo);
+                let after = read(&noop_in, &noop_eg)?;
+                drop(guard);
+                noop_in.detach(a).map_err(attach_err)?;
+                noop_eg.detach(b).map_err(attach_err)?;
+                res?;
+                this.noop = after.since(before);
+            }
+        }
+        info!(
+            round,
+            from_ct_ns = this.berth.from_ct.ns_per_run(),
+            to_ct_ns = this.berth.to_ct.ns_per_run(),
+            "cost round done"
+        );
+        rounds.push(this);
     }
+    let berth = rounds
+        .iter()
+        .fold(HookStats::default(), |a, r| a.add(r.berth));
+    let floor = rounds
+        .iter()
+        .fold(HookStats::default(), |a, r| a.add(r.noop));
     drop((noop_in, noop_eg));
     for p in &noop_paths {
         let _ = std::fs::remove_file(p);
@@ -781,6 +829,8 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
     };
     let from_ct = cost(berth.from_ct, floor.from_ct);
     let to_ct = cost(berth.to_ct, floor.to_ct);
+    // Leave the programs attached for the throughput phase's first state change.
+    dp.attach(ifindex, cfg)?;
 
     // Throughput, interleaved ABBA so that drift (thermal, neighbours) hits both alike.
     let secs = opts.seconds.to_string();
@@ -839,6 +889,7 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
         options: opts.clone(),
         from_ct,
         to_ct,
+        rounds,
         throughput,
     };
     drop(topo);

@@ -59,6 +59,7 @@ pub mod bench;
 mod classes;
 mod error;
 mod layout;
+mod readonly;
 mod sys;
 
 use std::{
@@ -1240,14 +1241,14 @@ impl Datapath {
             .collect())
     }
 
-    /// Rewrites the inline address copies of every interface of `ctid` from `CT_ADDRS`.
-    fn refresh_inline_addrs(&mut self, ctid: u32) -> Result<()> {
-        let addrs = self.ct_addrs(ctid)?;
+    /// Rewrites the inline address copies of every interface of `ctid` to `addrs` (the CT's
+    /// new set; `CT_ADDRS` may still hold stale ones at this point).
+    fn refresh_inline_addrs(&mut self, ctid: u32, addrs: &[IpAddr]) -> Result<()> {
         for (ifindex, mut info) in self.iface_entries()? {
             if info.ctid != ctid {
                 continue;
             }
-            layout::set_inline_addrs(&mut info, &addrs);
+            layout::set_inline_addrs(&mut info, addrs);
             self.write_iface(ifindex, info)?;
         }
         Ok(())
@@ -1293,7 +1294,7 @@ impl Datapath {
         }
         // CT_ADDRS holds old + new now; the inline copies switch to the new set, then the
         // stale keys go: a kept address is found at every moment.
-        self.refresh_inline_addrs(ctid)?;
+        self.refresh_inline_addrs(ctid, addrs)?;
         for key in existing.difference(&wanted) {
             self.remove_addr_key(key)?;
         }
@@ -1343,7 +1344,7 @@ impl Datapath {
         for key in self.ct_addr_keys(Some(ctid))? {
             self.remove_addr_key(&key)?;
         }
-        self.refresh_inline_addrs(ctid)
+        self.refresh_inline_addrs(ctid, &[])
     }
 
     /// Replaces the class table (both families) with `entries`; prefixes not in `entries` are
