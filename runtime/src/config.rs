@@ -225,7 +225,7 @@ pub enum Layout {
 }
 
 /// `conf/<CTID>.toml`. Every key is documented in the README ("CT config").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CtConfig {
     pub ctid: Ctid,
@@ -252,6 +252,10 @@ pub struct CtConfig {
     pub userns: Option<UserNs>,
     #[serde(default)]
     pub resources: ResourceConfig,
+    /// Networking: `[[net.ifaces]]` (mode = "routed" | "bridged"), nameservers, searchdomains,
+    /// neighbour_devs, arp_probe, gratuitous_arp (see the README).
+    #[serde(default)]
+    pub net: crate::net::NetConfig,
 }
 
 fn default_init() -> String {
@@ -277,6 +281,7 @@ impl CtConfig {
             stop_timeout: default_stop_timeout(),
             userns: None,
             resources: ResourceConfig::default(),
+            net: crate::net::NetConfig::default(),
         }
     }
 
@@ -321,6 +326,9 @@ impl CtConfig {
             )));
         }
         crate::signal::parse_signal(&self.stop_signal).map_err(|e| bad(e.to_string()))?;
+        self.net
+            .validate(self.ctid)
+            .map_err(|e| bad(e.to_string()))?;
         if let Some(u) = self.userns
             && (u.size == 0
                 || u.uid_base.checked_add(u.size).is_none()

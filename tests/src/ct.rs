@@ -50,6 +50,10 @@ pub struct TestHost {
     pub root: PathBuf,
     pub cgroup_parent: String,
     bin: PathBuf,
+    /// Network namespace berth runs in (the test's stand-in for the host), if not the current.
+    netns: Option<std::os::fd::OwnedFd>,
+    /// The datapath's bpffs pin directory for this installation.
+    pub bpffs: PathBuf,
 }
 
 impl Default for TestHost {
@@ -71,26 +75,53 @@ impl TestHost {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/{cgroup_parent}"));
         let h = Self {
             dir,
             root,
             cgroup_parent,
             bin: berth_bin(),
+            netns: None,
+            bpffs,
         };
         h.ok(&["template", "build", "busybox"]);
         h
     }
 
+    /// Runs every berth command of this installation inside `netns` (setns in the child, so
+    /// bpffs stays visible, unlike `ip netns exec`): the CTs' host-side interfaces, routes and
+    /// proxy entries then live in a namespace of the test's own.
+    pub fn in_netns(mut self, netns: std::os::fd::BorrowedFd<'_>) -> Self {
+        self.netns = Some(netns.try_clone_to_owned().expect("dup netns fd"));
+        self
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         let mut c = Command::new(&self.bin);
         c.arg("--root")
             .arg(&self.root)
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
             .args(args)
             .env_remove("BERTH_ROOT")
             .env_remove("BERTH_RUN_DIR")
             .stdin(Stdio::null());
+        if let Some(fd) = &self.netns {
+            let fd = fd.as_raw_fd();
+            // SAFETY: setns is async-signal-safe; the fd stays open in the child until exec.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         c
     }
 
@@ -199,6 +230,9 @@ impl Drop for TestHost {
         let _ = self.run(&["gc"]);
         for r in cgroup_roots() {
             let _ = std::fs::remove_dir(r.join(&self.cgroup_parent));
+        }
+        if self.bpffs.exists() {
+            let _ = std::fs::remove_dir_all(&self.bpffs);
         }
     }
 }

@@ -1,3 +1,4 @@
 //! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.
+pub mod ctnet;
 
 pub mod datapath;

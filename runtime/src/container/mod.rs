@@ -11,7 +11,7 @@ pub mod state;
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +26,7 @@ use crate::cgroups::{self, CgroupManager, Resources};
 use crate::config::{ConfigError, CtConfig, Host, Layout, ResourceConfig, UserNs};
 use crate::ctid::{Ctid, validate_name};
 use crate::lock::{CtLock, LockError};
+use crate::net::{self, HostNet, LinkTeardown, NetError, NetState};
 use crate::template::TemplateStore;
 use state::RunState;
 
@@ -76,6 +77,12 @@ pub enum CtError {
     Invalid { ctid: Ctid, msg: String },
     #[error("CT {0} is stopped: use --save to change its stored config")]
     NeedSave(Ctid),
+    #[error("CT {ctid}: {source}")]
+    Net {
+        ctid: Ctid,
+        #[source]
+        source: NetError,
+    },
 }
 
 type Result<T, E = CtError> = std::result::Result<T, E>;
@@ -130,6 +137,9 @@ pub struct Status {
     pub root_path: PathBuf,
     pub private_path: PathBuf,
     pub console_log: PathBuf,
+    /// Interfaces with host-side names, addresses and mode (as set up when running, as
+    /// configured otherwise).
+    pub net: NetState,
 }
 
 /// Options of `berth create`.
@@ -143,12 +153,199 @@ pub struct CreateOpts {
     pub copy: bool,
 }
 
-/// Changes of `berth set`; `None` = unchanged.
+/// Changes of `berth set`; `None`/empty = unchanged.
 #[derive(Debug, Clone, Default)]
 pub struct SetOpts {
     pub hostname: Option<String>,
     pub name: Option<String>,
     pub resources: ResourceConfig,
+    /// `--ipadd`: routed (venet) addresses to add.
+    pub ipadd: Vec<std::net::IpAddr>,
+    /// `--ipdel ADDR|all`.
+    pub ipdel: Option<net::AddrSelection>,
+    /// `--netif_add`: bridged interfaces to add.
+    pub netif_add: Vec<net::BridgedIface>,
+    /// `--netif_del eth<N>|all`: `Some(None)` = all.
+    pub netif_del: Option<Option<String>>,
+    /// `--nameserver` (replaces the list when given).
+    pub nameservers: Vec<std::net::IpAddr>,
+    /// `--searchdomain` (replaces the list when given).
+    pub searchdomains: Vec<String>,
+}
+
+impl SetOpts {
+    fn net_changes(&self) -> bool {
+        !self.ipadd.is_empty()
+            || self.ipdel.is_some()
+            || !self.netif_add.is_empty()
+            || self.netif_del.is_some()
+            || !self.nameservers.is_empty()
+            || !self.searchdomains.is_empty()
+    }
+}
+
+/// The CT's network config after `set`'s changes, validated (nothing is applied yet).
+fn merged_net(ctid: Ctid, cur: &net::NetConfig, o: &SetOpts) -> Result<net::NetConfig> {
+    use net::{AddrSelection, Iface, RoutedIface};
+    let invalid = |msg: String| CtError::Invalid { ctid, msg };
+    let mut n = cur.clone();
+    let routed_pos =
+        |n: &net::NetConfig| n.ifaces.iter().position(|i| matches!(i, Iface::Routed(_)));
+    match &o.ipdel {
+        None => {}
+        Some(AddrSelection::All) => n.ifaces.retain(|i| !matches!(i, Iface::Routed(_))),
+        Some(AddrSelection::Some(list)) => {
+            let Some(p) = routed_pos(&n) else {
+                return Err(invalid(format!(
+                    "--ipdel {}: the CT has no routed addresses",
+                    list[0]
+                )));
+            };
+            if let Iface::Routed(r) = &mut n.ifaces[p] {
+                for a in list {
+                    let before = r.addrs.len();
+                    r.addrs.retain(|x| x != a);
+                    if r.addrs.len() == before {
+                        return Err(invalid(format!("--ipdel {a}: the CT has no such address")));
+                    }
+                }
+                if r.addrs.is_empty() {
+                    n.ifaces.remove(p);
+                }
+            }
+        }
+    }
+    if !o.ipadd.is_empty() {
+        let p = match routed_pos(&n) {
+            Some(p) => p,
+            None => {
+                n.ifaces.insert(0, Iface::Routed(RoutedIface::default()));
+                0
+            }
+        };
+        if let Iface::Routed(r) = &mut n.ifaces[p] {
+            for a in &o.ipadd {
+                if r.addrs.contains(a) {
+                    return Err(invalid(format!(
+                        "--ipadd {a}: the CT has this address already"
+                    )));
+                }
+                r.addrs.push(*a);
+            }
+        }
+    }
+    match &o.netif_del {
+        None => {}
+        Some(None) => n.ifaces.retain(|i| !matches!(i, Iface::Bridged(_))),
+        Some(Some(name)) => {
+            let before = n.ifaces.len();
+            n.ifaces
+                .retain(|i| !matches!(i, Iface::Bridged(b) if &b.name == name));
+            if n.ifaces.len() == before {
+                return Err(invalid(format!(
+                    "--netif_del {name}: the CT has no such interface"
+                )));
+            }
+        }
+    }
+    for b in &o.netif_add {
+        n.ifaces.push(Iface::Bridged(b.clone()));
+    }
+    if !o.nameservers.is_empty() {
+        n.nameservers = o.nameservers.clone();
+    }
+    if !o.searchdomains.is_empty() {
+        n.searchdomains = o.searchdomains.clone();
+    }
+    n.validate(ctid).map_err(net_err(ctid))?;
+    Ok(n)
+}
+
+/// The network config as it is live: unsaved `set` changes on a running CT are part of it.
+fn live_net(cfg: &net::NetConfig, run: Option<&RunState>) -> net::NetConfig {
+    use net::{Iface, RoutedIface};
+    let Some(state) = run.and_then(|r| r.net.as_ref()) else {
+        return cfg.clone();
+    };
+    let mut n = cfg.clone();
+    let live: Vec<std::net::IpAddr> = state
+        .ifaces
+        .iter()
+        .filter(|i| i.mode == net::Mode::Routed)
+        .flat_map(|i| i.addrs.iter().map(|a| a.addr()))
+        .collect();
+    n.ifaces.retain(|i| !matches!(i, Iface::Routed(_)));
+    if !live.is_empty() {
+        n.ifaces
+            .insert(0, Iface::Routed(RoutedIface { addrs: live }));
+    }
+    let live_bridged: Vec<&str> = state
+        .ifaces
+        .iter()
+        .filter(|i| i.mode == net::Mode::Bridged)
+        .map(|i| i.ct_ifname.as_str())
+        .collect();
+    n.ifaces
+        .retain(|i| !matches!(i, Iface::Bridged(b) if !live_bridged.contains(&b.name.as_str())));
+    n
+}
+
+/// Applies a network change to a running CT, keeping its recorded state in step.
+fn apply_net_live(
+    ctid: Ctid,
+    st: &mut RunState,
+    newcfg: &net::NetConfig,
+    o: &SetOpts,
+    hooks: &mut dyn NetHooks,
+) -> Result<()> {
+    let ns = open_ns(ctid, st.init_pid)?;
+    let mut hn = HostNet::current().map_err(net_err(ctid))?;
+    let mut state = st.net.clone().unwrap_or_else(|| NetState::new(ctid));
+    let mut gone = NetState::new(ctid);
+    if let Some(sel) = &o.ipdel {
+        let before = state.clone();
+        for e in net::del_addrs(ctid, Some(ns.as_fd()), sel, &mut hn, &mut state)
+            .map_err(net_err(ctid))?
+        {
+            warn!(%ctid, error = %e, "--ipdel");
+        }
+        // The routed link stays with no address; the datapath just loses the addresses.
+        let _ = before;
+    }
+    if let Some(which) = &o.netif_del {
+        let names: Vec<String> = state
+            .ifaces
+            .iter()
+            .filter(|i| {
+                i.mode == net::Mode::Bridged && which.as_ref().is_none_or(|n| &i.ct_ifname == n)
+            })
+            .map(|i| i.ct_ifname.clone())
+            .collect();
+        gone.ifaces = state
+            .ifaces
+            .iter()
+            .filter(|i| names.contains(&i.ct_ifname) && i.mode == net::Mode::Bridged)
+            .cloned()
+            .collect();
+        hooks.net_down(ctid, &gone);
+        for e in
+            net::del_netif(ctid, which.as_deref(), &mut hn, &mut state).map_err(net_err(ctid))?
+        {
+            warn!(%ctid, error = %e, "--netif_del");
+        }
+    }
+    if !o.ipadd.is_empty() {
+        net::add_addrs(ctid, ns.as_fd(), newcfg, &o.ipadd, &mut hn, &mut state)
+            .map_err(net_err(ctid))?;
+    }
+    for b in &o.netif_add {
+        net::add_netif(ctid, ns.as_fd(), b, &mut hn, &mut state).map_err(net_err(ctid))?;
+    }
+    st.net = Some(state.clone());
+    hooks
+        .net_up(ctid, &state)
+        .map_err(|msg| CtError::Invalid { ctid, msg })?;
+    Ok(())
 }
 
 fn cgroup(host: &Host, ctid: Ctid) -> Result<cgroups::Cgroup> {
@@ -195,7 +392,10 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
         hostname: cfg.hostname,
         template: cfg.template,
         state,
-        init_pid: run.map(|r| r.init_pid),
+        init_pid: run.as_ref().map(|r| r.init_pid),
+        net: run
+            .and_then(|r| r.net)
+            .unwrap_or_else(|| NetState::expected(ctid, &cfg.net)),
         config_path: host.conf_path(ctid),
         root_path: host.root_dir(ctid),
         private_path: host.private_dir(ctid),
@@ -537,31 +737,44 @@ fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// Hooks into the start sequence: called with the init's host PID while init waits, before it
-/// builds its root and execs. The network setup (issue #3) plugs in here.
-pub trait StartHook {
-    fn before_exec(&mut self, ctid: Ctid, init_pid: i32) -> Result<(), String>;
-    /// Undo of `before_exec` when a later step fails.
-    fn rollback(&mut self, ctid: Ctid, init_pid: i32);
+/// What the caller plugs into the network steps of the lifecycle: the eBPF datapath (which
+/// lives in the `berth` crate) attaches to the host-side interfaces here.
+pub trait NetHooks {
+    /// `net` is set up (at start, before init execs, or after a live change): attach to every
+    /// interface in it and (re)load the CT's addresses. Must be idempotent.
+    fn net_up(&mut self, ctid: Ctid, net: &NetState) -> Result<(), String>;
+    /// The interfaces in `net` are gone or going: detach from them.
+    fn net_down(&mut self, ctid: Ctid, net: &NetState);
 }
 
-/// A start without extra steps.
-pub struct NoHook;
-impl StartHook for NoHook {
-    fn before_exec(&mut self, _: Ctid, _: i32) -> Result<(), String> {
+/// Lifecycle without a datapath.
+pub struct NoHooks;
+impl NetHooks for NoHooks {
+    fn net_up(&mut self, _: Ctid, _: &NetState) -> Result<(), String> {
         Ok(())
     }
-    fn rollback(&mut self, _: Ctid, _: i32) {}
+    fn net_down(&mut self, _: Ctid, _: &NetState) {}
 }
 
-pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunState> {
+fn net_err(ctid: Ctid) -> impl FnOnce(NetError) -> CtError {
+    move |source| CtError::Net { ctid, source }
+}
+
+fn open_ns(ctid: Ctid, pid: i32) -> Result<OwnedFd> {
+    let p = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    fs::File::open(&p)
+        .map(OwnedFd::from)
+        .map_err(io_err(ctid, "open network namespace", &p))
+}
+
+pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunState> {
     let cfg = CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
     if running(host, ctid).is_some() {
         return Err(CtError::AlreadyRunning(ctid));
     }
     // Leftovers of a crashed start/stop (or of an init that exited on its own).
-    cleanup_stopped(host, ctid, false)?;
+    cleanup_stopped(host, ctid, false, hooks)?;
 
     let cg = cgroup(host, ctid)?;
     let res = resources_of(&cfg.resources);
@@ -593,6 +806,7 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
             .map(|d| d.as_secs())
             .unwrap_or(0),
         mounted_by_start: !state::is_mount_point(&host.root_dir(ctid)),
+        net: None,
     };
     // A provisional state (init_pid 0, never "alive") records that the mount is start's own, so
     // gc after a kill -9 mid-start unmounts it but leaves a `berth mount` of the admin alone.
@@ -688,9 +902,36 @@ pub fn start(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunSta
     if let Some(u) = cfg.userns {
         write_id_maps(ctid, init_pid, &u)?;
     }
-    hook.before_exec(ctid, init_pid)
-        .map_err(|msg| CtError::StartFailed { ctid, msg })?;
-    undo.push("hook", move || hook.rollback(ctid, init_pid));
+    if !cfg.net.ifaces.is_empty() {
+        let ns = open_ns(ctid, init_pid)?;
+        let mut hn = HostNet::current().map_err(net_err(ctid))?;
+        // A venet/veth left by a crashed run (or still being destroyed with an old netns)
+        // would block the names; these are berth's own names for this CT.
+        let stale = NetState::expected(ctid, &cfg.net);
+        for e in net::teardown(&stale, &mut hn, LinkTeardown::Delete) {
+            debug!(%ctid, error = %e, "stale network cleanup");
+        }
+        let ns_state = net::setup(ctid, ns.as_fd(), &cfg.net, &mut hn).map_err(net_err(ctid))?;
+        st.net = Some(ns_state.clone());
+        // The links die with init's netns; only the proxy entries need removing.
+        let undo_state = ns_state.clone();
+        undo.push("network", move || {
+            if let Ok(mut hn) = HostNet::current() {
+                for e in net::teardown(&undo_state, &mut hn, LinkTeardown::Delete) {
+                    warn!(%ctid, error = %e, "rollback: network");
+                }
+            }
+        });
+        hooks
+            .net_up(ctid, &ns_state)
+            .map_err(|msg| CtError::StartFailed { ctid, msg })?;
+        let hooks = &mut *hooks;
+        undo.push("datapath", move || hooks.net_down(ctid, &ns_state));
+    }
+    if !cfg.net.nameservers.is_empty() || !cfg.net.searchdomains.is_empty() {
+        net::write_resolv_conf(&rootfs, &cfg.net.nameservers, &cfg.net.searchdomains)
+            .map_err(net_err(ctid))?;
+    }
 
     write_fd(&go_w, b"g").map_err(io_err(ctid, "signal init", Path::new("pipe")))?;
     drop(go_w);
@@ -916,12 +1157,12 @@ fn console_loop(child: Pid, master: OwnedFd, sfd: nix::sys::signalfd::SignalFd, 
 }
 
 /// Sends init the distro's halt signal, waits, then kills whatever is left in the cgroup.
-pub fn stop(host: &Host, ctid: Ctid, fast: bool) -> Result<()> {
+pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Result<()> {
     let cfg = CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
     let Some(st) = running(host, ctid) else {
         // Not running: still clean what a crash may have left, so `stop` always converges.
-        cleanup_stopped(host, ctid, true)?;
+        cleanup_stopped(host, ctid, true, hooks)?;
         return Err(CtError::NotRunning(ctid));
     };
     let cg = cgroup(host, ctid)?;
@@ -949,9 +1190,25 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool) -> Result<()> {
         }
     }
     cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+    if let Some(ns) = &st.net {
+        net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
+    }
     teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
     info!(%ctid, "stopped");
     Ok(())
+}
+
+/// Best effort: the datapath detaches, proxy entries go (links go with the netns or are deleted).
+fn net_teardown(ctid: Ctid, ns: &NetState, hooks: &mut dyn NetHooks, links: LinkTeardown) {
+    hooks.net_down(ctid, ns);
+    match HostNet::current() {
+        Ok(mut hn) => {
+            for e in net::teardown(ns, &mut hn, links) {
+                warn!(%ctid, error = %e, "network teardown");
+            }
+        }
+        Err(e) => warn!(%ctid, error = %e, "network teardown: open host netlink"),
+    }
 }
 
 fn teardown_after_stop(host: &Host, ctid: Ctid, cg: &cgroups::Cgroup, unmount: bool) -> Result<()> {
@@ -973,7 +1230,12 @@ fn teardown_after_stop(host: &Host, ctid: Ctid, cg: &cgroups::Cgroup, unmount: b
 
 /// Removes what a stopped CT may have left (stale state, cgroup, start's mount). `unmount_any`
 /// also drops a mount made by `berth mount`.
-fn cleanup_stopped(host: &Host, ctid: Ctid, unmount_any: bool) -> Result<bool> {
+fn cleanup_stopped(
+    host: &Host,
+    ctid: Ctid,
+    unmount_any: bool,
+    hooks: &mut dyn NetHooks,
+) -> Result<bool> {
     let st = RunState::read(&host.state_path(ctid)).ok().flatten();
     let cg = cgroup(host, ctid)?;
     let had_cg = cg.exists();
@@ -981,6 +1243,22 @@ fn cleanup_stopped(host: &Host, ctid: Ctid, unmount_any: bool) -> Result<bool> {
     if had_cg {
         cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
         cleaned = true;
+    }
+    if st.is_some() || had_cg {
+        // A crash may have lost the real network state: rebuild what the config implies.
+        let expected = match (
+            st.as_ref().and_then(|s| s.net.clone()),
+            CtConfig::load(host, ctid),
+        ) {
+            (Some(n), _) => Some(n),
+            (None, Ok(cfg)) if !cfg.net.ifaces.is_empty() => {
+                Some(NetState::expected(ctid, &cfg.net))
+            }
+            _ => None,
+        };
+        if let Some(n) = expected {
+            net_teardown(ctid, &n, hooks, LinkTeardown::Delete);
+        }
     }
     let unmount = unmount_any || st.as_ref().is_some_and(|s| s.mounted_by_start);
     if st.is_some() || had_cg || (unmount && state::is_mount_point(&host.root_dir(ctid))) {
@@ -990,12 +1268,12 @@ fn cleanup_stopped(host: &Host, ctid: Ctid, unmount_any: bool) -> Result<bool> {
     Ok(cleaned)
 }
 
-pub fn restart(host: &Host, ctid: Ctid, hook: &mut dyn StartHook) -> Result<RunState> {
-    match stop(host, ctid, false) {
+pub fn restart(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunState> {
+    match stop(host, ctid, false, hooks) {
         Ok(()) | Err(CtError::NotRunning(_)) => {}
         Err(e) => return Err(e),
     }
-    start(host, ctid, hook)
+    start(host, ctid, hooks)
 }
 
 pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
@@ -1004,7 +1282,7 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
     if running(host, ctid).is_some() {
         return Err(CtError::Running(ctid));
     }
-    cleanup_stopped(host, ctid, true)?;
+    cleanup_stopped(host, ctid, true, &mut NoHooks)?;
     let private = host.private_dir(ctid);
     if cfg.resources.diskspace.is_some()
         && private.exists()
@@ -1056,7 +1334,13 @@ pub fn resume(host: &Host, ctid: Ctid) -> Result<()> {
 
 /// Applies `set`: live on a running CT, persisted with `save`. Validates everything first so a
 /// bad value changes nothing.
-pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
+pub fn set(
+    host: &Host,
+    ctid: Ctid,
+    opts: &SetOpts,
+    save: bool,
+    hooks: &mut dyn NetHooks,
+) -> Result<()> {
     let mut cfg = CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
     let run = running(host, ctid);
@@ -1102,8 +1386,42 @@ pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
     delta.validate().map_err(cg_err(ctid))?;
     resources_of(&merged).validate().map_err(cg_err(ctid))?;
 
+    let newnet = if opts.net_changes() {
+        let n = merged_net(ctid, &live_net(&cfg.net, run.as_ref()), opts)?;
+        if !opts.ipadd.is_empty() {
+            let others: Vec<(Ctid, CtConfig)> = host
+                .list_ctids()?
+                .into_iter()
+                .filter(|c| *c != ctid)
+                .filter_map(|c| CtConfig::load(host, c).ok().map(|cfg| (c, cfg)))
+                .collect();
+            let mut hn = HostNet::current().map_err(net_err(ctid))?;
+            net::addr_owner_check(
+                ctid,
+                &opts.ipadd,
+                others.iter().map(|(c, cfg)| (*c, &cfg.net)),
+                &mut hn,
+            )
+            .map_err(net_err(ctid))?;
+        }
+        Some(n)
+    } else {
+        None
+    };
+
     if let Some(limit) = r.diskspace {
         crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
+    }
+    if let (Some(n), Some(mut st)) = (&newnet, run.clone()) {
+        apply_net_live(ctid, &mut st, n, opts, hooks)?;
+        let sp = host.state_path(ctid);
+        st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+    }
+    if let Some(n) = &newnet
+        && (!opts.nameservers.is_empty() || !opts.searchdomains.is_empty())
+    {
+        let (_, write) = files_view(host, &cfg);
+        net::write_resolv_conf(&write, &n.nameservers, &n.searchdomains).map_err(net_err(ctid))?;
     }
     if let Some(st) = &run {
         let cg = cgroup(host, ctid)?;
@@ -1124,6 +1442,9 @@ pub fn set(host: &Host, ctid: Ctid, opts: &SetOpts, save: bool) -> Result<()> {
             cfg.name = opts.name.clone();
         }
         cfg.resources = merged;
+        if let Some(n) = newnet {
+            cfg.net = n;
+        }
         cfg.save(host)?;
     }
     Ok(())
@@ -1180,7 +1501,7 @@ pub struct GcReport {
 /// Cleans what a `kill -9` of berth mid start/stop/create left behind: stale state files,
 /// cgroups (with their processes) of CTs that are not running, start's mounts, half-copied
 /// private areas. Running CTs are left alone.
-pub fn gc(host: &Host) -> Result<GcReport> {
+pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
     let mut rep = GcReport::default();
     let known = host.list_ctids()?;
     for &ctid in &known {
@@ -1194,7 +1515,7 @@ pub fn gc(host: &Host) -> Result<GcReport> {
         if running(host, ctid).is_some() {
             continue;
         }
-        match cleanup_stopped(host, ctid, false) {
+        match cleanup_stopped(host, ctid, false, hooks) {
             Ok(true) => rep.cleaned.push(ctid),
             Ok(false) => {}
             Err(e) => rep.errors.push(e.to_string()),

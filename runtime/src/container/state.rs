@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// Written to `<run>/<CTID>.state.json` once the CT's init has exec'd.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
     /// Host PID of the CT's init (PID 1 inside).
     pub init_pid: i32,
@@ -22,6 +22,9 @@ pub struct RunState {
     pub started_at: u64,
     /// Whether `start` bind-mounted the private area (so `stop` unmounts it again).
     pub mounted_by_start: bool,
+    /// What the network setup made (interfaces, addresses, proxy entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetState>,
 }
 
 impl RunState {
@@ -142,6 +145,7 @@ mod tests {
             boot_id: boot_id().unwrap(),
             started_at: 0,
             mounted_by_start: true,
+            net: None,
         };
         st.write(&p).unwrap();
         let back = RunState::read(&p).unwrap().unwrap();

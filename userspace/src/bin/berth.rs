@@ -1,12 +1,15 @@
 //! `berth`: the vzctl-style command line of berth.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+use berth::ctnet::DatapathHooks;
 use berth_runtime::cgroups::Stats;
 use berth_runtime::config::{CtConfig, Host, ResourceConfig};
-use berth_runtime::container::{self, CreateOpts, NoHook, SetOpts, State};
+use berth_runtime::container::{self, CreateOpts, SetOpts, State};
+use berth_runtime::net::{AddrSelection, BridgedIface};
 use berth_runtime::template::TemplateStore;
 use berth_runtime::{Ctid, Size};
 use clap::{Args, Parser, Subcommand};
@@ -28,6 +31,9 @@ struct Cli {
     /// cgroup directory holding this installation's CTs, under every hierarchy.
     #[arg(long, global = true, env = "BERTH_CGROUP_PARENT")]
     cgroup_parent: Option<String>,
+    /// bpffs directory of the eBPF datapath's pinned programs, maps and links.
+    #[arg(long, global = true, env = "BERTH_BPFFS")]
+    bpffs: Option<PathBuf>,
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
@@ -55,6 +61,9 @@ enum Cmd {
         /// Give the CT a full copy of the template instead of an overlay over it.
         #[arg(long)]
         copy: bool,
+        /// Routed (venet) address, IPv4 or IPv6; repeatable.
+        #[arg(long = "ipadd")]
+        ipadd: Vec<IpAddr>,
     },
     /// Boot a CT.
     Start {
@@ -102,7 +111,7 @@ enum Cmd {
         ct: String,
     },
     /// Change a CT's settings, live when it runs; --save persists them.
-    Set(SetArgs),
+    Set(Box<SetArgs>),
     /// List CTs (running ones; -a for all).
     List {
         #[arg(short, long)]
@@ -155,6 +164,24 @@ struct SetArgs {
     /// Disk quota (needs project quotas on the filesystem).
     #[arg(long)]
     diskspace: Option<Size>,
+    /// Add a routed (venet) address, IPv4 or IPv6; repeatable.
+    #[arg(long = "ipadd", value_name = "ADDR")]
+    ipadd: Vec<IpAddr>,
+    /// Remove a routed address, or `all`; repeatable.
+    #[arg(long = "ipdel", value_name = "ADDR|all")]
+    ipdel: Vec<String>,
+    /// Add a bridged interface: eth<N>[,mac,host_ifname,host_mac,bridge] (vzctl syntax).
+    #[arg(long = "netif_add", value_name = "SPEC")]
+    netif_add: Vec<String>,
+    /// Remove a bridged interface eth<N>, or `all`.
+    #[arg(long = "netif_del", value_name = "eth<N>|all")]
+    netif_del: Option<String>,
+    /// DNS server for the CT's resolv.conf; repeatable (replaces the list).
+    #[arg(long = "nameserver", value_name = "ADDR")]
+    nameserver: Vec<IpAddr>,
+    /// Search domain for the CT's resolv.conf; repeatable (replaces the list).
+    #[arg(long = "searchdomain", value_name = "DOMAIN")]
+    searchdomain: Vec<String>,
     /// Persist in the CT's config.
     #[arg(long)]
     save: bool,
@@ -233,6 +260,7 @@ fn run(cli: Cli) -> Result<u8> {
         cli.cgroup_parent.clone(),
     )?;
     let json = cli.json;
+    let mut hooks = DatapathHooks::new(cli.bpffs.clone());
     let resolve = |s: &str| host.resolve(s).map_err(anyhow::Error::from);
     match cli.cmd {
         Cmd::Create {
@@ -242,6 +270,7 @@ fn run(cli: Cli) -> Result<u8> {
             name,
             userns,
             copy,
+            ipadd,
         } => {
             let ctid: Ctid = ctid.parse()?;
             container::create(
@@ -255,27 +284,38 @@ fn run(cli: Cli) -> Result<u8> {
                     copy,
                 },
             )?;
+            if !ipadd.is_empty() {
+                let opts = SetOpts {
+                    ipadd,
+                    ..Default::default()
+                };
+                if let Err(e) = container::set(&host, ctid, &opts, true, &mut hooks) {
+                    // create is all or nothing: no CT with half its settings.
+                    let _ = container::destroy(&host, ctid);
+                    return Err(e.into());
+                }
+            }
             print(json, json!({"ctid": ctid, "created": true}), || {
                 println!("CT {ctid} created")
             });
         }
         Cmd::Start { ct } => {
             let ctid = resolve(&ct)?;
-            let st = container::start(&host, ctid, &mut NoHook)?;
+            let st = container::start(&host, ctid, &mut hooks)?;
             print(json, json!({"ctid": ctid, "init_pid": st.init_pid}), || {
                 println!("CT {ctid} started (init PID {})", st.init_pid)
             });
         }
         Cmd::Stop { ct, fast } => {
             let ctid = resolve(&ct)?;
-            container::stop(&host, ctid, fast)?;
+            container::stop(&host, ctid, fast, &mut hooks)?;
             print(json, json!({"ctid": ctid, "stopped": true}), || {
                 println!("CT {ctid} stopped")
             });
         }
         Cmd::Restart { ct } => {
             let ctid = resolve(&ct)?;
-            let st = container::restart(&host, ctid, &mut NoHook)?;
+            let st = container::restart(&host, ctid, &mut hooks)?;
             print(json, json!({"ctid": ctid, "init_pid": st.init_pid}), || {
                 println!("CT {ctid} restarted (init PID {})", st.init_pid)
             });
@@ -340,7 +380,38 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Set(a) => {
             let ctid = resolve(&a.ct)?;
+            let ipdel = if a.ipdel.is_empty() {
+                None
+            } else if a.ipdel.iter().any(|x| x == "all") {
+                Some(AddrSelection::All)
+            } else {
+                Some(AddrSelection::Some(
+                    a.ipdel
+                        .iter()
+                        .map(|x| {
+                            x.parse::<IpAddr>().with_context(|| {
+                                format!("--ipdel {x:?}: not an IP address or `all`")
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                ))
+            };
+            let netif_add = a
+                .netif_add
+                .iter()
+                .map(|s| BridgedIface::parse_vzctl(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let netif_del = a
+                .netif_del
+                .as_ref()
+                .map(|n| if n == "all" { None } else { Some(n.clone()) });
             let opts = SetOpts {
+                ipadd: a.ipadd,
+                ipdel,
+                netif_add,
+                netif_del,
+                nameservers: a.nameserver,
+                searchdomains: a.searchdomain,
                 hostname: a.hostname,
                 name: a.name,
                 resources: ResourceConfig {
@@ -354,7 +425,7 @@ fn run(cli: Cli) -> Result<u8> {
                     diskspace: a.diskspace,
                 },
             };
-            container::set(&host, ctid, &opts, a.save)?;
+            container::set(&host, ctid, &opts, a.save, &mut hooks)?;
             print(json, json!({"ctid": ctid, "saved": a.save}), || {
                 println!(
                     "CT {ctid} updated{}",
@@ -378,7 +449,7 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Template(t) => template(&host, t, json)?,
         Cmd::Gc => {
-            let rep = container::gc(&host)?;
+            let rep = container::gc(&host, &mut hooks)?;
             print(json, serde_json::to_value(&rep)?, || {
                 println!(
                     "cleaned {} CT(s), {} orphan cgroup(s), {} partial create(s)",
@@ -416,6 +487,7 @@ const FIELDS: &[(&str, &str)] = &[
     ("cpulimit", "CPU limit, percent of one CPU"),
     ("cpuunits", "CPU weight"),
     ("diskspace", "disk quota"),
+    ("ip", "routed and static addresses"),
 ];
 
 fn field(f: &str, st: &container::Status, cfg: &CtConfig, stats: Option<&Stats>) -> Result<Value> {
@@ -438,13 +510,20 @@ fn field(f: &str, st: &container::Status, cfg: &CtConfig, stats: Option<&Stats>)
         "cpulimit" => json!(r.cpulimit),
         "cpuunits" => json!(r.cpuunits),
         "diskspace" => json!(r.diskspace.map(|d| d.to_string())),
+        "ip" => json!(
+            cfg.net
+                .all_addrs()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         other => bail!("unknown field {other:?} (see `berth list -L`)"),
     })
 }
 
 fn list(host: &Host, all: bool, output: Option<&str>, no_header: bool, json: bool) -> Result<()> {
     let fields: Vec<&str> = output
-        .unwrap_or("ctid,numproc,status,hostname")
+        .unwrap_or("ctid,numproc,status,ip,hostname")
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())

@@ -1,0 +1,156 @@
+//! CT networking through the `berth` CLI: routed (venet) CTs booted by berth inside a "host"
+//! network namespace of the test's own, reaching an "uplink" namespace by proxy ARP/NDP.
+
+use berth_tests::ct::TestHost;
+use berth_tests::net::{Topology, UPLINK4, UPLINK6, assert_same, wait_for};
+
+fn ping_from(h: &TestHost, ct: &str, addr: &str) -> bool {
+    // proxy answers can be delayed up to 0.8 s by the kernel (proxy_delay): allow a few tries
+    wait_for(std::time::Duration::from_secs(6), || {
+        h.exec(ct, &["ping", "-c", "1", "-W", "2", addr]).0 == 0
+    })
+}
+
+#[test]
+fn routed_cts_via_cli() {
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&[
+        "create",
+        "201",
+        "--ipadd",
+        "192.0.2.201",
+        "--ipadd",
+        "2001:db8:1::201",
+    ]);
+    h.ok(&["create", "202", "--ipadd", "192.0.2.202"]);
+
+    // an address another CT has, or the host has, is refused and nothing changes
+    let err = h.fails(&["create", "203", "--ipadd", "192.0.2.201"]);
+    assert!(err.contains("CT 201"), "{err}");
+    assert!(!h.root.join("conf/203.toml").exists());
+    let err = h.fails(&["set", "202", "--ipadd", "192.0.2.2", "--save"]);
+    assert!(err.contains("host"), "{err}");
+    let conf = std::fs::read_to_string(h.root.join("conf/202.toml")).unwrap();
+    assert!(!conf.contains("192.0.2.2\""), "{conf}");
+
+    h.ok(&["start", "201"]);
+    h.ok(&["start", "202"]);
+    let st = h.status("201");
+    let ifc = &st["net"]["ifaces"][0];
+    assert_eq!(ifc["host_ifname"], "venet201", "{st}");
+    assert_eq!(ifc["ct_ifname"], "venet0");
+    assert_eq!(ifc["mode"], "routed");
+    let addrs = ifc["addrs"].to_string();
+    assert!(
+        addrs.contains("192.0.2.201/32") && addrs.contains("2001:db8:1::201/128"),
+        "{addrs}"
+    );
+
+    // inside the CT: venet0 with the addresses, default routes onlink
+    let (_, ip, _) = h.exec("201", &["ip", "addr", "show", "venet0"]);
+    assert!(ip.contains("192.0.2.201/32"), "{ip}");
+    let (_, routes, _) = h.exec("201", &["ip", "route"]);
+    assert!(routes.contains("default via 169.254.0.1"), "{routes}");
+
+    // CT -> uplink, uplink -> CT, CT <-> CT, IPv4 and IPv6
+    assert!(
+        ping_from(&h, "201", UPLINK4),
+        "CT 201 cannot reach the uplink"
+    );
+    assert!(
+        ping_from(&h, "201", UPLINK6),
+        "CT 201 cannot reach the uplink over IPv6"
+    );
+    assert!(
+        topo.uplink.ping("192.0.2.202"),
+        "uplink cannot reach CT 202"
+    );
+    assert!(
+        ping_from(&h, "202", "192.0.2.201"),
+        "CT 202 cannot reach CT 201"
+    );
+
+    // live --ipadd / --ipdel without restart
+    let pid = h.status("202")["init_pid"].clone();
+    h.ok(&["set", "202", "--ipadd", "192.0.2.212"]);
+    assert!(
+        topo.uplink.ping("192.0.2.212"),
+        "live --ipadd not reachable"
+    );
+    h.ok(&["set", "202", "--ipdel", "192.0.2.212"]);
+    assert!(
+        !topo.uplink.ping("192.0.2.212"),
+        "--ipdel address still answers"
+    );
+    assert_eq!(h.status("202")["init_pid"], pid, "set restarted the CT");
+    // not saved: the config does not have it
+    let conf = std::fs::read_to_string(h.root.join("conf/202.toml")).unwrap();
+    assert!(!conf.contains("192.0.2.212"));
+
+    // resolv.conf and hostname files
+    h.ok(&[
+        "set",
+        "201",
+        "--nameserver",
+        "192.0.2.53",
+        "--searchdomain",
+        "example.test",
+        "--hostname",
+        "ct201.example.test",
+        "--save",
+    ]);
+    let (_, resolv, _) = h.exec("201", &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains("nameserver 192.0.2.53") && resolv.contains("example.test"),
+        "{resolv}"
+    );
+    let (_, hn, _) = h.exec("201", &["hostname"]);
+    assert_eq!(hn.trim(), "ct201.example.test");
+
+    h.ok(&["stop", "201"]);
+    h.ok(&["stop", "--fast", "202"]);
+    h.ok(&["destroy", "201"]);
+    h.ok(&["destroy", "202"]);
+    h.assert_clean();
+    // no interface, route, proxy entry or address left in the host namespace
+    let after = topo.host.settled_snapshot();
+    assert_same("host netns after stop+destroy", &before, &after);
+}
+
+#[test]
+fn kill9_during_network_setup_then_gc() {
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&[
+        "create",
+        "211",
+        "--ipadd",
+        "192.0.2.211",
+        "--ipadd",
+        "2001:db8:1::211",
+    ]);
+    for delay_us in [500u64, 1500, 3000, 6000] {
+        let mut child = h.cmd(&["start", "211"]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(delay_us));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = child.wait();
+        h.ok(&["gc"]);
+        if h.status("211")["state"] == "running" {
+            h.ok(&["stop", "--fast", "211"]);
+        }
+        h.assert_clean();
+        let after = topo.host.settled_snapshot();
+        assert_same(
+            &format!("host netns after kill at {delay_us} µs + gc"),
+            &before,
+            &after,
+        );
+    }
+    h.ok(&["destroy", "211"]);
+}

@@ -1,0 +1,76 @@
+//! The datapath's part in the CT lifecycle: attach the eBPF programs to every host-side
+//! interface a CT gets, and load its addresses for anti-spoofing.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use berth_runtime::Ctid;
+use berth_runtime::container::NetHooks;
+use berth_runtime::net::{Mode, NetState};
+use tracing::{debug, warn};
+
+use crate::datapath::{DEFAULT_PIN_DIR, Datapath, IfaceConfig};
+
+/// Opens (or loads and pins) the datapath on first use only, so commands that touch no network
+/// pay nothing.
+pub struct DatapathHooks {
+    pin_dir: PathBuf,
+    dp: Option<Datapath>,
+}
+
+impl DatapathHooks {
+    pub fn new(pin_dir: Option<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            dp: None,
+        }
+    }
+
+    fn dp(&mut self) -> Result<&mut Datapath, String> {
+        if self.dp.is_none() {
+            let dp = Datapath::open_or_load(&self.pin_dir)
+                .map_err(|e| format!("eBPF datapath at {}: {e}", self.pin_dir.display()))?;
+            self.dp = Some(dp);
+        }
+        Ok(self.dp.as_mut().expect("just set"))
+    }
+}
+
+impl NetHooks for DatapathHooks {
+    fn net_up(&mut self, ctid: Ctid, net: &NetState) -> Result<(), String> {
+        let dp = self.dp()?;
+        let mut addrs = BTreeSet::<IpAddr>::new();
+        for i in &net.ifaces {
+            let mac = i.ct_mac.map(|m| m.0).unwrap_or_default();
+            let cfg = match i.mode {
+                Mode::Routed => IfaceConfig::routed(ctid.get(), mac),
+                Mode::Bridged => IfaceConfig::bridged(ctid.get(), mac),
+            };
+            dp.attach(i.host_ifindex, cfg)
+                .map_err(|e| format!("attach eBPF programs to {}: {e}", i.host_ifname))?;
+            addrs.extend(i.addrs.iter().map(|n| n.addr()));
+        }
+        let addrs: Vec<IpAddr> = addrs.into_iter().collect();
+        dp.set_ct_addrs(ctid.get(), &addrs)
+            .map_err(|e| format!("load CT {ctid}'s addresses into the datapath: {e}"))?;
+        debug!(%ctid, ifaces = net.ifaces.len(), "datapath attached");
+        Ok(())
+    }
+
+    fn net_down(&mut self, ctid: Ctid, net: &NetState) {
+        let dp = match self.dp() {
+            Ok(dp) => dp,
+            Err(e) => {
+                warn!(%ctid, error = %e, "datapath detach");
+                return;
+            }
+        };
+        for i in &net.ifaces {
+            // The interface may already be gone with the CT's netns; detach drops our pins.
+            if let Err(e) = dp.detach(i.host_ifindex) {
+                debug!(%ctid, ifname = %i.host_ifname, error = %e, "datapath detach");
+            }
+        }
+    }
+}
