@@ -11,6 +11,26 @@ fn ping_from(h: &TestHost, ct: &str, addr: &str) -> bool {
     })
 }
 
+fn sum_netstat(v: &serde_json::Value) -> (u64, u64) {
+    v.as_array().unwrap().iter().fold((0, 0), |(i, o), r| {
+        (
+            i + r["in_bytes"].as_u64().unwrap(),
+            o + r["out_bytes"].as_u64().unwrap(),
+        )
+    })
+}
+
+/// (tx_bytes, rx_bytes) of a host-side interface in the test's host namespace.
+fn veth_stats(topo: &Topology, ifname: &str) -> (u64, u64) {
+    let out = topo.host.run("ip", &["-s", "-j", "link", "show", ifname]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v[0]["stats64"];
+    (
+        s["tx"]["bytes"].as_u64().unwrap(),
+        s["rx"]["bytes"].as_u64().unwrap(),
+    )
+}
+
 #[test]
 fn routed_cts_via_cli() {
     let topo = Topology::new();
@@ -70,6 +90,26 @@ fn routed_cts_via_cli() {
     assert!(
         ping_from(&h, "202", "192.0.2.201"),
         "CT 202 cannot reach CT 201"
+    );
+
+    // eBPF accounting: the CT's counters equal the host-side veth's statistics (L2 bytes;
+    // venet is NOARP, so nothing but the CT's IP traffic crosses it)
+    let ns = h.json(&["netstat", "201"]);
+    let (inb, outb) = sum_netstat(&ns);
+    let (tx, rx) = veth_stats(&topo, "venet201");
+    assert!(inb > 0 && outb > 0, "{ns}");
+    assert_eq!((inb, outb), (tx, rx), "netstat {ns} vs interface tx/rx");
+    // --reset only moves the live view
+    h.ok(&["netstat", "--reset"]);
+    let (zi, zo) = sum_netstat(&h.json(&["netstat", "201"]));
+    assert_eq!((zi, zo), (0, 0));
+    std::fs::remove_file(h.root.join("run/netstat.baseline.json")).unwrap();
+    // counters survive a restart of the CT (billing never resets)
+    h.ok(&["restart", "201"]);
+    let (ri, ro) = sum_netstat(&h.json(&["netstat", "201"]));
+    assert!(
+        ri >= inb && ro >= outb,
+        "counters went backwards across restart"
     );
 
     // live --ipadd / --ipdel without restart

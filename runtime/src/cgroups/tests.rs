@@ -110,8 +110,8 @@ fn v1_paths_and_join_files() {
     let files = cg.join_self_files();
     // 8 controllers, cpu+cpuacct share one directory.
     assert_eq!(files.len(), 7);
-    assert!(files.contains(&mem.join("berth/101/cgroup.procs")));
-    assert!(files.iter().all(|f| f.ends_with("berth/101/cgroup.procs")));
+    assert!(files.contains(&mem.join("berth/101/tasks")));
+    assert!(files.iter().all(|f| f.ends_with("berth/101/tasks")));
     assert!(!cg.exists());
 }
 

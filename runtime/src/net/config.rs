@@ -545,7 +545,6 @@ mod tests {
             bridge = "vmbr0"
             vlan = 10
             addrs = ["198.51.100.5/24"]
-            gateway4 = "198.51.100.1"
         "#;
         let cfg: NetConfig = toml::from_str(text).unwrap();
         cfg.validate(ct(101)).unwrap();

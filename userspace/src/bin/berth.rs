@@ -1,11 +1,13 @@
 //! `berth`: the vzctl-style command line of berth.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use berth::ctnet::DatapathHooks;
+use berth::datapath::{DEFAULT_PIN_DIR, Datapath, Family, parse_networks_classes};
+use berth::netstat::{Baseline, Filter, aggregate};
 use berth_runtime::cgroups::Stats;
 use berth_runtime::config::{CtConfig, Host, ResourceConfig};
 use berth_runtime::container::{self, CreateOpts, SetOpts, State};
@@ -131,6 +133,34 @@ enum Cmd {
     Template(TemplateCmd),
     /// Clean what a killed berth left behind (stale state, cgroups, mounts, half-made CTs).
     Gc,
+    /// Per-CT traffic by network class (vznetstat-like), from the eBPF counters.
+    Netstat {
+        /// Only this CT.
+        ct: Option<String>,
+        /// Only this network class.
+        #[arg(short = 'c', long)]
+        class: Option<u8>,
+        /// IPv4 only.
+        #[arg(short = '4', conflicts_with = "v6")]
+        v4: bool,
+        /// IPv6 only.
+        #[arg(short = '6')]
+        v6: bool,
+        /// Start this view from zero (billing totals and the kernel counters are untouched).
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Network classes (OpenVZ networks_classes: `CLASS CIDR` per line).
+    #[command(subcommand)]
+    Netclass(NetclassCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum NetclassCmd {
+    /// Replace the class table live from a networks_classes file.
+    Load { file: PathBuf },
+    /// Show the class table.
+    List,
 }
 
 #[derive(Args, Debug)]
@@ -448,6 +478,75 @@ fn run(cli: Cli) -> Result<u8> {
             list(&host, all, output.as_deref(), no_header, json)?;
         }
         Cmd::Template(t) => template(&host, t, json)?,
+        Cmd::Netstat {
+            ct,
+            class,
+            v4,
+            v6,
+            reset,
+        } => {
+            let dp =
+                Datapath::open_or_load(cli.bpffs.as_deref().unwrap_or(Path::new(DEFAULT_PIN_DIR)))?;
+            let rows = dp.counters()?;
+            let base_path = host.run.join("netstat.baseline.json");
+            if reset {
+                std::fs::create_dir_all(&host.run)?;
+                Baseline::save(&rows, &base_path)
+                    .with_context(|| format!("write {}", base_path.display()))?;
+            }
+            let filter = Filter {
+                ctid: ct.as_deref().map(resolve).transpose()?.map(|c| c.get()),
+                class,
+                family: if v4 {
+                    Some(Family::V4)
+                } else if v6 {
+                    Some(Family::V6)
+                } else {
+                    None
+                },
+            };
+            let out = aggregate(&rows, &filter, &Baseline::load(&base_path));
+            print(json, serde_json::to_value(&out)?, || {
+                println!(
+                    "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12}",
+                    "CTID", "CLASS", "INPUT(bytes)", "INPUT(pkts)", "OUTPUT(bytes)", "OUTPUT(pkts)"
+                );
+                for r in &out {
+                    println!(
+                        "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12}",
+                        r.ctid, r.class, r.in_bytes, r.in_packets, r.out_bytes, r.out_packets
+                    );
+                }
+            });
+        }
+        Cmd::Netclass(c) => {
+            let mut dp =
+                Datapath::open_or_load(cli.bpffs.as_deref().unwrap_or(Path::new(DEFAULT_PIN_DIR)))?;
+            match c {
+                NetclassCmd::Load { file } => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("read {}", file.display()))?;
+                    let entries = parse_networks_classes(&text)
+                        .with_context(|| format!("{}", file.display()))?;
+                    dp.load_classes(&entries)?;
+                    print(json, json!({"loaded": entries.len()}), || {
+                        println!("{} class entries loaded", entries.len())
+                    });
+                }
+                NetclassCmd::List => {
+                    let entries = dp.classes()?;
+                    let v: Vec<Value> = entries
+                        .iter()
+                        .map(|e| json!({"class": e.class, "net": e.net.to_string()}))
+                        .collect();
+                    print(json, Value::Array(v), || {
+                        for e in &entries {
+                            println!("{} {}", e.class, e.net);
+                        }
+                    });
+                }
+            }
+        }
         Cmd::Gc => {
             let rep = container::gc(&host, &mut hooks)?;
             print(json, serde_json::to_value(&rep)?, || {
