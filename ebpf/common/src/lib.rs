@@ -337,3 +337,5 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SlotCounters {}
 }
+
+pub mod shaper;

@@ -11,6 +11,7 @@ mod egress;
 mod ingress;
 mod maps;
 mod packet;
+mod shaper;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 

@@ -1,0 +1,251 @@
+//! The shaper's classifiers, attached after the accounting programs on a CT's host-side
+//! interface (TCX, last on the hook).
+//!
+//! Neither queues nor paces anything: they write the HTB class into `skb->priority` (HTB takes
+//! a priority equal to one of its leaf class ids before consulting filters, so no cls_bpf
+//! filter is needed on the qdisc) and, for traffic from the CT, redirect it into the CT's IFB.
+//! The only packets they drop are those over a packet-rate limit (token bucket, reason
+//! `DROP_PPS`): a pure eBPF byte policer wrecks TCP over veth (64 KB GSO packets), so byte
+//! rates are left to HTB; floods of small packets are what the pps bucket is for.
+//!
+//! `skb->priority` is overwritten on every packet of a shaped direction: a CT can set it on
+//! its own sockets (`SO_PRIORITY`) and forwarding derives it from the TOS byte, and neither
+//! may pick another class.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use berth_common::{
+    CLASSES_INLINE, CLASSES_UNIFORM, Config, DIR_IN, DIR_OUT, DropValue, INLINE_CLASSES,
+    shaper::{
+        DROP_PPS, HTB_MAJOR, INTERACTIVE_MAX_LEN, MINOR_BULK, MINOR_INTERACTIVE, PPS_IN, PPS_OUT,
+        PpsBucket, PpsKey, REST_IN, REST_OUT, SHAPE_IN, SHAPE_OUT, ShapeIface, capacity,
+    },
+};
+
+use crate::{
+    maps::{CLASSES_V4, CLASSES_V6, CONFIG},
+    packet::{self, L3},
+};
+
+#[map]
+static SHAPER_IFACES: HashMap<u32, ShapeIface> =
+    HashMap::with_max_entries(capacity::IFACES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+static SHAPER_PPS: HashMap<PpsKey, PpsBucket> =
+    HashMap::with_max_entries(capacity::PPS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Key: `berth_common::shaper::ShaperDropKey` as one word (ctid | dir << 32 | reason << 40).
+#[map]
+static SHAPER_DROPS: PerCpuHashMap<u64, DropValue> =
+    PerCpuHashMap::with_max_entries(capacity::DROPS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[classifier]
+pub fn berth_shape_to_ct(ctx: TcContext) -> i32 {
+    // SAFETY: context field read, rewritten by the verifier (skb->dev->ifindex).
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain data; user space replaces entries whole.
+    let Some(iface) = (unsafe { SHAPER_IFACES.get(&ifindex) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    let flags = iface.flags;
+    if flags & PPS_IN != 0 && !pps_pass(&ctx, ifindex, DIR_IN) {
+        count_drop(&ctx, iface.ctid, DIR_IN);
+        return TC_ACT_SHOT;
+    }
+    if flags & SHAPE_IN != 0 {
+        let prio = classid(&ctx, iface.classes_in, flags & REST_IN != 0, true);
+        // SAFETY: writable context field for tc programs.
+        unsafe { (*ctx.skb.skb).priority = prio };
+    }
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn berth_shape_from_ct(ctx: TcContext) -> i32 {
+    // SAFETY: context field read (skb->skb_iif: the receiving device at tc ingress).
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: as above.
+    let Some(iface) = (unsafe { SHAPER_IFACES.get(&ifindex) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    let flags = iface.flags;
+    if flags & PPS_OUT != 0 && !pps_pass(&ctx, ifindex, DIR_OUT) {
+        count_drop(&ctx, iface.ctid, DIR_OUT);
+        return TC_ACT_SHOT;
+    }
+    if flags & SHAPE_OUT != 0 && iface.ifb_ifindex != 0 {
+        let prio = classid(&ctx, iface.classes_out, flags & REST_OUT != 0, false);
+        // SAFETY: writable context field for tc programs.
+        unsafe { (*ctx.skb.skb).priority = prio };
+        // The IFB queues it on its egress and then re-injects it into this interface's
+        // receive path with tc skipped (`tc_skip_classify`), so it is neither counted nor
+        // redirected twice. bpf_redirect marks the skb as redirected from ingress, which IFB
+        // requires (it drops anything else).
+        // SAFETY: helper call with plain integer arguments.
+        return unsafe { bpf_redirect(iface.ifb_ifindex, 0) } as i32;
+    }
+    TC_ACT_UNSPEC
+}
+
+/// The HTB class id for the packet: the group of the peer address's network class (group 0
+/// for classes without a rate of their own), its interactive leaf for small non-GSO frames,
+/// else its bulk leaf. A packet of group 0 when group 0 is not shaped gets the qdisc's own
+/// handle, which HTB sends through its direct queue, unshaped.
+#[inline(always)]
+fn classid(ctx: &TcContext, own_classes: u16, rest: bool, peer_is_src: bool) -> u32 {
+    let mut group = 0;
+    if own_classes != 0 {
+        let c = u32::from(class_of(ctx, peer_is_src) & 0x0f);
+        if own_classes & (1 << c) != 0 {
+            group = 1 + c;
+        }
+    }
+    if group == 0 && !rest {
+        return HTB_MAJOR << 16;
+    }
+    // SAFETY: context field read (skb_shinfo()->gso_segs).
+    let segs = unsafe { (*ctx.skb.skb).gso_segs };
+    let leaf = if ctx.len() <= INTERACTIVE_MAX_LEN && segs <= 1 {
+        MINOR_INTERACTIVE
+    } else {
+        MINOR_BULK
+    };
+    HTB_MAJOR << 16 | (leaf + group)
+}
+
+/// The network class of the packet's peer (source of what the CT receives, destination of
+/// what it sends), from the datapath's class table; frames without IP, or unparsable ones,
+/// belong to the default class.
+#[inline(always)]
+fn class_of(ctx: &TcContext, peer_is_src: bool) -> u8 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return 0;
+    };
+    match packet::parse(ctx) {
+        Ok(frame) => match frame.l3 {
+            L3::V4 { src, dst } => class_v4(cfg, if peer_is_src { src } else { dst }),
+            L3::V6 { src, dst } => class_v6(cfg, if peer_is_src { &src } else { &dst }),
+            _ => cfg.default_class,
+        },
+        Err(_) => cfg.default_class,
+    }
+}
+
+/// An LPM trie key in aligned words (the verifier rejects misaligned stack stores).
+#[repr(C, align(8))]
+struct LpmKeyW<const N: usize>([u64; N]);
+const _: () = assert!(core::mem::size_of::<Key<u32>>() == 8);
+const _: () = assert!(core::mem::size_of::<Key<[u32; 4]>>() == 20);
+
+impl<const N: usize> LpmKeyW<N> {
+    #[inline(always)]
+    fn as_key<K>(&self) -> &Key<K> {
+        // SAFETY: Key<K> is repr(C, packed) and no larger than 8 * N bytes for the K used.
+        unsafe { &*(self.0.as_ptr() as *const Key<K>) }
+    }
+}
+
+#[inline(always)]
+fn class_v4(cfg: &Config, addr: u32) -> u8 {
+    if cfg.v4_mode == CLASSES_UNIFORM {
+        return cfg.v4_class;
+    }
+    if cfg.v4_mode == CLASSES_INLINE {
+        let mut i = 0;
+        while i < INLINE_CLASSES && i < cfg.v4_len as usize {
+            let p = &cfg.v4[i];
+            if addr & p.mask == p.net {
+                return p.class as u8;
+            }
+            i += 1;
+        }
+        return cfg.default_class;
+    }
+    let key = LpmKeyW([32 | u64::from(addr) << 32]);
+    CLASSES_V4
+        .get(key.as_key::<u32>())
+        .map_or(cfg.default_class, |c| *c as u8)
+}
+
+#[inline(always)]
+fn class_v6(cfg: &Config, a: &[u64; 2]) -> u8 {
+    if cfg.v6_mode == CLASSES_UNIFORM {
+        return cfg.v6_class;
+    }
+    if cfg.v6_mode == CLASSES_INLINE {
+        let mut i = 0;
+        while i < INLINE_CLASSES && i < cfg.v6_len as usize {
+            let p = &cfg.v6[i];
+            if a[0] & p.mask[0] == p.net[0] && a[1] & p.mask[1] == p.net[1] {
+                return p.class as u8;
+            }
+            i += 1;
+        }
+        return cfg.default_class;
+    }
+    let key = LpmKeyW([128 | a[0] << 32, a[0] >> 32 | a[1] << 32, a[1] >> 32]);
+    CLASSES_V6
+        .get(key.as_key::<[u32; 4]>())
+        .map_or(cfg.default_class, |c| *c as u8)
+}
+
+/// The packet-rate limit (see `PpsBucket`). A GSO packet counts its segments.
+///
+/// The BPF target has no compare-and-swap in Rust (only atomic loads and stores), so the
+/// read-modify-write of `tat` is plain: two CPUs updating one bucket within the same few
+/// nanoseconds can lose one charge. The window is a handful of instructions against about a
+/// microsecond per packet, so the excess stays far below the rate's tolerance (measured by
+/// the benchmark with a flood on both CPUs).
+#[inline(always)]
+fn pps_pass(ctx: &TcContext, ifindex: u32, dir: u8) -> bool {
+    let key: PpsKey = u64::from(ifindex) | u64::from(dir) << 32;
+    let Some(b) = SHAPER_PPS.get_ptr_mut(&key) else {
+        return true;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY (all accesses to *b): b points at the map value of a successful lookup.
+    let tat = unsafe { (*b).tat };
+    let start = if tat > now { tat } else { now };
+    if start - now > unsafe { (*b).tolerance_ns } {
+        return false;
+    }
+    // SAFETY: context field read (skb_shinfo()->gso_segs).
+    let segs = unsafe { (*ctx.skb.skb).gso_segs };
+    let segs = if segs > 1 { u64::from(segs) } else { 1 };
+    unsafe { (*b).tat = start + segs * (*b).interval_ns };
+    true
+}
+
+#[inline(always)]
+fn count_drop(ctx: &TcContext, ctid: u32, dir: u8) {
+    let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(DROP_PPS) << 40;
+    let bytes = u64::from(ctx.len());
+    if let Some(v) = SHAPER_DROPS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value from a successful lookup.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += bytes;
+        }
+        return;
+    }
+    let init = DropValue { packets: 1, bytes };
+    if SHAPER_DROPS
+        .insert(&key, &init, u64::from(BPF_NOEXIST))
+        .is_err()
+        && let Some(v) = SHAPER_DROPS.get_ptr_mut(&key)
+    {
+        // Another CPU created the row between our lookup and insert.
+        // SAFETY: as above.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += bytes;
+        }
+    }
+}
