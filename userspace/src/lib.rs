@@ -2,3 +2,4 @@
 pub mod ctnet;
 
 pub mod datapath;
+pub mod metrics;

@@ -1,0 +1,237 @@
+//! `berthd`: serves every CT's traffic and cgroup counters to Prometheus.
+//!
+//! `GET /metrics` reads the pinned eBPF maps and the cgroup files at request time (Prometheus
+//! text format, OpenMetrics when the `Accept` header prefers it); `GET /healthz` answers
+//! `ok` while the daemon serves. berthd only reads: it never loads or attaches programs and
+//! nothing else depends on it running.
+
+use std::{
+    convert::Infallible,
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use berth::{
+    datapath::DEFAULT_PIN_DIR,
+    metrics::{self, BerthCollector, DEFAULT_LISTEN, Format, Sources},
+};
+use berth_runtime::config::Host;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::Registry;
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::Mutex};
+use tracing::{debug, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "berthd",
+    version,
+    about = "Prometheus exporter of berth's per-CT traffic and cgroup counters"
+)]
+struct Args {
+    /// Address to serve /metrics and /healthz on (port 0 picks a free port; the address is
+    /// printed on stdout).
+    #[arg(long, env = "BERTHD_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// State directory (CT configs), as for berth.
+    #[arg(long, env = "BERTH_ROOT")]
+    root: Option<PathBuf>,
+    /// Run-state directory. Default: /run/berth, or <root>/run.
+    #[arg(long, env = "BERTH_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// cgroup directory holding this installation's CTs, under every hierarchy.
+    #[arg(long, env = "BERTH_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// bpffs directory the datapath is pinned under.
+    #[arg(long, env = "BERTH_BPFFS", default_value = DEFAULT_PIN_DIR)]
+    bpffs: PathBuf,
+    /// More logging on stderr (-v debug). BERTH_LOG takes tracing filter syntax.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+struct Server {
+    registry: Registry,
+    /// One collection at a time: concurrent scrapes would only multiply the same reads and
+    /// the memory they hold.
+    scrape: Mutex<()>,
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+impl Server {
+    async fn metrics(self: Arc<Self>, accept: Option<String>) -> Response<Full<Bytes>> {
+        let format = Format::negotiate(accept.as_deref());
+        let _one = self.scrape.lock().await;
+        let t0 = Instant::now();
+        let me = self.clone();
+        // The reads are blocking file and bpf(2) calls.
+        let res =
+            tokio::task::spawn_blocking(move || metrics::encode(&me.registry.gather(), format))
+                .await;
+        match res {
+            Ok(Ok(body)) => {
+                debug!(bytes = body.len(), elapsed = ?t0.elapsed(), ?format, "scrape served");
+                Response::builder()
+                    .header(header::CONTENT_TYPE, format.content_type())
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "encoding metrics");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding metrics failed\n",
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, "collector task failed");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "collecting metrics failed\n",
+                )
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        }
+        match req.uri().path() {
+            "/metrics" => {
+                let accept = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                self.metrics(accept).await
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/" => text(
+                StatusCode::OK,
+                "berthd: per-CT traffic and cgroup counters at /metrics, liveness at /healthz\n",
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
+        }
+    }
+}
+
+async fn serve(args: Args) -> Result<()> {
+    let host = Host::new(args.root, args.run_dir, args.cgroup_parent)
+        .context("invalid --root/--run-dir/--cgroup-parent")?;
+    if !host.root.exists() {
+        warn!(root = %host.root.display(), "state directory does not exist (yet): no CTs to export");
+    }
+    let registry = Registry::new();
+    registry
+        .register(Box::new(BerthCollector::new(Sources {
+            host: host.clone(),
+            pin_dir: args.bpffs.clone(),
+        })))
+        .context("registering the collector")?;
+    let server = Arc::new(Server {
+        registry,
+        scrape: Mutex::new(()),
+    });
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // Tests and scripts started with port 0 learn the port from this line.
+    println!("berthd listening on http://{addr}/metrics");
+    std::io::stdout().flush().ok();
+    info!(%addr, root = %host.root.display(), cgroup_parent = %host.cgroup_parent, bpffs = %args.bpffs.display(), "berthd serving");
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    info!("berthd stopping");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = std::env::var("BERTH_LOG").unwrap_or_else(|_| {
+        match args.verbose {
+            0 => "info",
+            _ => "debug",
+        }
+        .into()
+    });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        .init();
+    // One thread serves HTTP; a scrape's reads run on a blocking thread and fan out over a
+    // few scoped threads (metrics::snapshot), which keeps the daemon small when idle.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berthd: error: starting the tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berthd: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
