@@ -15,12 +15,38 @@ pub enum BenchCmd {
     Start {
         #[arg(long, default_value_t = 60)]
         cycles: usize,
+        /// Give every berth CT a routed IPv4 + IPv6 address (venet setup, proxy ARP/NDP, eBPF
+        /// attach) — in a network namespace of the benchmark's own.
+        #[arg(long)]
+        routed: bool,
+    },
+    /// Network setup per CT (in-process netlink vs ip(8)) and 1000 CTs up and down.
+    Net {
+        #[arg(long, default_value_t = 1000)]
+        cts: usize,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
     },
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Start { cycles } => start(cycles),
+        BenchCmd::Start { cycles, routed } => start(cycles, routed),
+        BenchCmd::Net { cts, samples } => {
+            crate::run(crate::cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "berth-runtime",
+                "--example",
+                "netbench",
+            ]))?;
+            crate::run(
+                Command::new(crate::workspace_root().join("target/release/examples/netbench"))
+                    .arg(cts.to_string())
+                    .arg(samples.to_string()),
+            )
+        }
     }
 }
 
@@ -115,9 +141,27 @@ fn hide_unified_cgroup2() -> Result<()> {
     Ok(())
 }
 
-fn start(cycles: usize) -> Result<()> {
+fn start(cycles: usize, routed: bool) -> Result<()> {
     let bin = build_release()?.join("berth");
     hide_unified_cgroup2()?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/berth-bench-{}", std::process::id()));
+    if routed {
+        // The CTs' venet links, routes and proxy entries go into a network namespace of the
+        // benchmark's own, with a dummy "uplink" device holding the test network.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare netns")?;
+        quiet(Command::new("ip").args(["link", "set", "lo", "up"]))?;
+        quiet(Command::new("ip").args(["link", "add", "up0", "type", "dummy"]))?;
+        quiet(Command::new("ip").args(["addr", "add", "198.18.0.1/15", "dev", "up0"]))?;
+        quiet(Command::new("ip").args([
+            "addr",
+            "add",
+            "2001:db8:18::1/64",
+            "dev",
+            "up0",
+            "nodad",
+        ]))?;
+        quiet(Command::new("ip").args(["link", "set", "up0", "up"]))?;
+    }
     let crun = which("crun").context("crun not installed (xtask/setup.sh installs it)")?;
     let tmp = tempdir()?;
     let root = tmp.join("berth");
@@ -130,6 +174,8 @@ fn start(cycles: usize) -> Result<()> {
             .arg(&root)
             .arg("--run-dir")
             .arg(&run_dir)
+            .arg("--bpffs")
+            .arg(&pin_dir)
             .arg("--cgroup-parent")
             .arg(&cg_parent)
             .args(args);
@@ -162,7 +208,22 @@ fn start(cycles: usize) -> Result<()> {
     for i in 0..cycles + 3 {
         let ctid = (1000 + i).to_string();
         let t0 = Instant::now();
-        quiet(&mut berth(&["create", &ctid, "--template", "busybox"]))?;
+        if routed {
+            let v4 = format!("198.18.{}.{}", (i / 250) % 250, 2 + i % 250);
+            let v6 = format!("2001:db8:18::{:x}", 0x100 + i);
+            quiet(&mut berth(&[
+                "create",
+                &ctid,
+                "--template",
+                "busybox",
+                "--ipadd",
+                &v4,
+                "--ipadd",
+                &v6,
+            ]))?;
+        } else {
+            quiet(&mut berth(&["create", &ctid, "--template", "busybox"]))?;
+        }
         quiet(&mut berth(&["start", &ctid]))?;
         quiet(&mut berth(&["stop", "--fast", &ctid]))?;
         quiet(&mut berth(&["destroy", &ctid]))?;
@@ -219,6 +280,7 @@ fn start(cycles: usize) -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&run_dir);
+    let _ = std::fs::remove_dir_all(&pin_dir);
     for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
         let _ = std::fs::remove_dir(h.path().join(&cg_parent));
     }

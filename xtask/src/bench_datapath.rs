@@ -36,7 +36,10 @@ pub fn run_bench(a: DatapathArgs) -> Result<()> {
         bail!("the datapath benchmark needs root (network namespaces, eBPF)");
     }
     if a.runs < 5 {
-        bail!("--runs {}: the bar needs at least 5 runs per variant", a.runs);
+        bail!(
+            "--runs {}: the bar needs at least 5 runs per variant",
+            a.runs
+        );
     }
     let mut cmd = cargo();
     cmd.args([
