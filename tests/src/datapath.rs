@@ -424,3 +424,55 @@ pub fn send_raw(ns: &Netns, ifindex: u32, frame: &[u8]) -> Result<()> {
     );
     Ok(())
 }
+
+// ---- raw maps (to fabricate pin directories of older layouts) -----------------------------
+
+/// `enum bpf_map_type` values (include/uapi/linux/bpf.h).
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+/// `BPF_F_NO_PREALLOC`, required for LPM tries.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> Result<i64> {
+    // SAFETY: attr is a zero-initialised prefix of union bpf_attr for `cmd`, valid for the
+    // call; the kernel reads at most attr.len() bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    ensure!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    Ok(r)
+}
+
+/// Creates a map with `BPF_MAP_CREATE` and pins it at `path` (the pin keeps it alive).
+pub fn create_pinned_map(
+    path: &Path,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> Result<()> {
+    let mut attr = [0u8; 128];
+    for (i, v) in [map_type, key_size, value_size, max_entries, flags]
+        .into_iter()
+        .enumerate()
+    {
+        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    let fd = sys_bpf(0, &mut attr).context("BPF_MAP_CREATE")?;
+    // SAFETY: the fd was just returned by the kernel and is owned here.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u8; 16];
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32).to_ne_bytes());
+    sys_bpf(6, &mut attr).with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
+    Ok(())
+}

@@ -1495,3 +1495,211 @@ fn counter_slots_are_reclaimed_without_losing_totals() -> Result<()> {
     drop(ns);
     assert_clean(&path, ids)
 }
+
+// ---- upgrade from the v1 layout ------------------------------------------------------------
+
+fn pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(path: &Path) -> Result<T> {
+    let data = aya::maps::MapData::from_pin(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(T::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
+/// A v1 pin directory (the layout before the fast path) next to a new `v2`: opening v2
+/// migrates settings, class table, addresses, interfaces (their pinned TCX links switched to
+/// the v2 programs, not stacked), counters and drops, and removes v1.
+#[test]
+fn migrates_a_v1_pin_directory() -> Result<()> {
+    use aya::{
+        maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+        programs::{LinkOrder, TcAttachType, links::FdLink, tc::TcAttachOptions},
+    };
+    use berth_common::{AddrKey, CounterKey, CounterValue, DropKey, DropValue};
+    use berth_tests::datapath::{
+        BPF_F_NO_PREALLOC, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE,
+        BPF_MAP_TYPE_PERCPU_HASH, create_pinned_map,
+    };
+    const C: u32 = 4545;
+    let root = PinDir::new();
+    let (v1, v2) = (root.path.join("v1"), root.path.join("v2"));
+    let pair = Pair::new()?;
+    pair.host
+        .ip(&["addr", "add", "10.81.0.1/24", "dev", &pair.host_if])?;
+    pair.ct
+        .ip(&["addr", "add", "10.81.0.2/24", "dev", &pair.ct_if])?;
+    let ifindex = pair.host.ifindex(&pair.host_if)?;
+    let mac = pair.ct_mac()?;
+    let in_host = pair.host.enter()?;
+
+    // The v1 maps, as berth v1 created them.
+    let maps = v1.join("maps");
+    std::fs::create_dir_all(&maps)?;
+    for (name, ty, k, v, max, flags) in [
+        ("IFACES", BPF_MAP_TYPE_HASH, 4, 12, 64, 0),
+        ("CT_ADDRS", BPF_MAP_TYPE_HASH, 24, 4, 64, 0),
+        (
+            "CLASSES_V4",
+            BPF_MAP_TYPE_LPM_TRIE,
+            8,
+            4,
+            64,
+            BPF_F_NO_PREALLOC,
+        ),
+        (
+            "CLASSES_V6",
+            BPF_MAP_TYPE_LPM_TRIE,
+            20,
+            4,
+            64,
+            BPF_F_NO_PREALLOC,
+        ),
+        ("COUNTERS", BPF_MAP_TYPE_PERCPU_HASH, 8, 16, 64, 0),
+        ("DROPS", BPF_MAP_TYPE_PERCPU_HASH, 8, 16, 64, 0),
+        ("CONFIG", BPF_MAP_TYPE_ARRAY, 4, 8, 1, 0),
+    ] {
+        create_pinned_map(&maps.join(name), ty, k, v, max, flags)?;
+    }
+    let mut raw = [0u8; 12];
+    raw[..4].copy_from_slice(&C.to_ne_bytes());
+    raw[4] = 1; // routed
+    raw[5] = 3; // mac_filter | ip_filter
+    raw[6..].copy_from_slice(&mac);
+    pinned::<HashMap<MapData, u32, [u8; 12]>>(&maps.join("IFACES"))?.insert(ifindex, raw, 0)?;
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[10, 81, 0, 2]);
+    pinned::<HashMap<MapData, AddrKey, u32>>(&maps.join("CT_ADDRS"))?.insert(
+        AddrKey {
+            ctid: C,
+            family: 4,
+            _pad: [0; 3],
+            addr,
+        },
+        1,
+        0,
+    )?;
+    pinned::<LpmTrie<MapData, [u8; 4], u32>>(&maps.join("CLASSES_V4"))?.insert(
+        &Key::new(24, [198, 51, 100, 0]),
+        2,
+        0,
+    )?;
+    pinned::<Array<MapData, [u32; 2]>>(&maps.join("CONFIG"))?.set(0, [1, 6], 0)?;
+    let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow::anyhow!("{p}: {e}"))?;
+    let mut per_cpu = vec![CounterValue::default(); ncpus];
+    per_cpu[0] = CounterValue {
+        bytes: 1000,
+        packets: 10,
+    };
+    let key = CounterKey {
+        ctid: C,
+        dir: 1,
+        class: 1,
+        family: 4,
+        _pad: 0,
+    };
+    pinned::<PerCpuHashMap<MapData, CounterKey, CounterValue>>(&maps.join("COUNTERS"))?.insert(
+        key,
+        PerCpuValues::try_from(per_cpu)?,
+        0,
+    )?;
+    let mut per_cpu = vec![DropValue::default(); ncpus];
+    per_cpu[ncpus - 1] = DropValue {
+        packets: 2,
+        bytes: 200,
+    };
+    let key = DropKey {
+        ctid: C,
+        dir: 1,
+        reason: 1,
+        _pad: [0; 2],
+    };
+    pinned::<PerCpuHashMap<MapData, DropKey, DropValue>>(&maps.join("DROPS"))?.insert(
+        key,
+        PerCpuValues::try_from(per_cpu)?,
+        0,
+    )?;
+    // A live v1 link on the interface (the v1 programs are gone with that build; any tc
+    // program stands in for them).
+    let scratch = PinDir::new();
+    let sdp = Datapath::open_or_load(&scratch.path)?;
+    let mut old_prog = sdp.load_noop(&scratch.path.join("old"))?;
+    let id = old_prog.attach_with_options(
+        &pair.host_if,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::first()),
+    )?;
+    let link_dir = v1.join("links").join(ifindex.to_string());
+    std::fs::create_dir_all(&link_dir)?;
+    FdLink::try_from(old_prog.take_link(id)?)?
+        .pin(link_dir.join("from_ct"))
+        .map_err(|e| anyhow::anyhow!("pinning the v1 link: {e}"))?;
+
+    let mut dp = Datapath::open_or_load(&v2)?;
+    let ids = dp.program_ids()?;
+    ensure!(!v1.exists(), "v1 left behind");
+    let config = dp.config()?;
+    ensure!(
+        config.byte_layer == ByteLayer::L3 && config.default_class == 6,
+        "{config:?}"
+    );
+    ensure!(
+        dp.classes()? == parse_networks_classes("2 198.51.100.0/24")?,
+        "{:?}",
+        dp.classes()?
+    );
+    ensure!(dp.ct_addrs(C)? == ["10.81.0.2".parse::<IpAddr>()?]);
+    let attached = dp.attached()?;
+    ensure!(
+        attached.len() == 1
+            && attached[0].ifindex == ifindex
+            && attached[0].config == {
+                let mut c = IfaceConfig::routed(C, mac);
+                c.mac_filter = true;
+                c
+            },
+        "{attached:?}"
+    );
+    let row = |dp: &Datapath, class: u8| -> Result<(u64, u64)> {
+        Ok(dp
+            .counters()?
+            .iter()
+            .find(|r| {
+                r.ctid == C && r.dir == Direction::Out && r.class == class && r.family == Family::V4
+            })
+            .map(|r| (r.bytes, r.packets))
+            .unwrap_or_default())
+    };
+    ensure!(row(&dp, 1)? == (1000, 10), "{:?}", dp.counters()?);
+    let drops: Vec<(u64, u64)> = dp
+        .drops()?
+        .iter()
+        .filter(|d| d.ctid == C && d.reason == DropReason::SpoofedIp)
+        .map(|d| (d.packets, d.bytes))
+        .collect();
+    ensure!(drops == [(2, 200)], "{:?}", dp.drops()?);
+
+    // The moved link runs berth's program now, instead of (not after) the old one.
+    let (res, stats) = dp.measure(|| {
+        pair.ct
+            .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.81.0.1"])
+    })?;
+    res?;
+    ensure!(stats.from_ct.run_cnt >= 3, "{stats:?}");
+    let old_runs = old_prog.info()?.run_count();
+    ensure!(old_runs == 0, "the v1 program still ran {old_runs} times");
+    let (bytes, packets) = row(&dp, 6)?;
+    ensure!(packets >= 3 && bytes >= 3 * 84, "({bytes}, {packets})");
+    ensure!(
+        v2.join("links")
+            .join(ifindex.to_string())
+            .join("from_ct")
+            .exists()
+    );
+
+    drop((old_prog, sdp, scratch));
+    dp.detach(ifindex)?;
+    drop(dp);
+    let path = root.path.clone();
+    drop(root);
+    drop(in_host);
+    drop(pair);
+    assert_clean(&path, ids)
+}

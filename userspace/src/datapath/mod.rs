@@ -59,6 +59,7 @@ pub mod bench;
 mod classes;
 mod error;
 mod layout;
+mod legacy;
 mod readonly;
 mod sys;
 
@@ -572,7 +573,14 @@ impl Datapath {
     /// Like [`Self::open_or_load`] with an explicit attach method (tests use it to exercise
     /// the clsact fallback on kernels that have TCX).
     pub fn open_or_load_with(pin_dir: impl AsRef<Path>, method: AttachMethod) -> Result<Self> {
-        let pin_dir = pin_dir.as_ref().to_path_buf();
+        let mut dp = Self::open_inner(pin_dir.as_ref(), method)?;
+        // After open_inner released the directory lock: migrating attaches, which takes it.
+        dp.migrate_v1()?;
+        Ok(dp)
+    }
+
+    fn open_inner(pin_dir: &Path, method: AttachMethod) -> Result<Self> {
+        let pin_dir = pin_dir.to_path_buf();
         if OBJECT.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
@@ -950,6 +958,28 @@ impl Datapath {
         Ok(slot)
     }
 
+    /// `ARCHIVE[key] += values`, CPU by CPU.
+    fn archive_add(&mut self, key: &CounterKey, values: &[CounterValue]) -> Result<()> {
+        let mut sum: Vec<CounterValue> = match self.archive.get(key, 0) {
+            Ok(old) => old.iter().copied().collect(),
+            Err(e) if not_found(&e) => vec![CounterValue::default(); values.len()],
+            Err(e) => return Err(map_err(map_names::ARCHIVE, &self.pin_dir, "get")(e)),
+        };
+        for (acc, v) in sum.iter_mut().zip(values) {
+            acc.bytes += v.bytes;
+            acc.packets += v.packets;
+        }
+        let sum = PerCpuValues::try_from(sum).map_err(io_err(
+            "building per-CPU values for",
+            &self.map_path(map_names::ARCHIVE),
+        ))?;
+        self.archive.insert(key, sum, 0).map_err(map_err(
+            map_names::ARCHIVE,
+            &self.pin_dir,
+            "insert",
+        ))
+    }
+
     fn zero_slot(&mut self, slot: u32) -> Result<()> {
         let nr_cpus = nr_cpus()?;
         let zeros =
@@ -973,33 +1003,11 @@ impl Datapath {
             "get",
         ))?;
         for row in 0..berth_common::SLOT_ROWS {
-            if values
-                .iter()
-                .all(|v| v.rows[row] == CounterValue::default())
-            {
+            let per_cpu: Vec<CounterValue> = values.iter().map(|v| v.rows[row]).collect();
+            if per_cpu.iter().all(|v| *v == CounterValue::default()) {
                 continue;
             }
-            let key = layout::row_key(ctid, row);
-            let mut sum: Vec<CounterValue> = match self.archive.get(&key, 0) {
-                Ok(old) => old.iter().copied().collect(),
-                Err(e) if not_found(&e) => {
-                    vec![CounterValue::default(); values.len()]
-                }
-                Err(e) => return Err(map_err(map_names::ARCHIVE, &self.pin_dir, "get")(e)),
-            };
-            for (acc, v) in sum.iter_mut().zip(values.iter()) {
-                acc.bytes += v.rows[row].bytes;
-                acc.packets += v.rows[row].packets;
-            }
-            let sum = PerCpuValues::try_from(sum).map_err(io_err(
-                "building per-CPU values for",
-                &self.map_path(map_names::ARCHIVE),
-            ))?;
-            self.archive.insert(key, sum, 0).map_err(map_err(
-                map_names::ARCHIVE,
-                &self.pin_dir,
-                "insert",
-            ))?;
+            self.archive_add(&layout::row_key(ctid, row), &per_cpu)?;
         }
         self.zero_slot(slot)?;
         info!(ctid, slot, "counter slot reclaimed; totals archived");
