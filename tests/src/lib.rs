@@ -1,4 +1,5 @@
 //! Support code shared by berth's privileged end-to-end tests. Each area adds its own module.
+pub mod berthd;
 pub mod cgroups;
 pub mod ct;
 pub mod net;
