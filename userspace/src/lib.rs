@@ -3,3 +3,4 @@ pub mod ctnet;
 
 pub mod datapath;
 pub mod metrics;
+pub mod shaper;
