@@ -368,13 +368,12 @@ impl Prometheus {
                 dir.path().join("data").display()
             ))
             .arg(format!("--web.listen-address={addr}"))
-            .arg("--web.enable-lifecycle=false")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("spawning /usr/bin/prometheus (xtask/setup.sh installs it)")?;
-        let p = Self { child, addr, dir };
+        let mut p = Self { child, addr, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = http_get(p.addr, "/-/ready", &[])
@@ -384,6 +383,9 @@ impl Prometheus {
             }
             if Instant::now() > deadline {
                 bail!("prometheus not ready after 30 s: {}", p.log());
+            }
+            if let Ok(Some(st)) = p.child.try_wait() {
+                bail!("prometheus exited ({st}): {}", p.log());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
