@@ -20,6 +20,9 @@ pub enum BenchCmd {
         #[arg(long)]
         routed: bool,
     },
+    /// eBPF datapath: per-packet cost under iperf3 load (bpf_stats) and single-stream
+    /// throughput with vs without the programs.
+    Datapath(crate::bench_datapath::DatapathArgs),
     /// Network setup per CT (in-process netlink vs ip(8)) and 1000 CTs up and down.
     Net {
         #[arg(long, default_value_t = 1000)]
@@ -32,6 +35,7 @@ pub enum BenchCmd {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Start { cycles, routed } => start(cycles, routed),
+        BenchCmd::Datapath(a) => crate::bench_datapath::run_bench(a),
         BenchCmd::Net { cts, samples } => {
             crate::run(crate::cargo().args([
                 "build",

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask test | demo | bench start`.
 
 mod bench;
+mod bench_datapath;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -111,7 +112,7 @@ fn test(filter: Option<String>) -> Result<()> {
     run(&mut e2e)
 }
 
-fn nix_is_root() -> bool {
+pub fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
