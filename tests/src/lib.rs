@@ -5,3 +5,4 @@ pub mod ct;
 pub mod net;
 pub mod datapath;
 pub mod template;
+pub mod shaper;

@@ -103,7 +103,7 @@ const NL_PRIORITY: u16 = 0xfff0;
 /// Bulk leaf queue: this much time at the group's ceiling, within the bounds below. Deep
 /// enough that TCP reaches the rate without losses, bounded so a stuck queue drains in 200 ms.
 const BULK_QUEUE_MS: u64 = 200;
-const BULK_QUEUE_MIN: u64 = 256 * 1024;
+const BULK_QUEUE_MIN: u64 = 4 * 1024 * 1024;
 const BULK_QUEUE_MAX: u64 = 64 * 1024 * 1024;
 /// Interactive leaf queue, packets.
 const INTERACTIVE_QUEUE: u32 = 128;
@@ -858,11 +858,16 @@ impl Shaper {
         let mut ifb = 0;
         if let Some(p) = plan_out {
             let name = ifb_name(ifname, ifindex);
-            ifb = match tc::link_kind(&mut self.nl, old_ifb)
-                .map_err(net_err(format!("IFB {name}"), ctid))?
-            {
-                Some((_, kind, _)) if old_ifb != 0 && kind == "ifb" => old_ifb,
-                _ => self.ensure_ifb(ctid, &name)?,
+            let reuse = old_ifb != 0
+                && matches!(
+                    tc::link_kind(&mut self.nl, old_ifb)
+                        .map_err(net_err(format!("IFB {name}"), ctid))?,
+                    Some((_, kind, _)) if kind == "ifb"
+                );
+            ifb = if reuse {
+                old_ifb
+            } else {
+                self.ensure_ifb(ctid, &name)?
             };
             self.apply_htb(ctid, ifb, &name, p)?;
         }
@@ -983,7 +988,15 @@ impl Shaper {
             plan.classes.iter().map(|c| (c.classid, c.parent)).collect();
         let mut stale: Vec<u32> = existing
             .iter()
-            .filter(|c| wanted.get(&c.handle) != Some(&c.parent))
+            // HTB reports a top-level class's parent as TC_H_ROOT, not as the qdisc handle.
+            .filter(|c| {
+                let parent = if c.parent == u32::MAX {
+                    handle(HTB_MAJOR, 0)
+                } else {
+                    c.parent
+                };
+                wanted.get(&c.handle) != Some(&parent)
+            })
             .map(|c| c.handle)
             .collect();
         stale.sort_by_key(|h| std::cmp::Reverse(depth(*h)));

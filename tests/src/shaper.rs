@@ -1,0 +1,270 @@
+//! Helpers for the shaper tests and benchmark: a routed topology of throwaway namespaces
+//! (a "host" and two "CTs"), iperf3 and ping runs inside them, and checks that nothing of the
+//! shaper is left on an interface.
+
+use std::{
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::datapath::{Netns, run, unique};
+
+/// One "CT": a namespace with `ct_if` (address `ip`/24), joined by a veth to `host_if` in the
+/// host namespace (address `gw`), which routes between the CTs.
+pub struct Ct {
+    pub ns: Netns,
+    pub host_if: String,
+    pub ct_if: String,
+    pub ip: String,
+    pub gw: String,
+    pub ifindex: u32,
+}
+
+/// `host` routes between `a` and `b`. Every address lives in these namespaces only.
+pub struct Topo {
+    pub host: Netns,
+    pub a: Ct,
+    pub b: Ct,
+}
+
+impl Topo {
+    pub fn new() -> Result<Self> {
+        let host = Netns::new("bsh")?;
+        host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let a = Self::ct(&host, 1)?;
+        let b = Self::ct(&host, 2)?;
+        Ok(Self { host, a, b })
+    }
+
+    fn ct(host: &Netns, n: u8) -> Result<Ct> {
+        let ns = Netns::new(&format!("bs{n}"))?;
+        let host_if = unique("sh");
+        let ct_if = unique("sc");
+        host.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ct_if, "netns", &ns.name,
+        ])?;
+        let gw = format!("10.77.{n}.1");
+        let ip = format!("10.77.{n}.2");
+        host.ip(&["addr", "add", &format!("{gw}/24"), "dev", &host_if])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", &ct_if])?;
+        host.ip(&["link", "set", &host_if, "up"])?;
+        ns.ip(&["link", "set", &ct_if, "up"])?;
+        ns.ip(&["route", "add", "default", "via", &gw])?;
+        let ifindex = host.ifindex(&host_if)?;
+        Ok(Ct {
+            ns,
+            host_if,
+            ct_if,
+            ip,
+            gw,
+            ifindex,
+        })
+    }
+}
+
+/// An iperf3 server (one test, `-1`) in the namespace named `ns` on `port`.
+pub struct Server(Child);
+
+impl Server {
+    pub fn start(ns: &str, port: u16) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "iperf3", "-s", "-1", "-p"])
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning iperf3 -s")?;
+        // Wait until it listens.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "ss",
+                    "-Hltn",
+                    &format!("sport = :{port}"),
+                ],
+            )?;
+            if !out.trim().is_empty() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "iperf3 server did not start on {port}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A port unlikely to clash with another test process (namespaces are private anyway).
+pub fn port() -> u16 {
+    let n = PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    20_000 + (std::process::id() % 2000) as u16 * 10 + n % 10
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Iperf {
+    /// Payload bits per second the receiver got.
+    pub goodput_bps: f64,
+    pub retransmits: u64,
+    /// Segments sent (bytes / MSS), for the retransmit ratio.
+    pub segments: u64,
+    /// UDP: packets the receiver got, and lost.
+    pub packets: u64,
+    pub lost: u64,
+}
+
+/// Options of one iperf3 client run.
+#[derive(Clone, Debug, Default)]
+pub struct Run {
+    pub secs: u32,
+    /// UDP at this rate (e.g. "50M"), else TCP.
+    pub udp_rate: Option<String>,
+    /// Datagram/write length.
+    pub len: Option<u32>,
+    /// Bind the client to this address.
+    pub bind: Option<String>,
+    pub extra: Vec<String>,
+}
+
+/// Runs an iperf3 client in `client` against `server_ip:port` (a [`Server`] must run there).
+pub fn iperf(client: &str, server_ip: &str, port: u16, r: &Run) -> Result<Iperf> {
+    let mut args: Vec<String> = vec![
+        "netns".into(),
+        "exec".into(),
+        client.to_owned(),
+        "iperf3".into(),
+        "-c".into(),
+        server_ip.into(),
+        "-p".into(),
+        port.to_string(),
+        "-t".into(),
+        r.secs.to_string(),
+        "-J".into(),
+    ];
+    if let Some(rate) = &r.udp_rate {
+        args.extend(["-u".into(), "-b".into(), rate.clone()]);
+    }
+    if let Some(l) = r.len {
+        args.extend(["-l".into(), l.to_string()]);
+    }
+    if let Some(b) = &r.bind {
+        args.extend(["-B".into(), b.clone()]);
+    }
+    args.extend(r.extra.iter().cloned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = Command::new("ip")
+        .args(&refs)
+        .output()
+        .context("running iperf3")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "iperf3 JSON: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    let end = &v["end"];
+    let f = |p: &str| end.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+    let u = |p: &str| end.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    if r.udp_rate.is_some() {
+        let packets = u("/sum/packets");
+        let lost = u("/sum/lost_packets");
+        return Ok(Iperf {
+            goodput_bps: f("/sum/bits_per_second") * (1.0 - f("/sum/lost_percent") / 100.0),
+            packets: packets.saturating_sub(lost),
+            lost,
+            ..Default::default()
+        });
+    }
+    let mss = v
+        .pointer("/start/tcp_mss_default")
+        .and_then(Value::as_u64)
+        .unwrap_or(1448)
+        .max(1);
+    Ok(Iperf {
+        goodput_bps: f("/sum_received/bits_per_second"),
+        retransmits: u("/sum_sent/retransmits"),
+        segments: u("/sum_sent/bytes") / mss,
+        ..Default::default()
+    })
+}
+
+/// Round-trip times (ms) of `count` pings every `interval` seconds.
+pub fn ping_rtts(from: &str, to: &str, count: u32, interval: &str) -> Result<Vec<f64>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", from, "ping", "-n", "-i", interval, "-c"])
+        .arg(count.to_string())
+        .arg(to)
+        .output()
+        .context("running ping")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            l.split("time=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    Ok(rtts)
+}
+
+/// The `q`-quantile of sorted values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `tc qdisc show` / `tc class show` of `dev` in `ns`.
+pub fn tc_show(ns: &Netns, what: &str, dev: &str) -> Result<String> {
+    run("tc", &["-n", &ns.name, what, "show", "dev", dev])
+}
+
+/// Fails when `dev` still carries an HTB qdisc, a class, or a tc filter, or `ns` still has an
+/// IFB.
+pub fn assert_no_shaping(ns: &Netns, dev: &str) -> Result<()> {
+    let q = tc_show(ns, "qdisc", dev)?;
+    ensure!(
+        !q.contains("htb") && !q.contains("fifo"),
+        "qdisc left on {dev}: {q}"
+    );
+    let c = tc_show(ns, "class", dev)?;
+    ensure!(c.trim().is_empty(), "classes left on {dev}: {c}");
+    for hook in ["ingress", "egress"] {
+        let f =
+            run("tc", &["-n", &ns.name, "filter", "show", "dev", dev, hook]).unwrap_or_default();
+        ensure!(f.trim().is_empty(), "{hook} filter left on {dev}: {f}");
+    }
+    let links = ns.ip(&["-d", "link", "show"])?;
+    ensure!(!links.contains("ifb"), "IFB left in {}: {links}", ns.name);
+    Ok(())
+}
