@@ -148,7 +148,7 @@ impl fmt::Display for Rate {
             (1_000_000, "mbit"),
             (1_000, "kbit"),
         ] {
-            if self.0 % div == 0 {
+            if self.0.is_multiple_of(div) {
                 return write!(f, "{}{unit}", self.0 / div);
             }
         }
@@ -248,7 +248,7 @@ impl Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (div, unit) in [(1 << 30, "gb"), (1 << 20, "mb"), (1 << 10, "kb")] {
-            if self.0 % div == 0 {
+            if self.0.is_multiple_of(div) {
                 return write!(f, "{}{unit}", self.0 / div);
             }
         }
