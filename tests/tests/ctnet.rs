@@ -108,6 +108,15 @@ fn routed_cts_via_cli() {
         (tx - s0.0, rx - s0.1),
         "netstat {ns} vs interface tx/rx (deltas)"
     );
+    let listed = h.json(&["list", "-o", "ctid,traffic.in,traffic.out"]);
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ctid"] == 201)
+        .unwrap()
+        .clone();
+    assert!(row["traffic.in"].as_u64().unwrap() >= inb, "{listed}");
     // --reset only moves the live view
     h.ok(&["netstat", "--reset"]);
     let (zi, zo) = sum_netstat(&h.json(&["netstat", "201"]));

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use berth::ctnet::DatapathHooks;
-use berth::datapath::{DEFAULT_PIN_DIR, Datapath, Family, parse_networks_classes};
+use berth::datapath::{DEFAULT_PIN_DIR, Datapath, Direction, Family, parse_networks_classes};
 use berth::netstat::{Baseline, Filter, aggregate};
 use berth_runtime::cgroups::Stats;
 use berth_runtime::config::{CtConfig, Host, ResourceConfig};
@@ -475,7 +475,14 @@ fn run(cli: Cli) -> Result<u8> {
                 }
                 return Ok(0);
             }
-            list(&host, all, output.as_deref(), no_header, json)?;
+            list(
+                &host,
+                all,
+                output.as_deref(),
+                no_header,
+                json,
+                cli.bpffs.as_deref(),
+            )?;
         }
         Cmd::Template(t) => template(&host, t, json)?,
         Cmd::Netstat {
@@ -587,6 +594,14 @@ const FIELDS: &[(&str, &str)] = &[
     ("cpuunits", "CPU weight"),
     ("diskspace", "disk quota"),
     ("ip", "routed and static addresses"),
+    (
+        "traffic.in",
+        "bytes delivered to the CT, all classes (eBPF counters, never reset)",
+    ),
+    ("traffic.out", "bytes sent by the CT, all classes"),
+    ("packets.in", "packets delivered to the CT"),
+    ("packets.out", "packets sent by the CT"),
+    ("drops", "packets dropped by anti-spoofing, all reasons"),
 ];
 
 fn field(f: &str, st: &container::Status, cfg: &CtConfig, stats: Option<&Stats>) -> Result<Value> {
@@ -620,7 +635,14 @@ fn field(f: &str, st: &container::Status, cfg: &CtConfig, stats: Option<&Stats>)
     })
 }
 
-fn list(host: &Host, all: bool, output: Option<&str>, no_header: bool, json: bool) -> Result<()> {
+fn list(
+    host: &Host,
+    all: bool,
+    output: Option<&str>,
+    no_header: bool,
+    json: bool,
+    bpffs: Option<&Path>,
+) -> Result<()> {
     let fields: Vec<&str> = output
         .unwrap_or("ctid,numproc,status,ip,hostname")
         .split(',')
@@ -632,6 +654,14 @@ fn list(host: &Host, all: bool, output: Option<&str>, no_header: bool, json: boo
             bail!("unknown field {f:?} (see `berth list -L`)");
         }
     }
+    let traffic = if fields
+        .iter()
+        .any(|f| f.starts_with("traffic.") || f.starts_with("packets.") || *f == "drops")
+    {
+        Some(traffic_by_ct(bpffs)?)
+    } else {
+        None
+    };
     let mut rows: Vec<Vec<Value>> = Vec::new();
     for ctid in host.list_ctids()? {
         let st = match container::status(host, ctid) {
@@ -649,7 +679,15 @@ fn list(host: &Host, all: bool, output: Option<&str>, no_header: bool, json: boo
         rows.push(
             fields
                 .iter()
-                .map(|f| field(f, &st, &cfg, stats.as_ref()))
+                .map(|f| {
+                    field(
+                        f,
+                        &st,
+                        &cfg,
+                        stats.as_ref(),
+                        traffic.as_ref().and_then(|t| t.get(&ctid.get()).copied()),
+                    )
+                })
                 .collect::<Result<_>>()?,
         );
     }
