@@ -386,3 +386,35 @@ fn per_ct_lock_serializes() {
     h.ok(&["stop", "--fast", "109"]);
     h.assert_clean();
 }
+
+/// A real distribution (debootstrap from the Debian mirror, the same source setup.sh installs
+/// packages from) boots its own sysvinit and halts on berth's SIGPWR, not by the kill timeout.
+#[test]
+fn debian_template_boots_its_own_init() {
+    let h = TestHost::new();
+    h.ok(&[
+        "template", "build", "debian", "--suite", "bookworm", "--name", "deb",
+    ]);
+    h.ok(&["create", "110", "--template", "deb", "--hostname", "deb110"]);
+    h.ok(&["start", "110"]);
+    let (_, cmdline, _) = h.exec("110", &["cat", "/proc/1/cmdline"]);
+    assert!(
+        cmdline.starts_with("init"),
+        "PID 1 is not sysvinit: {cmdline:?}"
+    );
+    let ok = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        h.exec("110", &["runlevel"]).1.trim() == "N 2"
+    });
+    assert!(ok, "sysvinit did not reach runlevel 2");
+    let t0 = Instant::now();
+    h.ok(&["stop", "110"]);
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "graceful stop took {took:?}: SIGPWR did not halt init"
+    );
+    h.assert_clean();
+    h.ok(&["destroy", "110"]);
+    h.ok(&["template", "remove", "deb"]);
+}

@@ -139,7 +139,29 @@ pub fn exec(host: &Host, ctid: Ctid, argv: &[String]) -> Result<i32> {
 }
 
 fn run_in_ct(ctid: Ctid, t: &mut Target, child: impl FnOnce(&mut Target) -> String) -> Result<i32> {
-    // setns(pid) only moves future children; berth itself stays where it is.
+    let pid = spawn_in_ct(ctid, t, child)?;
+    // Ctrl-C reaches the whole foreground process group; the CT command decides.
+    // SAFETY: setting a signal disposition to SIG_IGN.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGINT,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    };
+    wait_child(ctid, pid)
+}
+
+/// Forks a child that joins the CT and runs `child` (which execs, or returns an error text).
+/// Must be called while berth is single-threaded.
+fn spawn_in_ct(
+    ctid: Ctid,
+    t: &mut Target,
+    child: impl FnOnce(&mut Target) -> String,
+) -> Result<nix::unistd::Pid> {
+    // setns(pid) only moves future children; berth itself stays where it is. It also makes
+    // thread creation fail (EINVAL) until undone, so the parent switches back after the fork.
+    let own = fs::File::open("/proc/self/ns/pid")
+        .map_err(super::io_err(ctid, "open", Path::new("/proc/self/ns/pid")))?;
     if let Some((_, fd)) = t.ns.iter().find(|(f, _)| *f == CloneFlags::CLONE_NEWPID) {
         setns(fd.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|errno| CtError::Sys {
             ctid,
@@ -147,8 +169,14 @@ fn run_in_ct(ctid: Ctid, t: &mut Target, child: impl FnOnce(&mut Target) -> Stri
             errno,
         })?;
     }
-    // SAFETY: single-threaded CLI; the child execs or _exits.
-    match unsafe { fork() }.map_err(|errno| CtError::Sys {
+    // SAFETY: single-threaded at this point; the child execs or _exits.
+    let forked = unsafe { fork() };
+    setns(own.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|errno| CtError::Sys {
+        ctid,
+        op: "return to berth's pid namespace",
+        errno,
+    })?;
+    match forked.map_err(|errno| CtError::Sys {
         ctid,
         op: "fork",
         errno,
@@ -159,101 +187,50 @@ fn run_in_ct(ctid: Ctid, t: &mut Target, child: impl FnOnce(&mut Target) -> Stri
             // SAFETY: leave the forked child without running the parent's destructors.
             unsafe { libc::_exit(127) }
         }
-        ForkResult::Parent { child } => {
-            // Ctrl-C reaches the whole foreground process group; the CT command decides.
-            let _ = unsafe {
-                nix::sys::signal::signal(
-                    nix::sys::signal::SIGINT,
-                    nix::sys::signal::SigHandler::SigIgn,
-                )
-            };
-            loop {
-                match waitpid(child, None) {
-                    Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => continue,
-                    Ok(ws) => return Ok(exit_code(ws)),
-                    Err(errno) => {
-                        return Err(CtError::Sys {
-                            ctid,
-                            op: "wait for command",
-                            errno,
-                        });
-                    }
-                }
+        ForkResult::Parent { child } => Ok(child),
+    }
+}
+
+fn wait_child(ctid: Ctid, child: nix::unistd::Pid) -> Result<i32> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(ws) => return Ok(exit_code(ws)),
+            Err(errno) => {
+                return Err(CtError::Sys {
+                    ctid,
+                    op: "wait for command",
+                    errno,
+                });
             }
         }
     }
 }
 
-/// `berth enter`: an interactive login shell on a new pty, the terminal in raw mode.
-/// Without a terminal on stdin it runs the shell with plain stdio.
+/// `berth enter`: an interactive login shell on a pty of the CT's own devpts instance (so
+/// `tty` and job control work inside), the terminal in raw mode. Without a terminal on stdin
+/// it runs the shell with plain stdio.
 pub fn enter(host: &Host, ctid: Ctid) -> Result<i32> {
     let shell: Vec<String> = vec!["/bin/sh".into(), "-l".into()];
     let stdin = std::io::stdin();
     if !nix::unistd::isatty(stdin.as_fd()).unwrap_or(false) {
         return exec(host, ctid, &shell);
     }
-    let (mut t, _) = open_target(host, ctid)?;
-    let ws = nix::pty::Winsize {
+    let (mut t, init_pid) = open_target(host, ctid)?;
+    let (master, slave) = ct_pty(ctid, init_pid)?;
+    let mut size = nix::pty::Winsize {
         ws_row: 24,
         ws_col: 80,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    let mut size = ws;
-    // SAFETY: TIOCGWINSZ fills the struct we own.
-    unsafe { libc::ioctl(stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
-    let pty = nix::pty::openpty(Some(&size), None).map_err(|errno| CtError::Sys {
-        ctid,
-        op: "open pty",
-        errno,
-    })?;
-    let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok();
-    if let Some(s) = &saved {
-        let mut raw = s.clone();
-        nix::sys::termios::cfmakeraw(&mut raw);
-        let _ =
-            nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw);
+    // SAFETY: TIOCGWINSZ fills, TIOCSWINSZ reads the struct we own.
+    unsafe {
+        libc::ioctl(stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut size);
+        libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size);
     }
-    let master = pty.master;
-    let slave = pty.slave;
-    let master_fd = master.as_raw_fd();
-    let pump_in = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let mut inp = std::io::stdin();
-        loop {
-            match inp.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    // SAFETY: writing to the pty master, which outlives this thread's use.
-                    if unsafe { libc::write(master_fd, buf.as_ptr().cast(), n) } < 0 {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    let _ = pump_in;
     let term = std::env::var("TERM").ok();
-    let out = {
-        let mfd = master.try_clone().map_err(|e| CtError::Io {
-            ctid,
-            op: "dup pty",
-            path: "pty".into(),
-            source: e,
-        })?;
-        std::thread::spawn(move || {
-            let mut m = fs::File::from(mfd);
-            let mut o = std::io::stdout();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = m.read(&mut buf) {
-                if n == 0 || o.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                let _ = o.flush();
-            }
-        })
-    };
-    let code = run_in_ct(ctid, &mut t, |t| {
+    let pid = spawn_in_ct(ctid, &mut t, |t| {
         if let Err(e) = enter_ct(t) {
             return e;
         }
@@ -265,14 +242,89 @@ pub fn enter(host: &Host, ctid: Ctid) -> Result<i32> {
         let _ = nix::unistd::dup2_stdin(&slave);
         let _ = nix::unistd::dup2_stdout(&slave);
         let _ = nix::unistd::dup2_stderr(&slave);
-        drop(master);
         exec_argv(&shell, term.as_deref())
+    })?;
+    // The shell holds the slave now; once it (and its children) exit, reading the master
+    // returns EIO and the output pump ends.
+    drop(slave);
+    let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok();
+    if let Some(s) = &saved {
+        let mut raw = s.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        let _ =
+            nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw);
+    }
+    let to_pty = master.try_clone().map_err(|e| CtError::Io {
+        ctid,
+        op: "dup pty",
+        path: "ptmx".into(),
+        source: e,
+    })?;
+    // Detached: it blocks in read(stdin) until the user types or stdin closes; the process
+    // exits without waiting for it.
+    std::thread::spawn(move || {
+        let mut m = fs::File::from(to_pty);
+        let mut buf = [0u8; 4096];
+        let mut inp = std::io::stdin();
+        while let Ok(n) = inp.read(&mut buf) {
+            if n == 0 || m.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
     });
+    let out = std::thread::spawn(move || {
+        let mut m = fs::File::from(master);
+        let mut o = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 || o.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let _ = o.flush();
+        }
+    });
+    let code = wait_child(ctid, pid);
+    let _ = out.join();
     if let Some(s) = &saved {
         let _ = nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, s);
     }
-    let _ = out.join();
     code
+}
+
+/// A pty pair from the CT's own devpts instance (opened through /proc/<init>/root), with the
+/// peer opened by TIOCGPTPEER (Linux 4.13) so no path lookup in the CT's tree is trusted.
+fn ct_pty(ctid: Ctid, init_pid: i32) -> Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = std::path::PathBuf::from(format!("/proc/{init_pid}/root/dev/pts/ptmx"));
+    let master = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&p)
+        .map_err(super::io_err(ctid, "open the CT's pty multiplexer", &p))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: ioctls on the fd we just opened; TIOCSPTLCK reads an int we own.
+    let slave = unsafe {
+        libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock);
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY,
+        )
+    };
+    if slave < 0 {
+        return Err(CtError::Io {
+            ctid,
+            op: "open pty peer",
+            path: p,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh fd returned by the kernel.
+    Ok((OwnedFd::from(master), unsafe {
+        OwnedFd::from_raw_fd(slave)
+    }))
 }
 
 /// Sets the hostname of a running CT (its UTS namespace) without a restart.

@@ -125,8 +125,13 @@ pub(crate) fn edit_inittab(text: &str) -> (String, bool) {
         let t = line.trim_start();
         let fields: Vec<&str> = t.splitn(4, ':').collect();
         let active = !t.starts_with('#') && fields.len() == 4;
-        if active && fields[2] == "powerfail" {
+        if active && t == POWERFAIL_LINE {
             has_powerfail = true;
+        } else if active && fields[2].starts_with("power") {
+            // Debian ships `pf::powerwait:/etc/init.d/powerfail start`: the same id as ours
+            // (sysvinit then ignores the second "pf" line) and a script a CT does not have.
+            out.push_str("# disabled by berth (SIGPWR halts the CT): ");
+            changed = true;
         }
         if active
             && fields[2] == "respawn"

@@ -234,9 +234,16 @@ fn compression_is_sniffed() {
 
 #[test]
 fn inittab_gets_powerfail_and_loses_gettys() {
-    let debian = "id:2:initdefault:\nsi::sysinit:/etc/init.d/rcS\n1:2345:respawn:/sbin/getty --noclear 38400 tty1\n#pf::powerwait:/etc/init.d/powerfail start\n";
+    // Debian bookworm's sysvinit-core inittab has this `pf` powerwait entry active.
+    let debian = "id:2:initdefault:\nsi::sysinit:/etc/init.d/rcS\n1:2345:respawn:/sbin/getty --noclear 38400 tty1\npf::powerwait:/etc/init.d/powerfail start\n";
     let (out, changed) = build::edit_inittab(debian);
     assert!(changed);
+    assert!(out.contains("# disabled by berth (SIGPWR halts the CT): pf::powerwait:"));
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("pf:")).count(),
+        1,
+        "two pf ids: sysinit ignores the second: {out}"
+    );
     assert!(out.contains("# disabled by berth (no ttys in a CT): 1:2345:respawn:/sbin/getty"));
     assert!(out.lines().any(|l| l == build::POWERFAIL_LINE));
     // Idempotent: a second pass changes nothing.

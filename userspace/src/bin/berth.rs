@@ -604,9 +604,53 @@ const FIELDS: &[(&str, &str)] = &[
     ("drops", "packets dropped by anti-spoofing, all reasons"),
 ];
 
-fn field(f: &str, st: &container::Status, cfg: &CtConfig, stats: Option<&Stats>) -> Result<Value> {
+/// Per-CT traffic totals for `list -o traffic.*` (read once per listing).
+#[derive(Default, Clone, Copy)]
+struct Traffic {
+    in_bytes: u64,
+    out_bytes: u64,
+    in_packets: u64,
+    out_packets: u64,
+    drops: u64,
+}
+
+fn traffic_by_ct(bpffs: Option<&Path>) -> Result<std::collections::HashMap<u32, Traffic>> {
+    let dp = Datapath::open_or_load(bpffs.unwrap_or(Path::new(DEFAULT_PIN_DIR)))?;
+    let mut m: std::collections::HashMap<u32, Traffic> = Default::default();
+    for r in dp.counters()? {
+        let t = m.entry(r.ctid).or_default();
+        match r.dir {
+            Direction::In => {
+                t.in_bytes += r.bytes;
+                t.in_packets += r.packets;
+            }
+            Direction::Out => {
+                t.out_bytes += r.bytes;
+                t.out_packets += r.packets;
+            }
+        }
+    }
+    for d in dp.drops()? {
+        m.entry(d.ctid).or_default().drops += d.packets;
+    }
+    Ok(m)
+}
+
+fn field(
+    f: &str,
+    st: &container::Status,
+    cfg: &CtConfig,
+    stats: Option<&Stats>,
+    traffic: Option<Traffic>,
+) -> Result<Value> {
     let r = &cfg.resources;
+    let t = traffic.unwrap_or_default();
     Ok(match f {
+        "traffic.in" => json!(t.in_bytes),
+        "traffic.out" => json!(t.out_bytes),
+        "packets.in" => json!(t.in_packets),
+        "packets.out" => json!(t.out_packets),
+        "drops" => json!(t.drops),
         "ctid" => json!(st.ctid),
         "name" => json!(st.name),
         "hostname" => json!(st.hostname),
