@@ -418,3 +418,39 @@ fn debian_template_boots_its_own_init() {
     h.ok(&["destroy", "110"]);
     h.ok(&["template", "remove", "deb"]);
 }
+
+/// `enter` on a terminal: script(1) gives berth a pty; the shell gets a pty of the CT's own
+/// devpts, and its exit code comes back.
+#[test]
+fn enter_gives_an_interactive_shell_on_a_ct_pty() {
+    use std::io::Write;
+    let h = TestHost::new();
+    h.ok(&["create", "111", "--hostname", "enter111"]);
+    h.ok(&["start", "111"]);
+    let cmd = h.cmd(&["enter", "111"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"hostname; tty; exit 7\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "{text}");
+    assert!(text.contains("enter111"), "{text}");
+    assert!(
+        text.contains("/dev/pts/0"),
+        "not a pty of the CT's devpts: {text}"
+    );
+    h.ok(&["stop", "--fast", "111"]);
+    h.assert_clean();
+}

@@ -152,42 +152,54 @@ fn run_in_ct(ctid: Ctid, t: &mut Target, child: impl FnOnce(&mut Target) -> Stri
 }
 
 /// Forks a child that joins the CT and runs `child` (which execs, or returns an error text).
-/// Must be called while berth is single-threaded.
+/// Must be called while berth is single-threaded. setns(CLONE_NEWPID) only affects children
+/// and forbids creating threads afterwards, so an intermediate process does it: it forks the
+/// CT command and exits with its status; berth itself never changes namespace.
 fn spawn_in_ct(
     ctid: Ctid,
     t: &mut Target,
     child: impl FnOnce(&mut Target) -> String,
 ) -> Result<nix::unistd::Pid> {
-    // setns(pid) only moves future children; berth itself stays where it is. It also makes
-    // thread creation fail (EINVAL) until undone, so the parent switches back after the fork.
-    let own = fs::File::open("/proc/self/ns/pid")
-        .map_err(super::io_err(ctid, "open", Path::new("/proc/self/ns/pid")))?;
-    if let Some((_, fd)) = t.ns.iter().find(|(f, _)| *f == CloneFlags::CLONE_NEWPID) {
-        setns(fd.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|errno| CtError::Sys {
-            ctid,
-            op: "join pid namespace",
-            errno,
-        })?;
-    }
     // SAFETY: single-threaded at this point; the child execs or _exits.
-    let forked = unsafe { fork() };
-    setns(own.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|errno| CtError::Sys {
-        ctid,
-        op: "return to berth's pid namespace",
-        errno,
-    })?;
-    match forked.map_err(|errno| CtError::Sys {
+    match unsafe { fork() }.map_err(|errno| CtError::Sys {
         ctid,
         op: "fork",
         errno,
     })? {
-        ForkResult::Child => {
-            let msg = child(t);
-            let _ = writeln!(std::io::stderr(), "berth: CT {ctid}: {msg}");
-            // SAFETY: leave the forked child without running the parent's destructors.
-            unsafe { libc::_exit(127) }
-        }
         ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            let code = (|| -> std::result::Result<i32, String> {
+                if let Some((_, fd)) = t.ns.iter().find(|(f, _)| *f == CloneFlags::CLONE_NEWPID) {
+                    setns(fd.as_fd(), CloneFlags::CLONE_NEWPID)
+                        .map_err(|e| format!("join pid namespace: {e}"))?;
+                }
+                // SAFETY: this intermediate process is single-threaded.
+                match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+                    ForkResult::Child => {
+                        let msg = child(t);
+                        let _ = writeln!(std::io::stderr(), "berth: CT {ctid}: {msg}");
+                        // SAFETY: leave the forked child without running the parent's destructors.
+                        unsafe { libc::_exit(127) }
+                    }
+                    ForkResult::Parent { child } => {
+                        // Signals for the command reach it directly (same process group).
+                        let _ = unsafe {
+                            nix::sys::signal::signal(
+                                nix::sys::signal::SIGINT,
+                                nix::sys::signal::SigHandler::SigIgn,
+                            )
+                        };
+                        wait_child(ctid, child).map_err(|e| e.to_string())
+                    }
+                }
+            })();
+            let code = code.unwrap_or_else(|msg| {
+                let _ = writeln!(std::io::stderr(), "berth: CT {ctid}: {msg}");
+                127
+            });
+            // SAFETY: leave the forked intermediate without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
     }
 }
 
