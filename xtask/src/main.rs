@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_shaper;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
