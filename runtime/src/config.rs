@@ -256,6 +256,10 @@ pub struct CtConfig {
     /// neighbour_devs, arp_probe, gratuitous_arp (see the README).
     #[serde(default)]
     pub net: crate::net::NetConfig,
+    /// Traffic shaping (`rate_in`, `rate_out`, `burst`, `[[shaping.class]]`, `pps_in`,
+    /// `pps_out`): interpreted by the shaper in the `berth` crate, kept verbatim here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<toml::Table>,
 }
 
 fn default_init() -> String {
@@ -282,6 +286,7 @@ impl CtConfig {
             userns: None,
             resources: ResourceConfig::default(),
             net: crate::net::NetConfig::default(),
+            shaping: None,
         }
     }
 

@@ -147,6 +147,55 @@ fn routed_cts_via_cli() {
     let conf = std::fs::read_to_string(h.root.join("conf/202.toml")).unwrap();
     assert!(!conf.contains("192.0.2.212"));
 
+    // shaping through the CLI: live on the running CT, bad values change nothing
+    let err = h.fails(&["set", "202", "--rate-in", "0", "--save"]);
+    assert!(err.contains("--rate-in"), "{err}");
+    let err = h.fails(&[
+        "set",
+        "202",
+        "--rate-in",
+        "10mbit",
+        "--burst",
+        "100b",
+        "--save",
+    ]);
+    assert!(err.contains("--burst"), "{err}");
+    let qd = |dev: &str| {
+        String::from_utf8_lossy(&topo.host.run("tc", &["qdisc", "show", "dev", dev]).stdout)
+            .into_owned()
+    };
+    assert!(!qd("venet202").contains("htb"), "shaped before any --rate");
+    h.ok(&[
+        "set",
+        "202",
+        "--rate-in",
+        "10mbit",
+        "--rate-out",
+        "20mbit",
+        "--save",
+    ]);
+    assert!(
+        qd("venet202").contains("htb"),
+        "no HTB on venet202: {}",
+        qd("venet202")
+    );
+    let sh = h.json(&["shaper", "status", "202"]);
+    assert_eq!(sh["backend"]["backend"], "htb", "{sh}");
+    assert!(sh["configured"]["rate_in"].is_string(), "{sh}");
+    assert!(sh["live"].is_object(), "{sh}");
+    assert!(ping_from(&h, "202", UPLINK4), "shaped CT lost connectivity");
+    h.ok(&[
+        "set",
+        "202",
+        "--rate-in",
+        "none",
+        "--rate-out",
+        "none",
+        "--save",
+    ]);
+    assert!(!qd("venet202").contains("htb"), "HTB left after removal");
+    h.ok(&["set", "202", "--rate-in", "5mbit", "--save"]);
+
     // resolv.conf and hostname files
     h.ok(&[
         "set",

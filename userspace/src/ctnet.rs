@@ -11,12 +11,28 @@ use berth_runtime::net::{Mode, NetState};
 use tracing::{debug, warn};
 
 use crate::datapath::{DEFAULT_PIN_DIR, Datapath, IfaceConfig};
+use crate::shaper::{Shaper, ShapingConfig};
 
 /// Opens (or loads and pins) the datapath on first use only, so commands that touch no network
-/// pay nothing.
+/// pay nothing. With `shaping` set, every interface the CT gets is shaped too.
 pub struct DatapathHooks {
     pin_dir: PathBuf,
     dp: Option<Datapath>,
+    shaper: Option<Shaper>,
+    /// The CT's shaping settings, set by the caller before the lifecycle call.
+    pub shaping: Option<ShapingConfig>,
+}
+
+/// The shaping table of a CT config, parsed (errors name the config key).
+pub fn shaping_of(table: Option<&toml::Table>) -> Result<Option<ShapingConfig>, String> {
+    match table {
+        None => Ok(None),
+        Some(t) => t
+            .clone()
+            .try_into::<ShapingConfig>()
+            .map(|c| (!c.is_empty()).then_some(c))
+            .map_err(|e| format!("[shaping] in the CT config: {e}")),
+    }
 }
 
 impl DatapathHooks {
@@ -24,7 +40,43 @@ impl DatapathHooks {
         Self {
             pin_dir: pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
             dp: None,
+            shaper: None,
+            shaping: None,
         }
+    }
+
+    /// The shaper, opened on first use (its pins live under the datapath's directory).
+    pub fn shaper(&mut self) -> Result<&mut Shaper, String> {
+        if self.shaper.is_none() {
+            let s = Shaper::open(&self.pin_dir)
+                .map_err(|e| format!("shaper at {}: {e}", self.pin_dir.display()))?;
+            self.shaper = Some(s);
+        }
+        Ok(self.shaper.as_mut().expect("just set"))
+    }
+
+    /// Applies `cfg` (None: no shaping) to every host-side interface in `net`, live.
+    pub fn apply_shaping(
+        &mut self,
+        ctid: Ctid,
+        net: &NetState,
+        cfg: Option<&ShapingConfig>,
+    ) -> Result<(), String> {
+        if cfg.is_none() && self.shaper.is_none() && !self.pin_dir.join("shaper").exists() {
+            return Ok(());
+        }
+        let sh = self.shaper()?;
+        for i in &net.ifaces {
+            match cfg {
+                Some(c) => sh
+                    .apply(ctid.get(), i.host_ifindex, c)
+                    .map_err(|e| format!("shape {}: {e}", i.host_ifname))?,
+                None => sh
+                    .remove(ctid.get(), i.host_ifindex)
+                    .map_err(|e| format!("unshape {}: {e}", i.host_ifname))?,
+            }
+        }
+        Ok(())
     }
 
     fn dp(&mut self) -> Result<&mut Datapath, String> {
@@ -54,6 +106,9 @@ impl NetHooks for DatapathHooks {
         let addrs: Vec<IpAddr> = addrs.into_iter().collect();
         dp.set_ct_addrs(ctid.get(), &addrs)
             .map_err(|e| format!("load CT {ctid}'s addresses into the datapath: {e}"))?;
+        if let Some(cfg) = self.shaping.clone() {
+            self.apply_shaping(ctid, net, Some(&cfg))?;
+        }
         debug!(%ctid, ifaces = net.ifaces.len(), "datapath attached");
         Ok(())
     }
@@ -70,6 +125,18 @@ impl NetHooks for DatapathHooks {
             // The interface may already be gone with the CT's netns; detach drops our pins.
             if let Err(e) = dp.detach(i.host_ifindex) {
                 debug!(%ctid, ifname = %i.host_ifname, error = %e, "datapath detach");
+            }
+        }
+        if self.shaper.is_some() || self.pin_dir.join("shaper").exists() {
+            match self.shaper() {
+                Ok(sh) => {
+                    for i in &net.ifaces {
+                        if let Err(e) = sh.remove(ctid.get(), i.host_ifindex) {
+                            debug!(%ctid, ifname = %i.host_ifname, error = %e, "shaper remove");
+                        }
+                    }
+                }
+                Err(e) => warn!(%ctid, error = %e, "shaper remove"),
             }
         }
     }

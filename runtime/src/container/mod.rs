@@ -171,6 +171,9 @@ pub struct SetOpts {
     pub nameservers: Vec<std::net::IpAddr>,
     /// `--searchdomain` (replaces the list when given).
     pub searchdomains: Vec<String>,
+    /// The CT's new shaping table (validated by the caller), stored with `save`; `Some(empty)`
+    /// removes it. Applying it to a running CT is the caller's (the shaper's) job.
+    pub shaping: Option<toml::Table>,
 }
 
 impl SetOpts {
@@ -1444,6 +1447,9 @@ pub fn set(
         cfg.resources = merged;
         if let Some(n) = newnet {
             cfg.net = n;
+        }
+        if let Some(t) = &opts.shaping {
+            cfg.shaping = (!t.is_empty()).then(|| t.clone());
         }
         cfg.save(host)?;
     }

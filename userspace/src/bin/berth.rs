@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use berth::ctnet::DatapathHooks;
+use berth::ctnet::{DatapathHooks, shaping_of};
 use berth::datapath::{DEFAULT_PIN_DIR, Datapath, Direction, Family, parse_networks_classes};
 use berth::netstat::{Baseline, Filter, aggregate};
+use berth::shaper::{ClassRate, DEFAULT_MTU, ShapingConfig, parse_optional_rate};
 use berth_runtime::cgroups::Stats;
 use berth_runtime::config::{CtConfig, Host, ResourceConfig};
 use berth_runtime::container::{self, CreateOpts, SetOpts, State};
@@ -153,6 +154,15 @@ enum Cmd {
     /// Network classes (OpenVZ networks_classes: `CLASS CIDR` per line).
     #[command(subcommand)]
     Netclass(NetclassCmd),
+    /// Traffic shaping.
+    #[command(subcommand)]
+    Shaper(ShaperCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ShaperCmd {
+    /// Which backend shapes on this host and why; with a CT, its rates, drops and overlimits.
+    Status { ct: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +222,24 @@ struct SetArgs {
     /// Search domain for the CT's resolv.conf; repeatable (replaces the list).
     #[arg(long = "searchdomain", value_name = "DOMAIN")]
     searchdomain: Vec<String>,
+    /// Rate of traffic to the CT (tc units: kbit, mbit, gbit, bps, ...; `none` removes it).
+    #[arg(long = "rate-in", value_name = "RATE")]
+    rate_in: Option<String>,
+    /// Rate of traffic from the CT.
+    #[arg(long = "rate-out", value_name = "RATE")]
+    rate_out: Option<String>,
+    /// HTB burst of every class (at least one frame).
+    #[arg(long = "burst", value_name = "SIZE")]
+    burst: Option<String>,
+    /// Per-network-class rates CLASS:IN:OUT (e.g. 1:100mbit:none); repeatable.
+    #[arg(long = "class-rate", value_name = "CLASS:IN:OUT")]
+    class_rate: Vec<String>,
+    /// Packet-rate limit of traffic to the CT, packets/s (`none` removes it).
+    #[arg(long = "pps-in", value_name = "N")]
+    pps_in: Option<String>,
+    /// Packet-rate limit of traffic from the CT.
+    #[arg(long = "pps-out", value_name = "N")]
+    pps_out: Option<String>,
     /// Persist in the CT's config.
     #[arg(long)]
     save: bool,
@@ -331,6 +359,8 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Start { ct } => {
             let ctid = resolve(&ct)?;
+            hooks.shaping = shaping_of(CtConfig::load(&host, ctid)?.shaping.as_ref())
+                .map_err(anyhow::Error::msg)?;
             let st = container::start(&host, ctid, &mut hooks)?;
             print(json, json!({"ctid": ctid, "init_pid": st.init_pid}), || {
                 println!("CT {ctid} started (init PID {})", st.init_pid)
@@ -345,6 +375,8 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Restart { ct } => {
             let ctid = resolve(&ct)?;
+            hooks.shaping = shaping_of(CtConfig::load(&host, ctid)?.shaping.as_ref())
+                .map_err(anyhow::Error::msg)?;
             let st = container::restart(&host, ctid, &mut hooks)?;
             print(json, json!({"ctid": ctid, "init_pid": st.init_pid}), || {
                 println!("CT {ctid} restarted (init PID {})", st.init_pid)
@@ -435,7 +467,12 @@ fn run(cli: Cli) -> Result<u8> {
                 .netif_del
                 .as_ref()
                 .map(|n| if n == "all" { None } else { Some(n.clone()) });
+            let shaping = shaping_change(&host, ctid, &a)?;
             let opts = SetOpts {
+                shaping: shaping
+                    .as_ref()
+                    .map(|c| toml::Table::try_from(c.clone().unwrap_or_default()))
+                    .transpose()?,
                 ipadd: a.ipadd,
                 ipdel,
                 netif_add,
@@ -456,6 +493,14 @@ fn run(cli: Cli) -> Result<u8> {
                 },
             };
             container::set(&host, ctid, &opts, a.save, &mut hooks)?;
+            if let Some(new) = &shaping {
+                let st = container::status(&host, ctid)?;
+                if matches!(st.state, State::Running | State::Suspended) {
+                    hooks
+                        .apply_shaping(ctid, &st.net, new.as_ref())
+                        .map_err(anyhow::Error::msg)?;
+                }
+            }
             print(json, json!({"ctid": ctid, "saved": a.save}), || {
                 println!(
                     "CT {ctid} updated{}",
@@ -526,6 +571,27 @@ fn run(cli: Cli) -> Result<u8> {
                 }
             });
         }
+        Cmd::Shaper(ShaperCmd::Status { ct }) => {
+            let backend = berth::shaper::backend_status();
+            let mut v = json!({ "backend": backend });
+            if let Some(ct) = ct {
+                let ctid = resolve(&ct)?;
+                let cfg = CtConfig::load(&host, ctid)?;
+                v["ctid"] = json!(ctid);
+                v["configured"] =
+                    json!(shaping_of(cfg.shaping.as_ref()).map_err(anyhow::Error::msg)?);
+                if container::running(&host, ctid).is_some() {
+                    let live = hooks
+                        .shaper()
+                        .map_err(anyhow::Error::msg)?
+                        .status(ctid.get())?;
+                    v["live"] = serde_json::to_value(&live)?;
+                }
+            }
+            print(json, v.clone(), || {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
+        }
         Cmd::Netclass(c) => {
             let mut dp =
                 Datapath::open_or_load(cli.bpffs.as_deref().unwrap_or(Path::new(DEFAULT_PIN_DIR)))?;
@@ -573,6 +639,48 @@ fn run(cli: Cli) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// The CT's shaping after `set`'s shaping flags (None: no shaping flag given), validated
+/// before anything changes. `Some(None)` removes all shaping.
+fn shaping_change(host: &Host, ctid: Ctid, a: &SetArgs) -> Result<Option<Option<ShapingConfig>>> {
+    if a.rate_in.is_none()
+        && a.rate_out.is_none()
+        && a.burst.is_none()
+        && a.class_rate.is_empty()
+        && a.pps_in.is_none()
+        && a.pps_out.is_none()
+    {
+        return Ok(None);
+    }
+    let cfg = CtConfig::load(host, ctid)?;
+    let mut sc = shaping_of(cfg.shaping.as_ref())
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
+    if let Some(r) = &a.rate_in {
+        sc.rate_in = parse_optional_rate("--rate-in", r)?;
+    }
+    if let Some(r) = &a.rate_out {
+        sc.rate_out = parse_optional_rate("--rate-out", r)?;
+    }
+    if let Some(b) = &a.burst {
+        sc.burst = if b.trim().eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(berth::shaper::Size::parse("--burst", b)?)
+        };
+    }
+    for c in &a.class_rate {
+        sc.set_class(ClassRate::parse(c)?);
+    }
+    if let Some(p) = &a.pps_in {
+        sc.pps_in = ShapingConfig::parse_pps("--pps-in", p)?;
+    }
+    if let Some(p) = &a.pps_out {
+        sc.pps_out = ShapingConfig::parse_pps("--pps-out", p)?;
+    }
+    sc.validate(DEFAULT_MTU)?;
+    Ok(Some((!sc.is_empty()).then_some(sc)))
 }
 
 const FIELDS: &[(&str, &str)] = &[
