@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, Result};
 use berth::{
     datapath::DEFAULT_PIN_DIR,
-    metrics::{self, BerthCollector, DEFAULT_LISTEN, Format, Sources},
+    metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, expose},
 };
 use berth_runtime::config::Host;
 use clap::Parser;
@@ -31,7 +31,6 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::Registry;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::Mutex};
 use tracing::{debug, info, warn};
 
@@ -64,7 +63,7 @@ struct Args {
 }
 
 struct Server {
-    registry: Registry,
+    collector: BerthCollector,
     /// One collection at a time: concurrent scrapes would only multiply the same reads and
     /// the memory they hold.
     scrape: Mutex<()>,
@@ -85,23 +84,17 @@ impl Server {
         let t0 = Instant::now();
         let me = self.clone();
         // The reads are blocking file and bpf(2) calls.
-        let res =
-            tokio::task::spawn_blocking(move || metrics::encode(&me.registry.gather(), format))
-                .await;
+        let res = tokio::task::spawn_blocking(move || {
+            expose::render(&me.collector.reader().read(), format)
+        })
+        .await;
         match res {
-            Ok(Ok(body)) => {
+            Ok(body) => {
                 debug!(bytes = body.len(), elapsed = ?t0.elapsed(), ?format, "scrape served");
                 Response::builder()
                     .header(header::CONTENT_TYPE, format.content_type())
                     .body(Full::new(Bytes::from(body)))
                     .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, "encoding metrics");
-                text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding metrics failed\n",
-                )
             }
             Err(e) => {
                 warn!(error = %e, "collector task failed");
@@ -142,15 +135,11 @@ async fn serve(args: Args) -> Result<()> {
     if !host.root.exists() {
         warn!(root = %host.root.display(), "state directory does not exist (yet): no CTs to export");
     }
-    let registry = Registry::new();
-    registry
-        .register(Box::new(BerthCollector::new(Sources {
+    let server = Arc::new(Server {
+        collector: BerthCollector::new(Sources {
             host: host.clone(),
             pin_dir: args.bpffs.clone(),
-        })))
-        .context("registering the collector")?;
-    let server = Arc::new(Server {
-        registry,
+        }),
         scrape: Mutex::new(()),
     });
 

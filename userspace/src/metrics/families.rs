@@ -33,11 +33,26 @@ const STATES: [State; 4] = [
     State::Stopped,
 ];
 
-fn pair(name: &str, value: &str) -> LabelPair {
-    let mut p = LabelPair::default();
-    p.set_name(name.to_owned());
-    p.set_value(value.to_owned());
-    p
+/// A sample value: counters of the kernel are integers (exact in the text), durations not.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+impl Value {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Value::Int(v) => v as f64,
+            Value::Float(v) => v,
+        }
+    }
+}
+
+/// Where [`emit`] sends samples: the `prometheus` crate's model ([`families`]) or the
+/// direct text writer ([`super::expose`]).
+pub trait Sink {
+    fn sample(&mut self, def: &'static MetricDef, labels: &[(&str, &str)], value: Value);
 }
 
 /// Families being filled, by name.
@@ -45,8 +60,8 @@ struct Out {
     fams: BTreeMap<&'static str, MetricFamily>,
 }
 
-impl Out {
-    fn push(&mut self, def: &MetricDef, labels: Vec<LabelPair>, value: f64) {
+impl Sink for Out {
+    fn sample(&mut self, def: &'static MetricDef, labels: &[(&str, &str)], value: Value) {
         let fam = self.fams.entry(def.name).or_insert_with(|| {
             let mut f = MetricFamily::default();
             f.set_name(def.name.to_owned());
@@ -54,16 +69,16 @@ impl Out {
             f.set_field_type(def.kind.proto());
             f
         });
-        let mut m = Metric::from_label(labels);
+        let mut m = Metric::from_label(labels.iter().map(|(k, v)| pair(k, v)).collect());
         match def.kind {
             defs::Kind::Counter => {
                 let mut c = Counter::default();
-                c.set_value(value);
+                c.set_value(value.as_f64());
                 m.set_counter(c);
             }
             defs::Kind::Gauge => {
                 let mut g = Gauge::default();
-                g.set_value(value);
+                g.set_value(value.as_f64());
                 m.set_gauge(g);
             }
         }
@@ -71,57 +86,68 @@ impl Out {
     }
 }
 
+fn pair(name: &str, value: &str) -> LabelPair {
+    let mut p = LabelPair::default();
+    p.set_name(name.to_owned());
+    p.set_value(value.to_owned());
+    p
+}
+
 /// `ctid` plus `name` when the CT has one: the labels of cAdvisor-compatible families.
-fn ct_labels(ct: &CtSnapshot, ctid: &str) -> Vec<LabelPair> {
-    let mut v = Vec::with_capacity(2);
-    v.push(pair("ctid", ctid));
-    if let Some(n) = ct.meta.name.as_deref() {
-        v.push(pair("name", n));
+fn with_ct<'a>(ct: &'a CtSnapshot, ctid: &'a str) -> ([(&'static str, &'a str); 2], usize) {
+    match ct.meta.name.as_deref() {
+        Some(n) => ([("ctid", ctid), ("name", n)], 2),
+        None => ([("ctid", ctid), ("name", "")], 1),
     }
-    v
 }
 
 const NS: f64 = 1e-9;
 
-fn push_cgroup(out: &mut Out, ct: &CtSnapshot, ctid: &str) {
+fn emit_cgroup(out: &mut impl Sink, ct: &CtSnapshot, ctid: &str) {
     let Some(cg) = &ct.cgroup else { return };
     let s = &cg.stats;
-    let mut put = |def: &MetricDef, v: f64| out.push(def, ct_labels(ct, ctid), v);
-    put(&defs::CPU_USAGE, s.cpu_usage_ns as f64 * NS);
-    put(&defs::CPU_USER, s.cpu_user_ns as f64 * NS);
-    put(&defs::CPU_SYSTEM, s.cpu_system_ns as f64 * NS);
-    put(&defs::CFS_PERIODS, s.nr_periods as f64);
-    put(&defs::CFS_THROTTLED_PERIODS, s.nr_throttled as f64);
-    put(&defs::CFS_THROTTLED_SECONDS, s.throttled_ns as f64 * NS);
+    let (arr, n) = with_ct(ct, ctid);
+    let l = &arr[..n];
+    let mut put = |def: &'static MetricDef, v: Value| out.sample(def, l, v);
+    use Value::{Float, Int};
+    put(&defs::CPU_USAGE, Float(s.cpu_usage_ns as f64 * NS));
+    put(&defs::CPU_USER, Float(s.cpu_user_ns as f64 * NS));
+    put(&defs::CPU_SYSTEM, Float(s.cpu_system_ns as f64 * NS));
+    put(&defs::CFS_PERIODS, Int(s.nr_periods));
+    put(&defs::CFS_THROTTLED_PERIODS, Int(s.nr_throttled));
+    put(
+        &defs::CFS_THROTTLED_SECONDS,
+        Float(s.throttled_ns as f64 * NS),
+    );
     if let Some(q) = s.cpu_quota_us {
-        put(&defs::SPEC_CPU_QUOTA, q as f64);
-        put(&defs::SPEC_CPU_PERIOD, s.cpu_period_us as f64);
+        put(&defs::SPEC_CPU_QUOTA, Int(q.max(0) as u64));
+        put(&defs::SPEC_CPU_PERIOD, Int(s.cpu_period_us));
     }
-    put(&defs::MEM_USAGE, s.memory_usage as f64);
-    put(&defs::MEM_WORKING_SET, s.memory_working_set as f64);
-    put(&defs::MEM_CACHE, s.memory_cache as f64);
-    put(&defs::MEM_RSS, s.memory_rss as f64);
-    put(&defs::MEM_SWAP, s.swap_usage as f64);
-    if let Some(l) = s.memory_limit {
-        put(&defs::SPEC_MEM_LIMIT, l as f64);
+    put(&defs::MEM_USAGE, Int(s.memory_usage));
+    put(&defs::MEM_WORKING_SET, Int(s.memory_working_set));
+    put(&defs::MEM_CACHE, Int(s.memory_cache));
+    put(&defs::MEM_RSS, Int(s.memory_rss));
+    put(&defs::MEM_SWAP, Int(s.swap_usage));
+    if let Some(v) = s.memory_limit {
+        put(&defs::SPEC_MEM_LIMIT, Int(v));
     }
-    if let Some(l) = s.swap_limit {
-        put(&defs::SPEC_SWAP_LIMIT, l as f64);
+    if let Some(v) = s.swap_limit {
+        put(&defs::SPEC_SWAP_LIMIT, Int(v));
     }
-    put(&defs::MEM_FAILCNT, s.memory_failcnt as f64);
-    put(&defs::OOM_EVENTS, s.oom_kills as f64);
-    put(&defs::PROCESSES, cg.processes as f64);
-    put(&defs::THREADS, s.numproc as f64);
-    if let Some(l) = s.numproc_limit {
-        put(&defs::THREADS_MAX, l as f64);
+    put(&defs::MEM_FAILCNT, Int(s.memory_failcnt));
+    put(&defs::OOM_EVENTS, Int(s.oom_kills));
+    put(&defs::PROCESSES, Int(cg.processes));
+    put(&defs::THREADS, Int(s.numproc));
+    if let Some(v) = s.numproc_limit {
+        put(&defs::THREADS_MAX, Int(v));
     }
-    put(&defs::NUMPROC_FAILURES, s.numproc_failcnt as f64);
-    put(&defs::FS_READ_BYTES, s.blkio_read_bytes as f64);
-    put(&defs::FS_WRITE_BYTES, s.blkio_write_bytes as f64);
-    put(&defs::FS_READS, s.blkio_read_ios as f64);
-    put(&defs::FS_WRITES, s.blkio_write_ios as f64);
+    put(&defs::NUMPROC_FAILURES, Int(s.numproc_failcnt));
+    put(&defs::FS_READ_BYTES, Int(s.blkio_read_bytes));
+    put(&defs::FS_WRITE_BYTES, Int(s.blkio_write_bytes));
+    put(&defs::FS_READS, Int(s.blkio_read_ios));
+    put(&defs::FS_WRITES, Int(s.blkio_write_ios));
     if let Some(t) = ct.started_at {
-        put(&defs::START_TIME, t as f64);
+        put(&defs::START_TIME, Int(t));
     }
 }
 
@@ -136,49 +162,64 @@ struct NetSums {
     tx_dropped: u64,
 }
 
-/// Every family with at least one series, sorted by name.
-pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {
-    let mut out = Out {
-        fams: BTreeMap::new(),
-    };
-    let mut ctid_strs: BTreeMap<u32, String> = BTreeMap::new();
+/// Class numbers as label values without allocating (classes are < 256).
+fn class_str(c: u8, buf: &mut [u8; 3]) -> &str {
+    let mut n = 0;
+    if c >= 100 {
+        buf[n] = b'0' + c / 100;
+        n += 1;
+    }
+    if c >= 10 {
+        buf[n] = b'0' + (c / 10) % 10;
+        n += 1;
+    }
+    buf[n] = b'0' + c % 10;
+    n += 1;
+    std::str::from_utf8(&buf[..n]).unwrap_or("0")
+}
+
+/// Sends every sample of `snap` to `out`.
+pub fn emit(snap: &Snapshot, out: &mut impl Sink) {
+    let ctid_strs: BTreeMap<u32, String> = snap
+        .cts
+        .iter()
+        .map(|ct| (ct.ctid, ct.ctid.to_string()))
+        .collect();
     for ct in &snap.cts {
-        let ctid = ct.ctid.to_string();
+        let ctid = ctid_strs[&ct.ctid].as_str();
         let m = &ct.meta;
-        out.push(
+        out.sample(
             &defs::INFO,
-            vec![
-                pair("ctid", &ctid),
-                pair("name", m.name.as_deref().unwrap_or("")),
-                pair("hostname", m.hostname.as_deref().unwrap_or("")),
-                pair("template", &m.template),
+            &[
+                ("ctid", ctid),
+                ("name", m.name.as_deref().unwrap_or("")),
+                ("hostname", m.hostname.as_deref().unwrap_or("")),
+                ("template", &m.template),
             ],
-            1.0,
+            Value::Int(1),
         );
         for s in STATES {
-            out.push(
+            out.sample(
                 &defs::STATE,
-                vec![pair("ctid", &ctid), pair("state", state_label(s))],
-                if s == ct.state { 1.0 } else { 0.0 },
+                &[("ctid", ctid), ("state", state_label(s))],
+                Value::Int(u64::from(s == ct.state)),
             );
         }
-        push_cgroup(&mut out, ct, &ctid);
-        ctid_strs.insert(ct.ctid, ctid);
+        emit_cgroup(out, ct, ctid);
     }
 
     if let Some(net) = &snap.network {
         let mut sums: BTreeMap<u32, NetSums> = BTreeMap::new();
+        let mut cbuf = [0u8; 3];
         for r in &net.counters {
             let Some(ctid) = ctid_strs.get(&r.ctid) else {
                 continue;
             };
-            let labels = || {
-                vec![
-                    pair("ctid", ctid),
-                    pair("class", &r.class.to_string()),
-                    pair("family", r.family.as_str()),
-                ]
-            };
+            let labels = [
+                ("ctid", ctid.as_str()),
+                ("class", class_str(r.class, &mut cbuf)),
+                ("family", r.family.as_str()),
+            ];
             let s = sums.entry(r.ctid).or_default();
             let (bytes_def, packets_def) = match r.dir {
                 Direction::In => {
@@ -192,22 +233,20 @@ pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {
                     (&defs::NET_TX_BYTES, &defs::NET_TX_PACKETS)
                 }
             };
-            out.push(bytes_def, labels(), r.bytes as f64);
-            out.push(packets_def, labels(), r.packets as f64);
+            out.sample(bytes_def, &labels, Value::Int(r.bytes));
+            out.sample(packets_def, &labels, Value::Int(r.packets));
         }
         for r in &net.drops {
             let Some(ctid) = ctid_strs.get(&r.ctid) else {
                 continue;
             };
-            let labels = || {
-                vec![
-                    pair("ctid", ctid),
-                    pair("direction", direction_label(r.dir)),
-                    pair("reason", r.reason.as_str()),
-                ]
-            };
-            out.push(&defs::NET_DROPS, labels(), r.packets as f64);
-            out.push(&defs::NET_DROP_BYTES, labels(), r.bytes as f64);
+            let labels = [
+                ("ctid", ctid.as_str()),
+                ("direction", direction_label(r.dir)),
+                ("reason", r.reason.as_str()),
+            ];
+            out.sample(&defs::NET_DROPS, &labels, Value::Int(r.packets));
+            out.sample(&defs::NET_DROP_BYTES, &labels, Value::Int(r.bytes));
             let s = sums.entry(r.ctid).or_default();
             match r.dir {
                 Direction::In => s.rx_dropped += r.packets,
@@ -218,7 +257,7 @@ pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {
             let Some(s) = sums.get(&ct.ctid) else {
                 continue;
             };
-            let ctid = &ctid_strs[&ct.ctid];
+            let (arr, n) = with_ct(ct, &ctid_strs[&ct.ctid]);
             for (def, v) in [
                 (&defs::C_NET_RX_BYTES, s.rx_bytes),
                 (&defs::C_NET_TX_BYTES, s.tx_bytes),
@@ -227,7 +266,7 @@ pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {
                 (&defs::C_NET_RX_DROPPED, s.rx_dropped),
                 (&defs::C_NET_TX_DROPPED, s.tx_dropped),
             ] {
-                out.push(def, ct_labels(ct, ctid), v as f64);
+                out.sample(def, &arr[..n], Value::Int(v));
             }
         }
     }
@@ -237,18 +276,30 @@ pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {
         ("cgroups", snap.sources.cgroups),
         ("datapath", snap.sources.datapath),
     ] {
-        out.push(
+        out.sample(
             &defs::SOURCE_UP,
-            vec![pair("source", source)],
-            if up { 1.0 } else { 0.0 },
+            &[("source", source)],
+            Value::Int(u64::from(up)),
         );
     }
-    out.push(&defs::COLLECT_SECONDS, Vec::new(), snap.collect_seconds);
+    out.sample(
+        &defs::COLLECT_SECONDS,
+        &[],
+        Value::Float(snap.collect_seconds),
+    );
+}
+
+/// Every family with at least one series, sorted by name, in the `prometheus` crate's model.
+pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {
+    let mut out = Out {
+        fams: BTreeMap::new(),
+    };
+    emit(snap, &mut out);
     out.fams.into_values().collect()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use berth_runtime::cgroups::Stats;
@@ -276,7 +327,7 @@ mod tests {
             })
     }
 
-    fn sample() -> Snapshot {
+    pub(crate) fn sample() -> Snapshot {
         let running = CtSnapshot {
             ctid: 101,
             meta: Arc::new(CtMeta {
@@ -467,5 +518,84 @@ mod tests {
             value(&f, "berth_exporter_source_up", &[("source", "datapath")]),
             Some(0.0)
         );
+    }
+}
+
+#[cfg(test)]
+mod perf {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use berth_runtime::cgroups::Stats;
+
+    use super::*;
+    use crate::datapath::{CounterRow, Family};
+    use crate::metrics::snapshot::{CgroupSnapshot, CtMeta, NetworkSnapshot, SourceStatus};
+
+    #[test]
+    #[ignore = "timing"]
+    fn encode_1000() {
+        let mut cts = Vec::new();
+        let mut counters = Vec::new();
+        for c in 1..=1000u32 {
+            cts.push(CtSnapshot {
+                ctid: 10000 + c,
+                meta: Arc::new(CtMeta {
+                    name: Some(format!("ct{c}")),
+                    hostname: Some("h".into()),
+                    template: "b".into(),
+                }),
+                state: State::Running,
+                started_at: Some(1),
+                cgroup: Some(CgroupSnapshot {
+                    stats: Stats {
+                        memory_limit: Some(1),
+                        numproc_limit: Some(1),
+                        cpu_quota_us: Some(1),
+                        ..Stats::default()
+                    },
+                    processes: 1,
+                }),
+            });
+            for (dir, fam) in [
+                (Direction::In, Family::V4),
+                (Direction::Out, Family::V4),
+                (Direction::In, Family::V6),
+                (Direction::Out, Family::V6),
+            ] {
+                counters.push(CounterRow {
+                    ctid: 10000 + c,
+                    dir,
+                    class: 0,
+                    family: fam,
+                    bytes: 1234567,
+                    packets: 1234,
+                });
+            }
+        }
+        let snap = Snapshot {
+            cts,
+            network: Some(NetworkSnapshot {
+                counters,
+                drops: vec![],
+            }),
+            sources: SourceStatus::default(),
+            collect_seconds: 0.0,
+        };
+        for _ in 0..3 {
+            let t = Instant::now();
+            let f = crate::metrics::expose::render(&snap, crate::metrics::Format::Text);
+            let t1 = t.elapsed();
+            let text = f.clone();
+            let t2 = t.elapsed();
+            drop(f);
+            let t3 = t.elapsed();
+            eprintln!(
+                "families {t1:?} encode {:?} drop {:?} bytes {}",
+                t2 - t1,
+                t3 - t2,
+                text.len()
+            );
+        }
     }
 }

@@ -27,6 +27,7 @@
 //! CTIDs, names, class numbers and fixed enums, never addresses or PIDs.
 
 pub mod defs;
+pub mod expose;
 pub mod families;
 pub mod openmetrics;
 pub mod snapshot;
