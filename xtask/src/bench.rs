@@ -23,6 +23,8 @@ pub enum BenchCmd {
     /// eBPF datapath: per-packet cost under iperf3 load (bpf_stats) and single-stream
     /// throughput with vs without the programs.
     Datapath(crate::bench_datapath::DatapathArgs),
+    /// berthd /metrics with 1000 synthetic CTs: p50/p99 scrape time, RSS, series per CT.
+    Metrics(crate::bench_metrics::MetricsArgs),
     /// Shaper: iperf3 goodput vs a hand-made HTB, isolation, pps accuracy, ping p99 under load.
     Shaper(crate::bench_shaper::ShaperArgs),
     /// Network setup per CT (in-process netlink vs ip(8)) and 1000 CTs up and down.
@@ -39,6 +41,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Start { cycles, routed } => start(cycles, routed),
         BenchCmd::Datapath(a) => crate::bench_datapath::run_bench(a),
         BenchCmd::Shaper(a) => crate::bench_shaper::run(a),
+        BenchCmd::Metrics(a) => crate::bench_metrics::run_bench(a),
         BenchCmd::Net { cts, samples } => {
             crate::run(crate::cargo().args([
                 "build",

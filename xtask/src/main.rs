@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_metrics;
 mod bench_shaper;
 
 use std::path::{Path, PathBuf};
