@@ -2,7 +2,7 @@
 pub mod berthd;
 pub mod cgroups;
 pub mod ct;
-pub mod net;
 pub mod datapath;
-pub mod template;
+pub mod net;
 pub mod shaper;
+pub mod template;

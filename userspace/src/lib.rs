@@ -3,4 +3,5 @@ pub mod ctnet;
 
 pub mod datapath;
 pub mod metrics;
+pub mod netstat;
 pub mod shaper;
