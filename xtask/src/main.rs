@@ -69,7 +69,7 @@ const HOST_CRATES: &[&str] = &[
 ];
 
 pub fn build_release() -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "berth"]))?;
+    run(cargo().args(["build", "--release", "-p", "berth", "--bins"]))?;
     Ok(workspace_root().join("target/release"))
 }
 
@@ -125,24 +125,65 @@ pub fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Network namespace holding the demo CTs' host-side links and routes, so the demo never
+/// touches the machine's own interfaces, routes or neighbour tables.
+const DEMO_NETNS: &str = "berth-demo";
+
 fn demo(root: &Path) -> Result<()> {
-    let bin = build_release()?.join("berth");
-    let berth = |args: &[&str]| -> Result<()> {
-        run(Command::new(&bin).arg("--root").arg(root).args(args))
+    use std::os::unix::process::CommandExt;
+    let dir = build_release()?;
+    let bin = dir.join("berth");
+    let netns = PathBuf::from(format!("/run/netns/{DEMO_NETNS}"));
+    if !netns.exists() {
+        run(Command::new("ip").args(["netns", "add", DEMO_NETNS]))?;
+        run(Command::new("ip").args(["-n", DEMO_NETNS, "link", "set", "lo", "up"]))?;
+        // The demo's stand-in uplink: a veth pair holding the CTs' network, inside the netns.
+        run(Command::new("ip").args([
+            "-n", DEMO_NETNS, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+        ]))?;
+        run(Command::new("ip").args([
+            "-n",
+            DEMO_NETNS,
+            "addr",
+            "add",
+            "192.0.2.1/24",
+            "dev",
+            "up0",
+        ]))?;
+        run(Command::new("ip").args(["-n", DEMO_NETNS, "link", "set", "up0", "up"]))?;
+        run(Command::new("ip").args(["-n", DEMO_NETNS, "link", "set", "up1", "up"]))?;
+    }
+    // berth runs with its network namespace set to the demo's (setns, not `ip netns exec`,
+    // which would hide bpffs); berthd stays in the host's, on loopback.
+    let berth_cmd = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.arg("--root").arg(root).args(args);
+        let ns = netns.clone();
+        // SAFETY: setns on a freshly opened fd, between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                let f = std::fs::File::open(&ns)?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        c
     };
-    let has_template = Command::new(&bin)
-        .arg("--root")
-        .arg(root)
-        .args(["template", "list", "--json"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("\"busybox\""))
-        .unwrap_or(false);
-    if !has_template {
+    let berth = |args: &[&str]| run(&mut berth_cmd(args));
+    let out = |args: &[&str]| -> String {
+        berth_cmd(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    if !out(&["template", "list", "--json"]).contains("\"busybox\"") {
         berth(&["template", "build", "busybox"])?;
     }
-    for (ctid, name) in [("101", "demo1"), ("102", "demo2")] {
-        let exists = root.join("conf").join(format!("{ctid}.toml")).exists();
-        if !exists {
+    for (ctid, name, ip) in [
+        ("101", "demo1", "192.0.2.101"),
+        ("102", "demo2", "192.0.2.102"),
+    ] {
+        if !root.join("conf").join(format!("{ctid}.toml")).exists() {
             berth(&[
                 "create",
                 ctid,
@@ -152,28 +193,40 @@ fn demo(root: &Path) -> Result<()> {
                 name,
                 "--hostname",
                 &format!("{name}.berth.test"),
+                "--ipadd",
+                ip,
+            ])?;
+            berth(&[
+                "set",
+                ctid,
+                "--memory",
+                "256M",
+                "--numproc",
+                "200",
+                "--save",
             ])?;
         }
-        let running = Command::new(&bin)
-            .arg("--root")
-            .arg(root)
-            .args(["status", ctid, "--json"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("\"running\""))
-            .unwrap_or(false);
-        if !running {
+        if !out(&["status", ctid, "--json"]).contains("\"running\"") {
             berth(&["start", ctid])?;
         }
-        berth(&[
-            "set",
-            ctid,
-            "--memory",
-            "256M",
-            "--numproc",
-            "200",
-            "--save",
-        ])?;
     }
+    // Steady traffic between the pair, so the counters move: ping runs on inside the CT.
+    berth(&[
+        "exec",
+        "101",
+        "--",
+        "sh",
+        "-c",
+        "pgrep ping >/dev/null || (ping -q -s 1000 -i 0.2 192.0.2.102 >/dev/null 2>&1 &)",
+    ])?;
+    berth(&[
+        "exec",
+        "102",
+        "--",
+        "sh",
+        "-c",
+        "pgrep ping >/dev/null || (ping -q -i 0.5 192.0.2.101 >/dev/null 2>&1 &)",
+    ])?;
     berth(&[
         "exec",
         "101",
@@ -182,19 +235,48 @@ fn demo(root: &Path) -> Result<()> {
         "-c",
         "echo hello from $(hostname), PID $$",
     ])?;
+
+    // berthd, detached, unless one already answers.
+    let listen = "127.0.0.1:9597";
+    let up = std::net::TcpStream::connect(listen).is_ok();
+    if !up {
+        let log = root.join("berthd.log");
+        std::fs::create_dir_all(root)?;
+        let mut d = Command::new(dir.join("berthd"));
+        d.arg("--root").arg(root).arg("--listen").arg(listen);
+        d.stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::options().append(true).open(&log)?);
+        // SAFETY: setsid between fork and exec, so berthd outlives this command's session.
+        unsafe {
+            d.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = d.spawn().context("start berthd")?;
+        eprintln!(
+            "demo: berthd started (PID {}), log {}",
+            child.id(),
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
     berth(&[
         "list",
         "-a",
         "-o",
-        "ctid,name,hostname,status,numproc,memory.usage,memory.limit,cpu.usage",
+        "ctid,name,hostname,status,ip,numproc,memory.usage,traffic.in,traffic.out",
     ])?;
+    berth(&["netstat"])?;
+    println!(
+        "\nmetrics: http://{listen}/metrics  (e.g. curl -s http://{listen}/metrics | grep 'ctid=\"101\"')"
+    );
     eprintln!(
-        "\ndemo: CTs 101 and 102 are running under {}. Try:\n  {} --root {} enter 101\n  {} --root {} stop 101",
-        root.display(),
-        bin.display(),
-        root.display(),
-        bin.display(),
-        root.display()
+        "demo: CTs 101 and 102 run under {root} with their host side in netns {DEMO_NETNS}. Try:\n  {b} --root {root} enter 101\n  nsenter --net=/run/netns/{DEMO_NETNS} {b} --root {root} netstat",
+        root = root.display(),
+        b = bin.display(),
     );
     Ok(())
 }
