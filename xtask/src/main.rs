@@ -217,7 +217,7 @@ fn demo(root: &Path) -> Result<()> {
         "--",
         "sh",
         "-c",
-        "pgrep ping >/dev/null || (ping -q -s 1000 -i 0.2 192.0.2.102 >/dev/null 2>&1 &)",
+        "pidof ping >/dev/null || (ping -q -s 1000 -i 0.2 192.0.2.102 >/dev/null 2>&1 &)",
     ])?;
     berth(&[
         "exec",
@@ -225,7 +225,7 @@ fn demo(root: &Path) -> Result<()> {
         "--",
         "sh",
         "-c",
-        "pgrep ping >/dev/null || (ping -q -i 0.5 192.0.2.101 >/dev/null 2>&1 &)",
+        "pidof ping >/dev/null || (ping -q -i 0.5 192.0.2.101 >/dev/null 2>&1 &)",
     ])?;
     berth(&[
         "exec",
