@@ -351,6 +351,13 @@ pub enum AttachMethod {
 impl AttachMethod {
     /// TCX where the running kernel has it (6.6, commit e420bed02507), else netlink.
     pub fn detect() -> Self {
+        // An explicit choice for hosts where one attach path is costlier (see the README:
+        // every TCX link create waits an RCU grace period on 6.18).
+        match std::env::var("BERTH_ATTACH").as_deref() {
+            Ok("tcx") => return Self::Tcx,
+            Ok("netlink") | Ok("cls_bpf") => return Self::Netlink,
+            _ => {}
+        }
         match KernelVersion::current() {
             Ok(v) if v >= KernelVersion::new(6, 6, 0) => Self::Tcx,
             Ok(_) => Self::Netlink,
