@@ -865,6 +865,7 @@ fn end_to_end_counts_polices_and_outlives_the_loader() -> Result<()> {
     let base_in = totals(&base_rows, Direction::In, |_| true);
     let base_rx = h.if_stat(&pair.host_if, "rx_bytes")?;
     let base_tx = h.if_stat(&pair.host_if, "tx_bytes")?;
+    let base_tx_drop = h.if_stat(&pair.host_if, "tx_dropped")?;
 
     // Phase 3: TCP with GSO both ways (iperf3): bytes equal the interface's, packets count
     // segments (at least the interface's skbs).
@@ -913,9 +914,15 @@ fn end_to_end_counts_polices_and_outlives_the_loader() -> Result<()> {
     let d_rx = h.if_stat(&pair.host_if, "rx_bytes")? - base_rx;
     let d_tx = h.if_stat(&pair.host_if, "tx_bytes")? - base_tx;
     ensure!(d_drop == 0, "legitimate TCP dropped: {:?}", dp.drops()?);
+    // The egress hook runs before veth_xmit, which may still drop a frame when the peer's
+    // backlog is full under --bidir load (counted in tx_dropped, not tx_bytes): such a frame is
+    // billed traffic that did not leave. Anything else must match to the byte.
+    let d_tx_drop = h.if_stat(&pair.host_if, "tx_dropped")? - base_tx_drop;
     ensure!(
-        d_out == d_rx && d_in == d_tx,
-        "iperf3: out {d_out} vs rx {d_rx}, in {d_in} vs tx {d_tx}"
+        d_out == d_rx
+            && (d_in == d_tx
+                || (d_in > d_tx && d_tx_drop > 0 && d_in - d_tx <= d_tx_drop * 65_550)),
+        "iperf3: out {d_out} vs rx {d_rx}, in {d_in} vs tx {d_tx} (tx_dropped {d_tx_drop})"
     );
     ensure!(
         d_out > 1_000_000 && d_in > 1_000_000,

@@ -535,8 +535,9 @@ fn overlay_paths_ok(ctid: Ctid, paths: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// Writes /etc/hostname and the CT's own line in /etc/hosts: existing files are read from
-/// `read_root` (the template for a new overlay CT), written under `write_root`.
+/// Writes /etc/hostname and the CT's line in /etc/hosts (through `net::write_hostname_files`,
+/// which refuses a symlinked /etc). For a stopped overlay CT, `read_root` is the template: its
+/// /etc/hosts is copied up into `write_root` first, as overlayfs would on a write.
 pub fn write_hostname_files(
     ctid: Ctid,
     read_root: &Path,
@@ -546,54 +547,17 @@ pub fn write_hostname_files(
     if !read_root.join("etc").is_dir() {
         return Ok(());
     }
-    let etc = write_root.join("etc");
-    fs::create_dir_all(&etc).map_err(io_err(ctid, "create directory", &etc))?;
-    let hn = etc.join("hostname");
-    write_in_ct(ctid, &hn, format!("{hostname}\n").as_bytes())?;
-    let hosts = etc.join("hosts");
-    let old = fs::read_to_string(&hosts)
-        .or_else(|_| fs::read_to_string(read_root.join("etc/hosts")))
-        .unwrap_or_default();
-    let short = hostname.split('.').next().unwrap_or(hostname);
-    let mine = if short == hostname {
-        format!("127.0.1.1\t{hostname}")
-    } else {
-        format!("127.0.1.1\t{hostname} {short}")
-    };
-    let mut lines: Vec<String> = old
-        .lines()
-        .filter(|l| !l.starts_with("127.0.1.1"))
-        .map(str::to_string)
-        .collect();
-    if !lines.iter().any(|l| l.starts_with("127.0.0.1")) {
-        lines.insert(0, "127.0.0.1\tlocalhost".into());
+    if read_root != write_root {
+        let etc = write_root.join("etc");
+        fs::create_dir_all(&etc).map_err(io_err(ctid, "create directory", &etc))?;
+        let hosts = etc.join("hosts");
+        if hosts.symlink_metadata().is_err()
+            && let Ok(text) = fs::read(read_root.join("etc/hosts"))
+        {
+            fs::write(&hosts, text).map_err(io_err(ctid, "copy up", &hosts))?;
+        }
     }
-    lines.push(mine);
-    write_in_ct(ctid, &hosts, (lines.join("\n") + "\n").as_bytes())
-}
-
-/// Writes a file inside a CT's tree without following a symlink planted by the CT's root user
-/// (e.g. /etc/hostname -> /etc/shadow on the host, resolved outside the CT).
-fn write_in_ct(ctid: Ctid, path: &Path, data: &[u8]) -> Result<()> {
-    if let Ok(md) = path.symlink_metadata()
-        && md.file_type().is_symlink()
-    {
-        fs::remove_file(path).map_err(io_err(ctid, "remove symlink", path))?;
-    }
-    let tmp = path.with_extension("berth-tmp");
-    let _ = fs::remove_file(&tmp);
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err(ctid, "write", path))?;
-        f.write_all(data).map_err(io_err(ctid, "write", path))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(ctid, "rename into place", path))
+    net::write_hostname_files(write_root, hostname).map_err(net_err(ctid))
 }
 
 /// Mounts the CT's files on `root/<CTID>`: a bind mount of the private area, or the overlay of

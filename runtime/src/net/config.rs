@@ -502,24 +502,10 @@ impl BridgedIface {
     }
 }
 
-/// RFC 1123 host name: dot-separated labels of letters, digits and '-', 1-63 each, 253 total.
+/// RFC 1123 host name (a trailing dot allowed); the rule lives in `crate::config`.
 pub fn validate_hostname(name: &str) -> Result<(), NetError> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.trim_end_matches('.').split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(NetError::Invalid(format!(
-            "host name {name:?}: use dot-separated labels of letters, digits and '-' (1-63 each)"
-        )))
-    }
+    crate::config::validate_hostname(name.strip_suffix('.').unwrap_or(name))
+        .map_err(NetError::Invalid)
 }
 
 #[cfg(test)]
