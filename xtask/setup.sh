@@ -15,7 +15,8 @@ APT_PACKAGES=(
   build-essential pkg-config                           # -sys crates
   busybox-static                                       # built-in CT template
   debootstrap                                          # `berth template build debian`
-  iproute2 iperf3 iputils-ping                         # tests: netns, traffic
+  iproute2 iperf3 iputils-ping procps                  # tests: netns, traffic, sysctl
+  util-linux bsdutils                                  # unshare, nsenter, losetup, script
   crun                                                 # benchmark control
   prometheus                                           # promtool, e2e scrape test
   hyperfine                                            # whole-process timings

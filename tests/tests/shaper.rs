@@ -152,8 +152,12 @@ fn live_rate_change_keeps_the_connection() -> Result<()> {
         .collect();
     eprintln!("per-second Mbit/s: {iv:?}");
     ensure!(iv.len() >= 8, "{iv:?}");
-    ensure!(iv[1] < 11.0 && iv[1] > 8.0, "before the change: {iv:?}");
-    ensure!(iv[6] > 35.0 && iv[6] < 41.0, "after the change: {iv:?}");
+    // Single 1 s intervals swing with TCP's reaction to the 4 MiB queue (seen: 7.3 then 10.9);
+    // two-second means are what the rate promises.
+    let before = (iv[1] + iv[2]) / 2.0;
+    let after = (iv[5] + iv[6]) / 2.0;
+    ensure!(before < 11.0 && before > 8.0, "before the change: {iv:?}");
+    ensure!(after > 35.0 && after < 41.0, "after the change: {iv:?}");
     ensure!(sh.status(102)?.interfaces[0].config.rate_in == Some(rate("40mbit")));
     sh.remove(102, t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
