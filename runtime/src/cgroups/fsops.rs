@@ -108,6 +108,27 @@ pub(crate) fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Names of the child cgroups of `dir`, unsorted; missing dir → none.
+pub(crate) fn subdir_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(CgroupError::io("list child cgroups", dir, e)),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| CgroupError::io("list child cgroups", dir, e))?;
+        let is_dir = ent
+            .file_type()
+            .map_err(|e| CgroupError::io("stat child cgroup", ent.path(), e))?
+            .is_dir();
+        if is_dir {
+            out.push(ent.file_name());
+        }
+    }
+    Ok(out)
+}
+
 /// `dir` and every cgroup below it, children before parents (the order rmdir needs).
 pub(crate) fn tree_postorder(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.exists() {

@@ -26,6 +26,7 @@
 //! PromQL's `rate()`/`increase()` treat the drop as a counter reset. Label values are bounded:
 //! CTIDs, names, class numbers and fixed enums, never addresses or PIDs.
 
+pub mod cgfiles;
 pub mod defs;
 pub mod expose;
 pub mod families;

@@ -1,7 +1,9 @@
 //! What one scrape reads from the kernel and the state directory: CT configs (cached by
 //! file identity, re-read when a file changes), run state, cgroup counters and the pinned
-//! datapath maps. Nothing here is kept between scrapes except parsed configs, so every value
-//! is as fresh as the kernel's and berthd restarts cannot move a counter.
+//! datapath maps. Nothing here is kept between scrapes except parsed configs and open
+//! cgroup counter files ([`super::cgfiles`]; limits are reused for at most
+//! [`super::cgfiles::LIMITS_MAX_AGE`]), so every counter is as fresh as the kernel's and
+//! berthd restarts cannot move a counter.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -20,6 +22,7 @@ use berth_runtime::{
 };
 use tracing::{debug, warn};
 
+use super::cgfiles::{Buf, CtFiles};
 use crate::datapath::{CounterRow, Datapath, DropRow};
 
 /// Where berthd reads from.
@@ -98,6 +101,8 @@ struct FileId {
 pub struct Reader {
     sources: Sources,
     configs: Mutex<HashMap<u32, (FileId, Arc<CtMeta>)>>,
+    /// Open counter files of CTs with a cgroup, by CTID.
+    cgroups: Mutex<HashMap<u32, CtFiles>>,
     last_errors: Mutex<HashMap<&'static str, String>>,
     workers: usize,
 }
@@ -114,6 +119,7 @@ impl Reader {
         Self {
             sources,
             configs: Mutex::new(HashMap::new()),
+            cgroups: Mutex::new(HashMap::new()),
             last_errors: Mutex::new(HashMap::new()),
             workers,
         }
@@ -173,20 +179,40 @@ impl Reader {
             }
         };
 
-        let per_ct = |(ctid, meta): &(Ctid, Arc<CtMeta>)| {
-            let cgroup = layout
-                .as_ref()
-                .filter(|_| with_cgroup.contains(&ctid.get()));
-            read_ct(host, *ctid, meta.clone(), cgroup)
+        // Each CT's open files travel with it to a worker and come back; CTs without a
+        // cgroup now (stopped, destroyed) leave theirs behind, which closes them.
+        let mut work: Vec<(Ctid, Arc<CtMeta>, Option<CtFiles>)> = {
+            let mut open = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
+            let work = metas
+                .iter()
+                .map(|(c, m)| (*c, m.clone(), open.remove(&c.get())))
+                .collect();
+            open.clear();
+            work
         };
-        snap.cts = if metas.len() < PARALLEL_FROM || self.workers == 1 {
-            metas.iter().map(per_ct).collect()
+        let per_ct =
+            |buf: &mut Buf, (ctid, meta, files): &mut (Ctid, Arc<CtMeta>, Option<CtFiles>)| {
+                let cgroup = layout
+                    .as_ref()
+                    .filter(|_| with_cgroup.contains(&ctid.get()));
+                read_ct(host, *ctid, meta.clone(), cgroup, files, buf)
+            };
+        snap.cts = if work.len() < PARALLEL_FROM || self.workers == 1 {
+            let mut buf = Buf::default();
+            work.iter_mut().map(|w| per_ct(&mut buf, w)).collect()
         } else {
-            let chunk = metas.len().div_ceil(self.workers);
+            let chunk = work.len().div_ceil(self.workers);
             std::thread::scope(|s| {
-                let handles: Vec<_> = metas
-                    .chunks(chunk)
-                    .map(|part| s.spawn(|| part.iter().map(per_ct).collect::<Vec<_>>()))
+                let handles: Vec<_> = work
+                    .chunks_mut(chunk)
+                    .map(|part| {
+                        s.spawn(|| {
+                            let mut buf = Buf::default();
+                            part.iter_mut()
+                                .map(|w| per_ct(&mut buf, w))
+                                .collect::<Vec<_>>()
+                        })
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -194,6 +220,10 @@ impl Reader {
                     .collect()
             })
         };
+        {
+            let mut open = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
+            open.extend(work.into_iter().filter_map(|(c, _, f)| Some((c.get(), f?))));
+        }
 
         match self.read_network(&metas) {
             Ok(Some(n)) => {
@@ -283,16 +313,29 @@ impl Reader {
     }
 }
 
-fn read_ct(host: &Host, ctid: Ctid, meta: Arc<CtMeta>, layout: Option<&Layout>) -> CtSnapshot {
+fn read_ct(
+    host: &Host,
+    ctid: Ctid,
+    meta: Arc<CtMeta>,
+    layout: Option<&Layout>,
+    files: &mut Option<CtFiles>,
+    buf: &mut Buf,
+) -> CtSnapshot {
     let run = container::running(host, ctid);
-    let cgroup = layout.and_then(|l| match read_cgroup(l, &host.cgroup_parent, ctid) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            // A CT stopping right now loses its cgroup between the listing and the read.
-            debug!(ctid = ctid.get(), error = %e, "cgroup not read");
+    let cgroup = match layout {
+        Some(l) => match read_cgroup(l, &host.cgroup_parent, ctid, files, buf) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // A CT stopping right now loses its cgroup between the listing and the read.
+                debug!(ctid = ctid.get(), error = %e, "cgroup not read");
+                None
+            }
+        },
+        None => {
+            *files = None;
             None
         }
-    });
+    };
     let state = match (&run, &cgroup) {
         (Some(_), Some(c)) if c.stats.frozen => State::Suspended,
         (Some(_), _) => State::Running,
@@ -308,8 +351,28 @@ fn read_ct(host: &Host, ctid: Ctid, meta: Arc<CtMeta>, layout: Option<&Layout>) 
     }
 }
 
-fn read_cgroup(layout: &Layout, parent: &str, ctid: Ctid) -> Result<CgroupSnapshot, String> {
+/// Through the CT's open files; a failed read (cgroup removed, perhaps recreated by a
+/// restart) opens them again once.
+fn read_cgroup(
+    layout: &Layout,
+    parent: &str,
+    ctid: Ctid,
+    files: &mut Option<CtFiles>,
+    buf: &mut Buf,
+) -> Result<CgroupSnapshot, String> {
+    if let Some(f) = files {
+        match f.read(buf) {
+            Ok((stats, processes)) => return Ok(CgroupSnapshot { stats, processes }),
+            Err(e) => debug!(ctid = ctid.get(), error = %e, "reopening cgroup files"),
+        }
+    }
+    *files = None;
     let cg = layout.open(parent, ctid).map_err(|e| e.to_string())?;
+    if let Some(mut f) = CtFiles::open(&cg)? {
+        let (stats, processes) = f.read(buf)?;
+        *files = Some(f);
+        return Ok(CgroupSnapshot { stats, processes });
+    }
     let stats = cg.stats().map_err(|e| e.to_string())?;
     let procs_dir = match &cg {
         Cgroup::V1(v1) => v1.dir(Controller::Pids),
