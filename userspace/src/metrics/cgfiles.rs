@@ -347,8 +347,10 @@ impl CtFiles {
         Ok(l)
     }
 
-    /// Reads every counter. An error means the cgroup is gone or was replaced.
-    pub fn read(&mut self, buf: &mut Buf) -> Result<(Stats, u64), String> {
+    /// Reads every counter. An error means the cgroup is gone or was replaced. The freeze
+    /// state only tells a running CT's state (suspended or not), so it is read only when
+    /// `running`; otherwise `frozen` stays false.
+    pub fn read(&mut self, buf: &mut Buf, running: bool) -> Result<(Stats, u64), String> {
         if self.limits_at.elapsed() >= LIMITS_MAX_AGE {
             self.limits = self.read_limits()?;
             self.limits_at = Instant::now();
@@ -359,6 +361,14 @@ impl CtFiles {
             self.read_v2(buf, &mut s, processes)?;
         } else {
             self.read_v1(buf, &mut s)?;
+        }
+        let (i, frozen): (usize, fn(&str) -> bool) = if self.v2 {
+            (8, |t| keyed(t, "frozen") == 1)
+        } else {
+            (14, |t| t.trim() == "FROZEN")
+        };
+        if running {
+            s.frozen = self.with(buf, i, |_, t| Ok(frozen(t)))?.unwrap_or(false);
         }
         Ok((s, processes))
     }
@@ -435,9 +445,6 @@ impl CtFiles {
         if let Some(rw) = self.with(buf, 13, |_, t| Ok(blkio_v1(t)))? {
             (s.blkio_read_ios, s.blkio_write_ios) = rw;
         }
-        s.frozen = self
-            .with(buf, 14, |_, t| Ok(t.trim() == "FROZEN"))?
-            .unwrap_or(false);
         Ok(())
     }
 
@@ -507,9 +514,6 @@ impl CtFiles {
                 s.blkio_write_ios,
             ] = t;
         }
-        s.frozen = self
-            .with(buf, 8, |_, t| Ok(keyed(t, "frozen") == 1))?
-            .unwrap_or(false);
         Ok(())
     }
 
@@ -597,13 +601,16 @@ mod tests {
         let mut files = CtFiles::open(&cg)
             .unwrap()
             .expect("pids controller present");
-        let (stats, procs) = files.read(&mut buf).unwrap();
+        let (stats, procs) = files.read(&mut buf, true).unwrap();
         assert_eq!((stats.numproc, procs), (0, 0));
         cg.destroy().unwrap();
         cg.create().unwrap();
-        let err = files.read(&mut buf).unwrap_err();
+        let err = files.read(&mut buf, true).unwrap_err();
         let mut again = CtFiles::open(&cg).unwrap().unwrap();
-        assert!(again.read(&mut buf).is_ok(), "old files failed with {err}");
+        assert!(
+            again.read(&mut buf, true).is_ok(),
+            "old files failed with {err}"
+        );
         cg.destroy().unwrap();
         layout.remove_parent_if_empty(&parent).unwrap();
         assert!(layout.list_ctids(&parent).unwrap().is_empty());

@@ -323,7 +323,7 @@ fn read_ct(
 ) -> CtSnapshot {
     let run = container::running(host, ctid);
     let cgroup = match layout {
-        Some(l) => match read_cgroup(l, &host.cgroup_parent, ctid, files, buf) {
+        Some(l) => match read_cgroup(l, &host.cgroup_parent, ctid, run.is_some(), files, buf) {
             Ok(c) => Some(c),
             Err(e) => {
                 // A CT stopping right now loses its cgroup between the listing and the read.
@@ -357,11 +357,12 @@ fn read_cgroup(
     layout: &Layout,
     parent: &str,
     ctid: Ctid,
+    running: bool,
     files: &mut Option<CtFiles>,
     buf: &mut Buf,
 ) -> Result<CgroupSnapshot, String> {
     if let Some(f) = files {
-        match f.read(buf) {
+        match f.read(buf, running) {
             Ok((stats, processes)) => return Ok(CgroupSnapshot { stats, processes }),
             Err(e) => debug!(ctid = ctid.get(), error = %e, "reopening cgroup files"),
         }
@@ -369,7 +370,7 @@ fn read_cgroup(
     *files = None;
     let cg = layout.open(parent, ctid).map_err(|e| e.to_string())?;
     if let Some(mut f) = CtFiles::open(&cg)? {
-        let (stats, processes) = f.read(buf)?;
+        let (stats, processes) = f.read(buf, running)?;
         *files = Some(f);
         return Ok(CgroupSnapshot { stats, processes });
     }
