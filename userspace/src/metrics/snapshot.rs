@@ -112,6 +112,7 @@ const PARALLEL_FROM: usize = 64;
 
 impl Reader {
     pub fn new(sources: Sources) -> Self {
+        raise_nofile();
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -313,6 +314,22 @@ impl Reader {
     }
 }
 
+/// The kept-open cgroup files need ~17 descriptors per CT, far above the 1024 soft limit
+/// systemd gives services; the soft limit is raised to the hard one (524288 under systemd).
+/// Without enough descriptors CTs are read by path, correct but slower.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(soft, hard, error = %e, "cannot raise the open-file limit; cgroup files of many CTs will be read by path");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 fn read_ct(
     host: &Host,
     ctid: Ctid,
@@ -369,10 +386,20 @@ fn read_cgroup(
     }
     *files = None;
     let cg = layout.open(parent, ctid).map_err(|e| e.to_string())?;
-    if let Some(mut f) = CtFiles::open(&cg)? {
-        let (stats, processes) = f.read(buf, running)?;
-        *files = Some(f);
-        return Ok(CgroupSnapshot { stats, processes });
+    // Any failure of the fast path (out of descriptors, a file that does not parse) falls
+    // back to the runtime's reader, which also reports a vanished cgroup.
+    match CtFiles::open(&cg).and_then(|f| {
+        f.map(|mut f| f.read(buf, running).map(|r| (f, r)))
+            .transpose()
+    }) {
+        Ok(Some((f, (stats, processes)))) => {
+            *files = Some(f);
+            return Ok(CgroupSnapshot { stats, processes });
+        }
+        Ok(None) => {}
+        Err(e) => {
+            debug!(ctid = ctid.get(), error = %e, "cgroup files not kept open; reading by path")
+        }
     }
     let stats = cg.stats().map_err(|e| e.to_string())?;
     let procs_dir = match &cg {
