@@ -310,7 +310,7 @@ fn bridged_ct_and_spoofing_from_inside() {
         v.as_array()
             .unwrap()
             .iter()
-            .find(|r| r["ctid"].to_string() == ct)
+            .find(|r| r["ctid"].as_u64().map(|c| c.to_string()).as_deref() == Some(ct))
             .map(|r| r["drops"].as_u64().unwrap())
             .unwrap()
     };
