@@ -617,37 +617,7 @@ impl Datapath {
         let to_ct = SchedClassifier::from_pin(&to_path)
             .map_err(prog_err(program_names::TO_CT, "opening pin"))?;
 
-        let mut dp = Self {
-            from_ct,
-            to_ct,
-            method,
-            ifaces: open_map(&maps_dir, map_names::IFACES, 4, size_of::<IfaceInfo>())?,
-            ifaces_spill: open_map(
-                &maps_dir,
-                map_names::IFACES_SPILL,
-                4,
-                size_of::<IfaceInfo>(),
-            )?,
-            ct_addrs: open_map(&maps_dir, map_names::CT_ADDRS, size_of::<AddrKey>(), 4)?,
-            classes_v4: open_map(&maps_dir, map_names::CLASSES_V4, 8, 4)?,
-            classes_v6: open_map(&maps_dir, map_names::CLASSES_V6, 20, 4)?,
-            counters: open_map(&maps_dir, map_names::COUNTERS, 4, size_of::<SlotCounters>())?,
-            slot_ctids: open_map(&maps_dir, map_names::SLOT_CTIDS, 4, 4)?,
-            archive: open_map(
-                &maps_dir,
-                map_names::ARCHIVE,
-                size_of::<CounterKey>(),
-                size_of::<CounterValue>(),
-            )?,
-            drops: open_map(
-                &maps_dir,
-                map_names::DROPS,
-                size_of::<DropKey>(),
-                size_of::<DropValue>(),
-            )?,
-            config: open_map(&maps_dir, map_names::CONFIG, 4, size_of::<Config>())?,
-            pin_dir,
-        };
+        let mut dp = Self::from_pins(pin_dir, &maps_dir, from_ct, to_ct, method)?;
 
         if fresh {
             dp.upgrade_attachments()?;
@@ -745,6 +715,49 @@ impl Datapath {
             source,
         })?;
         SchedClassifier::from_pin(path).map_err(prog_err(name, "opening pin"))
+    }
+
+    /// The handle over already pinned maps and the given programs (shared by the loader and
+    /// the read-only open).
+    fn from_pins(
+        pin_dir: PathBuf,
+        maps_dir: &Path,
+        from_ct: SchedClassifier,
+        to_ct: SchedClassifier,
+        method: AttachMethod,
+    ) -> Result<Self> {
+        let maps_dir = maps_dir.to_path_buf();
+        Ok(Self {
+            from_ct,
+            to_ct,
+            method,
+            ifaces: open_map(&maps_dir, map_names::IFACES, 4, size_of::<IfaceInfo>())?,
+            ifaces_spill: open_map(
+                &maps_dir,
+                map_names::IFACES_SPILL,
+                4,
+                size_of::<IfaceInfo>(),
+            )?,
+            ct_addrs: open_map(&maps_dir, map_names::CT_ADDRS, size_of::<AddrKey>(), 4)?,
+            classes_v4: open_map(&maps_dir, map_names::CLASSES_V4, 8, 4)?,
+            classes_v6: open_map(&maps_dir, map_names::CLASSES_V6, 20, 4)?,
+            counters: open_map(&maps_dir, map_names::COUNTERS, 4, size_of::<SlotCounters>())?,
+            slot_ctids: open_map(&maps_dir, map_names::SLOT_CTIDS, 4, 4)?,
+            archive: open_map(
+                &maps_dir,
+                map_names::ARCHIVE,
+                size_of::<CounterKey>(),
+                size_of::<CounterValue>(),
+            )?,
+            drops: open_map(
+                &maps_dir,
+                map_names::DROPS,
+                size_of::<DropKey>(),
+                size_of::<DropValue>(),
+            )?,
+            config: open_map(&maps_dir, map_names::CONFIG, 4, size_of::<Config>())?,
+            pin_dir,
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {

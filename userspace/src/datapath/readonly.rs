@@ -8,12 +8,9 @@ use std::{
 };
 
 use aya::programs::SchedClassifier;
-use berth_common::{
-    AddrKey, Config, CounterKey, CounterValue, DropKey, DropValue, IfaceInfo, SlotCounters,
-    map_names, program_names,
-};
+use berth_common::{map_names, program_names};
 
-use super::{AttachMethod, Datapath, FROM_CT_FILE, Result, TO_CT_FILE, io_err, open_map, prog_err};
+use super::{AttachMethod, Datapath, FROM_CT_FILE, Result, TO_CT_FILE, io_err, prog_err};
 
 /// The programs of one pinned build, if any `progs/<hash>/` holds both (after an upgrade
 /// only the newest build's directory is left; while one is being swapped any complete one
@@ -58,37 +55,7 @@ impl Datapath {
             .map_err(prog_err(program_names::FROM_CT, "opening pin"))?;
         let to_ct = SchedClassifier::from_pin(&to_path)
             .map_err(prog_err(program_names::TO_CT, "opening pin"))?;
-        Ok(Some(Self {
-            from_ct,
-            to_ct,
-            method: AttachMethod::detect(),
-            ifaces: open_map(&maps_dir, map_names::IFACES, 4, size_of::<IfaceInfo>())?,
-            ifaces_spill: open_map(
-                &maps_dir,
-                map_names::IFACES_SPILL,
-                4,
-                size_of::<IfaceInfo>(),
-            )?,
-            ct_addrs: open_map(&maps_dir, map_names::CT_ADDRS, size_of::<AddrKey>(), 4)?,
-            classes_v4: open_map(&maps_dir, map_names::CLASSES_V4, 8, 4)?,
-            classes_v6: open_map(&maps_dir, map_names::CLASSES_V6, 20, 4)?,
-            counters: open_map(&maps_dir, map_names::COUNTERS, 4, size_of::<SlotCounters>())?,
-            slot_ctids: open_map(&maps_dir, map_names::SLOT_CTIDS, 4, 4)?,
-            archive: open_map(
-                &maps_dir,
-                map_names::ARCHIVE,
-                size_of::<CounterKey>(),
-                size_of::<CounterValue>(),
-            )?,
-            drops: open_map(
-                &maps_dir,
-                map_names::DROPS,
-                size_of::<DropKey>(),
-                size_of::<DropValue>(),
-            )?,
-            config: open_map(&maps_dir, map_names::CONFIG, 4, size_of::<Config>())?,
-            pin_dir,
-        }))
+        Self::from_pins(pin_dir, &maps_dir, from_ct, to_ct, AttachMethod::detect()).map(Some)
     }
 }
 
