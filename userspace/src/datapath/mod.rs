@@ -430,7 +430,7 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathEr
 
 /// FNV-1a: a stable (across Rust versions) fingerprint of the embedded object, naming the
 /// `progs/<hash>` directory so a new build is recognised as an upgrade.
-fn object_hash(bytes: &[u8]) -> u64 {
+pub(crate) fn object_hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

@@ -494,16 +494,6 @@ impl DirLock {
     }
 }
 
-/// FNV-1a of the object: names `progs/<hash>` so a new build is recognised.
-fn object_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 fn remove_tree(dir: &Path) -> Result<()> {
     match fs::read_dir(dir) {
         Ok(entries) => {
@@ -564,7 +554,7 @@ impl Shaper {
             fs::create_dir_all(d).map_err(io_err("creating", d))?;
         }
         let _lock = DirLock::take(&dir)?;
-        let hash = format!("{:016x}", object_hash(OBJECT));
+        let hash = format!("{:016x}", crate::datapath::object_hash(OBJECT));
         let progs = progs_root.join(&hash);
         let (to_path, from_path) = (progs.join(TO_CT_FILE), progs.join(FROM_CT_FILE));
         let fresh = !(to_path.exists() && from_path.exists());
