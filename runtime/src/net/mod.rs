@@ -86,6 +86,10 @@ pub struct HostNet {
     sysctls_done: HashSet<String>,
     /// Neighbour device name → ifindex, resolved once per `HostNet`.
     dev_index: HashMap<String, u32>,
+    /// ifindex → name of devices looked up by index. An ifindex names one device for its
+    /// lifetime (the kernel does not reuse them), so only a rename makes an entry stale, and a
+    /// `HostNet` lives for one operation.
+    dev_names: HashMap<u32, String>,
 }
 
 impl HostNet {
@@ -113,6 +117,7 @@ impl HostNet {
             nl,
             sysctls_done: HashSet::new(),
             dev_index: HashMap::new(),
+            dev_names: HashMap::new(),
         })
     }
 
@@ -143,11 +148,15 @@ impl HostNet {
         if let Some((n, _)) = self.dev_index.iter().find(|(_, i)| **i == index) {
             return Ok(n.clone());
         }
+        if let Some(n) = self.dev_names.get(&index) {
+            return Ok(n.clone());
+        }
         let link = self.nl.link_by_index(index)?;
-        Ok(link
-            .as_ref()
-            .and_then(nl::link_name)
-            .map_or_else(|| format!("#{index}"), str::to_string))
+        let Some(name) = link.as_ref().and_then(nl::link_name) else {
+            return Ok(format!("#{index}"));
+        };
+        self.dev_names.insert(index, name.to_string());
+        Ok(name.to_string())
     }
 }
 
