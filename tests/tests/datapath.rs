@@ -1388,6 +1388,16 @@ fn prog_test_run_many_addresses() -> Result<()> {
     let drops: u64 = dp.drops()?.iter().map(|d| d.packets).sum();
     ensure!(drops == 5, "drops counted: {:?}", dp.drops()?);
 
+    // The start path names the CT's interfaces instead of scanning every entry: the inline
+    // copy on that interface follows all the same.
+    dp.set_ct_addrs_on(C, &["10.4.0.2".parse()?], &[LO])?;
+    ensure!(dp.ct_addrs(C)? == ["10.4.0.2".parse::<IpAddr>()?]);
+    let (from_ct, _) = dp.programs();
+    for (a, want) in [([10, 4, 0, 2], VERDICT_PASS), ([10, 4, 0, 1], VERDICT_DROP)] {
+        let v = run_lo(from_ct, &ipv4(CT_MAC, a, [192, 0, 2, 1], 10, 0))?;
+        ensure!(v == want, "after set_ct_addrs_on, from {a:?}: {v}");
+    }
+
     drop(dp);
     drop(_in_ns);
     let path = pin.path.clone();

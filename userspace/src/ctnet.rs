@@ -104,7 +104,8 @@ impl NetHooks for DatapathHooks {
             addrs.extend(i.addrs.iter().map(|n| n.addr()));
         }
         let addrs: Vec<IpAddr> = addrs.into_iter().collect();
-        dp.set_ct_addrs(ctid.get(), &addrs)
+        let ifaces: Vec<u32> = net.ifaces.iter().map(|i| i.host_ifindex).collect();
+        dp.set_ct_addrs_on(ctid.get(), &addrs, &ifaces)
             .map_err(|e| format!("load CT {ctid}'s addresses into the datapath: {e}"))?;
         if let Some(cfg) = self.shaping.clone() {
             self.apply_shaping(ctid, net, Some(&cfg))?;

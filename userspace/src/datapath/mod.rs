@@ -369,6 +369,49 @@ impl AttachMethod {
     }
 }
 
+/// Attaches `prog` to `ifname`'s `attach_type` hook as a new TCX link, first in line, and pins
+/// the link at `path` (the pin keeps it attached after this process exits).
+fn create_tcx_link(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    ifindex: u32,
+    attach_type: TcAttachType,
+    path: &Path,
+) -> Result<()> {
+    let link_err = |op: &'static str| {
+        move |source: io::Error| DatapathError::Link {
+            ifname: ifname.to_owned(),
+            ifindex,
+            op,
+            source,
+        }
+    };
+    let attach_err = |op: &'static str| {
+        move |e: aya::programs::ProgramError| DatapathError::Attach {
+            ifname: ifname.to_owned(),
+            ifindex,
+            op,
+            source: Box::new(e),
+        }
+    };
+    let id = prog
+        .attach_with_options(
+            ifname,
+            attach_type,
+            // First on the hook: accounting and anti-spoofing see packets before any other
+            // program (e.g. a shaping classifier) acts on them.
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .map_err(attach_err("attaching (TCX)"))?;
+    let link = prog.take_link(id).map_err(attach_err("taking link"))?;
+    let fd_link =
+        FdLink::try_from(link).map_err(|e| link_err("converting link")(io::Error::other(e)))?;
+    fd_link
+        .pin(path)
+        .map_err(|e| link_err("pinning link")(io::Error::other(e)))?;
+    Ok(())
+}
+
 /// An exclusive flock on the pin directory: load/upgrade and attach/detach of concurrent berth
 /// processes serialise on it (bpffs directories support flock like any inode).
 struct DirLock(#[expect(dead_code, reason = "held for its Drop (unlock on close)")] File);
@@ -1056,6 +1099,7 @@ impl Datapath {
                 source: Box::new(e),
             }
         };
+        let mut todo = Vec::with_capacity(2);
         for (prog, attach_type, file) in [
             (&mut self.from_ct, TcAttachType::Ingress, FROM_CT_FILE),
             (&mut self.to_ct, TcAttachType::Egress, TO_CT_FILE),
@@ -1100,21 +1144,25 @@ impl Datapath {
             if !create || ifname.is_empty() {
                 continue;
             }
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    attach_type,
-                    // First on the hook: accounting and anti-spoofing see packets before any
-                    // other program (e.g. a shaping classifier) acts on them.
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .map_err(attach_err("attaching (TCX)"))?;
-            let link = prog.take_link(id).map_err(attach_err("taking link"))?;
-            let fd_link = FdLink::try_from(link)
-                .map_err(|e| link_err("converting link")(io::Error::other(e)))?;
-            fd_link
-                .pin(&path)
-                .map_err(|e| link_err("pinning link")(io::Error::other(e)))?;
+            todo.push((prog, attach_type, path));
+        }
+        // Each TCX link creation waits for an RCU grace period (tcx_entry_sync after the
+        // mprog entry swap; ~5-15 ms each on this 6.18 VM): the two hooks are attached from
+        // two threads so their grace periods overlap instead of adding up.
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = todo
+                .into_iter()
+                .map(|(prog, attach_type, path)| {
+                    s.spawn(move || create_tcx_link(prog, ifname, ifindex, attach_type, &path))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for r in results {
+            r?;
         }
         if !create
             && fs::read_dir(&dir)
@@ -1271,8 +1319,27 @@ impl Datapath {
 
     /// Rewrites the inline address copies of every interface of `ctid` to `addrs` (the CT's
     /// new set; `CT_ADDRS` may still hold stale ones at this point).
-    fn refresh_inline_addrs(&mut self, ctid: u32, addrs: &[IpAddr]) -> Result<()> {
-        for (ifindex, mut info) in self.iface_entries()? {
+    /// `ifaces`: the CT's interfaces when the caller knows them; None scans every entry
+    /// (`IFACES` is 3 MiB, a few milliseconds to read).
+    fn refresh_inline_addrs(
+        &mut self,
+        ctid: u32,
+        addrs: &[IpAddr],
+        ifaces: Option<&[u32]>,
+    ) -> Result<()> {
+        let entries: Vec<(u32, IfaceInfo)> = match ifaces {
+            None => self.iface_entries()?.into_iter().collect(),
+            Some(list) => {
+                let mut v = Vec::with_capacity(list.len());
+                for &ifindex in list {
+                    if let Some((_, info)) = self.find_iface(ifindex)? {
+                        v.push((ifindex, info));
+                    }
+                }
+                v
+            }
+        };
+        for (ifindex, mut info) in entries {
             if info.ctid != ctid {
                 continue;
             }
@@ -1286,6 +1353,22 @@ impl Datapath {
     /// bridged with `ip_filter`: send from). Validated before anything changes; new
     /// addresses are added before stale ones go, so kept addresses never see a gap.
     pub fn set_ct_addrs(&mut self, ctid: u32, addrs: &[IpAddr]) -> Result<()> {
+        self.set_ct_addrs_inner(ctid, addrs, None)
+    }
+
+    /// [`Self::set_ct_addrs`] when the CT's interfaces are known (`ifaces`: host-side
+    /// ifindexes): only their entries are rewritten, without scanning every interface entry.
+    /// Interfaces attached to the CT but missing from `ifaces` keep their old inline copies.
+    pub fn set_ct_addrs_on(&mut self, ctid: u32, addrs: &[IpAddr], ifaces: &[u32]) -> Result<()> {
+        self.set_ct_addrs_inner(ctid, addrs, Some(ifaces))
+    }
+
+    fn set_ct_addrs_inner(
+        &mut self,
+        ctid: u32,
+        addrs: &[IpAddr],
+        ifaces: Option<&[u32]>,
+    ) -> Result<()> {
         if ctid == 0 {
             return Err(DatapathError::InvalidCtid { ctid });
         }
@@ -1303,8 +1386,9 @@ impl Datapath {
             }
         }
         let wanted: HashSet<AddrKey> = addrs.iter().map(|&a| addr_key(ctid, a)).collect();
-        let existing = self.ct_addr_keys(Some(ctid))?;
-        let total = self.ct_addr_keys(None)?.len();
+        let all = self.ct_addr_keys(None)?;
+        let total = all.len();
+        let existing: HashSet<AddrKey> = all.into_iter().filter(|k| k.ctid == ctid).collect();
         let adding = wanted.difference(&existing).count();
         if total + adding > capacity::CT_ADDRS as usize {
             return Err(DatapathError::TooManyAddrs {
@@ -1322,7 +1406,7 @@ impl Datapath {
         }
         // CT_ADDRS holds old + new now; the inline copies switch to the new set, then the
         // stale keys go: a kept address is found at every moment.
-        self.refresh_inline_addrs(ctid, addrs)?;
+        self.refresh_inline_addrs(ctid, addrs, ifaces)?;
         for key in existing.difference(&wanted) {
             self.remove_addr_key(key)?;
         }
@@ -1347,12 +1431,31 @@ impl Datapath {
         Ok(out)
     }
 
+    /// The `CT_ADDRS` keys (all, or one CT's). One batch syscall per 256 entries: iterating
+    /// key by key costs a syscall per address on the node, on every start.
     fn ct_addr_keys(&self, ctid: Option<u32>) -> Result<HashSet<AddrKey>> {
         let mut out = HashSet::new();
-        for key in self.ct_addrs.keys() {
-            let key = key.map_err(map_err(map_names::CT_ADDRS, &self.pin_dir, "iterate"))?;
-            if ctid.is_none_or(|c| c == key.ctid) {
-                out.insert(key);
+        match sys::lookup_batch::<AddrKey, u32>(self.ct_addrs.map().fd().as_fd()) {
+            Ok(rows) => {
+                out.extend(
+                    rows.into_iter()
+                        .map(|(k, _)| k)
+                        .filter(|k| ctid.is_none_or(|c| c == k.ctid)),
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                for key in self.ct_addrs.keys() {
+                    let key =
+                        key.map_err(map_err(map_names::CT_ADDRS, &self.pin_dir, "iterate"))?;
+                    if ctid.is_none_or(|c| c == key.ctid) {
+                        out.insert(key);
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(io_err("batch lookup", &self.map_path(map_names::CT_ADDRS))(
+                    e,
+                ));
             }
         }
         Ok(out)
@@ -1372,7 +1475,7 @@ impl Datapath {
         for key in self.ct_addr_keys(Some(ctid))? {
             self.remove_addr_key(&key)?;
         }
-        self.refresh_inline_addrs(ctid, &[])
+        self.refresh_inline_addrs(ctid, &[], None)
     }
 
     /// Replaces the class table (both families) with `entries`; prefixes not in `entries` are
