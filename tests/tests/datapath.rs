@@ -47,7 +47,8 @@ fn assert_clean(pin: &Path, prog_ids: (u32, u32)) -> Result<()> {
     }
 }
 
-/// Toolchain proof: the aya-built object loads, attaches to a veth with TCX and counts.
+/// Toolchain proof: the aya-built object loads, attaches to a veth with TCX (asked for
+/// explicitly: the default is clsact + cls_bpf) and counts; the links are pinned.
 #[test]
 fn loads_attaches_and_counts_ping() -> Result<()> {
     let pin = PinDir::new();
@@ -59,16 +60,16 @@ fn loads_attaches_and_counts_ping() -> Result<()> {
     let ids;
     {
         let _in_host = pair.host.enter()?;
-        let mut dp = Datapath::open_or_load(&pin.path)?;
-        ensure!(
-            dp.attach_method() == AttachMethod::Tcx,
-            "kernel 6.18 has TCX"
-        );
+        let mut dp = Datapath::open_or_load_with(&pin.path, AttachMethod::Tcx)?;
+        ensure!(dp.attach_method() == AttachMethod::Tcx);
         ids = dp.program_ids()?;
         let ifindex = pair.host.ifindex(&pair.host_if)?;
         let mut cfg = IfaceConfig::routed(4242, pair.ct_mac()?);
         cfg.mac_filter = true;
         dp.attach(ifindex, cfg)?;
+        let links = pin.path.join("links").join(ifindex.to_string());
+        let pinned = std::fs::read_dir(&links)?.count();
+        ensure!(pinned == 2, "{pinned} link pins in {}", links.display());
         dp.set_ct_addrs(4242, &["10.77.0.2".parse()?])?;
         pair.ct
             .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.1"])?;
