@@ -249,7 +249,11 @@ impl Berthd {
             .env_remove("BERTH_ROOT")
             .env_remove("BERTH_RUN_DIR")
             .env_remove("BERTH_BPFFS")
-            .env("BERTH_LOG", "warn")
+            // BERTHD_TEST_LOG=debug shows berthd's per-scrape timings in a test's output.
+            .env(
+                "BERTH_LOG",
+                std::env::var("BERTHD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

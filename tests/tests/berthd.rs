@@ -470,9 +470,14 @@ fn env_or(k: &str, default: usize) -> Result<usize> {
     }
 }
 
-/// 1000 synthetic CTs (configs, cgroups with limits, counter slots and drop rows in a
-/// private pinned datapath), berthd (from `BERTH_BIN_DIR`, release when run by xtask),
+/// 1000 synthetic CTs (configs, run states, cgroups with limits, counter slots and drop rows
+/// in a private pinned datapath), berthd (from `BERTH_BIN_DIR`, release when run by xtask),
 /// 200 sequential scrapes: client-side and collect times, RSS, series per CT.
+///
+/// The CTs count as running, as on a host in service: each has a run-state file naming a live
+/// init (one `sleep` started here stands in for all of them; berthd only checks that it
+/// lives), so berthd reads run states and freezer states as it would for real CTs. Their
+/// cgroups hold no tasks.
 #[test]
 #[ignore = "benchmark: cargo xtask bench metrics"]
 fn bench_metrics() -> Result<()> {
@@ -483,6 +488,7 @@ fn bench_metrics() -> Result<()> {
     };
     use berth_runtime::cgroups::{CgroupManager, Layout, Resources};
     use berth_runtime::config::{CtConfig, Host};
+    use berth_runtime::container::state::{self, RunState};
 
     let n = env_or("BERTH_BENCH_CTS", 1000)?;
     let scrapes = env_or("BERTH_BENCH_SCRAPES", 200)?;
@@ -501,6 +507,20 @@ fn bench_metrics() -> Result<()> {
     let ctids: Vec<u32> = (1..=n as u32).map(|i| 10_000 + i).collect();
 
     let t = Instant::now();
+    let mut init = std::process::Command::new("sleep")
+        .arg("infinity")
+        .spawn()
+        .context("spawning the stand-in init")?;
+    let init_pid = init.id() as i32;
+    let run = RunState {
+        init_pid,
+        init_starttime: state::proc_starttime(init_pid).context("stand-in init start time")?,
+        monitor_pid: init_pid,
+        boot_id: state::boot_id().context("boot id")?,
+        started_at: unix_now() as u64,
+        mounted_by_start: false,
+        net: None,
+    };
     let mut cgroups = Vec::new();
     let res = Resources {
         memory: Some("512M".parse()?),
@@ -515,6 +535,7 @@ fn bench_metrics() -> Result<()> {
             cfg.name = Some(format!("ct{c}"));
             cfg.hostname = Some(format!("ct{c}.example.com"));
             cfg.save(&host)?;
+            run.write(&host.state_path(ctid))?;
             let cg = layout.open(&parent, ctid)?;
             cg.create()?;
             cgroups.push(cg.clone());
@@ -628,6 +649,8 @@ fn bench_metrics() -> Result<()> {
         d.kill()
     });
 
+    let _ = init.kill();
+    let _ = init.wait();
     for cg in &cgroups {
         cg.destroy()?;
     }

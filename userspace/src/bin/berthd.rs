@@ -64,6 +64,7 @@ struct Args {
 
 struct Server {
     collector: BerthCollector,
+    scraper: expose::Scraper,
     /// One collection at a time: concurrent scrapes would only multiply the same reads and
     /// the memory they hold.
     scrape: Mutex<()>,
@@ -84,10 +85,9 @@ impl Server {
         let t0 = Instant::now();
         let me = self.clone();
         // The reads are blocking file and bpf(2) calls.
-        let res = tokio::task::spawn_blocking(move || {
-            expose::render(&me.collector.reader().read(), format)
-        })
-        .await;
+        let res =
+            tokio::task::spawn_blocking(move || me.scraper.scrape(me.collector.reader(), format))
+                .await;
         match res {
             Ok(body) => {
                 debug!(bytes = body.len(), elapsed = ?t0.elapsed(), ?format, "scrape served");
@@ -140,6 +140,7 @@ async fn serve(args: Args) -> Result<()> {
             host: host.clone(),
             pin_dir: args.bpffs.clone(),
         }),
+        scraper: expose::Scraper::default(),
         scrape: Mutex::new(()),
     });
 

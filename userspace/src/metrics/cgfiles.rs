@@ -171,13 +171,21 @@ fn parse_num<T: std::str::FromStr>(path: &Path, text: &str) -> Result<T, String>
 }
 
 /// The value of `key` in a `key value` file; 0 when absent (kernels add and drop fields).
+/// A substring search for the key rather than splitting every line: v1 `memory.stat` has ~70
+/// lines of which three are wanted.
 fn keyed(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == key).then(|| v.trim().parse().ok()).flatten()
-        })
-        .unwrap_or(0)
+    let b = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = text[from..].find(key) {
+        let at = from + i;
+        let end = at + key.len();
+        if (at == 0 || b[at - 1] == b'\n') && b.get(end) == Some(&b' ') {
+            let value = text[end + 1..].split('\n').next().unwrap_or("");
+            return value.trim().parse().unwrap_or(0);
+        }
+        from = end;
+    }
+    0
 }
 
 /// v1 blkio `MAJ:MIN Read N` lines summed over devices: (read, write).
@@ -402,20 +410,11 @@ impl CtFiles {
             .unwrap_or(0);
         let usage = s.memory_usage;
         if let Some((cache, rss, ws)) = self.with(buf, 6, |_, t| {
-            let (mut cache, mut rss, mut inactive) = (0, 0, 0);
-            for l in t.lines() {
-                let Some((k, v)) = l.split_once(' ') else {
-                    continue;
-                };
-                let slot = match k {
-                    "total_cache" => &mut cache,
-                    "total_rss" => &mut rss,
-                    "total_inactive_file" => &mut inactive,
-                    _ => continue,
-                };
-                *slot = v.trim().parse().unwrap_or(0);
-            }
-            Ok((cache, rss, usage.saturating_sub(inactive)))
+            Ok((
+                keyed(t, "total_cache"),
+                keyed(t, "total_rss"),
+                usage.saturating_sub(keyed(t, "total_inactive_file")),
+            ))
         })? {
             (s.memory_cache, s.memory_rss, s.memory_working_set) = (cache, rss, ws);
         }
@@ -465,20 +464,11 @@ impl CtFiles {
         }
         let usage = s.memory_usage;
         if let Some((cache, rss, ws)) = self.with(buf, 4, |_, t| {
-            let (mut cache, mut rss, mut inactive) = (0, 0, 0);
-            for l in t.lines() {
-                let Some((k, v)) = l.split_once(' ') else {
-                    continue;
-                };
-                let slot = match k {
-                    "file" => &mut cache,
-                    "anon" => &mut rss,
-                    "inactive_file" => &mut inactive,
-                    _ => continue,
-                };
-                *slot = v.trim().parse().unwrap_or(0);
-            }
-            Ok((cache, rss, usage.saturating_sub(inactive)))
+            Ok((
+                keyed(t, "file"),
+                keyed(t, "anon"),
+                usage.saturating_sub(keyed(t, "inactive_file")),
+            ))
         })? {
             (s.memory_cache, s.memory_rss, s.memory_working_set) = (cache, rss, ws);
         }
@@ -574,6 +564,14 @@ mod tests {
             3
         );
         assert_eq!(keyed("bogus\nx y\n", "x"), 0);
+        let stat = "cache 1\nrss 2\nrss_huge 3\ntotal_cache 10\ntotal_rss_huge 30\n\
+                    total_rss 20\ntotal_inactive_file 5";
+        assert_eq!(keyed(stat, "total_cache"), 10);
+        assert_eq!(keyed(stat, "total_rss"), 20);
+        assert_eq!(keyed(stat, "rss"), 2);
+        assert_eq!(keyed(stat, "total_inactive_file"), 5);
+        assert_eq!(keyed(stat, "cache"), 1);
+        assert_eq!(keyed("file_mapped 7\nfile 9\n", "file"), 9);
         let t = "8:0 Read 4096\n8:0 Write 8192\n8:0 Sync 0\n8:0 Total 12288\n8:16 Read 1\n\
                  8:16 Write 2\nTotal 12291\n";
         assert_eq!(blkio_v1(t), (4097, 8194));

@@ -147,6 +147,46 @@ pub const C_NET_TX_DROPPED: MetricDef = counter(
     "Packets from the CT the datapath dropped, all reasons (spoofing among them).",
 );
 
+// ---- shaping, read back from the kernel (HTB classes, packet-rate buckets) ------------------
+
+const SHAPE_RATE: &[&str] = &["ctid", "direction", "class"];
+const SHAPE_DIR: &[&str] = &["ctid", "direction"];
+
+pub const SHAPING_RATE: MetricDef = gauge(
+    "berth_shaping_rate_bytes",
+    SHAPE_RATE,
+    false,
+    "Configured rate in bytes per second (×8 for what --rate-in/--rate-out/--class-rate set \
+     in bit/s), by direction (receive = to the CT, transmit = from it) and class: `all` for \
+     the CT's total, a network class number for a class rate (capped at the total, as \
+     enforced). Absent while the direction is not shaped. Compare with \
+     rate(berth_network_*_bytes_total), which counts the same Ethernet frames.",
+);
+pub const SHAPING_PPS_LIMIT: MetricDef = gauge(
+    "berth_shaping_pps_limit",
+    SHAPE_DIR,
+    false,
+    "Packet-rate limit in packets per second (--pps-in/--pps-out), by direction; absent \
+     without a limit.",
+);
+pub const SHAPING_OVERLIMITS: MetricDef = counter(
+    "berth_shaping_overlimits_total",
+    SHAPE_DIR,
+    false,
+    "Times the CT's traffic had to wait because it exceeded its rate (HTB leaf overlimits), by \
+     direction; present while the CT is shaped, restarts from 0 when its shaping is set up \
+     anew.",
+);
+pub const SHAPING_DROPS: MetricDef = counter(
+    "berth_shaping_dropped_packets_total",
+    DROP,
+    false,
+    "Packets the shaper dropped, by direction and reason: queue (a shaping queue was full; \
+     present while the direction has a rate, restarts from 0 when the CT's shaping is set up \
+     anew) and pps (over the packet-rate limit; present while the direction has one, kept \
+     across restarts like the traffic counters).",
+);
+
 // ---- cgroup counters (cAdvisor names), present while the CT's cgroup exists -----------------
 
 pub const CPU_USAGE: MetricDef = counter(
@@ -330,14 +370,16 @@ pub const SOURCE_UP: MetricDef = gauge(
     "berth_exporter_source_up",
     &["source"],
     false,
-    "1 if the source (configs, cgroups, datapath) was read in this scrape, 0 if reading it \
-     failed or (datapath) nothing is pinned; its series are missing then.",
+    "1 if the source (configs, cgroups, datapath, shaper) was read in this scrape, 0 if \
+     reading it failed or (datapath) nothing is pinned; its series are missing then. A host \
+     where no CT was ever shaped has no shaper to read and reports 1.",
 );
 pub const COLLECT_SECONDS: MetricDef = gauge(
     "berth_exporter_collect_duration_seconds",
     &[],
     false,
-    "Time this scrape spent reading configs, cgroups and the pinned maps.",
+    "Time this scrape spent reading configs, run states, cgroups, the pinned maps and the \
+     shaper (and writing the CTs' samples, which happens alongside).",
 );
 
 /// Every family, in the order they are documented.
@@ -354,6 +396,10 @@ pub const ALL: &[MetricDef] = &[
     C_NET_TX_PACKETS,
     C_NET_RX_DROPPED,
     C_NET_TX_DROPPED,
+    SHAPING_RATE,
+    SHAPING_PPS_LIMIT,
+    SHAPING_OVERLIMITS,
+    SHAPING_DROPS,
     CPU_USAGE,
     CPU_USER,
     CPU_SYSTEM,

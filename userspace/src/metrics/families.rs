@@ -6,8 +6,8 @@ use berth_runtime::container::State;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily};
 
 use super::defs::{self, MetricDef};
-use super::snapshot::{CtSnapshot, Snapshot};
-use crate::datapath::Direction;
+use super::snapshot::{CtSnapshot, NetworkSnapshot, Snapshot, SourceStatus};
+use crate::{datapath::Direction, shaper::readonly::CtShaping};
 
 /// Direction label values: the CT's point of view, as in the metric names.
 pub fn direction_label(d: Direction) -> &'static str {
@@ -53,6 +53,13 @@ impl Value {
 /// direct text writer ([`super::expose`]).
 pub trait Sink {
     fn sample(&mut self, def: &'static MetricDef, labels: &[(&str, &str)], value: Value);
+
+    /// Samples of several families with the same labels (a CT's cgroup counters).
+    fn samples(&mut self, labels: &[(&str, &str)], samples: &[(&'static MetricDef, Value)]) {
+        for (def, value) in samples {
+            self.sample(def, labels, *value);
+        }
+    }
 }
 
 /// Families being filled, by name.
@@ -94,8 +101,8 @@ fn pair(name: &str, value: &str) -> LabelPair {
 }
 
 /// `ctid` plus `name` when the CT has one: the labels of cAdvisor-compatible families.
-fn with_ct<'a>(ct: &'a CtSnapshot, ctid: &'a str) -> ([(&'static str, &'a str); 2], usize) {
-    match ct.meta.name.as_deref() {
+fn with_ct<'a>(name: Option<&'a str>, ctid: &'a str) -> ([(&'static str, &'a str); 2], usize) {
+    match name {
         Some(n) => ([("ctid", ctid), ("name", n)], 2),
         None => ([("ctid", ctid), ("name", "")], 1),
     }
@@ -106,49 +113,57 @@ const NS: f64 = 1e-9;
 fn emit_cgroup(out: &mut impl Sink, ct: &CtSnapshot, ctid: &str) {
     let Some(cg) = &ct.cgroup else { return };
     let s = &cg.stats;
-    let (arr, n) = with_ct(ct, ctid);
-    let l = &arr[..n];
-    let mut put = |def: &'static MetricDef, v: Value| out.sample(def, l, v);
+    let (arr, n) = with_ct(ct.meta.name.as_deref(), ctid);
     use Value::{Float, Int};
-    put(&defs::CPU_USAGE, Float(s.cpu_usage_ns as f64 * NS));
-    put(&defs::CPU_USER, Float(s.cpu_user_ns as f64 * NS));
-    put(&defs::CPU_SYSTEM, Float(s.cpu_system_ns as f64 * NS));
-    put(&defs::CFS_PERIODS, Int(s.nr_periods));
-    put(&defs::CFS_THROTTLED_PERIODS, Int(s.nr_throttled));
-    put(
-        &defs::CFS_THROTTLED_SECONDS,
-        Float(s.throttled_ns as f64 * NS),
-    );
+    let mut v: Vec<(&'static MetricDef, Value)> = Vec::with_capacity(32);
+    v.extend([
+        (&defs::CPU_USAGE, Float(s.cpu_usage_ns as f64 * NS)),
+        (&defs::CPU_USER, Float(s.cpu_user_ns as f64 * NS)),
+        (&defs::CPU_SYSTEM, Float(s.cpu_system_ns as f64 * NS)),
+        (&defs::CFS_PERIODS, Int(s.nr_periods)),
+        (&defs::CFS_THROTTLED_PERIODS, Int(s.nr_throttled)),
+        (
+            &defs::CFS_THROTTLED_SECONDS,
+            Float(s.throttled_ns as f64 * NS),
+        ),
+    ]);
     if let Some(q) = s.cpu_quota_us {
-        put(&defs::SPEC_CPU_QUOTA, Int(q.max(0) as u64));
-        put(&defs::SPEC_CPU_PERIOD, Int(s.cpu_period_us));
+        v.push((&defs::SPEC_CPU_QUOTA, Int(q.max(0) as u64)));
+        v.push((&defs::SPEC_CPU_PERIOD, Int(s.cpu_period_us)));
     }
-    put(&defs::MEM_USAGE, Int(s.memory_usage));
-    put(&defs::MEM_WORKING_SET, Int(s.memory_working_set));
-    put(&defs::MEM_CACHE, Int(s.memory_cache));
-    put(&defs::MEM_RSS, Int(s.memory_rss));
-    put(&defs::MEM_SWAP, Int(s.swap_usage));
-    if let Some(v) = s.memory_limit {
-        put(&defs::SPEC_MEM_LIMIT, Int(v));
+    v.extend([
+        (&defs::MEM_USAGE, Int(s.memory_usage)),
+        (&defs::MEM_WORKING_SET, Int(s.memory_working_set)),
+        (&defs::MEM_CACHE, Int(s.memory_cache)),
+        (&defs::MEM_RSS, Int(s.memory_rss)),
+        (&defs::MEM_SWAP, Int(s.swap_usage)),
+    ]);
+    if let Some(l) = s.memory_limit {
+        v.push((&defs::SPEC_MEM_LIMIT, Int(l)));
     }
-    if let Some(v) = s.swap_limit {
-        put(&defs::SPEC_SWAP_LIMIT, Int(v));
+    if let Some(l) = s.swap_limit {
+        v.push((&defs::SPEC_SWAP_LIMIT, Int(l)));
     }
-    put(&defs::MEM_FAILCNT, Int(s.memory_failcnt));
-    put(&defs::OOM_EVENTS, Int(s.oom_kills));
-    put(&defs::PROCESSES, Int(cg.processes));
-    put(&defs::THREADS, Int(s.numproc));
-    if let Some(v) = s.numproc_limit {
-        put(&defs::THREADS_MAX, Int(v));
+    v.extend([
+        (&defs::MEM_FAILCNT, Int(s.memory_failcnt)),
+        (&defs::OOM_EVENTS, Int(s.oom_kills)),
+        (&defs::PROCESSES, Int(cg.processes)),
+        (&defs::THREADS, Int(s.numproc)),
+    ]);
+    if let Some(l) = s.numproc_limit {
+        v.push((&defs::THREADS_MAX, Int(l)));
     }
-    put(&defs::NUMPROC_FAILURES, Int(s.numproc_failcnt));
-    put(&defs::FS_READ_BYTES, Int(s.blkio_read_bytes));
-    put(&defs::FS_WRITE_BYTES, Int(s.blkio_write_bytes));
-    put(&defs::FS_READS, Int(s.blkio_read_ios));
-    put(&defs::FS_WRITES, Int(s.blkio_write_ios));
+    v.extend([
+        (&defs::NUMPROC_FAILURES, Int(s.numproc_failcnt)),
+        (&defs::FS_READ_BYTES, Int(s.blkio_read_bytes)),
+        (&defs::FS_WRITE_BYTES, Int(s.blkio_write_bytes)),
+        (&defs::FS_READS, Int(s.blkio_read_ios)),
+        (&defs::FS_WRITES, Int(s.blkio_write_ios)),
+    ]);
     if let Some(t) = ct.started_at {
-        put(&defs::START_TIME, Int(t));
+        v.push((&defs::START_TIME, Int(t)));
     }
+    out.samples(&arr[..n], &v);
 }
 
 /// Per-CT sums for the cAdvisor network families.
@@ -178,103 +193,177 @@ fn class_str(c: u8, buf: &mut [u8; 3]) -> &str {
     std::str::from_utf8(&buf[..n]).unwrap_or("0")
 }
 
-/// Sends every sample of `snap` to `out`.
-pub fn emit(snap: &Snapshot, out: &mut impl Sink) {
-    let ctid_strs: BTreeMap<u32, String> = snap
-        .cts
-        .iter()
-        .map(|ct| (ct.ctid, ct.ctid.to_string()))
-        .collect();
-    for ct in &snap.cts {
-        let ctid = ctid_strs[&ct.ctid].as_str();
-        let m = &ct.meta;
+/// Label values of the exported CTs (those with a config), by CTID: the CTID as text and the
+/// CT's name. Series of CTIDs not in here are left out.
+pub struct CtLabels<'a>(BTreeMap<u32, (String, Option<&'a str>)>);
+
+impl<'a> CtLabels<'a> {
+    pub fn new(cts: impl IntoIterator<Item = (u32, Option<&'a str>)>) -> Self {
+        Self(
+            cts.into_iter()
+                .map(|(c, name)| (c, (c.to_string(), name)))
+                .collect(),
+        )
+    }
+
+    fn ctid(&self, ctid: u32) -> Option<&str> {
+        self.0.get(&ctid).map(|(s, _)| s.as_str())
+    }
+}
+
+/// The series of one CT from its config, run state and cgroup (everything but traffic).
+pub fn emit_ct(ct: &CtSnapshot, out: &mut impl Sink) {
+    let mut ctid_buf = itoa::Buffer::new();
+    let ctid = ctid_buf.format(ct.ctid);
+    let m = &ct.meta;
+    out.sample(
+        &defs::INFO,
+        &[
+            ("ctid", ctid),
+            ("name", m.name.as_deref().unwrap_or("")),
+            ("hostname", m.hostname.as_deref().unwrap_or("")),
+            ("template", &m.template),
+        ],
+        Value::Int(1),
+    );
+    for s in STATES {
         out.sample(
-            &defs::INFO,
-            &[
-                ("ctid", ctid),
-                ("name", m.name.as_deref().unwrap_or("")),
-                ("hostname", m.hostname.as_deref().unwrap_or("")),
-                ("template", &m.template),
-            ],
-            Value::Int(1),
+            &defs::STATE,
+            &[("ctid", ctid), ("state", state_label(s))],
+            Value::Int(u64::from(s == ct.state)),
         );
-        for s in STATES {
-            out.sample(
-                &defs::STATE,
-                &[("ctid", ctid), ("state", state_label(s))],
-                Value::Int(u64::from(s == ct.state)),
-            );
-        }
-        emit_cgroup(out, ct, ctid);
     }
+    emit_cgroup(out, ct, ctid);
+}
 
-    if let Some(net) = &snap.network {
-        let mut sums: BTreeMap<u32, NetSums> = BTreeMap::new();
-        let mut cbuf = [0u8; 3];
-        for r in &net.counters {
-            let Some(ctid) = ctid_strs.get(&r.ctid) else {
-                continue;
-            };
-            let labels = [
-                ("ctid", ctid.as_str()),
-                ("class", class_str(r.class, &mut cbuf)),
-                ("family", r.family.as_str()),
-            ];
-            let s = sums.entry(r.ctid).or_default();
-            let (bytes_def, packets_def) = match r.dir {
-                Direction::In => {
-                    s.rx_bytes += r.bytes;
-                    s.rx_packets += r.packets;
-                    (&defs::NET_RX_BYTES, &defs::NET_RX_PACKETS)
-                }
-                Direction::Out => {
-                    s.tx_bytes += r.bytes;
-                    s.tx_packets += r.packets;
-                    (&defs::NET_TX_BYTES, &defs::NET_TX_PACKETS)
-                }
-            };
-            out.sample(bytes_def, &labels, Value::Int(r.bytes));
-            out.sample(packets_def, &labels, Value::Int(r.packets));
-        }
-        for r in &net.drops {
-            let Some(ctid) = ctid_strs.get(&r.ctid) else {
-                continue;
-            };
-            let labels = [
-                ("ctid", ctid.as_str()),
-                ("direction", direction_label(r.dir)),
-                ("reason", r.reason.as_str()),
-            ];
-            out.sample(&defs::NET_DROPS, &labels, Value::Int(r.packets));
-            out.sample(&defs::NET_DROP_BYTES, &labels, Value::Int(r.bytes));
-            let s = sums.entry(r.ctid).or_default();
-            match r.dir {
-                Direction::In => s.rx_dropped += r.packets,
-                Direction::Out => s.tx_dropped += r.packets,
+/// Traffic series of the CTs in `cts`.
+pub fn emit_network(net: &NetworkSnapshot, cts: &CtLabels, out: &mut impl Sink) {
+    let mut sums: BTreeMap<u32, NetSums> = BTreeMap::new();
+    let mut cbuf = [0u8; 3];
+    for r in &net.counters {
+        let Some(ctid) = cts.ctid(r.ctid) else {
+            continue;
+        };
+        let labels = [
+            ("ctid", ctid),
+            ("class", class_str(r.class, &mut cbuf)),
+            ("family", r.family.as_str()),
+        ];
+        let s = sums.entry(r.ctid).or_default();
+        let (bytes_def, packets_def) = match r.dir {
+            Direction::In => {
+                s.rx_bytes += r.bytes;
+                s.rx_packets += r.packets;
+                (&defs::NET_RX_BYTES, &defs::NET_RX_PACKETS)
             }
-        }
-        for ct in &snap.cts {
-            let Some(s) = sums.get(&ct.ctid) else {
-                continue;
-            };
-            let (arr, n) = with_ct(ct, &ctid_strs[&ct.ctid]);
-            for (def, v) in [
-                (&defs::C_NET_RX_BYTES, s.rx_bytes),
-                (&defs::C_NET_TX_BYTES, s.tx_bytes),
-                (&defs::C_NET_RX_PACKETS, s.rx_packets),
-                (&defs::C_NET_TX_PACKETS, s.tx_packets),
-                (&defs::C_NET_RX_DROPPED, s.rx_dropped),
-                (&defs::C_NET_TX_DROPPED, s.tx_dropped),
-            ] {
-                out.sample(def, &arr[..n], Value::Int(v));
+            Direction::Out => {
+                s.tx_bytes += r.bytes;
+                s.tx_packets += r.packets;
+                (&defs::NET_TX_BYTES, &defs::NET_TX_PACKETS)
             }
+        };
+        out.sample(bytes_def, &labels, Value::Int(r.bytes));
+        out.sample(packets_def, &labels, Value::Int(r.packets));
+    }
+    for r in &net.drops {
+        let Some(ctid) = cts.ctid(r.ctid) else {
+            continue;
+        };
+        let labels = [
+            ("ctid", ctid),
+            ("direction", direction_label(r.dir)),
+            ("reason", r.reason.as_str()),
+        ];
+        out.sample(&defs::NET_DROPS, &labels, Value::Int(r.packets));
+        out.sample(&defs::NET_DROP_BYTES, &labels, Value::Int(r.bytes));
+        let s = sums.entry(r.ctid).or_default();
+        match r.dir {
+            Direction::In => s.rx_dropped += r.packets,
+            Direction::Out => s.tx_dropped += r.packets,
         }
     }
+    for (ctid, s) in &sums {
+        let Some((ctid, name)) = cts.0.get(ctid) else {
+            continue;
+        };
+        let (arr, n) = with_ct(*name, ctid);
+        for (def, v) in [
+            (&defs::C_NET_RX_BYTES, s.rx_bytes),
+            (&defs::C_NET_TX_BYTES, s.tx_bytes),
+            (&defs::C_NET_RX_PACKETS, s.rx_packets),
+            (&defs::C_NET_TX_PACKETS, s.tx_packets),
+            (&defs::C_NET_RX_DROPPED, s.rx_dropped),
+            (&defs::C_NET_TX_DROPPED, s.tx_dropped),
+        ] {
+            out.sample(def, &arr[..n], Value::Int(v));
+        }
+    }
+}
 
+/// Shaping series of the CTs in `cts`: settings of the shaped directions, and their
+/// counters.
+pub fn emit_shaping(shaping: &[CtShaping], cts: &CtLabels, out: &mut impl Sink) {
+    let mut cbuf = [0u8; 3];
+    for sh in shaping {
+        let Some(ctid) = cts.ctid(sh.ctid) else {
+            continue;
+        };
+        for d in [Direction::In, Direction::Out] {
+            let ds = sh.dir(d);
+            let dir = direction_label(d);
+            if let Some(r) = ds.rate {
+                out.sample(
+                    &defs::SHAPING_RATE,
+                    &[("ctid", ctid), ("direction", dir), ("class", "all")],
+                    Value::Int(r),
+                );
+            }
+            for (class, r) in &ds.class_rates {
+                out.sample(
+                    &defs::SHAPING_RATE,
+                    &[
+                        ("ctid", ctid),
+                        ("direction", dir),
+                        ("class", class_str(*class, &mut cbuf)),
+                    ],
+                    Value::Int(*r),
+                );
+            }
+            if ds.rate.is_some() || !ds.class_rates.is_empty() {
+                out.sample(
+                    &defs::SHAPING_OVERLIMITS,
+                    &[("ctid", ctid), ("direction", dir)],
+                    Value::Int(ds.overlimits),
+                );
+                out.sample(
+                    &defs::SHAPING_DROPS,
+                    &[("ctid", ctid), ("direction", dir), ("reason", "queue")],
+                    Value::Int(ds.queue_drops),
+                );
+            }
+            if let Some(p) = ds.pps_limit {
+                out.sample(
+                    &defs::SHAPING_PPS_LIMIT,
+                    &[("ctid", ctid), ("direction", dir)],
+                    Value::Int(p),
+                );
+                out.sample(
+                    &defs::SHAPING_DROPS,
+                    &[("ctid", ctid), ("direction", dir), ("reason", "pps")],
+                    Value::Int(ds.pps_drops),
+                );
+            }
+        }
+    }
+}
+
+/// The exporter's own series: which sources were read, and how long collecting took.
+pub fn emit_exporter(sources: SourceStatus, collect_seconds: f64, out: &mut impl Sink) {
     for (source, up) in [
-        ("configs", snap.sources.configs),
-        ("cgroups", snap.sources.cgroups),
-        ("datapath", snap.sources.datapath),
+        ("configs", sources.configs),
+        ("cgroups", sources.cgroups),
+        ("datapath", sources.datapath),
+        ("shaper", sources.shaper),
     ] {
         out.sample(
             &defs::SOURCE_UP,
@@ -282,11 +371,20 @@ pub fn emit(snap: &Snapshot, out: &mut impl Sink) {
             Value::Int(u64::from(up)),
         );
     }
-    out.sample(
-        &defs::COLLECT_SECONDS,
-        &[],
-        Value::Float(snap.collect_seconds),
-    );
+    out.sample(&defs::COLLECT_SECONDS, &[], Value::Float(collect_seconds));
+}
+
+/// Sends every sample of `snap` to `out`.
+pub fn emit(snap: &Snapshot, out: &mut impl Sink) {
+    for ct in &snap.cts {
+        emit_ct(ct, out);
+    }
+    let labels = CtLabels::new(snap.cts.iter().map(|c| (c.ctid, c.meta.name.as_deref())));
+    if let Some(net) = &snap.network {
+        emit_network(net, &labels, out);
+    }
+    emit_shaping(&snap.shaping, &labels, out);
+    emit_exporter(snap.sources, snap.collect_seconds, out);
 }
 
 /// Every family with at least one series, sorted by name, in the `prometheus` crate's model.
@@ -309,6 +407,7 @@ pub(crate) mod tests {
     use crate::metrics::snapshot::{
         CgroupSnapshot, CtMeta, CtSnapshot, NetworkSnapshot, SourceStatus,
     };
+    use crate::shaper::readonly::DirShaping;
 
     fn value(fams: &[MetricFamily], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let f = fams.iter().find(|f| f.name() == name)?;
@@ -383,10 +482,38 @@ pub(crate) mod tests {
                     bytes: 400,
                 }],
             }),
+            shaping: vec![
+                CtShaping {
+                    ctid: 101,
+                    receive: DirShaping {
+                        pps_limit: Some(1000),
+                        pps_drops: 5,
+                        pps_drop_bytes: 320,
+                        ..DirShaping::default()
+                    },
+                    transmit: DirShaping {
+                        rate: Some(1_250_000),
+                        class_rates: vec![(1, 625_000)],
+                        overlimits: 7,
+                        queue_drops: 2,
+                        ..DirShaping::default()
+                    },
+                },
+                // Shaped but destroyed since: no series.
+                CtShaping {
+                    ctid: 999,
+                    transmit: DirShaping {
+                        rate: Some(1),
+                        ..DirShaping::default()
+                    },
+                    ..CtShaping::default()
+                },
+            ],
             sources: SourceStatus {
                 configs: true,
                 cgroups: true,
                 datapath: true,
+                shaper: true,
             },
             collect_seconds: 0.001,
         }
@@ -473,6 +600,67 @@ pub(crate) mod tests {
                     ("template", "busybox")
                 ]
             ),
+            Some(1.0)
+        );
+        let sh = |l: &[(&str, &str)]| v("berth_shaping_rate_bytes", l);
+        assert_eq!(
+            sh(&[("ctid", "101"), ("direction", "transmit"), ("class", "all")]),
+            Some(1_250_000.0)
+        );
+        assert_eq!(
+            sh(&[("ctid", "101"), ("direction", "transmit"), ("class", "1")]),
+            Some(625_000.0)
+        );
+        assert_eq!(sh(&[("ctid", "101"), ("direction", "receive")]), None);
+        assert_eq!(
+            v(
+                "berth_shaping_pps_limit",
+                &[("ctid", "101"), ("direction", "receive")]
+            ),
+            Some(1000.0)
+        );
+        assert_eq!(
+            v(
+                "berth_shaping_pps_limit",
+                &[("ctid", "101"), ("direction", "transmit")]
+            ),
+            None
+        );
+        assert_eq!(
+            v(
+                "berth_shaping_dropped_packets_total",
+                &[("ctid", "101"), ("direction", "receive"), ("reason", "pps")]
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            v(
+                "berth_shaping_dropped_packets_total",
+                &[
+                    ("ctid", "101"),
+                    ("direction", "transmit"),
+                    ("reason", "queue")
+                ]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            v(
+                "berth_shaping_overlimits_total",
+                &[("ctid", "101"), ("direction", "transmit")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            v(
+                "berth_shaping_overlimits_total",
+                &[("ctid", "101"), ("direction", "receive")]
+            ),
+            None,
+            "only a packet-rate limit: no HTB, no overlimits"
+        );
+        assert_eq!(
+            v("berth_exporter_source_up", &[("source", "shaper")]),
             Some(1.0)
         );
         // Stopped: no cgroup series; its traffic totals stay.
@@ -579,6 +767,7 @@ mod perf {
                 counters,
                 drops: vec![],
             }),
+            shaping: Vec::new(),
             sources: SourceStatus::default(),
             collect_seconds: 0.0,
         };

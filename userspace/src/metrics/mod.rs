@@ -10,6 +10,13 @@
 //!   `container_network_*_total` sums. **Direction is the CT's point of view**: receive =
 //!   delivered to the CT (host-side interface egress), transmit = sent by the CT (host-side
 //!   ingress, where spoofing is dropped).
+//! * shaping, read back from the kernel's HTB classes and packet-rate buckets (read-only:
+//!   berthd never loads programs or changes qdiscs): `berth_shaping_rate_bytes` (configured
+//!   rate in bytes per second by `direction` and `class`, `all` for the CT's total),
+//!   `berth_shaping_pps_limit`, `berth_shaping_overlimits_total` and
+//!   `berth_shaping_dropped_packets_total` by `reason` (`queue`, `pps`). Present for the
+//!   shaped directions of shaped CTs; the rate compares directly with
+//!   `rate(berth_network_*_bytes_total)` (both count Ethernet frames).
 //! * cgroup counters under cAdvisor's names (`container_cpu_usage_seconds_total`,
 //!   `container_memory_working_set_bytes`, ...), with label `name` when the CT has one,
 //!   present while the CT's cgroup exists (cgroup v1 and v2).
@@ -25,6 +32,15 @@
 //! (a new cgroup), like cAdvisor's; `container_start_time_seconds` marks the start, and
 //! PromQL's `rate()`/`increase()` treat the drop as a counter reset. Label values are bounded:
 //! CTIDs, names, class numbers and fixed enums, never addresses or PIDs.
+//!
+//! # Cost
+//!
+//! A scrape reads ~20 kernel files per running CT (cgroup counters through kept-open
+//! descriptors, its config and run state by `stat`, a pidfd `poll`), in batches on as many
+//! threads as CPUs (at most 4), each thread writing the text of the CTs it read; the
+//! datapath's maps and the shaper are read on the calling thread meanwhile. On the project's
+//! 2-vCPU machine 1000 running CTs take ~30 ms per scrape (`cargo xtask bench metrics`).
+//! Shaped CTs add one rtnetlink class dump per shaped direction.
 
 pub mod cgfiles;
 pub mod defs;

@@ -1,16 +1,20 @@
 //! What one scrape reads from the kernel and the state directory: CT configs (cached by
 //! file identity, re-read when a file changes), run state, cgroup counters and the pinned
-//! datapath maps. Nothing here is kept between scrapes except parsed configs and open
-//! cgroup counter files ([`super::cgfiles`]; limits are reused for at most
+//! datapath maps. Nothing here is kept between scrapes except parsed configs and run states
+//! (re-read when their file changes; an init's liveness is checked at every scrape through a
+//! pidfd) and open cgroup counter files ([`super::cgfiles`]; limits are reused for at most
 //! [`super::cgfiles::LIMITS_MAX_AGE`]), so every counter is as fresh as the kernel's and
 //! berthd restarts cannot move a counter.
 
 use std::{
     collections::{BTreeSet, HashMap},
     fs, io,
-    os::unix::fs::MetadataExt,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Instant,
 };
 
@@ -18,12 +22,16 @@ use berth_runtime::{
     Ctid,
     cgroups::{Cgroup, CgroupManager, Controller, Layout, Stats},
     config::{CtConfig, Host},
-    container::{self, State},
+    container::{self, State, state::RunState},
 };
+use nix::{fcntl::AtFlags, sys::stat::FileStat};
 use tracing::{debug, warn};
 
 use super::cgfiles::{Buf, CtFiles};
-use crate::datapath::{CounterRow, Datapath, DropRow};
+use crate::{
+    datapath::{CounterRow, Datapath, DropRow},
+    shaper::readonly::{CtShaping, ShaperView},
+};
 
 /// Where berthd reads from.
 #[derive(Debug, Clone)]
@@ -73,6 +81,8 @@ pub struct SourceStatus {
     pub configs: bool,
     pub cgroups: bool,
     pub datapath: bool,
+    /// The shaper's state was read, or there is none (no CT was ever shaped).
+    pub shaper: bool,
 }
 
 /// One scrape's worth of data. CTs are sorted by CTID; network rows only of those CTs.
@@ -81,12 +91,14 @@ pub struct Snapshot {
     pub cts: Vec<CtSnapshot>,
     /// `None` when no datapath is pinned (or it could not be read).
     pub network: Option<NetworkSnapshot>,
+    /// Shaped CTs, sorted by CTID; empty when none is shaped or the shaper could not be read.
+    pub shaping: Vec<CtShaping>,
     pub sources: SourceStatus,
     pub collect_seconds: f64,
 }
 
-/// A config file's identity: a change of any of these means the file was rewritten
-/// (`CtConfig::save` renames a new file into place, so the inode changes too).
+/// A file's identity: a change of any of these means the file was rewritten (configs and
+/// run states are written to a new file renamed into place, so the inode changes too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileId {
     ino: u64,
@@ -95,20 +107,119 @@ struct FileId {
     mtime_nsec: i64,
 }
 
-/// Reads snapshots; holds the config cache and the last error per source (logged once, not
+impl FileId {
+    fn of(st: &FileStat) -> Self {
+        Self {
+            ino: st.st_ino,
+            len: st.st_size as u64,
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec,
+        }
+    }
+}
+
+/// A directory opened for `fstatat` of the files in it: one path component to resolve per
+/// file instead of the whole path (two files per CT and scrape: config and run state).
+struct Dir {
+    path: PathBuf,
+    fd: Option<OwnedFd>,
+}
+
+impl Dir {
+    fn open(path: PathBuf) -> io::Result<Self> {
+        use nix::{fcntl::OFlag, sys::stat::Mode};
+        match nix::fcntl::open(
+            &path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Self { path, fd: Some(fd) }),
+            Err(nix::errno::Errno::ENOENT) => Ok(Self { path, fd: None }),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+
+    /// `stat` of `file` (a path whose parent is this directory); `None` when it does not
+    /// exist.
+    fn stat(&self, file: &Path) -> io::Result<Option<FileStat>> {
+        let Some(fd) = &self.fd else { return Ok(None) };
+        let name = match file.parent() {
+            Some(p) if p == self.path => file.file_name().map(Path::new).unwrap_or(file),
+            _ => file,
+        };
+        match nix::sys::stat::fstatat(fd, name, AtFlags::empty()) {
+            Ok(st) => Ok(Some(st)),
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+}
+
+/// Whether a CT's init was alive when its run-state file was last read, and how to tell it
+/// still is.
+#[derive(Debug)]
+enum Liveness {
+    Dead,
+    /// A pidfd on the init: readable once it exits (zombies included), one `poll` per scrape
+    /// instead of re-reading the state file, the boot id and `/proc/<pid>/stat`.
+    Pidfd(OwnedFd),
+    /// No pidfd could be opened: [`RunState::alive`] at every scrape.
+    Check(Box<RunState>),
+}
+
+/// A CT's run-state file as last read.
+#[derive(Debug)]
+struct RunEntry {
+    id: FileId,
+    started_at: u64,
+    live: Liveness,
+}
+
+/// What is kept per CT between scrapes: its parsed config and run state (re-read when their
+/// file changes) and its open cgroup counter files.
+#[derive(Debug, Default)]
+struct CtCache {
+    config: Option<(FileId, Arc<CtMeta>)>,
+    files: Option<CtFiles>,
+    run: Option<RunEntry>,
+}
+
+/// One CT's share of a scrape, handed to a worker with its cache and returned.
+struct Work {
+    ctid: Ctid,
+    cache: CtCache,
+    /// Whether the CT still had a config when its worker looked.
+    exported: bool,
+}
+
+/// Reads snapshots; holds the per-CT caches and the last error per source (logged once, not
 /// at every scrape).
 #[derive(Debug)]
 pub struct Reader {
     sources: Sources,
-    configs: Mutex<HashMap<u32, (FileId, Arc<CtMeta>)>>,
-    /// Open counter files of CTs with a cgroup, by CTID.
-    cgroups: Mutex<HashMap<u32, CtFiles>>,
+    /// Per-CT state of CTs with a config, by CTID.
+    cts: Mutex<HashMap<u32, CtCache>>,
     last_errors: Mutex<HashMap<&'static str, String>>,
     workers: usize,
+    /// This boot's id (a run state from another boot is stale); read once.
+    boot_id: Option<String>,
 }
 
-/// Below this many CTs the per-CT reads run on the calling thread.
-const PARALLEL_FROM: usize = 64;
+/// CTs per unit of work handed to a worker: small enough to balance the threads, large
+/// enough that claiming a batch costs nothing.
+const BATCH: usize = 32;
+
+/// What [`Reader::collect`] returns.
+pub(crate) struct Collected<S, M> {
+    /// One sink per batch of CTs, in CTID order.
+    pub batches: Vec<S>,
+    /// What the calling thread's own work returned.
+    pub main: M,
+    /// The CTs read (those with a config), sorted by CTID.
+    pub cts: Vec<(u32, Arc<CtMeta>)>,
+    pub configs: bool,
+    pub cgroups: bool,
+}
 
 impl Reader {
     pub fn new(sources: Sources) -> Self {
@@ -119,10 +230,10 @@ impl Reader {
             .clamp(1, 4);
         Self {
             sources,
-            configs: Mutex::new(HashMap::new()),
-            cgroups: Mutex::new(HashMap::new()),
+            cts: Mutex::new(HashMap::new()),
             last_errors: Mutex::new(HashMap::new()),
             workers,
+            boot_id: container::state::boot_id(),
         }
     }
 
@@ -148,173 +259,285 @@ impl Reader {
         }
     }
 
+    /// One scrape's worth of data.
     pub fn read(&self) -> Snapshot {
         let t0 = Instant::now();
-        let mut snap = Snapshot::default();
+        let c = self.collect(
+            Vec::new,
+            |v: &mut Vec<CtSnapshot>, ct| v.push(ct),
+            || (self.network(), self.shaping()),
+        );
+        let (network, (mut shaping, shaper)) = c.main;
+        let known: BTreeSet<u32> = c.cts.iter().map(|(c, _)| *c).collect();
+        shaping.retain(|s| known.contains(&s.ctid));
+        let network = network.map(|mut n| {
+            // Counters outlive CTs in the maps (billing); series of destroyed CTs must not.
+            n.counters.retain(|r| known.contains(&r.ctid));
+            n.drops.retain(|r| known.contains(&r.ctid));
+            n
+        });
+        Snapshot {
+            cts: c.batches.into_iter().flatten().collect(),
+            sources: SourceStatus {
+                configs: c.configs,
+                cgroups: c.cgroups,
+                datapath: network.is_some(),
+                shaper,
+            },
+            network,
+            shaping,
+            collect_seconds: t0.elapsed().as_secs_f64(),
+        }
+    }
 
-        let metas = match self.read_configs() {
-            Ok(m) => {
-                snap.sources.configs = true;
+    /// The scrape's skeleton, shared by [`Self::read`] and the text writer
+    /// ([`super::expose::scrape`]): lists the CTs with a config, then reads them in batches
+    /// on a few threads, each batch's snapshots handed to `per_ct` with that batch's sink
+    /// (made by `new_sink`), while the calling thread runs `main` (the datapath maps) and
+    /// then helps with the batches. A scrape keeps both CPUs of a small host busy: the CTs'
+    /// files are most of the work, and the rest overlaps with them.
+    pub(crate) fn collect<S: Send, M>(
+        &self,
+        new_sink: impl Fn() -> S + Sync,
+        per_ct: impl Fn(&mut S, CtSnapshot) + Sync,
+        main: impl FnOnce() -> M,
+    ) -> Collected<S, M> {
+        let t0 = Instant::now();
+        let host = &self.sources.host;
+        let listed = host
+            .list_ctids()
+            .map_err(|e| e.to_string())
+            .and_then(|ids| {
+                let conf = Dir::open(host.conf_dir())
+                    .map_err(|e| format!("opening {}: {e}", host.conf_dir().display()))?;
+                Ok((ids, conf))
+            });
+        let (ctids, conf_dir) = match listed {
+            Ok((ids, conf)) => {
                 self.note("configs", Ok(()));
-                m
+                (ids, Some(conf))
             }
             Err(e) => {
                 self.note("configs", Err(e));
-                Vec::new()
+                (Vec::new(), None)
             }
         };
-
-        let host = &self.sources.host;
-        let (layout, with_cgroup) = match Layout::detect()
-            .and_then(|l| l.list_ctids(&host.cgroup_parent).map(|ids| (l, ids)))
-        {
-            Ok((l, ids)) => {
-                snap.sources.cgroups = true;
+        // No run directory yet means no CT has been started: none runs.
+        let run_dir = Dir::open(host.run.clone()).unwrap_or_else(|e| {
+            debug!(dir = %host.run.display(), error = %e, "run directory unreadable");
+            Dir {
+                path: host.run.clone(),
+                fd: None,
+            }
+        });
+        let layout = match Layout::detect() {
+            Ok(l) => {
                 self.note("cgroups", Ok(()));
-                let ids: BTreeSet<u32> = ids.into_iter().map(Ctid::get).collect();
-                (Some(l), ids)
+                Some(l)
             }
             Err(e) => {
                 self.note("cgroups", Err(e.to_string()));
-                (None, BTreeSet::new())
+                None
             }
         };
+        let t_list = t0.elapsed();
 
-        // Each CT's open files travel with it to a worker and come back; CTs without a
-        // cgroup now (stopped, destroyed) leave theirs behind, which closes them.
-        let mut work: Vec<(Ctid, Arc<CtMeta>, Option<CtFiles>)> = {
-            let mut open = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
-            let work = metas
+        // Each CT's cache travels with it to a worker and comes back; CTs without a config
+        // any more leave theirs behind, which closes their files.
+        let mut work: Vec<Work> = {
+            let mut kept = self.cts.lock().unwrap_or_else(|e| e.into_inner());
+            let work = ctids
                 .iter()
-                .map(|(c, m)| (*c, m.clone(), open.remove(&c.get())))
+                .map(|c| Work {
+                    ctid: *c,
+                    cache: kept.remove(&c.get()).unwrap_or_default(),
+                    exported: false,
+                })
                 .collect();
-            open.clear();
+            kept.clear();
             work
         };
-        let per_ct =
-            |buf: &mut Buf, (ctid, meta, files): &mut (Ctid, Arc<CtMeta>, Option<CtFiles>)| {
-                let cgroup = layout
-                    .as_ref()
-                    .filter(|_| with_cgroup.contains(&ctid.get()));
-                read_ct(host, *ctid, meta.clone(), cgroup, files, buf)
-            };
-        snap.cts = if work.len() < PARALLEL_FROM || self.workers == 1 {
-            let mut buf = Buf::default();
-            work.iter_mut().map(|w| per_ct(&mut buf, w)).collect()
-        } else {
-            let chunk = work.len().div_ceil(self.workers);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = work
-                    .chunks_mut(chunk)
-                    .map(|part| {
-                        s.spawn(|| {
-                            let mut buf = Buf::default();
-                            part.iter_mut()
-                                .map(|w| per_ct(&mut buf, w))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
-            })
+        let env = Env {
+            host,
+            boot_id: self.boot_id.as_deref(),
+            conf_dir: conf_dir.as_ref(),
+            run_dir: &run_dir,
+            layout: layout.as_ref(),
         };
-        {
-            let mut open = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
-            open.extend(work.into_iter().filter_map(|(c, _, f)| Some((c.get(), f?))));
-        }
-
-        match self.read_network(&metas) {
-            Ok(Some(n)) => {
-                snap.sources.datapath = true;
-                snap.network = Some(n);
-                self.note("datapath", Ok(()));
+        let batches: Vec<Mutex<(&mut [Work], Option<S>)>> = work
+            .chunks_mut(BATCH)
+            .map(|b| Mutex::new((b, None)))
+            .collect();
+        let next = AtomicUsize::new(0);
+        // Claims batches until none is left; `buf` is the thread's read buffer.
+        let drain = |buf: &mut Buf| {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(slot) = batches.get(i) else { break };
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                let (cts, sink) = &mut *slot;
+                let mut s = new_sink();
+                for w in cts.iter_mut() {
+                    if let Some(ct) = read_ct(&env, w, buf) {
+                        per_ct(&mut s, ct);
+                    }
+                }
+                *sink = Some(s);
             }
-            Ok(None) => self.note(
-                "datapath",
-                Err(format!(
-                    "no datapath pinned under {}",
-                    self.sources.pin_dir.display()
-                )),
-            ),
-            Err(e) => self.note("datapath", Err(e)),
+        };
+        let helpers = if batches.len() > 1 {
+            self.workers - 1
+        } else {
+            0
+        };
+        let (main_out, t_main) = std::thread::scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|| drain(&mut Buf::default()));
+            }
+            let m = main();
+            let t_main = t0.elapsed();
+            drain(&mut Buf::default());
+            (m, t_main)
+        });
+        let batches: Vec<S> = batches
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .1
+                    .unwrap_or_else(&new_sink)
+            })
+            .collect();
+        let mut cts = Vec::with_capacity(work.len());
+        {
+            let mut kept = self.cts.lock().unwrap_or_else(|e| e.into_inner());
+            for w in work.into_iter().filter(|w| w.exported) {
+                if let Some((_, meta)) = &w.cache.config {
+                    cts.push((w.ctid.get(), meta.clone()));
+                }
+                kept.insert(w.ctid.get(), w.cache);
+            }
         }
-        snap.collect_seconds = t0.elapsed().as_secs_f64();
-        snap
+        debug!(
+            cts = cts.len(),
+            threads = helpers + 1,
+            list = ?t_list,
+            main = ?t_main,
+            all = ?t0.elapsed(),
+            "collected"
+        );
+        Collected {
+            batches,
+            main: main_out,
+            cts,
+            configs: conf_dir.is_some(),
+            cgroups: layout.is_some(),
+        }
     }
 
-    /// Every CT with a config, sorted by CTID. A config that cannot be parsed still names a
-    /// CT (its counters are exported with empty info labels).
-    fn read_configs(&self) -> Result<Vec<(Ctid, Arc<CtMeta>)>, String> {
-        let host = &self.sources.host;
-        let ctids = host.list_ctids().map_err(|e| e.to_string())?;
-        let mut cache = self.configs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::with_capacity(ctids.len());
-        for ctid in ctids {
-            let path = host.conf_path(ctid);
-            let md = match fs::metadata(&path) {
-                Ok(md) => md,
-                // Destroyed between the listing and now.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    debug!(path = %path.display(), error = %e, "stat CT config");
-                    continue;
-                }
-            };
-            let id = FileId {
-                ino: md.ino(),
-                len: md.len(),
-                mtime: md.mtime(),
-                mtime_nsec: md.mtime_nsec(),
-            };
-            let meta = match cache.get(&ctid.get()) {
-                Some((cached, meta)) if *cached == id => meta.clone(),
-                _ => {
-                    let meta = Arc::new(match CtConfig::load(host, ctid) {
-                        Ok(c) => CtMeta {
-                            name: c.name,
-                            hostname: c.hostname,
-                            template: c.template,
-                        },
-                        Err(e) => {
-                            warn!(ctid = ctid.get(), error = %e, "CT config unreadable; exporting the CT without info labels");
-                            CtMeta::default()
-                        }
-                    });
-                    cache.insert(ctid.get(), (id, meta.clone()));
-                    meta
-                }
-            };
-            out.push((ctid, meta));
+    /// The datapath's counters of every CTID in the maps; `None` (logged) when nothing is
+    /// pinned or the maps cannot be read.
+    pub(crate) fn network(&self) -> Option<NetworkSnapshot> {
+        match self.read_network() {
+            Ok(Some(n)) => {
+                self.note("datapath", Ok(()));
+                Some(n)
+            }
+            Ok(None) => {
+                self.note(
+                    "datapath",
+                    Err(format!(
+                        "no datapath pinned under {}",
+                        self.sources.pin_dir.display()
+                    )),
+                );
+                None
+            }
+            Err(e) => {
+                self.note("datapath", Err(e));
+                None
+            }
         }
-        // Destroyed CTs leave the cache.
-        let alive: BTreeSet<u32> = out.iter().map(|(c, _)| c.get()).collect();
-        cache.retain(|k, _| alive.contains(k));
-        Ok(out)
     }
 
-    fn read_network(
-        &self,
-        metas: &[(Ctid, Arc<CtMeta>)],
-    ) -> Result<Option<NetworkSnapshot>, String> {
+    /// Every shaped CT as the kernel has it, and whether that could be read (nothing pinned
+    /// counts as read: no CT is shaped). Read-only: berthd never loads or attaches anything.
+    pub(crate) fn shaping(&self) -> (Vec<CtShaping>, bool) {
+        let read = ShaperView::open_pinned(&self.sources.pin_dir)
+            .and_then(|v| v.map(|mut v| v.read()).transpose());
+        match read {
+            Ok(cts) => {
+                self.note("shaper", Ok(()));
+                (cts.unwrap_or_default(), true)
+            }
+            Err(e) => {
+                self.note("shaper", Err(e.to_string()));
+                (Vec::new(), false)
+            }
+        }
+    }
+
+    fn read_network(&self) -> Result<Option<NetworkSnapshot>, String> {
         let Some(dp) =
             Datapath::open_pinned_readonly(&self.sources.pin_dir).map_err(|e| e.to_string())?
         else {
             return Ok(None);
         };
-        let known: BTreeSet<u32> = metas.iter().map(|(c, _)| c.get()).collect();
-        // Counters outlive CTs in the maps (billing); series of destroyed CTs must not.
-        let mut counters = dp.counters().map_err(|e| e.to_string())?;
-        counters.retain(|r| known.contains(&r.ctid));
-        let mut drops = dp.drops().map_err(|e| e.to_string())?;
-        drops.retain(|r| known.contains(&r.ctid));
+        let counters = dp.counters().map_err(|e| e.to_string())?;
+        let drops = dp.drops().map_err(|e| e.to_string())?;
         Ok(Some(NetworkSnapshot { counters, drops }))
     }
 }
 
-/// The kept-open cgroup files need ~17 descriptors per CT, far above the 1024 soft limit
+/// What every CT's read needs of the scrape.
+struct Env<'a> {
+    host: &'a Host,
+    boot_id: Option<&'a str>,
+    /// `None` when the configs could not be listed (then no CT is read).
+    conf_dir: Option<&'a Dir>,
+    run_dir: &'a Dir,
+    layout: Option<&'a Layout>,
+}
+
+/// The CT's config as cached, re-read when its file changed; `None` when it has none any
+/// more (destroyed since the listing). A config that cannot be parsed still names a CT (its
+/// counters are exported with empty info labels).
+fn config(env: &Env, ctid: Ctid, cache: &mut Option<(FileId, Arc<CtMeta>)>) -> Option<Arc<CtMeta>> {
+    let path = env.host.conf_path(ctid);
+    let st = match env.conf_dir?.stat(&path) {
+        Ok(Some(st)) => st,
+        Ok(None) => {
+            *cache = None;
+            return None;
+        }
+        Err(e) => {
+            debug!(path = %path.display(), error = %e, "stat CT config");
+            *cache = None;
+            return None;
+        }
+    };
+    let id = FileId::of(&st);
+    match cache {
+        Some((cached, meta)) if *cached == id => Some(meta.clone()),
+        _ => {
+            let meta = Arc::new(match CtConfig::load(env.host, ctid) {
+                Ok(c) => CtMeta {
+                    name: c.name,
+                    hostname: c.hostname,
+                    template: c.template,
+                },
+                Err(e) => {
+                    warn!(ctid = ctid.get(), error = %e, "CT config unreadable; exporting the CT without info labels");
+                    CtMeta::default()
+                }
+            });
+            *cache = Some((id, meta.clone()));
+            Some(meta)
+        }
+    }
+}
+
+/// The kept-open cgroup files need ~15 descriptors per CT, far above the 1024 soft limit
 /// systemd gives services; the soft limit is raised to the hard one (524288 under systemd).
 /// Without enough descriptors CTs are read by path, correct but slower.
 fn raise_nofile() {
@@ -330,46 +553,126 @@ fn raise_nofile() {
     }
 }
 
-fn read_ct(
-    host: &Host,
-    ctid: Ctid,
-    meta: Arc<CtMeta>,
-    layout: Option<&Layout>,
-    files: &mut Option<CtFiles>,
-    buf: &mut Buf,
-) -> CtSnapshot {
-    let run = container::running(host, ctid);
-    let cgroup = match layout {
-        Some(l) => match read_cgroup(l, &host.cgroup_parent, ctid, run.is_some(), files, buf) {
-            Ok(c) => Some(c),
+/// True once the process behind `pidfd` has exited.
+fn exited(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// Reads a run-state file anew: alive as `container::running` decides (same boot, same
+/// init start time), then a pidfd on the init, whose start time is checked once more (the
+/// PID could have been reused between the first check and the open).
+fn read_run(path: &Path, id: FileId, boot_id: Option<&str>) -> Option<RunEntry> {
+    let rs = RunState::read(path).ok().flatten()?;
+    let same_init = |rs: &RunState| {
+        boot_id == Some(rs.boot_id.as_str())
+            && container::state::proc_starttime(rs.init_pid) == Some(rs.init_starttime)
+    };
+    let live = if !same_init(&rs) {
+        Liveness::Dead
+    } else {
+        match container::state::pidfd_open(rs.init_pid) {
+            Ok(fd) if same_init(&rs) => Liveness::Pidfd(fd),
+            Ok(_) => Liveness::Dead,
             Err(e) => {
-                // A CT stopping right now loses its cgroup between the listing and the read.
-                debug!(ctid = ctid.get(), error = %e, "cgroup not read");
-                None
+                debug!(pid = rs.init_pid, error = %e, "no pidfd for a CT's init; checking /proc at every scrape");
+                Liveness::Check(Box::new(rs.clone()))
             }
-        },
+        }
+    };
+    Some(RunEntry {
+        id,
+        started_at: rs.started_at,
+        live,
+    })
+}
+
+/// The CT's start time while its init runs (what `container::running` tells), through the
+/// cached run state: one `stat` of the state file and one `poll` of a pidfd per scrape.
+fn running(env: &Env, ctid: Ctid, cache: &mut Option<RunEntry>) -> Option<u64> {
+    let path = env.host.state_path(ctid);
+    let Ok(Some(st)) = env.run_dir.stat(&path) else {
+        *cache = None;
+        return None;
+    };
+    let id = FileId::of(&st);
+    if cache.as_ref().is_none_or(|e| e.id != id) {
+        *cache = read_run(&path, id, env.boot_id);
+    }
+    let e = cache.as_mut()?;
+    let alive = match &e.live {
+        Liveness::Dead => false,
+        Liveness::Pidfd(fd) => !exited(fd),
+        Liveness::Check(rs) => rs.alive(),
+    };
+    if !alive {
+        // An init that exited stays dead; the file is rewritten by the next start.
+        e.live = Liveness::Dead;
+        return None;
+    }
+    Some(e.started_at)
+}
+
+/// One CT, `None` when it has no config any more.
+fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf) -> Option<CtSnapshot> {
+    let ctid = w.ctid;
+    let meta = config(env, ctid, &mut w.cache.config)?;
+    w.exported = true;
+    let started_at = running(env, ctid, &mut w.cache.run);
+    let files = &mut w.cache.files;
+    let cgroup = match env.layout {
+        Some(l) => {
+            match read_cgroup(
+                l,
+                &env.host.cgroup_parent,
+                ctid,
+                started_at.is_some(),
+                files,
+                buf,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A CT stopping right now loses its cgroup between the check and the read.
+                    debug!(ctid = ctid.get(), error = %e, "cgroup not read");
+                    None
+                }
+            }
+        }
         None => {
             *files = None;
             None
         }
     };
-    let state = match (&run, &cgroup) {
+    let state = match (started_at, &cgroup) {
         (Some(_), Some(c)) if c.stats.frozen => State::Suspended,
         (Some(_), _) => State::Running,
-        (None, _) if container::state::is_mount_point(&host.root_dir(ctid)) => State::Mounted,
+        (None, _) if container::state::is_mount_point(&env.host.root_dir(ctid)) => State::Mounted,
         (None, _) => State::Stopped,
     };
-    CtSnapshot {
+    Some(CtSnapshot {
         ctid: ctid.get(),
         meta,
         state,
-        started_at: run.map(|r| r.started_at),
+        started_at,
         cgroup,
+    })
+}
+
+/// Whether the CT has a cgroup, by one directory: the one whose `cgroup.procs` the kept-open
+/// files need (v1: pids, v2: the CT's own); without a pids hierarchy any controller's.
+fn has_cgroup(cg: &Cgroup) -> bool {
+    match cg {
+        Cgroup::V1(v1) => match v1.dir(Controller::Pids) {
+            Some(d) => d.is_dir(),
+            None => cg.exists(),
+        },
+        Cgroup::V2(v2) => v2.dir().is_dir(),
     }
 }
 
 /// Through the CT's open files; a failed read (cgroup removed, perhaps recreated by a
-/// restart) opens them again once.
+/// restart) opens them again once. `None` when the CT has no cgroup.
 fn read_cgroup(
     layout: &Layout,
     parent: &str,
@@ -377,15 +680,18 @@ fn read_cgroup(
     running: bool,
     files: &mut Option<CtFiles>,
     buf: &mut Buf,
-) -> Result<CgroupSnapshot, String> {
+) -> Result<Option<CgroupSnapshot>, String> {
     if let Some(f) = files {
         match f.read(buf, running) {
-            Ok((stats, processes)) => return Ok(CgroupSnapshot { stats, processes }),
+            Ok((stats, processes)) => return Ok(Some(CgroupSnapshot { stats, processes })),
             Err(e) => debug!(ctid = ctid.get(), error = %e, "reopening cgroup files"),
         }
     }
     *files = None;
     let cg = layout.open(parent, ctid).map_err(|e| e.to_string())?;
+    if !has_cgroup(&cg) {
+        return Ok(None);
+    }
     // Any failure of the fast path (out of descriptors, a file that does not parse) falls
     // back to the runtime's reader, which also reports a vanished cgroup.
     match CtFiles::open(&cg).and_then(|f| {
@@ -394,7 +700,7 @@ fn read_cgroup(
     }) {
         Ok(Some((f, (stats, processes)))) => {
             *files = Some(f);
-            return Ok(CgroupSnapshot { stats, processes });
+            return Ok(Some(CgroupSnapshot { stats, processes }));
         }
         Ok(None) => {}
         Err(e) => {
@@ -410,7 +716,7 @@ fn read_cgroup(
         Some(d) => count_procs(&d).map_err(|e| format!("count {}: {e}", d.display()))?,
         None => 0,
     };
-    Ok(CgroupSnapshot { stats, processes })
+    Ok(Some(CgroupSnapshot { stats, processes }))
 }
 
 /// Lines of `cgroup.procs` in `dir` and the cgroups below it (a CT running systemd makes
@@ -490,7 +796,7 @@ mod tests {
         fs::remove_file(host.conf_path(ctid)).unwrap();
         let snap = r.read();
         assert_eq!(snap.cts.iter().map(|c| c.ctid).collect::<Vec<_>>(), [102]);
-        assert_eq!(r.configs.lock().unwrap().len(), 1);
+        assert_eq!(r.cts.lock().unwrap().len(), 1);
     }
 
     #[test]

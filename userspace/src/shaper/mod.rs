@@ -54,6 +54,7 @@
 //! ```
 
 mod config;
+pub mod readonly;
 mod sys;
 pub mod tc;
 

@@ -1,0 +1,260 @@
+//! A read-only view of the shaper, for berthd: what each CT's shaping is configured to (read
+//! back from the kernel's HTB classes and packet-rate buckets) and its counters (HTB
+//! overlimits and queue drops, packet-rate drops).
+//!
+//! Unlike [`super::Shaper::open`], opening it loads, attaches and creates nothing: it opens
+//! the shaper's pinned maps if they exist and lists tc classes over rtnetlink. Call it from
+//! the network namespace holding the CTs' host-side interfaces.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use berth_common::{
+    DIR_IN, DIR_OUT, DropValue,
+    shaper::{
+        DROP_PPS, HTB_MAJOR, MINOR_BULK, MINOR_GROUP, MINOR_INTERACTIVE, MINOR_TOTAL, PPS_IN,
+        PPS_OUT, PpsBucket, SHAPE_IN, SHAPE_OUT, ShapeIface, map_names,
+    },
+};
+use berth_runtime::net::Netlink;
+
+use super::{Result, map_err, net_err, tc};
+use crate::datapath::Direction;
+
+/// One direction of a shaped CT, as the kernel has it. Direction is the CT's point of view
+/// (`In` = to the CT, shaped on the host-side interface; `Out` = from the CT, on its IFB).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirShaping {
+    /// The CT's total rate in bytes per second (`--rate-in`/`--rate-out`): the ceiling of the
+    /// `1:1` class; `None` without a total.
+    pub rate: Option<u64>,
+    /// Network classes with a rate of their own (`--class-rate`): (class, ceiling in bytes
+    /// per second; a class rate above the total is capped at the total, as HTB enforces it).
+    pub class_rates: Vec<(u8, u64)>,
+    /// Packet-rate limit (`--pps-in`/`--pps-out`), packets per second.
+    pub pps_limit: Option<u64>,
+    /// Times a leaf class had to wait for tokens (HTB `overlimits`, leaves summed).
+    pub overlimits: u64,
+    /// Packets dropped because a leaf queue was full.
+    pub queue_drops: u64,
+    /// Packets dropped by the packet-rate limit.
+    pub pps_drops: u64,
+    /// Bytes of those packets.
+    pub pps_drop_bytes: u64,
+}
+
+impl DirShaping {
+    /// Whether this direction is shaped or limited at all.
+    pub fn configured(&self) -> bool {
+        self.rate.is_some() || !self.class_rates.is_empty() || self.pps_limit.is_some()
+    }
+}
+
+/// A shaped CT: both directions. With several shaped interfaces (a bridged CT with more
+/// than one) counters are summed and the settings (the same on each) taken from the
+/// interface with the lowest ifindex.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CtShaping {
+    pub ctid: u32,
+    /// To the CT.
+    pub receive: DirShaping,
+    /// From the CT.
+    pub transmit: DirShaping,
+}
+
+impl CtShaping {
+    pub fn dir(&self, d: Direction) -> &DirShaping {
+        match d {
+            Direction::In => &self.receive,
+            Direction::Out => &self.transmit,
+        }
+    }
+
+    fn dir_mut(&mut self, d: Direction) -> &mut DirShaping {
+        match d {
+            Direction::In => &mut self.receive,
+            Direction::Out => &mut self.transmit,
+        }
+    }
+}
+
+/// The shaper's pinned maps and a netlink socket, opened without changing anything.
+pub struct ShaperView {
+    ifaces: HashMap<MapData, u32, ShapeIface>,
+    pps: HashMap<MapData, u64, PpsBucket>,
+    drops: PerCpuHashMap<MapData, u64, DropValue>,
+    nl: Netlink,
+}
+
+impl ShaperView {
+    /// The shaper pinned under `<pin_dir>/shaper`; `None` when nothing is pinned there (no
+    /// CT was ever shaped with this pin directory).
+    pub fn open_pinned(pin_dir: impl AsRef<Path>) -> Result<Option<Self>> {
+        let maps = pin_dir.as_ref().join("shaper").join("maps");
+        if map_names::ALL.iter().any(|m| !maps.join(m).exists()) {
+            return Ok(None);
+        }
+        let open = |name: &'static str| -> Result<aya::maps::Map> {
+            let p = maps.join(name);
+            let data = MapData::from_pin(&p).map_err(map_err(name, &p, "opening pin"))?;
+            Ok(match name {
+                map_names::DROPS => aya::maps::Map::PerCpuHashMap(data),
+                _ => aya::maps::Map::HashMap(data),
+            })
+        };
+        let typed = |name: &'static str| map_err(name, &maps.join(name), "typing");
+        Ok(Some(Self {
+            ifaces: HashMap::try_from(open(map_names::IFACES)?)
+                .map_err(typed(map_names::IFACES))?,
+            pps: HashMap::try_from(open(map_names::PPS)?).map_err(typed(map_names::PPS))?,
+            drops: PerCpuHashMap::try_from(open(map_names::DROPS)?)
+                .map_err(typed(map_names::DROPS))?,
+            nl: Netlink::open_current(tc::NS).map_err(net_err("opening netlink", 0))?,
+        }))
+    }
+
+    /// Every shaped CT, sorted by CTID.
+    pub fn read(&mut self) -> Result<Vec<CtShaping>> {
+        // ifindex order: the lowest ifindex of a CT gives its settings.
+        let mut entries: Vec<(u32, ShapeIface)> = self.ifaces.iter().flatten().collect();
+        entries.sort_unstable_by_key(|(ifindex, _)| *ifindex);
+        let mut cts: BTreeMap<u32, (CtShaping, bool)> = BTreeMap::new();
+        for (ifindex, e) in entries {
+            let (ct, seen) = cts.entry(e.ctid).or_insert_with(|| {
+                (
+                    CtShaping {
+                        ctid: e.ctid,
+                        ..CtShaping::default()
+                    },
+                    false,
+                )
+            });
+            let first = !*seen;
+            *seen = true;
+            for (dir, dev, flag) in [
+                (Direction::In, ifindex, SHAPE_IN),
+                (Direction::Out, e.ifb_ifindex, SHAPE_OUT),
+            ] {
+                if e.flags & flag == 0 || dev == 0 {
+                    continue;
+                }
+                let classes = tc::classes(&mut self.nl, dev)
+                    .map_err(net_err(format!("reading classes of #{dev}"), e.ctid))?;
+                add_classes(ct.dir_mut(dir), &classes, first);
+            }
+            if first {
+                for (dir, d, flag) in [
+                    (Direction::In, DIR_IN, PPS_IN),
+                    (Direction::Out, DIR_OUT, PPS_OUT),
+                ] {
+                    if e.flags & flag != 0
+                        && let Ok(b) = self.pps.get(&(u64::from(ifindex) | u64::from(d) << 32), 0)
+                    {
+                        ct.dir_mut(dir).pps_limit = Some(b.rate);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(cts.len());
+        for (ctid, (mut ct, _)) in cts {
+            for (dir, d) in [(Direction::In, DIR_IN), (Direction::Out, DIR_OUT)] {
+                // The same key layout as `ShaperDropKey` (ctid, dir, reason, pad), little
+                // endian, as the shaper writes it.
+                let key = u64::from(ctid) | u64::from(d) << 32 | u64::from(DROP_PPS) << 40;
+                if let Ok(per_cpu) = self.drops.get(&key, 0) {
+                    let ds = ct.dir_mut(dir);
+                    for v in per_cpu.iter() {
+                        ds.pps_drops += v.packets;
+                        ds.pps_drop_bytes += v.bytes;
+                    }
+                }
+            }
+            out.push(ct);
+        }
+        Ok(out)
+    }
+}
+
+/// Adds one interface's HTB classes of one direction: settings only from the CT's first
+/// interface (`settings`), counters from every one.
+fn add_classes(ds: &mut DirShaping, classes: &[tc::TcObject], settings: bool) {
+    for o in classes.iter().filter(|o| o.handle >> 16 == HTB_MAJOR) {
+        let Some((_rate, ceil, _burst)) = o.htb else {
+            continue;
+        };
+        match o.handle & 0xffff {
+            MINOR_TOTAL if settings => ds.rate = Some(ceil),
+            MINOR_TOTAL => {}
+            m if m >= MINOR_BULK => {
+                // Leaves (bulk and interactive) hold the queues.
+                ds.overlimits += o.overlimits;
+                ds.queue_drops += o.drops;
+            }
+            // Group 0 is the rest of the traffic (no rate of its own); group 1 + c is network
+            // class c.
+            m if m > MINOR_GROUP && m < MINOR_BULK => {
+                if settings && let Ok(c) = u8::try_from(m - MINOR_GROUP - 1) {
+                    ds.class_rates.push((c, ceil));
+                }
+            }
+            _ => {}
+        }
+    }
+    ds.class_rates.sort_unstable();
+    // MINOR_INTERACTIVE > MINOR_BULK: both count as leaves above.
+    const _: () = assert!(MINOR_INTERACTIVE > MINOR_BULK);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn htb(minor: u32, ceil: u64, overlimits: u64, drops: u64) -> tc::TcObject {
+        tc::TcObject {
+            handle: tc::handle(HTB_MAJOR, minor),
+            kind: "htb".into(),
+            htb: Some((ceil / 2, ceil, 16384)),
+            overlimits,
+            drops,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classes_map_to_settings_and_counters() {
+        let classes = [
+            htb(MINOR_TOTAL, 1_250_000, 5, 0),
+            htb(MINOR_GROUP, 1_250_000, 0, 0),
+            htb(MINOR_GROUP + 3, 125_000, 0, 0),
+            htb(MINOR_BULK, 1_250_000, 7, 2),
+            htb(MINOR_INTERACTIVE, 1_250_000, 1, 1),
+            htb(MINOR_BULK + 3, 125_000, 10, 4),
+            // Another qdisc's class: ignored.
+            tc::TcObject {
+                handle: tc::handle(HTB_MAJOR + 1, 1),
+                htb: Some((1, 1, 1)),
+                overlimits: 100,
+                ..Default::default()
+            },
+        ];
+        let mut ds = DirShaping::default();
+        add_classes(&mut ds, &classes, true);
+        assert_eq!(ds.rate, Some(1_250_000));
+        assert_eq!(ds.class_rates, vec![(2, 125_000)]);
+        assert_eq!((ds.overlimits, ds.queue_drops), (18, 7));
+        assert!(ds.configured());
+        // A second interface adds counters only.
+        add_classes(&mut ds, &classes, false);
+        assert_eq!(ds.class_rates, vec![(2, 125_000)]);
+        assert_eq!((ds.overlimits, ds.queue_drops), (36, 14));
+        assert!(!DirShaping::default().configured());
+    }
+
+    #[test]
+    fn nothing_pinned_is_none_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("v1");
+        assert!(ShaperView::open_pinned(&pin).unwrap().is_none());
+        assert!(!pin.exists());
+    }
+}
