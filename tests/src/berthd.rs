@@ -235,7 +235,9 @@ pub struct BerthdArgs {
 }
 
 impl Berthd {
-    /// Starts berthd on `port` (0: any) and waits until it serves.
+    /// Starts berthd on `port` (0: any) and waits until it serves. It runs in the calling
+    /// thread's network namespace (enter a test namespace first to export the qdiscs there;
+    /// requests from the same thread then reach its loopback).
     pub fn start(args: &BerthdArgs, port: u16) -> Result<Self> {
         let mut cmd = Command::new(berthd_bin());
         cmd.arg("--listen")

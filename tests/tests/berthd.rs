@@ -324,6 +324,142 @@ fn promtool_accepts_the_output_and_destroyed_cts_vanish() -> Result<()> {
     Ok(())
 }
 
+/// Shaping as berthd exports it: a routed CT in a test "host" namespace, shaped live through
+/// the CLI; berthd, running in that namespace, shows the configured rates read back from the
+/// kernel (10mbit = 1 250 000 bytes/s), the packet-rate limit and the shaper's counters, and
+/// the series go when the shaping is removed.
+#[test]
+fn shaping_settings_and_counters_are_exported() -> Result<()> {
+    use berth_runtime::net::NetNsGuard;
+    use berth_tests::net::{Topology, UPLINK4, assert_same, wait_for};
+
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&[
+        "create",
+        "231",
+        "--ipadd",
+        "192.0.2.231",
+        "--name",
+        "shaped",
+    ]);
+    h.ok(&["start", "231"]);
+    let outcome = (|| -> Result<()> {
+        let _in_host = NetNsGuard::enter(topo.host.fd())?;
+        let d = Berthd::start(&args(&h, &h.bpffs), 0)?;
+        let (_, s) = d.scrape()?;
+        ensure!(
+            !s.iter().any(|x| x.name.starts_with("berth_shaping_")),
+            "shaping series before any --rate"
+        );
+        ensure!(value_of(&s, "berth_exporter_source_up", &[("source", "shaper")]) == Some(1.0));
+
+        h.ok(&[
+            "set",
+            "231",
+            "--rate-out",
+            "10mbit",
+            "--class-rate",
+            "1:2mbit:4mbit",
+            "--pps-in",
+            "5000",
+        ]);
+        // Some traffic through the shaped CT (the uplink answers).
+        let pinged = wait_for(Duration::from_secs(6), || {
+            h.exec("231", &["ping", "-c", "3", "-i", "0.2", "-W", "2", UPLINK4])
+                .0
+                == 0
+        });
+        ensure!(pinged, "the shaped CT lost connectivity");
+        let (text, s) = d.scrape()?;
+        promtool(&["check", "metrics"], Some(&text))?;
+        let v = |n, l: &[(&str, &str)]| value_of(&s, n, l);
+        let rate = |dir, class| {
+            v(
+                "berth_shaping_rate_bytes",
+                &[("ctid", "231"), ("direction", dir), ("class", class)],
+            )
+        };
+        ensure!(
+            rate("transmit", "all") == Some(1_250_000.0),
+            "transmit total: {:?}\n{text}",
+            rate("transmit", "all")
+        );
+        ensure!(rate("transmit", "1") == Some(500_000.0), "{text}");
+        // Receive: a class rate without a total.
+        ensure!(rate("receive", "1") == Some(250_000.0), "{text}");
+        ensure!(rate("receive", "all").is_none(), "{text}");
+        ensure!(
+            v(
+                "berth_shaping_pps_limit",
+                &[("ctid", "231"), ("direction", "receive")]
+            ) == Some(5000.0),
+            "{text}"
+        );
+        ensure!(
+            v(
+                "berth_shaping_pps_limit",
+                &[("ctid", "231"), ("direction", "transmit")]
+            )
+            .is_none()
+        );
+        for dir in ["receive", "transmit"] {
+            ensure!(
+                v(
+                    "berth_shaping_overlimits_total",
+                    &[("ctid", "231"), ("direction", dir)]
+                )
+                .is_some(),
+                "{dir} overlimits\n{text}"
+            );
+            ensure!(
+                v(
+                    "berth_shaping_dropped_packets_total",
+                    &[("ctid", "231"), ("direction", dir), ("reason", "queue")]
+                )
+                .is_some(),
+                "{dir} queue drops\n{text}"
+            );
+        }
+        ensure!(
+            v(
+                "berth_shaping_dropped_packets_total",
+                &[("ctid", "231"), ("direction", "receive"), ("reason", "pps")]
+            ) == Some(0.0),
+            "{text}"
+        );
+        // The pings went through the shaper's queues: the transmit direction sent them.
+        ensure!(v("berth_exporter_source_up", &[("source", "shaper")]) == Some(1.0));
+
+        h.ok(&[
+            "set",
+            "231",
+            "--rate-out",
+            "none",
+            "--class-rate",
+            "1:none:none",
+            "--pps-in",
+            "none",
+        ]);
+        let (_, s) = d.scrape()?;
+        let left: Vec<String> = s
+            .iter()
+            .filter(|x| x.name.starts_with("berth_shaping_"))
+            .map(Sample::series)
+            .collect();
+        ensure!(left.is_empty(), "shaping series after removal: {left:?}");
+        d.kill()
+    })();
+    h.ok(&["stop", "--fast", "231"]);
+    h.ok(&["destroy", "231"]);
+    h.assert_clean();
+    outcome?;
+    let after = topo.host.settled_snapshot();
+    assert_same("host netns after the shaped CT", &before, &after);
+    Ok(())
+}
+
 /// Counter series (the `_total` ones) and their values.
 fn counters(samples: &[Sample]) -> BTreeMap<String, f64> {
     samples
