@@ -352,6 +352,28 @@ fn bridged_ct_and_spoofing_from_inside() {
     // legitimate traffic is untouched
     assert!(ping_from(&h, "222", UPLINK4));
 
+    // A second interface added live without --save can be removed live again; the saved
+    // config never sees it.
+    h.ok(&["set", "221", "--netif_add", "eth1,,,,br0"]);
+    let shown = |name: &str| {
+        topo.host
+            .run("ip", &["link", "show", name])
+            .status
+            .success()
+    };
+    assert!(shown("veth221.1"), "live --netif_add made no host end");
+    h.ok(&["set", "221", "--netif_del", "eth1"]);
+    assert!(!shown("veth221.1"), "live --netif_del left the host end");
+    assert_ne!(h.exec("221", &["ip", "link", "show", "eth1"]).0, 0);
+    h.ok(&["set", "221", "--netif_add", "eth1,,,,br0"]);
+    h.ok(&["set", "221", "--netif_del", "all"]);
+    assert!(
+        !shown("veth221.0") && !shown("veth221.1"),
+        "--netif_del all"
+    );
+    let conf = std::fs::read_to_string(h.root.join("conf/221.toml")).unwrap();
+    assert!(!conf.contains("eth1"), "unsaved interface saved: {conf}");
+
     h.ok(&["stop", "--fast", "221"]);
     h.ok(&["stop", "--fast", "222"]);
     h.ok(&["destroy", "221"]);

@@ -282,14 +282,35 @@ fn live_net(cfg: &net::NetConfig, run: Option<&RunState>) -> net::NetConfig {
         n.ifaces
             .insert(0, Iface::Routed(RoutedIface { addrs: live }));
     }
-    let live_bridged: Vec<&str> = state
+    let live_bridged: Vec<&net::IfaceState> = state
         .ifaces
         .iter()
         .filter(|i| i.mode == net::Mode::Bridged)
-        .map(|i| i.ct_ifname.as_str())
         .collect();
-    n.ifaces
-        .retain(|i| !matches!(i, Iface::Bridged(b) if !live_bridged.contains(&b.name.as_str())));
+    n.ifaces.retain(
+        |i| !matches!(i, Iface::Bridged(b) if !live_bridged.iter().any(|l| l.ct_ifname == b.name)),
+    );
+    // Interfaces added live without --save: known from the run state only.
+    for l in live_bridged {
+        let saved = n
+            .ifaces
+            .iter()
+            .any(|i| matches!(i, Iface::Bridged(b) if b.name == l.ct_ifname));
+        if !saved {
+            n.ifaces
+                .push(Iface::Bridged(l.bridged.clone().unwrap_or_else(|| {
+                    // A state written before the settings were recorded: what it has.
+                    let mut b = net::BridgedIface::new(l.ct_ifname.clone());
+                    b.mac = l.ct_mac;
+                    b.host_ifname = Some(l.host_ifname.clone());
+                    b.host_mac = l.host_mac;
+                    b.bridge = l.bridge.clone();
+                    b.vlan = l.vlan;
+                    b.addrs = l.addrs.clone();
+                    b
+                })));
+        }
+    }
     n
 }
 

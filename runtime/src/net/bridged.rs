@@ -158,6 +158,7 @@ pub(crate) fn add(
         vlan: b.vlan,
         addrs: Vec::new(),
         proxy: Vec::new(),
+        bridged: Some(b.clone()),
     });
     let st = state.ifaces.last_mut().expect("just pushed");
     read_back(host, ct, echo, &host_name, &b.name, st)?;

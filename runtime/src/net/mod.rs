@@ -196,6 +196,10 @@ pub struct IfaceState {
     /// Proxy entries on the host's neighbour devices (routed only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy: Vec<ProxyEntry>,
+    /// Bridged: the settings the interface was made with, so an interface added live without
+    /// `--save` can still be named, removed live, or saved later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridged: Option<BridgedIface>,
 }
 
 /// What [`setup`] made; persist it with the CT's run state and hand it to [`teardown`].
@@ -237,6 +241,7 @@ impl NetState {
                     vlan: None,
                     addrs: r.addrs.iter().map(|a| IpNet::from(*a)).collect(),
                     proxy: Vec::new(),
+                    bridged: None,
                 },
                 Iface::Bridged(b) => IfaceState {
                     mode: Mode::Bridged,
@@ -250,6 +255,7 @@ impl NetState {
                     vlan: b.vlan,
                     addrs: b.addrs.clone(),
                     proxy: Vec::new(),
+                    bridged: Some(b.clone()),
                 },
             });
         }

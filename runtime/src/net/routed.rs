@@ -184,6 +184,7 @@ pub(crate) fn create_link(
         vlan: None,
         addrs: Vec::new(),
         proxy: Vec::new(),
+        bridged: None,
     });
     let st = state.ifaces.last_mut().expect("just pushed");
     read_back(host, ct, echo, &name, VENET_CT_IFNAME, st)?;
