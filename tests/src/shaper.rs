@@ -1,6 +1,6 @@
-//! Helpers for the shaper tests and benchmark: a routed topology of throwaway namespaces
-//! (a "host" and two "CTs"), iperf3 and ping runs inside them, and checks that nothing of the
-//! shaper is left on an interface.
+//! Helpers for the shaper tests and benchmark: routed and bridged topologies of throwaway
+//! namespaces (a "host", two "CTs", and for bridged a peer on the bridge), iperf3 and ping
+//! runs inside them, and checks that nothing of the shaper is left on an interface.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -14,7 +14,8 @@ use serde_json::Value;
 use crate::datapath::{Netns, run, unique};
 
 /// One "CT": a namespace with `ct_if` (address `ip`/24), joined by a veth to `host_if` in the
-/// host namespace (address `gw`), which routes between the CTs.
+/// host namespace. `gw` is the address of the CT's traffic partner: the host side of its /24
+/// (routed), or the peer on the bridge (bridged).
 pub struct Ct {
     pub ns: Netns,
     pub host_if: String,
@@ -24,20 +25,70 @@ pub struct Ct {
     pub ifindex: u32,
 }
 
-/// `host` routes between `a` and `b`. Every address lives in these namespaces only.
+/// Two CTs `a` and `b` on a "host" namespace. Routed: the host routes between them and is
+/// their traffic partner. Bridged: their host-side veths are ports of a bridge in the host
+/// namespace, and the partner is a third namespace on the same bridge (`peer`), so traffic
+/// crosses the bridge's forwarding path like a bridged CT's traffic to its LAN. Every address
+/// lives in these namespaces only.
 pub struct Topo {
     pub host: Netns,
     pub a: Ct,
     pub b: Ct,
+    /// Bridged only: the partner's namespace (its host-side port is not shaped).
+    pub peer: Option<Ct>,
+    /// Bridged only: the bridge in `host`.
+    pub bridge: Option<String>,
 }
 
 impl Topo {
+    /// The routed topology.
     pub fn new() -> Result<Self> {
         let host = Netns::new("bsh")?;
         host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         let a = Self::ct(&host, 1)?;
         let b = Self::ct(&host, 2)?;
-        Ok(Self { host, a, b })
+        Ok(Self {
+            host,
+            a,
+            b,
+            peer: None,
+            bridge: None,
+        })
+    }
+
+    /// The bridged topology: `a` (10.78.0.2) and `b` (10.78.0.3) and the partner (10.78.0.1)
+    /// on one bridge.
+    pub fn bridged() -> Result<Self> {
+        let host = Netns::new("bsh")?;
+        let br = unique("sbr");
+        host.ip(&["link", "add", &br, "type", "bridge"])?;
+        host.ip(&["link", "set", &br, "up"])?;
+        let peer = Self::port(&host, &br, "10.78.0.1", "")?;
+        let a = Self::port(&host, &br, "10.78.0.2", &peer.ip)?;
+        let b = Self::port(&host, &br, "10.78.0.3", &peer.ip)?;
+        Ok(Self {
+            host,
+            a,
+            b,
+            peer: Some(peer),
+            bridge: Some(br),
+        })
+    }
+
+    /// The namespace of the CTs' traffic partner (what `Ct::gw` is an address of).
+    pub fn partner(&self) -> &str {
+        match &self.peer {
+            Some(p) => &p.ns.name,
+            None => &self.host.name,
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        if self.peer.is_some() {
+            "bridged"
+        } else {
+            "routed"
+        }
     }
 
     fn ct(host: &Netns, n: u8) -> Result<Ct> {
@@ -61,6 +112,29 @@ impl Topo {
             ct_if,
             ip,
             gw,
+            ifindex,
+        })
+    }
+
+    /// A namespace whose veth's host end is a port of `br`.
+    fn port(host: &Netns, br: &str, ip: &str, partner: &str) -> Result<Ct> {
+        let ns = Netns::new("bsp")?;
+        let host_if = unique("sh");
+        let ct_if = unique("sc");
+        host.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ct_if, "netns", &ns.name,
+        ])?;
+        host.ip(&["link", "set", &host_if, "master", br])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", &ct_if])?;
+        host.ip(&["link", "set", &host_if, "up"])?;
+        ns.ip(&["link", "set", &ct_if, "up"])?;
+        let ifindex = host.ifindex(&host_if)?;
+        Ok(Ct {
+            ns,
+            host_if,
+            ct_if,
+            ip: ip.to_owned(),
+            gw: partner.to_owned(),
             ifindex,
         })
     }
@@ -249,12 +323,12 @@ pub fn tc_show(ns: &Netns, what: &str, dev: &str) -> Result<String> {
     run("tc", &["-n", &ns.name, what, "show", "dev", dev])
 }
 
-/// Fails when `dev` still carries an HTB qdisc, a class, or a tc filter, or `ns` still has an
-/// IFB.
+/// Fails when `dev` still carries an HTB or fq qdisc, a class, or a shaper tc filter, or `ns`
+/// still has an IFB.
 pub fn assert_no_shaping(ns: &Netns, dev: &str) -> Result<()> {
     let q = tc_show(ns, "qdisc", dev)?;
     ensure!(
-        !q.contains("htb") && !q.contains("fifo"),
+        !q.contains("htb") && !q.contains("fifo") && !q.contains("qdisc fq "),
         "qdisc left on {dev}: {q}"
     );
     let c = tc_show(ns, "class", dev)?;
@@ -262,7 +336,11 @@ pub fn assert_no_shaping(ns: &Netns, dev: &str) -> Result<()> {
     for hook in ["ingress", "egress"] {
         let f =
             run("tc", &["-n", &ns.name, "filter", "show", "dev", dev, hook]).unwrap_or_default();
-        ensure!(f.trim().is_empty(), "{hook} filter left on {dev}: {f}");
+        // The datapath's own filters (cls_bpf attach) may stay; none of the shaper's may.
+        ensure!(
+            !f.contains("berth_shape"),
+            "shaper {hook} filter left on {dev}: {f}"
+        );
     }
     let links = ns.ip(&["-d", "link", "show"])?;
     ensure!(!links.contains("ifb"), "IFB left in {}: {links}", ns.name);

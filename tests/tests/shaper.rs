@@ -1,16 +1,29 @@
-//! Shaper end to end: a routed topology of throwaway namespaces (a "host" routing between two
-//! "CTs"), the shaper applied on the host-side veths, real TCP/UDP traffic with iperf3.
+//! Shaper end to end: routed and bridged topologies of throwaway namespaces (a "host" routing
+//! between two "CTs", or bridging them to a peer), the shaper applied on the host-side veths,
+//! real TCP/UDP traffic with iperf3; both attach methods (TCX, clsact + cls_bpf); the EDT
+//! program and the packet-rate bucket under BPF_PROG_TEST_RUN.
 //! Run as root: `cargo test -p berth-tests --test shaper -- --test-threads=1`.
 
 use std::{thread, time::Duration};
 
 use anyhow::{Result, ensure};
+use aya::{
+    maps::{Map, MapData, PerCpuHashMap},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
 use berth::{
-    datapath::{ClassEntry, Datapath},
+    datapath::{AttachMethod, ClassEntry, Datapath, Direction, IfaceConfig},
     shaper::{ClassRate, Rate, Shaper, ShapingConfig, Size},
 };
+use berth_common::{
+    DIR_IN, DropValue,
+    shaper::{
+        DROP_HORIZON, DROP_PPS, EDT_TOTAL, EdtSlot, EdtState, PPS_IN, PpsBucket, ShapeIface,
+        map_names as shaper_maps,
+    },
+};
 use berth_tests::{
-    datapath::PinDir,
+    datapath::{PinDir, VERDICT_DROP, VERDICT_PASS},
     shaper::{Run, Server, Topo, assert_no_shaping, iperf, ping_rtts, port, quantile, tc_show},
 };
 
@@ -35,9 +48,9 @@ fn tcp(t: &Topo, dir: &str, secs: u32) -> Result<berth_tests::shaper::Iperf> {
     };
     if dir == "in" {
         let _s = Server::start(&t.a.ns.name, p)?;
-        iperf(&t.host.name, &t.a.ip, p, &r)
+        iperf(t.partner(), &t.a.ip, p, &r)
     } else {
-        let _s = Server::start(&t.host.name, p)?;
+        let _s = Server::start(t.partner(), p)?;
         iperf(&t.a.ns.name, &t.a.gw, p, &r)
     }
 }
@@ -106,6 +119,385 @@ fn ten_mbit_each_direction_then_removal_restores_full_speed() -> Result<()> {
     drop(sh);
     Shaper::unload_all(&pin.path)?;
     ensure!(!pin.path.join("shaper").exists());
+    Ok(())
+}
+
+fn check_ten_mbit_both_ways(t: &Topo, secs: u32) -> Result<()> {
+    let i = tcp(t, "in", secs)?;
+    within(i.goodput_bps, 10e6, &format!("{} in", t.mode()))?;
+    let o = tcp(t, "out", secs)?;
+    within(o.goodput_bps, 10e6, &format!("{} out", t.mode()))?;
+    for (d, r) in [("in", i), ("out", o)] {
+        ensure!(
+            r.retransmits as f64 <= 0.001 * r.segments as f64,
+            "{} {d}: {} retransmits of {} segments",
+            t.mode(),
+            r.retransmits,
+            r.segments
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn bridged_ct_ten_mbit_each_direction() -> Result<()> {
+    let t = Topo::bridged()?;
+    let pin = PinDir::new();
+    let _g = t.host.enter()?;
+    let mut sh = Shaper::open(&pin.path)?;
+    sh.apply(111, t.a.ifindex, &both("10mbit"))?;
+    check_ten_mbit_both_ways(&t, 5)?;
+    sh.remove(111, t.a.ifindex)?;
+    assert_no_shaping(&t.host, &t.a.host_if)?;
+    // Still bridged after teardown: the port is in the bridge and traffic flows.
+    let master = t.host.ip(&["-o", "link", "show", &t.a.host_if])?;
+    ensure!(
+        master.contains(t.bridge.as_deref().unwrap_or("?")),
+        "{master}"
+    );
+    let i = tcp(&t, "in", 2)?;
+    ensure!(i.goodput_bps > 200e6, "not full speed after removal: {i:?}");
+    Ok(())
+}
+
+/// The cls_bpf fallback, chosen through the API: the datapath's accounting filter and the
+/// shaper's filters share clsact; the shaper's run last (classification reaches HTB, the
+/// redirect reaches the IFB), the accounting still counts both directions, and removing the
+/// shaper leaves the datapath's filters alone.
+#[test]
+fn cls_bpf_attach_shapes_after_accounting_and_tears_down() -> Result<()> {
+    let t = Topo::new()?;
+    let pin = PinDir::new();
+    let _g = t.host.enter()?;
+    let mac = {
+        let s =
+            t.a.ns
+                .exec(&["cat", &format!("/sys/class/net/{}/address", t.a.ct_if)])?;
+        berth_tests::datapath::parse_mac(s.trim())?
+    };
+    let mut dp = Datapath::open_or_load_with(&pin.path, AttachMethod::Netlink)?;
+    dp.attach(t.a.ifindex, IfaceConfig::bridged(112, mac))?;
+    let mut sh = Shaper::open_with(&pin.path, AttachMethod::Netlink)?;
+    sh.apply(112, t.a.ifindex, &both("10mbit"))?;
+    // Applying again (a live change) replaces our filters instead of stacking them.
+    sh.apply(112, t.a.ifindex, &both("10mbit"))?;
+    for hook in ["ingress", "egress"] {
+        let f = berth_tests::datapath::run(
+            "tc",
+            &[
+                "-n",
+                &t.host.name,
+                "filter",
+                "show",
+                "dev",
+                &t.a.host_if,
+                hook,
+            ],
+        )?;
+        ensure!(
+            f.lines().filter(|l| l.contains("berth_shape")).count() == 1,
+            "{hook}: one shaper filter expected: {f}"
+        );
+        let prio = |name: &str| -> Option<u32> {
+            f.lines()
+                .find(|l| l.contains(name))?
+                .split_whitespace()
+                .skip_while(|w| *w != "pref")
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let (acct, shape) = (
+            prio("berth_from_ct").or(prio("berth_to_ct")),
+            prio("berth_shape"),
+        );
+        ensure!(
+            matches!((acct, shape), (Some(a), Some(s)) if a < s),
+            "{hook}: accounting must run before the shaper: {f}"
+        );
+    }
+    let before = dp.counters()?;
+    check_ten_mbit_both_ways(&t, 4)?;
+    let sum = |rows: &[berth::datapath::CounterRow], d: Direction| -> u64 {
+        rows.iter()
+            .filter(|r| r.ctid == 112 && r.dir == d)
+            .map(|r| r.bytes)
+            .sum()
+    };
+    let after = dp.counters()?;
+    for d in [Direction::In, Direction::Out] {
+        let counted = sum(&after, d) - sum(&before, d);
+        ensure!(
+            counted > 4_000_000,
+            "accounting missed traffic {d:?}: {counted} bytes"
+        );
+    }
+    let st = sh.status(112)?;
+    let bulk_bytes: u64 = st.interfaces[0]
+        .classes
+        .iter()
+        .filter(|c| c.role == "bulk")
+        .map(|c| c.bytes)
+        .sum();
+    ensure!(
+        bulk_bytes > 8_000_000,
+        "HTB leaves saw {bulk_bytes} bytes: the classification did not reach them"
+    );
+    sh.remove(112, t.a.ifindex)?;
+    assert_no_shaping(&t.host, &t.a.host_if)?;
+    let f = berth_tests::datapath::run(
+        "tc",
+        &[
+            "-n",
+            &t.host.name,
+            "filter",
+            "show",
+            "dev",
+            &t.a.host_if,
+            "ingress",
+        ],
+    )?;
+    ensure!(
+        f.contains("berth_from_ct"),
+        "the datapath's filter went with the shaper's: {f}"
+    );
+    dp.detach(t.a.ifindex)?;
+    Ok(())
+}
+
+/// The pinned shaper program `file` (`to_ct`, `edt`) of the pin directory.
+fn pinned_prog(pin: &std::path::Path, file: &str) -> Result<SchedClassifier> {
+    let progs = pin.join("shaper/progs");
+    for e in std::fs::read_dir(&progs)? {
+        let p = e?.path().join(file);
+        if p.exists() {
+            return Ok(SchedClassifier::from_pin(&p)?);
+        }
+    }
+    anyhow::bail!("no pinned {file} under {}", progs.display())
+}
+
+fn pinned_map(pin: &PinDir, name: &str) -> Result<MapData> {
+    Ok(MapData::from_pin(pin.path.join("shaper/maps").join(name))?)
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns()`.
+fn mono_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: t is a valid timespec for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// (verdict, skb->tstamp after the program) of one run on loopback (ifindex 1).
+fn edt_run(prog: &SchedClassifier, frame: &[u8]) -> Result<(u32, u64)> {
+    let ctx_in = berth_tests::datapath::skb_ctx(0, 0, 0);
+    let mut ctx_out = vec![0u8; ctx_in.len()];
+    let mut out = vec![0u8; frame.len() + 256];
+    let res = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        ..TestRunOptions::new()
+    })?;
+    // struct __sk_buff: tstamp at offset 152.
+    let ts = u64::from_ne_bytes(ctx_out[152..160].try_into()?);
+    Ok((res.return_value, ts))
+}
+
+fn drops_of(pin: &PinDir, ctid: u32, dir: u8, reason: u8) -> Result<(u64, u64)> {
+    let m: PerCpuHashMap<MapData, u64, DropValue> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(pinned_map(pin, shaper_maps::DROPS)?))?;
+    let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(reason) << 40;
+    Ok(match m.get(&key, 0) {
+        Ok(v) => v
+            .iter()
+            .fold((0, 0), |(p, b), x| (p + x.packets, b + x.bytes)),
+        Err(_) => (0, 0),
+    })
+}
+
+/// The EDT backend's program (its qdisc half needs sch_fq, which this kernel lacks): departure
+/// times follow the configured rate exactly while backlogged, a packet long past its slot
+/// leaves at once, one beyond the horizon is dropped and counted, and a class with a slower
+/// rate of its own spaces its packets by that rate.
+#[test]
+fn edt_program_stamps_departures_at_the_rate() -> Result<()> {
+    let ns = berth_tests::datapath::Netns::new("bse")?;
+    let pin = PinDir::new();
+    let _g = ns.enter()?;
+    let sh = Shaper::open(&pin.path)?;
+    println!("backend here: {:?}", sh.backend_status());
+    let prog = pinned_prog(&pin.path, "edt")?;
+    let mut edt: aya::maps::HashMap<MapData, u32, EdtState> =
+        aya::maps::HashMap::try_from(Map::HashMap(pinned_map(&pin, shaper_maps::EDT)?))?;
+    let frame =
+        berth_tests::datapath::ipv4([2, 0, 0, 0, 0, 1], [10, 1, 0, 2], [10, 1, 0, 1], 966, 0);
+    let len = frame.len() as u64;
+    ensure!(len == 1000, "frame of {len} bytes");
+    // 1 Mbit/s = 8000 ns per byte: 8 ms per frame; horizon 50 ms.
+    let cost = 8_000_000u64;
+    let mut st = EdtState {
+        ctid: 4242,
+        dir: DIR_IN,
+        flags: EDT_TOTAL,
+        horizon_ns: 50_000_000,
+        ..Default::default()
+    };
+    st.slots[0] = EdtSlot::for_rate(1_000_000);
+    edt.insert(1, st, 0)?;
+
+    let t0 = mono_ns();
+    let mut deps = Vec::new();
+    for _ in 0..7 {
+        let (v, ts) = edt_run(&prog, &frame)?;
+        ensure!(v == VERDICT_PASS, "verdict {v}");
+        deps.push(ts);
+    }
+    let t1 = mono_ns();
+    ensure!(
+        (t0..=t1).contains(&deps[0]),
+        "first packet delayed: {} ns after the burst began",
+        deps[0] - t0
+    );
+    for (i, d) in deps.iter().enumerate() {
+        ensure!(
+            *d == deps[0] + i as u64 * cost,
+            "packet {i} departs at +{} ns, expected +{}",
+            d - deps[0],
+            i as u64 * cost
+        );
+    }
+    // The 8th would leave 56 ms after its arrival: beyond the 50 ms horizon.
+    let (v, _) = edt_run(&prog, &frame)?;
+    ensure!(v == VERDICT_DROP, "beyond the horizon: verdict {v}");
+    ensure!(
+        drops_of(&pin, 4242, DIR_IN, DROP_HORIZON)? == (1, len),
+        "horizon drop not counted"
+    );
+
+    // Long after the backlog drained: no delay.
+    thread::sleep(Duration::from_millis(120));
+    let before = mono_ns();
+    let (v, ts) = edt_run(&prog, &frame)?;
+    let after = mono_ns();
+    ensure!(v == VERDICT_PASS, "verdict {v}");
+    ensure!(
+        (before..=after).contains(&ts),
+        "a packet far past its slot was delayed by {} ns",
+        ts.saturating_sub(after)
+    );
+
+    // Class 0 (every address here) at 500 kbit/s under a 1 Mbit/s total: 16 ms spacing.
+    st.own = 1;
+    st.slots[1] = EdtSlot::for_rate(500_000);
+    st.slots[0].t_next = 0;
+    edt.insert(1, st, 0)?;
+    let a = edt_run(&prog, &frame)?.1;
+    let b = edt_run(&prog, &frame)?.1;
+    ensure!(b - a == 2 * cost, "class spacing {} ns", b - a);
+    edt.remove(&1)?;
+    drop(sh);
+    Shaper::unload_all(&pin.path)?;
+    Ok(())
+}
+
+/// The packet-rate bucket is charged with compare-and-swap: two CPUs hammering one bucket
+/// through BPF_PROG_TEST_RUN get the rate between them, not each (a plain read-modify-write
+/// let both pass on the same slot).
+#[test]
+fn pps_bucket_holds_with_two_cpus_racing() -> Result<()> {
+    let pin = PinDir::new();
+    let sh = Shaper::open(&pin.path)?;
+    let mut ifaces: aya::maps::HashMap<MapData, u32, ShapeIface> =
+        aya::maps::HashMap::try_from(Map::HashMap(pinned_map(&pin, shaper_maps::IFACES)?))?;
+    let mut pps: aya::maps::HashMap<MapData, u64, PpsBucket> =
+        aya::maps::HashMap::try_from(Map::HashMap(pinned_map(&pin, shaper_maps::PPS)?))?;
+    // Loopback (ifindex 1) of this process's namespace: test runs send nothing anywhere.
+    ifaces.insert(
+        1,
+        ShapeIface {
+            ctid: 4243,
+            flags: PPS_IN,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let rate = 2000u64;
+    pps.insert(
+        1u64,
+        PpsBucket {
+            tat: 0,
+            interval_ns: 1_000_000_000 / rate,
+            tolerance_ns: 0,
+            rate,
+        },
+        0,
+    )?;
+    let frame =
+        berth_tests::datapath::ipv4([2, 0, 0, 0, 0, 1], [10, 1, 0, 2], [10, 1, 0, 1], 18, 0);
+    let repeat = 1_000_000u32;
+    let workers: Vec<_> = (0..2)
+        .map(|cpu| {
+            let path = pin.path.clone();
+            let frame = frame.clone();
+            thread::spawn(
+                move || -> Result<(std::time::Instant, std::time::Instant)> {
+                    let mut set = nix::sched::CpuSet::new();
+                    set.set(cpu)?;
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+                    let prog = pinned_prog(&path, "to_ct")?;
+                    let mut out = vec![0u8; frame.len() + 256];
+                    let ctx = berth_tests::datapath::skb_ctx(0, 0, 0);
+                    let start = std::time::Instant::now();
+                    prog.test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        repeat,
+                        ..TestRunOptions::new()
+                    })?;
+                    Ok((start, std::time::Instant::now()))
+                },
+            )
+        })
+        .collect();
+    let mut spans = Vec::new();
+    for w in workers {
+        spans.push(w.join().unwrap()?);
+    }
+    // Every packet ran between the first start and the last end.
+    let first = spans.iter().map(|s| s.0).min().unwrap();
+    let last = spans.iter().map(|s| s.1).max().unwrap();
+    let secs = (last - first).as_secs_f64();
+    let overlap = (spans.iter().map(|s| s.1).min().unwrap())
+        .saturating_duration_since(spans.iter().map(|s| s.0).max().unwrap())
+        .as_secs_f64();
+    let (dropped, _) = drops_of(&pin, 4243, DIR_IN, DROP_PPS)?;
+    let passed = 2 * u64::from(repeat) - dropped;
+    let allowed = rate as f64 * secs;
+    println!(
+        "{passed} of {} passed in {secs:.3} s ({overlap:.3} s on both CPUs at once) at {rate} pps (allowed {allowed:.0})",
+        2 * repeat
+    );
+    ensure!(
+        overlap > 0.5 * secs,
+        "the two runs hardly overlapped ({overlap:.3} of {secs:.3} s)"
+    );
+    ensure!(secs > 0.05, "runs too short to judge ({secs:.3} s)");
+    ensure!(
+        passed as f64 <= allowed * 1.01 + 2.0,
+        "{passed} packets passed a {rate} pps bucket in {secs:.3} s"
+    );
+    ensure!(
+        passed as f64 >= allowed * 0.95,
+        "only {passed} passed in {secs:.3} s at {rate} pps"
+    );
+    drop(sh);
     Ok(())
 }
 

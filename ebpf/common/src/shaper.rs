@@ -11,7 +11,9 @@ pub mod map_names {
     pub const IFACES: &str = "SHAPER_IFACES";
     pub const PPS: &str = "SHAPER_PPS";
     pub const DROPS: &str = "SHAPER_DROPS";
-    pub const ALL: [&str; 3] = [IFACES, PPS, DROPS];
+    /// EDT backend: per-device departure-time state (`EdtState`).
+    pub const EDT: &str = "SHAPER_EDT";
+    pub const ALL: [&str; 4] = [IFACES, PPS, DROPS, EDT];
 }
 
 /// Names of the shaper's programs.
@@ -20,6 +22,16 @@ pub mod program_names {
     pub const TO_CT: &str = "berth_shape_to_ct";
     /// Host-side interface tc ingress: traffic sent by the CT.
     pub const FROM_CT: &str = "berth_shape_from_ct";
+    /// EDT backend: tc egress of the host-side interface (traffic to the CT) and of the CT's
+    /// IFB (traffic from the CT), in front of sch_fq. Exactly 15 characters, the kernel's
+    /// limit for program names (`BPF_OBJ_NAME_LEN` - 1), so the name cls_bpf reports is whole.
+    pub const EDT: &str = "berth_shape_edt";
+}
+
+/// The name the kernel keeps for a program (`bpf_prog_info.name`, at most 15 bytes): what a
+/// program opened from a pin is called, and so what cls_bpf filters attached from it carry.
+pub fn kernel_name(name: &str) -> &str {
+    name.get(..15).unwrap_or(name)
 }
 
 /// Shaped interfaces (`SHAPER_IFACES`), pps buckets (2 per interface) and drop rows.
@@ -27,6 +39,8 @@ pub mod capacity {
     pub const IFACES: u32 = 16_384;
     pub const PPS: u32 = 2 * IFACES;
     pub const DROPS: u32 = 4 * IFACES;
+    /// `SHAPER_EDT`: one entry per shaped device (host-side interface, IFB).
+    pub const EDT: u32 = 2 * IFACES;
 }
 
 /// Major number of the HTB qdisc on the host-side interface and on the CT's IFB.
@@ -58,6 +72,14 @@ pub const PPS_OUT: u32 = 1 << 5;
 
 /// Drop reason of the packet-rate limit (`ShaperDropKey::reason`).
 pub const DROP_PPS: u8 = 1;
+/// Drop reason of the EDT backend: the packet's departure time would lie more than
+/// `EdtState::horizon_ns` after its arrival (the sender outruns its rate by that much).
+pub const DROP_HORIZON: u8 = 2;
+
+/// Compare-and-swap attempts on one rate state before a program charges it without reading
+/// back (an atomic add): losing the race this often means other CPUs are charging the same
+/// bucket right now, so it is saturated and the packet's own slot hardly matters.
+pub const CAS_TRIES: u32 = 4;
 
 /// `SHAPER_IFACES` value, key = ifindex of the host-side interface.
 #[repr(C)]
@@ -79,7 +101,8 @@ pub type PpsKey = u64;
 
 /// `SHAPER_PPS` value: a packet-rate limit as a GCRA ("virtual scheduling"): a packet
 /// arriving at `now` passes if `max(tat, now) - now <= tolerance_ns`, and then moves `tat` on
-/// by `interval_ns` per segment. One word of state, shared by all CPUs.
+/// by `interval_ns` per segment. One word of state, shared by all CPUs, updated with
+/// compare-and-swap.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PpsBucket {
@@ -94,6 +117,92 @@ pub struct PpsBucket {
 }
 const _: () = assert!(core::mem::size_of::<PpsBucket>() == 32);
 
+/// `EdtState::flags`: the device's total rate (slot 0) applies to every packet.
+pub const EDT_TOTAL: u32 = 1 << 0;
+/// Slots of an `EdtState`: 0 = total, `1 + c` = network class `c`.
+pub const EDT_SLOTS: usize = 17;
+/// Fixed-point shift of `EdtSlot::ns_per_byte_q16`.
+pub const EDT_SHIFT: u32 = 16;
+
+/// One rate of the EDT backend, shared by all CPUs (updated with compare-and-swap).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdtSlot {
+    /// Departure time of the next byte at this rate: a packet leaves at `max(t_next,
+    /// arrival)` and moves `t_next` on by its length at the rate. `bpf_ktime_get_ns()`
+    /// clock (CLOCK_MONOTONIC, what sch_fq compares `skb->tstamp` with).
+    pub t_next: u64,
+    /// Nanoseconds per byte << `EDT_SHIFT` (`8e9 << 16 / rate_bps`); 0 = slot unused.
+    pub ns_per_byte_q16: u64,
+    /// The configured rate, bits per second (user space reads it back; unused by the program).
+    pub rate_bps: u64,
+}
+const _: () = assert!(core::mem::size_of::<EdtSlot>() == 24);
+
+impl EdtSlot {
+    /// Nanoseconds `len` bytes take at this slot's rate. Slow rates (below ~2 kbit/s, where
+    /// `len * ns_per_byte_q16` could overflow) drop the fraction: it is below 1e-7 there.
+    #[inline(always)]
+    pub const fn cost_ns(q16: u64, len: u64) -> u64 {
+        if q16 >> 40 != 0 {
+            len * (q16 >> EDT_SHIFT)
+        } else {
+            (len * q16) >> EDT_SHIFT
+        }
+    }
+
+    /// The slot for `rate_bps` (bits per second, > 0).
+    pub const fn for_rate(rate_bps: u64) -> Self {
+        let q = ((8_000_000_000u128 << EDT_SHIFT) / rate_bps as u128) as u64;
+        Self {
+            t_next: 0,
+            ns_per_byte_q16: if q == 0 { 1 } else { q },
+            rate_bps,
+        }
+    }
+}
+
+/// `SHAPER_EDT` value, key = ifindex of the device whose egress the EDT program runs on: the
+/// host-side interface (traffic to the CT, `dir` = `DIR_IN`) or the CT's IFB (traffic from
+/// the CT, `DIR_OUT`). A packet is charged to the slot of its network class when that class
+/// has a rate (`own`), and to the total (`EDT_TOTAL`); it departs when every slot charged
+/// allows it, and is dropped (`DROP_HORIZON`) when that is more than `horizon_ns` away.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdtState {
+    pub ctid: u32,
+    /// `DIR_IN` or `DIR_OUT`.
+    pub dir: u8,
+    pub _pad0: u8,
+    /// Bit `c` set: network class `c` has a rate of its own (slot `1 + c`).
+    pub own: u16,
+    /// `EDT_*` bits.
+    pub flags: u32,
+    pub _pad1: u32,
+    pub horizon_ns: u64,
+    pub slots: [EdtSlot; EDT_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<EdtState>() == 24 + 24 * EDT_SLOTS);
+
+impl Default for EdtState {
+    fn default() -> Self {
+        Self {
+            ctid: 0,
+            dir: 0,
+            _pad0: 0,
+            own: 0,
+            flags: 0,
+            _pad1: 0,
+            horizon_ns: 0,
+            slots: [EdtSlot {
+                t_next: 0,
+                ns_per_byte_q16: 0,
+                rate_bps: 0,
+            }; EDT_SLOTS],
+        }
+    }
+}
+
 /// `SHAPER_DROPS` key: per CT, direction and reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,10 +216,11 @@ const _: () = assert!(core::mem::size_of::<ShaperDropKey>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{PpsBucket, ShapeIface, ShaperDropKey};
+    use super::{EdtState, PpsBucket, ShapeIface, ShaperDropKey};
 
     // SAFETY: #[repr(C)] integers with explicit padding: every bit pattern is valid.
     unsafe impl aya::Pod for ShapeIface {}
     unsafe impl aya::Pod for PpsBucket {}
     unsafe impl aya::Pod for ShaperDropKey {}
+    unsafe impl aya::Pod for EdtState {}
 }

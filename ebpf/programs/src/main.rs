@@ -5,8 +5,14 @@
 //! No panics (the verifier rejects them), no per-packet logging.
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_cxchg`: the BPF target has no CAS in `core::sync::atomic`
+// (see atomic.rs); the eBPF crate builds with nightly anyway (build-std).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod account;
+mod atomic;
+mod edt;
 mod egress;
 mod ingress;
 mod maps;

@@ -55,7 +55,7 @@ pub fn berth_shape_to_ct(ctx: TcContext) -> i32 {
     };
     let flags = iface.flags;
     if flags & PPS_IN != 0 && !pps_pass(&ctx, ifindex, DIR_IN) {
-        count_drop(&ctx, iface.ctid, DIR_IN);
+        count_drop(&ctx, iface.ctid, DIR_IN, DROP_PPS);
         return TC_ACT_SHOT;
     }
     if flags & SHAPE_IN != 0 {
@@ -76,7 +76,7 @@ pub fn berth_shape_from_ct(ctx: TcContext) -> i32 {
     };
     let flags = iface.flags;
     if flags & PPS_OUT != 0 && !pps_pass(&ctx, ifindex, DIR_OUT) {
-        count_drop(&ctx, iface.ctid, DIR_OUT);
+        count_drop(&ctx, iface.ctid, DIR_OUT, DROP_PPS);
         return TC_ACT_SHOT;
     }
     if flags & SHAPE_OUT != 0 && iface.ifb_ifindex != 0 {
@@ -123,7 +123,7 @@ fn classid(ctx: &TcContext, own_classes: u16, rest: bool, peer_is_src: bool) -> 
 /// what it sends), from the datapath's class table; frames without IP, or unparsable ones,
 /// belong to the default class.
 #[inline(always)]
-fn class_of(ctx: &TcContext, peer_is_src: bool) -> u8 {
+pub(crate) fn class_of(ctx: &TcContext, peer_is_src: bool) -> u8 {
     let Some(cfg) = CONFIG.get(0) else {
         return 0;
     };
@@ -197,11 +197,11 @@ fn class_v6(cfg: &Config, a: &[u64; 2]) -> u8 {
 
 /// The packet-rate limit (see `PpsBucket`). A GSO packet counts its segments.
 ///
-/// The BPF target has no compare-and-swap in Rust (only atomic loads and stores), so the
-/// read-modify-write of `tat` is plain: two CPUs updating one bucket within the same few
-/// nanoseconds can lose one charge. The window is a handful of instructions against about a
-/// microsecond per packet, so the excess stays far below the rate's tolerance (measured by
-/// the benchmark with a flood on both CPUs).
+/// `tat` is shared by all CPUs and moved on with compare-and-swap, so concurrent packets on
+/// several CPUs each get a slot of their own (the bucket never admits more than its rate plus
+/// its burst). After `CAS_TRIES` lost races the packet is charged with a plain atomic add
+/// (which needs no read-back, so the BPF v1 ISA has it): the bucket is saturated then, and
+/// the charge still counts.
 #[inline(always)]
 fn pps_pass(ctx: &TcContext, ifindex: u32, dir: u8) -> bool {
     let key: PpsKey = u64::from(ifindex) | u64::from(dir) << 32;
@@ -210,22 +210,21 @@ fn pps_pass(ctx: &TcContext, ifindex: u32, dir: u8) -> bool {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY (all accesses to *b): b points at the map value of a successful lookup.
-    let tat = unsafe { (*b).tat };
-    let start = if tat > now { tat } else { now };
-    if start - now > unsafe { (*b).tolerance_ns } {
-        return false;
-    }
+    // SAFETY (all accesses to *b): b points at the map value of a successful lookup; user
+    // space replaces values whole (a concurrent program then updates the old copy, harmless).
+    let (interval, tolerance) = unsafe { ((*b).interval_ns, (*b).tolerance_ns) };
     // SAFETY: context field read (skb_shinfo()->gso_segs).
     let segs = unsafe { (*ctx.skb.skb).gso_segs };
-    let segs = if segs > 1 { u64::from(segs) } else { 1 };
-    unsafe { (*b).tat = start + segs * (*b).interval_ns };
-    true
+    let cost = if segs > 1 { u64::from(segs) } else { 1 } * interval;
+    // SAFETY: as above; the field is 8-byte aligned inside the map value.
+    let tat = unsafe { core::ptr::addr_of_mut!((*b).tat) };
+    // SAFETY: tat points into the map value.
+    unsafe { crate::atomic::charge(tat, now, cost, tolerance) }.is_some()
 }
 
 #[inline(always)]
-fn count_drop(ctx: &TcContext, ctid: u32, dir: u8) {
-    let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(DROP_PPS) << 40;
+pub(crate) fn count_drop(ctx: &TcContext, ctid: u32, dir: u8, reason: u8) {
+    let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(reason) << 40;
     let bytes = u64::from(ctx.len());
     if let Some(v) = SHAPER_DROPS.get_ptr_mut(&key) {
         // SAFETY: this CPU's value from a successful lookup.

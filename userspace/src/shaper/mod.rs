@@ -44,16 +44,35 @@
 //! stay. Only a change of structure (adding or removing the total, or a class) deletes the
 //! classes that no longer fit, with their queued packets.
 //!
+//! # EDT backend (where sch_fq exists)
+//!
+//! The same two classifiers (packet rates, redirect into the IFB), plus `berth_shape_edt` on
+//! the egress of the host-side interface and of the IFB: it stamps `skb->tstamp` with the
+//! packet's earliest departure time from per-CT, per-direction rate state (`SHAPER_EDT`,
+//! compare-and-swap across CPUs) and sch_fq, the root qdisc of both devices, holds each
+//! packet until then. Packets that would wait longer than the horizon are dropped and counted
+//! (reason `horizon`). See `backend.rs` for the choice, `edt.rs` for the plan. sch_fq is
+//! missing on the kernel this was developed on: there the backend reports "unavailable: no
+//! sch_fq", and only the program (BPF_PROG_TEST_RUN) and the plan are tested.
+//!
+//! # Attach methods
+//!
+//! TCX links (pinned) by default; with [`AttachMethod::Netlink`] clsact + cls_bpf
+//! direct-action filters at priority `NL_PRIORITY`, after the datapath's (auto-assigned, lower)
+//! priorities. Filters are found again by the program's kernel name (15 bytes at most).
+//!
 //! # Pins
 //!
 //! ```text
 //! <pin_dir>/maps/...                    the datapath's maps (class table, shared)
-//! <pin_dir>/shaper/maps/SHAPER_*        interfaces, pps buckets, drop counters
-//! <pin_dir>/shaper/progs/<hash>/{to_ct,from_ct}
-//! <pin_dir>/shaper/links/<ifindex>/{to_ct,from_ct}   TCX links, last on the hook
+//! <pin_dir>/shaper/maps/SHAPER_*        interfaces, pps buckets, drop counters, EDT state
+//! <pin_dir>/shaper/progs/<hash>/{to_ct,from_ct,edt}
+//! <pin_dir>/shaper/links/<ifindex>/{to_ct,from_ct,edt}   TCX links, last on the hook
 //! ```
 
+mod backend;
 mod config;
+mod edt;
 pub mod readonly;
 mod sys;
 pub mod tc;
@@ -75,11 +94,13 @@ use aya::{
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
     },
 };
+pub use backend::{Backend, BackendStatus, FqSupport, fq_support};
 use berth_common::{
     DIR_IN, DIR_OUT, DropValue,
     shaper::{
-        HTB_MAJOR, MINOR_BULK, MINOR_GROUP, MINOR_INTERACTIVE, MINOR_TOTAL, PPS_IN, PPS_OUT,
-        PpsBucket, REST_IN, REST_OUT, SHAPE_IN, SHAPE_OUT, ShapeIface, map_names, program_names,
+        DROP_HORIZON, DROP_PPS, EdtState, HTB_MAJOR, MINOR_BULK, MINOR_GROUP, MINOR_INTERACTIVE,
+        MINOR_TOTAL, PPS_IN, PPS_OUT, PpsBucket, REST_IN, REST_OUT, SHAPE_IN, SHAPE_OUT,
+        ShapeIface, kernel_name, map_names, program_names,
     },
 };
 use berth_runtime::net::{NetError, Netlink};
@@ -98,6 +119,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/be
 
 const TO_CT_FILE: &str = "to_ct";
 const FROM_CT_FILE: &str = "from_ct";
+const EDT_FILE: &str = "edt";
 /// tc filter priority of the cls_bpf fallback (kernels without TCX): the largest, so the
 /// shaper runs after the datapath's accounting filter (auto-assigned priorities are lower).
 const NL_PRIORITY: u16 = 0xfff0;
@@ -165,6 +187,8 @@ pub enum ShaperError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error("shaper backend: {0}")]
+    Backend(String),
     #[error("shaping {what} of CT {ctid}: {source}")]
     Net {
         what: String,
@@ -213,60 +237,11 @@ fn net_err(what: impl Into<String>, ctid: u32) -> impl FnOnce(NetError) -> Shape
 
 // ---- backend -----------------------------------------------------------------------------
 
-/// The queueing backend behind the shaper.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// eBPF classification into HTB classes (host egress + per-CT IFB).
-    Htb,
-    /// Earliest departure time stamps set by eBPF, paced by sch_fq.
-    Edt,
-}
-
-/// Which backend is in use and why (`berth shaper status`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct BackendStatus {
-    pub backend: Backend,
-    /// Whether EDT could run here: `available`, or `unavailable: <why>`.
-    pub edt: String,
-    pub reason: String,
-}
-
-/// Decides the backend: EDT needs sch_fq in the kernel; this build drives HTB only, so on a
-/// kernel with sch_fq it says so rather than pretending.
-pub fn backend_status() -> BackendStatus {
-    let fq = match sys::kernel_config() {
-        Some(cfg) => {
-            if cfg.lines().any(|l| l == "CONFIG_NET_SCH_FQ=y") {
-                Some(true)
-            } else if cfg.lines().any(|l| l == "CONFIG_NET_SCH_FQ=m") {
-                Some(sys::module_installed("sch_fq"))
-            } else {
-                Some(false)
-            }
-        }
-        None if sys::module_installed("sch_fq") => Some(true),
-        None => None,
-    };
-    let edt = match fq {
-        Some(true) => "available: sch_fq present".to_owned(),
-        Some(false) => "unavailable: no sch_fq".to_owned(),
-        None => {
-            "unavailable: cannot tell whether the kernel has sch_fq (no kernel config)".to_owned()
-        }
-    };
-    let reason = match fq {
-        Some(true) => "sch_fq exists, but this build only has the HTB datapath (EDT pacing \
-                       is not implemented: it could not be verified on a kernel without \
-                       sch_fq); HTB reaches the configured rates"
-            .to_owned(),
-        _ => format!("HTB: EDT {edt}"),
-    };
-    BackendStatus {
-        backend: Backend::Htb,
-        edt,
-        reason,
-    }
+/// The backend this host would use (before any shaper is opened: whether the EDT program
+/// verifies is not known yet, see [`Shaper::backend_status`] for the one in use).
+pub fn backend_status() -> Result<BackendStatus> {
+    let requested = backend::requested_from_env().map_err(ShaperError::Backend)?;
+    backend::decide(fq_support(), None, requested).map_err(ShaperError::Backend)
 }
 
 // ---- plan --------------------------------------------------------------------------------
@@ -285,6 +260,13 @@ struct PlannedClass {
     parent: u32,
     params: HtbClass,
     leaf: Option<Leaf>,
+}
+
+/// What one direction gets on its device, per backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum DirShape {
+    Htb(DirPlan),
+    Edt(EdtState),
 }
 
 /// The HTB of one direction.
@@ -514,16 +496,90 @@ fn remove_tree(dir: &Path) -> Result<()> {
     }
 }
 
+/// A program's place on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// Host-side interface egress: classifier (HTB priority, pps) for traffic to the CT.
+    ToCt,
+    /// Host-side interface ingress: classifier + redirect into the IFB.
+    FromCt,
+    /// Egress of the host-side interface or of the IFB: EDT stamps (EDT backend).
+    Edt,
+}
+
+impl Hook {
+    const ALL: [Hook; 3] = [Hook::ToCt, Hook::FromCt, Hook::Edt];
+
+    fn file(self) -> &'static str {
+        match self {
+            Self::ToCt => TO_CT_FILE,
+            Self::FromCt => FROM_CT_FILE,
+            Self::Edt => EDT_FILE,
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Self::ToCt => program_names::TO_CT,
+            Self::FromCt => program_names::FROM_CT,
+            Self::Edt => program_names::EDT,
+        }
+    }
+}
+
+/// Attaches `prog` as a cls_bpf direct-action filter (clsact added when missing), replacing
+/// a filter of the same program name.
+fn attach_netlink(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    attach_type: TcAttachType,
+) -> Result<()> {
+    if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
+        debug!(ifname, error = %e, "clsact qdisc not added (exists already?)");
+    }
+    detach_netlink(ifname, attach_type, name);
+    let id = prog
+        .attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: NL_PRIORITY,
+                ..Default::default()
+            }),
+        )
+        .map_err(prog_err(name, "attaching (clsact/cls_bpf)"))?;
+    let link = prog.take_link(id).map_err(prog_err(name, "taking link"))?;
+    // The filter lives in the qdisc; dropping the handle would delete it.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Removes our cls_bpf filter of program `name` from `ifname`'s hook, if any. aya names a
+/// filter after the program it was attached from; a program opened from a pin has the
+/// kernel's name, cut to 15 bytes (`berth_shape_to_ct` is `berth_shape_to_`).
+fn detach_netlink(ifname: &str, attach_type: TcAttachType, name: &str) {
+    match aya::programs::tc::qdisc_detach_program(ifname, attach_type, kernel_name(name)) {
+        Ok(()) => {}
+        Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => debug!(ifname, error = %e, "cls_bpf filter not removed"),
+    }
+}
+
 /// A handle on the shaper pinned under `<pin_dir>/shaper`. Dropping it changes nothing in the
 /// kernel. Call it from the network namespace holding the CTs' host-side interfaces.
 pub struct Shaper {
     dir: PathBuf,
     method: AttachMethod,
+    backend: BackendStatus,
     to_ct: SchedClassifier,
     from_ct: SchedClassifier,
+    /// `None` where the kernel rejected it (then the backend is HTB).
+    edt_prog: Option<SchedClassifier>,
     ifaces: HashMap<MapData, u32, ShapeIface>,
     pps: HashMap<MapData, u64, PpsBucket>,
     drops: PerCpuHashMap<MapData, u64, DropValue>,
+    edt: HashMap<MapData, u32, EdtState>,
     nl: Netlink,
 }
 
@@ -533,7 +589,8 @@ impl Shaper {
     /// binary's programs differ: every pinned link then switches to the new programs
     /// atomically). The datapath's maps (class table) are shared, created if missing.
     pub fn open(pin_dir: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(pin_dir, AttachMethod::detect())
+        let requested = backend::requested_from_env().map_err(ShaperError::Backend)?;
+        Self::open_full(pin_dir.as_ref(), AttachMethod::detect(), requested)
     }
 
     /// [`Self::open`] at [`DEFAULT_PIN_DIR`].
@@ -541,12 +598,27 @@ impl Shaper {
         Self::open(DEFAULT_PIN_DIR)
     }
 
-    /// With an explicit attach method (tests exercise the cls_bpf fallback with it).
+    /// With an explicit attach method (tests exercise the cls_bpf fallback with it) and the
+    /// automatic backend choice (`BERTH_SHAPER` is not consulted).
     pub fn open_with(pin_dir: impl AsRef<Path>, method: AttachMethod) -> Result<Self> {
+        Self::open_full(pin_dir.as_ref(), method, None)
+    }
+
+    /// With an explicit attach method and backend (`None`: automatic). A backend that cannot
+    /// run here is an error naming why.
+    pub fn open_with_backend(
+        pin_dir: impl AsRef<Path>,
+        method: AttachMethod,
+        backend: Option<Backend>,
+    ) -> Result<Self> {
+        Self::open_full(pin_dir.as_ref(), method, backend)
+    }
+
+    fn open_full(pin_dir: &Path, method: AttachMethod, requested: Option<Backend>) -> Result<Self> {
         if OBJECT.is_empty() {
             return Err(ShaperError::NotBuilt);
         }
-        let pin_dir = pin_dir.as_ref().to_path_buf();
+        let pin_dir = pin_dir.to_path_buf();
         let dir = pin_dir.join("shaper");
         let maps_dir = dir.join("maps");
         let dp_maps = pin_dir.join("maps");
@@ -558,6 +630,7 @@ impl Shaper {
         let hash = format!("{:016x}", crate::datapath::object_hash(OBJECT));
         let progs = progs_root.join(&hash);
         let (to_path, from_path) = (progs.join(TO_CT_FILE), progs.join(FROM_CT_FILE));
+        let edt_path = progs.join(EDT_FILE);
         let fresh = !(to_path.exists() && from_path.exists());
         if fresh {
             remove_tree(&progs)?;
@@ -590,12 +663,48 @@ impl Shaper {
                     source: io::Error::other(e),
                 })?;
             }
+            // The EDT program reads `__sk_buff::tstamp_type` (5.18): a kernel that rejects it
+            // still shapes with HTB (no pin = rejected; later opens do not retry).
+            let edt_load = ebpf
+                .program_mut(program_names::EDT)
+                .ok_or(aya::programs::ProgramError::NotLoaded)
+                .and_then(|p| <&mut SchedClassifier>::try_from(p))
+                .and_then(|p| {
+                    p.load()?;
+                    Ok(p)
+                });
+            match edt_load {
+                Ok(p) => p.pin(&edt_path).map_err(|e| ShaperError::Io {
+                    op: "pinning program at",
+                    path: edt_path.clone(),
+                    source: io::Error::other(e),
+                })?,
+                Err(e) => {
+                    warn!(error = %e, "EDT program not loaded: the EDT backend is unavailable")
+                }
+            }
             info!(dir = %dir.display(), build = %hash, "loaded the shaper programs");
         }
         let to_ct = SchedClassifier::from_pin(&to_path)
             .map_err(prog_err(program_names::TO_CT, "opening pin"))?;
         let from_ct = SchedClassifier::from_pin(&from_path)
             .map_err(prog_err(program_names::FROM_CT, "opening pin"))?;
+        let edt_prog = if edt_path.exists() {
+            Some(
+                SchedClassifier::from_pin(&edt_path)
+                    .map_err(prog_err(program_names::EDT, "opening pin"))?,
+            )
+        } else {
+            None
+        };
+        let edt_verdict = match &edt_prog {
+            Some(_) => Ok(()),
+            None => {
+                Err("the kernel's verifier rejected it (see the log of the first load)".to_owned())
+            }
+        };
+        let backend = backend::decide(fq_support(), Some(edt_verdict), requested)
+            .map_err(ShaperError::Backend)?;
         let open = |name: &'static str| -> Result<MapData> {
             let p = maps_dir.join(name);
             MapData::from_pin(&p).map_err(map_err(name, &p, "opening pin"))
@@ -610,15 +719,20 @@ impl Shaper {
             .map_err(typed(map_names::PPS, "typing"))?;
         let drops = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(map_names::DROPS)?))
             .map_err(typed(map_names::DROPS, "typing"))?;
+        let edt = HashMap::try_from(aya::maps::Map::HashMap(open(map_names::EDT)?))
+            .map_err(typed(map_names::EDT, "typing"))?;
         let nl = Netlink::open_current(tc::NS).map_err(net_err("opening netlink", 0))?;
         let mut s = Self {
             dir,
             method,
+            backend,
             to_ct,
             from_ct,
+            edt_prog,
             ifaces,
             pps,
             drops,
+            edt,
             nl,
         };
         if fresh {
@@ -635,13 +749,20 @@ impl Shaper {
 
     /// Which backend shapes traffic here, and why.
     pub fn backend_status(&self) -> BackendStatus {
-        backend_status()
+        self.backend.clone()
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend.backend
     }
 
     fn links_dir(&self, ifindex: u32) -> PathBuf {
         self.dir.join("links").join(ifindex.to_string())
     }
 
+    /// Moves every attachment to this binary's programs: TCX links are updated in place
+    /// (BPF_LINK_UPDATE), cls_bpf filters replaced.
     fn upgrade_links(&mut self) -> Result<()> {
         let root = self.dir.join("links");
         for e in fs::read_dir(&root).map_err(io_err("listing", &root))? {
@@ -649,134 +770,123 @@ impl Shaper {
             if let Ok(ifindex) = e.file_name().to_string_lossy().parse::<u32>()
                 && let Some(name) = sys::if_indextoname(ifindex)
             {
-                self.attach(ifindex, &name)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Attaches both programs to `ifindex` (idempotent; replaces links of an older program or
-    /// of a re-created interface).
-    fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
-        if self.method == AttachMethod::Netlink {
-            return self.attach_netlink(ifname);
-        }
-        let dir = self.links_dir(ifindex);
-        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-        for (prog, attach_type, file, name) in [
-            (
-                &mut self.to_ct,
-                TcAttachType::Egress,
-                TO_CT_FILE,
-                program_names::TO_CT,
-            ),
-            (
-                &mut self.from_ct,
-                TcAttachType::Ingress,
-                FROM_CT_FILE,
-                program_names::FROM_CT,
-            ),
-        ] {
-            let path = dir.join(file);
-            let prog_id = prog.info().map_err(prog_err(name, "reading info"))?.id();
-            match sys::tcx_link(&path) {
-                Ok((link_prog, link_if)) if link_if == ifindex => {
-                    if link_prog != prog_id {
-                        let pinned = PinnedLink::from_pin(&path).map_err(|e| ShaperError::Io {
-                            op: "opening pinned link",
-                            path: path.clone(),
-                            source: io::Error::other(e),
-                        })?;
-                        let link =
-                            SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
-                                ShaperError::Io {
-                                    op: "typing pinned link",
-                                    path: path.clone(),
-                                    source: io::Error::other(e),
-                                }
-                            })?;
-                        let id = prog
-                            .attach_to_link(link)
-                            .map_err(prog_err(name, "replacing program (BPF_LINK_UPDATE)"))?;
-                        drop(
-                            prog.take_link(id)
-                                .map_err(prog_err(name, "releasing link"))?,
-                        );
+                for hook in Hook::ALL {
+                    if e.path().join(hook.file()).exists() {
+                        self.attach_hook(hook, ifindex, &name)?;
                     }
-                    continue;
                 }
-                Ok(_) => fs::remove_file(&path).map_err(io_err("unpinning dead link", &path))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("opening pinned link", &path)(e)),
             }
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    attach_type,
-                    // Last on the hook: the accounting/anti-spoofing programs (attached first)
-                    // must see every packet before the redirect into the IFB ends the hook.
-                    TcAttachOptions::TcxOrder(LinkOrder::last()),
-                )
-                .map_err(prog_err(name, "attaching (TCX)"))?;
-            let link = prog.take_link(id).map_err(prog_err(name, "taking link"))?;
-            let fd_link = FdLink::try_from(link).map_err(|e| ShaperError::Io {
-                op: "converting link",
-                path: path.clone(),
-                source: io::Error::other(e),
-            })?;
-            fd_link.pin(&path).map_err(|e| ShaperError::Io {
-                op: "pinning link at",
-                path: path.clone(),
-                source: io::Error::other(e),
-            })?;
+        }
+        if self.method == AttachMethod::Netlink {
+            let shaped: Vec<(u32, ShapeIface)> = self.ifaces.iter().flatten().collect();
+            for (ifindex, _) in &shaped {
+                if let Some(name) = sys::if_indextoname(*ifindex) {
+                    self.attach(*ifindex, &name)?;
+                }
+            }
+            let stamped: Vec<u32> = self.edt.keys().flatten().collect();
+            for dev in stamped {
+                if let Some(name) = sys::if_indextoname(dev) {
+                    self.attach_hook(Hook::Edt, dev, &name)?;
+                }
+            }
         }
         Ok(())
     }
 
-    fn attach_netlink(&mut self, ifname: &str) -> Result<()> {
-        if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
-            debug!(ifname, error = %e, "clsact qdisc not added (exists already?)");
-        }
-        for (prog, attach_type, name) in [
-            (&mut self.to_ct, TcAttachType::Egress, program_names::TO_CT),
-            (
-                &mut self.from_ct,
-                TcAttachType::Ingress,
-                program_names::FROM_CT,
+    /// Attaches both classifiers to `ifindex` (idempotent; replaces links of an older program
+    /// or of a re-created interface).
+    fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        self.attach_hook(Hook::ToCt, ifindex, ifname)?;
+        self.attach_hook(Hook::FromCt, ifindex, ifname)
+    }
+
+    fn attach_hook(&mut self, hook: Hook, ifindex: u32, ifname: &str) -> Result<()> {
+        let name = hook.program();
+        let (prog, attach_type) = match hook {
+            Hook::ToCt => (&mut self.to_ct, TcAttachType::Egress),
+            Hook::FromCt => (&mut self.from_ct, TcAttachType::Ingress),
+            Hook::Edt => (
+                self.edt_prog
+                    .as_mut()
+                    .ok_or(aya::programs::ProgramError::NotLoaded)
+                    .map_err(prog_err(name, "attaching"))?,
+                TcAttachType::Egress,
             ),
-        ] {
-            let _ = aya::programs::tc::qdisc_detach_program(ifname, attach_type, name);
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    attach_type,
-                    TcAttachOptions::Netlink(NlOptions {
-                        priority: NL_PRIORITY,
-                        ..Default::default()
-                    }),
-                )
-                .map_err(prog_err(name, "attaching (clsact/cls_bpf)"))?;
-            let link = prog.take_link(id).map_err(prog_err(name, "taking link"))?;
-            // The filter lives in the qdisc; dropping the handle would delete it.
-            std::mem::forget(link);
+        };
+        if self.method == AttachMethod::Netlink {
+            return attach_netlink(prog, name, ifname, attach_type);
         }
+        let dir = self.dir.join("links").join(ifindex.to_string());
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let path = dir.join(hook.file());
+        let prog_id = prog.info().map_err(prog_err(name, "reading info"))?.id();
+        match sys::tcx_link(&path) {
+            Ok((link_prog, link_if)) if link_if == ifindex => {
+                if link_prog != prog_id {
+                    let pinned = PinnedLink::from_pin(&path).map_err(|e| ShaperError::Io {
+                        op: "opening pinned link",
+                        path: path.clone(),
+                        source: io::Error::other(e),
+                    })?;
+                    let link =
+                        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
+                            ShaperError::Io {
+                                op: "typing pinned link",
+                                path: path.clone(),
+                                source: io::Error::other(e),
+                            }
+                        })?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .map_err(prog_err(name, "replacing program (BPF_LINK_UPDATE)"))?;
+                    drop(
+                        prog.take_link(id)
+                            .map_err(prog_err(name, "releasing link"))?,
+                    );
+                }
+                return Ok(());
+            }
+            Ok(_) => fs::remove_file(&path).map_err(io_err("unpinning dead link", &path))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("opening pinned link", &path)(e)),
+        }
+        let id = prog
+            .attach_with_options(
+                ifname,
+                attach_type,
+                // Last on the hook: the accounting/anti-spoofing programs (attached first)
+                // must see every packet before the redirect into the IFB ends the hook, and
+                // the EDT stamp comes after the classifier's pps verdict.
+                TcAttachOptions::TcxOrder(LinkOrder::last()),
+            )
+            .map_err(prog_err(name, "attaching (TCX)"))?;
+        let link = prog.take_link(id).map_err(prog_err(name, "taking link"))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| ShaperError::Io {
+            op: "converting link",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        fd_link.pin(&path).map_err(|e| ShaperError::Io {
+            op: "pinning link at",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
         Ok(())
     }
 
+    /// Detaches every shaper program from `ifindex` (TCX links by unpinning, cls_bpf filters
+    /// by their kernel names).
     fn detach(&mut self, ifindex: u32, ifname: Option<&str>) -> Result<()> {
         // Unpinning the last reference to a TCX link detaches it.
         remove_tree(&self.links_dir(ifindex))?;
         if let Some(ifname) = ifname {
-            for (t, name) in [
-                (TcAttachType::Egress, program_names::TO_CT),
-                (TcAttachType::Ingress, program_names::FROM_CT),
-            ] {
-                match aya::programs::tc::qdisc_detach_program(ifname, t, name) {
-                    Ok(()) => {}
-                    Err(aya::programs::tc::TcError::IoError(e))
-                        if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => debug!(ifname, error = %e, "cls_bpf filter not removed"),
-                }
+            for hook in Hook::ALL {
+                let t = match hook {
+                    Hook::FromCt => TcAttachType::Ingress,
+                    Hook::ToCt | Hook::Edt => TcAttachType::Egress,
+                };
+                detach_netlink(ifname, t, hook.program());
             }
         }
         Ok(())
@@ -815,12 +925,19 @@ impl Shaper {
                 .filter_map(|c| f(c).map(|r| (c.class, r)))
                 .collect()
         };
-        let plan_in = plan_dir(config.rate_in, &class_rates(|c| c.rate_in), config.burst);
-        let plan_out = plan_dir(config.rate_out, &class_rates(|c| c.rate_out), config.burst);
+        let (classes_in, classes_out) = (class_rates(|c| c.rate_in), class_rates(|c| c.rate_out));
+        let plans = match self.backend.backend {
+            Backend::Htb => (
+                plan_dir(config.rate_in, &classes_in, config.burst).map(DirShape::Htb),
+                plan_dir(config.rate_out, &classes_out, config.burst).map(DirShape::Htb),
+            ),
+            Backend::Edt => (
+                edt::state(ctid, DIR_IN, config.rate_in, &classes_in).map(DirShape::Edt),
+                edt::state(ctid, DIR_OUT, config.rate_out, &classes_out).map(DirShape::Edt),
+            ),
+        };
 
-        let result = self.apply_plans(
-            ctid, ifindex, &ifname, config, &plan_in, &plan_out, existing,
-        );
+        let result = self.apply_plans(ctid, ifindex, &ifname, config, &plans, existing);
         if result.is_err() && existing.is_none() {
             // A first apply that failed half-way leaves nothing behind.
             if let Err(e) = self.teardown(ctid, ifindex, Some(&ifname), None) {
@@ -830,23 +947,18 @@ impl Shaper {
         result
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site, all inputs of one apply"
-    )]
     fn apply_plans(
         &mut self,
         ctid: u32,
         ifindex: u32,
         ifname: &str,
         config: &ShapingConfig,
-        plan_in: &Option<DirPlan>,
-        plan_out: &Option<DirPlan>,
+        (plan_in, plan_out): &(Option<DirShape>, Option<DirShape>),
         existing: Option<ShapeIface>,
     ) -> Result<()> {
         self.attach(ifindex, ifname)?;
         if let Some(p) = plan_in {
-            self.apply_htb(ctid, ifindex, ifname, p)?;
+            self.apply_dir(ctid, ifindex, ifname, p)?;
         }
         let old_ifb = existing.map_or(0, |e| e.ifb_ifindex);
         let mut ifb = 0;
@@ -863,7 +975,7 @@ impl Shaper {
             } else {
                 self.ensure_ifb(ctid, &name)?
             };
-            self.apply_htb(ctid, ifb, &name, p)?;
+            self.apply_dir(ctid, ifb, &name, p)?;
         }
 
         let mut flags = 0;
@@ -872,13 +984,19 @@ impl Shaper {
             ifb_ifindex: ifb,
             ..Default::default()
         };
-        if let Some(p) = plan_in {
+        // With EDT nothing reads the HTB class from skb->priority: SHAPE_IN stays off (the
+        // classifier then only enforces packet rates to the CT).
+        if let Some(DirShape::Htb(p)) = plan_in {
             flags |= SHAPE_IN | if p.rest { REST_IN } else { 0 };
             entry.classes_in = p.own;
         }
-        if let Some(p) = plan_out {
-            flags |= SHAPE_OUT | if p.rest { REST_OUT } else { 0 };
-            entry.classes_out = p.own;
+        match plan_out {
+            Some(DirShape::Htb(p)) => {
+                flags |= SHAPE_OUT | if p.rest { REST_OUT } else { 0 };
+                entry.classes_out = p.own;
+            }
+            Some(DirShape::Edt(_)) => flags |= SHAPE_OUT,
+            None => {}
         }
         for (dir, pps, flag) in [
             (DIR_IN, config.pps_in, PPS_IN),
@@ -913,15 +1031,85 @@ impl Shaper {
             "insert",
         ))?;
 
-        if plan_in.is_none() && tc::root_htb(&mut self.nl, ifindex, HTB_MAJOR).unwrap_or(false) {
-            tc::del_root(&mut self.nl, ifindex, ifname)
-                .map_err(net_err(format!("removing the HTB of {ifname}"), ctid))?;
+        if plan_in.is_none() {
+            self.unshape_dev(ctid, ifindex, Some(ifname))?;
         }
         if old_ifb != 0 && old_ifb != ifb {
+            self.unshape_dev(ctid, old_ifb, None)?;
             tc::del_link_index(&mut self.nl, old_ifb, &format!("IFB #{old_ifb}"))
                 .map_err(net_err("removing the IFB", ctid))?;
         }
-        info!(ctid, ifindex, ifname, ?config, "shaping applied");
+        info!(
+            ctid,
+            ifindex,
+            ifname,
+            backend = self.backend.backend.name(),
+            ?config,
+            "shaping applied"
+        );
+        Ok(())
+    }
+
+    /// Shapes one device (host-side interface or IFB) as `plan` says, switching from the
+    /// other backend's setup if it has one.
+    fn apply_dir(&mut self, ctid: u32, dev: u32, devname: &str, plan: &DirShape) -> Result<()> {
+        match plan {
+            DirShape::Htb(p) => {
+                self.drop_edt(dev, Some(devname));
+                self.apply_htb(ctid, dev, devname, p)
+            }
+            DirShape::Edt(st) => {
+                let err = |what: &str| net_err(format!("{what} on {devname}"), ctid);
+                tc::set_root_fq(&mut self.nl, dev, devname, HTB_MAJOR, &edt::fq_params(st))
+                    .map_err(err("setting the root fq"))?;
+                // Keep the departure clocks of a live rate change: only the rates move.
+                let mut st = *st;
+                if let Ok(old) = self.edt.get(&dev, 0) {
+                    for (new, old) in st.slots.iter_mut().zip(old.slots.iter()) {
+                        if new.ns_per_byte_q16 != 0 {
+                            new.t_next = old.t_next;
+                        }
+                    }
+                }
+                let path = self.dir.join("maps").join(map_names::EDT);
+                self.edt
+                    .insert(dev, st, 0)
+                    .map_err(map_err(map_names::EDT, &path, "insert"))?;
+                self.attach_hook(Hook::Edt, dev, devname)
+            }
+        }
+    }
+
+    /// Removes the EDT entry and program of `dev` (a missing one is fine).
+    fn drop_edt(&mut self, dev: u32, devname: Option<&str>) {
+        let _ = self.edt.remove(&dev);
+        let link = self.links_dir(dev).join(EDT_FILE);
+        if let Err(e) = fs::remove_file(&link)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!(dev, error = %e, "unpinning the EDT link");
+        }
+        if let Some(name) = devname {
+            detach_netlink(name, TcAttachType::Egress, program_names::EDT);
+        }
+    }
+
+    /// Takes the shaping off one device: EDT entry and program, and our root qdisc (HTB or
+    /// fq with handle `1:`); the device falls back to its default qdisc.
+    fn unshape_dev(&mut self, ctid: u32, dev: u32, devname: Option<&str>) -> Result<()> {
+        let name = devname
+            .map(str::to_owned)
+            .or_else(|| sys::if_indextoname(dev))
+            .unwrap_or_else(|| format!("#{dev}"));
+        self.drop_edt(dev, Some(&name));
+        if let Some(kind) = tc::root_kind(&mut self.nl, dev, HTB_MAJOR).unwrap_or(None)
+            && (kind == "htb" || kind == "fq")
+        {
+            tc::del_root(&mut self.nl, dev, &name).map_err(net_err(
+                format!("removing the {kind} qdisc of {name}"),
+                ctid,
+            ))?;
+        }
         Ok(())
     }
 
@@ -1078,13 +1266,11 @@ impl Shaper {
                 .remove(&(u64::from(ifindex) | u64::from(dir) << 32));
         }
         note(self.detach(ifindex, ifname));
-        if let Some(name) = ifname
-            && tc::root_htb(&mut self.nl, ifindex, HTB_MAJOR).unwrap_or(false)
-        {
-            note(
-                tc::del_root(&mut self.nl, ifindex, name)
-                    .map_err(net_err(format!("removing the HTB of {name}"), ctid)),
-            );
+        match ifname {
+            Some(name) => note(self.unshape_dev(ctid, ifindex, Some(name))),
+            None => {
+                let _ = self.edt.remove(&ifindex);
+            }
         }
         let mut ifbs = Vec::new();
         if let Some(e) = entry
@@ -1100,6 +1286,9 @@ impl Shaper {
             ifbs.push(i);
         }
         for i in ifbs {
+            // Its links and filters go with the device; the pins and the EDT entry do not.
+            let _ = self.edt.remove(&i);
+            note(remove_tree(&self.links_dir(i)));
             if let Ok(Some((name, kind, _))) = tc::link_kind(&mut self.nl, i)
                 && kind == "ifb"
             {
@@ -1181,8 +1370,13 @@ impl Shaper {
         let mut drops = Vec::new();
         let (mut over_in, mut over_out) = (0, 0);
         let mut class_rates: BTreeMap<u8, ClassRate> = BTreeMap::new();
+        let edt_in = self.edt.get(&ifindex, 0).is_ok();
         for (dir, dev, shaped) in [
-            (Direction::In, ifindex, entry.flags & SHAPE_IN != 0),
+            (
+                Direction::In,
+                ifindex,
+                entry.flags & SHAPE_IN != 0 || edt_in,
+            ),
             (
                 Direction::Out,
                 entry.ifb_ifindex,
@@ -1190,6 +1384,48 @@ impl Shaper {
             ),
         ] {
             if !shaped || dev == 0 {
+                continue;
+            }
+            if let Ok(st) = self.edt.get(&dev, 0) {
+                // EDT: rates from the program's state, queue drops and overlimits from fq.
+                let (total, crates) = edt::rates_of(&st);
+                match dir {
+                    Direction::In => config.rate_in = total,
+                    Direction::Out => config.rate_out = total,
+                }
+                for (c, r) in crates {
+                    let e = class_rates.entry(c).or_insert(ClassRate {
+                        class: c,
+                        rate_in: None,
+                        rate_out: None,
+                    });
+                    match dir {
+                        Direction::In => e.rate_in = Some(r),
+                        Direction::Out => e.rate_out = Some(r),
+                    }
+                }
+                let root = tc::qdiscs(&mut self.nl, dev)
+                    .map_err(net_err(format!("reading qdiscs of #{dev}"), ctid))?
+                    .into_iter()
+                    .find(|q| q.parent == u32::MAX && q.kind == "fq");
+                let (qd, qo) = root.map_or((0, 0), |q| (q.drops, q.overlimits));
+                match dir {
+                    Direction::In => over_in += qo,
+                    Direction::Out => over_out += qo,
+                }
+                drops.push(DropStatus {
+                    dir,
+                    reason: "queue",
+                    packets: qd,
+                    bytes: None,
+                });
+                let (packets, bytes) = self.drop_counter(ctid, dir, DROP_HORIZON);
+                drops.push(DropStatus {
+                    dir,
+                    reason: "horizon",
+                    packets,
+                    bytes: Some(bytes),
+                });
                 continue;
             }
             let objs = tc::classes(&mut self.nl, dev)
@@ -1273,15 +1509,7 @@ impl Shaper {
                     Direction::Out => config.pps_out = Some(b.rate),
                 }
             }
-            let key = u64::from(ctid)
-                | u64::from(d) << 32
-                | u64::from(berth_common::shaper::DROP_PPS) << 40;
-            let (packets, bytes) = match self.drops.get(&key, 0) {
-                Ok(per_cpu) => per_cpu
-                    .iter()
-                    .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
-                Err(_) => (0, 0),
-            };
+            let (packets, bytes) = self.drop_counter(ctid, dir, DROP_PPS);
             drops.push(DropStatus {
                 dir,
                 reason: "pps",
@@ -1299,6 +1527,21 @@ impl Shaper {
             overlimits_in: over_in,
             overlimits_out: over_out,
         })
+    }
+
+    /// (packets, bytes) the shaper's programs dropped for `reason`, all CPUs.
+    fn drop_counter(&self, ctid: u32, dir: Direction, reason: u8) -> (u64, u64) {
+        let d = match dir {
+            Direction::In => DIR_IN,
+            Direction::Out => DIR_OUT,
+        };
+        let key = u64::from(ctid) | u64::from(d) << 32 | u64::from(reason) << 40;
+        match self.drops.get(&key, 0) {
+            Ok(per_cpu) => per_cpu
+                .iter()
+                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
+            Err(_) => (0, 0),
+        }
     }
 
     /// Removes everything of the shaper pinned under `pin_dir` (every shaped interface's
@@ -1392,9 +1635,8 @@ mod tests {
     }
 
     #[test]
-    fn backend_is_htb_with_a_reason() {
-        let b = backend_status();
-        assert_eq!(b.backend, Backend::Htb);
+    fn backend_has_a_reason() {
+        let b = backend_status().unwrap();
         assert!(!b.reason.is_empty());
         assert!(b.edt.starts_with("available") || b.edt.starts_with("unavailable"));
     }

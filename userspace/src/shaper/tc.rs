@@ -1,7 +1,7 @@
 //! The tc objects the shaper uses, over rtnetlink: HTB qdiscs and classes, fifo leaf qdiscs,
-//! IFB interfaces. netlink-packet-route has no HTB or fifo options, so they are built here as
-//! raw attributes (`struct tc_htb_glob`, `struct tc_htb_opt`, `struct tc_fifo_qopt` of
-//! `include/uapi/linux/pkt_sched.h`).
+//! fq root qdiscs (EDT backend), IFB interfaces. netlink-packet-route 0.34 has no HTB, fifo
+//! or fq options, so they are built here as raw attributes (`struct tc_htb_glob`, `struct
+//! tc_htb_opt`, `struct tc_fifo_qopt`, `TCA_FQ_*` of `include/uapi/linux/pkt_sched.h`).
 
 use berth_runtime::net::{KernelError, NetError, Netlink};
 use netlink_packet_core::{DefaultNla, NLM_F_CREATE, NLM_F_REPLACE, Nla};
@@ -22,6 +22,15 @@ const TCA_HTB_RATE64: u16 = 6;
 const TCA_HTB_CEIL64: u16 = 7;
 const TC_HTB_PROTOVER: u32 = 3;
 const TC_LINKLAYER_ETHERNET: u8 = 1;
+// enum { TCA_FQ_UNSPEC, TCA_FQ_PLIMIT, TCA_FQ_FLOW_PLIMIT, TCA_FQ_QUANTUM,
+//        TCA_FQ_INITIAL_QUANTUM, TCA_FQ_RATE_ENABLE, TCA_FQ_FLOW_DEFAULT_RATE,
+//        TCA_FQ_FLOW_MAX_RATE, TCA_FQ_BUCKETS_LOG, TCA_FQ_FLOW_REFILL_DELAY,
+//        TCA_FQ_ORPHAN_MASK, TCA_FQ_LOW_RATE_THRESHOLD, TCA_FQ_CE_THRESHOLD,
+//        TCA_FQ_TIMER_SLACK, TCA_FQ_HORIZON, TCA_FQ_HORIZON_DROP, ... }
+const TCA_FQ_PLIMIT: u16 = 1;
+const TCA_FQ_FLOW_PLIMIT: u16 = 2;
+const TCA_FQ_HORIZON: u16 = 14;
+const TCA_FQ_HORIZON_DROP: u16 = 15;
 /// Kernel scheduler ticks are 64 ns (`PSCHED_SHIFT` 6).
 const PSCHED_TICK_NS: u128 = 64;
 
@@ -39,6 +48,62 @@ pub struct HtbClass {
     pub quantum: u32,
     /// Lower is served first among classes that may send.
     pub prio: u32,
+}
+
+/// Options of the EDT backend's root sch_fq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FqParams {
+    /// Packets in the whole qdisc.
+    pub limit: u32,
+    /// Packets per flow (fq's default of 100 would drop what EDT delays: every packet of a
+    /// shaped flow waits in its flow queue).
+    pub flow_limit: u32,
+    /// fq's own horizon, µs: packets stamped later than this are dropped (`horizon_drop`)
+    /// or have their time capped.
+    pub horizon_us: u32,
+    pub horizon_drop: bool,
+}
+
+fn fq_options(p: &FqParams) -> Vec<TcOption> {
+    let u32_nla =
+        |kind: u16, v: u32| TcOption::Other(DefaultNla::new(kind, v.to_ne_bytes().to_vec()));
+    vec![
+        u32_nla(TCA_FQ_PLIMIT, p.limit),
+        u32_nla(TCA_FQ_FLOW_PLIMIT, p.flow_limit),
+        u32_nla(TCA_FQ_HORIZON, p.horizon_us),
+        // A u8 attribute (nla_get_u8 in fq_change).
+        TcOption::Other(DefaultNla::new(
+            TCA_FQ_HORIZON_DROP,
+            vec![u8::from(p.horizon_drop)],
+        )),
+    ]
+}
+
+/// Replaces the root qdisc of `ifindex` with an fq `major:` (EDT pacing), or changes the
+/// options of the one there.
+pub fn set_root_fq(
+    nl: &mut Netlink,
+    ifindex: u32,
+    ifname: &str,
+    major: u32,
+    p: &FqParams,
+) -> Result<(), NetError> {
+    let mut m = tc_msg(ifindex, handle(major, 0), u32::MAX);
+    m.attributes.push(TcAttribute::Kind("fq".into()));
+    m.attributes.push(TcAttribute::Options(fq_options(p)));
+    nl.request(
+        RouteNetlinkMessage::NewQueueDiscipline(m),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )?
+    .map_err(|e| fail(nl, "set root fq qdisc on", ifname.to_owned(), e))
+}
+
+/// The kind (`htb`, `fq`) of the root qdisc of `ifindex` when its handle is `major:`.
+pub fn root_kind(nl: &mut Netlink, ifindex: u32, major: u32) -> Result<Option<String>, NetError> {
+    Ok(qdiscs(nl, ifindex)?
+        .into_iter()
+        .find(|q| q.parent == u32::MAX && q.handle == handle(major, 0))
+        .map(|q| q.kind))
 }
 
 /// A class or qdisc as the kernel reports it.
@@ -459,6 +524,35 @@ mod tests {
         assert_eq!((rate, ceil), (1_250_000, 2_500_000));
         // Ticks are 64 ns: the burst comes back within one tick's worth of bytes.
         assert!(burst.abs_diff(16384) <= 1, "{burst}");
+    }
+
+    #[test]
+    fn fq_options_are_the_uapi_attributes() {
+        let opts = fq_options(&FqParams {
+            limit: 20_000,
+            flow_limit: 10_000,
+            horizon_us: 3_000_000,
+            horizon_drop: true,
+        });
+        let mut buf = Vec::new();
+        for o in &opts {
+            let mut b = vec![0u8; o.buffer_len()];
+            o.emit(&mut b);
+            buf.extend_from_slice(&b);
+        }
+        let got: Vec<(u16, Vec<u8>)> = nlas(&buf)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 20_000u32.to_ne_bytes().to_vec()),
+                (2, 10_000u32.to_ne_bytes().to_vec()),
+                (14, 3_000_000u32.to_ne_bytes().to_vec()),
+                (15, vec![1]),
+            ]
+        );
     }
 
     #[test]
