@@ -572,7 +572,7 @@ fn run(cli: Cli) -> Result<u8> {
             });
         }
         Cmd::Shaper(ShaperCmd::Status { ct }) => {
-            let backend = berth::shaper::backend_status();
+            let backend = berth::shaper::backend_status()?;
             let mut v = json!({ "backend": backend });
             if let Some(ct) = ct {
                 let ctid = resolve(&ct)?;
