@@ -849,39 +849,27 @@ fn remove_hand_made(t: &Topo, ifb: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-#[ignore = "benchmark: cargo xtask bench shaper"]
-fn bench_shaper() -> Result<()> {
-    let secs = env_u32("BERTH_BENCH_SECONDS", 10);
-    let t = Topo::new()?;
-    let pin = PinDir::new();
-    let _g = t.host.enter()?;
-    let mut sh = Shaper::open(&pin.path)?;
+/// The goodput table's rows of one topology: berth vs a hand-made HTB on the same veth, each
+/// rate and direction. Returns the number of rows failing a bar.
+fn goodput_rows(t: &Topo, sh: &mut Shaper, secs: u32) -> Result<usize> {
     let mut fails = 0;
-    println!("backend: {:?}", sh.backend_status());
-    println!(
-        "\n## TCP goodput ({secs} s per run, routed topology, payload bits/s ÷ configured rate)"
-    );
-    println!(
-        "| rate | dir | berth goodput | % of rate | retrans/segs | hand-made HTB | berth/hand | bars |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
     for mbit in [10u32, 100, 1000] {
         let rate_bps = f64::from(mbit) * 1e6;
         for dir in ["in", "out"] {
             sh.apply(201, t.a.ifindex, &both(&format!("{mbit}mbit")))?;
-            let b = tcp(&t, dir, secs)?;
+            let b = tcp(t, dir, secs)?;
             sh.remove(201, t.a.ifindex)?;
-            let ifb = hand_made_htb(&t, mbit)?;
-            let h = tcp(&t, dir, secs)?;
-            remove_hand_made(&t, &ifb)?;
+            let ifb = hand_made_htb(t, mbit)?;
+            let h = tcp(t, dir, secs)?;
+            remove_hand_made(t, &ifb)?;
             let pct = b.goodput_bps / rate_bps;
             let retr = b.retransmits as f64 / b.segments.max(1) as f64;
             let vs = b.goodput_bps / h.goodput_bps;
             let ok = pct >= 0.94 && retr <= 0.001 && vs >= 0.98;
             fails += usize::from(!ok);
             println!(
-                "| {mbit} Mbit | {dir} | {:.2} Mbit/s | {:.1} % | {}/{} ({:.3} %) | {:.2} Mbit/s ({} retr) | {:.3} | goodput≥94 % {} · retr≤0.1 % {} · ≥0.98×hand {} |",
+                "| {} | {mbit} Mbit | {dir} | {:.2} Mbit/s | {:.1} % | {}/{} ({:.3} %) | {:.2} Mbit/s ({} retr) | {:.3} | goodput≥94 % {} · retr≤0.1 % {} · ≥0.98×hand {} |",
+                t.mode(),
                 b.goodput_bps / 1e6,
                 pct * 100.0,
                 b.retransmits,
@@ -896,6 +884,35 @@ fn bench_shaper() -> Result<()> {
             );
         }
     }
+    Ok(fails)
+}
+
+#[test]
+#[ignore = "benchmark: cargo xtask bench shaper"]
+fn bench_shaper() -> Result<()> {
+    let secs = env_u32("BERTH_BENCH_SECONDS", 10);
+    let mut fails = 0;
+    println!(
+        "\n## TCP goodput ({secs} s per run, payload bits/s ÷ configured rate; bridged: CT and peer on one bridge)"
+    );
+    println!(
+        "| topology | rate | dir | berth goodput | % of rate | retrans/segs | hand-made HTB | berth/hand | bars |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    {
+        let tb = Topo::bridged()?;
+        let pin = PinDir::new();
+        let _g = tb.host.enter()?;
+        let mut sh = Shaper::open(&pin.path)?;
+        fails += goodput_rows(&tb, &mut sh, secs)?;
+        assert_no_shaping(&tb.host, &tb.a.host_if)?;
+    }
+    let t = Topo::new()?;
+    let pin = PinDir::new();
+    let _g = t.host.enter()?;
+    let mut sh = Shaper::open(&pin.path)?;
+    println!("backend: {:?}", sh.backend_status());
+    fails += goodput_rows(&t, &mut sh, secs)?;
 
     // Isolation: both CTs shaped to 10 Mbit/s out; a floods UDP at 5x, b's TCP is measured.
     println!("\n## Isolation (both CTs 10 Mbit/s out; CT a sends UDP at 50 Mbit/s)");

@@ -1,6 +1,6 @@
 //! `cargo xtask bench shaper`: the issue-6 benchmark of the shaper — iperf3 TCP goodput,
 //! retransmits and the ratio to a hand-made tc HTB on the same veth in the same run (10, 100,
-//! 1000 Mbit/s, both directions), isolation from a neighbour's 5x UDP flood, packet-rate limit
+//! 1000 Mbit/s, both directions, bridged — CT and peer on a test bridge — and routed), isolation from a neighbour's 5x UDP flood, packet-rate limit
 //! accuracy, ping p99 under load. Prints PASS/FAIL per bar. The work runs in the privileged
 //! test entry `bench_shaper` (xtask does not link berth: that would build the eBPF object
 //! into xtask); all traffic stays in namespaces it creates.

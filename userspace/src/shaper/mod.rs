@@ -266,7 +266,7 @@ struct PlannedClass {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum DirShape {
     Htb(DirPlan),
-    Edt(EdtState),
+    Edt(Box<EdtState>),
 }
 
 /// The HTB of one direction.
@@ -668,7 +668,7 @@ impl Shaper {
             let edt_load = ebpf
                 .program_mut(program_names::EDT)
                 .ok_or(aya::programs::ProgramError::NotLoaded)
-                .and_then(|p| <&mut SchedClassifier>::try_from(p))
+                .and_then(<&mut SchedClassifier>::try_from)
                 .and_then(|p| {
                     p.load()?;
                     Ok(p)
@@ -932,8 +932,10 @@ impl Shaper {
                 plan_dir(config.rate_out, &classes_out, config.burst).map(DirShape::Htb),
             ),
             Backend::Edt => (
-                edt::state(ctid, DIR_IN, config.rate_in, &classes_in).map(DirShape::Edt),
-                edt::state(ctid, DIR_OUT, config.rate_out, &classes_out).map(DirShape::Edt),
+                edt::state(ctid, DIR_IN, config.rate_in, &classes_in)
+                    .map(|s| DirShape::Edt(Box::new(s))),
+                edt::state(ctid, DIR_OUT, config.rate_out, &classes_out)
+                    .map(|s| DirShape::Edt(Box::new(s))),
             ),
         };
 
@@ -1063,7 +1065,7 @@ impl Shaper {
                 tc::set_root_fq(&mut self.nl, dev, devname, HTB_MAJOR, &edt::fq_params(st))
                     .map_err(err("setting the root fq"))?;
                 // Keep the departure clocks of a live rate change: only the rates move.
-                let mut st = *st;
+                let mut st = **st;
                 if let Ok(old) = self.edt.get(&dev, 0) {
                     for (new, old) in st.slots.iter_mut().zip(old.slots.iter()) {
                         if new.ns_per_byte_q16 != 0 {
