@@ -12,7 +12,7 @@ use std::{fmt::Write, sync::Mutex, time::Instant};
 use super::{
     Format, Reader,
     defs::{self, Kind, MetricDef},
-    families::{CtLabels, Sink, Value, emit, emit_ct, emit_exporter, emit_network, emit_shaping},
+    families::{CtLabels, Sink, Value, emit, emit_ct, emit_exporter, emit_network},
     snapshot::{Snapshot, SourceStatus},
 };
 
@@ -203,23 +203,17 @@ impl Scraper {
                 .pop()
                 .unwrap_or_else(Writer::new)
         };
-        let c = reader.collect(
-            take,
-            |w, ct| emit_ct(&ct, w),
-            || (reader.network(), reader.shaping()),
-        );
-        let (network, (shaping, shaper)) = &c.main;
+        let c = reader.collect(take, |w, ct| emit_ct(&ct, w), || reader.network());
         let mut tail = take();
-        let labels = CtLabels::new(c.cts.iter().map(|(c, m)| (*c, m.name.as_deref())));
-        if let Some(n) = network {
+        if let Some(n) = &c.main {
+            let labels = CtLabels::new(c.cts.iter().map(|(c, m)| (*c, m.name.as_deref())));
             emit_network(n, &labels, &mut tail);
         }
-        emit_shaping(shaping, &labels, &mut tail);
         let sources = SourceStatus {
             configs: c.configs,
             cgroups: c.cgroups,
-            datapath: network.is_some(),
-            shaper: *shaper,
+            datapath: c.main.is_some(),
+            shaper: c.shaper,
         };
         emit_exporter(sources, t0.elapsed().as_secs_f64(), &mut tail);
         let out = assemble(format, c.batches.iter().chain(std::iter::once(&tail)));

@@ -234,6 +234,9 @@ pub fn emit_ct(ct: &CtSnapshot, out: &mut impl Sink) {
         );
     }
     emit_cgroup(out, ct, ctid);
+    if let Some(sh) = &ct.shaping {
+        emit_shaping(sh, ctid, out);
+    }
 }
 
 /// Traffic series of the CTs in `cts`.
@@ -300,59 +303,53 @@ pub fn emit_network(net: &NetworkSnapshot, cts: &CtLabels, out: &mut impl Sink) 
     }
 }
 
-/// Shaping series of the CTs in `cts`: settings of the shaped directions, and their
-/// counters.
-pub fn emit_shaping(shaping: &[CtShaping], cts: &CtLabels, out: &mut impl Sink) {
+/// Shaping series of one CT: settings of the shaped directions, and their counters.
+fn emit_shaping(sh: &CtShaping, ctid: &str, out: &mut impl Sink) {
     let mut cbuf = [0u8; 3];
-    for sh in shaping {
-        let Some(ctid) = cts.ctid(sh.ctid) else {
-            continue;
-        };
-        for d in [Direction::In, Direction::Out] {
-            let ds = sh.dir(d);
-            let dir = direction_label(d);
-            if let Some(r) = ds.rate {
-                out.sample(
-                    &defs::SHAPING_RATE,
-                    &[("ctid", ctid), ("direction", dir), ("class", "all")],
-                    Value::Int(r),
-                );
-            }
-            for (class, r) in &ds.class_rates {
-                out.sample(
-                    &defs::SHAPING_RATE,
-                    &[
-                        ("ctid", ctid),
-                        ("direction", dir),
-                        ("class", class_str(*class, &mut cbuf)),
-                    ],
-                    Value::Int(*r),
-                );
-            }
-            if ds.rate.is_some() || !ds.class_rates.is_empty() {
-                out.sample(
-                    &defs::SHAPING_OVERLIMITS,
-                    &[("ctid", ctid), ("direction", dir)],
-                    Value::Int(ds.overlimits),
-                );
-                out.sample(
-                    &defs::SHAPING_DROPS,
-                    &[("ctid", ctid), ("direction", dir), ("reason", "queue")],
-                    Value::Int(ds.queue_drops),
-                );
-            }
-            if let Some(p) = ds.pps_limit {
-                out.sample(
-                    &defs::SHAPING_PPS_LIMIT,
-                    &[("ctid", ctid), ("direction", dir)],
-                    Value::Int(p),
-                );
-                out.sample(
-                    &defs::SHAPING_DROPS,
-                    &[("ctid", ctid), ("direction", dir), ("reason", "pps")],
-                    Value::Int(ds.pps_drops),
-                );
-            }
+    for d in [Direction::In, Direction::Out] {
+        let ds = sh.dir(d);
+        let dir = direction_label(d);
+        if let Some(r) = ds.rate {
+            out.sample(
+                &defs::SHAPING_RATE,
+                &[("ctid", ctid), ("direction", dir), ("class", "all")],
+                Value::Int(r),
+            );
+        }
+        for (class, r) in &ds.class_rates {
+            out.sample(
+                &defs::SHAPING_RATE,
+                &[
+                    ("ctid", ctid),
+                    ("direction", dir),
+                    ("class", class_str(*class, &mut cbuf)),
+                ],
+                Value::Int(*r),
+            );
+        }
+        if ds.rate.is_some() || !ds.class_rates.is_empty() {
+            out.sample(
+                &defs::SHAPING_OVERLIMITS,
+                &[("ctid", ctid), ("direction", dir)],
+                Value::Int(ds.overlimits),
+            );
+            out.sample(
+                &defs::SHAPING_DROPS,
+                &[("ctid", ctid), ("direction", dir), ("reason", "queue")],
+                Value::Int(ds.queue_drops),
+            );
+        }
+        if let Some(p) = ds.pps_limit {
+            out.sample(
+                &defs::SHAPING_PPS_LIMIT,
+                &[("ctid", ctid), ("direction", dir)],
+                Value::Int(p),
+            );
+            out.sample(
+                &defs::SHAPING_DROPS,
+                &[("ctid", ctid), ("direction", dir), ("reason", "pps")],
+                Value::Int(ds.pps_drops),
+            );
         }
     }
 }
@@ -379,11 +376,10 @@ pub fn emit(snap: &Snapshot, out: &mut impl Sink) {
     for ct in &snap.cts {
         emit_ct(ct, out);
     }
-    let labels = CtLabels::new(snap.cts.iter().map(|c| (c.ctid, c.meta.name.as_deref())));
     if let Some(net) = &snap.network {
+        let labels = CtLabels::new(snap.cts.iter().map(|c| (c.ctid, c.meta.name.as_deref())));
         emit_network(net, &labels, out);
     }
-    emit_shaping(&snap.shaping, &labels, out);
     emit_exporter(snap.sources, snap.collect_seconds, out);
 }
 
@@ -407,7 +403,7 @@ pub(crate) mod tests {
     use crate::metrics::snapshot::{
         CgroupSnapshot, CtMeta, CtSnapshot, NetworkSnapshot, SourceStatus,
     };
-    use crate::shaper::readonly::DirShaping;
+    use crate::shaper::readonly::{CtShaping, DirShaping};
 
     fn value(fams: &[MetricFamily], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let f = fams.iter().find(|f| f.name() == name)?;
@@ -447,6 +443,22 @@ pub(crate) mod tests {
                 },
                 processes: 2,
             }),
+            shaping: Some(CtShaping {
+                ctid: 101,
+                receive: DirShaping {
+                    pps_limit: Some(1000),
+                    pps_drops: 5,
+                    pps_drop_bytes: 320,
+                    ..DirShaping::default()
+                },
+                transmit: DirShaping {
+                    rate: Some(1_250_000),
+                    class_rates: vec![(1, 625_000)],
+                    overlimits: 7,
+                    queue_drops: 2,
+                    ..DirShaping::default()
+                },
+            }),
         };
         let stopped = CtSnapshot {
             ctid: 102,
@@ -454,6 +466,7 @@ pub(crate) mod tests {
             state: State::Stopped,
             started_at: None,
             cgroup: None,
+            shaping: None,
         };
         let row = |ctid, dir, family, bytes| CounterRow {
             ctid,
@@ -482,33 +495,6 @@ pub(crate) mod tests {
                     bytes: 400,
                 }],
             }),
-            shaping: vec![
-                CtShaping {
-                    ctid: 101,
-                    receive: DirShaping {
-                        pps_limit: Some(1000),
-                        pps_drops: 5,
-                        pps_drop_bytes: 320,
-                        ..DirShaping::default()
-                    },
-                    transmit: DirShaping {
-                        rate: Some(1_250_000),
-                        class_rates: vec![(1, 625_000)],
-                        overlimits: 7,
-                        queue_drops: 2,
-                        ..DirShaping::default()
-                    },
-                },
-                // Shaped but destroyed since: no series.
-                CtShaping {
-                    ctid: 999,
-                    transmit: DirShaping {
-                        rate: Some(1),
-                        ..DirShaping::default()
-                    },
-                    ..CtShaping::default()
-                },
-            ],
             sources: SourceStatus {
                 configs: true,
                 cgroups: true,
@@ -744,6 +730,7 @@ mod perf {
                     },
                     processes: 1,
                 }),
+                shaping: None,
             });
             for (dir, fam) in [
                 (Direction::In, Family::V4),
@@ -767,7 +754,6 @@ mod perf {
                 counters,
                 drops: vec![],
             }),
-            shaping: Vec::new(),
             sources: SourceStatus::default(),
             collect_seconds: 0.0,
         };

@@ -7,7 +7,7 @@
 //! berthd restarts cannot move a counter.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
@@ -18,6 +18,7 @@ use std::{
     time::Instant,
 };
 
+use berth_runtime::net::Netlink;
 use berth_runtime::{
     Ctid,
     cgroups::{Cgroup, CgroupManager, Controller, Layout, Stats},
@@ -30,7 +31,7 @@ use tracing::{debug, warn};
 use super::cgfiles::{Buf, CtFiles};
 use crate::{
     datapath::{CounterRow, Datapath, DropRow},
-    shaper::readonly::{CtShaping, ShaperView},
+    shaper::readonly::{self, CtIfaces, CtShaping, ShaperView},
 };
 
 /// Where berthd reads from.
@@ -67,6 +68,8 @@ pub struct CtSnapshot {
     pub started_at: Option<u64>,
     /// `None` while the CT has no cgroup (stopped or mounted) or it could not be read.
     pub cgroup: Option<CgroupSnapshot>,
+    /// `None` while the CT is not shaped (or the shaper could not be read).
+    pub shaping: Option<CtShaping>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -91,8 +94,6 @@ pub struct Snapshot {
     pub cts: Vec<CtSnapshot>,
     /// `None` when no datapath is pinned (or it could not be read).
     pub network: Option<NetworkSnapshot>,
-    /// Shaped CTs, sorted by CTID; empty when none is shaped or the shaper could not be read.
-    pub shaping: Vec<CtShaping>,
     pub sources: SourceStatus,
     pub collect_seconds: f64,
 }
@@ -219,6 +220,8 @@ pub(crate) struct Collected<S, M> {
     pub cts: Vec<(u32, Arc<CtMeta>)>,
     pub configs: bool,
     pub cgroups: bool,
+    /// The shaper was read (or none is pinned: no CT is shaped).
+    pub shaper: bool,
 }
 
 impl Reader {
@@ -265,12 +268,10 @@ impl Reader {
         let c = self.collect(
             Vec::new,
             |v: &mut Vec<CtSnapshot>, ct| v.push(ct),
-            || (self.network(), self.shaping()),
+            || self.network(),
         );
-        let (network, (mut shaping, shaper)) = c.main;
         let known: BTreeSet<u32> = c.cts.iter().map(|(c, _)| *c).collect();
-        shaping.retain(|s| known.contains(&s.ctid));
-        let network = network.map(|mut n| {
+        let network = c.main.map(|mut n| {
             // Counters outlive CTs in the maps (billing); series of destroyed CTs must not.
             n.counters.retain(|r| known.contains(&r.ctid));
             n.drops.retain(|r| known.contains(&r.ctid));
@@ -282,10 +283,9 @@ impl Reader {
                 configs: c.configs,
                 cgroups: c.cgroups,
                 datapath: network.is_some(),
-                shaper,
+                shaper: c.shaper,
             },
             network,
-            shaping,
             collect_seconds: t0.elapsed().as_secs_f64(),
         }
     }
@@ -340,6 +340,17 @@ impl Reader {
                 None
             }
         };
+        // Which CTs are shaped, from the shaper's map; their classes are dumped per CT on
+        // the worker threads (one rtnetlink round trip per shaped direction).
+        let shaper = match ShaperView::open_pinned(&self.sources.pin_dir) {
+            Ok(Some(v)) => {
+                let ifaces = v.interfaces();
+                Ok(Some((v, ifaces)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        let shaper_error: Mutex<Option<String>> = Mutex::new(None);
         let t_list = t0.elapsed();
 
         // Each CT's cache travels with it to a worker and comes back; CTs without a config
@@ -363,6 +374,8 @@ impl Reader {
             conf_dir: conf_dir.as_ref(),
             run_dir: &run_dir,
             layout: layout.as_ref(),
+            shaper: shaper.as_ref().ok().and_then(Option::as_ref),
+            shaper_error: &shaper_error,
         };
         let batches: Vec<Mutex<(&mut [Work], Option<S>)>> = work
             .chunks_mut(BATCH)
@@ -371,6 +384,7 @@ impl Reader {
         let next = AtomicUsize::new(0);
         // Claims batches until none is left; `buf` is the thread's read buffer.
         let drain = |buf: &mut Buf| {
+            let mut nl = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(slot) = batches.get(i) else { break };
@@ -378,7 +392,7 @@ impl Reader {
                 let (cts, sink) = &mut *slot;
                 let mut s = new_sink();
                 for w in cts.iter_mut() {
-                    if let Some(ct) = read_ct(&env, w, buf) {
+                    if let Some(ct) = read_ct(&env, w, buf, &mut nl) {
                         per_ct(&mut s, ct);
                     }
                 }
@@ -426,12 +440,19 @@ impl Reader {
             all = ?t0.elapsed(),
             "collected"
         );
+        let shaper_result = match (shaper, shaper_error.into_inner()) {
+            (Err(e), _) | (Ok(_), Ok(Some(e))) => Err(e),
+            (Ok(_), _) => Ok(()),
+        };
+        let shaper_ok = shaper_result.is_ok();
+        self.note("shaper", shaper_result);
         Collected {
             batches,
             main: main_out,
             cts,
             configs: conf_dir.is_some(),
             cgroups: layout.is_some(),
+            shaper: shaper_ok,
         }
     }
 
@@ -460,23 +481,6 @@ impl Reader {
         }
     }
 
-    /// Every shaped CT as the kernel has it, and whether that could be read (nothing pinned
-    /// counts as read: no CT is shaped). Read-only: berthd never loads or attaches anything.
-    pub(crate) fn shaping(&self) -> (Vec<CtShaping>, bool) {
-        let read = ShaperView::open_pinned(&self.sources.pin_dir)
-            .and_then(|v| v.map(|mut v| v.read()).transpose());
-        match read {
-            Ok(cts) => {
-                self.note("shaper", Ok(()));
-                (cts.unwrap_or_default(), true)
-            }
-            Err(e) => {
-                self.note("shaper", Err(e.to_string()));
-                (Vec::new(), false)
-            }
-        }
-    }
-
     fn read_network(&self) -> Result<Option<NetworkSnapshot>, String> {
         let Some(dp) =
             Datapath::open_pinned_readonly(&self.sources.pin_dir).map_err(|e| e.to_string())?
@@ -497,6 +501,10 @@ struct Env<'a> {
     conf_dir: Option<&'a Dir>,
     run_dir: &'a Dir,
     layout: Option<&'a Layout>,
+    /// The shaper's maps and the shaped CTs' interfaces.
+    shaper: Option<&'a (ShaperView, BTreeMap<u32, CtIfaces>)>,
+    /// The first error reading a CT's shaping in this scrape.
+    shaper_error: &'a Mutex<Option<String>>,
 }
 
 /// The CT's config as cached, re-read when its file changed; `None` when it has none any
@@ -614,8 +622,27 @@ fn running(env: &Env, ctid: Ctid, cache: &mut Option<RunEntry>) -> Option<u64> {
     Some(e.started_at)
 }
 
+/// The CT's shaping, if it is shaped; `nl` is the thread's rtnetlink socket, opened on first
+/// use. Errors are kept for the scrape's `shaper` source status.
+fn read_shaping(env: &Env, ctid: u32, nl: &mut Option<Netlink>) -> Option<CtShaping> {
+    let (view, ifaces) = env.shaper?;
+    let ifaces = ifaces.get(&ctid)?;
+    let result = match nl {
+        Some(nl) => view.read_ct(nl, ctid, ifaces),
+        None => readonly::netlink().and_then(|n| view.read_ct(nl.insert(n), ctid, ifaces)),
+    };
+    match result {
+        Ok(s) => Some(s),
+        Err(e) => {
+            let mut first = env.shaper_error.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+            None
+        }
+    }
+}
+
 /// One CT, `None` when it has no config any more.
-fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf) -> Option<CtSnapshot> {
+fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf, nl: &mut Option<Netlink>) -> Option<CtSnapshot> {
     let ctid = w.ctid;
     let meta = config(env, ctid, &mut w.cache.config)?;
     w.exported = true;
@@ -656,6 +683,7 @@ fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf) -> Option<CtSnapshot> {
         state,
         started_at,
         cgroup,
+        shaping: read_shaping(env, ctid.get(), nl),
     })
 }
 
