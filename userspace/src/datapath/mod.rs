@@ -367,8 +367,7 @@ impl AttachMethod {
                 }
                 _ => Self::Tcx,
             },
-            Ok("netlink") | Ok("cls_bpf") => Self::Netlink,
-            Err(_) => Self::Tcx,
+            Ok("netlink") | Ok("cls_bpf") | Err(_) => Self::Netlink,
             Ok(other) => {
                 warn!(
                     value = other,
