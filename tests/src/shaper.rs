@@ -3,6 +3,8 @@
 //! runs inside them, and checks that nothing of the shaper is left on an interface.
 
 use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, BorrowedFd},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -345,4 +347,41 @@ pub fn assert_no_shaping(ns: &Netns, dev: &str) -> Result<()> {
     let links = ns.ip(&["-d", "link", "show"])?;
     ensure!(!links.contains("ifb"), "IFB left in {}: {links}", ns.name);
     Ok(())
+}
+
+/// Sends `len`-byte UDP datagrams to `dst` as fast as one thread can for `dur`, from inside
+/// the network namespace `ns` (e.g. a CT's `/proc/<pid>/ns/net`, or a test namespace), and
+/// returns how many the kernel took. Errors of single sends (a full queue, ICMP errors) are
+/// expected and ignored: the point is to exceed a rate.
+pub fn udp_flood(ns: BorrowedFd<'_>, dst: SocketAddr, len: usize, dur: Duration) -> Result<u64> {
+    let ns = ns.try_clone_to_owned().context("dup netns fd")?;
+    thread::spawn(move || -> Result<u64> {
+        // setns is per thread: only this short-lived thread moves.
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "setns into the flood's netns: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let bind: SocketAddr = if dst.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let sock = UdpSocket::bind(bind).context("binding the flood's socket")?;
+        let buf = vec![0x5au8; len];
+        let end = Instant::now() + dur;
+        let mut sent = 0;
+        while Instant::now() < end {
+            for _ in 0..64 {
+                if sock.send_to(&buf, dst).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
 }

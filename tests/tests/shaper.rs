@@ -1054,3 +1054,168 @@ fn bench_shaper() -> Result<()> {
     ensure!(fails == 0, "{fails} bar(s) failed");
     Ok(())
 }
+
+/// `status` and `netstat` of a CT booted by the `berth` CLI show the shaping the kernel
+/// enforces (not just what the config says) and its counters; removing the rates removes
+/// the fields, removing everything removes the `shaping` object.
+#[test]
+fn cli_status_and_netstat_show_rates_and_drops() -> Result<()> {
+    use std::os::fd::AsFd;
+
+    use berth_tests::{
+        ct::TestHost,
+        net::{Topology, UPLINK4},
+        shaper::udp_flood,
+    };
+    use serde_json::Value;
+
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    let (ct, ip) = ("211", "192.0.2.211");
+    h.ok(&["create", ct, "--ipadd", ip]);
+    h.ok(&["start", ct]);
+    let st = h.status(ct);
+    ensure!(st["shaping"].is_null(), "unshaped CT has shaping: {st}");
+
+    h.ok(&[
+        "set",
+        ct,
+        "--rate-out",
+        "10mbit",
+        "--rate-in",
+        "20mbit",
+        "--pps-in",
+        "1000",
+        "--save",
+    ]);
+    let sh = h.status(ct)["shaping"].clone();
+    eprintln!("shaping: {sh}");
+    ensure!(sh["backend"] == "htb", "{sh}");
+    ensure!(sh["in"]["rate_bps"] == 20_000_000_u64, "{sh}");
+    ensure!(sh["in"]["rate"] == "20mbit", "{sh}");
+    ensure!(sh["out"]["rate_bps"] == 10_000_000_u64, "{sh}");
+    ensure!(sh["in"]["pps_limit"] == 1000, "{sh}");
+    ensure!(sh["out"]["pps_limit"].is_null(), "{sh}");
+    // The default burst: 2 ms at the rate, at least 16 KiB.
+    ensure!(sh["in"]["burst_bytes"] == 16384, "{sh}");
+    ensure!(sh["interfaces"][0]["ifname"] == "venet211", "{sh}");
+    ensure!(sh["interfaces"][0]["ifb"].is_string(), "{sh}");
+
+    // Well above both rates, both ways: 1 s of full-size UDP from the uplink to the CT and
+    // from the CT to the uplink (nothing listens; the kernel drops them at the end).
+    let pid = h.status(ct)["init_pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("no init PID"))?;
+    let ct_ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let to_ct = udp_flood(
+        topo.uplink.fd(),
+        format!("{ip}:9").parse()?,
+        1400,
+        Duration::from_secs(1),
+    )?;
+    let from_ct = udp_flood(
+        ct_ns.as_fd(),
+        format!("{UPLINK4}:9").parse()?,
+        1400,
+        Duration::from_secs(1),
+    )?;
+    // An open handle keeps the CT's netns, and with it its veth, alive past `stop`.
+    drop(ct_ns);
+    eprintln!("flooded {to_ct} datagrams to the CT, {from_ct} from it");
+    let st = h.status(ct);
+    let sh = &st["shaping"];
+    eprintln!("after the floods: {sh}");
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    ensure!(n(&sh["out"]["overlimits"]) > 0, "no overlimits out: {sh}");
+    ensure!(n(&sh["out"]["sent_packets"]) > 0, "nothing sent out: {sh}");
+    // Traffic to the CT meets the 1000 pps limit before the 20 Mbit/s queue.
+    ensure!(n(&sh["in"]["pps_drops"]) > 0, "no pps drops in: {sh}");
+    ensure!(n(&sh["in"]["sent_packets"]) > 0, "nothing sent in: {sh}");
+    // The settings did not move with the load.
+    ensure!(sh["out"]["rate_bps"] == 10_000_000_u64, "{sh}");
+    let drops = n(&sh["in"]["pps_drops"])
+        + n(&sh["in"]["queue_drops"])
+        + n(&sh["out"]["pps_drops"])
+        + n(&sh["out"]["queue_drops"]);
+
+    let human = h.ok(&["status", ct]);
+    ensure!(
+        human.contains("shaping: htb on venet211")
+            && human.contains("in: rate 20mbit")
+            && human.contains("out: rate 10mbit")
+            && human.contains("pps 1000"),
+        "{human}"
+    );
+
+    let rows = h.json(&["netstat", ct]);
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    ensure!(!rows.is_empty(), "no netstat rows for CT {ct}");
+    for r in &rows {
+        ensure!(r["rate_in_bps"] == 20_000_000_u64, "{r}");
+        ensure!(r["rate_out_bps"] == 10_000_000_u64, "{r}");
+        // Counters only grow between the two reads.
+        ensure!(
+            n(&r["shaping_drops"]) >= drops && drops > 0,
+            "{r} vs {drops}"
+        );
+    }
+    let table = h.ok(&["netstat", ct]);
+    ensure!(
+        table.contains("RATE-IN") && table.contains("20mbit") && table.contains("10mbit"),
+        "{table}"
+    );
+
+    // Rates removed, the packet-rate limit stays: the rate fields are gone.
+    h.ok(&[
+        "set",
+        ct,
+        "--rate-in",
+        "none",
+        "--rate-out",
+        "none",
+        "--save",
+    ]);
+    let sh = h.status(ct)["shaping"].clone();
+    for d in ["in", "out"] {
+        let o = sh[d].as_object().ok_or_else(|| anyhow::anyhow!("{sh}"))?;
+        ensure!(
+            !o.contains_key("rate_bps")
+                && !o.contains_key("rate")
+                && !o.contains_key("burst_bytes"),
+            "{d}: {sh}"
+        );
+    }
+    ensure!(sh["in"]["pps_limit"] == 1000, "{sh}");
+    ensure!(
+        sh["backend"].is_null(),
+        "nothing is queued, yet a backend: {sh}"
+    );
+    for r in h
+        .json(&["netstat", ct])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        ensure!(
+            r["rate_in_bps"].is_null() && r["rate_out_bps"].is_null(),
+            "{r}"
+        );
+    }
+
+    // Nothing left: no shaping object at all.
+    h.ok(&["set", ct, "--pps-in", "none", "--save"]);
+    let st = h.status(ct);
+    ensure!(st["shaping"].is_null(), "{st}");
+    ensure!(
+        !h.ok(&["status", ct]).contains("shaping"),
+        "human status still shows shaping"
+    );
+
+    h.ok(&["stop", "--fast", ct]);
+    h.ok(&["destroy", ct]);
+    h.assert_clean();
+    let after = topo.host.settled_snapshot();
+    berth_tests::net::assert_same("host netns after stop+destroy", &before, &after);
+    Ok(())
+}

@@ -9,8 +9,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{CounterRow, Direction, Family};
+use crate::shaper::report::{ShapingReport, rate_text};
 
-/// In/out bytes and packets of one CT in one class.
+/// In/out bytes and packets of one CT in one class, with the CT's shaping (the same on every
+/// row of the CT).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NetstatRow {
     pub ctid: u32,
@@ -19,6 +21,31 @@ pub struct NetstatRow {
     pub in_packets: u64,
     pub out_bytes: u64,
     pub out_packets: u64,
+    /// The CT's total rate to it / from it in bits per second (`None`: no limit).
+    pub rate_in_bps: Option<u64>,
+    pub rate_out_bps: Option<u64>,
+    /// Packets the CT's shaping dropped (full queues, packet-rate limits, EDT horizon), both
+    /// directions, since the last `--reset`.
+    pub shaping_drops: u64,
+}
+
+/// What `netstat` shows of one CT's shaping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtShapingSummary {
+    pub rate_in_bps: Option<u64>,
+    pub rate_out_bps: Option<u64>,
+    /// All shaping drops so far (kernel counters).
+    pub drops: u64,
+}
+
+impl From<&ShapingReport> for CtShapingSummary {
+    fn from(r: &ShapingReport) -> Self {
+        Self {
+            rate_in_bps: r.to_ct.rate_bps,
+            rate_out_bps: r.from_ct.rate_bps,
+            drops: r.drops(),
+        }
+    }
 }
 
 /// What to show.
@@ -40,7 +67,13 @@ fn key(r: &CounterRow) -> String {
     )
 }
 
-/// Counter values at the last `--reset`, keyed by ctid/dir/class/family.
+/// The baseline key of a CT's shaping drops (no counter key has this form).
+fn drops_key(ctid: u32) -> String {
+    format!("{ctid}/shaping_drops")
+}
+
+/// Counter values at the last `--reset`, keyed by ctid/dir/class/family, and each shaped CT's
+/// shaping drops (as packets).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Baseline(HashMap<String, (u64, u64)>);
 
@@ -52,10 +85,19 @@ impl Baseline {
             .unwrap_or_default()
     }
 
-    pub fn save(rows: &[CounterRow], path: &Path) -> std::io::Result<()> {
+    pub fn save(
+        rows: &[CounterRow],
+        shaping: &BTreeMap<u32, CtShapingSummary>,
+        path: &Path,
+    ) -> std::io::Result<()> {
         let b = Baseline(
             rows.iter()
                 .map(|r| (key(r), (r.bytes, r.packets)))
+                .chain(
+                    shaping
+                        .iter()
+                        .map(|(ctid, s)| (drops_key(*ctid), (0, s.drops))),
+                )
                 .collect(),
         );
         let tmp = path.with_extension("tmp");
@@ -64,9 +106,15 @@ impl Baseline {
     }
 }
 
-/// Sums counters into per-(CT, class) rows, minus the baseline. A counter below its baseline
-/// (its map entry was recreated) is shown whole rather than negative.
-pub fn aggregate(rows: &[CounterRow], filter: &Filter, base: &Baseline) -> Vec<NetstatRow> {
+/// Sums counters into per-(CT, class) rows, minus the baseline, with each CT's shaping
+/// (`shaping`: shaped CTs only). A counter below its baseline (its map entry, or the CT's
+/// queues, were recreated) is shown whole rather than negative.
+pub fn aggregate(
+    rows: &[CounterRow],
+    shaping: &BTreeMap<u32, CtShapingSummary>,
+    filter: &Filter,
+    base: &Baseline,
+) -> Vec<NetstatRow> {
     let mut out: BTreeMap<(u32, u8), NetstatRow> = BTreeMap::new();
     for r in rows {
         if filter.ctid.is_some_and(|c| c != r.ctid)
@@ -97,7 +145,50 @@ pub fn aggregate(rows: &[CounterRow], filter: &Filter, base: &Baseline) -> Vec<N
             }
         }
     }
-    out.into_values().collect()
+    let mut out: Vec<NetstatRow> = out.into_values().collect();
+    for r in &mut out {
+        let Some(sh) = shaping.get(&r.ctid) else {
+            continue;
+        };
+        let d0 = base.0.get(&drops_key(r.ctid)).map_or(0, |(_, p)| *p);
+        r.rate_in_bps = sh.rate_in_bps;
+        r.rate_out_bps = sh.rate_out_bps;
+        r.shaping_drops = sh.drops.checked_sub(d0).unwrap_or(sh.drops);
+    }
+    out
+}
+
+/// The human table: one line per (CT, class), the CT's rates ("-": no limit) and shaping drops
+/// on each of its lines.
+pub fn table(rows: &[NetstatRow]) -> String {
+    let mut s = format!(
+        "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12}\n",
+        "CTID",
+        "CLASS",
+        "INPUT(bytes)",
+        "INPUT(pkts)",
+        "OUTPUT(bytes)",
+        "OUTPUT(pkts)",
+        "RATE-IN",
+        "RATE-OUT",
+        "SHAPE-DROPS"
+    );
+    for r in rows {
+        let rate = |b: Option<u64>| b.map_or_else(|| "-".to_owned(), rate_text);
+        s.push_str(&format!(
+            "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12}\n",
+            r.ctid,
+            r.class,
+            r.in_bytes,
+            r.in_packets,
+            r.out_bytes,
+            r.out_packets,
+            rate(r.rate_in_bps),
+            rate(r.rate_out_bps),
+            r.shaping_drops
+        ));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -124,12 +215,14 @@ mod tests {
             row(101, Direction::Out, 2, Family::V4, 200),
             row(102, Direction::In, 1, Family::V4, 700),
         ];
-        let all = aggregate(&rows, &Filter::default(), &Baseline::default());
+        let none = BTreeMap::new();
+        let all = aggregate(&rows, &none, &Filter::default(), &Baseline::default());
         assert_eq!(all.len(), 3);
         assert_eq!(all[0].in_bytes, 1500);
         assert_eq!(all[0].out_bytes, 300);
         let v4 = aggregate(
             &rows,
+            &none,
             &Filter {
                 ctid: Some(101),
                 class: Some(1),
@@ -142,17 +235,109 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("b.json");
-        Baseline::save(&rows, &p).unwrap();
+        Baseline::save(&rows, &none, &p).unwrap();
         let mut later = rows.clone();
         later[0].bytes += 42;
         later[0].packets += 1;
-        let d = aggregate(&later, &Filter::default(), &Baseline::load(&p));
+        let d = aggregate(&later, &none, &Filter::default(), &Baseline::load(&p));
         assert_eq!(d[0].in_bytes, 42);
         assert_eq!(d[0].in_packets, 1);
         assert_eq!(d[1].out_bytes, 0);
         // a counter that went backwards (map entry recreated) is shown whole
         later[4].bytes = 10;
-        let d = aggregate(&later, &Filter::default(), &Baseline::load(&p));
+        let d = aggregate(&later, &none, &Filter::default(), &Baseline::load(&p));
         assert_eq!(d[2].in_bytes, 10);
+    }
+
+    fn shaped(rate_in: Option<u64>, rate_out: Option<u64>, drops: u64) -> CtShapingSummary {
+        CtShapingSummary {
+            rate_in_bps: rate_in,
+            rate_out_bps: rate_out,
+            drops,
+        }
+    }
+
+    #[test]
+    fn shaping_columns_per_ct_and_their_baseline() {
+        let rows = vec![
+            row(101, Direction::In, 0, Family::V4, 1000),
+            row(101, Direction::In, 1, Family::V4, 500),
+            row(102, Direction::In, 0, Family::V4, 700),
+        ];
+        let mut sh = BTreeMap::new();
+        sh.insert(101, shaped(Some(20_000_000), Some(10_000_000), 7));
+        let out = aggregate(&rows, &sh, &Filter::default(), &Baseline::default());
+        // Every row of CT 101 carries its rates; CT 102 is unshaped.
+        for r in &out[..2] {
+            assert_eq!(
+                (r.rate_in_bps, r.rate_out_bps, r.shaping_drops),
+                (Some(20_000_000), Some(10_000_000), 7)
+            );
+        }
+        assert_eq!((out[2].rate_in_bps, out[2].shaping_drops), (None, 0));
+        let v = serde_json::to_value(&out).unwrap();
+        assert_eq!(v[0]["rate_in_bps"], 20_000_000);
+        assert_eq!(v[0]["rate_out_bps"], 10_000_000);
+        assert_eq!(v[0]["shaping_drops"], 7);
+        assert!(v[2]["rate_in_bps"].is_null());
+
+        // --reset moves the drops' baseline too; recreated queues (fewer drops) show whole.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.json");
+        Baseline::save(&rows, &sh, &p).unwrap();
+        sh.insert(101, shaped(Some(20_000_000), None, 10));
+        let d = aggregate(&rows, &sh, &Filter::default(), &Baseline::load(&p));
+        assert_eq!((d[0].shaping_drops, d[0].rate_out_bps), (3, None));
+        sh.insert(101, shaped(None, None, 2));
+        let d = aggregate(&rows, &sh, &Filter::default(), &Baseline::load(&p));
+        assert_eq!(d[0].shaping_drops, 2);
+    }
+
+    #[test]
+    fn table_shows_rates_in_tc_units_or_a_dash() {
+        let rows = vec![
+            NetstatRow {
+                ctid: 101,
+                class: 0,
+                in_bytes: 1000,
+                in_packets: 10,
+                out_bytes: 2000,
+                out_packets: 20,
+                rate_in_bps: Some(20_000_000),
+                rate_out_bps: Some(1_500_000),
+                shaping_drops: 4,
+            },
+            NetstatRow {
+                ctid: 102,
+                class: 1,
+                ..Default::default()
+            },
+        ];
+        let t = table(&rows);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            lines[0],
+            [
+                "CTID",
+                "CLASS",
+                "INPUT(bytes)",
+                "INPUT(pkts)",
+                "OUTPUT(bytes)",
+                "OUTPUT(pkts)",
+                "RATE-IN",
+                "RATE-OUT",
+                "SHAPE-DROPS"
+            ]
+        );
+        assert_eq!(
+            lines[1],
+            [
+                "101", "0", "1000", "10", "2000", "20", "20mbit", "1500kbit", "4"
+            ]
+        );
+        assert_eq!(lines[2], ["102", "1", "0", "0", "0", "0", "-", "-", "0"]);
+        // Columns line up: every line is as wide as the header.
+        let widths: Vec<usize> = t.lines().map(str::len).collect();
+        assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
     }
 }

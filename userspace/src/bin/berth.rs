@@ -1,5 +1,6 @@
 //! `berth`: the vzctl-style command line of berth.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use berth::ctnet::{DatapathHooks, shaping_of};
 use berth::datapath::{DEFAULT_PIN_DIR, Datapath, Direction, Family, parse_networks_classes};
-use berth::netstat::{Baseline, Filter, aggregate};
+use berth::netstat::{self, Baseline, CtShapingSummary, Filter, aggregate};
+use berth::shaper::report::{ShapingReader, ShapingReport};
 use berth::shaper::{ClassRate, DEFAULT_MTU, ShapingConfig, parse_optional_rate};
 use berth_runtime::cgroups::Stats;
 use berth_runtime::config::{CtConfig, Host, ResourceConfig};
@@ -320,6 +322,10 @@ fn run(cli: Cli) -> Result<u8> {
     let json = cli.json;
     let mut hooks = DatapathHooks::new(cli.bpffs.clone());
     let resolve = |s: &str| host.resolve(s).map_err(anyhow::Error::from);
+    let pin_dir = cli
+        .bpffs
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
     match cli.cmd {
         Cmd::Create {
             ctid,
@@ -392,14 +398,34 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Status { ct } => {
             let ctid = resolve(&ct)?;
             let st = container::status(&host, ctid)?;
-            print(json, serde_json::to_value(&st)?, || {
+            let mut v = serde_json::to_value(&st)?;
+            // Only a running CT has live shaping; reading it needs the bpffs pins (root), and
+            // a failure there must not hide the rest of the status.
+            let shaping = if matches!(st.state, State::Running | State::Suspended) {
+                match ct_shaping(&pin_dir, ctid.get()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let msg = format!("reading CT {ctid}'s shaping: {e}");
+                        tracing::warn!("{msg}");
+                        v["shaping_error"] = json!(msg);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            v["shaping"] = serde_json::to_value(&shaping)?;
+            print(json, v, || {
                 println!(
                     "CT {ctid} {}{}",
                     st.state,
                     st.init_pid
                         .map(|p| format!(" (init PID {p})"))
                         .unwrap_or_default()
-                )
+                );
+                if let Some(s) = &shaping {
+                    println!("{}", s.human());
+                }
             });
         }
         Cmd::Mount { ct } => {
@@ -537,17 +563,18 @@ fn run(cli: Cli) -> Result<u8> {
             v6,
             reset,
         } => {
-            let dp =
-                Datapath::open_or_load(cli.bpffs.as_deref().unwrap_or(Path::new(DEFAULT_PIN_DIR)))?;
+            let dp = Datapath::open_or_load(&pin_dir)?;
             let rows = dp.counters()?;
+            let only = ct.as_deref().map(resolve).transpose()?.map(|c| c.get());
+            let shaping = shaping_summaries(&pin_dir, only)?;
             let base_path = host.run.join("netstat.baseline.json");
             if reset {
                 std::fs::create_dir_all(&host.run)?;
-                Baseline::save(&rows, &base_path)
+                Baseline::save(&rows, &shaping, &base_path)
                     .with_context(|| format!("write {}", base_path.display()))?;
             }
             let filter = Filter {
-                ctid: ct.as_deref().map(resolve).transpose()?.map(|c| c.get()),
+                ctid: only,
                 class,
                 family: if v4 {
                     Some(Family::V4)
@@ -557,18 +584,9 @@ fn run(cli: Cli) -> Result<u8> {
                     None
                 },
             };
-            let out = aggregate(&rows, &filter, &Baseline::load(&base_path));
+            let out = aggregate(&rows, &shaping, &filter, &Baseline::load(&base_path));
             print(json, serde_json::to_value(&out)?, || {
-                println!(
-                    "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12}",
-                    "CTID", "CLASS", "INPUT(bytes)", "INPUT(pkts)", "OUTPUT(bytes)", "OUTPUT(pkts)"
-                );
-                for r in &out {
-                    println!(
-                        "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12}",
-                        r.ctid, r.class, r.in_bytes, r.in_packets, r.out_bytes, r.out_packets
-                    );
-                }
+                print!("{}", netstat::table(&out))
             });
         }
         Cmd::Shaper(ShaperCmd::Status { ct }) => {
@@ -639,6 +657,31 @@ fn run(cli: Cli) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// CT `ctid`'s live shaping, read without loading anything; `None` when it is not shaped.
+fn ct_shaping(pin_dir: &Path, ctid: u32) -> Result<Option<ShapingReport>> {
+    Ok(match ShapingReader::open(pin_dir)? {
+        Some(mut r) => r.read(ctid)?,
+        None => None,
+    })
+}
+
+/// Each shaped CT's rates and drops (only `only` when given), read without loading anything.
+fn shaping_summaries(pin_dir: &Path, only: Option<u32>) -> Result<BTreeMap<u32, CtShapingSummary>> {
+    let mut out = BTreeMap::new();
+    let Some(mut reader) = ShapingReader::open(pin_dir)? else {
+        return Ok(out);
+    };
+    for ctid in reader.shaped_cts() {
+        if only.is_some_and(|c| c != ctid) {
+            continue;
+        }
+        if let Some(r) = reader.read(ctid)? {
+            out.insert(ctid, CtShapingSummary::from(&r));
+        }
+    }
+    Ok(out)
 }
 
 /// The CT's shaping after `set`'s shaping flags (None: no shaping flag given), validated

@@ -74,6 +74,7 @@ mod backend;
 mod config;
 mod edt;
 pub mod readonly;
+pub mod report;
 mod sys;
 pub mod tc;
 

@@ -82,6 +82,13 @@ impl CtShaping {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CtIfaces(Vec<(u32, ShapeIface)>);
 
+impl CtIfaces {
+    /// (host-side ifindex, the shaper's entry), lowest ifindex first.
+    pub fn entries(&self) -> &[(u32, ShapeIface)] {
+        &self.0
+    }
+}
+
 /// The shaper's pinned maps, opened without changing anything. Shared by the threads of a
 /// scrape; each brings its own rtnetlink socket ([`netlink`]) for the class dumps.
 pub struct ShaperView {
@@ -183,6 +190,32 @@ impl ShaperView {
             }
         }
         Ok(ct)
+    }
+
+    /// The packet-rate limit (packets per second) enforced on `ifindex` in direction `dir`
+    /// (`DIR_IN`/`DIR_OUT`), when its entry has the direction's `PPS_*` flag.
+    pub fn pps_limit(&self, ifindex: u32, entry: &ShapeIface, dir: u8) -> Option<u64> {
+        let flag = if dir == DIR_IN { PPS_IN } else { PPS_OUT };
+        if entry.flags & flag == 0 {
+            return None;
+        }
+        self.pps
+            .get(&(u64::from(ifindex) | u64::from(dir) << 32), 0)
+            .ok()
+            .map(|b| b.rate)
+    }
+
+    /// (packets, bytes) the shaper's programs dropped for CT `ctid` in direction `dir`
+    /// (`DIR_IN`/`DIR_OUT`) for `reason` (`DROP_*`), all CPUs summed.
+    pub fn drop_counter(&self, ctid: u32, dir: u8, reason: u8) -> (u64, u64) {
+        // The same key layout as `ShaperDropKey` (ctid, dir, reason, pad), little endian.
+        let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(reason) << 40;
+        match self.drops.get(&key, 0) {
+            Ok(per_cpu) => per_cpu
+                .iter()
+                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
+            Err(_) => (0, 0),
+        }
     }
 
     /// Every shaped CT, sorted by CTID (one thread, one socket).
