@@ -446,6 +446,19 @@ pub fn unix_now() -> f64 {
 }
 
 /// Resident set (VmRSS) and its peak (VmHWM) of a process, in bytes.
+/// CPU time (user + system, all threads) `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = s.rsplit_once(')').context("no comm in stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).context("no utime")?.parse::<u64>()?
+        + f.get(12).context("no stime")?.parse::<u64>()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
 pub fn rss(pid: u32) -> Result<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {

@@ -14,8 +14,8 @@ use anyhow::{Context, Result, ensure};
 use berth::datapath::{Datapath, IfaceConfig};
 use berth::metrics::defs;
 use berth_tests::berthd::{
-    Berthd, BerthdArgs, Prometheus, Sample, free_port, parse_samples, promtool, rss, unix_now,
-    value_of,
+    Berthd, BerthdArgs, Prometheus, Sample, cpu_seconds, free_port, parse_samples, promtool, rss,
+    unix_now, value_of,
 };
 use berth_tests::ct::TestHost;
 use berth_tests::datapath::{Pair, PinDir, ipv4, send_raw, udp_bind};
@@ -738,6 +738,7 @@ fn bench_metrics() -> Result<()> {
         for _ in 0..3 {
             d.scrape()?;
         }
+        let cpu_before = cpu_seconds(d.pid())?;
         let mut client = Vec::with_capacity(scrapes);
         let mut collect = Vec::with_capacity(scrapes);
         let mut last = Vec::new();
@@ -754,6 +755,8 @@ fn bench_metrics() -> Result<()> {
             collect.push(line.rsplit(' ').next().unwrap_or("0").parse::<f64>()? * 1e3);
             last = r.body.into_bytes();
         }
+        // CPU time per scrape: what other work on the machine cannot inflate much.
+        let cpu_ms = (cpu_seconds(d.pid())? - cpu_before) * 1e3 / scrapes as f64;
         let (rss_now, hwm) = rss(d.pid())?;
         let body = String::from_utf8(last)?;
         let samples = parse_samples(&body)?;
@@ -769,6 +772,7 @@ fn bench_metrics() -> Result<()> {
             "series_per_ct": per_ct,
             "scrape_ms": {"p50": percentile(&client, 0.5), "p99": percentile(&client, 0.99), "max": client[client.len() - 1]},
             "collect_ms": {"p50": percentile(&collect, 0.5), "p99": percentile(&collect, 0.99)},
+            "berthd_cpu_ms_per_scrape": cpu_ms,
             "rss_mb": {"idle": rss_idle as f64 / 1048576.0, "after": rss_now as f64 / 1048576.0, "peak": hwm as f64 / 1048576.0},
         });
         println!("BENCH berthd metrics: {}", serde_json::to_string_pretty(&report)?);

@@ -1,8 +1,8 @@
 //! What one scrape reads from the kernel and the state directory: CT configs (cached by
 //! file identity, re-read when a file changes), run state, cgroup counters and the pinned
 //! datapath maps. Nothing here is kept between scrapes except parsed configs and run states
-//! (re-read when their file changes; an init's liveness is checked at every scrape through a
-//! pidfd) and open cgroup counter files ([`super::cgfiles`]; limits are reused for at most
+//! (re-read when inotify reports their file changed, [`super::watch`]; an init's liveness is
+//! checked at every scrape through a pidfd) and open cgroup counter files ([`super::cgfiles`]; limits are reused for at most
 //! [`super::cgfiles::LIMITS_MAX_AGE`]), so every counter is as fresh as the kernel's and
 //! berthd restarts cannot move a counter.
 
@@ -28,7 +28,10 @@ use berth_runtime::{
 use nix::{fcntl::AtFlags, sys::stat::FileStat};
 use tracing::{debug, warn};
 
-use super::cgfiles::{Buf, CtFiles};
+use super::{
+    cgfiles::{Buf, CtFiles},
+    watch::{Changes, DirWatch},
+};
 use crate::{
     datapath::{CounterRow, Datapath, DropRow},
     shaper::readonly::{self, CtIfaces, CtShaping, ShaperView},
@@ -183,6 +186,8 @@ struct CtCache {
     config: Option<(FileId, Arc<CtMeta>)>,
     files: Option<CtFiles>,
     run: Option<RunEntry>,
+    /// `run` tells the run-state file as last seen (`None`: there was none).
+    run_checked: bool,
 }
 
 /// One CT's share of a scrape, handed to a worker with its cache and returned.
@@ -191,6 +196,9 @@ struct Work {
     cache: CtCache,
     /// Whether the CT still had a config when its worker looked.
     exported: bool,
+    /// Its config / run-state file may have changed since the last scrape.
+    conf_changed: bool,
+    run_changed: bool,
 }
 
 /// Reads snapshots; holds the per-CT caches and the last error per source (logged once, not
@@ -204,6 +212,16 @@ pub struct Reader {
     workers: usize,
     /// This boot's id (a run state from another boot is stale); read once.
     boot_id: Option<String>,
+    watches: Mutex<Watches>,
+}
+
+/// Change notification for the config and run directories, and the CTs with a config.
+#[derive(Debug)]
+struct Watches {
+    conf: DirWatch,
+    run: DirWatch,
+    /// CTs with a config, sorted, as of the last scrape.
+    ctids: Vec<Ctid>,
 }
 
 /// CTs per unit of work handed to a worker: small enough to balance the threads, large
@@ -232,12 +250,57 @@ impl Reader {
             .unwrap_or(1)
             .clamp(1, 4);
         Self {
-            sources,
             cts: Mutex::new(HashMap::new()),
             last_errors: Mutex::new(HashMap::new()),
             workers,
             boot_id: container::state::boot_id(),
+            watches: Mutex::new(Watches {
+                conf: DirWatch::new(
+                    sources.host.conf_dir(),
+                    file_suffix(|c| sources.host.conf_path(c)),
+                ),
+                run: DirWatch::new(
+                    sources.host.run.clone(),
+                    file_suffix(|c| sources.host.state_path(c)),
+                ),
+                ctids: Vec::new(),
+            }),
+            sources,
         }
+    }
+
+    /// The CTs with a config and which of their configs and run states may have changed: a
+    /// full listing when anything may have, else the listing of the last scrape updated by
+    /// the configs created or removed since.
+    fn changes(&self, conf: &Dir) -> Result<(Vec<Ctid>, Changes, Changes), String> {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let conf_changes = w.conf.changes();
+        let run_changes = w.run.changes();
+        match &conf_changes {
+            Changes::All => match self.sources.host.list_ctids() {
+                Ok(ids) => w.ctids = ids,
+                Err(e) => {
+                    w.conf.force_full();
+                    return Err(e.to_string());
+                }
+            },
+            Changes::Some(changed) => {
+                for c in changed.iter().filter_map(|c| Ctid::new(*c).ok()) {
+                    let exists = conf
+                        .stat(&self.sources.host.conf_path(c))
+                        .map_err(|e| format!("{}: {e}", conf.path.display()))?
+                        .is_some();
+                    match (w.ctids.binary_search(&c), exists) {
+                        (Err(i), true) => w.ctids.insert(i, c),
+                        (Ok(i), false) => {
+                            w.ctids.remove(i);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok((w.ctids.clone(), conf_changes, run_changes))
     }
 
     pub fn sources(&self) -> &Sources {
@@ -304,22 +367,20 @@ impl Reader {
     ) -> Collected<S, M> {
         let t0 = Instant::now();
         let host = &self.sources.host;
-        let listed = host
-            .list_ctids()
-            .map_err(|e| e.to_string())
-            .and_then(|ids| {
-                let conf = Dir::open(host.conf_dir())
-                    .map_err(|e| format!("opening {}: {e}", host.conf_dir().display()))?;
-                Ok((ids, conf))
+        let listed = Dir::open(host.conf_dir())
+            .map_err(|e| format!("opening {}: {e}", host.conf_dir().display()))
+            .and_then(|conf| {
+                let (ctids, conf_changes, run_changes) = self.changes(&conf)?;
+                Ok((ctids, conf, conf_changes, run_changes))
             });
-        let (ctids, conf_dir) = match listed {
-            Ok((ids, conf)) => {
+        let (ctids, conf_dir, conf_changes, run_changes) = match listed {
+            Ok((ids, conf, cc, rc)) => {
                 self.note("configs", Ok(()));
-                (ids, Some(conf))
+                (ids, Some(conf), cc, rc)
             }
             Err(e) => {
                 self.note("configs", Err(e));
-                (Vec::new(), None)
+                (Vec::new(), None, Changes::All, Changes::All)
             }
         };
         // No run directory yet means no CT has been started: none runs.
@@ -363,6 +424,8 @@ impl Reader {
                     ctid: *c,
                     cache: kept.remove(&c.get()).unwrap_or_default(),
                     exported: false,
+                    conf_changed: conf_changes.contains(c.get()),
+                    run_changed: run_changes.contains(c.get()),
                 })
                 .collect();
             kept.clear();
@@ -493,6 +556,20 @@ impl Reader {
     }
 }
 
+/// What follows the CTID in the name of a per-CT file (`.toml` for `<root>/conf/1.toml`),
+/// from the path `path_of` gives CT 1.
+fn file_suffix(path_of: impl Fn(Ctid) -> PathBuf) -> String {
+    let Ok(one) = Ctid::new(1) else {
+        return String::new();
+    };
+    let path = path_of(one);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name.strip_prefix('1').unwrap_or(&name).to_owned()
+}
+
 /// What every CT's read needs of the scrape.
 struct Env<'a> {
     host: &'a Host,
@@ -510,7 +587,15 @@ struct Env<'a> {
 /// The CT's config as cached, re-read when its file changed; `None` when it has none any
 /// more (destroyed since the listing). A config that cannot be parsed still names a CT (its
 /// counters are exported with empty info labels).
-fn config(env: &Env, ctid: Ctid, cache: &mut Option<(FileId, Arc<CtMeta>)>) -> Option<Arc<CtMeta>> {
+fn config(
+    env: &Env,
+    ctid: Ctid,
+    changed: bool,
+    cache: &mut Option<(FileId, Arc<CtMeta>)>,
+) -> Option<Arc<CtMeta>> {
+    if !changed && let Some((_, meta)) = cache {
+        return Some(meta.clone());
+    }
     let path = env.host.conf_path(ctid);
     let st = match env.conf_dir?.stat(&path) {
         Ok(Some(st)) => st,
@@ -545,9 +630,10 @@ fn config(env: &Env, ctid: Ctid, cache: &mut Option<(FileId, Arc<CtMeta>)>) -> O
     }
 }
 
-/// The kept-open cgroup files need ~15 descriptors per CT, far above the 1024 soft limit
-/// systemd gives services; the soft limit is raised to the hard one (524288 under systemd).
-/// Without enough descriptors CTs are read by path, correct but slower.
+/// The kept-open cgroup files and the init's pidfd need ~18 descriptors per running CT, far
+/// above the 1024 soft limit systemd gives services; the soft limit is raised to the hard one
+/// (524288 under systemd). Without enough descriptors CTs are read by path, correct but
+/// slower.
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
@@ -597,16 +683,21 @@ fn read_run(path: &Path, id: FileId, boot_id: Option<&str>) -> Option<RunEntry> 
 }
 
 /// The CT's start time while its init runs (what `container::running` tells), through the
-/// cached run state: one `stat` of the state file and one `poll` of a pidfd per scrape.
-fn running(env: &Env, ctid: Ctid, cache: &mut Option<RunEntry>) -> Option<u64> {
-    let path = env.host.state_path(ctid);
-    let Ok(Some(st)) = env.run_dir.stat(&path) else {
-        *cache = None;
-        return None;
-    };
-    let id = FileId::of(&st);
-    if cache.as_ref().is_none_or(|e| e.id != id) {
-        *cache = read_run(&path, id, env.boot_id);
+/// cached run state: a `stat` of the state file only when it may have changed, and one
+/// `poll` of a pidfd per scrape.
+fn running(env: &Env, ctid: Ctid, changed: bool, c: &mut CtCache) -> Option<u64> {
+    let cache = &mut c.run;
+    if changed || !c.run_checked {
+        c.run_checked = true;
+        let path = env.host.state_path(ctid);
+        let Ok(Some(st)) = env.run_dir.stat(&path) else {
+            *cache = None;
+            return None;
+        };
+        let id = FileId::of(&st);
+        if cache.as_ref().is_none_or(|e| e.id != id) {
+            *cache = read_run(&path, id, env.boot_id);
+        }
     }
     let e = cache.as_mut()?;
     let alive = match &e.live {
@@ -644,9 +735,9 @@ fn read_shaping(env: &Env, ctid: u32, nl: &mut Option<Netlink>) -> Option<CtShap
 /// One CT, `None` when it has no config any more.
 fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf, nl: &mut Option<Netlink>) -> Option<CtSnapshot> {
     let ctid = w.ctid;
-    let meta = config(env, ctid, &mut w.cache.config)?;
+    let meta = config(env, ctid, w.conf_changed, &mut w.cache.config)?;
     w.exported = true;
-    let started_at = running(env, ctid, &mut w.cache.run);
+    let started_at = running(env, ctid, w.run_changed, &mut w.cache);
     let files = &mut w.cache.files;
     let cgroup = match env.layout {
         Some(l) => {
@@ -825,6 +916,50 @@ mod tests {
         let snap = r.read();
         assert_eq!(snap.cts.iter().map(|c| c.ctid).collect::<Vec<_>>(), [102]);
         assert_eq!(r.cts.lock().unwrap().len(), 1);
+    }
+
+    /// Run states: a live init makes the CT running (its start time exported); a rewritten
+    /// state file is read again; a removed one makes it stopped.
+    #[test]
+    fn run_states_follow_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path());
+        let host = r.sources().host.clone();
+        host.ensure_dirs().unwrap();
+        let ctid = Ctid::new(103).unwrap();
+        CtConfig::new(ctid, "busybox".into()).save(&host).unwrap();
+        assert_eq!(r.read().cts[0].state, State::Stopped);
+
+        // This test process stands in for the CT's init.
+        let me = std::process::id() as i32;
+        let mut rs = RunState {
+            init_pid: me,
+            init_starttime: container::state::proc_starttime(me).unwrap(),
+            monitor_pid: me,
+            boot_id: container::state::boot_id().unwrap(),
+            started_at: 1_700_000_000,
+            mounted_by_start: false,
+            net: None,
+        };
+        rs.write(&host.state_path(ctid)).unwrap();
+        let ct = &r.read().cts[0];
+        assert_eq!(
+            (ct.state, ct.started_at),
+            (State::Running, Some(1_700_000_000))
+        );
+        assert_eq!(r.read().cts[0].state, State::Running, "cached");
+
+        // Another init (a start time that is not this process's): not running.
+        rs.init_starttime += 1;
+        rs.write(&host.state_path(ctid)).unwrap();
+        assert_eq!(r.read().cts[0].state, State::Stopped);
+        rs.init_starttime -= 1;
+        rs.started_at += 60;
+        rs.write(&host.state_path(ctid)).unwrap();
+        assert_eq!(r.read().cts[0].started_at, Some(1_700_000_060));
+
+        fs::remove_file(host.state_path(ctid)).unwrap();
+        assert_eq!(r.read().cts[0].state, State::Stopped);
     }
 
     #[test]
