@@ -648,15 +648,15 @@ fn bench_metrics() -> Result<()> {
         .spawn()
         .context("spawning the stand-in init")?;
     let init_pid = init.id() as i32;
-    let run = RunState {
-        init_pid,
-        init_starttime: state::proc_starttime(init_pid).context("stand-in init start time")?,
-        monitor_pid: init_pid,
-        boot_id: state::boot_id().context("boot id")?,
-        started_at: unix_now() as u64,
-        mounted_by_start: false,
-        net: None,
-    };
+    // From JSON: optional fields keep their defaults whatever the struct gains.
+    let run: RunState = serde_json::from_value(serde_json::json!({
+        "init_pid": init_pid,
+        "init_starttime": state::proc_starttime(init_pid).context("stand-in init start time")?,
+        "monitor_pid": init_pid,
+        "boot_id": state::boot_id().context("boot id")?,
+        "started_at": unix_now() as u64,
+        "mounted_by_start": false,
+    }))?;
     let mut cgroups = Vec::new();
     let res = Resources {
         memory: Some("512M".parse()?),

@@ -932,15 +932,16 @@ mod tests {
 
         // This test process stands in for the CT's init.
         let me = std::process::id() as i32;
-        let mut rs = RunState {
-            init_pid: me,
-            init_starttime: container::state::proc_starttime(me).unwrap(),
-            monitor_pid: me,
-            boot_id: container::state::boot_id().unwrap(),
-            started_at: 1_700_000_000,
-            mounted_by_start: false,
-            net: None,
-        };
+        // From JSON: optional fields keep their defaults whatever the struct gains.
+        let mut rs: RunState = serde_json::from_value(serde_json::json!({
+            "init_pid": me,
+            "init_starttime": container::state::proc_starttime(me).unwrap(),
+            "monitor_pid": me,
+            "boot_id": container::state::boot_id().unwrap(),
+            "started_at": 1_700_000_000u64,
+            "mounted_by_start": false,
+        }))
+        .unwrap();
         rs.write(&host.state_path(ctid)).unwrap();
         let ct = &r.read().cts[0];
         assert_eq!(
