@@ -1078,17 +1078,21 @@ fn cli_status_and_netstat_show_rates_and_drops() -> Result<()> {
     let st = h.status(ct);
     ensure!(st["shaping"].is_null(), "unshaped CT has shaping: {st}");
 
-    h.ok(&[
-        "set",
-        ct,
-        "--rate-out",
-        "10mbit",
-        "--rate-in",
-        "20mbit",
-        "--pps-in",
-        "1000",
-        "--save",
-    ]);
+    // Unsaved changes build on each other (the run state keeps the live settings), and
+    // --save then stores the sum of them.
+    h.ok(&["set", ct, "--rate-out", "10mbit"]);
+    h.ok(&["set", ct, "--rate-in", "20mbit"]);
+    let sh = h.status(ct)["shaping"].clone();
+    ensure!(
+        sh["in"]["rate_bps"] == 20_000_000_u64 && sh["out"]["rate_bps"] == 10_000_000_u64,
+        "second unsaved set dropped the first: {sh}"
+    );
+    h.ok(&["set", ct, "--pps-in", "1000", "--save"]);
+    let conf = std::fs::read_to_string(h.root.join(format!("conf/{ct}.toml")))?;
+    ensure!(
+        conf.contains("rate_in") && conf.contains("rate_out") && conf.contains("pps_in"),
+        "saved config lacks the live settings: {conf}"
+    );
     let sh = h.status(ct)["shaping"].clone();
     eprintln!("shaping: {sh}");
     ensure!(sh["backend"] == "htb", "{sh}");

@@ -795,6 +795,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
             .unwrap_or(0),
         mounted_by_start: !state::is_mount_point(&host.root_dir(ctid)),
         net: None,
+        shaping: None,
     };
     // A provisional state (init_pid 0, never "alive") records that the mount is start's own, so
     // gc after a kill -9 mid-start unmounts it but leaves a `berth mount` of the admin alone.

@@ -25,6 +25,10 @@ pub struct RunState {
     /// What the network setup made (interfaces, addresses, proxy entries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::NetState>,
+    /// The `[shaping]` table applied live by `set` without `--save` (None: the config's), so
+    /// the next unsaved `set` builds on it instead of on the saved settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<toml::Table>,
 }
 
 impl RunState {
@@ -146,6 +150,7 @@ mod tests {
             started_at: 0,
             mounted_by_start: true,
             net: None,
+            shaping: None,
         };
         st.write(&p).unwrap();
         let back = RunState::read(&p).unwrap().unwrap();

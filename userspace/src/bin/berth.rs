@@ -13,6 +13,7 @@ use berth::shaper::report::{ShapingReader, ShapingReport};
 use berth::shaper::{ClassRate, DEFAULT_MTU, ShapingConfig, parse_optional_rate};
 use berth_runtime::cgroups::Stats;
 use berth_runtime::config::{CtConfig, Host, ResourceConfig};
+use berth_runtime::container::state::RunState;
 use berth_runtime::container::{self, CreateOpts, SetOpts, State};
 use berth_runtime::net::{AddrSelection, BridgedIface};
 use berth_runtime::template::TemplateStore;
@@ -525,6 +526,7 @@ fn run(cli: Cli) -> Result<u8> {
                     hooks
                         .apply_shaping(ctid, &st.net, new.as_ref())
                         .map_err(anyhow::Error::msg)?;
+                    record_live_shaping(&host, ctid, opts.shaping.clone())?;
                 }
             }
             print(json, json!({"ctid": ctid, "saved": a.save}), || {
@@ -684,6 +686,20 @@ fn shaping_summaries(pin_dir: &Path, only: Option<u32>) -> Result<BTreeMap<u32, 
     Ok(out)
 }
 
+/// Keeps what `set` applied live in the CT's run state (see [`RunState::shaping`]).
+fn record_live_shaping(host: &Host, ctid: Ctid, table: Option<toml::Table>) -> Result<()> {
+    let path = host.state_path(ctid);
+    if let Some(mut st) = RunState::read(&path)
+        .with_context(|| format!("read {}", path.display()))?
+        .filter(RunState::alive)
+    {
+        st.shaping = table;
+        st.write(&path)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The CT's shaping after `set`'s shaping flags (None: no shaping flag given), validated
 /// before anything changes. `Some(None)` removes all shaping.
 fn shaping_change(host: &Host, ctid: Ctid, a: &SetArgs) -> Result<Option<Option<ShapingConfig>>> {
@@ -697,7 +713,13 @@ fn shaping_change(host: &Host, ctid: Ctid, a: &SetArgs) -> Result<Option<Option<
         return Ok(None);
     }
     let cfg = CtConfig::load(host, ctid)?;
-    let mut sc = shaping_of(cfg.shaping.as_ref())
+    // A running CT's unsaved shaping is the base, like its unsaved addresses.
+    let live = RunState::read(&host.state_path(ctid))
+        .ok()
+        .flatten()
+        .filter(RunState::alive)
+        .and_then(|st| st.shaping);
+    let mut sc = shaping_of(live.as_ref().or(cfg.shaping.as_ref()))
         .map_err(anyhow::Error::msg)?
         .unwrap_or_default();
     if let Some(r) = &a.rate_in {
