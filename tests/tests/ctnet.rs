@@ -383,6 +383,71 @@ fn bridged_ct_and_spoofing_from_inside() {
     assert_same("host netns after bridged/spoof test", &before, &after);
 }
 
+/// Something outside the CT holds its netns across `stop` (here an open
+/// /proc/<pid>/ns/net, as a debugging `nsenter` shell would): the veth cannot go with the
+/// netns, but its host routes and proxy entries do, the addresses are free for another CT, and
+/// the next start replaces the stale host end.
+#[test]
+fn stop_with_a_held_netns_leaves_no_route_and_restarts() {
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&[
+        "create",
+        "231",
+        "--ipadd",
+        "192.0.2.231",
+        "--ipadd",
+        "2001:db8:1::231",
+    ]);
+    h.ok(&["start", "231"]);
+    let pid = h.status("231")["init_pid"].as_i64().unwrap();
+    let held = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    h.ok(&["stop", "--fast", "231"]);
+    let routes = |fam: &str| {
+        String::from_utf8_lossy(
+            &topo
+                .host
+                .run("ip", &[fam, "route", "show", "table", "main"])
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(!routes("-4").contains("192.0.2.231"), "{}", routes("-4"));
+    assert!(
+        !routes("-6").contains("2001:db8:1::231"),
+        "{}",
+        routes("-6")
+    );
+    let proxies = String::from_utf8_lossy(&topo.host.run("ip", &["neigh", "show", "proxy"]).stdout)
+        .into_owned();
+    assert!(!proxies.contains("192.0.2.231"), "{proxies}");
+    assert!(
+        topo.host
+            .run("ip", &["link", "show", "venet231"])
+            .status
+            .success(),
+        "the held netns should keep its veth (else this test proves nothing)"
+    );
+    // The next start replaces the stale host end and works.
+    h.ok(&["start", "231"]);
+    assert!(ping_from(&h, "231", UPLINK4));
+    h.ok(&["stop", "--fast", "231"]);
+    drop(held);
+    h.ok(&["destroy", "231"]);
+    h.assert_clean();
+    let gone = wait_for(std::time::Duration::from_secs(10), || {
+        !topo
+            .host
+            .run("ip", &["link", "show", "venet231"])
+            .status
+            .success()
+    });
+    assert!(gone, "venet231 still there after the last reference went");
+    let after = topo.host.settled_snapshot();
+    assert_same("host netns after a held-netns stop", &before, &after);
+}
+
 fn ping_from_once(h: &TestHost, ct: &str, addr: &str) -> bool {
     h.exec(ct, &["ping", "-c", "2", "-W", "1", addr]).0 == 0
 }

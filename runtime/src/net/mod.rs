@@ -342,6 +342,9 @@ pub fn teardown(state: &NetState, host: &mut HostNet, links: LinkTeardown) -> Ve
             for p in iface.proxy.iter().rev() {
                 routed::proxy_del(host, p.ifindex, p.addr, &mut errors);
             }
+            if links == LinkTeardown::NetnsExit {
+                routed::del_host_routes(host, iface, &mut errors);
+            }
         }
         if links == LinkTeardown::Delete {
             match host.nl.link_del(&iface.host_ifname) {

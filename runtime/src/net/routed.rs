@@ -168,10 +168,13 @@ pub(crate) fn create_link(
         ct_netns,
         LinkFlags::Noarp,
     );
-    let echo = host
-        .nl
-        .link_create(msg, &name)
-        .map_err(|e| which_exists(e, host, ct, &name, VENET_CT_IFNAME))?;
+    let echo = match host.nl.link_create(msg.clone(), &name) {
+        Err(NetError::LinkExists { .. }) if remove_stale_venet(host, &name)? => {
+            host.nl.link_create(msg, &name)
+        }
+        r => r,
+    }
+    .map_err(|e| which_exists(e, host, ct, &name, VENET_CT_IFNAME))?;
     state.ifaces.push(IfaceState {
         mode: Mode::Routed,
         ct_ifname: VENET_CT_IFNAME.into(),
@@ -201,6 +204,32 @@ pub(crate) fn create_link(
         .request(RouteNetlinkMessage::SetLink(set), 0)?
         .map_err(|e| host.nl.fail("disable IPv6 link-local on", name.clone(), e))?;
     ct.link_set_up(st.ct_ifindex, VENET_CT_IFNAME)
+}
+
+/// `venet<CTID>` already on the host when the CT's pair is about to be made: the host end of
+/// an earlier run whose netns something outside the CT kept alive (stop leaves the veth to
+/// the netns' exit). The name is this CT's own, so a veth by that name is removed (true);
+/// any other kind of device is left alone and the creation fails.
+fn remove_stale_venet(host: &mut HostNet, name: &str) -> Result<bool, NetError> {
+    let Some(link) = host.nl.link_by_name(name)? else {
+        return Ok(false);
+    };
+    let is_veth = link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+    });
+    if !is_veth {
+        return Ok(false);
+    }
+    tracing::warn!(
+        ifname = name,
+        "removing a stale host end left by an earlier run"
+    );
+    match host.nl.link_del(name) {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Who holds `addr` on the host, or which host device routes towards it (for `detect`).
@@ -461,6 +490,31 @@ pub(crate) fn proxy_del(
             ));
         }
         Err(e) => errors.push(e),
+    }
+}
+
+/// Removes the host routes of a routed interface whose veth goes away with the CT's netns.
+/// They would go with the device anyway, unless something outside the CT still holds the
+/// netns (an open /proc/<pid>/ns/net, a bind mount): then the orphaned host end keeps no route
+/// that would make the addresses look taken. Two cheap requests, against ~35 ms for deleting
+/// the veth itself (its unregistration waits for RCU).
+pub(crate) fn del_host_routes(host: &mut HostNet, st: &IfaceState, errors: &mut Vec<NetError>) {
+    if st.host_ifindex == 0 {
+        return;
+    }
+    for a in st.addrs.iter().map(|n| n.addr()) {
+        let prefix = full_prefix(a);
+        let msg = Netlink::route_msg(a, prefix, st.host_ifindex, None, false);
+        match host.nl.route_del(msg) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_gone(&e) => {}
+            Ok(Err(e)) => errors.push(host.nl.fail(
+                "delete host route",
+                format!("{a}/{prefix} dev {}", st.host_ifname),
+                e,
+            )),
+            Err(e) => errors.push(e),
+        }
     }
 }
 
