@@ -142,6 +142,32 @@ impl Netlink {
         Ok(self.request_echo(msg, flags)?.map(|_| ()))
     }
 
+    /// Receives until `on_reply` returns a value for a message answering request `seq`
+    /// (messages of other sequence numbers, e.g. late replies to an abandoned request, are
+    /// skipped).
+    fn replies<T>(
+        &mut self,
+        seq: u32,
+        mut on_reply: impl FnMut(NetlinkPayload<RouteNetlinkMessage>) -> Option<T>,
+    ) -> Result<T, NetError> {
+        loop {
+            self.recv_batch()?;
+            let mut off = 0;
+            while off + NLMSG_HDRLEN <= self.buf.len() {
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..])
+                    .map_err(|e| self.decode_err(e))?;
+                let len = m.header.length as usize;
+                off += len.next_multiple_of(4).max(NLMSG_HDRLEN);
+                if m.header.sequence_number != seq {
+                    continue;
+                }
+                if let Some(done) = on_reply(m.payload) {
+                    return Ok(done);
+                }
+            }
+        }
+    }
+
     /// Like [`Self::request`], also returning the messages the kernel sent back before the ACK
     /// (with `NLM_F_ECHO`: the object as created, saving a GET round trip).
     pub fn request_echo(
@@ -151,32 +177,20 @@ impl Netlink {
     ) -> Result<Result<Vec<RouteNetlinkMessage>, KernelError>, NetError> {
         let seq = self.send(msg, NLM_F_REQUEST | NLM_F_ACK | flags)?;
         let mut echoed = Vec::new();
-        loop {
-            self.recv_batch()?;
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= self.buf.len() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..])
-                    .map_err(|e| self.decode_err(e))?;
-                let len = m.header.length as usize;
-                off += len.next_multiple_of(4).max(NLMSG_HDRLEN);
-                if m.header.sequence_number != seq {
-                    continue;
-                }
-                match m.payload {
-                    NetlinkPayload::Error(err) => {
-                        return Ok(match err.code {
-                            None => Ok(echoed),
-                            Some(code) => Err(KernelError {
-                                errno: -code.get(),
-                                extack: extack_text(&err.header),
-                            }),
-                        });
-                    }
-                    NetlinkPayload::InnerMessage(inner) => echoed.push(inner),
-                    _ => {}
-                }
+        self.replies(seq, |payload| match payload {
+            NetlinkPayload::Error(err) => Some(match err.code {
+                None => Ok(std::mem::take(&mut echoed)),
+                Some(code) => Err(KernelError {
+                    errno: -code.get(),
+                    extack: extack_text(&err.header),
+                }),
+            }),
+            NetlinkPayload::InnerMessage(inner) => {
+                echoed.push(inner);
+                None
             }
-        }
+            _ => None,
+        })
     }
 
     /// Sends a dump request and collects every reply message.
@@ -186,32 +200,20 @@ impl Netlink {
     ) -> Result<Result<Vec<RouteNetlinkMessage>, KernelError>, NetError> {
         let seq = self.send(msg, NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut out = Vec::new();
-        loop {
-            self.recv_batch()?;
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= self.buf.len() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..])
-                    .map_err(|e| self.decode_err(e))?;
-                let len = m.header.length as usize;
-                off += len.next_multiple_of(4).max(NLMSG_HDRLEN);
-                if m.header.sequence_number != seq {
-                    continue;
-                }
-                match m.payload {
-                    NetlinkPayload::Done(_) => return Ok(Ok(out)),
-                    NetlinkPayload::Error(err) => {
-                        if let Some(code) = err.code {
-                            return Ok(Err(KernelError {
-                                errno: -code.get(),
-                                extack: extack_text(&err.header),
-                            }));
-                        }
-                    }
-                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                    _ => {}
-                }
+        self.replies(seq, |payload| match payload {
+            NetlinkPayload::Done(_) => Some(Ok(std::mem::take(&mut out))),
+            NetlinkPayload::Error(err) => err.code.map(|code| {
+                Err(KernelError {
+                    errno: -code.get(),
+                    extack: extack_text(&err.header),
+                })
+            }),
+            NetlinkPayload::InnerMessage(inner) => {
+                out.push(inner);
+                None
             }
-        }
+            _ => None,
+        })
     }
 
     /// Sends a non-dump GET and returns the single reply.
@@ -220,29 +222,14 @@ impl Netlink {
         msg: RouteNetlinkMessage,
     ) -> Result<Result<RouteNetlinkMessage, KernelError>, NetError> {
         let seq = self.send(msg, NLM_F_REQUEST)?;
-        loop {
-            self.recv_batch()?;
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= self.buf.len() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..])
-                    .map_err(|e| self.decode_err(e))?;
-                let len = m.header.length as usize;
-                off += len.next_multiple_of(4).max(NLMSG_HDRLEN);
-                if m.header.sequence_number != seq {
-                    continue;
-                }
-                match m.payload {
-                    NetlinkPayload::Error(err) => {
-                        return Ok(Err(KernelError {
-                            errno: err.code.map_or(libc::EIO, |c| -c.get()),
-                            extack: extack_text(&err.header),
-                        }));
-                    }
-                    NetlinkPayload::InnerMessage(inner) => return Ok(Ok(inner)),
-                    _ => {}
-                }
-            }
-        }
+        self.replies(seq, |payload| match payload {
+            NetlinkPayload::Error(err) => Some(Err(KernelError {
+                errno: err.code.map_or(libc::EIO, |c| -c.get()),
+                extack: extack_text(&err.header),
+            })),
+            NetlinkPayload::InnerMessage(inner) => Some(Ok(inner)),
+            _ => None,
+        })
     }
 
     /// Wraps a kernel refusal into a [`NetError::Netlink`] naming the operation and object.
