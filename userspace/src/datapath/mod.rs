@@ -689,6 +689,18 @@ impl Datapath {
     }
 
     fn load_and_pin(maps_dir: &Path, from_path: &Path, to_path: &Path) -> Result<()> {
+        Self::load_programs(
+            maps_dir,
+            &[
+                (program_names::FROM_CT, from_path),
+                (program_names::TO_CT, to_path),
+            ],
+        )
+    }
+
+    /// Loads the named programs of the object over the pinned maps (created and pinned where
+    /// missing) and pins each program at its path.
+    fn load_programs(maps_dir: &Path, progs: &[(&'static str, &Path)]) -> Result<()> {
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             // Reuses the pinned map if it exists, creates and pins it otherwise.
@@ -698,10 +710,7 @@ impl Datapath {
             pin_dir: maps_dir.to_owned(),
             source: Box::new(e),
         })?;
-        for (name, path) in [
-            (program_names::FROM_CT, from_path),
-            (program_names::TO_CT, to_path),
-        ] {
+        for &(name, path) in progs {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(aya::programs::ProgramError::NotLoaded)
@@ -754,26 +763,7 @@ impl Datapath {
     /// `path` (the caller unpins it). It shares the pinned maps, so nothing else is created.
     pub fn load_noop(&self, path: &Path) -> Result<SchedClassifier> {
         let name = program_names::NOOP;
-        let mut loader = EbpfLoader::new();
-        for map in map_names::ALL {
-            loader.map_pin_path(map, self.map_path(map));
-        }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| DatapathError::Load {
-            pin_dir: self.pin_dir.join("maps"),
-            source: Box::new(e),
-        })?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(aya::programs::ProgramError::NotLoaded)
-            .map_err(prog_err(name, "finding in the object"))?
-            .try_into()
-            .map_err(prog_err(name, "typing"))?;
-        prog.load().map_err(prog_err(name, "loading (verifier)"))?;
-        prog.pin(path).map_err(|source| DatapathError::PinProgram {
-            program: name,
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::load_programs(&self.pin_dir.join("maps"), &[(name, path)])?;
         SchedClassifier::from_pin(path).map_err(prog_err(name, "opening pin"))
     }
 
