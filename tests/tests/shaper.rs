@@ -567,12 +567,13 @@ fn per_class_rates_hold_independently() -> Result<()> {
     t.host.ip(&["addr", "add", "10.77.9.1/32", "dev", "lo"])?;
     t.a.ns
         .ip(&["route", "add", "10.77.9.0/24", "via", &t.a.gw])?;
-    let mut dp = Datapath::open_or_load(&pin.path)?;
+    // TCX here (the default is clsact + cls_bpf): shaping over TCX links stays covered.
+    let mut dp = Datapath::open_or_load_with(&pin.path, AttachMethod::Tcx)?;
     dp.load_classes(&[ClassEntry {
         class: 1,
         net: "10.77.9.0/24".parse()?,
     }])?;
-    let mut sh = Shaper::open(&pin.path)?;
+    let mut sh = Shaper::open_with(&pin.path, AttachMethod::Tcx)?;
     let cfg = ShapingConfig {
         classes: vec![
             ClassRate {
