@@ -459,6 +459,30 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// CPU time the whole machine spent busy (all CPUs, everything but idle and iowait), in
+/// seconds: with [`cpu_seconds`] of the processes measured, it tells how much other work ran
+/// during a benchmark.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let s = std::fs::read_to_string("/proc/stat")?;
+    let cpu = s.lines().next().context("empty /proc/stat")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = f
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy as f64 / hz)
+}
+
 pub fn rss(pid: u32) -> Result<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
