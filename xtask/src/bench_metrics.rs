@@ -1,7 +1,8 @@
-//! `cargo xtask bench metrics`: the issue-5 benchmark of berthd — 1000 synthetic CTs (configs,
-//! cgroups with limits under a unique parent, counter slots and drop rows in a private pinned
-//! datapath), 200 sequential scrapes of a release berthd: p50/p99 response time and collect
-//! time, peak RSS, series per CT. The work is the privileged test entry `bench_metrics`
+//! `cargo xtask bench metrics`: the issue-5 benchmark of berthd — 1000 synthetic running CTs
+//! (configs, run states naming a live stand-in init, cgroups with limits under a unique
+//! parent, counter slots and drop rows in a private pinned datapath), 200 sequential scrapes
+//! of a release berthd: p50/p99 response time and collect time, berthd's CPU time per scrape
+//! and the CPU other work used meanwhile (the machine is shared), peak RSS, series per CT. The work is the privileged test entry `bench_metrics`
 //! (tests/tests/berthd.rs); xtask builds release berthd and runs it (xtask does not link berth,
 //! which would build the eBPF object into xtask). Everything it creates is removed and checked.
 
