@@ -1614,15 +1614,45 @@ impl Datapath {
             e.0 += vals.iter().map(|v| v.bytes).sum::<u64>();
             e.1 += vals.iter().map(|v| v.packets).sum::<u64>();
         }
-        for (slot, ctid) in self.slot_ctids()?.into_iter().enumerate() {
+        let owners = self.slot_ctids()?;
+        let used = owners.iter().filter(|c| **c != 0).count();
+        // Many CTs: the whole array in a few batch syscalls (the same bytes, ~1 µs less per
+        // slot); few: only the used slots, not every slot's per-CPU rows.
+        let batch = if used > 64 {
+            match sys::lookup_batch_percpu::<u32, SlotCounters>(
+                self.counters.map().fd().as_fd(),
+                nr_cpus()?,
+            ) {
+                Ok(rows) => Some(
+                    rows.into_iter()
+                        .collect::<BTreeMap<u32, Vec<SlotCounters>>>(),
+                ),
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => None,
+                Err(e) => {
+                    return Err(io_err("batch lookup", &self.map_path(map_names::COUNTERS))(
+                        e,
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        for (slot, ctid) in owners.into_iter().enumerate() {
             if ctid == 0 {
                 continue;
             }
-            let vals = self.counters.get(&(slot as u32), 0).map_err(map_err(
-                map_names::COUNTERS,
-                &self.pin_dir,
-                "get",
-            ))?;
+            let fetched;
+            let vals: &[SlotCounters] = match batch.as_ref().and_then(|b| b.get(&(slot as u32))) {
+                Some(v) => v,
+                None => {
+                    fetched = self.counters.get(&(slot as u32), 0).map_err(map_err(
+                        map_names::COUNTERS,
+                        &self.pin_dir,
+                        "get",
+                    ))?;
+                    &fetched
+                }
+            };
             for row in 0..berth_common::SLOT_ROWS {
                 let bytes: u64 = vals.iter().map(|v| v.rows[row].bytes).sum();
                 let packets: u64 = vals.iter().map(|v| v.rows[row].packets).sum();
