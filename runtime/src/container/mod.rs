@@ -896,8 +896,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         let mut hn = HostNet::current().map_err(net_err(ctid))?;
         // A venet/veth left by a crashed run (or still being destroyed with an old netns)
         // would block the names; these are berth's own names for this CT.
-        let stale = NetState::expected(ctid, &cfg.net);
-        for e in net::teardown(&stale, &mut hn, LinkTeardown::Delete) {
+        for e in net::remove_stale_links(ctid, &cfg.net, &mut hn) {
             debug!(%ctid, error = %e, "stale network cleanup");
         }
         let ns_state = net::setup(ctid, ns.as_fd(), &cfg.net, &mut hn).map_err(net_err(ctid))?;

@@ -357,6 +357,22 @@ pub fn teardown(state: &NetState, host: &mut HostNet, links: LinkTeardown) -> Ve
     errors
 }
 
+/// Deletes host-side links named for `ctid`'s interfaces in `cfg` that are still there: left
+/// by a run whose state was lost, or kept by a netns something outside the CT still holds.
+/// Only the links: a crash's proxy entries are found through the run state
+/// ([`NetState::expected`] + [`teardown`]), and dumping every proxy entry of the host on each
+/// start would cost milliseconds on a full node.
+pub fn remove_stale_links(ctid: Ctid, cfg: &NetConfig, host: &mut HostNet) -> Vec<NetError> {
+    let mut errors = Vec::new();
+    for iface in NetState::expected(ctid, cfg).ifaces {
+        // Only a veth: a configured host_ifname could name a device of the hoster's own.
+        if let Err(e) = routed::remove_stale_veth(host, &iface.host_ifname) {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
 /// Live `--ipadd`: adds routed addresses to a running CT (creating its venet pair if it had
 /// none). Refuses an address the host or a running CT already routes; on failure the addresses
 /// of this call are removed again. `cfg` supplies neighbour devices and probe/announce settings.

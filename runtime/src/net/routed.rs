@@ -169,7 +169,7 @@ pub(crate) fn create_link(
         LinkFlags::Noarp,
     );
     let echo = match host.nl.link_create(msg.clone(), &name) {
-        Err(NetError::LinkExists { .. }) if remove_stale_venet(host, &name)? => {
+        Err(NetError::LinkExists { .. }) if remove_stale_veth(host, &name)? => {
             host.nl.link_create(msg, &name)
         }
         r => r,
@@ -206,11 +206,11 @@ pub(crate) fn create_link(
     ct.link_set_up(st.ct_ifindex, VENET_CT_IFNAME)
 }
 
-/// `venet<CTID>` already on the host when the CT's pair is about to be made: the host end of
-/// an earlier run whose netns something outside the CT kept alive (stop leaves the veth to
-/// the netns' exit). The name is this CT's own, so a veth by that name is removed (true);
-/// any other kind of device is left alone and the creation fails.
-fn remove_stale_venet(host: &mut HostNet, name: &str) -> Result<bool, NetError> {
+/// A host end named for this CT already on the host when its pair is about to be made: left
+/// by an earlier run whose netns something outside the CT kept alive (stop leaves the veth to
+/// the netns' exit) or whose state was lost. A veth by that name is removed (true); any
+/// other kind of device is left alone (false) and the creation will fail naming it.
+pub(crate) fn remove_stale_veth(host: &mut HostNet, name: &str) -> Result<bool, NetError> {
     let Some(link) = host.nl.link_by_name(name)? else {
         return Ok(false);
     };
