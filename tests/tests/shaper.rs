@@ -811,7 +811,7 @@ fn verdict(ok: bool) -> &'static str {
 
 /// A hand-made HTB like an operator would write with tc(8): on the host veth egress (in), and
 /// ingress → mirred → IFB → HTB (out). Returns the IFB name.
-fn hand_made_htb(t: &Topo, mbit: u32) -> Result<String> {
+fn hand_made_htb(t: &Topo, mbit: u32) -> Result<(String, bool)> {
     let ns = &t.host.name;
     let dev = &t.a.host_if;
     let ifb = berth_tests::datapath::unique("hifb");
@@ -835,19 +835,35 @@ fn hand_made_htb(t: &Topo, mbit: u32) -> Result<String> {
     tc(&[
         "class", "add", "dev", &ifb, "parent", "1:", "classid", "1:1", "htb", "rate", &r,
     ])?;
-    tc(&["qdisc", "add", "dev", dev, "handle", "ffff:", "ingress"])?;
+    // The datapath's cls_bpf filters (the default attach) live in a clsact qdisc, which
+    // excludes a classic ingress qdisc: the control's redirect joins clsact at its own pref.
+    let had_clsact = tc(&["qdisc", "show", "dev", dev])?.contains("clsact");
+    if !had_clsact {
+        tc(&["qdisc", "add", "dev", dev, "clsact"])?;
+    }
     tc(&[
-        "filter", "add", "dev", dev, "parent", "ffff:", "protocol", "all", "u32", "match", "u32",
-        "0", "0", "action", "mirred", "egress", "redirect", "dev", &ifb,
+        "filter", "add", "dev", dev, "ingress", "pref", HAND_PREF, "protocol", "all", "u32",
+        "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", &ifb,
     ])?;
-    Ok(ifb)
+    Ok((ifb, had_clsact))
 }
 
-fn remove_hand_made(t: &Topo, ifb: &str) -> Result<()> {
+/// The hand-made control's filter priority on clsact ingress.
+const HAND_PREF: &str = "40000";
+
+fn remove_hand_made(t: &Topo, (ifb, had_clsact): &(String, bool)) -> Result<()> {
     let ns = &t.host.name;
     let dev = &t.a.host_if;
-    let _ = berth_tests::datapath::run("tc", &["-n", ns, "qdisc", "del", "dev", dev, "root"]);
-    let _ = berth_tests::datapath::run("tc", &["-n", ns, "qdisc", "del", "dev", dev, "ingress"]);
+    let tc = |args: &[&str]| {
+        let mut full = vec!["-n", ns.as_str()];
+        full.extend_from_slice(args);
+        berth_tests::datapath::run("tc", &full)
+    };
+    let _ = tc(&["qdisc", "del", "dev", dev, "root"]);
+    let _ = tc(&["filter", "del", "dev", dev, "ingress", "pref", HAND_PREF]);
+    if !had_clsact {
+        let _ = tc(&["qdisc", "del", "dev", dev, "clsact"]);
+    }
     t.host.ip(&["link", "del", ifb])?;
     Ok(())
 }
