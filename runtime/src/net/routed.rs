@@ -503,18 +503,23 @@ pub(crate) fn del_host_routes(host: &mut HostNet, st: &IfaceState, errors: &mut 
         return;
     }
     for a in st.addrs.iter().map(|n| n.addr()) {
-        let prefix = full_prefix(a);
-        let msg = Netlink::route_msg(a, prefix, st.host_ifindex, None, false);
-        match host.nl.route_del(msg) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if is_gone(&e) => {}
-            Ok(Err(e)) => errors.push(host.nl.fail(
-                "delete host route",
-                format!("{a}/{prefix} dev {}", st.host_ifname),
-                e,
-            )),
-            Err(e) => errors.push(e),
-        }
+        del_host_route(host, st, a, errors);
+    }
+}
+
+/// The host route of `a` towards the CT's venet; already gone counts as done.
+fn del_host_route(host: &mut HostNet, st: &IfaceState, a: IpAddr, errors: &mut Vec<NetError>) {
+    let prefix = full_prefix(a);
+    let msg = Netlink::route_msg(a, prefix, st.host_ifindex, None, false);
+    match host.nl.route_del(msg) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if is_gone(&e) => {}
+        Ok(Err(e)) => errors.push(host.nl.fail(
+            "delete host route",
+            format!("{a}/{prefix} dev {}", st.host_ifname),
+            e,
+        )),
+        Err(e) => errors.push(e),
     }
 }
 
@@ -534,17 +539,7 @@ pub(crate) fn del_one(
     for p in gone.iter().rev() {
         proxy_del(host, p.ifindex, a, errors);
     }
-    let msg = Netlink::route_msg(a, prefix, st.host_ifindex, None, false);
-    match host.nl.route_del(msg) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if is_gone(&e) => {}
-        Ok(Err(e)) => errors.push(host.nl.fail(
-            "delete host route",
-            format!("{a}/{prefix} dev {}", st.host_ifname),
-            e,
-        )),
-        Err(e) => errors.push(e),
-    }
+    del_host_route(host, st, a, errors);
     if let Some(ct) = ct {
         match ct.addr_del(st.ct_ifindex, a, prefix) {
             Ok(Ok(())) => {}
