@@ -189,7 +189,7 @@ fn lpm_class(value: Option<&u32>, default_class: u8) -> u8 {
 }
 
 #[inline(always)]
-fn class_v4(cfg: &Config, addr: u32) -> u8 {
+pub(crate) fn class_v4(cfg: &Config, addr: u32) -> u8 {
     if cfg.v4_mode == CLASSES_UNIFORM {
         return cfg.v4_class;
     }
@@ -212,7 +212,7 @@ fn class_v4(cfg: &Config, addr: u32) -> u8 {
 }
 
 #[inline(always)]
-fn class_v6(cfg: &Config, a: &[u64; 2]) -> u8 {
+pub(crate) fn class_v6(cfg: &Config, a: &[u64; 2]) -> u8 {
     if cfg.v6_mode == CLASSES_UNIFORM {
         return cfg.v6_class;
     }

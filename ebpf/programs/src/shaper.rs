@@ -16,11 +16,11 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use berth_common::{
-    CLASSES_INLINE, CLASSES_UNIFORM, Config, DIR_IN, DIR_OUT, DropValue, INLINE_CLASSES,
+    DIR_IN, DIR_OUT, DropValue,
     shaper::{
         DROP_PPS, HTB_MAJOR, INTERACTIVE_MAX_LEN, MINOR_BULK, MINOR_INTERACTIVE, PPS_IN, PPS_OUT,
         PpsBucket, PpsKey, REST_IN, REST_OUT, SHAPE_IN, SHAPE_OUT, ShapeIface, capacity,
@@ -28,7 +28,8 @@ use berth_common::{
 };
 
 use crate::{
-    maps::{CLASSES_V4, CLASSES_V6, CONFIG},
+    account,
+    maps::CONFIG,
     packet::{self, L3},
 };
 
@@ -129,70 +130,12 @@ pub(crate) fn class_of(ctx: &TcContext, peer_is_src: bool) -> u8 {
     };
     match packet::parse(ctx) {
         Ok(frame) => match frame.l3 {
-            L3::V4 { src, dst } => class_v4(cfg, if peer_is_src { src } else { dst }),
-            L3::V6 { src, dst } => class_v6(cfg, if peer_is_src { &src } else { &dst }),
+            L3::V4 { src, dst } => account::class_v4(cfg, if peer_is_src { src } else { dst }),
+            L3::V6 { src, dst } => account::class_v6(cfg, if peer_is_src { &src } else { &dst }),
             _ => cfg.default_class,
         },
         Err(_) => cfg.default_class,
     }
-}
-
-/// An LPM trie key in aligned words (the verifier rejects misaligned stack stores).
-#[repr(C, align(8))]
-struct LpmKeyW<const N: usize>([u64; N]);
-const _: () = assert!(core::mem::size_of::<Key<u32>>() == 8);
-const _: () = assert!(core::mem::size_of::<Key<[u32; 4]>>() == 20);
-
-impl<const N: usize> LpmKeyW<N> {
-    #[inline(always)]
-    fn as_key<K>(&self) -> &Key<K> {
-        // SAFETY: Key<K> is repr(C, packed) and no larger than 8 * N bytes for the K used.
-        unsafe { &*(self.0.as_ptr() as *const Key<K>) }
-    }
-}
-
-#[inline(always)]
-fn class_v4(cfg: &Config, addr: u32) -> u8 {
-    if cfg.v4_mode == CLASSES_UNIFORM {
-        return cfg.v4_class;
-    }
-    if cfg.v4_mode == CLASSES_INLINE {
-        let mut i = 0;
-        while i < INLINE_CLASSES && i < cfg.v4_len as usize {
-            let p = &cfg.v4[i];
-            if addr & p.mask == p.net {
-                return p.class as u8;
-            }
-            i += 1;
-        }
-        return cfg.default_class;
-    }
-    let key = LpmKeyW([32 | u64::from(addr) << 32]);
-    CLASSES_V4
-        .get(key.as_key::<u32>())
-        .map_or(cfg.default_class, |c| *c as u8)
-}
-
-#[inline(always)]
-fn class_v6(cfg: &Config, a: &[u64; 2]) -> u8 {
-    if cfg.v6_mode == CLASSES_UNIFORM {
-        return cfg.v6_class;
-    }
-    if cfg.v6_mode == CLASSES_INLINE {
-        let mut i = 0;
-        while i < INLINE_CLASSES && i < cfg.v6_len as usize {
-            let p = &cfg.v6[i];
-            if a[0] & p.mask[0] == p.net[0] && a[1] & p.mask[1] == p.net[1] {
-                return p.class as u8;
-            }
-            i += 1;
-        }
-        return cfg.default_class;
-    }
-    let key = LpmKeyW([128 | a[0] << 32, a[0] >> 32 | a[1] << 32, a[1] >> 32]);
-    CLASSES_V6
-        .get(key.as_key::<[u32; 4]>())
-        .map_or(cfg.default_class, |c| *c as u8)
 }
 
 /// The packet-rate limit (see `PpsBucket`). A GSO packet counts its segments.
