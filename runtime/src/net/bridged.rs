@@ -141,7 +141,7 @@ pub(crate) fn add(
     // With static addresses berth configures the CT end, so it comes up now; otherwise the CT's
     // own network configuration brings it up.
     let configure = !b.addrs.is_empty() || b.gateway4.is_some() || b.gateway6.is_some();
-    let msg = veth_request(host_attrs, peer_attrs, ct_netns, LinkFlags::empty());
+    let msg = veth_request(host_attrs, peer_attrs, ct_netns, LinkFlags::empty(), true);
     let echo = host
         .nl
         .link_create(msg, &host_name)
