@@ -9,7 +9,9 @@
 //!
 //! Measured: per-CT setup latency (p50/p99) and total for CTS CTs in-process; teardown of all of
 //! them (proxy entries deleted, CT netns dropped so the kernel destroys the veths in one batch);
-//! the same per-CT setup done with ip(8) commands for IP_CTS CTs as the control.
+//! the same per-CT setup done with ip(8) commands for IP_CTS CTs as the control; and the kernel's
+//! floor: CTS bare netns + veth pairs (peer created in the netns, one queue each, host end
+//! down, no address, route or proxy entry), which any implementation of the setup has to pay.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -20,8 +22,9 @@ use std::time::{Duration, Instant};
 use berth_runtime::Ctid;
 use berth_runtime::net::{
     HostNet, Iface, LinkTeardown, NeighbourDevs, NetConfig, Netlink, RoutedIface, create_netns,
-    inspect::Snapshot, setup, teardown,
+    inspect::Snapshot, setup, teardown, veth_request,
 };
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
 fn addrs(i: u32) -> (Ipv4Addr, Ipv6Addr) {
     let n = i + 2; // 198.18.0.1 is the host's
@@ -176,6 +179,28 @@ fn main() {
     let after = Snapshot::take(&mut nl).unwrap();
     let left: Vec<String> = after.minus(&before);
 
+    // ---- floor: netns + bare veth pair only, in the same host netns ------------------------
+    let mut floor = Vec::with_capacity(cts as usize);
+    let mut floor_live = Vec::with_capacity(cts as usize);
+    let mut hn = Netlink::open_in(h, "bench host").unwrap();
+    for i in 0..cts {
+        let name = format!("vfloor{i}");
+        let t = Instant::now();
+        let ns = create_netns().expect("create netns");
+        let msg = veth_request(
+            vec![LinkAttribute::IfName(name.clone())],
+            vec![LinkAttribute::IfName("venet0".into())],
+            ns.as_fd(),
+            LinkFlags::Noarp,
+            false,
+        );
+        hn.link_create(msg, &name).expect("create veth");
+        floor.push(t.elapsed());
+        floor_live.push(ns);
+    }
+    floor.sort();
+    drop(floor_live);
+
     // ---- control: the same per-CT setup with ip(8) ---------------------------------------
     let pid = std::process::id();
     let mut ip_lat = Vec::new();
@@ -269,6 +294,12 @@ fn main() {
         "  netns creation within setup: first 200 p50 {:.3} ms, last 200 p50 {:.3} ms",
         p50_of(&ns_lat[..k]),
         p50_of(&ns_lat[n - k..])
+    );
+    println!(
+        "kernel floor, {cts} bare netns + veth pairs (no address/route/proxy/lo): p50 {:.3} ms, p99 {:.3} ms; berth p50 - floor p50 = {:.3} ms",
+        ms(pct(&floor, 0.5)),
+        ms(pct(&floor, 0.99)),
+        ms(p50) - ms(pct(&floor, 0.5))
     );
     println!(
         "total setup of {cts} CTs: {:.3} s   [bar <= 2 s]",

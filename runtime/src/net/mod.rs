@@ -69,6 +69,7 @@ pub use self::error::{AddrHolder, KernelError, NetError};
 pub use self::files::{write_hostname_files, write_resolv_conf};
 pub use self::nl::Netlink;
 pub use self::ns::{NetNsGuard, create_netns, current_netns};
+pub use self::routed::veth_request;
 use crate::Ctid;
 
 /// Host-side name of a CT's routed interface.

@@ -40,7 +40,7 @@ pub(crate) fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
 /// Builds an RTM_NEWLINK for a veth pair (host end up if `host_up`) whose peer is created
 /// directly in `peer_netns`, down: the kernel configures the peer before linking the pair, so
 /// IFF_UP on the peer fails with ENOTCONN from veth_open (seen on 6.18); bring it up afterwards.
-pub(crate) fn veth_request(
+pub fn veth_request(
     host_attrs: Vec<LinkAttribute>,
     mut peer_attrs: Vec<LinkAttribute>,
     peer_netns: BorrowedFd<'_>,
@@ -176,8 +176,8 @@ pub(crate) fn create_link(
         // Created down: a new link configured up with flags other than the defaults (IFF_NOARP)
         // gets NETDEV_CHANGE right after NETDEV_UP while it has no carrier, and addrconf then
         // walks the host's whole IPv6 FIB (rt6_sync_down_dev) and ARP/NDP their neighbour
-        // tables (neigh_carrier_down): ~0.17 ms per CT with 1000 CTs on 6.18, growing with
-        // the host's routes. Brought up in a second request, only NETDEV_UP fires.
+        // tables (neigh_carrier_down): ~0.1 ms per CT with 1000 CTs on 6.18, growing with
+        // the host's routes. Brought up in a later request, only NETDEV_UP fires.
         false,
     );
     let echo = match host.nl.link_create(msg.clone(), &name) {
@@ -204,23 +204,22 @@ pub(crate) fn create_link(
     let st = state.ifaces.last_mut().expect("just pushed");
     read_back(host, ct, echo, &name, VENET_CT_IFNAME, st)?;
     // addr_gen_mode is refused in RTM_NEWLINK (EAFNOSUPPORT: the inet6 device does not exist
-    // yet), so it comes with IFF_UP here. do_setlink applies IFF_UP first, which is harmless:
-    // without carrier (the CT end is still down) addrconf makes no link-local on NETDEV_UP;
-    // it does so when carrier comes (linkwatch, after the CT end is up), by then with mode none.
+    // yet), so it is set here, while the host end is still down: a change of IFLA_AF_SPEC ends
+    // in netdev_state_change, which on an up device without carrier is the NETDEV_CHANGE with
+    // its FIB and neighbour walks (see above). Its own request, as do_setlink applies IFF_UP
+    // before IFLA_AF_SPEC.
     let mut set = LinkMessage::default();
     set.header.index = st.host_ifindex;
-    set.header.flags = LinkFlags::Up;
-    set.header.change_mask = LinkFlags::Up;
     set.attributes
         .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
             vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
         )]));
     host.nl
         .request(RouteNetlinkMessage::SetLink(set), 0)?
-        .map_err(|e| {
-            host.nl
-                .fail("bring up (without IPv6 link-local)", name.clone(), e)
-        })?;
+        .map_err(|e| host.nl.fail("disable IPv6 link-local on", name.clone(), e))?;
+    // Up before the CT end: without carrier NETDEV_UP does nothing costly; carrier (and the
+    // one FIB walk that comes with it) arrives with the CT end, handled by linkwatch.
+    host.nl.link_set_up(st.host_ifindex, &name)?;
     ct.link_set_up(st.ct_ifindex, VENET_CT_IFNAME)
 }
 
