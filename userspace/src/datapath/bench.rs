@@ -788,11 +788,17 @@ fn probe_frame(ct_mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
-/// `struct __sk_buff` for BPF_PROG_TEST_RUN: the packet arrives on `ifindex` (tc ingress).
-fn probe_ctx(ifindex: u32) -> Vec<u8> {
+/// `struct __sk_buff` (192 bytes on every architecture) for BPF_PROG_TEST_RUN; only fields it
+/// accepts as input are set. `ifindex` 0 runs on the namespace's loopback (ifindex 1);
+/// `ingress_ifindex` (what tc ingress programs see as the receiving device) is set to the
+/// same interface.
+pub fn skb_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> Vec<u8> {
     let mut ctx = vec![0u8; 192];
-    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    let ingress = if ifindex == 0 { 1 } else { ifindex };
+    ctx[36..40].copy_from_slice(&ingress.to_ne_bytes()); // ingress_ifindex
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes()); // ifindex
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes()); // gso_segs
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes()); // gso_size
     ctx
 }
 
@@ -823,7 +829,7 @@ fn test_run_floor(
     ct_mac: [u8; 6],
 ) -> Result<FloorProbe> {
     let frame = probe_frame(ct_mac);
-    let ctx = probe_ctx(ifindex);
+    let ctx = skb_ctx(ifindex, 0, 0);
     let (from_ct, _) = dp.programs();
     let mut p = FloorProbe {
         repeat: TEST_RUN_REPEAT,
