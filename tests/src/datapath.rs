@@ -464,3 +464,20 @@ pub fn create_pinned_map(
     sys_bpf(6, &mut attr).with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
     Ok(())
 }
+
+/// Loads berth's do-nothing program (`berth_noop`) over `dp`'s maps and pins it at `path`: a
+/// stand-in for "some other tc program" (a previous build's, a foreign one).
+pub fn load_noop(dp: &Datapath, path: &std::path::Path) -> Result<SchedClassifier> {
+    use berth::bpf::programs::{MapPins, ProgramSpec, load_one};
+    let maps = dp.map_pins();
+    let spec = ProgramSpec {
+        name: berth_common::program_names::NOOP,
+        file: "noop",
+        optional: false,
+    };
+    let pins = MapPins {
+        dir: &maps,
+        names: &berth_common::map_names::ALL,
+    };
+    Ok(load_one(&[pins], spec, path)?)
+}

@@ -6,3 +6,8 @@ pub mod datapath;
 pub mod net;
 pub mod shaper;
 pub mod template;
+
+/// `n` as a CTID, for tests that name CTs by number.
+pub fn ct(n: u32) -> berth_runtime::Ctid {
+    berth_runtime::Ctid::new(n).expect("tests use valid CTIDs")
+}

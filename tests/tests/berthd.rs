@@ -17,6 +17,7 @@ use berth_tests::berthd::{
     Berthd, BerthdArgs, Prometheus, Sample, cpu_seconds, free_port, machine_busy_seconds,
     parse_samples, promtool, rss, unix_now, value_of,
 };
+use berth_tests::ct;
 use berth_tests::ct::TestHost;
 use berth_tests::datapath::{Pair, PinDir, ipv4, send_raw, udp_bind};
 
@@ -51,10 +52,10 @@ fn traffic_pair(pin: &Path, ctid: u32, prefix: &str) -> Result<Pair> {
         let mut dp = Datapath::open_or_load(pin)?;
         dp.attach(
             pair.host.ifindex(&pair.host_if)?,
-            IfaceConfig::routed(ctid, pair.ct_mac()?),
+            IfaceConfig::routed(ct(ctid), pair.ct_mac()?),
         )?;
         let addr: IpAddr = format!("{prefix}.2").parse()?;
-        dp.set_ct_addrs(ctid, &[addr])?;
+        dp.set_ct_addrs(ct(ctid), &[addr])?;
     }
     pair.up()?;
     Ok(pair)

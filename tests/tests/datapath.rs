@@ -16,6 +16,7 @@ use berth::datapath::{
     AttachMethod, ByteLayer, CounterRow, Datapath, DatapathConfig, Direction, DropReason, DropRow,
     Family, IfaceConfig, parse_networks_classes,
 };
+use berth_tests::ct;
 use berth_tests::datapath::{
     CT_MAC, HOST_MAC, NetNsGuard, Netns, Pair, PinDir, VERDICT_DROP, VERDICT_PASS, arp, eth, ipv4,
     ipv6, nd_solicit, parse_mac, run, send_raw, skb_ctx, test_run, udp_bind, udp_drain, udp_send,
@@ -67,13 +68,13 @@ fn loads_attaches_and_counts_ping() -> Result<()> {
         ensure!(dp.attach_method() == AttachMethod::Tcx);
         ids = dp.program_ids()?;
         let ifindex = pair.host.ifindex(&pair.host_if)?;
-        let mut cfg = IfaceConfig::routed(4242, pair.ct_mac()?);
+        let mut cfg = IfaceConfig::routed(ct(4242), pair.ct_mac()?);
         cfg.mac_filter = true;
         dp.attach(ifindex, cfg)?;
         let links = pin.path.join("links").join(ifindex.to_string());
         let pinned = std::fs::read_dir(&links)?.count();
         ensure!(pinned == 2, "{pinned} link pins in {}", links.display());
-        dp.set_ct_addrs(4242, &["10.77.0.2".parse()?])?;
+        dp.set_ct_addrs(ct(4242), &["10.77.0.2".parse()?])?;
         pair.ct
             .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.1"])?;
         let rows = dp.counters()?;
@@ -211,8 +212,8 @@ fn prog_test_run_verdicts_and_counters() -> Result<()> {
     };
     // BPF_PROG_TEST_RUN runs the program on the calling thread's namespace's loopback: make
     // `lo` the CT's interface.
-    u.dp.attach(LO, IfaceConfig::routed(CT, CT_MAC))?;
-    u.dp.set_ct_addrs(CT, &["10.0.0.2".parse()?, "2001:db8::2".parse()?])?;
+    u.dp.attach(LO, IfaceConfig::routed(ct(CT), CT_MAC))?;
+    u.dp.set_ct_addrs(ct(CT), &["10.0.0.2".parse()?, "2001:db8::2".parse()?])?;
     u.dp.load_classes(&parse_networks_classes(
         "0 192.0.2.0/24\n2 198.51.100.0/24\n5 198.51.100.128/25\n3 2001:db8:1::/48\n",
     )?)?;
@@ -521,7 +522,7 @@ fn prog_test_run_verdicts_and_counters() -> Result<()> {
     u.layer = ByteLayer::L2;
 
     // Bridged with mac_filter: the source MAC is policed, addresses are not...
-    u.dp.attach(LO, IfaceConfig::bridged(CT, CT_MAC))?;
+    u.dp.attach(LO, IfaceConfig::bridged(ct(CT), CT_MAC))?;
     let other_mac = [0x02, 0, 0, 0, 0, 0x99];
     u.run(
         "bridged spoofed MAC",
@@ -571,7 +572,7 @@ fn prog_test_run_verdicts_and_counters() -> Result<()> {
         },
     )?;
     // ...unless ip_filter is on.
-    let mut cfg = IfaceConfig::bridged(CT, CT_MAC);
+    let mut cfg = IfaceConfig::bridged(ct(CT), CT_MAC);
     cfg.ip_filter = true;
     u.dp.attach(LO, cfg)?;
     u.run(
@@ -617,8 +618,8 @@ fn prog_test_run_verdicts_and_counters() -> Result<()> {
     );
 
     // Removing the CT keeps its counters (billing) and forgets its addresses.
-    u.dp.remove_ct(CT)?;
-    ensure!(u.dp.ct_addrs(CT)?.is_empty());
+    u.dp.remove_ct(ct(CT))?;
+    ensure!(u.dp.ct_addrs(ct(CT))?.is_empty());
     ensure!(!u.dp.counters()?.is_empty());
 
     drop(u);
@@ -654,14 +655,14 @@ fn child_loader() -> Result<()> {
     let _ns = NetNsGuard::enter(Path::new(&var("BERTH_DP_NETNS")?))?;
     let mut dp = Datapath::open_or_load(&pin)?;
     let ifindex = var("BERTH_DP_IFINDEX")?.parse()?;
-    let mut cfg = IfaceConfig::routed(E2E_CT, parse_mac(&var("BERTH_DP_MAC")?)?);
+    let mut cfg = IfaceConfig::routed(ct(E2E_CT), parse_mac(&var("BERTH_DP_MAC")?)?);
     cfg.mac_filter = true;
     dp.attach(ifindex, cfg)?;
     let addrs: Vec<IpAddr> = var("BERTH_DP_ADDRS")?
         .split(',')
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
-    dp.set_ct_addrs(E2E_CT, &addrs)?;
+    dp.set_ct_addrs(ct(E2E_CT), &addrs)?;
     dp.load_classes(&parse_networks_classes(CLASSES_FILE)?)?;
     println!("CHILD_OK pid {}", std::process::id());
     Ok(())
@@ -1084,9 +1085,9 @@ fn netlink_fallback_attaches_counts_and_detaches() -> Result<()> {
         let mut dp = Datapath::open_or_load_with(&pin.path, AttachMethod::Netlink)?;
         ids = dp.program_ids()?;
         let ifindex = pair.host.ifindex(&pair.host_if)?;
-        dp.attach(ifindex, IfaceConfig::routed(4343, pair.ct_mac()?))?;
+        dp.attach(ifindex, IfaceConfig::routed(ct(4343), pair.ct_mac()?))?;
         // Attaching again replaces our filters instead of stacking them.
-        dp.attach(ifindex, IfaceConfig::routed(4343, pair.ct_mac()?))?;
+        dp.attach(ifindex, IfaceConfig::routed(ct(4343), pair.ct_mac()?))?;
         let filters = pair.host.ip(&["-d", "link", "show", &pair.host_if])?;
         let tc = run(
             "tc",
@@ -1104,7 +1105,7 @@ fn netlink_fallback_attaches_counts_and_detaches() -> Result<()> {
             tc.matches("name berth_from_ct").count() == 1,
             "ingress filters: {tc}\n{filters}"
         );
-        dp.set_ct_addrs(4343, &["10.79.0.2".parse()?])?;
+        dp.set_ct_addrs(ct(4343), &["10.79.0.2".parse()?])?;
         pair.ct
             .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.79.0.1"])?;
         let out = dp
@@ -1180,8 +1181,8 @@ fn bench_prog_test_run_cost() -> Result<()> {
     let ns = Netns::new("bdb")?;
     let _in_ns = ns.enter()?;
     let mut dp = Datapath::open_or_load(&pin.path)?;
-    dp.attach(LO, IfaceConfig::routed(CT, CT_MAC))?;
-    dp.set_ct_addrs(CT, &["10.0.0.2".parse()?])?;
+    dp.attach(LO, IfaceConfig::routed(ct(CT), CT_MAC))?;
+    dp.set_ct_addrs(ct(CT), &["10.0.0.2".parse()?])?;
     dp.load_classes(&parse_networks_classes(CLASSES_FILE)?)?;
     let (from_ct, to_ct) = dp.programs();
     let out_frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 9], 1400, 0);
@@ -1219,7 +1220,7 @@ fn bench_prog_test_run_cost() -> Result<()> {
     let res = aya::programs::TestRun::test_run(from_ct, opts)?;
     println!("unmanaged interface: {} ns/run", res.duration.as_nanos());
     // The floor of the method: a program that does nothing.
-    let noop = dp.load_noop(&pin.path.join("bench-noop"))?;
+    let noop = berth_tests::datapath::load_noop(&dp, &pin.path.join("bench-noop"))?;
     let mut out = vec![0u8; out_frame.len() + 256];
     let opts = aya::programs::TestRunOptions {
         data_in: Some(&out_frame),
@@ -1261,8 +1262,8 @@ fn prog_test_run_class_plans() -> Result<()> {
     let _in_ns = ns.enter()?;
     let mut dp = Datapath::open_or_load(&pin.path)?;
     let ids = dp.program_ids()?;
-    dp.attach(LO, IfaceConfig::routed(C, CT_MAC))?;
-    dp.set_ct_addrs(C, &["10.0.0.2".parse()?, "2001:db8::2".parse()?])?;
+    dp.attach(LO, IfaceConfig::routed(ct(C), CT_MAC))?;
+    dp.set_ct_addrs(ct(C), &["10.0.0.2".parse()?, "2001:db8::2".parse()?])?;
     let ct6 = v6("2001:db8::2");
     let v4_to = |dst: [u8; 4]| ipv4(CT_MAC, CT_V4, dst, 10, 0);
     let v6_to = |dst: &str| ipv6(CT_MAC, ct6, v6(dst), 17, 10);
@@ -1345,12 +1346,12 @@ fn prog_test_run_many_addresses() -> Result<()> {
     let _in_ns = ns.enter()?;
     let mut dp = Datapath::open_or_load(&pin.path)?;
     let ids = dp.program_ids()?;
-    dp.attach(LO, IfaceConfig::routed(C, CT_MAC))?;
+    dp.attach(LO, IfaceConfig::routed(ct(C), CT_MAC))?;
     let v4s: Vec<[u8; 4]> = (1..=12).map(|i| [10, 4, 0, i]).collect();
     let v6s: Vec<[u8; 16]> = (1..=11).map(|i| v6(&format!("2001:db8:4::{i}"))).collect();
     let mut addrs: Vec<IpAddr> = v4s.iter().map(|a| IpAddr::from(*a)).collect();
     addrs.extend(v6s.iter().map(|a| IpAddr::from(*a)));
-    dp.set_ct_addrs(C, &addrs)?;
+    dp.set_ct_addrs(ct(C), &addrs)?;
     let (from_ct, to_ct) = dp.programs();
     for a in &v4s {
         let v = run_lo(from_ct, &ipv4(CT_MAC, *a, [192, 0, 2, 1], 10, 0))?;
@@ -1377,8 +1378,8 @@ fn prog_test_run_many_addresses() -> Result<()> {
     ensure!(v == VERDICT_DROP, "0.0.0.0 source: {v}");
 
     // Shrink to two: an address that was inline and one that was in CT_ADDRS are gone.
-    dp.set_ct_addrs(C, &["10.4.0.12".parse()?, "10.4.0.1".parse()?])?;
-    ensure!(dp.ct_addrs(C)?.len() == 2);
+    dp.set_ct_addrs(ct(C), &["10.4.0.12".parse()?, "10.4.0.1".parse()?])?;
+    ensure!(dp.ct_addrs(ct(C))?.len() == 2);
     let (from_ct, _) = dp.programs();
     for (a, want) in [
         ([10, 4, 0, 1], VERDICT_PASS),
@@ -1394,8 +1395,8 @@ fn prog_test_run_many_addresses() -> Result<()> {
 
     // The start path names the CT's interfaces instead of scanning every entry: the inline
     // copy on that interface follows all the same.
-    dp.set_ct_addrs_on(C, &["10.4.0.2".parse()?], &[LO])?;
-    ensure!(dp.ct_addrs(C)? == ["10.4.0.2".parse::<IpAddr>()?]);
+    dp.set_ct_addrs_on(ct(C), &["10.4.0.2".parse()?], &[LO])?;
+    ensure!(dp.ct_addrs(ct(C))? == ["10.4.0.2".parse::<IpAddr>()?]);
     let (from_ct, _) = dp.programs();
     for (a, want) in [([10, 4, 0, 2], VERDICT_PASS), ([10, 4, 0, 1], VERDICT_DROP)] {
         let v = run_lo(from_ct, &ipv4(CT_MAC, a, [192, 0, 2, 1], 10, 0))?;
@@ -1425,15 +1426,18 @@ fn prog_test_run_iface_position_collision() -> Result<()> {
     let _in_ns = ns.enter()?;
     let mut dp = Datapath::open_or_load(&pin.path)?;
     let ids = dp.program_ids()?;
-    dp.attach(16385, IfaceConfig::routed(A, CT_MAC))?;
-    dp.attach(LO, IfaceConfig::routed(B, CT_MAC))?;
-    dp.set_ct_addrs(B, &["10.0.0.2".parse()?])?;
-    let attached: Vec<(u32, u32)> = dp
+    dp.attach(16385, IfaceConfig::routed(ct(A), CT_MAC))?;
+    dp.attach(LO, IfaceConfig::routed(ct(B), CT_MAC))?;
+    dp.set_ct_addrs(ct(B), &["10.0.0.2".parse()?])?;
+    let attached: Vec<(u32, berth_runtime::Ctid)> = dp
         .attached()?
         .iter()
         .map(|a| (a.ifindex, a.config.ctid))
         .collect();
-    ensure!(attached == [(LO, B), (16385, A)], "attached: {attached:?}");
+    ensure!(
+        attached == [(LO, ct(B)), (16385, ct(A))],
+        "attached: {attached:?}"
+    );
     let frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 1], 10, 0);
     let (from_ct, _) = dp.programs();
     ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
@@ -1452,7 +1456,7 @@ fn prog_test_run_iface_position_collision() -> Result<()> {
     );
     ensure!(dp.attached()?.len() == 1);
     // Re-attaching the dummy now spills it instead; lo keeps its position and its counts.
-    dp.attach(16385, IfaceConfig::routed(A, CT_MAC))?;
+    dp.attach(16385, IfaceConfig::routed(ct(A), CT_MAC))?;
     let (from_ct, _) = dp.programs();
     ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
     ensure!(out_packets(&dp, B, 0, Family::V4)? == 3);
@@ -1476,8 +1480,8 @@ fn counter_slots_are_reclaimed_without_losing_totals() -> Result<()> {
     let _in_ns = ns.enter()?;
     let mut dp = Datapath::open_or_load(&pin.path)?;
     let ids = dp.program_ids()?;
-    dp.set_ct_addrs(FIRST, &["10.0.0.2".parse()?])?;
-    dp.attach(LO, IfaceConfig::routed(FIRST, CT_MAC))?;
+    dp.set_ct_addrs(ct(FIRST), &["10.0.0.2".parse()?])?;
+    dp.attach(LO, IfaceConfig::routed(ct(FIRST), CT_MAC))?;
     let frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 1], 10, 0);
     for _ in 0..3 {
         let (from_ct, _) = dp.programs();
@@ -1487,14 +1491,14 @@ fn counter_slots_are_reclaimed_without_losing_totals() -> Result<()> {
     // reclaim FIRST's slot, the only one no interface points at.
     let slots = berth_common::capacity::SLOTS;
     for ctid in FIRST + 1..=FIRST + slots {
-        dp.attach(LO, IfaceConfig::routed(ctid, CT_MAC))?;
+        dp.attach(LO, IfaceConfig::routed(ct(ctid), CT_MAC))?;
     }
     ensure!(
         out_packets(&dp, FIRST, 0, Family::V4)? == 3,
         "FIRST's totals after its slot was reclaimed"
     );
     // FIRST again: another reclaim; old totals + new packets.
-    dp.attach(LO, IfaceConfig::routed(FIRST, CT_MAC))?;
+    dp.attach(LO, IfaceConfig::routed(ct(FIRST), CT_MAC))?;
     for _ in 0..2 {
         let (from_ct, _) = dp.programs();
         ensure!(run_lo(from_ct, &frame)? == VERDICT_PASS);
@@ -1641,7 +1645,7 @@ fn migrates_a_v1_pin_directory() -> Result<()> {
     // program stands in for them).
     let scratch = PinDir::new();
     let sdp = Datapath::open_or_load(&scratch.path)?;
-    let mut old_prog = sdp.load_noop(&scratch.path.join("old"))?;
+    let mut old_prog = berth_tests::datapath::load_noop(&sdp, &scratch.path.join("old"))?;
     let id = old_prog.attach_with_options(
         &pair.host_if,
         TcAttachType::Ingress,
@@ -1666,13 +1670,13 @@ fn migrates_a_v1_pin_directory() -> Result<()> {
         "{:?}",
         dp.classes()?
     );
-    ensure!(dp.ct_addrs(C)? == ["10.81.0.2".parse::<IpAddr>()?]);
+    ensure!(dp.ct_addrs(ct(C))? == ["10.81.0.2".parse::<IpAddr>()?]);
     let attached = dp.attached()?;
     ensure!(
         attached.len() == 1
             && attached[0].ifindex == ifindex
             && attached[0].config == {
-                let mut c = IfaceConfig::routed(C, mac);
+                let mut c = IfaceConfig::routed(ct(C), mac);
                 c.mac_filter = true;
                 c
             },

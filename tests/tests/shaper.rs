@@ -22,6 +22,7 @@ use berth_common::{
         map_names as shaper_maps,
     },
 };
+use berth_tests::ct;
 use berth_tests::{
     datapath::{PinDir, VERDICT_DROP, VERDICT_PASS},
     shaper::{Run, Server, Topo, assert_no_shaping, iperf, ping_rtts, port, quantile, tc_show},
@@ -78,9 +79,9 @@ fn ten_mbit_each_direction_then_removal_restores_full_speed() -> Result<()> {
     let pin = PinDir::new();
     let _g = t.host.enter()?;
     let mut sh = Shaper::open(&pin.path)?;
-    sh.apply(101, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(101), t.a.ifindex, &both("10mbit"))?;
 
-    let st = sh.status(101)?;
+    let st = sh.status(ct(101))?;
     ensure!(st.interfaces.len() == 1, "{st:?}");
     let cfg = &st.interfaces[0].config;
     ensure!(
@@ -102,9 +103,9 @@ fn ten_mbit_each_direction_then_removal_restores_full_speed() -> Result<()> {
         );
     }
 
-    sh.remove(101, t.a.ifindex)?;
+    sh.remove(ct(101), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
-    ensure!(sh.status(101)?.interfaces.is_empty());
+    ensure!(sh.status(ct(101))?.interfaces.is_empty());
     let i = tcp(&t, "in", 2)?;
     let o = tcp(&t, "out", 2)?;
     eprintln!(
@@ -145,9 +146,9 @@ fn bridged_ct_ten_mbit_each_direction() -> Result<()> {
     let pin = PinDir::new();
     let _g = t.host.enter()?;
     let mut sh = Shaper::open(&pin.path)?;
-    sh.apply(111, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(111), t.a.ifindex, &both("10mbit"))?;
     check_ten_mbit_both_ways(&t, 5)?;
-    sh.remove(111, t.a.ifindex)?;
+    sh.remove(ct(111), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     // Still bridged after teardown: the port is in the bridge and traffic flows.
     let master = t.host.ip(&["-o", "link", "show", &t.a.host_if])?;
@@ -176,11 +177,11 @@ fn cls_bpf_attach_shapes_after_accounting_and_tears_down() -> Result<()> {
         berth_tests::datapath::parse_mac(s.trim())?
     };
     let mut dp = Datapath::open_or_load_with(&pin.path, AttachMethod::Netlink)?;
-    dp.attach(t.a.ifindex, IfaceConfig::bridged(112, mac))?;
+    dp.attach(t.a.ifindex, IfaceConfig::bridged(ct(112), mac))?;
     let mut sh = Shaper::open_with(&pin.path, AttachMethod::Netlink)?;
-    sh.apply(112, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(112), t.a.ifindex, &both("10mbit"))?;
     // Applying again (a live change) replaces our filters instead of stacking them.
-    sh.apply(112, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(112), t.a.ifindex, &both("10mbit"))?;
     for hook in ["ingress", "egress"] {
         let f = berth_tests::datapath::run(
             "tc",
@@ -232,7 +233,7 @@ fn cls_bpf_attach_shapes_after_accounting_and_tears_down() -> Result<()> {
             "accounting missed traffic {d:?}: {counted} bytes"
         );
     }
-    let st = sh.status(112)?;
+    let st = sh.status(ct(112))?;
     let bulk_bytes: u64 = st.interfaces[0]
         .classes
         .iter()
@@ -243,7 +244,7 @@ fn cls_bpf_attach_shapes_after_accounting_and_tears_down() -> Result<()> {
         bulk_bytes > 8_000_000,
         "HTB leaves saw {bulk_bytes} bytes: the classification did not reach them"
     );
-    sh.remove(112, t.a.ifindex)?;
+    sh.remove(ct(112), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     let f = berth_tests::datapath::run(
         "tc",
@@ -509,7 +510,7 @@ fn live_rate_change_keeps_the_connection() -> Result<()> {
     let pin = PinDir::new();
     let _g = t.host.enter()?;
     let mut sh = Shaper::open(&pin.path)?;
-    sh.apply(102, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(102), t.a.ifindex, &both("10mbit"))?;
     let p = port();
     let _s = Server::start(&t.a.ns.name, p)?;
     let host = t.host.name.clone();
@@ -535,7 +536,7 @@ fn live_rate_change_keeps_the_connection() -> Result<()> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     });
     thread::sleep(Duration::from_secs(3));
-    sh.apply(102, t.a.ifindex, &both("40mbit"))?;
+    sh.apply(ct(102), t.a.ifindex, &both("40mbit"))?;
     let json: serde_json::Value = serde_json::from_str(&client.join().unwrap())?;
     ensure!(json.get("error").is_none(), "connection broke: {json}");
     let iv: Vec<f64> = json["intervals"]
@@ -552,8 +553,8 @@ fn live_rate_change_keeps_the_connection() -> Result<()> {
     let after = (iv[5] + iv[6]) / 2.0;
     ensure!(before < 11.0 && before > 8.0, "before the change: {iv:?}");
     ensure!(after > 35.0 && after < 41.0, "after the change: {iv:?}");
-    ensure!(sh.status(102)?.interfaces[0].config.rate_in == Some(rate("40mbit")));
-    sh.remove(102, t.a.ifindex)?;
+    ensure!(sh.status(ct(102))?.interfaces[0].config.rate_in == Some(rate("40mbit")));
+    sh.remove(ct(102), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     Ok(())
 }
@@ -589,7 +590,7 @@ fn per_class_rates_hold_independently() -> Result<()> {
         ],
         ..Default::default()
     };
-    sh.apply(103, t.a.ifindex, &cfg)?;
+    sh.apply(ct(103), t.a.ifindex, &cfg)?;
     let (p0, p1) = (port(), port());
     let _s0 = Server::start(&t.a.ns.name, p0)?;
     let _s1 = Server::start(&t.a.ns.name, p1)?;
@@ -628,7 +629,7 @@ fn per_class_rates_hold_independently() -> Result<()> {
     let (r0, r1) = (r0?, r1?);
     within(r0.goodput_bps, 8e6, "class 0 (alongside class 1)")?;
     within(r1.goodput_bps, 24e6, "class 1 (alongside class 0)")?;
-    sh.remove(103, t.a.ifindex)?;
+    sh.remove(ct(103), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     Ok(())
 }
@@ -640,10 +641,10 @@ fn bad_rates_are_rejected_and_change_nothing() -> Result<()> {
     let _g = t.host.enter()?;
     let mut sh = Shaper::open(&pin.path)?;
     let good = both("10mbit");
-    sh.apply(104, t.a.ifindex, &good)?;
+    sh.apply(ct(104), t.a.ifindex, &good)?;
     let before = (
         tc_show(&t.host, "class", &t.a.host_if)?,
-        sh.status(104)?.interfaces[0].config.clone(),
+        sh.status(ct(104))?.interfaces[0].config.clone(),
     );
 
     for (text, flag) in [
@@ -660,7 +661,7 @@ fn bad_rates_are_rejected_and_change_nothing() -> Result<()> {
         ..both("20mbit")
     };
     let e = sh
-        .apply(104, t.a.ifindex, &small_burst)
+        .apply(ct(104), t.a.ifindex, &small_burst)
         .unwrap_err()
         .to_string();
     ensure!(e.contains("--burst"), "{e}");
@@ -669,7 +670,7 @@ fn bad_rates_are_rejected_and_change_nothing() -> Result<()> {
         ..both("20mbit")
     };
     let e = sh
-        .apply(104, t.a.ifindex, &zero_pps)
+        .apply(ct(104), t.a.ifindex, &zero_pps)
         .unwrap_err()
         .to_string();
     ensure!(e.contains("--pps-in"), "{e}");
@@ -677,11 +678,11 @@ fn bad_rates_are_rejected_and_change_nothing() -> Result<()> {
 
     let after = (
         tc_show(&t.host, "class", &t.a.host_if)?,
-        sh.status(104)?.interfaces[0].config.clone(),
+        sh.status(ct(104))?.interfaces[0].config.clone(),
     );
     // Class listings carry no counters without -s: identical means unchanged.
     ensure!(before == after, "state changed:\n{before:?}\n{after:?}");
-    sh.remove(104, t.a.ifindex)?;
+    sh.remove(ct(104), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     Ok(())
 }
@@ -693,7 +694,7 @@ fn ct_to_ct_traffic_is_shaped_and_pps_limits_hold() -> Result<()> {
     let _g = t.host.enter()?;
     let mut sh = Shaper::open(&pin.path)?;
     sh.apply(
-        105,
+        ct(105),
         t.a.ifindex,
         &ShapingConfig {
             rate_out: Some(rate("10mbit")),
@@ -715,7 +716,7 @@ fn ct_to_ct_traffic_is_shaped_and_pps_limits_hold() -> Result<()> {
 
     // 64-byte UDP at ~3x the packet limit: what arrives is the limit.
     sh.apply(
-        105,
+        ct(105),
         t.a.ifindex,
         &ShapingConfig {
             pps_out: Some(5000),
@@ -741,14 +742,14 @@ fn ct_to_ct_traffic_is_shaped_and_pps_limits_hold() -> Result<()> {
         (pps / 5000.0 - 1.0).abs() <= 0.05,
         "received {pps:.0} packets/s against a limit of 5000"
     );
-    let st = sh.status(105)?;
+    let st = sh.status(ct(105))?;
     let drops = st.interfaces[0]
         .drops
         .iter()
         .find(|d| d.reason == "pps" && d.dir == berth::datapath::Direction::Out)
         .map_or(0, |d| d.packets);
     ensure!(drops > 0, "no pps drops counted: {st:?}");
-    sh.remove(105, t.a.ifindex)?;
+    sh.remove(ct(105), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     Ok(())
 }
@@ -759,7 +760,7 @@ fn ping_stays_fast_through_a_saturated_ct() -> Result<()> {
     let pin = PinDir::new();
     let _g = t.host.enter()?;
     let mut sh = Shaper::open(&pin.path)?;
-    sh.apply(106, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(106), t.a.ifindex, &both("10mbit"))?;
     let p = port();
     let _s = Server::start(&t.a.ns.name, p)?;
     let host = t.host.name.clone();
@@ -791,7 +792,7 @@ fn ping_stays_fast_through_a_saturated_ct() -> Result<()> {
         p99 <= 50.0,
         "ping p99 {p99:.1} ms through a saturated 10 Mbit/s CT"
     );
-    sh.remove(106, t.a.ifindex)?;
+    sh.remove(ct(106), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     Ok(())
 }
@@ -875,9 +876,9 @@ fn goodput_rows(t: &Topo, sh: &mut Shaper, secs: u32) -> Result<usize> {
     for mbit in [10u32, 100, 1000] {
         let rate_bps = f64::from(mbit) * 1e6;
         for dir in ["in", "out"] {
-            sh.apply(201, t.a.ifindex, &both(&format!("{mbit}mbit")))?;
+            sh.apply(ct(201), t.a.ifindex, &both(&format!("{mbit}mbit")))?;
             let b = tcp(t, dir, secs)?;
-            sh.remove(201, t.a.ifindex)?;
+            sh.remove(ct(201), t.a.ifindex)?;
             let ifb = hand_made_htb(t, mbit)?;
             let h = tcp(t, dir, secs)?;
             remove_hand_made(t, &ifb)?;
@@ -935,8 +936,8 @@ fn bench_shaper() -> Result<()> {
 
     // Isolation: both CTs shaped to 10 Mbit/s out; a floods UDP at 5x, b's TCP is measured.
     println!("\n## Isolation (both CTs 10 Mbit/s out; CT a sends UDP at 50 Mbit/s)");
-    sh.apply(201, t.a.ifindex, &both("10mbit"))?;
-    sh.apply(202, t.b.ifindex, &both("10mbit"))?;
+    sh.apply(ct(201), t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(202), t.b.ifindex, &both("10mbit"))?;
     let solo = {
         let p = port();
         let _s = Server::start(&t.host.name, p)?;
@@ -992,13 +993,13 @@ fn bench_shaper() -> Result<()> {
         f.goodput_bps / 1e6,
         verdict(ok)
     );
-    sh.remove(202, t.b.ifindex)?;
+    sh.remove(ct(202), t.b.ifindex)?;
 
     // Packet-rate limit with small UDP packets (64-byte payload), 3x over the limit.
     println!("\n## Packet-rate limit (64-byte UDP at ~3x the limit, CT a → CT b)");
     for limit in [10_000u64, 50_000] {
         sh.apply(
-            201,
+            ct(201),
             t.a.ifindex,
             &ShapingConfig {
                 pps_out: Some(limit),
@@ -1033,7 +1034,7 @@ fn bench_shaper() -> Result<()> {
 
     // Latency under load: 4 TCP flows saturate the CT's 10 Mbit/s in; ping alongside.
     println!("\n## Latency under load (10 Mbit/s, 4 TCP flows to the CT)");
-    sh.apply(201, t.a.ifindex, &both("10mbit"))?;
+    sh.apply(ct(201), t.a.ifindex, &both("10mbit"))?;
     let p = port();
     let _s = Server::start(&t.a.ns.name, p)?;
     let (h, ip) = (t.host.name.clone(), t.a.ip.clone());
@@ -1064,7 +1065,7 @@ fn bench_shaper() -> Result<()> {
         l.goodput_bps / 1e6,
         verdict(ok)
     );
-    sh.remove(201, t.a.ifindex)?;
+    sh.remove(ct(201), t.a.ifindex)?;
     assert_no_shaping(&t.host, &t.a.host_if)?;
     assert_no_shaping(&t.host, &t.b.host_if)?;
     println!("\n{} bar(s) failed", fails);

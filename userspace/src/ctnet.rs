@@ -69,10 +69,10 @@ impl DatapathHooks {
         for i in &net.ifaces {
             match cfg {
                 Some(c) => sh
-                    .apply(ctid.get(), i.host_ifindex, c)
+                    .apply(ctid, i.host_ifindex, c)
                     .map_err(|e| format!("shape {}: {e}", i.host_ifname))?,
                 None => sh
-                    .remove(ctid.get(), i.host_ifindex)
+                    .remove(ctid, i.host_ifindex)
                     .map_err(|e| format!("unshape {}: {e}", i.host_ifname))?,
             }
         }
@@ -96,8 +96,8 @@ impl NetHooks for DatapathHooks {
         for i in &net.ifaces {
             let mac = i.ct_mac.map(|m| m.0).unwrap_or_default();
             let cfg = match i.mode {
-                Mode::Routed => IfaceConfig::routed(ctid.get(), mac),
-                Mode::Bridged => IfaceConfig::bridged(ctid.get(), mac),
+                Mode::Routed => IfaceConfig::routed(ctid, mac),
+                Mode::Bridged => IfaceConfig::bridged(ctid, mac),
             };
             dp.attach(i.host_ifindex, cfg)
                 .map_err(|e| format!("attach eBPF programs to {}: {e}", i.host_ifname))?;
@@ -105,7 +105,7 @@ impl NetHooks for DatapathHooks {
         }
         let addrs: Vec<IpAddr> = addrs.into_iter().collect();
         let ifaces: Vec<u32> = net.ifaces.iter().map(|i| i.host_ifindex).collect();
-        dp.set_ct_addrs_on(ctid.get(), &addrs, &ifaces)
+        dp.set_ct_addrs_on(ctid, &addrs, &ifaces)
             .map_err(|e| format!("load CT {ctid}'s addresses into the datapath: {e}"))?;
         if let Some(cfg) = self.shaping.clone() {
             self.apply_shaping(ctid, net, Some(&cfg))?;
@@ -132,7 +132,7 @@ impl NetHooks for DatapathHooks {
             match self.shaper() {
                 Ok(sh) => {
                     for i in &net.ifaces {
-                        if let Err(e) = sh.remove(ctid.get(), i.host_ifindex) {
+                        if let Err(e) = sh.remove(ctid, i.host_ifindex) {
                             debug!(%ctid, ifname = %i.host_ifname, error = %e, "shaper remove");
                         }
                     }

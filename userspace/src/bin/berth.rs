@@ -618,10 +618,7 @@ fn run(cli: Cli) -> Result<u8> {
                 v["configured"] =
                     json!(shaping_of(cfg.shaping.as_ref()).map_err(anyhow::Error::msg)?);
                 if container::running(&host, ctid).is_some() {
-                    let live = hooks
-                        .shaper()
-                        .map_err(anyhow::Error::msg)?
-                        .status(ctid.get())?;
+                    let live = hooks.shaper().map_err(anyhow::Error::msg)?.status(ctid)?;
                     v["live"] = serde_json::to_value(&live)?;
                 }
             }

@@ -29,6 +29,11 @@ use aya::programs::{
     tc::{self, NlOptions, TcAttachOptions},
 };
 use berth_common::program_names;
+
+use crate::bpf::{
+    self, BpfError,
+    programs::{self, MapPins, ProgramSpec},
+};
 use nix::sched::{CloneFlags, setns};
 use serde::Serialize;
 use thiserror::Error;
@@ -39,6 +44,26 @@ use super::{
     parse_networks_classes,
 };
 
+/// Loads the reference program (`berth_noop`, does nothing) over the datapath's pinned maps
+/// and pins it at `path` (the caller unpins it); nothing else is created.
+fn load_noop(dp: &Datapath, path: &Path) -> Result<SchedClassifier> {
+    let maps = dp.map_pins();
+    let spec = ProgramSpec {
+        name: program_names::NOOP,
+        file: "noop",
+        optional: false,
+    };
+    let pins = MapPins {
+        dir: &maps,
+        names: &berth_common::map_names::ALL,
+    };
+    Ok(programs::load_one(&[pins], spec, path)?)
+}
+
+fn bench_ctid() -> berth_runtime::Ctid {
+    berth_runtime::Ctid::new(BENCH_CTID).expect("BENCH_CTID is a valid CTID")
+}
+
 /// Keeps run-time statistics enabled while alive (they cost a few ns per run, so only for
 /// measurements).
 pub struct StatsGuard(
@@ -48,10 +73,13 @@ pub struct StatsGuard(
 pub fn enable_stats() -> Result<StatsGuard> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map(StatsGuard)
-        .map_err(|e| DatapathError::Io {
-            op: "enabling BPF run-time stats (BPF_ENABLE_STATS)",
-            path: "/proc/sys/kernel/bpf_stats_enabled".into(),
-            source: e.io_error,
+        .map_err(|e| {
+            BpfError::Io {
+                op: "enabling BPF run-time stats (BPF_ENABLE_STATS)",
+                path: "/proc/sys/kernel/bpf_stats_enabled".into(),
+                source: e.io_error,
+            }
+            .into()
         })
 }
 
@@ -114,11 +142,7 @@ impl HookStats {
 }
 
 fn prog_stats(p: &SchedClassifier, name: &'static str) -> Result<ProgStats> {
-    let info = p.info().map_err(|e| DatapathError::Program {
-        program: name,
-        op: "reading info",
-        source: Box::new(e),
-    })?;
+    let info = p.info().map_err(bpf::prog_err(name, "reading info"))?;
     Ok(ProgStats {
         run_cnt: info.run_count(),
         run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
@@ -814,11 +838,9 @@ fn test_run_ns(
         repeat: TEST_RUN_REPEAT,
         ..TestRunOptions::new()
     };
-    let res = prog.test_run(opts).map_err(|e| DatapathError::Program {
-        program: name,
-        op: "BPF_PROG_TEST_RUN",
-        source: Box::new(e),
-    })?;
+    let res = prog
+        .test_run(opts)
+        .map_err(bpf::prog_err(name, "BPF_PROG_TEST_RUN"))?;
     Ok(res.duration.as_secs_f64() * 1e9)
 }
 
@@ -886,12 +908,11 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
     let in_host = InNetns::enter(&topo.host.path())?;
     let mut dp = Datapath::open_or_load(&topo.pin_dir)?;
     let method = dp.attach_method();
-    let ifindex = super::sys::if_nametoindex(&topo.host_if).ok_or_else(|| {
-        DatapathError::NoSuchInterface {
+    let ifindex =
+        bpf::sys::if_nametoindex(&topo.host_if).ok_or_else(|| DatapathError::NoSuchInterface {
             name: topo.host_if.clone(),
-        }
-    })?;
-    let mut cfg = IfaceConfig::routed(BENCH_CTID, topo.ct_mac()?);
+        })?;
+    let mut cfg = IfaceConfig::routed(bench_ctid(), topo.ct_mac()?);
     cfg.mac_filter = true;
     let classes = parse_networks_classes(BENCH_CLASSES).map_err(DatapathError::from)?;
     dp.load_classes(&classes)?;
@@ -900,7 +921,7 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
         .iter()
         .filter_map(|a| a.parse().ok())
         .collect();
-    dp.set_ct_addrs(BENCH_CTID, &addrs)?;
+    dp.set_ct_addrs(bench_ctid(), &addrs)?;
     dp.attach(ifindex, cfg)?;
     topo.start_server()?;
 
@@ -910,8 +931,8 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
         topo.pin_dir.join("bench-noop-ingress"),
         topo.pin_dir.join("bench-noop-egress"),
     ];
-    let mut noop_in = dp.load_noop(&noop_paths[0])?;
-    let mut noop_eg = dp.load_noop(&noop_paths[1])?;
+    let mut noop_in = load_noop(&dp, &noop_paths[0])?;
+    let mut noop_eg = load_noop(&dp, &noop_paths[1])?;
     // The floor is measured on the hook berth uses: TCX link or cls_bpf filter.
     let noop_opts = || match method {
         AttachMethod::Tcx => TcAttachOptions::TcxOrder(LinkOrder::first()),
@@ -919,11 +940,14 @@ pub fn run_datapath_bench(opts: &BenchOptions) -> BenchResult<Report> {
     };
     let floor_probe = test_run_floor(&dp, &noop_in, ifindex, topo.ct_mac()?)?;
     let load = |t: &Topology| t.iperf(&["-t", &opts.cost_seconds.to_string(), "--bidir"]);
-    let attach_err = |e: aya::programs::ProgramError| DatapathError::Attach {
-        ifname: topo.host_if.clone(),
-        ifindex,
-        op: "attaching the no-op reference program",
-        source: Box::new(e),
+    let attach_err = |e: aya::programs::ProgramError| {
+        DatapathError::from(BpfError::Attach {
+            program: program_names::NOOP,
+            ifname: topo.host_if.clone(),
+            ifindex,
+            op: "attaching the no-op reference program",
+            source: Box::new(e),
+        })
     };
     let mut rounds = Vec::new();
     for round in 0..opts.cost_rounds {

@@ -7,7 +7,7 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily};
 
 use super::defs::{self, MetricDef};
 use super::snapshot::{CtSnapshot, NetworkSnapshot, Snapshot, SourceStatus};
-use crate::{datapath::Direction, shaper::readonly::CtShaping};
+use crate::{datapath::Direction, shaper::view::CtShaping};
 
 /// Direction label values: the CT's point of view, as in the metric names.
 pub fn direction_label(d: Direction) -> &'static str {
@@ -403,7 +403,7 @@ pub(crate) mod tests {
     use crate::metrics::snapshot::{
         CgroupSnapshot, CtMeta, CtSnapshot, NetworkSnapshot, SourceStatus,
     };
-    use crate::shaper::readonly::{CtShaping, DirShaping};
+    use crate::shaper::view::{CtShaping, DirShaping};
 
     fn value(fams: &[MetricFamily], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let f = fams.iter().find(|f| f.name() == name)?;

@@ -33,8 +33,8 @@ use super::{
     watch::{Changes, DirWatch},
 };
 use crate::{
-    datapath::{CounterRow, Datapath, DropRow},
-    shaper::readonly::{self, CtIfaces, CtShaping, ShaperView},
+    datapath::{CounterRow, DatapathView, DropRow},
+    shaper::view::{self, CtIfaces, CtShaping, ShaperView},
 };
 
 /// Where berthd reads from.
@@ -546,7 +546,7 @@ impl Reader {
 
     fn read_network(&self) -> Result<Option<NetworkSnapshot>, String> {
         let Some(dp) =
-            Datapath::open_pinned_readonly(&self.sources.pin_dir).map_err(|e| e.to_string())?
+            DatapathView::open_pinned(&self.sources.pin_dir).map_err(|e| e.to_string())?
         else {
             return Ok(None);
         };
@@ -720,7 +720,7 @@ fn read_shaping(env: &Env, ctid: u32, nl: &mut Option<Netlink>) -> Option<CtShap
     let ifaces = ifaces.get(&ctid)?;
     let result = match nl {
         Some(nl) => view.read_ct(nl, ctid, ifaces),
-        None => readonly::netlink().and_then(|n| view.read_ct(nl.insert(n), ctid, ifaces)),
+        None => view::netlink().and_then(|n| view.read_ct(nl.insert(n), ctid, ifaces)),
     };
     match result {
         Ok(s) => Some(s),

@@ -4,9 +4,9 @@
 //! lock per CT and paces instead of queueing in a shared class tree. `BERTH_SHAPER=htb|edt`
 //! forces one (an unavailable forced choice is an error, never a silent fallback).
 
-use serde::Serialize;
+use std::{fs, io::Read, path::Path};
 
-use super::sys;
+use serde::Serialize;
 
 /// The queueing backend behind the shaper.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -41,11 +41,40 @@ pub enum FqSupport {
 
 /// Reads the kernel config (and the module index for `=m`).
 pub fn fq_support() -> FqSupport {
-    match sys::kernel_config() {
-        Some(cfg) => fq_from_config(&cfg, || sys::module_installed("sch_fq")),
-        None if sys::module_installed("sch_fq") => FqSupport::Present,
+    match kernel_config() {
+        Some(cfg) => fq_from_config(&cfg, || module_installed("sch_fq")),
+        None if module_installed("sch_fq") => FqSupport::Present,
         None => FqSupport::Unknown,
     }
+}
+
+/// The running kernel's config text (`/proc/config.gz`, else `/boot/config-<release>`).
+fn kernel_config() -> Option<String> {
+    if let Ok(f) = fs::File::open("/proc/config.gz") {
+        let mut text = String::new();
+        if flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .is_ok()
+        {
+            return Some(text);
+        }
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()
+}
+
+/// Whether a module for `name` (e.g. `sch_fq`) is installed for the running kernel.
+fn module_installed(name: &str) -> bool {
+    let Ok(release) = fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let needle = format!("/{name}.ko");
+    ["modules.dep", "modules.builtin"].iter().any(|f| {
+        fs::read_to_string(dir.join(f))
+            .map(|t| t.lines().any(|l| l.contains(&needle)))
+            .unwrap_or(false)
+    })
 }
 
 fn fq_from_config(cfg: &str, module_installed: impl FnOnce() -> bool) -> FqSupport {

@@ -2,7 +2,7 @@
 //! enforcing (read back, so a live change without `--save` shows too), the backend, and the
 //! counters of each direction.
 //!
-//! Read-only and cheap like [`super::readonly`] (which it builds on): it opens the shaper's
+//! Read-only and cheap like [`super::view`] (which it builds on): it opens the shaper's
 //! pinned maps and dumps the qdiscs and classes of the CT's devices over rtnetlink; it loads,
 //! attaches and creates nothing, and needs no berthd. Call it from the network namespace
 //! holding the CTs' host-side interfaces.
@@ -21,10 +21,10 @@ use berth_runtime::net::Netlink;
 use serde::Serialize;
 
 use super::{
-    Backend, Rate, Result, Size, edt, map_err, net_err,
-    readonly::{self, CtIfaces, ShaperView},
-    sys, tc,
+    Backend, Rate, Result, Size, edt, net_err, tc,
+    view::{self, CtIfaces, ShaperView},
 };
+use crate::bpf::{Access, open_map, sys};
 
 /// A network class's own rate in one direction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -184,14 +184,14 @@ impl ShapingReader {
             .join("maps")
             .join(map_names::EDT);
         let edt = if p.exists() {
-            let data = MapData::from_pin(&p).map_err(map_err(map_names::EDT, &p, "opening pin"))?;
-            Some(
-                HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(
-                    map_names::EDT,
-                    &p,
-                    "typing",
-                ))?,
-            )
+            let maps = p.parent().unwrap_or(&p);
+            Some(open_map(
+                maps,
+                map_names::EDT,
+                4,
+                size_of::<EdtState>(),
+                Access::ReadOnly,
+            )?)
         } else {
             None
         };
@@ -200,7 +200,7 @@ impl ShapingReader {
             view,
             edt,
             ifaces,
-            nl: readonly::netlink()?,
+            nl: view::netlink()?,
         }))
     }
 

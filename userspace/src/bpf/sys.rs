@@ -1,13 +1,14 @@
-//! The few kernel interfaces aya 0.14 does not wrap: `BPF_OBJ_GET` for a raw fd (to read a
-//! pinned link's fdinfo), `BPF_MAP_LOOKUP_BATCH`, bpffs detection and mounting, and ifindex ↔
-//! name translation.
+//! The few kernel interfaces aya 0.14 does not wrap: `BPF_OBJ_GET` for a raw fd (read-only map
+//! fds for readers, a pinned link's fdinfo), `BPF_MAP_LOOKUP_BATCH`, bpffs detection and
+//! mounting, and ifindex ↔ name translation. The only module of berth that calls `bpf(2)`
+//! itself.
 
 use std::{
     ffi::{CStr, CString},
     fs, io,
     mem::size_of,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -18,6 +19,10 @@ use aya::Pod;
 // enum bpf_cmd values from include/uapi/linux/bpf.h (stable ABI).
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `file_flags` of BPF_OBJ_GET: an fd the kernel refuses writes through (map_update_elem and
+/// map_delete_elem need FMODE_CAN_WRITE, kernel/bpf/syscall.c).
+const BPF_F_RDONLY: u32 = 1 << 3;
 
 /// f_type of a bpf filesystem (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -52,10 +57,20 @@ struct ObjGetAttr {
 
 /// Opens a pinned bpf object (map, program or link) as a raw fd.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, 0)
+}
+
+/// Opens a pinned map as a read-only fd: lookups work, updates and deletes fail with EPERM.
+pub fn obj_get_readonly(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, BPF_F_RDONLY)
+}
+
+fn obj_get_flags(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjGetAttr {
         pathname: c.as_ptr() as u64,
+        file_flags,
         ..Default::default()
     };
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
@@ -70,6 +85,11 @@ pub struct TcxLinkInfo {
     /// 0 once the interface is gone (the kernel detaches the link but keeps the object while
     /// it is pinned or open).
     pub ifindex: u32,
+}
+
+/// The TCX link pinned at `path`: its program and interface.
+pub fn tcx_link(path: &Path) -> io::Result<TcxLinkInfo> {
+    tcx_link_info(obj_get(path)?.as_fd())
 }
 
 /// Reads a TCX link's program and interface from its fdinfo (`tcx_link_fdinfo`, kernel ≥ 6.6).

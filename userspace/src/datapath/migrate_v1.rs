@@ -23,13 +23,12 @@ use berth_common::{
     AddrKey, CounterKey, CounterValue, DropKey, DropValue, FAMILY_V4, LAYER_L3, MAX_CLASSES,
     map_names,
 };
+use berth_runtime::Ctid;
 use ipnet::IpNet;
 use tracing::{info, warn};
 
-use super::{
-    ByteLayer, ClassEntry, Datapath, DatapathConfig, DatapathError, DirLock, FROM_CT_FILE,
-    IfaceConfig, Result, TO_CT_FILE, io_err, map_err, nr_cpus, open_map, remove_dir_contents, sys,
-};
+use super::{ByteLayer, ClassEntry, Datapath, DatapathConfig, FROM_CT, IfaceConfig, Result, TO_CT};
+use crate::bpf::{self, Access, PinLock, io_err, map_err, not_found, nr_cpus, open_map, sys};
 
 /// The v1 `IFACES` value.
 #[repr(C)]
@@ -63,19 +62,23 @@ fn v1_of(pin_dir: &Path) -> Option<PathBuf> {
 impl Datapath {
     /// Migrates `<root>/v1` into this `<root>/v2` datapath, if there is one.
     pub(super) fn migrate_v1(&mut self) -> Result<()> {
-        let Some(v1) = v1_of(&self.pin_dir) else {
+        let Some(v1) = v1_of(&self.view.pin_dir) else {
             return Ok(());
         };
         let maps = v1.join("maps");
         if !maps.join(map_names::IFACES).exists() {
             return Ok(());
         }
-        let _lock = DirLock::take(&v1)?;
-        info!(from = %v1.display(), to = %self.pin_dir.display(), "migrating the v1 datapath");
+        let _lock = PinLock::take(&v1)?;
+        info!(from = %v1.display(), to = %self.view.pin_dir.display(), "migrating the v1 datapath");
 
-        if let Ok(cfg) =
-            open_map::<Array<MapData, ConfigV1>>(&maps, map_names::CONFIG, 4, size_of::<ConfigV1>())
-        {
+        if let Ok(cfg) = open_map::<Array<MapData, ConfigV1>>(
+            &maps,
+            map_names::CONFIG,
+            4,
+            size_of::<ConfigV1>(),
+            Access::ReadWrite,
+        ) {
             let raw = cfg
                 .get(&0, 0)
                 .map_err(map_err(map_names::CONFIG, &v1, "get"))?;
@@ -95,16 +98,20 @@ impl Datapath {
 
         // Not unload_all: its clean-up of cls_bpf filters would find the filters v2 has just
         // installed under the same names.
-        remove_dir_contents(&v1)?;
-        fs::remove_dir(&v1).map_err(io_err("removing", &v1))?;
+        bpf::remove_tree(&v1)?;
         info!(path = %v1.display(), "v1 datapath migrated and removed");
         Ok(())
     }
 
     fn migrate_classes(&mut self, maps: &Path, v1: &Path) -> Result<()> {
         let mut entries = Vec::new();
-        if let Ok(t) = open_map::<LpmTrie<MapData, [u8; 4], u32>>(maps, map_names::CLASSES_V4, 8, 4)
-        {
+        if let Ok(t) = open_map::<LpmTrie<MapData, [u8; 4], u32>>(
+            maps,
+            map_names::CLASSES_V4,
+            8,
+            4,
+            Access::ReadWrite,
+        ) {
             for item in t.iter() {
                 let (k, class) = item.map_err(map_err(map_names::CLASSES_V4, v1, "iterate"))?;
                 if let Ok(n) = ipnet::Ipv4Net::new(k.data().into(), k.prefix_len() as u8) {
@@ -115,9 +122,13 @@ impl Datapath {
                 }
             }
         }
-        if let Ok(t) =
-            open_map::<LpmTrie<MapData, [u8; 16], u32>>(maps, map_names::CLASSES_V6, 20, 4)
-        {
+        if let Ok(t) = open_map::<LpmTrie<MapData, [u8; 16], u32>>(
+            maps,
+            map_names::CLASSES_V6,
+            20,
+            4,
+            Access::ReadWrite,
+        ) {
             for item in t.iter() {
                 let (k, class) = item.map_err(map_err(map_names::CLASSES_V6, v1, "iterate"))?;
                 if let Ok(n) = ipnet::Ipv6Net::new(k.data().into(), k.prefix_len() as u8) {
@@ -140,6 +151,7 @@ impl Datapath {
             map_names::CT_ADDRS,
             size_of::<AddrKey>(),
             4,
+            Access::ReadWrite,
         ) else {
             return Ok(());
         };
@@ -154,6 +166,10 @@ impl Datapath {
             by_ct.entry(k.ctid).or_default().push(ip);
         }
         for (ctid, mut list) in by_ct {
+            let Ok(ctid) = Ctid::new(ctid) else {
+                warn!(ctid, "v1 addresses of an invalid CTID skipped");
+                continue;
+            };
             // Addresses v2 already has for the CT (a resumed migration, or set since) stay.
             list.extend(self.ct_addrs(ctid)?);
             list.sort();
@@ -169,6 +185,7 @@ impl Datapath {
             map_names::IFACES,
             4,
             size_of::<IfaceInfoV1>(),
+            Access::ReadWrite,
         )?;
         let entries: Vec<(u32, IfaceInfoV1)> = ifaces.iter().filter_map(|r| r.ok()).collect();
         for (ifindex, raw) in entries {
@@ -176,9 +193,9 @@ impl Datapath {
                 continue;
             }
             let from = v1.join("links").join(ifindex.to_string());
-            let to = self.pin_dir.join("links").join(ifindex.to_string());
+            let to = self.view.pin_dir.join("links").join(ifindex.to_string());
             fs::create_dir_all(&to).map_err(io_err("creating", &to))?;
-            for file in [FROM_CT_FILE, TO_CT_FILE] {
+            for file in [FROM_CT.file, TO_CT.file] {
                 let src = from.join(file);
                 if !src.exists() {
                     continue;
@@ -199,12 +216,13 @@ impl Datapath {
                 mac: raw.mac,
                 ..berth_common::IfaceInfo::EMPTY
             });
-            match self.attach(ifindex, config) {
-                Ok(()) => {}
-                Err(DatapathError::InvalidCtid { .. }) => {
-                    warn!(ifindex, "v1 interface entry with CTID 0 skipped");
-                }
-                Err(e) => return Err(e),
+            match config {
+                Some(config) => self.attach(ifindex, config)?,
+                None => warn!(
+                    ifindex,
+                    ctid = raw.ctid,
+                    "v1 interface entry without a valid CTID skipped"
+                ),
             }
         }
         Ok(())
@@ -217,6 +235,7 @@ impl Datapath {
             map_names::COUNTERS,
             size_of::<CounterKey>(),
             size_of::<CounterValue>(),
+            Access::ReadWrite,
         ) {
             let rows =
                 sys::lookup_batch_percpu::<CounterKey, CounterValue>(old.map().fd().as_fd(), ncpus)
@@ -232,15 +251,18 @@ impl Datapath {
             map_names::DROPS,
             size_of::<DropKey>(),
             size_of::<DropValue>(),
+            Access::ReadWrite,
         ) {
             let rows =
                 sys::lookup_batch_percpu::<DropKey, DropValue>(old.map().fd().as_fd(), ncpus)
                     .map_err(io_err("batch lookup", &maps.join(map_names::DROPS)))?;
             for (key, vals) in rows {
-                let mut sum: Vec<DropValue> = match self.drops.get(&key, 0) {
+                let mut sum: Vec<DropValue> = match self.view.drops.get(&key, 0) {
                     Ok(v) => v.iter().copied().collect(),
-                    Err(e) if super::not_found(&e) => vec![DropValue::default(); vals.len()],
-                    Err(e) => return Err(map_err(map_names::DROPS, &self.pin_dir, "get")(e)),
+                    Err(e) if not_found(&e) => vec![DropValue::default(); vals.len()],
+                    Err(e) => {
+                        return Err(map_err(map_names::DROPS, &self.view.pin_dir, "get")(e).into());
+                    }
                 };
                 for (acc, v) in sum.iter_mut().zip(&vals) {
                     acc.packets += v.packets;
@@ -250,9 +272,9 @@ impl Datapath {
                     "building per-CPU values for",
                     &self.map_path(map_names::DROPS),
                 ))?;
-                self.drops.insert(key, sum, 0).map_err(map_err(
+                self.view.drops.insert(key, sum, 0).map_err(map_err(
                     map_names::DROPS,
-                    &self.pin_dir,
+                    &self.view.pin_dir,
                     "insert",
                 ))?;
                 old.remove(&key)

@@ -3,7 +3,7 @@
 //! overlimits and queue drops, packet-rate drops).
 //!
 //! Unlike [`super::Shaper::open`], opening it loads, attaches and creates nothing: it opens
-//! the shaper's pinned maps if they exist and lists tc classes over rtnetlink. Call it from
+//! the shaper's pinned maps read-only if they exist and lists tc classes over rtnetlink. Call it from
 //! the network namespace holding the CTs' host-side interfaces.
 
 use std::{collections::BTreeMap, path::Path};
@@ -18,7 +18,8 @@ use berth_common::{
 };
 use berth_runtime::net::Netlink;
 
-use super::{Result, map_err, net_err, tc};
+use super::{Result, net_err, tc};
+use crate::bpf::{self, Access, open_map};
 use crate::datapath::Direction;
 
 /// One direction of a shaped CT, as the kernel has it. Direction is the CT's point of view
@@ -107,25 +108,15 @@ impl ShaperView {
     /// CT was ever shaped with this pin directory).
     pub fn open_pinned(pin_dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let maps = pin_dir.as_ref().join("shaper").join("maps");
-        let wanted = [map_names::IFACES, map_names::PPS, map_names::DROPS];
-        if wanted.iter().any(|m| !maps.join(m).exists()) {
+        let maps = maps.as_path();
+        if !bpf::maps_pinned(maps, &[map_names::IFACES, map_names::PPS, map_names::DROPS]) {
             return Ok(None);
         }
-        let open = |name: &'static str| -> Result<aya::maps::Map> {
-            let p = maps.join(name);
-            let data = MapData::from_pin(&p).map_err(map_err(name, &p, "opening pin"))?;
-            Ok(match name {
-                map_names::DROPS => aya::maps::Map::PerCpuHashMap(data),
-                _ => aya::maps::Map::HashMap(data),
-            })
-        };
-        let typed = |name: &'static str| map_err(name, &maps.join(name), "typing");
+        let ro = Access::ReadOnly;
         Ok(Some(Self {
-            ifaces: HashMap::try_from(open(map_names::IFACES)?)
-                .map_err(typed(map_names::IFACES))?,
-            pps: HashMap::try_from(open(map_names::PPS)?).map_err(typed(map_names::PPS))?,
-            drops: PerCpuHashMap::try_from(open(map_names::DROPS)?)
-                .map_err(typed(map_names::DROPS))?,
+            ifaces: open_map(maps, map_names::IFACES, 4, size_of::<ShapeIface>(), ro)?,
+            pps: open_map(maps, map_names::PPS, 8, size_of::<PpsBucket>(), ro)?,
+            drops: open_map(maps, map_names::DROPS, 8, size_of::<DropValue>(), ro)?,
         }))
     }
 
@@ -326,7 +317,7 @@ mod tests {
         tc("class add dev vt0 parent 1:1 classid 1:10 htb rate 10mbit");
         tc("class add dev vt0 parent 1:10 classid 1:100 htb rate 5mbit ceil 10mbit");
         tc("class add dev vt0 parent 1:10 classid 1:200 htb rate 5mbit ceil 10mbit");
-        let ifindex = super::super::sys::if_nametoindex("vt0").unwrap();
+        let ifindex = crate::bpf::sys::if_nametoindex("vt0").unwrap();
         let mut nl = Netlink::open_current("test netns").unwrap();
         let n = 2000;
         let t = std::time::Instant::now();
