@@ -1,0 +1,82 @@
+//! `gc`: what a killed berth left behind.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::stop::cleanup_stopped;
+use super::{NetHooks, Result, cg_err, cgroup, lock, running};
+use crate::cgroups::{self, CgroupManager};
+use crate::config::Host;
+use crate::ctid::Ctid;
+use crate::template::TemplateStore;
+
+/// What `berth gc` cleaned.
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub cleaned: Vec<Ctid>,
+    pub orphan_cgroups: Vec<Ctid>,
+    pub partial_creates: Vec<PathBuf>,
+    pub errors: Vec<String>,
+}
+
+/// Cleans what a `kill -9` of berth mid start/stop/create left behind: stale state files,
+/// cgroups (with their processes) of CTs that are not running, start's mounts, half-copied
+/// private areas. Running CTs are left alone.
+pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
+    let mut rep = GcReport::default();
+    let known = host.list_ctids()?;
+    for &ctid in &known {
+        let _lock = match lock(host, ctid) {
+            Ok(l) => l,
+            Err(e) => {
+                rep.errors.push(e.to_string());
+                continue;
+            }
+        };
+        if running(host, ctid).is_some() {
+            continue;
+        }
+        match cleanup_stopped(host, ctid, false, hooks) {
+            Ok(true) => rep.cleaned.push(ctid),
+            Ok(false) => {}
+            Err(e) => rep.errors.push(e.to_string()),
+        }
+    }
+    match cgroups::list_ctids(&host.cgroup_parent) {
+        Ok(list) => {
+            for ctid in list {
+                if known.contains(&ctid) {
+                    continue;
+                }
+                let r = cgroup(host, ctid).and_then(|cg| {
+                    cg.kill_all(Duration::from_secs(10))
+                        .and_then(|_| cg.destroy())
+                        .map_err(cg_err(ctid))
+                });
+                match r {
+                    Ok(()) => rep.orphan_cgroups.push(ctid),
+                    Err(e) => rep.errors.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => rep.errors.push(e.to_string()),
+    }
+    let pdir = host.root.join("private");
+    if let Ok(rd) = fs::read_dir(&pdir) {
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let n = name.to_string_lossy();
+            if n.starts_with('.') && n.ends_with(".tmp") {
+                let p = ent.path();
+                match TemplateStore::remove_tree_fast(&p) {
+                    Ok(()) => rep.partial_creates.push(p),
+                    Err(e) => rep.errors.push(e.to_string()),
+                }
+            }
+        }
+    }
+    Ok(rep)
+}
