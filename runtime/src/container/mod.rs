@@ -34,6 +34,7 @@ use state::RunState;
 
 pub use create::{CreateOpts, create, default_userns, template_users, write_hostname_files};
 pub use gc::{GcReport, gc};
+pub use monitor::MonitorMsgError;
 pub use mount::{mount_ct, umount_ct};
 pub use set::{SetOpts, set};
 pub use start::start;
@@ -82,6 +83,13 @@ pub enum CtError {
     Suspended(Ctid),
     #[error("CT {ctid} failed to start: {msg}")]
     StartFailed { ctid: Ctid, msg: String },
+    #[error("CT {ctid} failed to start: bad report from {from}")]
+    StartReport {
+        ctid: Ctid,
+        from: &'static str,
+        #[source]
+        source: MonitorMsgError,
+    },
     #[error("CT {ctid}: {msg}")]
     Invalid { ctid: Ctid, msg: String },
     #[error("CT {0} is stopped: use --save to change its stored config")]

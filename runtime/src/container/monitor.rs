@@ -1,9 +1,9 @@
 //! The per-CT monitor forked by `start`: it clones init, reports to `start` over a pipe, then
-//! logs the console and reaps init.
+//! logs the console and reaps init. `MonitorMsg` is what travels on the report pipes.
 
 use std::fs;
-use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sched::CloneFlags;
@@ -25,10 +25,8 @@ pub(super) fn monitor_main(
     userns: Option<UserNs>,
 ) -> i32 {
     // No panics from here on: unwinding in this forked copy would run the parent's rollback.
-    let fail = |msg: String| {
-        let mut buf = 0i32.to_ne_bytes().to_vec();
-        buf.extend_from_slice(msg.as_bytes());
-        let _ = nix::unistd::write(&ready_w, &buf);
+    let fail = |error: String| {
+        let _ = MonitorMsg::Failed { error }.send(&ready_w);
         1
     };
     let _ = nix::unistd::setsid();
@@ -105,12 +103,13 @@ pub(super) fn monitor_main(
     drop(go_r);
     drop(err_w);
     drop(pty.slave);
-    {
-        let mut f = fs::File::from(ready_w);
-        if f.write_all(&child.as_raw().to_ne_bytes()).is_err() {
-            let _ = kill(child, Signal::SIGKILL);
-        }
+    let started = MonitorMsg::Started {
+        init_pid: child.as_raw(),
+    };
+    if started.send(&ready_w).is_err() {
+        let _ = kill(child, Signal::SIGKILL);
     }
+    drop(ready_w);
     console_loop(child, pty.master, sfd, log_path);
     0
 }
@@ -143,9 +142,10 @@ fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
         init::close_fds_except(&[err_fd]);
         Err(init::exec_init(spec))
     })();
-    if let Err(msg) = res {
-        // SAFETY: writing a byte buffer to a pipe fd we hold.
-        unsafe { libc::write(err_fd, msg.as_ptr().cast(), msg.len()) };
+    if let Err(error) = res {
+        // SAFETY: err_fd is the report pipe's write end, open in this process until _exit.
+        let fd = unsafe { BorrowedFd::borrow_raw(err_fd) };
+        let _ = MonitorMsg::Failed { error }.send(fd);
     }
     // SAFETY: exiting the forked child without running the parent's destructors.
     unsafe { libc::_exit(127) }
@@ -209,5 +209,367 @@ fn console_loop(child: Pid, master: OwnedFd, sfd: nix::sys::signalfd::SignalFd, 
                 }
             }
         }
+    }
+}
+
+/// A report to `start` on one of its pipes: from the monitor once init is cloned (or could not
+/// be), and from the CT's init if it fails before its exec (which closes that pipe unwritten).
+///
+/// On the wire: a 4-byte little-endian body length, then the body: a kind byte and its payload
+/// (`Started`: the PID as 4 little-endian bytes; `Failed`: UTF-8 text). The length lets `start`
+/// read one message without waiting for EOF: init holds the monitor's pipe open until its exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum MonitorMsg {
+    /// init is cloned; its PID as the host sees it.
+    Started { init_pid: i32 },
+    /// The CT could not be started; what went wrong.
+    Failed { error: String },
+}
+
+const KIND_STARTED: u8 = 1;
+const KIND_FAILED: u8 = 2;
+const HEADER: usize = 4;
+/// A bound on the body so a garbage length cannot make `recv` allocate gigabytes.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Why bytes on a report pipe are not a `MonitorMsg`.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorMsgError {
+    #[error("no message: the pipe closed first")]
+    Empty,
+    #[error("message cut short: {got} of {want} bytes")]
+    Truncated { got: usize, want: usize },
+    #[error("message body of {0} bytes (must be 1 to {MAX_BODY})")]
+    BadLength(u32),
+    #[error("{0} bytes after the end of the message")]
+    Trailing(usize),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("`started` message with a {0}-byte payload (must be 4)")]
+    BadStarted(usize),
+    #[error("init PID {0} is not a process ID")]
+    BadPid(i32),
+    #[error("error text is not UTF-8")]
+    NotUtf8(#[source] std::str::Utf8Error),
+    #[error("unexpected `started` message")]
+    UnexpectedStarted,
+    #[error("reading the pipe")]
+    Read(#[source] io::Error),
+}
+
+type MsgResult<T> = std::result::Result<T, MonitorMsgError>;
+
+impl MonitorMsg {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        match self {
+            MonitorMsg::Started { init_pid } => {
+                body.push(KIND_STARTED);
+                body.extend_from_slice(&init_pid.to_le_bytes());
+            }
+            MonitorMsg::Failed { error } => {
+                body.push(KIND_FAILED);
+                // Cut an overlong text at a character boundary rather than send a bad message.
+                let mut end = error.len().min(MAX_BODY - 1);
+                while !error.is_char_boundary(end) {
+                    end -= 1;
+                }
+                body.extend_from_slice(&error.as_bytes()[..end]);
+            }
+        }
+        let mut out = Vec::with_capacity(HEADER + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes exactly one whole message.
+    pub(super) fn decode(bytes: &[u8]) -> MsgResult<Self> {
+        if bytes.is_empty() {
+            return Err(MonitorMsgError::Empty);
+        }
+        let Some(header) = bytes.first_chunk::<HEADER>() else {
+            return Err(MonitorMsgError::Truncated {
+                got: bytes.len(),
+                want: HEADER,
+            });
+        };
+        let want = HEADER + body_len(*header)?;
+        if bytes.len() < want {
+            return Err(MonitorMsgError::Truncated {
+                got: bytes.len(),
+                want,
+            });
+        }
+        if bytes.len() > want {
+            return Err(MonitorMsgError::Trailing(bytes.len() - want));
+        }
+        let (kind, payload) = (bytes[HEADER], &bytes[HEADER + 1..]);
+        match kind {
+            KIND_STARTED => {
+                let pid: [u8; 4] = payload
+                    .try_into()
+                    .map_err(|_| MonitorMsgError::BadStarted(payload.len()))?;
+                let init_pid = i32::from_le_bytes(pid);
+                if init_pid <= 0 {
+                    return Err(MonitorMsgError::BadPid(init_pid));
+                }
+                Ok(MonitorMsg::Started { init_pid })
+            }
+            KIND_FAILED => {
+                let error = std::str::from_utf8(payload).map_err(MonitorMsgError::NotUtf8)?;
+                Ok(MonitorMsg::Failed {
+                    error: error.to_owned(),
+                })
+            }
+            k => Err(MonitorMsgError::UnknownKind(k)),
+        }
+    }
+
+    /// Reads one message: its header, then as many bytes as it announces (no more, no EOF needed).
+    pub(super) fn recv(r: &mut impl Read) -> MsgResult<Self> {
+        let mut buf = vec![0u8; HEADER];
+        let got = read_full(r, &mut buf)?;
+        if got < HEADER {
+            buf.truncate(got);
+            return Self::decode(&buf);
+        }
+        let len = body_len([buf[0], buf[1], buf[2], buf[3]])?;
+        buf.resize(HEADER + len, 0);
+        let got = read_full(r, &mut buf[HEADER..])?;
+        buf.truncate(HEADER + got);
+        Self::decode(&buf)
+    }
+
+    /// Writes the whole message to a pipe (in one write when it fits PIPE_BUF, so atomically).
+    pub(super) fn send(&self, fd: impl AsFd) -> nix::Result<()> {
+        let buf = self.encode();
+        let mut off = 0;
+        while off < buf.len() {
+            match nix::unistd::write(&fd, &buf[off..]) {
+                Ok(n) => off += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn body_len(header: [u8; HEADER]) -> MsgResult<usize> {
+    let len = u32::from_le_bytes(header);
+    match usize::try_from(len) {
+        Ok(n) if (1..=MAX_BODY).contains(&n) => Ok(n),
+        _ => Err(MonitorMsgError::BadLength(len)),
+    }
+}
+
+/// Fills `buf` unless EOF comes first; returns how many bytes were read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> MsgResult<usize> {
+    let mut off = 0;
+    while off < buf.len() {
+        match r.read(&mut buf[off..]) {
+            Ok(0) => break,
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(MonitorMsgError::Read(e)),
+        }
+    }
+    Ok(off)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<MonitorMsg> {
+        vec![
+            MonitorMsg::Started { init_pid: 1 },
+            MonitorMsg::Started { init_pid: 4242 },
+            MonitorMsg::Started { init_pid: i32::MAX },
+            MonitorMsg::Failed {
+                error: String::new(),
+            },
+            MonitorMsg::Failed {
+                error: "exec /sbin/init inside the CT: ENOENT: No such file or directory".into(),
+            },
+            MonitorMsg::Failed {
+                error: "ünïcødé ✓ text".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn roundtrip() {
+        for m in samples() {
+            let bytes = m.encode();
+            assert_eq!(MonitorMsg::decode(&bytes).unwrap(), m);
+            assert_eq!(MonitorMsg::recv(&mut bytes.as_slice()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn recv_reads_one_message_at_a_time() {
+        let all = samples();
+        let stream: Vec<u8> = all.iter().flat_map(MonitorMsg::encode).collect();
+        let mut r = stream.as_slice();
+        for m in &all {
+            assert_eq!(&MonitorMsg::recv(&mut r).unwrap(), m);
+        }
+        assert!(matches!(
+            MonitorMsg::recv(&mut r),
+            Err(MonitorMsgError::Empty)
+        ));
+    }
+
+    #[test]
+    fn roundtrip_over_a_pipe() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let m = MonitorMsg::Started { init_pid: 77 };
+        m.send(&w).unwrap();
+        // The writer stays open: recv must not wait for EOF.
+        let mut f = fs::File::from(r);
+        assert_eq!(MonitorMsg::recv(&mut f).unwrap(), m);
+        drop(w);
+        assert!(matches!(
+            MonitorMsg::recv(&mut f),
+            Err(MonitorMsgError::Empty)
+        ));
+    }
+
+    #[test]
+    fn overlong_error_is_cut_at_a_char_boundary() {
+        let error = "é".repeat(MAX_BODY);
+        let bytes = MonitorMsg::Failed {
+            error: error.clone(),
+        }
+        .encode();
+        assert!(bytes.len() <= HEADER + MAX_BODY);
+        match MonitorMsg::decode(&bytes).unwrap() {
+            MonitorMsg::Failed { error: got } => {
+                assert!(!got.is_empty());
+                assert!(error.starts_with(&got));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_input() {
+        assert!(matches!(
+            MonitorMsg::decode(&[]),
+            Err(MonitorMsgError::Empty)
+        ));
+        assert!(matches!(
+            MonitorMsg::recv(&mut io::empty()),
+            Err(MonitorMsgError::Empty)
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        for m in samples() {
+            let bytes = m.encode();
+            for cut in 1..bytes.len() {
+                let part = &bytes[..cut];
+                for res in [MonitorMsg::decode(part), MonitorMsg::recv(&mut &part[..])] {
+                    match res {
+                        Err(MonitorMsgError::Truncated { got, want }) => {
+                            assert_eq!(got, cut);
+                            assert!(want > got);
+                        }
+                        other => panic!("{m:?} cut at {cut}: {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes() {
+        let mut bytes = MonitorMsg::Started { init_pid: 5 }.encode();
+        bytes.extend_from_slice(b"xy");
+        assert!(matches!(
+            MonitorMsg::decode(&bytes),
+            Err(MonitorMsgError::Trailing(2))
+        ));
+    }
+
+    #[test]
+    fn bad_lengths() {
+        for len in [0u32, MAX_BODY as u32 + 1, u32::MAX] {
+            let mut bytes = len.to_le_bytes().to_vec();
+            bytes.push(KIND_FAILED);
+            assert!(
+                matches!(MonitorMsg::decode(&bytes), Err(MonitorMsgError::BadLength(l)) if l == len)
+            );
+            assert!(
+                matches!(MonitorMsg::recv(&mut bytes.as_slice()), Err(MonitorMsgError::BadLength(l)) if l == len)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_bodies() {
+        let frame = |body: &[u8]| {
+            let mut b = (body.len() as u32).to_le_bytes().to_vec();
+            b.extend_from_slice(body);
+            b
+        };
+        assert!(matches!(
+            MonitorMsg::decode(&frame(&[9, 1, 2])),
+            Err(MonitorMsgError::UnknownKind(9))
+        ));
+        assert!(matches!(
+            MonitorMsg::decode(&frame(&[KIND_STARTED, 1, 0])),
+            Err(MonitorMsgError::BadStarted(2))
+        ));
+        assert!(matches!(
+            MonitorMsg::decode(&frame(&[KIND_STARTED, 1, 0, 0, 0, 0])),
+            Err(MonitorMsgError::BadStarted(5))
+        ));
+        for pid in [0i32, -1, i32::MIN] {
+            let mut body = vec![KIND_STARTED];
+            body.extend_from_slice(&pid.to_le_bytes());
+            assert!(
+                matches!(MonitorMsg::decode(&frame(&body)), Err(MonitorMsgError::BadPid(p)) if p == pid)
+            );
+        }
+        assert!(matches!(
+            MonitorMsg::decode(&frame(&[KIND_FAILED, 0xff, 0xfe])),
+            Err(MonitorMsgError::NotUtf8(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // A fixed xorshift stream: random lengths and bytes, some with a plausible header.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5000 {
+            let n = (next() % 40) as usize;
+            let mut bytes: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            if n >= HEADER && next() % 2 == 0 {
+                let len = ((n - HEADER) as u32).saturating_sub((next() % 3) as u32);
+                bytes[..HEADER].copy_from_slice(&len.to_le_bytes());
+            }
+            let _ = MonitorMsg::decode(&bytes);
+            let _ = MonitorMsg::recv(&mut bytes.as_slice());
+        }
+    }
+
+    #[test]
+    fn errors_do_not_repeat_their_source() {
+        let e = MonitorMsg::decode(&[1, 0, 0, 0, KIND_FAILED][..4]).unwrap_err();
+        assert_eq!(e.to_string(), "message cut short: 4 of 5 bytes");
+        let bad = [2u8, 0, 0, 0, KIND_FAILED, 0xff];
+        let e = MonitorMsg::decode(&bad).unwrap_err();
+        let source = std::error::Error::source(&e).unwrap().to_string();
+        assert!(!e.to_string().contains(&source));
     }
 }

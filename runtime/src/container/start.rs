@@ -1,7 +1,7 @@
 //! `start`: cgroup, mount, monitor and init, network, then the go-ahead; undone on any failure.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use tracing::{debug, info, warn};
 
-use super::monitor::monitor_main;
+use super::monitor::{MonitorMsg, MonitorMsgError, monitor_main};
 use super::mount::{bind_private, unbind_private};
 use super::state::{self, RunState};
 use super::stop::cleanup_stopped;
@@ -165,25 +165,26 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         let _ = nix::sys::wait::waitpid(monitor_pid, None);
     });
 
-    // Protocol: the monitor sends init's host PID as 4 bytes, or 0 followed by an error text.
     let mut ready = fs::File::from(ready_r);
-    let mut pidbuf = [0u8; 4];
-    let init_pid = match ready.read_exact(&mut pidbuf) {
-        Ok(()) => i32::from_ne_bytes(pidbuf),
-        Err(_) => 0,
+    let init_pid = match MonitorMsg::recv(&mut ready) {
+        Ok(MonitorMsg::Started { init_pid }) => init_pid,
+        Ok(MonitorMsg::Failed { error }) => {
+            return Err(CtError::StartFailed { ctid, msg: error });
+        }
+        Err(MonitorMsgError::Empty) => {
+            return Err(CtError::StartFailed {
+                ctid,
+                msg: "monitor exited before cloning init".into(),
+            });
+        }
+        Err(source) => {
+            return Err(CtError::StartReport {
+                ctid,
+                from: "the monitor",
+                source,
+            });
+        }
     };
-    if init_pid <= 0 {
-        let mut msg = String::new();
-        let _ = ready.read_to_string(&mut msg);
-        return Err(CtError::StartFailed {
-            ctid,
-            msg: if msg.is_empty() {
-                "monitor exited before cloning init".into()
-            } else {
-                msg
-            },
-        });
-    }
     undo.push("init", move || {
         let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
     });
@@ -224,10 +225,23 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
 
     write_fd(&go_w, b"g").map_err(io_err(ctid, "signal init", Path::new("pipe")))?;
     drop(go_w);
-    let mut msg = String::new();
-    let _ = fs::File::from(err_r).read_to_string(&mut msg);
-    if !msg.is_empty() {
-        return Err(CtError::StartFailed { ctid, msg });
+    // init's exec closes this pipe (O_CLOEXEC) unwritten; it reports only a failure.
+    match MonitorMsg::recv(&mut fs::File::from(err_r)) {
+        Err(MonitorMsgError::Empty) => {}
+        Ok(MonitorMsg::Failed { error }) => {
+            return Err(CtError::StartFailed { ctid, msg: error });
+        }
+        other => {
+            let source = match other {
+                Err(e) => e,
+                Ok(_) => MonitorMsgError::UnexpectedStarted,
+            };
+            return Err(CtError::StartReport {
+                ctid,
+                from: "the CT's init",
+                source,
+            });
+        }
     }
     st.init_pid = init_pid;
     st.init_starttime = starttime;
