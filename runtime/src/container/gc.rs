@@ -32,7 +32,7 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
         let _lock = match lock(host, ctid) {
             Ok(l) => l,
             Err(e) => {
-                rep.errors.push(e.to_string());
+                rep.errors.push(error_chain(&e));
                 continue;
             }
         };
@@ -42,7 +42,7 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
         match cleanup_stopped(host, ctid, false, hooks) {
             Ok(true) => rep.cleaned.push(ctid),
             Ok(false) => {}
-            Err(e) => rep.errors.push(e.to_string()),
+            Err(e) => rep.errors.push(error_chain(&e)),
         }
     }
     match cgroups::list_ctids(&host.cgroup_parent) {
@@ -58,11 +58,11 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
                 });
                 match r {
                     Ok(()) => rep.orphan_cgroups.push(ctid),
-                    Err(e) => rep.errors.push(e.to_string()),
+                    Err(e) => rep.errors.push(error_chain(&e)),
                 }
             }
         }
-        Err(e) => rep.errors.push(e.to_string()),
+        Err(e) => rep.errors.push(error_chain(&e)),
     }
     let pdir = host.root.join("private");
     if let Ok(rd) = fs::read_dir(&pdir) {
@@ -73,10 +73,42 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
                 let p = ent.path();
                 match TemplateStore::remove_tree_fast(&p) {
                     Ok(()) => rep.partial_creates.push(p),
-                    Err(e) => rep.errors.push(e.to_string()),
+                    Err(e) => rep.errors.push(error_chain(&e)),
                 }
             }
         }
     }
     Ok(rep)
+}
+
+/// An error with its causes, as one line (errors carry their cause as `source`, not in the text).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::CtError;
+
+    #[test]
+    fn error_chain_joins_every_cause_once() {
+        let e = CtError::Io {
+            ctid: Ctid::new(7).unwrap(),
+            op: "remove",
+            path: "/var/lib/berth/private/7".into(),
+            source: std::io::Error::other("busy"),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "CT 7: remove /var/lib/berth/private/7: busy"
+        );
+    }
 }

@@ -49,7 +49,7 @@ pub enum CtError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Lock(#[from] LockError),
-    #[error("CT {ctid}: {source}")]
+    #[error("CT {ctid}")]
     Cgroup {
         ctid: Ctid,
         #[source]
@@ -59,7 +59,7 @@ pub enum CtError {
     Template(#[from] crate::template::TemplateError),
     #[error(transparent)]
     Quota(#[from] crate::quota::QuotaError),
-    #[error("CT {ctid}: {op} {path}: {source}")]
+    #[error("CT {ctid}: {op} {path}")]
     Io {
         ctid: Ctid,
         op: &'static str,
@@ -94,7 +94,7 @@ pub enum CtError {
     Invalid { ctid: Ctid, msg: String },
     #[error("CT {0} is stopped: use --save to change its stored config")]
     NeedSave(Ctid),
-    #[error("CT {ctid}: {source}")]
+    #[error("CT {ctid}")]
     Net {
         ctid: Ctid,
         #[source]
@@ -255,4 +255,39 @@ pub fn stats(host: &Host, ctid: Ctid) -> Result<Option<cgroups::Stats>> {
         return Ok(None);
     }
     cgroup(host, ctid)?.stats().map(Some).map_err(cg_err(ctid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message names the operation and object; the cause comes only through `source`.
+    #[test]
+    fn messages_leave_the_cause_to_source() {
+        let ctid = Ctid::new(101).unwrap();
+        let errs = [
+            io_err(ctid, "write", Path::new("/x"))(io::Error::other("disk on fire")),
+            cg_err(ctid)(cgroups::CgroupError::Io {
+                op: "write memory.max".into(),
+                path: "/sys/fs/cgroup/berth/101".into(),
+                source: io::Error::other("disk on fire"),
+            }),
+            CtError::StartReport {
+                ctid,
+                from: "the monitor",
+                source: MonitorMsgError::BadPid(-1),
+            },
+        ];
+        for e in errs {
+            let source = std::error::Error::source(&e).expect("a source").to_string();
+            let msg = e.to_string();
+            assert!(msg.starts_with("CT 101"), "{msg}");
+            assert!(
+                !msg.contains(&source),
+                "{msg:?} repeats its source {source:?}"
+            );
+        }
+        let e = io_err(ctid, "write", Path::new("/x"))(io::Error::other("boom"));
+        assert_eq!(e.to_string(), "CT 101: write /x");
+    }
 }
