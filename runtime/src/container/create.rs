@@ -1,0 +1,171 @@
+//! `create`: a CT's config and private area from a template (an overlay over it, or a copy).
+
+use std::fs;
+use std::path::Path;
+
+use tracing::info;
+
+use super::mount::overlay_paths_ok;
+use super::{CtError, Result, io_err, lock, net_err};
+use crate::config::{ConfigError, CtConfig, Host, Layout, UserNs};
+use crate::ctid::{Ctid, validate_name};
+use crate::net;
+use crate::template::TemplateStore;
+
+/// Options of `berth create`.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOpts {
+    pub template: String,
+    pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub userns: bool,
+    /// Full copy instead of an overlay over the template (always with `userns`).
+    pub copy: bool,
+}
+
+/// Default user-namespace range for a CT: 65536 ids per CT above 1e6, by CTID, like LXC's
+/// subordinate ranges but deterministic so a private area's ownership matches across hosts.
+pub fn default_userns(ctid: Ctid) -> UserNs {
+    let base = 1_000_000u64 + u64::from(ctid.get() % 60_000) * 65_536;
+    UserNs {
+        uid_base: base as u32,
+        gid_base: base as u32,
+        size: 65_536,
+    }
+}
+
+pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
+    if let Some(n) = &opts.name {
+        validate_name(n).map_err(|e| CtError::Invalid {
+            ctid,
+            msg: e.to_string(),
+        })?;
+    }
+    if let Some(h) = &opts.hostname {
+        crate::config::validate_hostname(h).map_err(|msg| CtError::Invalid { ctid, msg })?;
+    }
+    let store = TemplateStore::open(host.template_dir())?;
+    let tmpl = store.get(&opts.template)?;
+    host.ensure_dirs()?;
+    let _lock = lock(host, ctid)?;
+    if host.conf_path(ctid).exists() {
+        return Err(ConfigError::Exists(ctid).into());
+    }
+    if let Some(n) = &opts.name {
+        for other in host.list_ctids()? {
+            if let Ok(c) = CtConfig::load(host, other)
+                && c.name.as_deref() == Some(n)
+            {
+                return Err(ConfigError::NameTaken {
+                    name: n.clone(),
+                    ctid: other,
+                }
+                .into());
+            }
+        }
+    }
+    let private = host.private_dir(ctid);
+    if private.exists() {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: format!(
+                "private area {} exists without a config: remove it or run `berth gc`",
+                private.display()
+            ),
+        });
+    }
+    let mut cfg = CtConfig::new(ctid, opts.template.clone());
+    cfg.name = opts.name.clone();
+    cfg.hostname = opts.hostname.clone();
+    cfg.init = tmpl.init.clone();
+    cfg.stop_signal = tmpl.stop_signal.clone();
+    if opts.userns {
+        cfg.userns = Some(default_userns(ctid));
+    }
+    // Copy into a hidden sibling and rename: a crash mid-copy leaves only `.N.tmp`, which gc removes.
+    let tmp = host.root.join("private").join(format!(".{ctid}.tmp"));
+    if tmp.exists() {
+        TemplateStore::remove_tree_fast(&tmp)?;
+    }
+    // A user namespace needs ids shifted on disk, so those CTs get their own copy.
+    cfg.layout = if opts.userns || opts.copy {
+        Layout::Copy
+    } else {
+        Layout::Overlay
+    };
+    let shift = cfg.userns.map(|u| (u.uid_base, u.gid_base));
+    let res = (|| -> Result<()> {
+        match cfg.layout {
+            Layout::Copy => {
+                store.instantiate(&opts.template, &tmp, shift)?;
+                if let Some(h) = &cfg.hostname {
+                    write_hostname_files(ctid, &tmp, &tmp, h)?;
+                }
+            }
+            Layout::Overlay => {
+                overlay_paths_ok(ctid, &[&store.rootfs(&opts.template), &private])?;
+                for d in [tmp.join("upper"), tmp.join("work")] {
+                    fs::create_dir_all(&d).map_err(io_err(ctid, "create directory", &d))?;
+                }
+                if let Some(h) = &cfg.hostname {
+                    write_hostname_files(
+                        ctid,
+                        &store.rootfs(&opts.template),
+                        &tmp.join("upper"),
+                        h,
+                    )?;
+                }
+            }
+        }
+        fs::rename(&tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
+        cfg.save(host)?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = TemplateStore::remove_tree_fast(&tmp);
+        let _ = TemplateStore::remove_tree_fast(&private);
+        let _ = fs::remove_file(host.conf_path(ctid));
+        return Err(e);
+    }
+    info!(%ctid, template = %opts.template, "created");
+    Ok(())
+}
+
+/// Writes /etc/hostname and the CT's line in /etc/hosts (through `net::write_hostname_files`,
+/// which refuses a symlinked /etc). For a stopped overlay CT, `read_root` is the template: its
+/// /etc/hosts is copied up into `write_root` first, as overlayfs would on a write.
+pub fn write_hostname_files(
+    ctid: Ctid,
+    read_root: &Path,
+    write_root: &Path,
+    hostname: &str,
+) -> Result<()> {
+    if !read_root.join("etc").is_dir() {
+        return Ok(());
+    }
+    if read_root != write_root {
+        let etc = write_root.join("etc");
+        fs::create_dir_all(&etc).map_err(io_err(ctid, "create directory", &etc))?;
+        let hosts = etc.join("hosts");
+        if hosts.symlink_metadata().is_err()
+            && let Ok(text) = fs::read(read_root.join("etc/hosts"))
+        {
+            fs::write(&hosts, text).map_err(io_err(ctid, "copy up", &hosts))?;
+        }
+    }
+    net::write_hostname_files(write_root, hostname).map_err(net_err(ctid))
+}
+
+/// CTs whose files are an overlay over `template` (it must not be removed under them).
+pub fn template_users(host: &Host, template: &str) -> Result<Vec<Ctid>> {
+    let mut out = Vec::new();
+    for c in host.list_ctids()? {
+        if let Ok(cfg) = CtConfig::load(host, c)
+            && cfg.layout == Layout::Overlay
+            && cfg.template == template
+        {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,114 @@
+//! `gc`: what a killed berth left behind.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::stop::cleanup_stopped;
+use super::{NetHooks, Result, cg_err, cgroup, lock, running};
+use crate::cgroups::{self, CgroupManager};
+use crate::config::Host;
+use crate::ctid::Ctid;
+use crate::template::TemplateStore;
+
+/// What `berth gc` cleaned.
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub cleaned: Vec<Ctid>,
+    pub orphan_cgroups: Vec<Ctid>,
+    pub partial_creates: Vec<PathBuf>,
+    pub errors: Vec<String>,
+}
+
+/// Cleans what a `kill -9` of berth mid start/stop/create left behind: stale state files,
+/// cgroups (with their processes) of CTs that are not running, start's mounts, half-copied
+/// private areas. Running CTs are left alone.
+pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
+    let mut rep = GcReport::default();
+    let known = host.list_ctids()?;
+    for &ctid in &known {
+        let _lock = match lock(host, ctid) {
+            Ok(l) => l,
+            Err(e) => {
+                rep.errors.push(error_chain(&e));
+                continue;
+            }
+        };
+        if running(host, ctid).is_some() {
+            continue;
+        }
+        match cleanup_stopped(host, ctid, false, hooks) {
+            Ok(true) => rep.cleaned.push(ctid),
+            Ok(false) => {}
+            Err(e) => rep.errors.push(error_chain(&e)),
+        }
+    }
+    match cgroups::list_ctids(&host.cgroup_parent) {
+        Ok(list) => {
+            for ctid in list {
+                if known.contains(&ctid) {
+                    continue;
+                }
+                let r = cgroup(host, ctid).and_then(|cg| {
+                    cg.kill_all(Duration::from_secs(10))
+                        .and_then(|_| cg.destroy())
+                        .map_err(cg_err(ctid))
+                });
+                match r {
+                    Ok(()) => rep.orphan_cgroups.push(ctid),
+                    Err(e) => rep.errors.push(error_chain(&e)),
+                }
+            }
+        }
+        Err(e) => rep.errors.push(error_chain(&e)),
+    }
+    let pdir = host.root.join("private");
+    if let Ok(rd) = fs::read_dir(&pdir) {
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let n = name.to_string_lossy();
+            if n.starts_with('.') && n.ends_with(".tmp") {
+                let p = ent.path();
+                match TemplateStore::remove_tree_fast(&p) {
+                    Ok(()) => rep.partial_creates.push(p),
+                    Err(e) => rep.errors.push(error_chain(&e)),
+                }
+            }
+        }
+    }
+    Ok(rep)
+}
+
+/// An error with its causes, as one line (errors carry their cause as `source`, not in the text).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::CtError;
+
+    #[test]
+    fn error_chain_joins_every_cause_once() {
+        let e = CtError::Io {
+            ctid: Ctid::new(7).unwrap(),
+            op: "remove",
+            path: "/var/lib/berth/private/7".into(),
+            source: std::io::Error::other("busy"),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "CT 7: remove /var/lib/berth/private/7: busy"
+        );
+    }
+}

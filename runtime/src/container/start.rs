@@ -1,0 +1,262 @@
+//! `start`: cgroup, mount, monitor and init, network, then the go-ahead; undone on any failure.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{ForkResult, Pid, fork, pipe2};
+use tracing::{debug, info, warn};
+
+use super::monitor::{MonitorMsg, MonitorMsgError, monitor_main};
+use super::mount::{bind_private, unbind_private};
+use super::state::{self, RunState};
+use super::stop::cleanup_stopped;
+use super::{
+    CtError, NetHooks, Result, cg_err, cgroup, init, io_err, lock, net_err, open_ns, resources_of,
+    running,
+};
+use crate::cgroups::CgroupManager;
+use crate::config::{CtConfig, Host, UserNs};
+use crate::ctid::Ctid;
+use crate::net::{self, HostNet, LinkTeardown};
+
+/// Runs registered undo steps in reverse unless disarmed: a failed start leaves nothing behind.
+type UndoStep<'a> = (&'static str, Box<dyn FnOnce() + 'a>);
+
+struct Undo<'a> {
+    steps: Vec<UndoStep<'a>>,
+}
+
+impl<'a> Undo<'a> {
+    fn new() -> Self {
+        Self { steps: Vec::new() }
+    }
+    fn push(&mut self, what: &'static str, f: impl FnOnce() + 'a) {
+        self.steps.push((what, Box::new(f)));
+    }
+    fn disarm(mut self) {
+        self.steps.clear();
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        while let Some((what, f)) = self.steps.pop() {
+            debug!(step = what, "rolling back");
+            f();
+        }
+    }
+}
+
+fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
+    let mut f = fs::File::from(fd.try_clone()?);
+    f.write_all(data)
+}
+
+pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunState> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_some() {
+        return Err(CtError::AlreadyRunning(ctid));
+    }
+    // Leftovers of a crashed start/stop (or of an init that exited on its own).
+    cleanup_stopped(host, ctid, false, hooks)?;
+
+    let cg = cgroup(host, ctid)?;
+    let res = resources_of(&cfg.resources);
+    res.validate().map_err(cg_err(ctid))?;
+    let mut undo = Undo::new();
+    cg.create().map_err(cg_err(ctid))?;
+    undo.push("cgroup", || {
+        if let Err(e) = cg
+            .kill_all(Duration::from_secs(5))
+            .and_then(|_| cg.destroy())
+        {
+            warn!(%ctid, error = %e, "rollback: remove cgroup");
+        }
+    });
+    cg.setup_devices().map_err(cg_err(ctid))?;
+    cg.apply(&res).map_err(cg_err(ctid))?;
+    if let Some(limit) = cfg.resources.diskspace {
+        crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
+    }
+
+    let sp = host.state_path(ctid);
+    let mut st = RunState {
+        init_pid: 0,
+        init_starttime: 0,
+        monitor_pid: 0,
+        boot_id: state::boot_id().unwrap_or_default(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        mounted_by_start: !state::is_mount_point(&host.root_dir(ctid)),
+        net: None,
+        shaping: None,
+    };
+    // A provisional state (init_pid 0, never "alive") records that the mount is start's own, so
+    // gc after a kill -9 mid-start unmounts it but leaves a `berth mount` of the admin alone.
+    st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+    undo.push("state", || {
+        let _ = fs::remove_file(host.state_path(ctid));
+    });
+    let mounted = bind_private(host, &cfg)?;
+    if mounted {
+        undo.push("mount", || {
+            let _ = unbind_private(host, ctid);
+        });
+    }
+    let rootfs = host.root_dir(ctid);
+    let init_path = rootfs.join(cfg.init.trim_start_matches('/'));
+    if fs::symlink_metadata(&init_path).is_err() {
+        return Err(CtError::StartFailed {
+            ctid,
+            msg: format!(
+                "the CT has no init at {} (set `init` in {})",
+                cfg.init,
+                host.conf_path(ctid).display()
+            ),
+        });
+    }
+
+    let pipe = |what| {
+        pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| CtError::Sys {
+            ctid,
+            op: what,
+            errno,
+        })
+    };
+    let (ready_r, ready_w) = pipe("pipe")?;
+    let (go_r, go_w) = pipe("pipe")?;
+    let (err_r, err_w) = pipe("pipe")?;
+
+    let spec = init::InitSpec {
+        rootfs: rootfs.clone(),
+        hostname: cfg.hostname.clone(),
+        console: None,
+        console_fd: None,
+        init: cfg.init.clone(),
+        userns: cfg.userns.is_some(),
+        join_cgroup: cg.join_self_files(),
+    };
+    let log_path = host.console_log_path(ctid);
+
+    // SAFETY: berth's CLI is single-threaded here; the child only runs the monitor and exits.
+    let monitor_pid = match unsafe { fork() }.map_err(|errno| CtError::Sys {
+        ctid,
+        op: "fork monitor",
+        errno,
+    })? {
+        ForkResult::Child => {
+            drop((ready_r, go_w, err_r));
+            let code = monitor_main(ctid, spec, &log_path, ready_w, go_r, err_w, cfg.userns);
+            // SAFETY: _exit skips atexit handlers and destructors of the parent's state.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop((ready_w, go_r, err_w));
+    undo.push("monitor", move || {
+        let _ = kill(monitor_pid, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(monitor_pid, None);
+    });
+
+    let mut ready = fs::File::from(ready_r);
+    let init_pid = match MonitorMsg::recv(&mut ready) {
+        Ok(MonitorMsg::Started { init_pid }) => init_pid,
+        Ok(MonitorMsg::Failed { error }) => {
+            return Err(CtError::StartFailed { ctid, msg: error });
+        }
+        Err(MonitorMsgError::Empty) => {
+            return Err(CtError::StartFailed {
+                ctid,
+                msg: "monitor exited before cloning init".into(),
+            });
+        }
+        Err(source) => {
+            return Err(CtError::StartReport {
+                ctid,
+                from: "the monitor",
+                source,
+            });
+        }
+    };
+    undo.push("init", move || {
+        let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
+    });
+    let starttime = state::proc_starttime(init_pid).unwrap_or(0);
+
+    if let Some(u) = cfg.userns {
+        write_id_maps(ctid, init_pid, &u)?;
+    }
+    if !cfg.net.ifaces.is_empty() {
+        let ns = open_ns(ctid, init_pid)?;
+        let mut hn = HostNet::current().map_err(net_err(ctid))?;
+        // A venet/veth left by a crashed run (or still being destroyed with an old netns)
+        // would block the names; these are berth's own names for this CT.
+        for e in net::remove_stale_links(ctid, &cfg.net, &mut hn) {
+            debug!(%ctid, error = %e, "stale network cleanup");
+        }
+        let ns_state = net::setup(ctid, ns.as_fd(), &cfg.net, &mut hn).map_err(net_err(ctid))?;
+        st.net = Some(ns_state.clone());
+        // The links die with init's netns; only the proxy entries need removing.
+        let undo_state = ns_state.clone();
+        undo.push("network", move || {
+            if let Ok(mut hn) = HostNet::current() {
+                for e in net::teardown(&undo_state, &mut hn, LinkTeardown::Delete) {
+                    warn!(%ctid, error = %e, "rollback: network");
+                }
+            }
+        });
+        hooks
+            .net_up(ctid, &ns_state)
+            .map_err(|msg| CtError::StartFailed { ctid, msg })?;
+        let hooks = &mut *hooks;
+        undo.push("datapath", move || hooks.net_down(ctid, &ns_state));
+    }
+    if !cfg.net.nameservers.is_empty() || !cfg.net.searchdomains.is_empty() {
+        net::write_resolv_conf(&rootfs, &cfg.net.nameservers, &cfg.net.searchdomains)
+            .map_err(net_err(ctid))?;
+    }
+
+    write_fd(&go_w, b"g").map_err(io_err(ctid, "signal init", Path::new("pipe")))?;
+    drop(go_w);
+    // init's exec closes this pipe (O_CLOEXEC) unwritten; it reports only a failure.
+    match MonitorMsg::recv(&mut fs::File::from(err_r)) {
+        Err(MonitorMsgError::Empty) => {}
+        Ok(MonitorMsg::Failed { error }) => {
+            return Err(CtError::StartFailed { ctid, msg: error });
+        }
+        other => {
+            let source = match other {
+                Err(e) => e,
+                Ok(_) => MonitorMsgError::UnexpectedStarted,
+            };
+            return Err(CtError::StartReport {
+                ctid,
+                from: "the CT's init",
+                source,
+            });
+        }
+    }
+    st.init_pid = init_pid;
+    st.init_starttime = starttime;
+    st.monitor_pid = monitor_pid.as_raw();
+    st.mounted_by_start = mounted;
+    st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+    undo.disarm();
+    info!(%ctid, init_pid, "started");
+    Ok(st)
+}
+
+fn write_id_maps(ctid: Ctid, pid: i32, u: &UserNs) -> Result<()> {
+    for (file, base) in [("uid_map", u.uid_base), ("gid_map", u.gid_base)] {
+        let p = PathBuf::from(format!("/proc/{pid}/{file}"));
+        fs::write(&p, format!("0 {base} {}\n", u.size)).map_err(io_err(ctid, "write", &p))?;
+    }
+    Ok(())
+}

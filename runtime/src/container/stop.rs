@@ -1,0 +1,195 @@
+//! `stop`, `restart`, `destroy`, `suspend`/`resume`, and the teardown shared with `start` and `gc`.
+
+use std::fs;
+use std::io;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use super::mount::unbind_private;
+use super::start::start;
+use super::state::{self, RunState};
+use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, io_err, lock, running};
+use crate::cgroups::{self, CgroupManager};
+use crate::config::{CtConfig, Host};
+use crate::ctid::Ctid;
+use crate::net::{self, HostNet, LinkTeardown, NetState};
+use crate::template::TemplateStore;
+
+/// Sends init the distro's halt signal, waits, then kills whatever is left in the cgroup.
+pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Result<()> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    let Some(st) = running(host, ctid) else {
+        // Not running: still clean what a crash may have left, so `stop` always converges.
+        cleanup_stopped(host, ctid, true, hooks)?;
+        return Err(CtError::NotRunning(ctid));
+    };
+    let cg = cgroup(host, ctid)?;
+    if cg.is_frozen().unwrap_or(false) {
+        cg.thaw().map_err(cg_err(ctid))?;
+    }
+    if fast {
+        // SIGKILL to the pid namespace's init makes the kernel kill every task in it, and the
+        // pidfd turns readable only after that namespace is empty (zap_pid_ns_processes).
+        if let Ok(pidfd) = state::pidfd_open(st.init_pid) {
+            let _ = kill(Pid::from_raw(st.init_pid), Signal::SIGKILL);
+            state::wait_pidfd(&pidfd, Duration::from_secs(10));
+        }
+    } else {
+        let sig = crate::signal::parse_signal(&cfg.stop_signal).map_err(|e| CtError::Invalid {
+            ctid,
+            msg: e.to_string(),
+        })?;
+        if let Ok(pidfd) = state::pidfd_open(st.init_pid) {
+            // SAFETY: sending a signal to the recorded init, verified alive by start time above.
+            unsafe { libc::kill(st.init_pid, sig) };
+            if !state::wait_pidfd(&pidfd, Duration::from_secs(cfg.stop_timeout.into())) {
+                warn!(%ctid, timeout = cfg.stop_timeout, "init did not halt in time; killing");
+            }
+        }
+    }
+    cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+    if let Some(ns) = &st.net {
+        net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
+    }
+    teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
+    info!(%ctid, "stopped");
+    Ok(())
+}
+
+/// Best effort: the datapath detaches, proxy entries go (links go with the netns or are deleted).
+fn net_teardown(ctid: Ctid, ns: &NetState, hooks: &mut dyn NetHooks, links: LinkTeardown) {
+    hooks.net_down(ctid, ns);
+    match HostNet::current() {
+        Ok(mut hn) => {
+            for e in net::teardown(ns, &mut hn, links) {
+                warn!(%ctid, error = %e, "network teardown");
+            }
+        }
+        Err(e) => warn!(%ctid, error = %e, "network teardown: open host netlink"),
+    }
+}
+
+fn teardown_after_stop(host: &Host, ctid: Ctid, cg: &cgroups::Cgroup, unmount: bool) -> Result<()> {
+    if cg.exists() {
+        cg.destroy().map_err(cg_err(ctid))?;
+    }
+    if unmount {
+        unbind_private(host, ctid)?;
+    }
+    for p in [host.state_path(ctid)] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a stopped CT may have left (stale state, cgroup, start's mount). `unmount_any`
+/// also drops a mount made by `berth mount`.
+pub(super) fn cleanup_stopped(
+    host: &Host,
+    ctid: Ctid,
+    unmount_any: bool,
+    hooks: &mut dyn NetHooks,
+) -> Result<bool> {
+    let st = RunState::read(&host.state_path(ctid)).ok().flatten();
+    let cg = cgroup(host, ctid)?;
+    let had_cg = cg.exists();
+    let mut cleaned = false;
+    if had_cg {
+        cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+        cleaned = true;
+    }
+    if st.is_some() || had_cg {
+        // A crash may have lost the real network state: rebuild what the config implies.
+        let expected = match (
+            st.as_ref().and_then(|s| s.net.clone()),
+            CtConfig::load(host, ctid),
+        ) {
+            (Some(n), _) => Some(n),
+            (None, Ok(cfg)) if !cfg.net.ifaces.is_empty() => {
+                Some(NetState::expected(ctid, &cfg.net))
+            }
+            _ => None,
+        };
+        if let Some(n) = expected {
+            net_teardown(ctid, &n, hooks, LinkTeardown::Delete);
+        }
+    }
+    let unmount = unmount_any || st.as_ref().is_some_and(|s| s.mounted_by_start);
+    if st.is_some() || had_cg || (unmount && state::is_mount_point(&host.root_dir(ctid))) {
+        teardown_after_stop(host, ctid, &cg, unmount)?;
+        cleaned = true;
+    }
+    Ok(cleaned)
+}
+
+pub fn restart(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunState> {
+    match stop(host, ctid, false, hooks) {
+        Ok(()) | Err(CtError::NotRunning(_)) => {}
+        Err(e) => return Err(e),
+    }
+    start(host, ctid, hooks)
+}
+
+pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_some() {
+        return Err(CtError::Running(ctid));
+    }
+    cleanup_stopped(host, ctid, true, &mut NoHooks)?;
+    let private = host.private_dir(ctid);
+    if cfg.resources.diskspace.is_some()
+        && private.exists()
+        && let Err(e) = crate::quota::clear_diskspace(&private, ctid.get())
+    {
+        warn!(%ctid, error = %e, "clear disk quota");
+    }
+    if private.exists() {
+        TemplateStore::remove_tree_fast(&private)?;
+    }
+    let root = host.root_dir(ctid);
+    match fs::remove_dir(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(ctid, "remove mount point", &root)(e)),
+    }
+    for p in [
+        host.console_log_path(ctid),
+        host.conf_path(ctid),
+        host.lock_path(ctid),
+    ] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
+        }
+    }
+    info!(%ctid, "destroyed");
+    Ok(())
+}
+
+pub fn suspend(host: &Host, ctid: Ctid) -> Result<()> {
+    CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_none() {
+        return Err(CtError::NotRunning(ctid));
+    }
+    cgroup(host, ctid)?.freeze().map_err(cg_err(ctid))
+}
+
+pub fn resume(host: &Host, ctid: Ctid) -> Result<()> {
+    CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    if running(host, ctid).is_none() {
+        return Err(CtError::NotRunning(ctid));
+    }
+    cgroup(host, ctid)?.thaw().map_err(cg_err(ctid))
+}
