@@ -1,6 +1,6 @@
-//! Host layout (where berth keeps state) and the per-CT configuration file.
+//! Where berth keeps its state on the host, and the per-CT configuration file.
 //!
-//! Layout under the root (default `/var/lib/berth`, `--root` / `BERTH_ROOT`):
+//! Under the root (default `/var/lib/berth`, `--root` / `BERTH_ROOT`):
 //! - `conf/<CTID>.toml`  — one human-editable config per CT (keys documented on [`CtConfig`])
 //! - `private/<CTID>/`   — the CT's files (its root filesystem)
 //! - `root/<CTID>/`      — mount point: `private` is bind-mounted here while the CT is mounted/running
@@ -214,7 +214,7 @@ pub struct ResourceConfig {
 /// How a CT's files are laid out in its private area.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Layout {
+pub enum PrivateLayout {
     /// `private/<CTID>` is a full copy of the template (vzctl's layout; needed with a user
     /// namespace, whose ids are shifted on disk).
     #[default]
@@ -235,9 +235,9 @@ pub struct CtConfig {
     pub hostname: Option<String>,
     /// Template the private area was created from.
     pub template: String,
-    /// `copy` or `overlay` (see [`Layout`]).
+    /// `copy` or `overlay` (see [`PrivateLayout`]).
     #[serde(default)]
-    pub layout: Layout,
+    pub layout: PrivateLayout,
     /// Program started as the CT's PID 1.
     #[serde(default = "default_init")]
     pub init: String,
@@ -279,7 +279,7 @@ impl CtConfig {
             name: None,
             hostname: None,
             template,
-            layout: Layout::default(),
+            layout: PrivateLayout::default(),
             init: default_init(),
             stop_signal: default_stop_signal(),
             stop_timeout: default_stop_timeout(),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::error::{CgroupError, Result};
-use super::layout::{Controller, V1Mounts};
+use super::hierarchy::{Controller, V1Mounts};
 use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_shares};
 use super::stats::{Stats, blkio_v1_read_write, flat_keyed, v1_limit};
 use super::{ALLOWED_DEVICES, CgroupManager, FREEZE_TIMEOUT, FileWrite, fsops};
@@ -49,7 +49,8 @@ fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 impl V1Cgroup {
-    /// A CT cgroup under the given controller mounts (from [`super::Layout`], or a fake tree in tests).
+    /// A CT cgroup under the given controller mounts (from [`super::Hierarchy`], or a fake tree
+    /// in tests).
     pub fn with_mounts(mounts: V1Mounts, parent: &str, ctid: Ctid) -> Result<Self> {
         Ok(Self {
             mounts,

@@ -67,7 +67,7 @@ fn enable_controllers(dir: &Path) -> Result<()> {
 }
 
 impl V2Cgroup {
-    /// A CT cgroup under a cgroup2 mount (from [`super::Layout`], or a fake tree in tests).
+    /// A CT cgroup under a cgroup2 mount (from [`super::Hierarchy`], or a fake tree in tests).
     pub fn with_mount(mount: impl Into<PathBuf>, parent: &str, ctid: Ctid) -> Result<Self> {
         Ok(Self {
             mount: mount.into(),

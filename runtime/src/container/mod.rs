@@ -23,7 +23,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::cgroups::{self, CgroupManager, Resources};
-use crate::config::{ConfigError, CtConfig, Host, Layout, ResourceConfig, UserNs};
+use crate::config::{ConfigError, CtConfig, Host, PrivateLayout, ResourceConfig, UserNs};
 use crate::ctid::{Ctid, validate_name};
 use crate::lock::{CtLock, LockError};
 use crate::net::{self, HostNet, LinkTeardown, NetError, NetState};
@@ -498,20 +498,20 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     }
     // A user namespace needs ids shifted on disk, so those CTs get their own copy.
     cfg.layout = if opts.userns || opts.copy {
-        Layout::Copy
+        PrivateLayout::Copy
     } else {
-        Layout::Overlay
+        PrivateLayout::Overlay
     };
     let shift = cfg.userns.map(|u| (u.uid_base, u.gid_base));
     let res = (|| -> Result<()> {
         match cfg.layout {
-            Layout::Copy => {
+            PrivateLayout::Copy => {
                 store.instantiate(&opts.template, &tmp, shift)?;
                 if let Some(h) = &cfg.hostname {
                     write_hostname_files(ctid, &tmp, &tmp, h)?;
                 }
             }
-            Layout::Overlay => {
+            PrivateLayout::Overlay => {
                 overlay_paths_ok(ctid, &[&store.rootfs(&opts.template), &private])?;
                 for d in [tmp.join("upper"), tmp.join("work")] {
                     fs::create_dir_all(&d).map_err(io_err(ctid, "create directory", &d))?;
@@ -598,7 +598,7 @@ fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
     }
     fs::create_dir_all(&root).map_err(io_err(ctid, "create mount point", &root))?;
     match cfg.layout {
-        Layout::Copy => mount(
+        PrivateLayout::Copy => mount(
             Some(&private),
             &root,
             None::<&str>,
@@ -610,7 +610,7 @@ fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
             op: "bind-mount private area",
             errno,
         })?,
-        Layout::Overlay => {
+        PrivateLayout::Overlay => {
             let lower = TemplateStore::open(host.template_dir())?.rootfs(&cfg.template);
             if !lower.is_dir() {
                 return Err(CtError::Invalid {
@@ -1450,8 +1450,8 @@ fn files_view(host: &Host, cfg: &CtConfig) -> (PathBuf, PathBuf) {
     }
     let private = host.private_dir(cfg.ctid);
     match cfg.layout {
-        Layout::Copy => (private.clone(), private),
-        Layout::Overlay => (
+        PrivateLayout::Copy => (private.clone(), private),
+        PrivateLayout::Overlay => (
             host.template_dir().join(&cfg.template).join("rootfs"),
             private.join("upper"),
         ),
@@ -1463,7 +1463,7 @@ pub fn template_users(host: &Host, template: &str) -> Result<Vec<Ctid>> {
     let mut out = Vec::new();
     for c in host.list_ctids()? {
         if let Ok(cfg) = CtConfig::load(host, c)
-            && cfg.layout == Layout::Overlay
+            && cfg.layout == PrivateLayout::Overlay
             && cfg.template == template
         {
             out.push(c);

@@ -2,9 +2,9 @@
 //! file identity, re-read when a file changes), run state, cgroup counters and the pinned
 //! datapath maps. Nothing here is kept between scrapes except parsed configs and run states
 //! (re-read when inotify reports their file changed, [`super::watch`]; an init's liveness is
-//! checked at every scrape through a pidfd) and open cgroup counter files ([`super::cgfiles`]; limits are reused for at most
-//! [`super::cgfiles::LIMITS_MAX_AGE`]), so every counter is as fresh as the kernel's and
-//! berthd restarts cannot move a counter.
+//! checked at every scrape through a pidfd) and open cgroup counter files
+//! ([`super::cgfiles`]; limits are reused for at most [`super::cgfiles::LIMITS_MAX_AGE`]), so
+//! every counter is as fresh as the kernel's and berthd restarts cannot move a counter.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,7 +21,7 @@ use std::{
 use berth_runtime::net::Netlink;
 use berth_runtime::{
     Ctid,
-    cgroups::{Cgroup, CgroupManager, Controller, Layout, Stats},
+    cgroups::{Cgroup, CgroupManager, Controller, Hierarchy, Stats},
     config::{CtConfig, Host},
     container::{self, State, state::RunState},
 };
@@ -391,10 +391,10 @@ impl Reader {
                 fd: None,
             }
         });
-        let layout = match Layout::detect() {
-            Ok(l) => {
+        let hierarchy = match Hierarchy::detect() {
+            Ok(h) => {
                 self.note("cgroups", Ok(()));
-                Some(l)
+                Some(h)
             }
             Err(e) => {
                 self.note("cgroups", Err(e.to_string()));
@@ -436,7 +436,7 @@ impl Reader {
             boot_id: self.boot_id.as_deref(),
             conf_dir: conf_dir.as_ref(),
             run_dir: &run_dir,
-            layout: layout.as_ref(),
+            hierarchy: hierarchy.as_ref(),
             shaper: shaper.as_ref().ok().and_then(Option::as_ref),
             shaper_error: &shaper_error,
         };
@@ -514,7 +514,7 @@ impl Reader {
             main: main_out,
             cts,
             configs: conf_dir.is_some(),
-            cgroups: layout.is_some(),
+            cgroups: hierarchy.is_some(),
             shaper: shaper_ok,
         }
     }
@@ -577,7 +577,7 @@ struct Env<'a> {
     /// `None` when the configs could not be listed (then no CT is read).
     conf_dir: Option<&'a Dir>,
     run_dir: &'a Dir,
-    layout: Option<&'a Layout>,
+    hierarchy: Option<&'a Hierarchy>,
     /// The shaper's maps and the shaped CTs' interfaces.
     shaper: Option<&'a (ShaperView, BTreeMap<u32, CtIfaces>)>,
     /// The first error reading a CT's shaping in this scrape.
@@ -739,7 +739,7 @@ fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf, nl: &mut Option<Netlink>) -> 
     w.exported = true;
     let started_at = running(env, ctid, w.run_changed, &mut w.cache);
     let files = &mut w.cache.files;
-    let cgroup = match env.layout {
+    let cgroup = match env.hierarchy {
         Some(l) => {
             match read_cgroup(
                 l,
@@ -793,7 +793,7 @@ fn has_cgroup(cg: &Cgroup) -> bool {
 /// Through the CT's open files; a failed read (cgroup removed, perhaps recreated by a
 /// restart) opens them again once. `None` when the CT has no cgroup.
 fn read_cgroup(
-    layout: &Layout,
+    hierarchy: &Hierarchy,
     parent: &str,
     ctid: Ctid,
     running: bool,
@@ -807,7 +807,7 @@ fn read_cgroup(
         }
     }
     *files = None;
-    let cg = layout.open(parent, ctid).map_err(|e| e.to_string())?;
+    let cg = hierarchy.open(parent, ctid).map_err(|e| e.to_string())?;
     if !has_cgroup(&cg) {
         return Ok(None);
     }
