@@ -24,15 +24,19 @@ pub const DEFAULT_CGROUP_PARENT: &str = "berth";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("parse CT config {path}: {msg}")]
-    Parse { path: PathBuf, msg: String },
+    #[error("parse CT config {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("CT config {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
     #[error("CT {0} does not exist")]
@@ -301,7 +305,7 @@ impl CtConfig {
         })?;
         let cfg: CtConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.clone(),
-            msg: e.to_string(),
+            source: e,
         })?;
         if cfg.ctid != ctid {
             return Err(ConfigError::Invalid {
@@ -381,6 +385,7 @@ pub fn validate_hostname(h: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain::{ErrorChain, assert_causes_not_repeated};
 
     #[test]
     fn roundtrip_and_validation() {
@@ -401,12 +406,36 @@ mod tests {
 
         let path = host.conf_path(ctid);
         fs::write(&path, "ctid = 101\ntemplate = \"b\"\nbogus = 1\n").unwrap();
-        let e = CtConfig::load(&host, ctid).unwrap_err().to_string();
-        assert!(e.contains("bogus"), "{e}");
+        let e = CtConfig::load(&host, ctid).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert_causes_not_repeated(&e);
+        let text = ErrorChain(&e).to_string();
+        assert!(
+            text.starts_with(&format!("parse CT config {}: ", path.display()))
+                && text.contains("bogus"),
+            "{text}"
+        );
         fs::write(&path, "ctid = 102\ntemplate = \"b\"\n").unwrap();
         assert!(CtConfig::load(&host, ctid).is_err());
         fs::write(&path, "ctid = 101\ntemplate = \"b\"\nhostname = \"-x\"\n").unwrap();
         assert!(CtConfig::load(&host, ctid).is_err());
+    }
+
+    #[test]
+    fn io_error_prints_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the conf directory belongs: listing it fails with ENOTDIR.
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        fs::write(host.conf_dir(), "").unwrap();
+        let e = host.list_ctids().unwrap_err();
+        assert_causes_not_repeated(&e);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            format!(
+                "read directory {}: Not a directory (os error 20)",
+                host.conf_dir().display()
+            )
+        );
     }
 
     #[test]

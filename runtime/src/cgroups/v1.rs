@@ -11,6 +11,7 @@ use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_shares};
 use super::stats::{Stats, blkio_v1_read_write, flat_keyed, v1_limit};
 use super::{ALLOWED_DEVICES, CgroupManager, FREEZE_TIMEOUT, FileWrite, fsops};
 use crate::ctid::Ctid;
+use crate::error_chain::ErrorChain;
 use crate::size::Size;
 
 const MEM_LIMIT: &str = "memory.limit_in_bytes";
@@ -420,7 +421,7 @@ impl CgroupManager for V1Cgroup {
             Some(d) if d.is_dir() => match self.freeze_within(timeout.min(FREEZE_TIMEOUT)) {
                 Ok(()) => true,
                 Err(e) => {
-                    warn!(error = %e, "kill_all: freezing failed, killing without freeze");
+                    warn!(error = %ErrorChain(&e), "kill_all: freezing failed, killing without freeze");
                     false
                 }
             },

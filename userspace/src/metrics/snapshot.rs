@@ -24,6 +24,7 @@ use berth_runtime::{
     cgroups::{Cgroup, CgroupManager, Controller, Hierarchy, Stats},
     config::{CtConfig, Host},
     container::{self, State, state::RunState},
+    error_chain::ErrorChain,
 };
 use nix::{fcntl::AtFlags, sys::stat::FileStat};
 use tracing::{debug, warn};
@@ -281,7 +282,7 @@ impl Reader {
                 Ok(ids) => w.ctids = ids,
                 Err(e) => {
                     w.conf.force_full();
-                    return Err(e.to_string());
+                    return Err(ErrorChain(&e).to_string());
                 }
             },
             Changes::Some(changed) => {
@@ -397,7 +398,7 @@ impl Reader {
                 Some(h)
             }
             Err(e) => {
-                self.note("cgroups", Err(e.to_string()));
+                self.note("cgroups", Err(ErrorChain(&e).to_string()));
                 None
             }
         };
@@ -409,7 +410,7 @@ impl Reader {
                 Ok(Some((v, ifaces)))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(ErrorChain(&e).to_string()),
         };
         let shaper_error: Mutex<Option<String>> = Mutex::new(None);
         let t_list = t0.elapsed();
@@ -545,13 +546,13 @@ impl Reader {
     }
 
     fn read_network(&self) -> Result<Option<NetworkSnapshot>, String> {
-        let Some(dp) =
-            Datapath::open_pinned_readonly(&self.sources.pin_dir).map_err(|e| e.to_string())?
+        let Some(dp) = Datapath::open_pinned_readonly(&self.sources.pin_dir)
+            .map_err(|e| ErrorChain(&e).to_string())?
         else {
             return Ok(None);
         };
-        let counters = dp.counters().map_err(|e| e.to_string())?;
-        let drops = dp.drops().map_err(|e| e.to_string())?;
+        let counters = dp.counters().map_err(|e| ErrorChain(&e).to_string())?;
+        let drops = dp.drops().map_err(|e| ErrorChain(&e).to_string())?;
         Ok(Some(NetworkSnapshot { counters, drops }))
     }
 }
@@ -620,7 +621,7 @@ fn config(
                     template: c.template,
                 },
                 Err(e) => {
-                    warn!(ctid = ctid.get(), error = %e, "CT config unreadable; exporting the CT without info labels");
+                    warn!(ctid = ctid.get(), error = %ErrorChain(&e), "CT config unreadable; exporting the CT without info labels");
                     CtMeta::default()
                 }
             });
@@ -726,7 +727,7 @@ fn read_shaping(env: &Env, ctid: u32, nl: &mut Option<Netlink>) -> Option<CtShap
         Ok(s) => Some(s),
         Err(e) => {
             let mut first = env.shaper_error.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| e.to_string());
+            first.get_or_insert_with(|| ErrorChain(&e).to_string());
             None
         }
     }
@@ -807,7 +808,9 @@ fn read_cgroup(
         }
     }
     *files = None;
-    let cg = hierarchy.open(parent, ctid).map_err(|e| e.to_string())?;
+    let cg = hierarchy
+        .open(parent, ctid)
+        .map_err(|e| ErrorChain(&e).to_string())?;
     if !has_cgroup(&cg) {
         return Ok(None);
     }
@@ -826,7 +829,7 @@ fn read_cgroup(
             debug!(ctid = ctid.get(), error = %e, "cgroup files not kept open; reading by path")
         }
     }
-    let stats = cg.stats().map_err(|e| e.to_string())?;
+    let stats = cg.stats().map_err(|e| ErrorChain(&e).to_string())?;
     let procs_dir = match &cg {
         Cgroup::V1(v1) => v1.dir(Controller::Pids),
         Cgroup::V2(_) => cg.paths().into_iter().next(),
@@ -961,6 +964,28 @@ mod tests {
 
         fs::remove_file(host.state_path(ctid)).unwrap();
         assert_eq!(r.read().cts[0].state, State::Stopped);
+    }
+
+    /// A source's error text is what berthd logs; the runtime's errors leave their cause to
+    /// `source()`, so the text must carry the chain, each cause once.
+    #[test]
+    fn a_failed_cgroup_read_keeps_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ct = dir.path().join("p/5");
+        // A directory where a counter file belongs: reading it fails with EISDIR.
+        fs::create_dir_all(ct.join("memory.current")).unwrap();
+        fs::write(ct.join("cgroup.procs"), "").unwrap();
+        let hierarchy = Hierarchy::V2(dir.path().to_path_buf());
+        let ctid = Ctid::new(5).unwrap();
+        let e =
+            read_cgroup(&hierarchy, "p", ctid, true, &mut None, &mut Buf::default()).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "read memory.current in {}: Is a directory (os error 21)",
+                ct.display()
+            )
+        );
     }
 
     #[test]
