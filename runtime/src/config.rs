@@ -1,6 +1,6 @@
-//! Host layout (where berth keeps state) and the per-CT configuration file.
+//! Where berth keeps its state on the host, and the per-CT configuration file.
 //!
-//! Layout under the root (default `/var/lib/berth`, `--root` / `BERTH_ROOT`):
+//! Under the root (default `/var/lib/berth`, `--root` / `BERTH_ROOT`):
 //! - `conf/<CTID>.toml`  — one human-editable config per CT (keys documented on [`CtConfig`])
 //! - `private/<CTID>/`   — the CT's files (its root filesystem)
 //! - `root/<CTID>/`      — mount point: `private` is bind-mounted here while the CT is mounted/running
@@ -24,15 +24,19 @@ pub const DEFAULT_CGROUP_PARENT: &str = "berth";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("parse CT config {path}: {msg}")]
-    Parse { path: PathBuf, msg: String },
+    #[error("parse CT config {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("CT config {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
     #[error("CT {0} does not exist")]
@@ -214,7 +218,7 @@ pub struct ResourceConfig {
 /// How a CT's files are laid out in its private area.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Layout {
+pub enum PrivateLayout {
     /// `private/<CTID>` is a full copy of the template (vzctl's layout; needed with a user
     /// namespace, whose ids are shifted on disk).
     #[default]
@@ -235,9 +239,9 @@ pub struct CtConfig {
     pub hostname: Option<String>,
     /// Template the private area was created from.
     pub template: String,
-    /// `copy` or `overlay` (see [`Layout`]).
+    /// `copy` or `overlay` (see [`PrivateLayout`]).
     #[serde(default)]
-    pub layout: Layout,
+    pub layout: PrivateLayout,
     /// Program started as the CT's PID 1.
     #[serde(default = "default_init")]
     pub init: String,
@@ -279,7 +283,7 @@ impl CtConfig {
             name: None,
             hostname: None,
             template,
-            layout: Layout::default(),
+            layout: PrivateLayout::default(),
             init: default_init(),
             stop_signal: default_stop_signal(),
             stop_timeout: default_stop_timeout(),
@@ -301,7 +305,7 @@ impl CtConfig {
         })?;
         let cfg: CtConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.clone(),
-            msg: e.to_string(),
+            source: e,
         })?;
         if cfg.ctid != ctid {
             return Err(ConfigError::Invalid {
@@ -381,6 +385,7 @@ pub fn validate_hostname(h: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain::{ErrorChain, assert_causes_not_repeated};
 
     #[test]
     fn roundtrip_and_validation() {
@@ -401,12 +406,36 @@ mod tests {
 
         let path = host.conf_path(ctid);
         fs::write(&path, "ctid = 101\ntemplate = \"b\"\nbogus = 1\n").unwrap();
-        let e = CtConfig::load(&host, ctid).unwrap_err().to_string();
-        assert!(e.contains("bogus"), "{e}");
+        let e = CtConfig::load(&host, ctid).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert_causes_not_repeated(&e);
+        let text = ErrorChain(&e).to_string();
+        assert!(
+            text.starts_with(&format!("parse CT config {}: ", path.display()))
+                && text.contains("bogus"),
+            "{text}"
+        );
         fs::write(&path, "ctid = 102\ntemplate = \"b\"\n").unwrap();
         assert!(CtConfig::load(&host, ctid).is_err());
         fs::write(&path, "ctid = 101\ntemplate = \"b\"\nhostname = \"-x\"\n").unwrap();
         assert!(CtConfig::load(&host, ctid).is_err());
+    }
+
+    #[test]
+    fn io_error_prints_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the conf directory belongs: listing it fails with ENOTDIR.
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        fs::write(host.conf_dir(), "").unwrap();
+        let e = host.list_ctids().unwrap_err();
+        assert_causes_not_repeated(&e);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            format!(
+                "read directory {}: Not a directory (os error 20)",
+                host.conf_dir().display()
+            )
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod cgroups;
 pub mod config;
 pub mod container;
 pub mod ctid;
+pub mod error_chain;
 pub mod lock;
 pub mod net;
 pub mod quota;

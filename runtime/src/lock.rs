@@ -10,7 +10,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("open lock file {path}: {source}")]
+    #[error("open lock file {path}")]
     Open {
         path: PathBuf,
         #[source]
@@ -75,6 +75,7 @@ impl CtLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain::{ErrorChain, assert_causes_not_repeated};
 
     #[test]
     fn exclusive_then_released() {
@@ -85,5 +86,20 @@ mod tests {
         assert!(matches!(e, LockError::Busy { .. }), "{e}");
         drop(a);
         CtLock::acquire(&p, Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn open_failure_prints_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("no-run-dir/101.lock");
+        let e = CtLock::acquire(&p, Duration::ZERO).unwrap_err();
+        assert_causes_not_repeated(&e);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            format!(
+                "open lock file {}: No such file or directory (os error 2)",
+                p.display()
+            )
+        );
     }
 }

@@ -32,14 +32,14 @@ pub enum QuotaError {
         fs: String,
         why: String,
     },
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("disk quota of CT {ctid} at {}: {op}: {source}", path.display())]
+    #[error("disk quota of CT {ctid} at {}: {op}", path.display())]
     Quotactl {
         op: &'static str,
         ctid: u32,
@@ -435,6 +435,7 @@ pub fn clear_diskspace(private: &Path, ctid: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain::{ErrorChain, assert_causes_not_repeated};
 
     #[test]
     fn struct_layouts_match_the_kernel() {
@@ -464,8 +465,13 @@ mod tests {
     fn missing_private_area_names_the_path() {
         let err = diskspace_usage(Path::new("/nonexistent/berth/private/7"), 7).unwrap_err();
         assert!(
-            err.to_string().contains("/nonexistent/berth/private/7"),
+            matches!(&err, QuotaError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound),
             "{err}"
+        );
+        assert_causes_not_repeated(&err);
+        assert_eq!(
+            ErrorChain(&err).to_string(),
+            "open private area /nonexistent/berth/private/7: No such file or directory (os error 2)"
         );
     }
 }

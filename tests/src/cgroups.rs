@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use berth_runtime::Ctid;
-use berth_runtime::cgroups::{Cgroup, CgroupManager, Layout, v2::V2Cgroup};
+use berth_runtime::cgroups::{Cgroup, CgroupManager, Hierarchy, v2::V2Cgroup};
 
 pub const BUSYBOX: &str = "/bin/busybox";
 pub const CTID: u32 = 101;
@@ -60,30 +60,30 @@ pub struct TestCgroup {
     pub parent: String,
     /// Parent dirs (one per hierarchy) whose removal finish() checks.
     parent_dirs: Vec<PathBuf>,
-    /// The layout the cgroup lives in (removes the parent again).
-    layout: Layout,
+    /// The hierarchy the cgroup lives in (removes the parent again).
+    hierarchy: Hierarchy,
     children: Vec<Child>,
     done: bool,
 }
 
 impl TestCgroup {
-    /// On the host's layout (v1 here, v2 on unified hosts).
+    /// On the host's hierarchy (v1 here, v2 on unified hosts).
     pub fn new() -> Result<Self> {
-        let layout = Layout::detect()?;
+        let hierarchy = Hierarchy::detect()?;
         let parent = unique_parent();
-        let cg = layout.open(&parent, Ctid::new(CTID)?)?;
-        Self::with(cg, parent, layout)
+        let cg = hierarchy.open(&parent, Ctid::new(CTID)?)?;
+        Self::with(cg, parent, hierarchy)
     }
 
-    /// In the cgroup2 hierarchy whatever the host's layout is (hybrid hosts mount it without
+    /// In the cgroup2 hierarchy even on a v1 host (hybrid hosts mount it without
     /// controllers, which still has cgroup.procs/freeze/kill/events).
     pub fn new_v2(mount: &Path) -> Result<Self> {
         let parent = unique_parent();
         let cg = Cgroup::V2(V2Cgroup::with_mount(mount, &parent, Ctid::new(CTID)?)?);
-        Self::with(cg, parent, Layout::V2(mount.to_path_buf()))
+        Self::with(cg, parent, Hierarchy::V2(mount.to_path_buf()))
     }
 
-    fn with(cg: Cgroup, parent: String, layout: Layout) -> Result<Self> {
+    fn with(cg: Cgroup, parent: String, hierarchy: Hierarchy) -> Result<Self> {
         let parent_dirs = cg
             .paths()
             .iter()
@@ -93,7 +93,7 @@ impl TestCgroup {
             cg,
             parent,
             parent_dirs,
-            layout,
+            hierarchy,
             children: Vec::new(),
             done: false,
         };
@@ -190,7 +190,7 @@ impl TestCgroup {
         }
         self.children.clear();
         self.cg.destroy()?;
-        self.layout.remove_parent_if_empty(&self.parent)?;
+        self.hierarchy.remove_parent_if_empty(&self.parent)?;
         Ok(())
     }
 }

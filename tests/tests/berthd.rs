@@ -623,7 +623,7 @@ fn bench_metrics() -> Result<()> {
         CounterValue, DIR_IN, DIR_OUT, DROP_SPOOFED_IP, DropKey, DropValue, SlotCounters,
         map_names, slot_row,
     };
-    use berth_runtime::cgroups::{CgroupManager, Layout, Resources};
+    use berth_runtime::cgroups::{CgroupManager, Hierarchy, Resources};
     use berth_runtime::config::{CtConfig, Host};
     use berth_runtime::container::state::{self, RunState};
 
@@ -640,7 +640,7 @@ fn bench_metrics() -> Result<()> {
     let parent = format!("berth-bench-metrics-{}", std::process::id());
     let host = Host::new(Some(dir.path().join("root")), None, Some(parent.clone()))?;
     host.ensure_dirs()?;
-    let layout = Layout::detect()?;
+    let hierarchy = Hierarchy::detect()?;
     let ctids: Vec<u32> = (1..=n as u32).map(|i| 10_000 + i).collect();
 
     let t = Instant::now();
@@ -673,7 +673,7 @@ fn bench_metrics() -> Result<()> {
             cfg.hostname = Some(format!("ct{c}.example.com"));
             cfg.save(&host)?;
             run.write(&host.state_path(ctid))?;
-            let cg = layout.open(&parent, ctid)?;
+            let cg = hierarchy.open(&parent, ctid)?;
             cg.create()?;
             cgroups.push(cg.clone());
             cg.apply(&res)?;
@@ -807,8 +807,8 @@ fn bench_metrics() -> Result<()> {
     for cg in &cgroups {
         cg.destroy()?;
     }
-    layout.remove_parent_if_empty(&parent)?;
-    let left: Vec<PathBuf> = layout
+    hierarchy.remove_parent_if_empty(&parent)?;
+    let left: Vec<PathBuf> = hierarchy
         .mount_roots()
         .iter()
         .map(|r| r.join(&parent))

@@ -7,14 +7,14 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use berth_runtime::cgroups::{self, CgroupError, CgroupManager, Controller, Layout, Resources};
+use berth_runtime::cgroups::{self, CgroupError, CgroupManager, Controller, Hierarchy, Resources};
 use berth_runtime::{Ctid, Size};
 use berth_tests::cgroups::{BUSYBOX, CTID, TestCgroup, cgroup2_mount, unique_parent, wait_for};
 
 const BUSY_LOOP: &str = "while :; do :; done";
 
 fn is_v1() -> bool {
-    matches!(Layout::detect(), Ok(Layout::V1(_)))
+    matches!(Hierarchy::detect(), Ok(Hierarchy::V1(_)))
 }
 
 fn skip(test: &str, why: &str) {
@@ -24,8 +24,8 @@ fn skip(test: &str, why: &str) {
 #[test]
 fn create_makes_a_directory_in_every_hierarchy() -> Result<()> {
     let t = TestCgroup::new()?;
-    let layout = Layout::detect()?;
-    let roots = layout.mount_roots();
+    let hierarchy = Hierarchy::detect()?;
+    let roots = hierarchy.mount_roots();
     let paths = t.cg.paths();
     ensure!(paths.len() == roots.len(), "{paths:?} vs {roots:?}");
     for (p, root) in paths.iter().zip(&roots) {
@@ -38,7 +38,7 @@ fn create_makes_a_directory_in_every_hierarchy() -> Result<()> {
     }
     // Idempotent.
     t.cg.create()?;
-    if let Layout::V1(m) = &layout {
+    if let Hierarchy::V1(m) = &hierarchy {
         // A cpuset cgroup starts with no CPUs; create() gave it the parent's.
         let cs = m.get(Controller::Cpuset).expect("cpuset mounted");
         let cpus = std::fs::read_to_string(cs.join(&t.parent).join("101/cpuset.cpus"))?;
@@ -440,10 +440,10 @@ fn stats_reflect_settings_and_serialize() -> Result<()> {
 
 #[test]
 fn list_ctids_and_remove_parent() -> Result<()> {
-    let layout = Layout::detect()?;
+    let hierarchy = Hierarchy::detect()?;
     let parent = unique_parent();
-    let a = layout.open(&parent, Ctid::new(7)?)?;
-    let b = layout.open(&parent, Ctid::new(1001)?)?;
+    let a = hierarchy.open(&parent, Ctid::new(7)?)?;
+    let b = hierarchy.open(&parent, Ctid::new(1001)?)?;
     a.create()?;
     b.create()?;
     ensure!(cgroups::list_ctids(&parent)? == [Ctid::new(7)?, Ctid::new(1001)?]);
@@ -456,7 +456,7 @@ fn list_ctids_and_remove_parent() -> Result<()> {
     a.destroy()?;
     ensure!(cgroups::list_ctids(&parent)?.is_empty());
     cgroups::remove_parent_if_empty(&parent)?;
-    for root in layout.mount_roots() {
+    for root in hierarchy.mount_roots() {
         ensure!(
             !root.join(&parent).exists(),
             "{} left",
@@ -512,7 +512,7 @@ fn v2_core_files_in_the_cgroup2_hierarchy() -> Result<()> {
 
 #[test]
 fn v2_unified_host_enables_controllers_for_the_ct() -> Result<()> {
-    let Layout::V2(root) = Layout::detect()? else {
+    let Hierarchy::V2(root) = Hierarchy::detect()? else {
         skip(
             "v2_unified_host_enables_controllers_for_the_ct",
             "host is cgroup v1/hybrid (memory controller bound to v1); needs a unified v2 host",

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use berth_runtime::Ctid;
+use berth_runtime::error_chain::ErrorChain;
 use berth_runtime::net::inspect::{Snapshot, port_vlans};
 use berth_runtime::net::{
     AddrHolder, AddrSelection, BridgedIface, Iface, LinkTeardown, NeighbourDevs, NetConfig,
@@ -74,7 +75,7 @@ fn routed_and_bridged_end_to_end() {
     for (id, cfg) in &specs {
         let ns = Ns::new();
         let st = setup(ct(*id), ns.fd(), cfg, &mut host)
-            .unwrap_or_else(|e| panic!("setup CT {id}: {e}"));
+            .unwrap_or_else(|e| panic!("setup CT {id}: {}", ErrorChain(&e)));
         // The state is what the lifecycle persists and `status --json` shows.
         let json = serde_json::to_string(&st).unwrap();
         assert_eq!(serde_json::from_str::<NetState>(&json).unwrap(), st);

@@ -1,9 +1,11 @@
-//! The one error type of the cgroup layer: every variant names the operation and the cgroup path.
+//! The one error type of the cgroup layer: every variant names the operation and the cgroup path;
+//! an I/O cause is the `#[source]`, not part of the message.
 
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::error_chain::ErrorChain;
 use crate::size::Size;
 
 pub type Result<T, E = CgroupError> = std::result::Result<T, E>;
@@ -11,7 +13,7 @@ pub type Result<T, E = CgroupError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     /// A read, write, mkdir or rmdir failed; `op` says which file and value, `path` is the cgroup dir.
-    #[error("{op} in {path}: {source}")]
+    #[error("{op} in {path}")]
     Io {
         op: String,
         path: PathBuf,
@@ -66,8 +68,9 @@ pub enum CgroupError {
         after: Duration,
         detail: String,
     },
-    /// Best-effort teardown reports every failure, not only the first.
-    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    /// Best-effort teardown reports every failure, not only the first. A list has no single
+    /// source, so the message carries each failure with its causes.
+    #[error("{}", .0.iter().map(|e| ErrorChain(e).to_string()).collect::<Vec<_>>().join("; "))]
     Multiple(Vec<CgroupError>),
 }
 
@@ -95,5 +98,47 @@ impl CgroupError {
             CgroupError::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error_chain::assert_causes_not_repeated;
+
+    fn enoent(file: &str, dir: &str) -> CgroupError {
+        CgroupError::io(
+            format!("read {file}"),
+            dir,
+            io::Error::from_raw_os_error(libc::ENOENT),
+        )
+    }
+
+    #[test]
+    fn io_prints_its_cause_once() {
+        let e = enoent("memory.max", "/sys/fs/cgroup/berth/101");
+        assert_causes_not_repeated(&e);
+        assert_eq!(e.to_string(), "read memory.max in /sys/fs/cgroup/berth/101");
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "read memory.max in /sys/fs/cgroup/berth/101: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn multiple_keeps_each_cause() {
+        let e = CgroupError::collect(vec![
+            enoent("a", "/cg/1"),
+            CgroupError::Missing {
+                op: "destroy",
+                path: "/cg/2".into(),
+            },
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "read a in /cg/1: No such file or directory (os error 2); destroy /cg/2: the cgroup \
+             does not exist"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! hosts) behind one trait, [`CgroupManager`].
 //!
 //! Paths are `<mount>/<parent>/<ctid>` in every hierarchy, the mounts taken from
-//! /proc/self/mountinfo ([`Layout::detect`]). The host hierarchies are never mounted, unmounted or
+//! /proc/self/mountinfo ([`Hierarchy::detect`]). The host hierarchies are never mounted, unmounted or
 //! remounted here. Limits are OpenVZ-style ([`Resources`]); counters come back as [`Stats`].
 //!
 //! Kernel notes: since 6.x v1 memory is always hierarchical (memory.use_hierarchy is fixed at 1),
@@ -12,7 +12,7 @@
 
 mod error;
 mod fsops;
-mod layout;
+mod hierarchy;
 mod resources;
 mod stats;
 pub mod v1;
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::{CgroupError, Result};
-pub use layout::{Controller, Layout, V1Mounts};
+pub use hierarchy::{Controller, Hierarchy, V1Mounts};
 pub use resources::{
     CFS_PERIOD_US, CPUUNITS_DEFAULT, CPUUNITS_MAX, CPUUNITS_MIN, IOWEIGHT_MAX, IOWEIGHT_MIN,
     Resources, cpuunits_to_shares, cpuunits_to_weight,
@@ -86,7 +86,7 @@ pub trait CgroupManager {
     fn paths(&self) -> Vec<PathBuf>;
 }
 
-/// A CT's cgroup on whichever layout the host has.
+/// A CT's cgroup on whichever hierarchy the host has.
 #[derive(Clone, Debug)]
 pub enum Cgroup {
     V1(V1Cgroup),
@@ -182,12 +182,12 @@ impl FileWrite {
     }
 }
 
-impl Layout {
-    /// The CT's cgroup under `parent` on this layout (nothing is created yet).
+impl Hierarchy {
+    /// The CT's cgroup under `parent` on this hierarchy (nothing is created yet).
     pub fn open(&self, parent: &str, ctid: Ctid) -> Result<Cgroup> {
         Ok(match self {
-            Layout::V1(m) => Cgroup::V1(V1Cgroup::with_mounts(m.clone(), parent, ctid)?),
-            Layout::V2(root) => Cgroup::V2(V2Cgroup::with_mount(root, parent, ctid)?),
+            Hierarchy::V1(m) => Cgroup::V1(V1Cgroup::with_mounts(m.clone(), parent, ctid)?),
+            Hierarchy::V2(root) => Cgroup::V2(V2Cgroup::with_mount(root, parent, ctid)?),
         })
     }
 
@@ -224,17 +224,17 @@ impl Layout {
     }
 }
 
-/// Detects the host's layout and returns the CT's cgroup at `<mount>/<parent>/<ctid>`.
+/// Detects the host's hierarchy and returns the CT's cgroup at `<mount>/<parent>/<ctid>`.
 pub fn open(parent: &str, ctid: Ctid) -> Result<Cgroup, CgroupError> {
-    Layout::detect()?.open(parent, ctid)
+    Hierarchy::detect()?.open(parent, ctid)
 }
 
 /// Removes an empty cgroup parent (e.g. a test's unique parent) from every hierarchy.
 pub fn remove_parent_if_empty(parent: &str) -> Result<()> {
-    Layout::detect()?.remove_parent_if_empty(parent)
+    Hierarchy::detect()?.remove_parent_if_empty(parent)
 }
 
 /// CTs that have a cgroup under `parent` (for garbage collection).
 pub fn list_ctids(parent: &str) -> Result<Vec<Ctid>> {
-    Layout::detect()?.list_ctids(parent)
+    Hierarchy::detect()?.list_ctids(parent)
 }

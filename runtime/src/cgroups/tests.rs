@@ -738,10 +738,10 @@ fn v2_stats_from_sample_files() {
 }
 
 #[test]
-fn layout_open_list_and_remove_parent() {
+fn hierarchy_open_list_and_remove_parent() {
     let fake = FakeV1::new();
-    let layout = Layout::V1(fake.mounts.clone());
-    let Cgroup::V1(cg) = layout.open("p", ctid(5)).unwrap() else {
+    let hierarchy = Hierarchy::V1(fake.mounts.clone());
+    let Cgroup::V1(cg) = hierarchy.open("p", ctid(5)).unwrap() else {
         panic!("expected v1");
     };
     assert!(cg.dir(Controller::Memory).unwrap().ends_with("memory/p/5"));
@@ -749,16 +749,16 @@ fn layout_open_list_and_remove_parent() {
     fake.kernel_mkdir("p", 12);
     let mem = fake.mounts.get(Controller::Memory).unwrap();
     fs::create_dir(mem.join("p/not-a-ct")).unwrap();
-    assert_eq!(layout.list_ctids("p").unwrap(), [ctid(5), ctid(12)]);
-    assert!(layout.list_ctids("absent").unwrap().is_empty());
+    assert_eq!(hierarchy.list_ctids("p").unwrap(), [ctid(5), ctid(12)]);
+    assert!(hierarchy.list_ctids("absent").unwrap().is_empty());
     // Not empty: kept, no error.
-    layout.remove_parent_if_empty("p").unwrap();
+    hierarchy.remove_parent_if_empty("p").unwrap();
     assert!(mem.join("p").exists());
-    assert!(layout.open("../etc", ctid(5)).is_err());
+    assert!(hierarchy.open("../etc", ctid(5)).is_err());
 
     let v2 = FakeV2::new();
-    let layout = Layout::V2(v2.root().to_path_buf());
-    let missing = layout.open("berth", ctid(9)).unwrap();
+    let hierarchy = Hierarchy::V2(v2.root().to_path_buf());
+    let missing = hierarchy.open("berth", ctid(9)).unwrap();
     assert!(missing.is_v2() && !missing.exists());
     // Nothing to kill or remove in a cgroup that does not exist.
     missing
@@ -767,6 +767,6 @@ fn layout_open_list_and_remove_parent() {
     missing.destroy().unwrap();
     assert!(missing.pids().unwrap().is_empty());
     fs::create_dir(v2.root().join("t")).unwrap();
-    layout.remove_parent_if_empty("t").unwrap();
+    hierarchy.remove_parent_if_empty("t").unwrap();
     assert!(!v2.root().join("t").exists());
 }

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::error::{CgroupError, Result};
-use super::layout::{Controller, V1Mounts};
+use super::hierarchy::{Controller, V1Mounts};
 use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_shares};
 use super::stats::{Stats, blkio_v1_read_write, flat_keyed, v1_limit};
 use super::{ALLOWED_DEVICES, CgroupManager, FREEZE_TIMEOUT, FileWrite, fsops};
 use crate::ctid::Ctid;
+use crate::error_chain::ErrorChain;
 use crate::size::Size;
 
 const MEM_LIMIT: &str = "memory.limit_in_bytes";
@@ -49,7 +50,8 @@ fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 impl V1Cgroup {
-    /// A CT cgroup under the given controller mounts (from [`super::Layout`], or a fake tree in tests).
+    /// A CT cgroup under the given controller mounts (from [`super::Hierarchy`], or a fake tree
+    /// in tests).
     pub fn with_mounts(mounts: V1Mounts, parent: &str, ctid: Ctid) -> Result<Self> {
         Ok(Self {
             mounts,
@@ -419,7 +421,7 @@ impl CgroupManager for V1Cgroup {
             Some(d) if d.is_dir() => match self.freeze_within(timeout.min(FREEZE_TIMEOUT)) {
                 Ok(()) => true,
                 Err(e) => {
-                    warn!(error = %e, "kill_all: freezing failed, killing without freeze");
+                    warn!(error = %ErrorChain(&e), "kill_all: freezing failed, killing without freeze");
                     false
                 }
             },

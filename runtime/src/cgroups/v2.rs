@@ -10,6 +10,7 @@ use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_weight};
 use super::stats::{Stats, flat_keyed, io_stat_v2, v2_limit};
 use super::{CgroupManager, FREEZE_TIMEOUT, FileWrite, fsops};
 use crate::ctid::Ctid;
+use crate::error_chain::ErrorChain;
 use crate::size::Size;
 
 /// Controllers enabled for the CT in each ancestor's cgroup.subtree_control (when available).
@@ -67,7 +68,7 @@ fn enable_controllers(dir: &Path) -> Result<()> {
 }
 
 impl V2Cgroup {
-    /// A CT cgroup under a cgroup2 mount (from [`super::Layout`], or a fake tree in tests).
+    /// A CT cgroup under a cgroup2 mount (from [`super::Hierarchy`], or a fake tree in tests).
     pub fn with_mount(mount: impl Into<PathBuf>, parent: &str, ctid: Ctid) -> Result<Self> {
         Ok(Self {
             mount: mount.into(),
@@ -327,7 +328,7 @@ impl CgroupManager for V2Cgroup {
             let froze = match self.freeze_within(timeout.min(FREEZE_TIMEOUT)) {
                 Ok(()) => true,
                 Err(e) => {
-                    warn!(error = %e, "kill_all: freezing failed, killing without freeze");
+                    warn!(error = %ErrorChain(&e), "kill_all: freezing failed, killing without freeze");
                     false
                 }
             };

@@ -7,7 +7,7 @@ use tracing::info;
 
 use super::mount::overlay_paths_ok;
 use super::{CtError, Result, io_err, lock, net_err};
-use crate::config::{ConfigError, CtConfig, Host, Layout, UserNs};
+use crate::config::{ConfigError, CtConfig, Host, PrivateLayout, UserNs};
 use crate::ctid::{Ctid, validate_name};
 use crate::net;
 use crate::template::TemplateStore;
@@ -89,20 +89,20 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     }
     // A user namespace needs ids shifted on disk, so those CTs get their own copy.
     cfg.layout = if opts.userns || opts.copy {
-        Layout::Copy
+        PrivateLayout::Copy
     } else {
-        Layout::Overlay
+        PrivateLayout::Overlay
     };
     let shift = cfg.userns.map(|u| (u.uid_base, u.gid_base));
     let res = (|| -> Result<()> {
         match cfg.layout {
-            Layout::Copy => {
+            PrivateLayout::Copy => {
                 store.instantiate(&opts.template, &tmp, shift)?;
                 if let Some(h) = &cfg.hostname {
                     write_hostname_files(ctid, &tmp, &tmp, h)?;
                 }
             }
-            Layout::Overlay => {
+            PrivateLayout::Overlay => {
                 overlay_paths_ok(ctid, &[&store.rootfs(&opts.template), &private])?;
                 for d in [tmp.join("upper"), tmp.join("work")] {
                     fs::create_dir_all(&d).map_err(io_err(ctid, "create directory", &d))?;
@@ -161,7 +161,7 @@ pub fn template_users(host: &Host, template: &str) -> Result<Vec<Ctid>> {
     let mut out = Vec::new();
     for c in host.list_ctids()? {
         if let Ok(cfg) = CtConfig::load(host, c)
-            && cfg.layout == Layout::Overlay
+            && cfg.layout == PrivateLayout::Overlay
             && cfg.template == template
         {
             out.push(c);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::{CtError, Result, io_err, lock, running, state};
-use crate::config::{CtConfig, Host, Layout};
+use crate::config::{CtConfig, Host, PrivateLayout};
 use crate::ctid::Ctid;
 use crate::template::TemplateStore;
 
@@ -43,7 +43,7 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
     }
     fs::create_dir_all(&root).map_err(io_err(ctid, "create mount point", &root))?;
     match cfg.layout {
-        Layout::Copy => mount(
+        PrivateLayout::Copy => mount(
             Some(&private),
             &root,
             None::<&str>,
@@ -55,7 +55,7 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
             op: "bind-mount private area",
             errno,
         })?,
-        Layout::Overlay => {
+        PrivateLayout::Overlay => {
             let lower = TemplateStore::open(host.template_dir())?.rootfs(&cfg.template);
             if !lower.is_dir() {
                 return Err(CtError::Invalid {
@@ -146,8 +146,8 @@ pub(super) fn files_view(host: &Host, cfg: &CtConfig) -> (PathBuf, PathBuf) {
     }
     let private = host.private_dir(cfg.ctid);
     match cfg.layout {
-        Layout::Copy => (private.clone(), private),
-        Layout::Overlay => (
+        PrivateLayout::Copy => (private.clone(), private),
+        PrivateLayout::Overlay => (
             host.template_dir().join(&cfg.template).join("rootfs"),
             private.join("upper"),
         ),

@@ -1,5 +1,6 @@
 //! Errors of the networking layer. Each names the operation and the object, and kernel errnos are
-//! translated into messages a hoster can act on.
+//! translated into messages a hoster can act on. A kernel or I/O cause is the variant's
+//! `#[source]` and is not repeated in its message.
 
 use std::io;
 use std::net::IpAddr;
@@ -99,7 +100,7 @@ pub enum NetError {
     #[error("CT {ctid} does not have address {addr}")]
     NoSuchAddr { ctid: Ctid, addr: IpAddr },
 
-    #[error("{op} {object} in {ns}: {source}")]
+    #[error("{op} {object} in {ns}")]
     Netlink {
         op: &'static str,
         object: String,
@@ -108,7 +109,7 @@ pub enum NetError {
         source: KernelError,
     },
 
-    #[error("netlink socket in {ns}: {op}: {source}")]
+    #[error("netlink socket in {ns}: {op}")]
     Socket {
         op: &'static str,
         ns: String,
@@ -116,14 +117,14 @@ pub enum NetError {
         source: io::Error,
     },
 
-    #[error("network namespace: {op}: {source}")]
+    #[error("network namespace: {op}")]
     Netns {
         op: String,
         #[source]
         source: io::Error,
     },
 
-    #[error("sysctl {path} in {ns}: {source}")]
+    #[error("sysctl {path} in {ns}")]
     Sysctl {
         path: String,
         ns: String,
@@ -131,7 +132,7 @@ pub enum NetError {
         source: io::Error,
     },
 
-    #[error("{op} on {dev}: {source}")]
+    #[error("{op} on {dev}")]
     Packet {
         op: &'static str,
         dev: String,
@@ -139,7 +140,7 @@ pub enum NetError {
         source: io::Error,
     },
 
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}", path.display())]
     File {
         op: &'static str,
         path: PathBuf,
@@ -159,5 +160,30 @@ impl NetError {
             ),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error_chain::{ErrorChain, assert_causes_not_repeated};
+
+    #[test]
+    fn netlink_refusal_prints_its_kernel_cause_once() {
+        let e = NetError::Netlink {
+            op: "add host route",
+            object: "192.0.2.1/32 dev venet101".into(),
+            ns: "the host netns".into(),
+            source: KernelError {
+                errno: libc::EEXIST,
+                extack: Some("Route exists".into()),
+            },
+        };
+        assert_causes_not_repeated(&e);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "add host route 192.0.2.1/32 dev venet101 in the host netns: File exists (os error \
+             17) (kernel: Route exists)"
+        );
     }
 }

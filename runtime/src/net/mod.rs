@@ -71,6 +71,7 @@ pub use self::nl::Netlink;
 pub use self::ns::{NetNsGuard, create_netns, current_netns};
 pub use self::routed::veth_request;
 use crate::Ctid;
+use crate::error_chain::ErrorChain;
 
 /// Host-side name of a CT's routed interface.
 pub fn venet_host_ifname(ctid: Ctid) -> String {
@@ -298,9 +299,9 @@ pub fn setup(
             Ok(state)
         }
         Err(e) => {
-            tracing::warn!(%ctid, error = %e, "network setup failed; rolling back");
+            tracing::warn!(%ctid, error = %ErrorChain(&e), "network setup failed; rolling back");
             for re in teardown(&state, host, LinkTeardown::Delete) {
-                tracing::warn!(%ctid, error = %re, "rollback step failed");
+                tracing::warn!(%ctid, error = %ErrorChain(&re), "rollback step failed");
             }
             Err(e)
         }
@@ -412,7 +413,7 @@ pub fn add_addrs(
             ifaces: vec![iface],
         };
         for e in teardown(&tmp, host, LinkTeardown::Delete) {
-            tracing::warn!(%ctid, error = %e, "rollback step failed");
+            tracing::warn!(%ctid, error = %ErrorChain(&e), "rollback step failed");
         }
     }
     res
@@ -493,7 +494,7 @@ pub fn add_netif(
             ifaces: state.ifaces.split_off(before),
         };
         for e in teardown(&tmp, host, LinkTeardown::Delete) {
-            tracing::warn!(%ctid, error = %e, "rollback step failed");
+            tracing::warn!(%ctid, error = %ErrorChain(&e), "rollback step failed");
         }
     }
     res

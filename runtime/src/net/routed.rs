@@ -18,6 +18,7 @@ use super::{
     venet_host_ifname,
 };
 use crate::Ctid;
+use crate::error_chain::ErrorChain;
 
 fn is_gone(e: &KernelError) -> bool {
     matches!(
@@ -469,7 +470,7 @@ pub(crate) fn add(
             del_one(host, Some(ct), st, *a, &mut errors);
         }
         for re in errors {
-            tracing::warn!(%ctid, error = %re, "rollback step failed");
+            tracing::warn!(%ctid, error = %ErrorChain(&re), "rollback step failed");
         }
         return Err(e);
     }
@@ -481,7 +482,7 @@ pub(crate) fn add(
             .collect();
         if let Err(e) = packet::announce(host, &targets) {
             // The addresses work without the announcement; peers learn them on first contact.
-            tracing::warn!(%ctid, error = %e, "gratuitous ARP / unsolicited NA failed");
+            tracing::warn!(%ctid, error = %ErrorChain(&e), "gratuitous ARP / unsolicited NA failed");
         }
     }
     Ok(())

@@ -26,6 +26,7 @@ use super::{
     Result, Scratch, TemplateError, TemplateInfo, TemplateKind, TemplateStore, io_err, nix_err,
     now_unix, tree_size, validate_name,
 };
+use crate::error_chain::ErrorChain;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Compression {
@@ -306,7 +307,7 @@ impl Extractor<'_> {
                     .map_err(io_err("create", &abs))?;
                 let want = e.size();
                 let got = io::copy(&mut e, &mut f)
-                    .map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?;
+                    .map_err(|err| self.corrupt(format!("entry {name:?}: {}", ErrorChain(&err))))?;
                 if kind != EntryType::GNUSparse && got != want {
                     return Err(self.corrupt(format!("entry {name:?}: got {got} of {want} bytes")));
                 }
@@ -462,9 +463,12 @@ pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
     };
     {
         let mut ar = tar::Archive::new(&mut watch);
-        let entries = ar.entries().map_err(|err| x.corrupt(err.to_string()))?;
+        // An io::Error from tar or a decoder may wrap an error with a source of its own.
+        let entries = ar
+            .entries()
+            .map_err(|err| x.corrupt(ErrorChain(&err).to_string()))?;
         for e in entries {
-            let e = e.map_err(|err| x.corrupt(err.to_string()))?;
+            let e = e.map_err(|err| x.corrupt(ErrorChain(&err).to_string()))?;
             x.entry(e)?;
         }
     }
@@ -473,7 +477,7 @@ pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
     }
     // Read to the end so the decompressor verifies its checksum (gzip CRC, xz check, zstd).
     io::copy(&mut watch.inner, &mut io::sink())
-        .map_err(|err| x.corrupt(format!("after the last entry: {err}")))?;
+        .map_err(|err| x.corrupt(format!("after the last entry: {}", ErrorChain(&err))))?;
     if x.files == 0 {
         return Err(TemplateError::EmptyArchive {
             archive: archive.to_path_buf(),

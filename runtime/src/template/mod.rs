@@ -41,7 +41,7 @@ pub enum TemplateError {
     NotFound { name: String, store: PathBuf },
     #[error("template {name:?} already exists in {}", store.display())]
     Exists { name: String, store: PathBuf },
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,

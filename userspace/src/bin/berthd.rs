@@ -20,7 +20,7 @@ use berth::{
     datapath::DEFAULT_PIN_DIR,
     metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, expose},
 };
-use berth_runtime::config::Host;
+use berth_runtime::{config::Host, error_chain::ErrorChain};
 use clap::Parser;
 use http_body_util::Full;
 use hyper::{
@@ -182,7 +182,7 @@ async fn serve(args: Args) -> Result<()> {
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
+                debug!(%peer, error = %ErrorChain(&e), "connection ended with an error");
             }
         });
     }

@@ -241,7 +241,7 @@ fn v2_limit(path: &Path, text: &str) -> Result<Option<u64>, String> {
 }
 
 impl CtFiles {
-    /// Opens the counter files of `cg`. `None` when the layout is one this reader does not
+    /// Opens the counter files of `cg`. `None` when the hierarchy is one this reader does not
     /// handle (v1 without the pids controller), which the caller reads the slow way.
     pub fn open(cg: &Cgroup) -> Result<Option<Self>, String> {
         let (v2, counters, limit_paths, procs_dir) = match cg {
@@ -589,11 +589,11 @@ mod tests {
     fn recreated_cgroup_fails_old_descriptors() {
         use berth_runtime::{
             Ctid,
-            cgroups::{CgroupManager, Layout},
+            cgroups::{CgroupManager, Hierarchy},
         };
-        let layout = Layout::detect().unwrap();
+        let hierarchy = Hierarchy::detect().unwrap();
         let parent = format!("berth-cgfiles-{}", std::process::id());
-        let cg = layout.open(&parent, Ctid::new(4242).unwrap()).unwrap();
+        let cg = hierarchy.open(&parent, Ctid::new(4242).unwrap()).unwrap();
         cg.create().unwrap();
         let mut buf = Buf::default();
         let mut files = CtFiles::open(&cg)
@@ -610,8 +610,8 @@ mod tests {
             "old files failed with {err}"
         );
         cg.destroy().unwrap();
-        layout.remove_parent_if_empty(&parent).unwrap();
-        assert!(layout.list_ctids(&parent).unwrap().is_empty());
+        hierarchy.remove_parent_if_empty(&parent).unwrap();
+        assert!(hierarchy.list_ctids(&parent).unwrap().is_empty());
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! file identity, re-read when a file changes), run state, cgroup counters and the pinned
 //! datapath maps. Nothing here is kept between scrapes except parsed configs and run states
 //! (re-read when inotify reports their file changed, [`super::watch`]; an init's liveness is
-//! checked at every scrape through a pidfd) and open cgroup counter files ([`super::cgfiles`]; limits are reused for at most
-//! [`super::cgfiles::LIMITS_MAX_AGE`]), so every counter is as fresh as the kernel's and
-//! berthd restarts cannot move a counter.
+//! checked at every scrape through a pidfd) and open cgroup counter files
+//! ([`super::cgfiles`]; limits are reused for at most [`super::cgfiles::LIMITS_MAX_AGE`]), so
+//! every counter is as fresh as the kernel's and berthd restarts cannot move a counter.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,9 +21,10 @@ use std::{
 use berth_runtime::net::Netlink;
 use berth_runtime::{
     Ctid,
-    cgroups::{Cgroup, CgroupManager, Controller, Layout, Stats},
+    cgroups::{Cgroup, CgroupManager, Controller, Hierarchy, Stats},
     config::{CtConfig, Host},
     container::{self, State, state::RunState},
+    error_chain::ErrorChain,
 };
 use nix::{fcntl::AtFlags, sys::stat::FileStat};
 use tracing::{debug, warn};
@@ -281,7 +282,7 @@ impl Reader {
                 Ok(ids) => w.ctids = ids,
                 Err(e) => {
                     w.conf.force_full();
-                    return Err(e.to_string());
+                    return Err(ErrorChain(&e).to_string());
                 }
             },
             Changes::Some(changed) => {
@@ -391,13 +392,13 @@ impl Reader {
                 fd: None,
             }
         });
-        let layout = match Layout::detect() {
-            Ok(l) => {
+        let hierarchy = match Hierarchy::detect() {
+            Ok(h) => {
                 self.note("cgroups", Ok(()));
-                Some(l)
+                Some(h)
             }
             Err(e) => {
-                self.note("cgroups", Err(e.to_string()));
+                self.note("cgroups", Err(ErrorChain(&e).to_string()));
                 None
             }
         };
@@ -409,7 +410,7 @@ impl Reader {
                 Ok(Some((v, ifaces)))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(ErrorChain(&e).to_string()),
         };
         let shaper_error: Mutex<Option<String>> = Mutex::new(None);
         let t_list = t0.elapsed();
@@ -436,7 +437,7 @@ impl Reader {
             boot_id: self.boot_id.as_deref(),
             conf_dir: conf_dir.as_ref(),
             run_dir: &run_dir,
-            layout: layout.as_ref(),
+            hierarchy: hierarchy.as_ref(),
             shaper: shaper.as_ref().ok().and_then(Option::as_ref),
             shaper_error: &shaper_error,
         };
@@ -514,7 +515,7 @@ impl Reader {
             main: main_out,
             cts,
             configs: conf_dir.is_some(),
-            cgroups: layout.is_some(),
+            cgroups: hierarchy.is_some(),
             shaper: shaper_ok,
         }
     }
@@ -545,13 +546,13 @@ impl Reader {
     }
 
     fn read_network(&self) -> Result<Option<NetworkSnapshot>, String> {
-        let Some(dp) =
-            DatapathView::open_pinned(&self.sources.pin_dir).map_err(|e| e.to_string())?
+        let Some(dp) = DatapathView::open_pinned(&self.sources.pin_dir)
+            .map_err(|e| ErrorChain(&e).to_string())?
         else {
             return Ok(None);
         };
-        let counters = dp.counters().map_err(|e| e.to_string())?;
-        let drops = dp.drops().map_err(|e| e.to_string())?;
+        let counters = dp.counters().map_err(|e| ErrorChain(&e).to_string())?;
+        let drops = dp.drops().map_err(|e| ErrorChain(&e).to_string())?;
         Ok(Some(NetworkSnapshot { counters, drops }))
     }
 }
@@ -577,7 +578,7 @@ struct Env<'a> {
     /// `None` when the configs could not be listed (then no CT is read).
     conf_dir: Option<&'a Dir>,
     run_dir: &'a Dir,
-    layout: Option<&'a Layout>,
+    hierarchy: Option<&'a Hierarchy>,
     /// The shaper's maps and the shaped CTs' interfaces.
     shaper: Option<&'a (ShaperView, BTreeMap<u32, CtIfaces>)>,
     /// The first error reading a CT's shaping in this scrape.
@@ -620,7 +621,7 @@ fn config(
                     template: c.template,
                 },
                 Err(e) => {
-                    warn!(ctid = ctid.get(), error = %e, "CT config unreadable; exporting the CT without info labels");
+                    warn!(ctid = ctid.get(), error = %ErrorChain(&e), "CT config unreadable; exporting the CT without info labels");
                     CtMeta::default()
                 }
             });
@@ -726,7 +727,7 @@ fn read_shaping(env: &Env, ctid: u32, nl: &mut Option<Netlink>) -> Option<CtShap
         Ok(s) => Some(s),
         Err(e) => {
             let mut first = env.shaper_error.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| e.to_string());
+            first.get_or_insert_with(|| ErrorChain(&e).to_string());
             None
         }
     }
@@ -739,7 +740,7 @@ fn read_ct(env: &Env, w: &mut Work, buf: &mut Buf, nl: &mut Option<Netlink>) -> 
     w.exported = true;
     let started_at = running(env, ctid, w.run_changed, &mut w.cache);
     let files = &mut w.cache.files;
-    let cgroup = match env.layout {
+    let cgroup = match env.hierarchy {
         Some(l) => {
             match read_cgroup(
                 l,
@@ -793,7 +794,7 @@ fn has_cgroup(cg: &Cgroup) -> bool {
 /// Through the CT's open files; a failed read (cgroup removed, perhaps recreated by a
 /// restart) opens them again once. `None` when the CT has no cgroup.
 fn read_cgroup(
-    layout: &Layout,
+    hierarchy: &Hierarchy,
     parent: &str,
     ctid: Ctid,
     running: bool,
@@ -807,7 +808,9 @@ fn read_cgroup(
         }
     }
     *files = None;
-    let cg = layout.open(parent, ctid).map_err(|e| e.to_string())?;
+    let cg = hierarchy
+        .open(parent, ctid)
+        .map_err(|e| ErrorChain(&e).to_string())?;
     if !has_cgroup(&cg) {
         return Ok(None);
     }
@@ -826,7 +829,7 @@ fn read_cgroup(
             debug!(ctid = ctid.get(), error = %e, "cgroup files not kept open; reading by path")
         }
     }
-    let stats = cg.stats().map_err(|e| e.to_string())?;
+    let stats = cg.stats().map_err(|e| ErrorChain(&e).to_string())?;
     let procs_dir = match &cg {
         Cgroup::V1(v1) => v1.dir(Controller::Pids),
         Cgroup::V2(_) => cg.paths().into_iter().next(),
@@ -961,6 +964,28 @@ mod tests {
 
         fs::remove_file(host.state_path(ctid)).unwrap();
         assert_eq!(r.read().cts[0].state, State::Stopped);
+    }
+
+    /// A source's error text is what berthd logs; the runtime's errors leave their cause to
+    /// `source()`, so the text must carry the chain, each cause once.
+    #[test]
+    fn a_failed_cgroup_read_keeps_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ct = dir.path().join("p/5");
+        // A directory where a counter file belongs: reading it fails with EISDIR.
+        fs::create_dir_all(ct.join("memory.current")).unwrap();
+        fs::write(ct.join("cgroup.procs"), "").unwrap();
+        let hierarchy = Hierarchy::V2(dir.path().to_path_buf());
+        let ctid = Ctid::new(5).unwrap();
+        let e =
+            read_cgroup(&hierarchy, "p", ctid, true, &mut None, &mut Buf::default()).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "read memory.current in {}: Is a directory (os error 21)",
+                ct.display()
+            )
+        );
     }
 
     #[test]

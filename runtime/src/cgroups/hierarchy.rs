@@ -87,9 +87,9 @@ impl V1Mounts {
     }
 }
 
-/// The host's cgroup layout.
+/// Which cgroup version the host runs CTs under, and where its hierarchies are mounted.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Layout {
+pub enum Hierarchy {
     /// Legacy or hybrid: one hierarchy per controller (a cgroup2 mount may exist beside them).
     V1(V1Mounts),
     /// Unified: every controller lives in the cgroup2 hierarchy mounted here.
@@ -149,9 +149,9 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
         .collect()
 }
 
-impl Layout {
+impl Hierarchy {
     /// Reads /proc/self/mountinfo.
-    pub fn detect() -> Result<Layout> {
+    pub fn detect() -> Result<Hierarchy> {
         let text = fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| CgroupError::io("read mountinfo", "/proc/self/mountinfo", e))?;
         Self::from_mountinfo(&text)
@@ -161,14 +161,14 @@ impl Layout {
     /// hierarchy, so a cgroup2 mount listing `memory` in cgroup.controllers means a unified host;
     /// otherwise any v1 controller mount means legacy/hybrid (this host: v1 + a hugetlb-only
     /// cgroup2 at /sys/fs/cgroup/unified). A lone cgroup2 without controllers still counts as v2.
-    pub fn from_mountinfo(mountinfo: &str) -> Result<Layout> {
+    pub fn from_mountinfo(mountinfo: &str) -> Result<Hierarchy> {
         let mounts = cgroup_mounts(mountinfo);
         let v2_mounts: Vec<&CgroupMount> = mounts.iter().filter(|m| m.v2).collect();
         for m in &v2_mounts {
             let controllers =
                 fsops::read_opt(&m.mount_point, "cgroup.controllers")?.unwrap_or_default();
             if controllers.split_whitespace().any(|c| c == "memory") {
-                return Ok(Layout::V2(m.mount_point.clone()));
+                return Ok(Hierarchy::V2(m.mount_point.clone()));
             }
         }
         let mut v1 = BTreeMap::new();
@@ -179,7 +179,7 @@ impl Layout {
             }
         }
         if !v1.is_empty() {
-            return Ok(Layout::V1(V1Mounts(v1)));
+            return Ok(Hierarchy::V1(V1Mounts(v1)));
         }
         // Prefer the conventional place if several controller-less cgroup2 mounts exist.
         let pick = v2_mounts
@@ -187,7 +187,7 @@ impl Layout {
             .find(|m| m.mount_point == Path::new("/sys/fs/cgroup"))
             .or(v2_mounts.first());
         match pick {
-            Some(m) => Ok(Layout::V2(m.mount_point.clone())),
+            Some(m) => Ok(Hierarchy::V2(m.mount_point.clone())),
             None => Err(CgroupError::NoHierarchy(
                 "/proc/self/mountinfo lists no cgroup or cgroup2 mount".into(),
             )),
@@ -197,8 +197,8 @@ impl Layout {
     /// Mount points a CT's cgroup has a directory under (each once).
     pub fn mount_roots(&self) -> Vec<PathBuf> {
         match self {
-            Layout::V1(m) => m.unique_mounts(),
-            Layout::V2(p) => vec![p.clone()],
+            Hierarchy::V1(m) => m.unique_mounts(),
+            Hierarchy::V2(p) => vec![p.clone()],
         }
     }
 }
@@ -232,7 +232,7 @@ mod tests {
     fn hybrid_host_is_v1_with_co_mounted_cpu() {
         let t = tempfile::tempdir().unwrap();
         fs::write(t.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
-        let Layout::V1(m) = Layout::from_mountinfo(&hybrid(t.path())).unwrap() else {
+        let Hierarchy::V1(m) = Hierarchy::from_mountinfo(&hybrid(t.path())).unwrap() else {
             panic!("expected v1");
         };
         let cpu = Path::new("/sys/fs/cgroup/cpu,cpuacct");
@@ -261,7 +261,7 @@ mod tests {
             "25 1 0:23 / {} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n",
             root.display().to_string().replace(' ', "\\040")
         );
-        assert_eq!(Layout::from_mountinfo(&mi).unwrap(), Layout::V2(root));
+        assert_eq!(Hierarchy::from_mountinfo(&mi).unwrap(), Hierarchy::V2(root));
     }
 
     #[test]
@@ -274,14 +274,14 @@ mod tests {
             t.path().display()
         );
         assert!(matches!(
-            Layout::from_mountinfo(&mi).unwrap(),
-            Layout::V1(_)
+            Hierarchy::from_mountinfo(&mi).unwrap(),
+            Hierarchy::V1(_)
         ));
     }
 
     #[test]
     fn no_cgroups_is_an_error() {
-        let e = Layout::from_mountinfo("22 1 0:21 / /proc rw - proc proc rw\n").unwrap_err();
+        let e = Hierarchy::from_mountinfo("22 1 0:21 / /proc rw - proc proc rw\n").unwrap_err();
         assert!(e.to_string().contains("no cgroup or cgroup2 mount"), "{e}");
     }
 
