@@ -2,6 +2,7 @@
 pub mod ctnet;
 
 pub mod datapath;
+pub mod inventory;
 pub mod metrics;
 pub mod netstat;
 pub mod shaper;
