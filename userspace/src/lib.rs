@@ -3,6 +3,7 @@ pub mod bpf;
 pub mod ctnet;
 
 pub mod datapath;
+pub mod inventory;
 pub mod metrics;
 pub mod netstat;
 pub mod shaper;

@@ -1,0 +1,277 @@
+//! The command line: clap's types for every verb and flag.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use berth_runtime::Size;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "berth",
+    version,
+    about = "OpenVZ-style system containers on a mainline kernel"
+)]
+pub struct Cli {
+    /// State directory (configs, private areas, templates).
+    #[arg(long, global = true, env = "BERTH_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Run-state directory (locks, init PIDs, console logs). Default: /run/berth, or <root>/run.
+    #[arg(long, global = true, env = "BERTH_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// cgroup directory holding this installation's CTs, under every hierarchy.
+    #[arg(long, global = true, env = "BERTH_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+    /// bpffs directory of the eBPF datapath's pinned programs, maps and links.
+    #[arg(long, global = true, env = "BERTH_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging on stderr (-v info, -vv debug). BERTH_LOG takes tracing filter syntax.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create a CT from a template.
+    Create(CreateArgs),
+    /// Boot a CT.
+    Start {
+        ct: String,
+    },
+    /// Halt a CT (the distro's halt signal, then kill what is left after stop_timeout).
+    Stop {
+        ct: String,
+        /// Kill everything at once instead of asking init to halt.
+        #[arg(long)]
+        fast: bool,
+    },
+    Restart {
+        ct: String,
+    },
+    /// Remove a stopped CT: its files, config and cgroups.
+    Destroy {
+        ct: String,
+    },
+    Status {
+        ct: String,
+    },
+    /// Bind-mount the CT's private area on its root directory.
+    Mount {
+        ct: String,
+    },
+    Umount {
+        ct: String,
+    },
+    /// Freeze every process of the CT.
+    Suspend {
+        ct: String,
+    },
+    Resume {
+        ct: String,
+    },
+    /// Run a command in a running CT; its exit code becomes berth's.
+    Exec {
+        ct: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Interactive shell in a running CT.
+    Enter {
+        ct: String,
+    },
+    /// Change a CT's settings, live when it runs; --save persists them.
+    Set(Box<SetArgs>),
+    /// List CTs (running ones; -a for all).
+    List(ListArgs),
+    /// OS templates.
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Clean what a killed berth left behind (stale state, cgroups, mounts, half-made CTs).
+    Gc,
+    /// Per-CT traffic by network class (vznetstat-like), from the eBPF counters.
+    Netstat(NetstatArgs),
+    /// Network classes (OpenVZ networks_classes: `CLASS CIDR` per line).
+    #[command(subcommand)]
+    Netclass(NetclassCmd),
+    /// Traffic shaping.
+    #[command(subcommand)]
+    Shaper(ShaperCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    pub ctid: String,
+    #[arg(long, default_value = "busybox")]
+    pub template: String,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run the CT in a user namespace with its own 65536-id range (implies --copy).
+    #[arg(long)]
+    pub userns: bool,
+    /// Give the CT a full copy of the template instead of an overlay over it.
+    #[arg(long)]
+    pub copy: bool,
+    /// Routed (venet) address, IPv4 or IPv6; repeatable.
+    #[arg(long = "ipadd")]
+    pub ipadd: Vec<IpAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(short, long)]
+    pub all: bool,
+    /// Comma-separated fields (see `berth list -L`).
+    #[arg(short, long)]
+    pub output: Option<String>,
+    /// No header line.
+    #[arg(short = 'H', long)]
+    pub no_header: bool,
+    /// List the available fields.
+    #[arg(short = 'L', long)]
+    pub list_fields: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NetstatArgs {
+    /// Only this CT.
+    pub ct: Option<String>,
+    /// Only this network class.
+    #[arg(short = 'c', long)]
+    pub class: Option<u8>,
+    /// IPv4 only.
+    #[arg(short = '4', conflicts_with = "v6")]
+    pub v4: bool,
+    /// IPv6 only.
+    #[arg(short = '6')]
+    pub v6: bool,
+    /// Start this view from zero (billing totals and the kernel counters are untouched).
+    #[arg(long)]
+    pub reset: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ShaperCmd {
+    /// Which backend shapes on this host and why; with a CT, its rates, drops and overlimits.
+    Status { ct: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetclassCmd {
+    /// Replace the class table live from a networks_classes file.
+    Load { file: PathBuf },
+    /// Show the class table.
+    List,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    pub ct: String,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Memory limit, e.g. 512M (unlimited to remove).
+    #[arg(long)]
+    pub memory: Option<Size>,
+    /// Swap allowed on top of --memory.
+    #[arg(long)]
+    pub swap: Option<Size>,
+    /// CPU weight (OpenVZ units, default 1000).
+    #[arg(long)]
+    pub cpuunits: Option<u64>,
+    /// CPU limit in percent of one CPU (100 = one CPU, 0 = none).
+    #[arg(long)]
+    pub cpulimit: Option<u32>,
+    /// Number of CPUs.
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Maximum number of processes (0 = none).
+    #[arg(long)]
+    pub numproc: Option<u64>,
+    /// Block I/O weight 10..1000.
+    #[arg(long)]
+    pub ioweight: Option<u32>,
+    /// Disk quota (needs project quotas on the filesystem).
+    #[arg(long)]
+    pub diskspace: Option<Size>,
+    /// Add a routed (venet) address, IPv4 or IPv6; repeatable.
+    #[arg(long = "ipadd", value_name = "ADDR")]
+    pub ipadd: Vec<IpAddr>,
+    /// Remove a routed address, or `all`; repeatable.
+    #[arg(long = "ipdel", value_name = "ADDR|all")]
+    pub ipdel: Vec<String>,
+    /// Add a bridged interface: eth<N>[,mac,host_ifname,host_mac,bridge] (vzctl syntax).
+    #[arg(long = "netif_add", value_name = "SPEC")]
+    pub netif_add: Vec<String>,
+    /// Remove a bridged interface eth<N>, or `all`.
+    #[arg(long = "netif_del", value_name = "eth<N>|all")]
+    pub netif_del: Option<String>,
+    /// DNS server for the CT's resolv.conf; repeatable (replaces the list).
+    #[arg(long = "nameserver", value_name = "ADDR")]
+    pub nameserver: Vec<IpAddr>,
+    /// Search domain for the CT's resolv.conf; repeatable (replaces the list).
+    #[arg(long = "searchdomain", value_name = "DOMAIN")]
+    pub searchdomain: Vec<String>,
+    /// Rate of traffic to the CT (tc units: kbit, mbit, gbit, bps, ...; `none` removes it).
+    #[arg(long = "rate-in", value_name = "RATE")]
+    pub rate_in: Option<String>,
+    /// Rate of traffic from the CT.
+    #[arg(long = "rate-out", value_name = "RATE")]
+    pub rate_out: Option<String>,
+    /// HTB burst of every class (at least one frame).
+    #[arg(long = "burst", value_name = "SIZE")]
+    pub burst: Option<String>,
+    /// Per-network-class rates CLASS:IN:OUT (e.g. 1:100mbit:none); repeatable.
+    #[arg(long = "class-rate", value_name = "CLASS:IN:OUT")]
+    pub class_rate: Vec<String>,
+    /// Packet-rate limit of traffic to the CT, packets/s (`none` removes it).
+    #[arg(long = "pps-in", value_name = "N")]
+    pub pps_in: Option<String>,
+    /// Packet-rate limit of traffic from the CT.
+    #[arg(long = "pps-out", value_name = "N")]
+    pub pps_out: Option<String>,
+    /// Persist in the CT's config.
+    #[arg(long)]
+    pub save: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    List,
+    /// Import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    #[command(subcommand)]
+    Build(BuildCmd),
+    Remove {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BuildCmd {
+    /// Offline, from Debian's busybox-static.
+    Busybox {
+        #[arg(long, default_value = "busybox")]
+        name: String,
+    },
+    /// A real distribution with debootstrap (needs the Debian mirror).
+    Debian {
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+}

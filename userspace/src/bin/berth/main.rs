@@ -1,0 +1,148 @@
+//! `berth`: the vzctl-style command line of berth. `main` parses and dispatches to one function
+//! per verb; the verbs' modules call the library and print.
+
+mod cli;
+mod gc;
+mod lifecycle;
+mod list;
+mod netclass;
+mod netstat;
+mod set;
+mod shaper;
+mod status;
+mod template;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use berth::ctnet::DatapathHooks;
+use berth::datapath::DEFAULT_PIN_DIR;
+use berth_runtime::Ctid;
+use berth_runtime::config::Host;
+use clap::Parser;
+use serde_json::Value;
+
+use cli::{Cli, Cmd};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("BERTH_LOG").unwrap_or_else(|_| {
+        match cli.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+        .into()
+    });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        .init();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("berth: error: {}", error_text(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes, each cause only if the text so far does not already carry it
+/// (the library errors name their source in their own message as well as chaining it).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if out.contains(&c) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&c);
+    }
+    out
+}
+
+/// What every verb works with: the host's directories, the output mode and the datapath.
+pub struct Ctx {
+    pub host: Host,
+    pub json: bool,
+    /// The bpffs directory of the datapath's pins (--bpffs, or the default).
+    pub pin_dir: PathBuf,
+    /// The lifecycle's network hooks; they open the datapath on first use only.
+    pub hooks: DatapathHooks,
+}
+
+impl Ctx {
+    /// The CT a command-line argument names (CTID or name).
+    pub fn resolve(&self, ct: &str) -> Result<Ctid> {
+        Ok(self.host.resolve(ct)?)
+    }
+
+    /// `value` as one line of JSON with --json, else whatever `human` prints.
+    pub fn print(&self, value: Value, human: impl FnOnce()) {
+        if self.json {
+            println!("{value}");
+        } else {
+            human();
+        }
+    }
+}
+
+/// Runs the verb; the result is berth's exit code.
+fn run(cli: Cli) -> Result<u8> {
+    let mut ctx = Ctx {
+        host: Host::new(cli.root, cli.run_dir, cli.cgroup_parent)?,
+        json: cli.json,
+        pin_dir: cli
+            .bpffs
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        hooks: DatapathHooks::new(cli.bpffs),
+    };
+    let ctx = &mut ctx;
+    match cli.cmd {
+        Cmd::Create(a) => lifecycle::create(ctx, a)?,
+        Cmd::Start { ct } => lifecycle::start(ctx, &ct)?,
+        Cmd::Stop { ct, fast } => lifecycle::stop(ctx, &ct, fast)?,
+        Cmd::Restart { ct } => lifecycle::restart(ctx, &ct)?,
+        Cmd::Destroy { ct } => lifecycle::destroy(ctx, &ct)?,
+        Cmd::Mount { ct } => lifecycle::mount(ctx, &ct)?,
+        Cmd::Umount { ct } => lifecycle::umount(ctx, &ct)?,
+        Cmd::Suspend { ct } => lifecycle::suspend(ctx, &ct)?,
+        Cmd::Resume { ct } => lifecycle::resume(ctx, &ct)?,
+        Cmd::Exec { ct, cmd } => return lifecycle::exec(ctx, &ct, &cmd),
+        Cmd::Enter { ct } => return lifecycle::enter(ctx, &ct),
+        Cmd::Status { ct } => status::status(ctx, &ct)?,
+        Cmd::Set(a) => set::set(ctx, *a)?,
+        Cmd::List(a) => list::list(ctx, &a)?,
+        Cmd::Template(t) => template::template(ctx, t)?,
+        Cmd::Netstat(a) => netstat::netstat(ctx, &a)?,
+        Cmd::Netclass(c) => netclass::netclass(ctx, c)?,
+        Cmd::Shaper(c) => shaper::shaper(ctx, c)?,
+        Cmd::Gc => gc::gc(ctx)?,
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("CT 7: open /x: {source}")]
+    struct Outer {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(Outer { source: io }).context("start CT 7");
+        assert_eq!(error_text(&e), "start CT 7: CT 7: open /x: no such file");
+    }
+}

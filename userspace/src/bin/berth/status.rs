@@ -1,0 +1,31 @@
+//! status: a CT's state, init PID and live shaping.
+
+use anyhow::Result;
+use berth::inventory;
+use serde_json::json;
+
+use crate::Ctx;
+
+pub fn status(ctx: &Ctx, ct: &str) -> Result<()> {
+    let ctid = ctx.resolve(ct)?;
+    let r = inventory::status(&ctx.host, &ctx.pin_dir, ctid)?;
+    let mut v = serde_json::to_value(&r.status)?;
+    if let Some(e) = &r.shaping_error {
+        v["shaping_error"] = json!(e);
+    }
+    v["shaping"] = serde_json::to_value(&r.shaping)?;
+    ctx.print(v, || {
+        println!(
+            "CT {ctid} {}{}",
+            r.status.state,
+            r.status
+                .init_pid
+                .map(|p| format!(" (init PID {p})"))
+                .unwrap_or_default()
+        );
+        if let Some(s) = &r.shaping {
+            println!("{}", s.human());
+        }
+    });
+    Ok(())
+}

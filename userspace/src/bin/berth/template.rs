@@ -1,0 +1,74 @@
+//! template list / import / build / remove.
+
+use anyhow::{Context, Result, bail};
+use berth_runtime::Size;
+use berth_runtime::container;
+use berth_runtime::template::TemplateStore;
+use serde_json::json;
+
+use crate::Ctx;
+use crate::cli::{BuildCmd, TemplateCmd};
+
+pub fn template(ctx: &Ctx, t: TemplateCmd) -> Result<()> {
+    ctx.host.ensure_dirs()?;
+    let store = TemplateStore::open(ctx.host.template_dir())?;
+    match t {
+        TemplateCmd::List => {
+            let list = store.list()?;
+            ctx.print(serde_json::to_value(&list)?, || {
+                println!("{:<20} {:<10} {:>10}", "NAME", "KIND", "SIZE");
+                for t in &list {
+                    println!(
+                        "{:<20} {:<10} {:>10}",
+                        t.name,
+                        format!("{:?}", t.kind).to_lowercase(),
+                        Size::Bytes(t.size).to_string()
+                    );
+                }
+            });
+        }
+        TemplateCmd::Import { file, name } => {
+            let info = store
+                .import(&file, name.as_deref())
+                .with_context(|| format!("import template {}", file.display()))?;
+            ctx.print(serde_json::to_value(&info)?, || {
+                println!("template {} imported", info.name)
+            });
+        }
+        TemplateCmd::Build(BuildCmd::Busybox { name }) => {
+            let info = store.build_busybox(&name)?;
+            ctx.print(serde_json::to_value(&info)?, || {
+                println!("template {} built", info.name)
+            });
+        }
+        TemplateCmd::Build(BuildCmd::Debian {
+            suite,
+            name,
+            mirror,
+        }) => {
+            let name = name.unwrap_or_else(|| format!("debian-{suite}"));
+            let info = store.build_debian(&suite, &name, mirror.as_deref())?;
+            ctx.print(serde_json::to_value(&info)?, || {
+                println!("template {} built", info.name)
+            });
+        }
+        TemplateCmd::Remove { name } => {
+            let users = container::template_users(&ctx.host, &name)?;
+            if !users.is_empty() {
+                bail!(
+                    "template {name} is in use by CT(s) {}: their files are an overlay over it",
+                    users
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            store.remove(&name)?;
+            ctx.print(json!({"removed": name}), || {
+                println!("template {name} removed")
+            });
+        }
+    }
+    Ok(())
+}
