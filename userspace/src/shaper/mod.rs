@@ -118,7 +118,7 @@ use crate::bpf::{
 use crate::datapath::{DEFAULT_PIN_DIR, Direction};
 pub use plan::ifb_name;
 use plan::*;
-pub use status::{ClassStatus, DropStatus, IfaceStatus, ShaperStatus};
+pub use status::{ClassStatus, DropStatus, IfaceStatus, ShaperStatus, read_status};
 
 const TO_CT: ProgramSpec = ProgramSpec {
     name: program_names::TO_CT,
