@@ -120,23 +120,11 @@ pub use plan::ifb_name;
 use plan::*;
 pub use status::{ClassStatus, DropStatus, IfaceStatus, ShaperStatus, read_status};
 
-const TO_CT: ProgramSpec = ProgramSpec {
-    name: program_names::TO_CT,
-    file: "to_ct",
-    optional: false,
-};
-const FROM_CT: ProgramSpec = ProgramSpec {
-    name: program_names::FROM_CT,
-    file: "from_ct",
-    optional: false,
-};
+const TO_CT: ProgramSpec = ProgramSpec::required(program_names::TO_CT, "to_ct");
+const FROM_CT: ProgramSpec = ProgramSpec::required(program_names::FROM_CT, "from_ct");
 /// The EDT program reads `__sk_buff::tstamp_type` (5.18): a kernel that rejects it still
 /// shapes with HTB (no pin = rejected; later opens do not retry).
-const EDT: ProgramSpec = ProgramSpec {
-    name: program_names::EDT,
-    file: "edt",
-    optional: true,
-};
+const EDT: ProgramSpec = ProgramSpec::optional(program_names::EDT, "edt");
 /// Errors of the shaper, each naming the operation and the object.
 #[derive(Debug, thiserror::Error)]
 pub enum ShaperError {

@@ -294,12 +294,6 @@ impl StatusSource<'_> {
             Direction::In => DIR_IN,
             Direction::Out => DIR_OUT,
         };
-        let key = u64::from(ctid) | u64::from(d) << 32 | u64::from(reason) << 40;
-        match self.drops.get(&key, 0) {
-            Ok(per_cpu) => per_cpu
-                .iter()
-                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
-            Err(_) => (0, 0),
-        }
+        view::drop_counter(self.drops, ctid, d, reason)
     }
 }
