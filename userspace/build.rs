@@ -1,10 +1,11 @@
 //! Builds the eBPF object (`ebpf/programs`, package `berth-ebpf`) with aya-build: nightly cargo,
 //! `-Z build-std=core`, target bpfel-unknown-none, linked by bpf-linker. The object lands in
-//! `$OUT_DIR/berth-ebpf` and is embedded by `datapath::object`.
+//! `$OUT_DIR/berth-ebpf` and is embedded once, in `bpf` (src/bpf/mod.rs), for the datapath and
+//! the shaper alike.
 //!
 //! `AYA_BUILD_SKIP=1` skips the eBPF build (clippy, doc, machines without the BPF toolchain):
-//! an empty placeholder is embedded instead, and loading the datapath then fails with
-//! `DatapathError::NotBuilt`.
+//! an empty placeholder is embedded instead, and loading the datapath or the shaper then fails
+//! with `BpfError::NotBuilt`.
 
 use std::{env, fs, io, path::PathBuf};
 

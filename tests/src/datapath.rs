@@ -470,11 +470,7 @@ pub fn create_pinned_map(
 pub fn load_noop(dp: &Datapath, path: &std::path::Path) -> Result<SchedClassifier> {
     use berth::bpf::programs::{MapPins, ProgramSpec, load_one};
     let maps = dp.map_pins();
-    let spec = ProgramSpec {
-        name: berth_common::program_names::NOOP,
-        file: "noop",
-        optional: false,
-    };
+    let spec = ProgramSpec::required(berth_common::program_names::NOOP, "noop");
     let pins = MapPins {
         dir: &maps,
         names: &berth_common::map_names::ALL,

@@ -5,6 +5,7 @@ pub mod ct;
 pub mod datapath;
 pub mod net;
 pub mod shaper;
+pub mod skip;
 pub mod template;
 
 /// `n` as a CTID, for tests that name CTs by number.

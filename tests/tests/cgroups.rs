@@ -10,15 +10,12 @@ use anyhow::{Result, ensure};
 use berth_runtime::cgroups::{self, CgroupError, CgroupManager, Controller, Hierarchy, Resources};
 use berth_runtime::{Ctid, Size};
 use berth_tests::cgroups::{BUSYBOX, CTID, TestCgroup, cgroup2_mount, unique_parent, wait_for};
+use berth_tests::skip::skip;
 
 const BUSY_LOOP: &str = "while :; do :; done";
 
 fn is_v1() -> bool {
     matches!(Hierarchy::detect(), Ok(Hierarchy::V1(_)))
-}
-
-fn skip(test: &str, why: &str) {
-    println!("SKIPPED {test}: {why}");
 }
 
 #[test]

@@ -14,6 +14,7 @@ use berth_runtime::net::{
     setup, teardown,
 };
 use berth_tests::net::{Capture, Ns, Topology, UPLINK4, UPLINK6, assert_same, wait_for};
+use berth_tests::skip::skip;
 
 fn ct(n: u32) -> Ctid {
     Ctid::new(n).unwrap()
@@ -588,9 +589,12 @@ fn bridged_vlan_mac_mtu() {
     );
     let vlan_ok = out.status.success();
     if !vlan_ok {
-        println!(
-            "SKIP VLAN port check: this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+        skip(
+            "bridged VLAN port check",
+            &format!(
+                "this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         );
         topo.host.ip("link add brv type bridge");
     }

@@ -11,6 +11,7 @@ use berth_runtime::Size;
 use berth_runtime::quota::{
     QuotaError, clear_diskspace, diskspace_usage, project_id, set_diskspace, set_project_tree,
 };
+use berth_tests::skip::skip;
 use berth_tests::template::{TmpfsMount, has_mounts_below};
 
 /// A filesystem image file in a temp dir, attached to a loop device and mounted below the temp
@@ -188,8 +189,11 @@ fn ext4_project_quota_enforces_diskspace() {
     ) {
         Ok(i) => i,
         Err(e) if kernel_lacks("QFMT_V2") => {
-            println!(
-                "SKIP: this kernel has no CONFIG_QFMT_V2, so ext4 with the quota feature cannot be mounted ({e})"
+            skip(
+                "ext4_project_quota_enforces_diskspace",
+                &format!(
+                    "this kernel has no CONFIG_QFMT_V2, so ext4 with the quota feature cannot be mounted ({e})"
+                ),
             );
             return;
         }
@@ -207,7 +211,10 @@ fn xfs_project_quota_enforces_diskspace() {
             assert_released(img);
         }
         Err(e) if kernel_lacks("XFS_QUOTA") => {
-            println!("SKIP enforcement: this kernel has no CONFIG_XFS_QUOTA ({e})");
+            skip(
+                "xfs_project_quota_enforces_diskspace (enforcement)",
+                &format!("this kernel has no CONFIG_XFS_QUOTA ({e})"),
+            );
             // xfs keeps project ids in every inode even without quota support, so tagging a
             // tree can still be checked for real; the limit is refused, naming the cause.
             let img = FsImage::xfs("").expect("plain xfs image");

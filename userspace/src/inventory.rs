@@ -11,7 +11,7 @@ use berth_runtime::config::{ConfigError, CtConfig, Host};
 use berth_runtime::container::{self, CtError, State, Status};
 use serde_json::{Value, json};
 
-use crate::datapath::{Datapath, DatapathError, Direction, Family};
+use crate::datapath::{DatapathError, DatapathView, Direction, Family};
 use crate::netstat::{Baseline, CtShapingSummary, Filter, NetstatRow, aggregate};
 use crate::shaper::ShaperError;
 use crate::shaper::report::{ShapingReader, ShapingReport};
@@ -110,9 +110,13 @@ pub struct Traffic {
 }
 
 /// Every counted CT's [`Traffic`], read once per listing.
+/// The pins are opened read-only; no datapath pinned (an empty or absent pin directory) means
+/// nothing was counted yet: every CT reads zero.
 pub fn traffic_by_ct(pin_dir: &Path) -> Result<HashMap<u32, Traffic>> {
-    let dp = Datapath::open_or_load(pin_dir)?;
     let mut m: HashMap<u32, Traffic> = HashMap::new();
+    let Some(dp) = DatapathView::open_pinned(pin_dir)? else {
+        return Ok(m);
+    };
     for r in dp.counters()? {
         let t = m.entry(r.ctid).or_default();
         match r.dir {
@@ -287,8 +291,12 @@ pub fn netstat(
     family: Option<Family>,
     reset: bool,
 ) -> Result<Vec<NetstatRow>> {
-    let dp = Datapath::open_or_load(pin_dir)?;
-    let rows = dp.counters()?;
+    // Read-only: a host without a pinned datapath has counted nothing (no rows), and
+    // reading must not create one.
+    let rows = match DatapathView::open_pinned(pin_dir)? {
+        Some(dp) => dp.counters()?,
+        None => Vec::new(),
+    };
     let only = ct.map(|c| host.resolve(c)).transpose()?.map(|c| c.get());
     let shaping = shaping_summaries(pin_dir, only)?;
     let base_path = host.run.join("netstat.baseline.json");

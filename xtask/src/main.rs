@@ -4,6 +4,7 @@ mod bench;
 mod bench_datapath;
 mod bench_metrics;
 mod bench_shaper;
+mod skips;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,15 +104,29 @@ fn test(filter: Option<String>) -> Result<()> {
     ]))?;
     run(cargo().args(["build", "-p", "berth", "--bins"]))?;
     let bin = workspace_root().join("target/debug");
+    let skip_log = skips::log_path();
+    let _ = std::fs::remove_file(&skip_log);
     let mut e2e = cargo();
     e2e.args(["test", "-p", "berth-tests"])
         .env("BERTH_BIN_DIR", &bin)
+        .env("BERTH_SKIP_LOG", &skip_log)
         .arg("--")
         .arg("--test-threads=1");
     if let Some(f) = filter {
         e2e.arg(f);
     }
-    run(&mut e2e)
+    let result = run(&mut e2e);
+    // Whatever the outcome: the tests that did not run here, and why.
+    let root = workspace_root();
+    let mut skipped = skips::recorded(&skip_log)?;
+    let _ = std::fs::remove_file(&skip_log);
+    skipped.extend(skips::ignored(&[
+        root.join("tests"),
+        root.join("runtime/src"),
+        root.join("userspace/src"),
+    ])?);
+    print!("{}", skips::report(&skipped));
+    result
 }
 
 pub fn nix_is_root() -> bool {

@@ -38,6 +38,24 @@ pub struct ProgramSpec {
     pub optional: bool,
 }
 
+impl ProgramSpec {
+    pub const fn required(name: &'static str, file: &'static str) -> Self {
+        Self {
+            name,
+            file,
+            optional: false,
+        }
+    }
+
+    pub const fn optional(name: &'static str, file: &'static str) -> Self {
+        Self {
+            name,
+            file,
+            optional: true,
+        }
+    }
+}
+
 /// The programs of this build, opened from their pins.
 pub struct Programs {
     /// Loaded by this call (a first use or an upgrade): the caller moves its attachments to

@@ -48,11 +48,7 @@ use super::{
 /// and pins it at `path` (the caller unpins it); nothing else is created.
 fn load_noop(dp: &Datapath, path: &Path) -> Result<SchedClassifier> {
     let maps = dp.map_pins();
-    let spec = ProgramSpec {
-        name: program_names::NOOP,
-        file: "noop",
-        optional: false,
-    };
+    let spec = ProgramSpec::required(program_names::NOOP, "noop");
     let pins = MapPins {
         dir: &maps,
         names: &berth_common::map_names::ALL,

@@ -102,16 +102,8 @@ use crate::bpf::{
 /// Where berth pins its datapath unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/berth/v2";
 
-const FROM_CT: ProgramSpec = ProgramSpec {
-    name: program_names::FROM_CT,
-    file: "from_ct",
-    optional: false,
-};
-const TO_CT: ProgramSpec = ProgramSpec {
-    name: program_names::TO_CT,
-    file: "to_ct",
-    optional: false,
-};
+const FROM_CT: ProgramSpec = ProgramSpec::required(program_names::FROM_CT, "from_ct");
+const TO_CT: ProgramSpec = ProgramSpec::required(program_names::TO_CT, "to_ct");
 
 /// How a CT's interface is connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

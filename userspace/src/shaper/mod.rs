@@ -7,10 +7,10 @@
 //! rate with no retransmits, and sch_fq (hence EDT) may be missing. So:
 //!
 //! * **to the CT** (`rate_in`): an HTB on the host-side interface's egress. berth's shaping
-//!   program on the TCX egress hook (after the accounting program) writes the HTB class into
+//!   program on the egress hook (after the accounting program) writes the HTB class into
 //!   `skb->priority`; HTB takes a priority equal to one of its leaf class ids without any
 //!   filter.
-//! * **from the CT** (`rate_out`): the TCX ingress program writes the class and redirects the
+//! * **from the CT** (`rate_out`): the ingress program writes the class and redirects the
 //!   packet into the CT's own IFB, whose HTB shapes it; the IFB then re-injects it into the
 //!   host-side interface's receive path (tc skipped). CT-to-CT traffic on one host passes
 //!   both: the sender's IFB and the receiver's egress HTB.
@@ -57,9 +57,10 @@
 //!
 //! # Attach methods
 //!
-//! TCX links (pinned) by default; with [`AttachMethod::Netlink`] clsact + cls_bpf
-//! direct-action filters at priority `NL_PRIORITY`, after the datapath's (auto-assigned, lower)
-//! priorities. Filters are found again by the program's kernel name (15 bytes at most).
+//! The datapath's: clsact + cls_bpf direct-action filters by default, at the last priority
+//! (after the datapath's auto-assigned, lower priorities); TCX links pinned under `links/`,
+//! last on the hook, with `BERTH_ATTACH=tcx`. See [`crate::bpf::attach`]. Filters are found
+//! again by the program's kernel name (15 bytes at most).
 //!
 //! # Pins
 //!
@@ -118,25 +119,13 @@ use crate::bpf::{
 use crate::datapath::{DEFAULT_PIN_DIR, Direction};
 pub use plan::ifb_name;
 use plan::*;
-pub use status::{ClassStatus, DropStatus, IfaceStatus, ShaperStatus};
+pub use status::{ClassStatus, DropStatus, IfaceStatus, ShaperStatus, read_status};
 
-const TO_CT: ProgramSpec = ProgramSpec {
-    name: program_names::TO_CT,
-    file: "to_ct",
-    optional: false,
-};
-const FROM_CT: ProgramSpec = ProgramSpec {
-    name: program_names::FROM_CT,
-    file: "from_ct",
-    optional: false,
-};
+const TO_CT: ProgramSpec = ProgramSpec::required(program_names::TO_CT, "to_ct");
+const FROM_CT: ProgramSpec = ProgramSpec::required(program_names::FROM_CT, "from_ct");
 /// The EDT program reads `__sk_buff::tstamp_type` (5.18): a kernel that rejects it still
 /// shapes with HTB (no pin = rejected; later opens do not retry).
-const EDT: ProgramSpec = ProgramSpec {
-    name: program_names::EDT,
-    file: "edt",
-    optional: true,
-};
+const EDT: ProgramSpec = ProgramSpec::optional(program_names::EDT, "edt");
 /// Errors of the shaper, each naming the operation and the object.
 #[derive(Debug, thiserror::Error)]
 pub enum ShaperError {

@@ -60,13 +60,61 @@ impl Shaper {
     /// Configured rates (read back from the kernel), per-class counters, and drops per
     /// direction and reason of every shaped interface of `ctid`.
     pub fn status(&mut self, ctid: Ctid) -> Result<ShaperStatus> {
+        StatusSource {
+            ifaces: &self.ifaces,
+            pps: &self.pps,
+            drops: &self.drops,
+            edt: &self.edt,
+            nl: &mut self.nl,
+        }
+        .status(ctid)
+    }
+}
+
+/// [`Shaper::status`] without a shaper: the pins under `pin_dir/shaper` opened read-only,
+/// nothing loaded, attached or created. `None` when no shaper is pinned there. Call it from the
+/// network namespace holding the CTs' host-side interfaces.
+pub fn read_status(pin_dir: &Path, ctid: Ctid) -> Result<Option<ShaperStatus>> {
+    let maps = pin_dir.join("shaper").join("maps");
+    let maps = maps.as_path();
+    if !bpf::maps_pinned(maps, &map_names::ALL) {
+        return Ok(None);
+    }
+    let ro = Access::ReadOnly;
+    let ifaces = open_map(maps, map_names::IFACES, 4, size_of::<ShapeIface>(), ro)?;
+    let pps = open_map(maps, map_names::PPS, 8, size_of::<PpsBucket>(), ro)?;
+    let drops = open_map(maps, map_names::DROPS, 8, size_of::<DropValue>(), ro)?;
+    let edt = open_map(maps, map_names::EDT, 4, size_of::<EdtState>(), ro)?;
+    let mut nl = view::netlink()?;
+    StatusSource {
+        ifaces: &ifaces,
+        pps: &pps,
+        drops: &drops,
+        edt: &edt,
+        nl: &mut nl,
+    }
+    .status(ctid)
+    .map(Some)
+}
+
+/// What a status report reads: the shaper's maps (a shaper's own, or opened read-only) and an
+/// rtnetlink socket for the qdisc and class dumps.
+struct StatusSource<'a> {
+    ifaces: &'a HashMap<MapData, u32, ShapeIface>,
+    pps: &'a HashMap<MapData, u64, PpsBucket>,
+    drops: &'a PerCpuHashMap<MapData, u64, DropValue>,
+    edt: &'a HashMap<MapData, u32, EdtState>,
+    nl: &'a mut Netlink,
+}
+
+impl StatusSource<'_> {
+    fn status(&mut self, ctid: Ctid) -> Result<ShaperStatus> {
         let ctid = ctid.get();
         let mut interfaces = Vec::new();
-        for ifindex in self.ifindexes_of(ctid)? {
-            let Some(entry) = self.entry(ifindex)? else {
-                continue;
-            };
-            interfaces.push(self.iface_status(ctid, ifindex, entry)?);
+        for (ifindex, entry) in self.ifaces.iter().flatten() {
+            if entry.ctid == ctid {
+                interfaces.push(self.iface_status(ctid, ifindex, entry)?);
+            }
         }
         Ok(ShaperStatus { ctid, interfaces })
     }
@@ -115,7 +163,7 @@ impl Shaper {
                         Direction::Out => e.rate_out = Some(r),
                     }
                 }
-                let root = tc::qdiscs(&mut self.nl, dev)
+                let root = tc::qdiscs(self.nl, dev)
                     .map_err(net_err(format!("reading qdiscs of #{dev}"), ctid))?
                     .into_iter()
                     .find(|q| q.parent == u32::MAX && q.kind == "fq");
@@ -139,7 +187,7 @@ impl Shaper {
                 });
                 continue;
             }
-            let objs = tc::classes(&mut self.nl, dev)
+            let objs = tc::classes(self.nl, dev)
                 .map_err(net_err(format!("reading classes of #{dev}"), ctid))?;
             let mut queue_drops = 0;
             for o in objs.into_iter().filter(|o| o.handle >> 16 == HTB_MAJOR) {
@@ -246,12 +294,6 @@ impl Shaper {
             Direction::In => DIR_IN,
             Direction::Out => DIR_OUT,
         };
-        let key = u64::from(ctid) | u64::from(d) << 32 | u64::from(reason) << 40;
-        match self.drops.get(&key, 0) {
-            Ok(per_cpu) => per_cpu
-                .iter()
-                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
-            Err(_) => (0, 0),
-        }
+        view::drop_counter(self.drops, ctid, d, reason)
     }
 }

@@ -98,6 +98,24 @@ pub struct ShaperView {
     drops: PerCpuHashMap<MapData, u64, DropValue>,
 }
 
+/// (packets, bytes) in the shaper's drop map for CT `ctid` in direction `dir`
+/// (`DIR_IN`/`DIR_OUT`) for `reason` (`DROP_*`), all CPUs summed.
+pub(super) fn drop_counter(
+    drops: &PerCpuHashMap<MapData, u64, DropValue>,
+    ctid: u32,
+    dir: u8,
+    reason: u8,
+) -> (u64, u64) {
+    // The same key layout as `ShaperDropKey` (ctid, dir, reason, pad), little endian.
+    let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(reason) << 40;
+    match drops.get(&key, 0) {
+        Ok(per_cpu) => per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
+        Err(_) => (0, 0),
+    }
+}
+
 /// An rtnetlink socket in the calling thread's network namespace, for [`ShaperView::read_ct`].
 pub fn netlink() -> Result<Netlink> {
     Netlink::open_current(tc::NS).map_err(net_err("opening netlink", 0))
@@ -199,14 +217,7 @@ impl ShaperView {
     /// (packets, bytes) the shaper's programs dropped for CT `ctid` in direction `dir`
     /// (`DIR_IN`/`DIR_OUT`) for `reason` (`DROP_*`), all CPUs summed.
     pub fn drop_counter(&self, ctid: u32, dir: u8, reason: u8) -> (u64, u64) {
-        // The same key layout as `ShaperDropKey` (ctid, dir, reason, pad), little endian.
-        let key = u64::from(ctid) | u64::from(dir) << 32 | u64::from(reason) << 40;
-        match self.drops.get(&key, 0) {
-            Ok(per_cpu) => per_cpu
-                .iter()
-                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
-            Err(_) => (0, 0),
-        }
+        drop_counter(&self.drops, ctid, dir, reason)
     }
 
     /// Every shaped CT, sorted by CTID (one thread, one socket).

@@ -24,11 +24,7 @@ fn status(ctx: &mut Ctx, ct: Option<&str>) -> Result<()> {
         v["ctid"] = json!(ctid);
         v["configured"] = json!(shaping_of(cfg.shaping.as_ref()).map_err(anyhow::Error::msg)?);
         if container::running(&ctx.host, ctid).is_some() {
-            let live = ctx
-                .hooks
-                .shaper()
-                .map_err(anyhow::Error::msg)?
-                .status(ctid)?;
+            let live = berth::shaper::read_status(&ctx.pin_dir, ctid)?;
             v["live"] = serde_json::to_value(&live)?;
         }
     }
