@@ -47,6 +47,7 @@ pub mod defs;
 pub mod expose;
 pub mod families;
 pub mod openmetrics;
+mod per_ct;
 pub mod snapshot;
 pub mod watch;
 
