@@ -1,5 +1,6 @@
-//! Helpers for the datapath tests: private bpffs pin directories, network namespaces entered
-//! with setns, synthetic packets for `BPF_PROG_TEST_RUN`, and interface statistics.
+//! Helpers for the datapath tests and benchmark: private bpffs pin directories, network
+//! namespaces entered with setns, synthetic packets for `BPF_PROG_TEST_RUN`, and interface
+//! statistics.
 
 use std::{
     fs::File,
@@ -299,7 +300,19 @@ pub fn wire_len(frame: &[u8]) -> u64 {
     frame.len() as u64
 }
 
-pub use berth::datapath::bench::skb_ctx;
+/// `struct __sk_buff` (192 bytes on every architecture) for BPF_PROG_TEST_RUN; only fields it
+/// accepts as input are set. `ifindex` 0 runs on the namespace's loopback (ifindex 1);
+/// `ingress_ifindex` (what tc ingress programs see as the receiving device) is set to the
+/// same interface. The tests and the datapath benchmark's probes run programs with it.
+pub fn skb_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    let ingress = if ifindex == 0 { 1 } else { ifindex };
+    ctx[36..40].copy_from_slice(&ingress.to_ne_bytes()); // ingress_ifindex
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes()); // ifindex
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes()); // gso_segs
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes()); // gso_size
+    ctx
+}
 
 /// tc verdicts as `BPF_PROG_TEST_RUN` reports them (the i32 return value as u32).
 pub const VERDICT_PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): pass on to the next program

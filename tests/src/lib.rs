@@ -1,5 +1,7 @@
-//! Support code shared by berth's privileged end-to-end tests. Each area adds its own module.
+//! Support code shared by berth's privileged end-to-end tests and its benchmarks (bench/).
+//! Each area adds its own module.
 pub mod berthd;
+pub mod bpf_stats;
 pub mod cgroups;
 pub mod ct;
 pub mod datapath;

@@ -13,7 +13,23 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+use berth::shaper::{Rate, ShapingConfig};
+
 use crate::datapath::{Netns, run, unique};
+
+/// `s` (e.g. "10mbit") as a rate; panics on a typo in a test or benchmark.
+pub fn rate(s: &str) -> Rate {
+    Rate::parse("test", s).expect("a valid rate")
+}
+
+/// The same rate in and out.
+pub fn both(r: &str) -> ShapingConfig {
+    ShapingConfig {
+        rate_in: Some(rate(r)),
+        rate_out: Some(rate(r)),
+        ..Default::default()
+    }
+}
 
 /// One "CT": a namespace with `ct_if` (address `ip`/24), joined by a veth to `host_if` in the
 /// host namespace. `gw` is the address of the CT's traffic partner: the host side of its /24
@@ -285,6 +301,22 @@ pub fn iperf(client: &str, server_ip: &str, port: u16, r: &Run) -> Result<Iperf>
         segments: u("/sum_sent/bytes") / mss,
         ..Default::default()
     })
+}
+
+/// Goodput of a TCP run of CT `a` towards the CT (`in`) or from it (`out`).
+pub fn tcp(t: &Topo, dir: &str, secs: u32) -> Result<Iperf> {
+    let p = port();
+    let r = Run {
+        secs,
+        ..Default::default()
+    };
+    if dir == "in" {
+        let _s = Server::start(&t.a.ns.name, p)?;
+        iperf(t.partner(), &t.a.ip, p, &r)
+    } else {
+        let _s = Server::start(t.partner(), p)?;
+        iperf(&t.a.ns.name, &t.a.gw, p, &r)
+    }
 }
 
 /// Round-trip times (ms) of `count` pings every `interval` seconds.

@@ -1141,98 +1141,6 @@ fn netlink_fallback_attaches_counts_and_detaches() -> Result<()> {
     }
 }
 
-/// The issue-4 benchmark (`cargo xtask bench datapath` runs this): per-packet cost under
-/// iperf3 load from bpf_stats, with the no-op floor, and single-stream throughput with vs
-/// without the programs. Options from the environment (`BERTH_BENCH_RUNS`, `_SECONDS`,
-/// `_COST_ROUNDS`, `_COST_SECONDS`); `BERTH_BENCH_JSON=<path>` also writes the report as
-/// JSON. Prints the report; fails only if the benchmark could not run.
-#[test]
-#[ignore = "benchmark: cargo xtask bench datapath"]
-fn bench_datapath() -> Result<()> {
-    let mut opts = berth::datapath::bench::BenchOptions::default();
-    let env = |k: &str| std::env::var(k).ok().map(|v| v.parse::<usize>());
-    if let Some(v) = env("BERTH_BENCH_RUNS") {
-        opts.runs = v.context("BERTH_BENCH_RUNS")?;
-    }
-    if let Some(v) = env("BERTH_BENCH_SECONDS") {
-        opts.seconds = u32::try_from(v.context("BERTH_BENCH_SECONDS")?)?;
-    }
-    if let Some(v) = env("BERTH_BENCH_COST_ROUNDS") {
-        opts.cost_rounds = v.context("BERTH_BENCH_COST_ROUNDS")?;
-    }
-    if let Some(v) = env("BERTH_BENCH_COST_SECONDS") {
-        opts.cost_seconds = u32::try_from(v.context("BERTH_BENCH_COST_SECONDS")?)?;
-    }
-    let report = berth::datapath::bench::run_datapath_bench(&opts)?;
-    println!("\n{report}");
-    if let Ok(path) = std::env::var("BERTH_BENCH_JSON") {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {path}"))?;
-    }
-    Ok(())
-}
-
-/// Cost of one run on a typical frame, by BPF_PROG_TEST_RUN repeated (no skb allocation in
-/// the loop; excludes the bpf_stats overhead).
-#[test]
-#[ignore = "benchmark"]
-fn bench_prog_test_run_cost() -> Result<()> {
-    let pin = PinDir::new();
-    let ns = Netns::new("bdb")?;
-    let _in_ns = ns.enter()?;
-    let mut dp = Datapath::open_or_load(&pin.path)?;
-    dp.attach(LO, IfaceConfig::routed(ct(CT), CT_MAC))?;
-    dp.set_ct_addrs(ct(CT), &["10.0.0.2".parse()?])?;
-    dp.load_classes(&parse_networks_classes(CLASSES_FILE)?)?;
-    let (from_ct, to_ct) = dp.programs();
-    let out_frame = ipv4(CT_MAC, CT_V4, [192, 0, 2, 9], 1400, 0);
-    let in_frame = ipv4(HOST_MAC, [192, 0, 2, 9], CT_V4, 1400, 0);
-    let ctx = skb_ctx(0, 0, 0);
-    for (name, prog, frame) in [
-        ("from_ct", from_ct, &out_frame),
-        ("to_ct", to_ct, &in_frame),
-    ] {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = aya::programs::TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat: 1_000_000,
-            ..aya::programs::TestRunOptions::new()
-        };
-        let res = aya::programs::TestRun::test_run(prog, opts)?;
-        println!(
-            "{name}: {} ns/run (BPF_PROG_TEST_RUN, repeat 1e6)",
-            res.duration.as_nanos()
-        );
-    }
-    // An interface berth does not manage (an IFACES miss, then an IFACES_SPILL miss).
-    dp.detach(LO)?;
-    let (from_ct, _) = dp.programs();
-    let mut out = vec![0u8; out_frame.len() + 256];
-    let opts = aya::programs::TestRunOptions {
-        data_in: Some(&out_frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        repeat: 1_000_000,
-        ..aya::programs::TestRunOptions::new()
-    };
-    let res = aya::programs::TestRun::test_run(from_ct, opts)?;
-    println!("unmanaged interface: {} ns/run", res.duration.as_nanos());
-    // The floor of the method: a program that does nothing.
-    let noop = berth_tests::datapath::load_noop(&dp, &pin.path.join("bench-noop"))?;
-    let mut out = vec![0u8; out_frame.len() + 256];
-    let opts = aya::programs::TestRunOptions {
-        data_in: Some(&out_frame),
-        data_out: Some(&mut out),
-        repeat: 1_000_000,
-        ..aya::programs::TestRunOptions::new()
-    };
-    let res = aya::programs::TestRun::test_run(&noop, opts)?;
-    println!("no-op program: {} ns/run", res.duration.as_nanos());
-    Ok(())
-}
-
 // ---- fast paths and their fallbacks ------------------------------------------------------
 
 /// Runs `prog` once on `frame` on loopback (the namespace's `lo`, ifindex 1) and returns the
@@ -1702,7 +1610,7 @@ fn migrates_a_v1_pin_directory() -> Result<()> {
     ensure!(drops == [(2, 200)], "{:?}", dp.drops()?);
 
     // The moved link runs berth's program now, instead of (not after) the old one.
-    let (res, stats) = dp.measure(|| {
+    let (res, stats) = berth_tests::bpf_stats::measure(&dp, || {
         pair.ct
             .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.81.0.1"])
     })?;

@@ -1,11 +1,9 @@
-//! Project tasks: `cargo xtask test | demo | bench start`.
+//! Project tasks: `cargo xtask test | demo | bench <name>`.
 
 mod bench;
-mod bench_datapath;
-mod bench_metrics;
-mod bench_shaper;
 mod skips;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,9 +30,13 @@ enum Cmd {
         #[arg(long, default_value = "/var/lib/berth")]
         root: PathBuf,
     },
-    /// Benchmarks with a control measured in the same run.
-    #[command(subcommand)]
-    Bench(bench::BenchCmd),
+    /// Benchmarks with a control measured in the same run: `bench <name> [options]` runs
+    /// berth-bench (bench/); `bench --help` lists them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -66,6 +68,7 @@ const HOST_CRATES: &[&str] = &[
     "berth-runtime",
     "berth",
     "berth-tests",
+    "berth-bench",
     "xtask",
 ];
 
@@ -78,7 +81,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test { filter } => test(filter),
         Cmd::Demo { root } => demo(&root),
-        Cmd::Bench(b) => bench::run(b),
+        Cmd::Bench { args } => bench::run_bench(&args),
     }
 }
 

@@ -64,7 +64,6 @@
 //! host-side interfaces (the host's, in production).
 
 mod addrs;
-pub mod bench;
 mod classes;
 mod counters;
 mod error;
@@ -437,8 +436,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// The maps a further program of the object shares with the datapath's (tests and
-    /// benchmarks load reference programs over them with [`programs::load_one`]).
+    /// The maps a further program of the object shares with the datapath's (the tests and the
+    /// benchmark load the no-op reference program over them with [`programs::load_one`]).
     pub fn map_pins(&self) -> PathBuf {
         self.pin_dir.join("maps")
     }

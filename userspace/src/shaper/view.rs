@@ -305,39 +305,6 @@ mod tests {
         assert!(!DirShaping::default().configured());
     }
 
-    /// Cost of what a scrape does per shaped direction: one class dump of an HTB laid out
-    /// like the shaper's (total, group, two leaves), in a throwaway namespace.
-    #[test]
-    #[ignore = "timing; needs root"]
-    fn class_dump_cost() {
-        let (_guard, _fd) = berth_runtime::net::NetNsGuard::enter_new().unwrap();
-        let tc = |args: &str| {
-            let st = std::process::Command::new("tc")
-                .args(args.split_whitespace())
-                .status()
-                .unwrap();
-            assert!(st.success(), "tc {args}");
-        };
-        let st = std::process::Command::new("ip")
-            .args(["link", "add", "vt0", "type", "veth", "peer", "name", "vt1"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        tc("qdisc add dev vt0 root handle 1: htb default 100");
-        tc("class add dev vt0 parent 1: classid 1:1 htb rate 10mbit");
-        tc("class add dev vt0 parent 1:1 classid 1:10 htb rate 10mbit");
-        tc("class add dev vt0 parent 1:10 classid 1:100 htb rate 5mbit ceil 10mbit");
-        tc("class add dev vt0 parent 1:10 classid 1:200 htb rate 5mbit ceil 10mbit");
-        let ifindex = crate::bpf::sys::if_nametoindex("vt0").unwrap();
-        let mut nl = Netlink::open_current("test netns").unwrap();
-        let n = 2000;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            assert_eq!(tc::classes(&mut nl, ifindex).unwrap().len(), 4);
-        }
-        eprintln!("class dump: {:?} each", t.elapsed() / n);
-    }
-
     #[test]
     fn nothing_pinned_is_none_and_creates_nothing() {
         let dir = tempfile::tempdir().unwrap();
