@@ -43,6 +43,10 @@ pub struct MetricsArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A directory holding another build's `berthd`: it serves the same CTs next to this
+    /// one, scraped in alternating order, and the report adds this/baseline ratios (A/B).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 pub fn run(a: &MetricsArgs) -> Result<()> {
@@ -57,6 +61,11 @@ pub fn run(a: &MetricsArgs) -> Result<()> {
         bail!("--scrapes {}: a p99 needs at least 100", a.scrapes);
     }
     crate::require_root("metrics", "cgroups, bpffs")?;
+    if let Some(b) = &a.baseline
+        && !b.join("berthd").exists()
+    {
+        bail!("--baseline {}: no berthd binary there", b.display());
+    }
     let dir = tempfile::Builder::new()
         .prefix("berth-bench-metrics-")
         .tempdir()?;
@@ -205,6 +214,12 @@ fn scrape(args: &BerthdArgs, a: &MetricsArgs, setup_cg: f64) -> Result<()> {
     for _ in 0..3 {
         d.scrape()?;
     }
+    if let Some(dir) = &a.baseline {
+        let base = Berthd::start_bin(&dir.join("berthd"), args, 0)?;
+        let res = compare(&d, &base, dir, scrapes);
+        base.kill()?;
+        res?;
+    }
     let cpu_before = cpu_seconds(d.pid())?;
     let me_before = cpu_seconds(std::process::id())?;
     let busy_before = machine_busy_seconds()?;
@@ -271,6 +286,65 @@ fn scrape(args: &BerthdArgs, a: &MetricsArgs, setup_cg: f64) -> Result<()> {
     );
     ensure!(per_ct >= 30.0, "series per CT {per_ct}");
     d.kill()
+}
+
+/// One scrape's client time, ms.
+fn timed_scrape(d: &Berthd) -> Result<f64> {
+    let t = Instant::now();
+    let r = d.get("/metrics", &[])?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    ensure!(r.status == 200, "/metrics: HTTP {}", r.status);
+    Ok(ms)
+}
+
+/// A/B: `this` and `base` serve the same CTs; each round scrapes both, in alternating order,
+/// so the machine's drift hits both alike. Reports each one's p50/p99 and CPU per scrape and
+/// the median of the per-round ratios this/baseline.
+fn compare(this: &Berthd, base: &Berthd, dir: &std::path::Path, scrapes: usize) -> Result<()> {
+    for _ in 0..3 {
+        base.scrape()?;
+    }
+    let (cpu_a, cpu_b) = (cpu_seconds(this.pid())?, cpu_seconds(base.pid())?);
+    let (mut ta, mut tb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..scrapes {
+        let (a, b) = if i % 2 == 0 {
+            let a = timed_scrape(this)?;
+            (a, timed_scrape(base)?)
+        } else {
+            let b = timed_scrape(base)?;
+            (timed_scrape(this)?, b)
+        };
+        ta.push(a);
+        tb.push(b);
+        ratios.push(a / b);
+    }
+    let cpu_a = (cpu_seconds(this.pid())? - cpu_a) * 1e3 / scrapes as f64;
+    let cpu_b = (cpu_seconds(base.pid())? - cpu_b) * 1e3 / scrapes as f64;
+    for v in [&mut ta, &mut tb, &mut ratios] {
+        v.sort_by(f64::total_cmp);
+    }
+    let med = quantile(&ratios, 0.5);
+    let report = serde_json::json!({
+        "baseline": dir.display().to_string(),
+        "scrapes": scrapes,
+        "this_ms": {"p50": quantile(&ta, 0.5), "p99": quantile(&ta, 0.99)},
+        "baseline_ms": {"p50": quantile(&tb, 0.5), "p99": quantile(&tb, 0.99)},
+        "this_cpu_ms_per_scrape": cpu_a,
+        "baseline_cpu_ms_per_scrape": cpu_b,
+        "ratio_median_of_pairs": med,
+        "ratio_pairs_p25_p75": [quantile(&ratios, 0.25), quantile(&ratios, 0.75)],
+        "ratio_p99": quantile(&ta, 0.99) / quantile(&tb, 0.99),
+        "ratio_cpu": cpu_a / cpu_b,
+    });
+    println!(
+        "BENCH berthd metrics A/B: {}",
+        serde_json::to_string_pretty(&report)?
+    );
+    println!(
+        "  bar: this/baseline <= 1.05 (median of pairs {med:.3}): {}",
+        if med <= 1.05 { "PASS" } else { "FAIL" }
+    );
+    Ok(())
 }
 
 #[derive(Args)]

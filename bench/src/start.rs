@@ -1,6 +1,11 @@
 //! `bench start`: create → start → stop --fast → destroy of a busybox CT as whole CLI
 //! processes (the release `berth` in `BERTH_BIN_DIR`), against crun's create → start → kill →
 //! delete on a copy of the same rootfs, interleaved so both see the same machine noise.
+//!
+//! `--baseline DIR` adds the same cycle with the `berth` in DIR (another build, e.g. the commit
+//! before a refactor), as an installation of its own (root, pin dir, cgroup parent), in every
+//! round: the ratio this/baseline is taken pair by pair, in alternating order, so drift of
+//! the machine cancels.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,6 +25,9 @@ pub struct StartArgs {
     /// attach) — in a network namespace of the benchmark's own.
     #[arg(long)]
     routed: bool,
+    /// A directory holding another build's `berth`, cycled alongside this one (A/B).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 pub fn run(a: &StartArgs) -> Result<()> {
@@ -31,7 +39,93 @@ pub fn run(a: &StartArgs) -> Result<()> {
             bin.display()
         );
     }
-    start(&bin, usize::try_from(a.cycles)?, a.routed)
+    let baseline = match &a.baseline {
+        Some(dir) => {
+            let b = dir.join("berth");
+            if !b.exists() {
+                bail!("--baseline {}: no berth binary there", dir.display());
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    start(
+        &bin,
+        baseline.as_deref(),
+        usize::try_from(a.cycles)?,
+        a.routed,
+    )
+}
+
+/// One berth installation of the benchmark: its binary, root, run dir, pin dir and cgroup
+/// parent, so two builds never share pins (each would upgrade the other's programs).
+struct Install {
+    bin: PathBuf,
+    root: PathBuf,
+    run_dir: PathBuf,
+    pin_dir: PathBuf,
+    cg_parent: String,
+}
+
+impl Install {
+    fn new(bin: &Path, tmp: &Path, tag: &str) -> Self {
+        let id = format!("berth-bench-{}{tag}", std::process::id());
+        Self {
+            bin: bin.to_owned(),
+            root: tmp.join(format!("berth{tag}")),
+            // Run state on tmpfs, as with the default /run/berth; the CTs' files stay on disk.
+            run_dir: PathBuf::from(format!("/run/{id}")),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
+            cg_parent: id,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--bpffs")
+            .arg(&self.pin_dir)
+            .arg("--cgroup-parent")
+            .arg(&self.cg_parent)
+            .args(args);
+        c
+    }
+
+    /// create → start → stop --fast → destroy of CT `ctid` (with two routed addresses).
+    fn cycle(&self, ctid: &str, addrs: Option<(&str, &str)>) -> Result<std::time::Duration> {
+        let t0 = Instant::now();
+        match addrs {
+            Some((v4, v6)) => quiet(&mut self.cmd(&[
+                "create",
+                ctid,
+                "--template",
+                "busybox",
+                "--ipadd",
+                v4,
+                "--ipadd",
+                v6,
+            ]))?,
+            None => quiet(&mut self.cmd(&["create", ctid, "--template", "busybox"]))?,
+        }
+        quiet(&mut self.cmd(&["start", ctid]))?;
+        quiet(&mut self.cmd(&["stop", "--fast", ctid]))?;
+        quiet(&mut self.cmd(&["destroy", ctid]))?;
+        Ok(t0.elapsed())
+    }
+
+    fn cleanup(&self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Ok(d) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in d.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(&self.cg_parent));
+            }
+        }
+    }
 }
 
 /// Runs a command with stdio detached. stderr goes to a file, not a pipe: crun's container
@@ -103,9 +197,8 @@ fn hide_unified_cgroup2() -> Result<()> {
     Ok(())
 }
 
-fn start(bin: &Path, cycles: usize, routed: bool) -> Result<()> {
+fn start(bin: &Path, baseline: Option<&Path>, cycles: usize, routed: bool) -> Result<()> {
     hide_unified_cgroup2()?;
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/berth-bench-{}", std::process::id()));
     if routed {
         // The CTs' venet links, routes and proxy entries go into a network namespace of the
         // benchmark's own, with a dummy "uplink" device holding the test network.
@@ -129,24 +222,12 @@ fn start(bin: &Path, cycles: usize, routed: bool) -> Result<()> {
     }
     let crun = which("crun").context("crun not installed (xtask/setup.sh installs it)")?;
     let tmp = tempdir()?;
-    let root = tmp.join("berth");
-    let cg_parent = format!("berth-bench-{}", std::process::id());
-    // Run state on tmpfs, as with the default /run/berth; the CTs' files stay on the disk.
-    let run_dir = PathBuf::from(format!("/run/berth-bench-{}", std::process::id()));
-    let berth = |args: &[&str]| {
-        let mut c = Command::new(bin);
-        c.arg("--root")
-            .arg(&root)
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--bpffs")
-            .arg(&pin_dir)
-            .arg("--cgroup-parent")
-            .arg(&cg_parent)
-            .args(args);
-        c
-    };
-    quiet(&mut berth(&["template", "build", "busybox"]))?;
+    let this = Install::new(bin, &tmp, "");
+    let base = baseline.map(|b| Install::new(b, &tmp, "-base"));
+    let installs: Vec<&Install> = std::iter::once(&this).chain(base.as_ref()).collect();
+    for inst in &installs {
+        quiet(&mut inst.cmd(&["template", "build", "busybox"]))?;
+    }
 
     // crun control: an OCI bundle on a copy of the very same busybox rootfs.
     let bundle = tmp.join("bundle");
@@ -154,7 +235,7 @@ fn start(bin: &Path, cycles: usize, routed: bool) -> Result<()> {
     quiet(
         Command::new("cp")
             .arg("-a")
-            .arg(root.join("template/busybox/rootfs"))
+            .arg(this.root.join("template/busybox/rootfs"))
             .arg(bundle.join("rootfs")),
     )?;
     quiet(Command::new(&crun).arg("spec").current_dir(&bundle))?;
@@ -171,42 +252,44 @@ fn start(bin: &Path, cycles: usize, routed: bool) -> Result<()> {
         // A hosting node always runs other CTs. Without any, every start would flip the
         // kernel's global TCX ingress/egress static keys on and every stop off again (text
         // patching, 5-12 ms per attach here) — a cost a real node does not pay.
-        quiet(&mut berth(&[
-            "create",
-            "999",
-            "--template",
-            "busybox",
-            "--ipadd",
-            "198.19.255.254",
-        ]))?;
-        quiet(&mut berth(&["start", "999"]))?;
+        for (k, inst) in installs.iter().enumerate() {
+            let ctid = (999 - k).to_string();
+            let addr = format!("198.19.255.{}", 254 - k);
+            quiet(&mut inst.cmd(&["create", &ctid, "--template", "busybox", "--ipadd", &addr]))?;
+            quiet(&mut inst.cmd(&["start", &ctid]))?;
+        }
     }
     let mut berth_t = Vec::with_capacity(cycles);
+    let mut base_t = Vec::with_capacity(cycles);
+    let mut ratios = Vec::with_capacity(cycles);
     let mut crun_t = Vec::with_capacity(cycles);
-    // Interleaved so both see the same machine noise.
+    // Interleaved so all see the same machine noise.
     for i in 0..cycles + 3 {
         let ctid = (1000 + i).to_string();
-        let t0 = Instant::now();
-        if routed {
-            let v4 = format!("198.18.{}.{}", (i / 250) % 250, 2 + i % 250);
-            let v6 = format!("2001:db8:18::{:x}", 0x100 + i);
-            quiet(&mut berth(&[
-                "create",
-                &ctid,
-                "--template",
-                "busybox",
-                "--ipadd",
-                &v4,
-                "--ipadd",
-                &v6,
-            ]))?;
-        } else {
-            quiet(&mut berth(&["create", &ctid, "--template", "busybox"]))?;
-        }
-        quiet(&mut berth(&["start", &ctid]))?;
-        quiet(&mut berth(&["stop", "--fast", &ctid]))?;
-        quiet(&mut berth(&["destroy", &ctid]))?;
-        let b = t0.elapsed();
+        // Each installation's CTs get addresses of their own half of 198.18.0.0/15.
+        let addrs = |half: usize| {
+            (
+                format!("198.{}.{}.{}", 18 + half, (i / 250) % 250, 2 + i % 250),
+                format!("2001:db8:18::{:x}", 0x100 + i + half * 0x8000),
+            )
+        };
+        let (v4, v6) = addrs(0);
+        let run_this = || this.cycle(&ctid, routed.then_some((v4.as_str(), v6.as_str())));
+        let (b, bb) = match &base {
+            None => (run_this()?, None),
+            Some(base) => {
+                let (bv4, bv6) = addrs(1);
+                let run_base = || base.cycle(&ctid, routed.then_some((bv4.as_str(), bv6.as_str())));
+                // ABBA: the order alternates, so drift within a round hits both alike.
+                if i % 2 == 0 {
+                    let b = run_this()?;
+                    (b, Some(run_base()?))
+                } else {
+                    let bb = run_base()?;
+                    (run_this()?, Some(bb))
+                }
+            }
+        };
 
         let id = format!("bench{}-{i}", std::process::id());
         let c = |args: &[&str]| {
@@ -226,11 +309,18 @@ fn start(bin: &Path, cycles: usize, routed: bool) -> Result<()> {
         if i >= 3 {
             berth_t.push(b);
             crun_t.push(r);
+            if let Some(bb) = bb {
+                base_t.push(bb);
+                ratios.push(b.as_secs_f64() / bb.as_secs_f64());
+            }
         }
     }
     if routed {
-        quiet(&mut berth(&["stop", "--fast", "999"]))?;
-        quiet(&mut berth(&["destroy", "999"]))?;
+        for (k, inst) in installs.iter().enumerate() {
+            let ctid = (999 - k).to_string();
+            quiet(&mut inst.cmd(&["stop", "--fast", &ctid]))?;
+            quiet(&mut inst.cmd(&["destroy", &ctid]))?;
+        }
     }
     let b = summarize(berth_t);
     let c = summarize(crun_t);
@@ -266,11 +356,37 @@ fn start(bin: &Path, cycles: usize, routed: bool) -> Result<()> {
         if ms(b.p50) <= 25.0 { "PASS" } else { "FAIL" },
         if b.p50 <= c.p50 { "PASS" } else { "FAIL" }
     );
+    if !base_t.is_empty() {
+        let bs = summarize(base_t);
+        ratios.sort_by(f64::total_cmp);
+        let med = crate::stats::quantile(&ratios, 0.5);
+        println!(
+            "  baseline ({}): p50 {:.2} ms  p99 {:.2} ms  (min {:.2}, max {:.2})",
+            baseline
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            ms(bs.p50),
+            ms(bs.p99),
+            ms(bs.min),
+            ms(bs.max)
+        );
+        println!(
+            "  ratio this/baseline: median of pairs {:.3} (pairs {:.3}..{:.3}; p25 {:.3}, p75 {:.3}); p50/p50 {:.3}",
+            med,
+            ratios[0],
+            ratios[ratios.len() - 1],
+            crate::stats::quantile(&ratios, 0.25),
+            crate::stats::quantile(&ratios, 0.75),
+            ms(b.p50) / ms(bs.p50)
+        );
+        println!(
+            "  bar: this/baseline <= 1.05: {}",
+            if med <= 1.05 { "PASS" } else { "FAIL" }
+        );
+    }
     let _ = std::fs::remove_dir_all(&tmp);
-    let _ = std::fs::remove_dir_all(&run_dir);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
-        let _ = std::fs::remove_dir(h.path().join(&cg_parent));
+    for inst in &installs {
+        inst.cleanup();
     }
     Ok(())
 }

@@ -239,7 +239,12 @@ impl Berthd {
     /// thread's network namespace (enter a test namespace first to export the qdiscs there;
     /// requests from the same thread then reach its loopback).
     pub fn start(args: &BerthdArgs, port: u16) -> Result<Self> {
-        let mut cmd = Command::new(berthd_bin());
+        Self::start_bin(&berthd_bin(), args, port)
+    }
+
+    /// [`Self::start`] with another build's berthd (benchmarks compare two).
+    pub fn start_bin(bin: &std::path::Path, args: &BerthdArgs, port: u16) -> Result<Self> {
+        let mut cmd = Command::new(bin);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--root")
