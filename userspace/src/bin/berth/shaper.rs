@@ -1,7 +1,6 @@
 //! shaper status: the host's shaping backend, and a CT's configured and live shaping.
 
 use anyhow::Result;
-use berth::ctnet::shaping_of;
 use berth_runtime::config::CtConfig;
 use berth_runtime::container;
 use serde_json::json;
@@ -22,13 +21,9 @@ fn status(ctx: &mut Ctx, ct: Option<&str>) -> Result<()> {
         let ctid = ctx.resolve(ct)?;
         let cfg = CtConfig::load(&ctx.host, ctid)?;
         v["ctid"] = json!(ctid);
-        v["configured"] = json!(shaping_of(cfg.shaping.as_ref()).map_err(anyhow::Error::msg)?);
+        v["configured"] = json!(cfg.active_shaping());
         if container::running(&ctx.host, ctid).is_some() {
-            let live = ctx
-                .hooks
-                .shaper()
-                .map_err(anyhow::Error::msg)?
-                .status(ctid)?;
+            let live = ctx.hooks.shaper()?.status(ctid)?;
             v["live"] = serde_json::to_value(&live)?;
         }
     }
