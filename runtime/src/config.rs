@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ctid::{Ctid, validate_name};
+use crate::shaping::{DEFAULT_MTU, ShapingConfig};
 use crate::size::Size;
 
 pub const DEFAULT_ROOT: &str = "/var/lib/berth";
@@ -261,9 +262,9 @@ pub struct CtConfig {
     #[serde(default)]
     pub net: crate::net::NetConfig,
     /// Traffic shaping (`rate_in`, `rate_out`, `burst`, `[[shaping.class]]`, `pps_in`,
-    /// `pps_out`): interpreted by the shaper in the `berth` crate, kept verbatim here.
+    /// `pps_out`), applied by the lifecycle hooks at start and by `set`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shaping: Option<toml::Table>,
+    pub shaping: Option<ShapingConfig>,
 }
 
 fn default_init() -> String {
@@ -345,7 +346,16 @@ impl CtConfig {
         {
             return Err(bad(format!("userns range {u:?} is empty or overflows")));
         }
+        if let Some(sh) = &self.shaping {
+            sh.validate(DEFAULT_MTU)
+                .map_err(|e| bad(format!("shaping.{} = {:?}: {}", e.key(), e.value, e.reason)))?;
+        }
         Ok(())
+    }
+
+    /// The shaping the CT gets at start: its `[shaping]`, unless that shapes nothing.
+    pub fn active_shaping(&self) -> Option<&ShapingConfig> {
+        self.shaping.as_ref().filter(|s| !s.is_empty())
     }
 
     /// Writes the config atomically (temp file + rename), so a crash never leaves half a file.
@@ -419,6 +429,87 @@ mod tests {
         assert!(CtConfig::load(&host, ctid).is_err());
         fs::write(&path, "ctid = 101\ntemplate = \"b\"\nhostname = \"-x\"\n").unwrap();
         assert!(CtConfig::load(&host, ctid).is_err());
+    }
+
+    /// A config with `[shaping]` as the code before the typed shaping wrote it (a TOML table,
+    /// keys sorted) loads, and saving it again writes the same bytes.
+    #[test]
+    fn shaping_saved_by_the_old_code_loads_and_saves_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        host.ensure_dirs().unwrap();
+        let ctid = Ctid::new(101).unwrap();
+        let old = r#"ctid = 101
+template = "busybox"
+layout = "copy"
+init = "/sbin/init"
+stop_signal = "SIGTERM"
+stop_timeout = 30
+
+[resources]
+memory = "512M"
+
+[net]
+ifaces = []
+nameservers = []
+searchdomains = []
+neighbour_devs = "detect"
+arp_probe = false
+gratuitous_arp = false
+
+[shaping]
+burst = "64kb"
+pps_in = 1000
+pps_out = 2000
+rate_in = "10mbit"
+rate_out = "1500kbit"
+
+[[shaping.class]]
+class = 1
+rate_in = "1gbit"
+
+[[shaping.class]]
+class = 3
+rate_out = "20mbit"
+"#;
+        fs::write(host.conf_path(ctid), old).unwrap();
+        let cfg = CtConfig::load(&host, ctid).unwrap();
+        let sh = cfg.active_shaping().expect("shaped");
+        assert_eq!(sh.rate_in.unwrap().bits_per_sec(), 10_000_000);
+        assert_eq!(sh.burst, Some(Size::Bytes(64 << 10)));
+        assert_eq!(sh.pps_out, Some(2000));
+        assert_eq!(sh.classes[0].rate_in.unwrap().to_string(), "1gbit");
+        cfg.save(&host).unwrap();
+        assert_eq!(fs::read_to_string(host.conf_path(ctid)).unwrap(), old);
+    }
+
+    #[test]
+    fn bad_shaping_is_refused_on_load_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        host.ensure_dirs().unwrap();
+        let ctid = Ctid::new(101).unwrap();
+        let path = host.conf_path(ctid);
+        let head = "ctid = 101\ntemplate = \"b\"\n[shaping]\n";
+        fs::write(&path, format!("{head}rate_in = \"10mbit\"\nburst = 100\n")).unwrap();
+        let e = ErrorChain(&CtConfig::load(&host, ctid).unwrap_err()).to_string();
+        assert!(
+            e.contains("shaping.burst = \"100b\": burst must hold"),
+            "{e}"
+        );
+        fs::write(&path, format!("{head}rate_in = \"0\"\n")).unwrap();
+        let e = ErrorChain(&CtConfig::load(&host, ctid).unwrap_err()).to_string();
+        assert!(
+            e.contains("rate_in") && e.contains("greater than zero"),
+            "{e}"
+        );
+        fs::write(&path, format!("{head}rate_inn = \"1mbit\"\n")).unwrap();
+        let e = ErrorChain(&CtConfig::load(&host, ctid).unwrap_err()).to_string();
+        assert!(e.contains("rate_inn"), "{e}");
+        // Only a burst shapes nothing: loaded as written, but not handed to the shaper.
+        fs::write(&path, format!("{head}burst = \"64kb\"\n")).unwrap();
+        let cfg = CtConfig::load(&host, ctid).unwrap();
+        assert!(cfg.shaping.is_some() && cfg.active_shaping().is_none());
     }
 
     #[test]

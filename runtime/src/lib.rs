@@ -8,6 +8,7 @@ pub mod error_chain;
 pub mod lock;
 pub mod net;
 pub mod quota;
+pub mod shaping;
 pub mod signal;
 pub mod size;
 pub mod template;

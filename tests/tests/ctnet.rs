@@ -451,3 +451,258 @@ fn stop_with_a_held_netns_leaves_no_route_and_restarts() {
 fn ping_from_once(h: &TestHost, ct: &str, addr: &str) -> bool {
     h.exec(ct, &["ping", "-c", "2", "-W", "1", addr]).0 == 0
 }
+
+/// What a failed `set` must leave exactly as it was, read from the kernel and the files.
+#[derive(Debug, PartialEq, Eq)]
+struct CtView {
+    memory_limit: String,
+    /// The CT's own netns: links, addresses, routes.
+    ct_net: berth_runtime::net::inspect::Snapshot,
+    hostname: String,
+    etc: Vec<(String, Option<Vec<u8>>)>,
+    qdiscs: String,
+    state_file: Vec<u8>,
+    config: Vec<u8>,
+}
+
+fn ct_view(h: &TestHost, topo: &Topology, ctid: &str) -> CtView {
+    use std::os::fd::AsFd;
+    let pid = h.status(ctid)["init_pid"].as_i64().expect("running");
+    let memory_limit = berth_tests::ct::cgroup_roots()
+        .into_iter()
+        .map(|r| r.join(&h.cgroup_parent).join(ctid))
+        .flat_map(|d| [d.join("memory.limit_in_bytes"), d.join("memory.max")])
+        .find_map(|f| std::fs::read_to_string(f).ok())
+        .expect("the CT's memory limit file");
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let ct_net = || {
+        let mut nl = berth_runtime::net::Netlink::open_in(ns.as_fd(), "CT").unwrap();
+        berth_runtime::net::inspect::Snapshot::take(&mut nl).unwrap()
+    };
+    let mut snap = ct_net();
+    assert!(
+        wait_for(std::time::Duration::from_secs(5), || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = ct_net();
+            std::mem::replace(&mut snap, now.clone()) == now
+        }),
+        "CT {ctid}'s netns did not settle"
+    );
+    let etc = ["hostname", "hosts", "resolv.conf"]
+        .into_iter()
+        .map(|f| {
+            let p = h.root.join("root").join(ctid).join("etc").join(f);
+            (f.to_string(), std::fs::read(p).ok())
+        })
+        .collect();
+    CtView {
+        memory_limit,
+        ct_net: snap,
+        hostname: h.exec(ctid, &["hostname"]).1,
+        etc,
+        qdiscs: String::from_utf8_lossy(
+            &topo
+                .host
+                .run("tc", &["qdisc", "show", "dev", &format!("venet{ctid}")])
+                .stdout,
+        )
+        .into_owned(),
+        state_file: std::fs::read(h.root.join(format!("run/{ctid}.state.json"))).unwrap(),
+        config: std::fs::read(h.root.join(format!("conf/{ctid}.toml"))).unwrap(),
+    }
+}
+
+/// A `set` whose shaping step fails changes nothing: the memory limit, the CT's addresses (in
+/// the CT and on the host), the run state and the config are as before. Only the shaper is
+/// broken: `shaper` in the pin directory is a file (a pinned map linked there), so the shaper
+/// cannot make its directory while the datapath's pins work.
+#[test]
+fn set_whose_shaping_fails_changes_nothing() {
+    let topo = Topology::new();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&["create", "241", "--ipadd", "192.0.2.241"]);
+    h.ok(&["set", "241", "--memory", "64M", "--save"]);
+    h.ok(&["start", "241"]);
+    let host_before = topo.host.settled_snapshot();
+    let map = std::fs::read_dir(h.bpffs.join("maps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_file())
+        .expect("a pinned datapath map");
+    std::fs::hard_link(&map, h.bpffs.join("shaper")).unwrap();
+    let before = ct_view(&h, &topo, "241");
+    for save in [false, true] {
+        let mut args = vec![
+            "set",
+            "241",
+            "--memory",
+            "128M",
+            "--ipadd",
+            "192.0.2.242",
+            "--rate-out",
+            "10mbit",
+        ];
+        if save {
+            args.push("--save");
+        }
+        let err = h.fails(&args);
+        assert!(err.contains("shaper"), "{err}");
+        assert_eq!(ct_view(&h, &topo, "241"), before, "berth {args:?}");
+        assert_same(
+            &format!("host netns after berth {args:?}"),
+            &host_before,
+            &topo.host.settled_snapshot(),
+        );
+    }
+    assert!(ping_from(&h, "241", UPLINK4), "the CT lost its address");
+    assert!(
+        !topo.uplink.ping("192.0.2.242"),
+        "a rolled-back address answers"
+    );
+
+    // With the shaper working again the same change goes through.
+    std::fs::remove_file(h.bpffs.join("shaper")).unwrap();
+    h.ok(&[
+        "set",
+        "241",
+        "--memory",
+        "128M",
+        "--ipadd",
+        "192.0.2.242",
+        "--rate-out",
+        "10mbit",
+    ]);
+    let after = ct_view(&h, &topo, "241");
+    assert_eq!(after.memory_limit.trim(), (128u64 << 20).to_string());
+    // Traffic from the CT is shaped on its IFB, not on venet241 itself.
+    let sh = h.json(&["shaper", "status", "241"]);
+    assert!(sh["live"].to_string().contains("10mbit"), "{sh}");
+    assert!(
+        topo.uplink.ping("192.0.2.242"),
+        "live --ipadd not reachable"
+    );
+    h.ok(&["stop", "--fast", "241"]);
+    h.ok(&["destroy", "241"]);
+    h.assert_clean();
+}
+
+/// A `set` that fails at its last live step (the run state file cannot be written: its
+/// temporary name is taken by a directory) undoes every step before it: addresses, shaping,
+/// cgroup limits, the hostname and the /etc files.
+#[test]
+fn set_failing_at_the_run_state_undoes_every_step() {
+    let topo = Topology::new();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&[
+        "create",
+        "243",
+        "--ipadd",
+        "192.0.2.243",
+        "--hostname",
+        "ct243.test",
+    ]);
+    h.ok(&["start", "243"]);
+    h.ok(&["set", "243", "--memory", "96M", "--rate-in", "20mbit"]);
+    let host_before = topo.host.settled_snapshot();
+    let before = ct_view(&h, &topo, "243");
+    assert!(before.qdiscs.contains("htb"), "{}", before.qdiscs);
+    let tmp = h.root.join("run/243.state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let err = h.fails(&[
+        "set",
+        "243",
+        "--memory",
+        "160M",
+        "--ipadd",
+        "192.0.2.244",
+        "--ipdel",
+        "192.0.2.243",
+        "--rate-in",
+        "none",
+        "--rate-out",
+        "30mbit",
+        "--hostname",
+        "other.test",
+        "--nameserver",
+        "192.0.2.53",
+        "--save",
+    ]);
+    assert!(err.contains("write state"), "{err}");
+    assert_eq!(ct_view(&h, &topo, "243"), before);
+    assert_same(
+        "host netns after a failed set",
+        &host_before,
+        &topo.host.settled_snapshot(),
+    );
+    assert!(ping_from(&h, "243", UPLINK4), "the CT lost its address");
+    let sh = h.json(&["shaper", "status", "243"]);
+    assert!(sh["live"].to_string().contains("20mbit"), "{sh}");
+    std::fs::remove_dir(&tmp).unwrap();
+    h.ok(&["stop", "--fast", "243"]);
+    h.ok(&["destroy", "243"]);
+    h.assert_clean();
+}
+
+/// `create` with an address another CT (or the host) has, or with a bad initial setting,
+/// leaves nothing behind: no config, private area, mount point, cgroup or lock file.
+#[test]
+fn create_with_a_taken_address_leaves_nothing() {
+    let topo = Topology::new();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    h.ok(&["create", "251", "--ipadd", "192.0.2.251"]);
+    let files = || {
+        let mut v: Vec<String> = Vec::new();
+        for d in ["conf", "private", "root", "run"] {
+            if let Ok(rd) = std::fs::read_dir(h.root.join(d)) {
+                v.extend(
+                    rd.flatten()
+                        .map(|e| format!("{d}/{}", e.file_name().to_string_lossy())),
+                );
+            }
+        }
+        v.sort();
+        v
+    };
+    let before = (files(), h.cgroup_dirs());
+    for (args, needle) in [
+        (vec!["create", "252", "--ipadd", "192.0.2.251"], "CT 251"),
+        (
+            vec![
+                "create",
+                "252",
+                "--ipadd",
+                "192.0.2.252",
+                "--ipadd",
+                "192.0.2.251",
+            ],
+            "CT 251",
+        ),
+        (vec!["create", "252", "--ipadd", "192.0.2.2"], "host"),
+        (
+            vec![
+                "create",
+                "252",
+                "--ipadd",
+                "192.0.2.252",
+                "--ipadd",
+                "192.0.2.252",
+            ],
+            "192.0.2.252",
+        ),
+        (vec!["create", "252", "--ipadd", "127.0.0.1"], "127.0.0.1"),
+    ] {
+        let err = h.fails(&args);
+        assert!(err.contains(needle), "berth {args:?}: {err}");
+        assert_eq!(
+            (files(), h.cgroup_dirs()),
+            before,
+            "berth {args:?} left something"
+        );
+    }
+    // The address is still free for a CT that may have it.
+    h.ok(&["create", "252", "--ipadd", "192.0.2.252"]);
+    h.ok(&["destroy", "252"]);
+    h.ok(&["destroy", "251"]);
+    h.assert_clean();
+}

@@ -1,9 +1,8 @@
 //! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.
 pub mod bpf;
-pub mod ctnet;
-
 pub mod datapath;
 pub mod inventory;
+pub mod lifecycle_hooks;
 pub mod metrics;
 pub mod netstat;
 pub mod shaper;

@@ -151,6 +151,50 @@ impl CgroupManager for Cgroup {
     }
 }
 
+/// The values `apply` of some [`Resources`] would overwrite, read before it does
+/// ([`Cgroup::save_limits`]), to be put back with [`Cgroup::restore_limits`] when a later step
+/// of the same change fails.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SavedLimits {
+    /// (dir, file, first line of its content), in the order `apply` writes them.
+    files: Vec<(PathBuf, &'static str, String)>,
+}
+
+impl Cgroup {
+    /// Reads what `apply(r)` would overwrite. Checks `r` like `apply` does (an unsupported
+    /// setting is an error here, before anything is written).
+    pub fn save_limits(&self, r: &Resources) -> Result<SavedLimits> {
+        let plan = match self {
+            Cgroup::V1(c) => c.plan(r)?,
+            Cgroup::V2(c) => c.plan(r)?,
+        };
+        let mut files = Vec::with_capacity(plan.len());
+        for w in plan {
+            // Only the first line: io.weight and io.bfq.weight list per-device weights below
+            // the "default N" that apply writes, and take one line per write.
+            let value = fsops::read(&w.dir, w.file)?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            files.push((w.dir, w.file, value));
+        }
+        Ok(SavedLimits { files })
+    }
+
+    /// Writes the saved values back, in reverse: that order keeps v1's memsw at or above the
+    /// memory limit at every step, as `apply`'s own order does.
+    pub fn restore_limits(&self, saved: &SavedLimits) -> Result<()> {
+        let errors = saved
+            .files
+            .iter()
+            .rev()
+            .filter_map(|(dir, file, value)| fsops::write(dir, file, value).err())
+            .collect();
+        CgroupError::collect(errors)
+    }
+}
+
 /// One planned write of `apply`; plans are checked completely before the first write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FileWrite {

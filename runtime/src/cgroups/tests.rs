@@ -770,3 +770,62 @@ fn hierarchy_open_list_and_remove_parent() {
     hierarchy.remove_parent_if_empty("t").unwrap();
     assert!(!v2.root().join("t").exists());
 }
+
+/// `restore_limits` puts back exactly what `save_limits` read, on v1 (memsw order included)
+/// and v2 (first lines of multi-line weight files).
+#[test]
+fn saved_limits_restore_what_was_there() {
+    let fake = FakeV1::new();
+    let cg = Cgroup::V1(fake.kernel_mkdir("berth", 101));
+    let Cgroup::V1(v1) = &cg else { unreachable!() };
+    let (mem, cpu) = (dir(v1, Controller::Memory), dir(v1, Controller::Cpu));
+    cg.apply(&Resources {
+        memory: Some(Size::Bytes(1 << 30)),
+        swap: Some(Size::Bytes(256 << 20)),
+        ..Default::default()
+    })
+    .unwrap();
+    let files = |d: &Path, names: &[&str]| -> Vec<String> {
+        names.iter().map(|f| get(d, f).trim().to_string()).collect()
+    };
+    let mem_files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"];
+    let cpu_files = ["cpu.shares", "cpu.cfs_period_us", "cpu.cfs_quota_us"];
+    let before = (files(&mem, &mem_files), files(&cpu, &cpu_files));
+    // Raising memory above memsw writes memsw first; the restore must lower it last.
+    let change = Resources {
+        memory: Some(Size::Bytes(2 << 30)),
+        cpuunits: Some(500),
+        cpulimit: Some(50),
+        ..Default::default()
+    };
+    let saved = cg.save_limits(&change).unwrap();
+    cg.apply(&change).unwrap();
+    assert_ne!((files(&mem, &mem_files), files(&cpu, &cpu_files)), before);
+    cg.restore_limits(&saved).unwrap();
+    assert_eq!((files(&mem, &mem_files), files(&cpu, &cpu_files)), before);
+    // Nothing to change, nothing saved.
+    assert_eq!(
+        cg.save_limits(&Resources::default()).unwrap(),
+        SavedLimits::default()
+    );
+
+    let fake = FakeV2::new();
+    let cg = Cgroup::V2(fake.kernel_mkdir("berth", 102));
+    let Cgroup::V2(v2) = &cg else { unreachable!() };
+    let d = v2.dir();
+    put(&d, "io.weight", "default 100\n8:0 300\n");
+    let change = Resources {
+        memory: Some(Size::Bytes(256 << 20)),
+        numproc: Some(64),
+        ioweight: Some(500),
+        ..Default::default()
+    };
+    let saved = cg.save_limits(&change).unwrap();
+    cg.apply(&change).unwrap();
+    assert_eq!(get(&d, "io.weight"), "default 500");
+    cg.restore_limits(&saved).unwrap();
+    assert_eq!(get(&d, "memory.max"), "max");
+    assert_eq!(get(&d, "pids.max"), "max");
+    assert_eq!(get(&d, "io.weight"), "default 100");
+    assert_eq!(get(&d, "io.bfq.weight"), "default 100");
+}

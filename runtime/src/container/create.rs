@@ -1,18 +1,22 @@
-//! `create`: a CT's config and private area from a template (an overlay over it, or a copy).
+//! `create`: a CT's config and private area from a template (an overlay over it, or a copy),
+//! with its initial settings, all or nothing.
 
 use std::fs;
+use std::net::IpAddr;
 use std::path::Path;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::mount::overlay_paths_ok;
-use super::{CtError, Result, io_err, lock, net_err};
-use crate::config::{ConfigError, CtConfig, Host, PrivateLayout, UserNs};
+use super::set::{SetOpts, check_addrs_free, merged_net};
+use super::{CtError, Result, io_err, lock, net_err, resources_of};
+use crate::config::{ConfigError, CtConfig, Host, PrivateLayout, ResourceConfig, UserNs};
 use crate::ctid::{Ctid, validate_name};
 use crate::net;
-use crate::template::TemplateStore;
+use crate::shaping::{DEFAULT_MTU, ShapingConfig};
+use crate::template::{TemplateInfo, TemplateStore};
 
-/// Options of `berth create`.
+/// Options of `berth create`: the template and layout, and the CT's initial settings.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOpts {
     pub template: String,
@@ -21,6 +25,12 @@ pub struct CreateOpts {
     pub userns: bool,
     /// Full copy instead of an overlay over the template (always with `userns`).
     pub copy: bool,
+    /// Routed (venet) addresses (`--ipadd`), refused when another CT or the host has one.
+    pub ipadd: Vec<IpAddr>,
+    /// Resource settings; `diskspace` is set on the new private area right away.
+    pub resources: ResourceConfig,
+    /// Traffic shaping, applied when the CT starts.
+    pub shaping: Option<ShapingConfig>,
 }
 
 /// Default user-namespace range for a CT: 65536 ids per CT above 1e6, by CTID, like LXC's
@@ -34,6 +44,8 @@ pub fn default_userns(ctid: Ctid) -> UserNs {
     }
 }
 
+/// Creates CT `ctid`. Everything is checked before anything is made; a failure on the way
+/// leaves no config, private area or lock file behind.
 pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if let Some(n) = &opts.name {
         validate_name(n).map_err(|e| CtError::Invalid {
@@ -44,6 +56,13 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if let Some(h) = &opts.hostname {
         crate::config::validate_hostname(h).map_err(|msg| CtError::Invalid { ctid, msg })?;
     }
+    resources_of(&opts.resources)
+        .validate()
+        .map_err(super::cg_err(ctid))?;
+    if let Some(s) = &opts.shaping {
+        s.validate(DEFAULT_MTU)
+            .map_err(|source| CtError::Shaping { ctid, source })?;
+    }
     let store = TemplateStore::open(host.template_dir())?;
     let tmpl = store.get(&opts.template)?;
     host.ensure_dirs()?;
@@ -51,6 +70,27 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if host.conf_path(ctid).exists() {
         return Err(ConfigError::Exists(ctid).into());
     }
+    let res = create_locked(host, ctid, opts, &store, &tmpl);
+    if res.is_err() {
+        // No CT came of it: its lock file goes too, as with destroy.
+        let lock_path = host.lock_path(ctid);
+        if let Err(e) = fs::remove_file(&lock_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(%ctid, path = %lock_path.display(), error = %e, "create: remove lock file");
+        }
+    }
+    res
+}
+
+/// `create` under the CT's lock, once it is known that no config exists.
+fn create_locked(
+    host: &Host,
+    ctid: Ctid,
+    opts: &CreateOpts,
+    store: &TemplateStore,
+    tmpl: &TemplateInfo,
+) -> Result<()> {
     if let Some(n) = &opts.name {
         for other in host.list_ctids()? {
             if let Ok(c) = CtConfig::load(host, other)
@@ -82,6 +122,16 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if opts.userns {
         cfg.userns = Some(default_userns(ctid));
     }
+    cfg.resources = opts.resources.clone();
+    cfg.shaping = opts.shaping.clone().and_then(ShapingConfig::non_empty);
+    if !opts.ipadd.is_empty() {
+        let add = SetOpts {
+            ipadd: opts.ipadd.clone(),
+            ..Default::default()
+        };
+        cfg.net = merged_net(ctid, &cfg.net, &add)?;
+        check_addrs_free(host, ctid, &opts.ipadd)?;
+    }
     // Copy into a hidden sibling and rename: a crash mid-copy leaves only `.N.tmp`, which gc removes.
     let tmp = host.root.join("private").join(format!(".{ctid}.tmp"));
     if tmp.exists() {
@@ -94,6 +144,7 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
         PrivateLayout::Overlay
     };
     let shift = cfg.userns.map(|u| (u.uid_base, u.gid_base));
+    let mut quota_set = false;
     let res = (|| -> Result<()> {
         match cfg.layout {
             PrivateLayout::Copy => {
@@ -118,10 +169,17 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
             }
         }
         fs::rename(&tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
+        if let Some(limit) = cfg.resources.diskspace {
+            crate::quota::set_diskspace(&private, ctid.get(), limit)?;
+            quota_set = true;
+        }
         cfg.save(host)?;
         Ok(())
     })();
     if let Err(e) = res {
+        if quota_set && let Err(qe) = crate::quota::clear_diskspace(&private, ctid.get()) {
+            warn!(%ctid, error = %crate::error_chain::ErrorChain(&qe), "create: clear disk quota");
+        }
         let _ = TemplateStore::remove_tree_fast(&tmp);
         let _ = TemplateStore::remove_tree_fast(&private);
         let _ = fs::remove_file(host.conf_path(ctid));

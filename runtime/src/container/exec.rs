@@ -357,3 +357,21 @@ pub fn set_hostname_live(ctid: Ctid, init_pid: i32, hostname: &str) -> Result<()
         errno,
     })
 }
+
+/// The hostname a running CT has now (its UTS namespace), e.g. to put it back.
+pub fn hostname_live(ctid: Ctid, init_pid: i32) -> Result<String> {
+    let p = format!("/proc/{init_pid}/ns/uts");
+    let f = fs::File::open(&p).map_err(super::io_err(ctid, "open namespace", Path::new(&p)))?;
+    // As in set_hostname_live: a thread of our own joins, the calling thread stays put.
+    std::thread::spawn(move || -> std::result::Result<String, nix::errno::Errno> {
+        setns(f.as_fd(), CloneFlags::CLONE_NEWUTS)?;
+        Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
+    })
+    .join()
+    .unwrap_or(Err(nix::errno::Errno::EIO))
+    .map_err(|errno| CtError::Sys {
+        ctid,
+        op: "read hostname in CT",
+        errno,
+    })
+}

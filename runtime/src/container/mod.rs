@@ -11,9 +11,11 @@ pub mod state;
 
 mod create;
 mod gc;
+mod hooks;
 mod monitor;
 mod mount;
 mod set;
+mod set_undo;
 mod start;
 mod stop;
 
@@ -30,10 +32,12 @@ use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::Ctid;
 use crate::lock::{CtLock, LockError};
 use crate::net::{NetError, NetState};
+use crate::shaping::ShapingError;
 use state::RunState;
 
 pub use create::{CreateOpts, create, default_userns, template_users, write_hostname_files};
 pub use gc::{GcReport, gc};
+pub use hooks::{HookError, NetHooks, NoHooks};
 pub use monitor::MonitorMsgError;
 pub use mount::{mount_ct, umount_ct};
 pub use set::{SetOpts, set};
@@ -99,6 +103,18 @@ pub enum CtError {
         ctid: Ctid,
         #[source]
         source: NetError,
+    },
+    #[error("CT {ctid}")]
+    Hook {
+        ctid: Ctid,
+        #[source]
+        source: HookError,
+    },
+    #[error("CT {ctid}")]
+    Shaping {
+        ctid: Ctid,
+        #[source]
+        source: ShapingError,
     },
 }
 
@@ -219,27 +235,12 @@ fn lock(host: &Host, ctid: Ctid) -> Result<CtLock> {
     Ok(CtLock::acquire(&host.lock_path(ctid), LOCK_TIMEOUT)?)
 }
 
-/// What the caller plugs into the network steps of the lifecycle: the eBPF datapath (which
-/// lives in the `berth` crate) attaches to the host-side interfaces here.
-pub trait NetHooks {
-    /// `net` is set up (at start, before init execs, or after a live change): attach to every
-    /// interface in it and (re)load the CT's addresses. Must be idempotent.
-    fn net_up(&mut self, ctid: Ctid, net: &NetState) -> Result<(), String>;
-    /// The interfaces in `net` are gone or going: detach from them.
-    fn net_down(&mut self, ctid: Ctid, net: &NetState);
-}
-
-/// Lifecycle without a datapath.
-pub struct NoHooks;
-impl NetHooks for NoHooks {
-    fn net_up(&mut self, _: Ctid, _: &NetState) -> Result<(), String> {
-        Ok(())
-    }
-    fn net_down(&mut self, _: Ctid, _: &NetState) {}
-}
-
 fn net_err(ctid: Ctid) -> impl FnOnce(NetError) -> CtError {
     move |source| CtError::Net { ctid, source }
+}
+
+fn hook_err(ctid: Ctid) -> impl FnOnce(HookError) -> CtError {
+    move |source| CtError::Hook { ctid, source }
 }
 
 fn open_ns(ctid: Ctid, pid: i32) -> Result<OwnedFd> {
@@ -277,6 +278,11 @@ mod tests {
                 from: "the monitor",
                 source: MonitorMsgError::BadPid(-1),
             },
+            hook_err(ctid)(HookError::new(
+                "shape",
+                "venet101",
+                io::Error::other("disk on fire"),
+            )),
         ];
         for e in errs {
             let source = std::error::Error::source(&e).expect("a source").to_string();

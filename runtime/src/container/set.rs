@@ -1,20 +1,29 @@
-//! `set`: validated changes of a CT's settings, applied live and/or saved.
+//! `set`: validated changes of a CT's settings, applied live and/or saved, all or nothing.
+//!
+//! Everything is checked first (names, values, addresses, the merged shaping, what the cgroup
+//! supports). Then the steps run in order — disk quota, addresses and interfaces, shaping,
+//! cgroup limits, hostname, resolv.conf, run state, saved config — each recording in a
+//! [`Journal`] how to undo it. A step that fails undoes itself and every step before it, so a
+//! failed `set` leaves the CT as it found it.
 
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 
 use tracing::warn;
 
 use super::create::write_hostname_files;
 use super::mount::files_view;
+use super::set_undo::{Journal, NetUndo, Undo};
 use super::state::RunState;
 use super::{
-    CtError, NetHooks, Result, cg_err, cgroup, exec, io_err, lock, net_err, open_ns, resources_of,
-    running,
+    CtError, NetHooks, Result, cg_err, cgroup, exec, hook_err, io_err, lock, net_err, open_ns,
+    resources_of, running,
 };
-use crate::cgroups::CgroupManager;
+use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
 use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::{Ctid, validate_name};
 use crate::net::{self, HostNet, NetState};
+use crate::shaping::{ShapingChange, ShapingConfig};
 
 /// Changes of `berth set`; `None`/empty = unchanged.
 #[derive(Debug, Clone, Default)]
@@ -34,9 +43,9 @@ pub struct SetOpts {
     pub nameservers: Vec<std::net::IpAddr>,
     /// `--searchdomain` (replaces the list when given).
     pub searchdomains: Vec<String>,
-    /// The CT's new shaping table (validated by the caller), stored with `save`; `Some(empty)`
-    /// removes it. Applying it to a running CT is the caller's (the shaper's) job.
-    pub shaping: Option<toml::Table>,
+    /// The shaping flags, merged onto the CT's current shaping (the live one of a running CT,
+    /// else the saved one).
+    pub shaping: ShapingChange,
 }
 
 impl SetOpts {
@@ -51,7 +60,7 @@ impl SetOpts {
 }
 
 /// The CT's network config after `set`'s changes, validated (nothing is applied yet).
-fn merged_net(ctid: Ctid, cur: &net::NetConfig, o: &SetOpts) -> Result<net::NetConfig> {
+pub(super) fn merged_net(ctid: Ctid, cur: &net::NetConfig, o: &SetOpts) -> Result<net::NetConfig> {
     use net::{AddrSelection, Iface, RoutedIface};
     let invalid = |msg: String| CtError::Invalid { ctid, msg };
     let mut n = cur.clone();
@@ -160,96 +169,153 @@ fn live_net(cfg: &net::NetConfig, run: Option<&RunState>) -> net::NetConfig {
             .iter()
             .any(|i| matches!(i, Iface::Bridged(b) if b.name == l.ct_ifname));
         if !saved {
-            n.ifaces
-                .push(Iface::Bridged(l.bridged.clone().unwrap_or_else(|| {
-                    // A state written before the settings were recorded: what it has.
-                    let mut b = net::BridgedIface::new(l.ct_ifname.clone());
-                    b.mac = l.ct_mac;
-                    b.host_ifname = Some(l.host_ifname.clone());
-                    b.host_mac = l.host_mac;
-                    b.bridge = l.bridge.clone();
-                    b.vlan = l.vlan;
-                    b.addrs = l.addrs.clone();
-                    b
-                })));
+            n.ifaces.push(Iface::Bridged(bridged_settings(l)));
         }
     }
     n
 }
 
-/// Applies a network change to a running CT, keeping its recorded state in step.
+/// The settings a live bridged interface was made with.
+pub(super) fn bridged_settings(l: &net::IfaceState) -> net::BridgedIface {
+    l.bridged.clone().unwrap_or_else(|| {
+        // A state written before the settings were recorded: what it has.
+        let mut b = net::BridgedIface::new(l.ct_ifname.clone());
+        b.mac = l.ct_mac;
+        b.host_ifname = Some(l.host_ifname.clone());
+        b.host_mac = l.host_mac;
+        b.bridge = l.bridge.clone();
+        b.vlan = l.vlan;
+        b.addrs = l.addrs.clone();
+        b
+    })
+}
+
+/// Refuses routed addresses another CT's config claims or the host (or a running CT's host
+/// route) holds.
+pub(super) fn check_addrs_free(host: &Host, ctid: Ctid, addrs: &[IpAddr]) -> Result<()> {
+    let others: Vec<(Ctid, CtConfig)> = host
+        .list_ctids()?
+        .into_iter()
+        .filter(|c| *c != ctid)
+        .filter_map(|c| CtConfig::load(host, c).ok().map(|cfg| (c, cfg)))
+        .collect();
+    let mut hn = HostNet::current().map_err(net_err(ctid))?;
+    net::addr_owner_check(
+        ctid,
+        addrs,
+        others.iter().map(|(c, cfg)| (*c, &cfg.net)),
+        &mut hn,
+    )
+    .map_err(net_err(ctid))
+}
+
+/// The shaping a CT has now: what `set` applied live to a running CT, else its config's.
+fn current_shaping(cfg: &CtConfig, run: Option<&RunState>) -> Option<ShapingConfig> {
+    match run.and_then(|r| r.shaping.clone()) {
+        Some(live) => live.non_empty(),
+        None => cfg.active_shaping().cloned(),
+    }
+}
+
+/// Applies a network change to a running CT, keeping `st` in step and recording in `undo`
+/// each sub-step done (each of them either completes or undoes itself).
 fn apply_net_live(
     ctid: Ctid,
     st: &mut RunState,
     newcfg: &net::NetConfig,
     o: &SetOpts,
+    shaping: Option<&ShapingConfig>,
     hooks: &mut dyn NetHooks,
+    undo: &mut Vec<NetUndo>,
 ) -> Result<()> {
+    use net::Mode;
     let ns = open_ns(ctid, st.init_pid)?;
     let mut hn = HostNet::current().map_err(net_err(ctid))?;
-    let mut state = st.net.clone().unwrap_or_else(|| NetState::new(ctid));
-    let mut gone = NetState::new(ctid);
+    let state = st.net.get_or_insert_with(|| NetState::new(ctid));
     if let Some(sel) = &o.ipdel {
-        let before = state.clone();
-        for e in net::del_addrs(ctid, Some(ns.as_fd()), sel, &mut hn, &mut state)
-            .map_err(net_err(ctid))?
-        {
+        let had = routed_addrs(state);
+        let errors =
+            net::del_addrs(ctid, Some(ns.as_fd()), sel, &mut hn, state).map_err(net_err(ctid))?;
+        let left = routed_addrs(state);
+        // The routed link stays with no address; the datapath just loses the addresses.
+        undo.push(NetUndo::AddAddrs(
+            had.into_iter().filter(|a| !left.contains(a)).collect(),
+        ));
+        for e in errors {
             warn!(%ctid, error = %e, "--ipdel");
         }
-        // The routed link stays with no address; the datapath just loses the addresses.
-        let _ = before;
     }
     if let Some(which) = &o.netif_del {
-        let names: Vec<String> = state
-            .ifaces
-            .iter()
-            .filter(|i| {
-                i.mode == net::Mode::Bridged && which.as_ref().is_none_or(|n| &i.ct_ifname == n)
-            })
-            .map(|i| i.ct_ifname.clone())
-            .collect();
-        gone.ifaces = state
-            .ifaces
-            .iter()
-            .filter(|i| names.contains(&i.ct_ifname) && i.mode == net::Mode::Bridged)
-            .cloned()
-            .collect();
+        let gone = NetState {
+            ctid,
+            ifaces: state
+                .ifaces
+                .iter()
+                .filter(|i| {
+                    i.mode == Mode::Bridged && which.as_ref().is_none_or(|n| &i.ct_ifname == n)
+                })
+                .cloned()
+                .collect(),
+        };
         hooks.net_down(ctid, &gone);
-        for e in
-            net::del_netif(ctid, which.as_deref(), &mut hn, &mut state).map_err(net_err(ctid))?
-        {
+        let errors =
+            net::del_netif(ctid, which.as_deref(), &mut hn, state).map_err(net_err(ctid))?;
+        undo.push(NetUndo::AddNetifs(
+            gone.ifaces.iter().map(bridged_settings).collect(),
+        ));
+        for e in errors {
             warn!(%ctid, error = %e, "--netif_del");
         }
     }
     if !o.ipadd.is_empty() {
-        net::add_addrs(ctid, ns.as_fd(), newcfg, &o.ipadd, &mut hn, &mut state)
+        let link_created = state.routed().is_none();
+        net::add_addrs(ctid, ns.as_fd(), newcfg, &o.ipadd, &mut hn, state)
             .map_err(net_err(ctid))?;
+        undo.push(NetUndo::DelAddrs {
+            addrs: o.ipadd.clone(),
+            link_created,
+        });
     }
     for b in &o.netif_add {
-        net::add_netif(ctid, ns.as_fd(), b, &mut hn, &mut state).map_err(net_err(ctid))?;
+        net::add_netif(ctid, ns.as_fd(), b, &mut hn, state).map_err(net_err(ctid))?;
+        undo.push(NetUndo::DelNetif(b.name.clone()));
     }
-    st.net = Some(state.clone());
-    hooks
-        .net_up(ctid, &state)
-        .map_err(|msg| CtError::Invalid { ctid, msg })?;
+    // New interfaces get the shaping the CT has; a shaping change comes as its own step.
+    hooks.net_up(ctid, state, shaping).map_err(hook_err(ctid))?;
     Ok(())
 }
 
-/// Applies `set`: live on a running CT, persisted with `save`. Validates everything first so a
-/// bad value changes nothing.
-pub fn set(
+/// The CT's routed addresses in `state`, in order.
+fn routed_addrs(state: &NetState) -> Vec<IpAddr> {
+    state
+        .routed()
+        .map(|i| i.addrs.iter().map(|a| a.addr()).collect())
+        .unwrap_or_default()
+}
+
+/// Everything `set` checked before changing anything.
+struct Plan {
+    /// The CT's resource settings afterwards (saved with `--save`).
+    resources: ResourceConfig,
+    /// What changes in the cgroup of a running CT.
+    delta: Resources,
+    /// A running CT's cgroup, with the values `delta` overwrites.
+    limits: Option<(Cgroup, SavedLimits)>,
+    /// The network config afterwards, when it changes.
+    net: Option<net::NetConfig>,
+    /// The shaping the CT has now (the live one when running).
+    shaping_before: Option<ShapingConfig>,
+    /// With shaping flags: the shaping afterwards (`None`: unshaped).
+    shaping: Option<Option<ShapingConfig>>,
+}
+
+fn plan(
     host: &Host,
     ctid: Ctid,
+    cfg: &CtConfig,
+    run: Option<&RunState>,
     opts: &SetOpts,
-    save: bool,
-    hooks: &mut dyn NetHooks,
-) -> Result<()> {
-    let mut cfg = CtConfig::load(host, ctid)?;
-    let _lock = lock(host, ctid)?;
-    let run = running(host, ctid);
-    if run.is_none() && !save {
-        return Err(CtError::NeedSave(ctid));
-    }
+) -> Result<Plan> {
     if let Some(n) = &opts.name {
         validate_name(n).map_err(|e| CtError::Invalid {
             ctid,
@@ -289,53 +355,152 @@ pub fn set(
     delta.validate().map_err(cg_err(ctid))?;
     resources_of(&merged).validate().map_err(cg_err(ctid))?;
 
-    let newnet = if opts.net_changes() {
-        let n = merged_net(ctid, &live_net(&cfg.net, run.as_ref()), opts)?;
+    let net = if opts.net_changes() {
+        let n = merged_net(ctid, &live_net(&cfg.net, run), opts)?;
         if !opts.ipadd.is_empty() {
-            let others: Vec<(Ctid, CtConfig)> = host
-                .list_ctids()?
-                .into_iter()
-                .filter(|c| *c != ctid)
-                .filter_map(|c| CtConfig::load(host, c).ok().map(|cfg| (c, cfg)))
-                .collect();
-            let mut hn = HostNet::current().map_err(net_err(ctid))?;
-            net::addr_owner_check(
-                ctid,
-                &opts.ipadd,
-                others.iter().map(|(c, cfg)| (*c, &cfg.net)),
-                &mut hn,
-            )
-            .map_err(net_err(ctid))?;
+            check_addrs_free(host, ctid, &opts.ipadd)?;
         }
         Some(n)
     } else {
         None
     };
-
-    if let Some(limit) = r.diskspace {
-        crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
-    }
-    if let (Some(n), Some(mut st)) = (&newnet, run.clone()) {
-        apply_net_live(ctid, &mut st, n, opts, hooks)?;
-        let sp = host.state_path(ctid);
-        st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
-    }
-    if let Some(n) = &newnet
-        && (!opts.nameservers.is_empty() || !opts.searchdomains.is_empty())
-    {
-        let (_, write) = files_view(host, &cfg);
-        net::write_resolv_conf(&write, &n.nameservers, &n.searchdomains).map_err(net_err(ctid))?;
-    }
-    if let Some(st) = &run {
-        let cg = cgroup(host, ctid)?;
-        cg.apply(&delta).map_err(cg_err(ctid))?;
-        if let Some(h) = &opts.hostname {
-            exec::set_hostname_live(ctid, st.init_pid, h)?;
+    let shaping_before = current_shaping(cfg, run);
+    let shaping = if opts.shaping.is_empty() {
+        None
+    } else {
+        Some(
+            opts.shaping
+                .merge(shaping_before.as_ref())
+                .map_err(|source| CtError::Shaping { ctid, source })?,
+        )
+    };
+    // Reading what the limits are now also checks that the cgroup supports the change.
+    let limits = match run {
+        Some(_) => {
+            let cg = cgroup(host, ctid)?;
+            let saved = cg.save_limits(&delta).map_err(cg_err(ctid))?;
+            Some((cg, saved))
         }
+        None => None,
+    };
+    Ok(Plan {
+        resources: merged,
+        delta,
+        limits,
+        net,
+        shaping_before,
+        shaping,
+    })
+}
+
+/// Applies `set`: live on a running CT, persisted with `save`. Validates everything first so a
+/// bad value changes nothing, and undoes every step done when a later one fails.
+pub fn set(
+    host: &Host,
+    ctid: Ctid,
+    opts: &SetOpts,
+    save: bool,
+    hooks: &mut dyn NetHooks,
+) -> Result<()> {
+    let cfg = CtConfig::load(host, ctid)?;
+    let _lock = lock(host, ctid)?;
+    let run = running(host, ctid);
+    if run.is_none() && !save {
+        return Err(CtError::NeedSave(ctid));
+    }
+    let plan = plan(host, ctid, &cfg, run.as_ref(), opts)?;
+    let mut journal = Journal::new(host, ctid, run);
+    let res = apply(host, ctid, cfg, opts, &plan, save, hooks, &mut journal);
+    if res.is_err() {
+        journal.rollback(hooks);
+    }
+    res
+}
+
+/// The steps of `set`, in order, each recorded in `journal` (see the module docs).
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    host: &Host,
+    ctid: Ctid,
+    mut cfg: CtConfig,
+    opts: &SetOpts,
+    plan: &Plan,
+    save: bool,
+    hooks: &mut dyn NetHooks,
+    journal: &mut Journal,
+) -> Result<()> {
+    if let Some(limit) = opts.resources.diskspace {
+        let private = host.private_dir(ctid);
+        let before = crate::quota::diskspace_usage(&private, ctid.get())
+            .map(|(_, limit)| limit)
+            .ok();
+        crate::quota::set_diskspace(&private, ctid.get(), limit)?;
+        journal.push(Undo::Diskspace(before));
+    }
+    if let Some(st) = journal.live.as_mut()
+        && let Some(n) = &plan.net
+    {
+        let mut steps = Vec::new();
+        let before = st.net.clone();
+        let res = apply_net_live(
+            ctid,
+            st,
+            n,
+            opts,
+            plan.shaping_before.as_ref(),
+            hooks,
+            &mut steps,
+        );
+        // Recorded whatever the outcome: the sub-steps done before a failure are undone too.
+        journal.steps.push(Undo::Net {
+            steps,
+            before,
+            cfg: cfg.net.clone(),
+            shaping: plan.shaping_before.clone(),
+        });
+        res?;
+    }
+    if let Some(st) = journal.live.as_mut()
+        && let Some(new) = &plan.shaping
+    {
+        let net = st.net.clone().unwrap_or_else(|| NetState::new(ctid));
+        // Registered first: shaping that fails on the second interface is undone on the first.
+        journal.steps.push(Undo::Shaping {
+            before: plan.shaping_before.clone(),
+        });
+        hooks
+            .shape(ctid, &net, new.as_ref())
+            .map_err(hook_err(ctid))?;
+        st.shaping = Some(new.clone().unwrap_or_default());
+    }
+    if let Some((cg, saved)) = &plan.limits {
+        // Registered first: a write that fails halfway leaves earlier files changed.
+        journal.push(Undo::Limits(cg.clone(), saved.clone()));
+        cg.apply(&plan.delta).map_err(cg_err(ctid))?;
+    }
+    if let (Some(h), Some(pid)) = (&opts.hostname, journal.live.as_ref().map(|s| s.init_pid)) {
+        let before = exec::hostname_live(ctid, pid)?;
+        exec::set_hostname_live(ctid, pid, h)?;
+        journal.push(Undo::HostnameLive(before));
     }
     if let Some(h) = &opts.hostname {
         let (read, write) = files_view(host, &cfg);
+        journal.save_etc_files(&write, &["hostname", "hosts"])?;
         write_hostname_files(ctid, &read, &write, h)?;
+    }
+    if let Some(n) = &plan.net
+        && (!opts.nameservers.is_empty() || !opts.searchdomains.is_empty())
+    {
+        let (_, write) = files_view(host, &cfg);
+        journal.save_etc_files(&write, &["resolv.conf"])?;
+        net::write_resolv_conf(&write, &n.nameservers, &n.searchdomains).map_err(net_err(ctid))?;
+    }
+    if let Some(st) = &journal.live
+        && (plan.net.is_some() || plan.shaping.is_some())
+    {
+        let sp = host.state_path(ctid);
+        st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+        journal.push(Undo::RunState);
     }
     if save {
         if opts.hostname.is_some() {
@@ -344,12 +509,12 @@ pub fn set(
         if opts.name.is_some() {
             cfg.name = opts.name.clone();
         }
-        cfg.resources = merged;
-        if let Some(n) = newnet {
-            cfg.net = n;
+        cfg.resources = plan.resources.clone();
+        if let Some(n) = &plan.net {
+            cfg.net = n.clone();
         }
-        if let Some(t) = &opts.shaping {
-            cfg.shaping = (!t.is_empty()).then(|| t.clone());
+        if let Some(new) = &plan.shaping {
+            cfg.shaping = new.clone();
         }
         cfg.save(host)?;
     }

@@ -15,8 +15,8 @@ use super::mount::{bind_private, unbind_private};
 use super::state::{self, RunState};
 use super::stop::cleanup_stopped;
 use super::{
-    CtError, NetHooks, Result, cg_err, cgroup, init, io_err, lock, net_err, open_ns, resources_of,
-    running,
+    CtError, NetHooks, Result, cg_err, cgroup, hook_err, init, io_err, lock, net_err, open_ns,
+    resources_of, running,
 };
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host, UserNs};
@@ -212,11 +212,12 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
                 }
             }
         });
-        hooks
-            .net_up(ctid, &ns_state)
-            .map_err(|msg| CtError::StartFailed { ctid, msg })?;
+        // The CT's shaping comes with the interfaces. A hook that fails halfway (attached, not
+        // shaped) is undone like one that finished.
+        let up = hooks.net_up(ctid, &ns_state, cfg.active_shaping());
         let hooks = &mut *hooks;
         undo.push("datapath", move || hooks.net_down(ctid, &ns_state));
+        up.map_err(hook_err(ctid))?;
     }
     if !cfg.net.nameservers.is_empty() || !cfg.net.searchdomains.is_empty() {
         net::write_resolv_conf(&rootfs, &cfg.net.nameservers, &cfg.net.searchdomains)

@@ -5,7 +5,9 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::shaping::ShapingConfig;
 
 /// Written to `<run>/<CTID>.state.json` once the CT's init has exec'd.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,10 +27,29 @@ pub struct RunState {
     /// What the network setup made (interfaces, addresses, proxy entries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::NetState>,
-    /// The `[shaping]` table applied live by `set` without `--save` (None: the config's), so
-    /// the next unsaved `set` builds on it instead of on the saved settings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shaping: Option<toml::Table>,
+    /// The shaping `set` applied live (None: the config's, as applied at start; an empty one:
+    /// none), so the next unsaved `set` builds on it instead of on the saved settings.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "live_shaping"
+    )]
+    pub shaping: Option<ShapingConfig>,
+}
+
+/// A state file whose shaping cannot be read still says which init runs (a CT that runs must
+/// never look stopped): the shaping counts as the config's then.
+fn live_shaping<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ShapingConfig>, D::Error> {
+    let Some(v) = Option::<serde_json::Value>::deserialize(d)? else {
+        return Ok(None);
+    };
+    match serde_json::from_value(v) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            tracing::warn!(error = %e, "run state: unreadable live shaping, using the config's");
+            Ok(None)
+        }
+    }
 }
 
 impl RunState {
@@ -160,5 +181,32 @@ mod tests {
             ..st
         };
         assert!(!stale.alive());
+    }
+
+    /// A state file written when the live shaping was a TOML table (turned into JSON) reads
+    /// into the typed shaping; an unreadable shaping does not hide the init.
+    #[test]
+    fn old_state_files_with_shaping_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("1.state.json");
+        let old = r#"{"init_pid":4242,"init_starttime":77,"monitor_pid":4241,"boot_id":"b","started_at":1700000000,"mounted_by_start":true,"shaping":{"burst":"64kb","class":[{"class":1,"rate_in":"1gbit"},{"class":3,"rate_out":"20mbit"}],"pps_in":1000,"pps_out":2000,"rate_in":"10mbit","rate_out":"1500kbit"}}"#;
+        fs::write(&p, old).unwrap();
+        let st = RunState::read(&p).unwrap().unwrap();
+        assert_eq!(st.init_pid, 4242);
+        let sh = st.shaping.clone().unwrap();
+        assert_eq!(sh.rate_in.unwrap().to_string(), "10mbit");
+        assert_eq!(sh.burst, Some(crate::Size::Bytes(64 << 10)));
+        assert_eq!(sh.classes.len(), 2);
+        assert_eq!(sh.pps_in, Some(1000));
+        // What it writes back reads the same.
+        st.write(&p).unwrap();
+        assert_eq!(RunState::read(&p).unwrap().unwrap(), st);
+        // "Removed live" was an empty table.
+        fs::write(&p, old.replace(r#""shaping":{"#, r#""shaping":{},"x":{"#)).unwrap();
+        let st = RunState::read(&p).unwrap().unwrap();
+        assert_eq!(st.shaping, Some(ShapingConfig::default()));
+        fs::write(&p, old.replace("10mbit", "fast")).unwrap();
+        let st = RunState::read(&p).unwrap().unwrap();
+        assert_eq!((st.init_pid, st.shaping), (4242, None));
     }
 }

@@ -58,6 +58,18 @@ fn read_existing(etc: &OwnedFd, name: &str) -> String {
 }
 
 fn replace_file(rootfs: &Path, etc: &OwnedFd, name: &str, content: &str) -> Result<(), NetError> {
+    replace_file_as(rootfs, etc, name, content.as_bytes(), None)
+}
+
+/// [`replace_file`] with raw bytes, and with `owner` = (mode, uid, gid) given the new file
+/// gets them before it replaces the old one.
+fn replace_file_as(
+    rootfs: &Path,
+    etc: &OwnedFd,
+    name: &str,
+    content: &[u8],
+    owner: Option<(u32, u32, u32)>,
+) -> Result<(), NetError> {
     let path = rootfs.join("etc").join(name);
     let tmp = format!(".{name}.berth-tmp");
     let _ = unlinkat(
@@ -74,8 +86,17 @@ fn replace_file(rootfs: &Path, etc: &OwnedFd, name: &str, content: &str) -> Resu
     .map_err(|e| ferr("create temporary file for", &path, e))?;
     let mut f = File::from(fd);
     let res = f
-        .write_all(content.as_bytes())
+        .write_all(content)
         .map_err(|e| ferr("write", &path, e))
+        .and_then(|()| match owner {
+            None => Ok(()),
+            Some((mode, uid, gid)) => {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+                    .and_then(|()| std::os::unix::fs::fchown(&f, Some(uid), Some(gid)))
+                    .map_err(|e| ferr("set owner and mode of", &path, e))
+            }
+        })
         .and_then(|()| {
             renameat(etc.as_fd(), tmp.as_str(), etc.as_fd(), name)
                 .map_err(|e| ferr("replace", &path, e))
@@ -88,6 +109,104 @@ fn replace_file(rootfs: &Path, etc: &OwnedFd, name: &str, content: &str) -> Resu
         );
     }
     res
+}
+
+/// What one of the CT's `/etc` files was before berth rewrote it ([`save_etc_file`]), to put
+/// it back with [`restore_etc_file`] when a later step of the same change fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcFile {
+    /// Not there (or no `/etc` at all).
+    Absent,
+    File {
+        content: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    /// The CT's own symlink (berth's rename replaced the link, not its target).
+    Symlink(std::path::PathBuf),
+    /// Something berth does not write over (a directory, a device): left alone.
+    Other,
+}
+
+/// Reads `<rootfs>/etc/<name>` without following symlinks.
+pub fn save_etc_file(rootfs: &Path, name: &str) -> Result<EtcFile, NetError> {
+    use nix::sys::stat::{FileStat, SFlag, fstatat};
+    let path = rootfs.join("etc").join(name);
+    if std::fs::symlink_metadata(rootfs.join("etc")).is_err() {
+        return Ok(EtcFile::Absent);
+    }
+    let etc = open_etc(rootfs)?;
+    let st: FileStat = match fstatat(etc.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(EtcFile::Absent),
+        Err(e) => return Err(ferr("stat", &path, e)),
+    };
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    if kind == SFlag::S_IFLNK {
+        let target =
+            nix::fcntl::readlinkat(etc.as_fd(), name).map_err(|e| ferr("read link", &path, e))?;
+        return Ok(EtcFile::Symlink(target.into()));
+    }
+    if kind != SFlag::S_IFREG {
+        return Ok(EtcFile::Other);
+    }
+    let fd = openat(
+        etc.as_fd(),
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| ferr("open", &path, e))?;
+    let mut content = Vec::new();
+    File::from(fd)
+        .read_to_end(&mut content)
+        .map_err(|e| ferr("read", &path, e))?;
+    Ok(EtcFile::File {
+        content,
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+    })
+}
+
+/// Puts `<rootfs>/etc/<name>` back as [`save_etc_file`] found it (written like every file
+/// here: never through a symlink).
+pub fn restore_etc_file(rootfs: &Path, name: &str, saved: &EtcFile) -> Result<(), NetError> {
+    let path = rootfs.join("etc").join(name);
+    if matches!(saved, EtcFile::Other) {
+        return Ok(());
+    }
+    let etc = match open_etc(rootfs) {
+        Ok(etc) => etc,
+        // No /etc now: nothing was written that needs removing.
+        Err(_)
+            if saved == &EtcFile::Absent
+                && std::fs::symlink_metadata(rootfs.join("etc")).is_err() =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let unlink = || match unlinkat(etc.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(ferr("remove", &path, e)),
+    };
+    match saved {
+        EtcFile::Absent => unlink(),
+        EtcFile::Symlink(target) => {
+            unlink()?;
+            nix::unistd::symlinkat(target.as_path(), etc.as_fd(), name)
+                .map_err(|e| ferr("restore link", &path, e))
+        }
+        EtcFile::File {
+            content,
+            mode,
+            uid,
+            gid,
+        } => replace_file_as(rootfs, &etc, name, content, Some((*mode, *uid, *gid))),
+        EtcFile::Other => Ok(()),
+    }
 }
 
 /// Writes the CT's `/etc/resolv.conf`: `nameserver` lines replaced when `nameservers` is not
@@ -224,6 +343,55 @@ mod tests {
             "::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tweb1.example.com web1\n127.0.0.1 localhost\n192.0.2.9 db\n"
         );
         assert!(write_hostname_files(dir.path(), "bad name").is_err());
+    }
+
+    /// A saved file, link or absence comes back exactly, without writing through a link the
+    /// CT planted meanwhile.
+    #[test]
+    fn saved_etc_files_are_restored() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::write(etc.join("hosts"), b"127.0.0.1 localhost\n\xff\n").unwrap();
+        std::fs::set_permissions(etc.join("hosts"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", etc.join("resolv.conf")).unwrap();
+        let saved: Vec<(&str, EtcFile)> = ["hosts", "resolv.conf", "hostname"]
+            .into_iter()
+            .map(|n| (n, save_etc_file(dir.path(), n).unwrap()))
+            .collect();
+        assert_eq!(saved[2].1, EtcFile::Absent);
+        assert_eq!(saved[1].1, EtcFile::Symlink("../run/resolv.conf".into()));
+        write_hostname_files(dir.path(), "web1.example.com").unwrap();
+        write_resolv_conf(dir.path(), &["192.0.2.53".parse().unwrap()], &[]).unwrap();
+        // The CT swaps /etc/hosts for a link to a host file before the rollback.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "host file\n").unwrap();
+        std::fs::remove_file(etc.join("hosts")).unwrap();
+        std::os::unix::fs::symlink(&outside, etc.join("hosts")).unwrap();
+        for (name, s) in &saved {
+            restore_etc_file(dir.path(), name, s).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host file\n");
+        assert_eq!(
+            std::fs::read(etc.join("hosts")).unwrap(),
+            b"127.0.0.1 localhost\n\xff\n"
+        );
+        let mode = std::fs::metadata(etc.join("hosts"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_link(etc.join("resolv.conf")).unwrap(),
+            Path::new("../run/resolv.conf")
+        );
+        assert!(std::fs::symlink_metadata(etc.join("hostname")).is_err());
+        // No /etc before and after: nothing to do.
+        let bare = tempfile::tempdir().unwrap();
+        let s = save_etc_file(bare.path(), "hosts").unwrap();
+        restore_etc_file(bare.path(), "hosts", &s).unwrap();
     }
 
     #[test]

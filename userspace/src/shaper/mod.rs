@@ -73,7 +73,6 @@
 
 mod apply;
 mod backend;
-mod config;
 mod edt;
 mod plan;
 pub mod report;
@@ -101,9 +100,11 @@ use berth_common::{
 };
 use berth_runtime::Ctid;
 use berth_runtime::net::{NetError, Netlink};
-pub use config::{
-    ClassRate, ConfigError, DEFAULT_MTU, MAX_PPS, MAX_RATE_BPS, Rate, ShapingConfig, Size,
-    parse_optional_rate,
+// The CT's shaping settings are part of its typed config, in the runtime.
+pub use berth_runtime::Size;
+pub use berth_runtime::shaping::{
+    ClassRate, DEFAULT_MTU, MAX_PPS, MAX_RATE_BPS, Rate, ShapingChange, ShapingConfig,
+    ShapingError, parse_optional_burst, parse_optional_rate,
 };
 use serde::Serialize;
 use tc::{HtbClass, handle};
@@ -130,7 +131,7 @@ const EDT: ProgramSpec = ProgramSpec::optional(program_names::EDT, "edt");
 #[derive(Debug, thiserror::Error)]
 pub enum ShaperError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] ShapingError),
     #[error("interface #{ifindex} does not exist in this network namespace")]
     NoSuchIfindex { ifindex: u32 },
     #[error("interface #{ifindex} belongs to CT {owner}, not CT {ctid}")]

@@ -74,7 +74,7 @@ pub(super) fn plan_dir(
     let total_b = total.map(Rate::bytes_per_sec);
     let burst_for = |ceil: u64| {
         burst
-            .map(Size::bytes)
+            .and_then(Size::bytes)
             .unwrap_or_else(|| (ceil * BURST_MS / 1000).max(MIN_BURST))
     };
     let mut plan = DirPlan::default();

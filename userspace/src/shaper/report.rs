@@ -143,7 +143,7 @@ impl ShapingReport {
 fn dir_line(d: &DirReport) -> String {
     let mut s = format!("rate {}", d.rate.as_deref().unwrap_or("-"));
     if let Some(b) = d.burst_bytes {
-        let _ = write!(s, " burst {}", Size::from_bytes(b));
+        let _ = write!(s, " burst {}", Size::from_bytes(b).tc());
     }
     for c in &d.classes {
         let _ = write!(s, " class{} {}", c.class, c.rate);

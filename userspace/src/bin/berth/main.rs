@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use berth::ctnet::DatapathHooks;
 use berth::datapath::DEFAULT_PIN_DIR;
+use berth::lifecycle_hooks::DatapathHooks;
 use berth_runtime::Ctid;
 use berth_runtime::config::Host;
 use clap::Parser;

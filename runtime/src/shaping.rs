@@ -1,6 +1,7 @@
-//! What a CT's shaping looks like in its config (`[shaping]` in `<root>/conf/<CTID>.toml`)
-//! and on the command line: rates and sizes with tc's units, validated before anything in the
-//! kernel changes.
+//! A CT's traffic shaping as configuration: `[shaping]` in `<root>/conf/<CTID>.toml`, the
+//! shaping flags of `berth set` ([`ShapingChange`]) and the run state's live shaping. Rates and
+//! sizes use tc's units and are validated before anything in the kernel changes; the shaper in
+//! the `berth` crate applies them.
 //!
 //! ```toml
 //! [shaping]
@@ -20,17 +21,19 @@ use std::{fmt, str::FromStr};
 use berth_common::MAX_CLASSES;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
-/// A configuration value that cannot be used; names the flag (`--rate-in`) and the value.
+use crate::size::{Size, split_number};
+
+/// A shaping value that cannot be used; names the flag (`--rate-in`) and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{flag} {value:?}: {reason}")]
-pub struct ConfigError {
+pub struct ShapingError {
     /// The command-line flag (the TOML key is the same with `_`, e.g. `rate_in`).
     pub flag: &'static str,
     pub value: String,
     pub reason: String,
 }
 
-impl ConfigError {
+impl ShapingError {
     fn new(flag: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             flag,
@@ -45,18 +48,6 @@ impl ConfigError {
 pub const MAX_RATE_BPS: u64 = 10_000_000_000_000;
 /// The largest packet rate accepted: the GCRA spacing must stay at least 10 ns.
 pub const MAX_PPS: u64 = 100_000_000;
-
-/// Splits "1.5mbit" into (1.5, "mbit"); `None` when there is no leading number.
-fn split_number(s: &str) -> Option<(f64, String)> {
-    let end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    if end == 0 {
-        return None;
-    }
-    let n: f64 = s[..end].parse().ok()?;
-    Some((n, s[end..].trim().to_ascii_lowercase()))
-}
 
 /// A rate in bits per second (of Ethernet frames, as HTB counts them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,16 +70,16 @@ impl Rate {
     /// Parses tc's rate syntax: a number with `bit` (or none: bits/s), `kbit`, `mbit`, `gbit`,
     /// `tbit`, `kibit`…, or bytes per second: `bps`, `kbps`, `mbps`, `gbps`, `kibps`….
     /// `flag` names the option in the error.
-    pub fn parse(flag: &'static str, s: &str) -> Result<Self, ConfigError> {
+    pub fn parse(flag: &'static str, s: &str) -> Result<Self, ShapingError> {
         let t = s.trim();
         if t.is_empty() {
-            return Err(ConfigError::new(flag, s, "empty rate"));
+            return Err(ShapingError::new(flag, s, "empty rate"));
         }
         if t.starts_with('-') {
-            return Err(ConfigError::new(flag, s, "a rate cannot be negative"));
+            return Err(ShapingError::new(flag, s, "a rate cannot be negative"));
         }
         let Some((n, unit)) = split_number(t) else {
-            return Err(ConfigError::new(
+            return Err(ShapingError::new(
                 flag,
                 s,
                 "not a rate (expected a number with a unit like kbit, mbit, gbit, bps)",
@@ -114,7 +105,7 @@ impl Rate {
             "gibps" => 8.0 * 1024.0 * 1024.0 * 1024.0,
             "tibps" => 8.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0,
             other => {
-                return Err(ConfigError::new(
+                return Err(ShapingError::new(
                     flag,
                     s,
                     format!(
@@ -126,14 +117,18 @@ impl Rate {
         };
         let bits = (n * mult).round();
         if bits < 1.0 {
-            return Err(ConfigError::new(
+            return Err(ShapingError::new(
                 flag,
                 s,
                 "a rate must be greater than zero",
             ));
         }
         if bits > MAX_RATE_BPS as f64 {
-            return Err(ConfigError::new(flag, s, "rate too large (at most 10tbit)"));
+            return Err(ShapingError::new(
+                flag,
+                s,
+                "rate too large (at most 10tbit)",
+            ));
         }
         Ok(Self(bits as u64))
     }
@@ -157,7 +152,7 @@ impl fmt::Display for Rate {
 }
 
 impl FromStr for Rate {
-    type Err = ConfigError;
+    type Err = ShapingError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse("rate", s)
     }
@@ -188,82 +183,37 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
-/// A size in bytes (burst), tc's syntax: bare or `b` = bytes, `k`/`kb`/`kib`, `m`/`mb`/`mib`,
-/// `g`/`gb`/`gib` (all powers of 1024, as tc reads them), `kbit`/`mbit`/`gbit` = bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Size(u64);
-
-impl Size {
-    pub fn from_bytes(bytes: u64) -> Self {
-        Self(bytes)
+/// `--rate-in` / `--rate-out` values: a rate, or `none` (no limit).
+pub fn parse_optional_rate(flag: &'static str, s: &str) -> Result<Option<Rate>, ShapingError> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(None);
     }
-
-    pub fn bytes(self) -> u64 {
-        self.0
-    }
-
-    pub fn parse(flag: &'static str, s: &str) -> Result<Self, ConfigError> {
-        let t = s.trim();
-        if t.starts_with('-') {
-            return Err(ConfigError::new(flag, s, "a size cannot be negative"));
-        }
-        let Some((n, unit)) = split_number(t) else {
-            return Err(ConfigError::new(
-                flag,
-                s,
-                "not a size (expected a number with a unit like b, kb, mb)",
-            ));
-        };
-        let mult: f64 = match unit.as_str() {
-            "" | "b" => 1.0,
-            "k" | "kb" | "kib" => 1024.0,
-            "m" | "mb" | "mib" => 1024.0 * 1024.0,
-            "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-            "kbit" => 1024.0 / 8.0,
-            "mbit" => 1024.0 * 1024.0 / 8.0,
-            "gbit" => 1024.0 * 1024.0 * 1024.0 / 8.0,
-            other => {
-                return Err(ConfigError::new(
-                    flag,
-                    s,
-                    format!("unknown size unit {other:?} (use b, kb, mb, gb, kbit, mbit)"),
-                ));
-            }
-        };
-        let bytes = (n * mult).round();
-        if bytes < 1.0 {
-            return Err(ConfigError::new(
-                flag,
-                s,
-                "a size must be greater than zero",
-            ));
-        }
-        if bytes > f64::from(u32::MAX) {
-            return Err(ConfigError::new(flag, s, "size too large (at most 4gb)"));
-        }
-        Ok(Self(bytes as u64))
-    }
+    Rate::parse(flag, s).map(Some)
 }
 
-impl fmt::Display for Size {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (div, unit) in [(1 << 30, "gb"), (1 << 20, "mb"), (1 << 10, "kb")] {
-            if self.0.is_multiple_of(div) {
-                return write!(f, "{}{unit}", self.0 / div);
-            }
+/// `--burst` values: a size in tc's syntax ([`Size::parse_tc`]), or `none` (the default
+/// burst).
+pub fn parse_optional_burst(flag: &'static str, s: &str) -> Result<Option<Size>, ShapingError> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Size::parse_tc(s)
+        .map(Some)
+        .map_err(|e| ShapingError::new(flag, s, e.why))
+}
+
+/// `burst` in TOML and JSON: tc's units (`"64kb"`), or a bare number of bytes.
+mod burst_format {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(b: &Option<Size>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.collect_str(&b.tc()),
+            None => s.serialize_none(),
         }
-        write!(f, "{}b", self.0)
     }
-}
 
-impl Serialize for Size {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Raw {
@@ -271,18 +221,12 @@ impl<'de> Deserialize<'de> for Size {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Bytes(b) => Ok(Size(b)),
-            Raw::Text(t) => Size::parse("burst", &t).map_err(de::Error::custom),
+            Raw::Bytes(b) => Ok(Some(Size::Bytes(b))),
+            Raw::Text(t) => Size::parse_tc(&t)
+                .map(Some)
+                .map_err(|e| de::Error::custom(ShapingError::new("burst", t, e.why))),
         }
     }
-}
-
-/// `--rate-in` / `--rate-out` values: a rate, or `none` (no limit).
-pub fn parse_optional_rate(flag: &'static str, s: &str) -> Result<Option<Rate>, ConfigError> {
-    if s.trim().eq_ignore_ascii_case("none") {
-        return Ok(None);
-    }
-    Rate::parse(flag, s).map(Some)
 }
 
 /// Rates of one network class (`networks_classes`), from the CT's point of view.
@@ -297,12 +241,12 @@ pub struct ClassRate {
 }
 
 impl ClassRate {
-    /// `--class-rate CLASS:IN:OUT`, e.g. `1:1gbit:none`.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+    /// `--class-rate CLASS:IN:OUT`, e.g. `1:1gbit:none`; `none` removes that direction's rate.
+    pub fn parse(s: &str) -> Result<Self, ShapingError> {
         const FLAG: &str = "--class-rate";
         let parts: Vec<&str> = s.split(':').collect();
         let [class, rin, rout] = parts.as_slice() else {
-            return Err(ConfigError::new(
+            return Err(ShapingError::new(
                 FLAG,
                 s,
                 "expected CLASS:IN:OUT (e.g. 1:100mbit:none)",
@@ -314,7 +258,7 @@ impl ClassRate {
             .ok()
             .filter(|c| u32::from(*c) < MAX_CLASSES)
             .ok_or_else(|| {
-                ConfigError::new(
+                ShapingError::new(
                     FLAG,
                     s,
                     format!("class must be a number from 0 to {}", MAX_CLASSES - 1),
@@ -343,18 +287,19 @@ impl fmt::Display for ClassRate {
 
 /// A CT's shaping, from its point of view: `in` = traffic delivered to the CT, `out` =
 /// traffic it sends. Everything `None`/empty means unshaped.
+///
+/// The fields are declared in the order their keys sort: configs saved before this type existed
+/// (through a TOML table, which sorts its keys) and configs saved now look the same.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShapingConfig {
-    /// Total rate of traffic to the CT (all classes together).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_in: Option<Rate>,
-    /// Total rate of traffic from the CT.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_out: Option<Rate>,
     /// HTB burst (and cburst) of every class; default: 2 ms at the class's rate, at least
     /// 16 KiB (measured: smaller bursts lose rate at 1 Gbit/s to timer slack).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "burst_format"
+    )]
     pub burst: Option<Size>,
     /// Per-network-class rates.
     #[serde(default, rename = "class", skip_serializing_if = "Vec::is_empty")]
@@ -365,6 +310,12 @@ pub struct ShapingConfig {
     pub pps_in: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pps_out: Option<u64>,
+    /// Total rate of traffic to the CT (all classes together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_in: Option<Rate>,
+    /// Total rate of traffic from the CT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_out: Option<Rate>,
 }
 
 /// The smallest MTU a burst is checked against when the interface's is unknown.
@@ -383,15 +334,20 @@ impl ShapingConfig {
                 .all(|c| c.rate_in.is_none() && c.rate_out.is_none())
     }
 
+    /// `Some(self)` unless there is nothing to shape: what the lifecycle hands the shaper.
+    pub fn non_empty(self) -> Option<Self> {
+        (!self.is_empty()).then_some(self)
+    }
+
     /// Checks what parsing cannot: burst at least one frame of the interface (`mtu` + the
     /// Ethernet header), packet rates in range, class numbers valid and unique.
-    pub fn validate(&self, mtu: u32) -> Result<(), ConfigError> {
+    pub fn validate(&self, mtu: u32) -> Result<(), ShapingError> {
         if let Some(b) = self.burst {
             let frame = u64::from(mtu) + u64::from(berth_common::ETH_HLEN);
-            if b.bytes() < frame {
-                return Err(ConfigError::new(
+            if b.bytes().is_none_or(|b| b < frame) {
+                return Err(ShapingError::new(
                     "--burst",
-                    b.to_string(),
+                    b.tc().to_string(),
                     format!(
                         "burst must hold at least one frame: {frame} bytes (MTU {mtu} + \
                          Ethernet header)"
@@ -403,7 +359,7 @@ impl ShapingConfig {
             if let Some(p) = pps
                 && (p == 0 || p > MAX_PPS)
             {
-                return Err(ConfigError::new(
+                return Err(ShapingError::new(
                     flag,
                     p.to_string(),
                     format!("packet rate must be between 1 and {MAX_PPS} packets per second"),
@@ -413,14 +369,14 @@ impl ShapingConfig {
         let mut seen = 0u32;
         for c in &self.classes {
             if u32::from(c.class) >= MAX_CLASSES {
-                return Err(ConfigError::new(
+                return Err(ShapingError::new(
                     "--class-rate",
                     c.to_string(),
                     format!("class must be a number from 0 to {}", MAX_CLASSES - 1),
                 ));
             }
             if seen & (1 << c.class) != 0 {
-                return Err(ConfigError::new(
+                return Err(ShapingError::new(
                     "--class-rate",
                     c.to_string(),
                     "class given twice",
@@ -441,23 +397,23 @@ impl ShapingConfig {
     }
 
     /// Packets-per-second argument (`--pps-in N`, `none` removes the limit).
-    pub fn parse_pps(flag: &'static str, s: &str) -> Result<Option<u64>, ConfigError> {
+    pub fn parse_pps(flag: &'static str, s: &str) -> Result<Option<u64>, ShapingError> {
         let t = s.trim();
         if t.eq_ignore_ascii_case("none") {
             return Ok(None);
         }
         if t.starts_with('-') {
-            return Err(ConfigError::new(
+            return Err(ShapingError::new(
                 flag,
                 s,
                 "a packet rate cannot be negative",
             ));
         }
         let n: u64 = t.parse().map_err(|_| {
-            ConfigError::new(flag, s, "not a packet rate (expected packets per second)")
+            ShapingError::new(flag, s, "not a packet rate (expected packets per second)")
         })?;
         if n == 0 || n > MAX_PPS {
-            return Err(ConfigError::new(
+            return Err(ShapingError::new(
                 flag,
                 s,
                 format!("packet rate must be between 1 and {MAX_PPS} packets per second"),
@@ -467,133 +423,77 @@ impl ShapingConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_parse_like_tc() {
-        let r = |s| Rate::parse("--rate-in", s).map(Rate::bits_per_sec);
-        assert_eq!(r("10mbit"), Ok(10_000_000));
-        assert_eq!(r("10Mbit"), Ok(10_000_000));
-        assert_eq!(r("1.5gbit"), Ok(1_500_000_000));
-        assert_eq!(r("100kbit"), Ok(100_000));
-        assert_eq!(r("1000"), Ok(1000));
-        assert_eq!(r("1000bit"), Ok(1000));
-        assert_eq!(r("125bps"), Ok(1000));
-        assert_eq!(r("1mbps"), Ok(8_000_000));
-        assert_eq!(r("1kibit"), Ok(1024));
-        assert_eq!(r("1mibps"), Ok(8 * 1024 * 1024));
-    }
-
-    #[test]
-    fn bad_rates_name_the_flag() {
-        for bad in [
-            "0",
-            "0mbit",
-            "-5mbit",
-            "fast",
-            "10 parsecs",
-            "",
-            "10xbit",
-            "0.0001bit",
-        ] {
-            let e = Rate::parse("--rate-out", bad).unwrap_err();
-            assert_eq!(e.flag, "--rate-out", "{bad}");
-            assert!(e.to_string().starts_with("--rate-out"), "{e}");
+impl ShapingError {
+    /// The `[shaping]` key the flag stands for (`--rate-in` → `rate_in`, `--class-rate` →
+    /// `class`).
+    pub fn key(&self) -> String {
+        match self.flag {
+            "--class-rate" => "class".into(),
+            f => f.trim_start_matches("--").replace('-', "_"),
         }
-        assert!(
-            Rate::parse("--rate-in", "-1mbit")
-                .unwrap_err()
-                .reason
-                .contains("negative")
-        );
-        assert!(
-            Rate::parse("--rate-in", "0")
-                .unwrap_err()
-                .reason
-                .contains("greater than zero")
-        );
-        assert!(Rate::parse("--rate-in", "20tbit").is_err());
-    }
-
-    #[test]
-    fn rates_display_round_trip() {
-        for s in ["10mbit", "1gbit", "1500kbit", "7bit", "10tbit"] {
-            assert_eq!(Rate::parse("x", s).unwrap().to_string(), s);
-        }
-    }
-
-    #[test]
-    fn sizes_parse_like_tc() {
-        let z = |s| Size::parse("--burst", s).map(Size::bytes);
-        assert_eq!(z("1514"), Ok(1514));
-        assert_eq!(z("64kb"), Ok(65536));
-        assert_eq!(z("64k"), Ok(65536));
-        assert_eq!(z("1mb"), Ok(1 << 20));
-        assert_eq!(z("8kbit"), Ok(1024));
-        assert!(z("-1kb").is_err());
-        assert!(z("0").is_err());
-        assert!(z("lots").is_err());
-    }
-
-    #[test]
-    fn class_rates_parse() {
-        let c = ClassRate::parse("1:100mbit:none").unwrap();
-        assert_eq!(c.class, 1);
-        assert_eq!(c.rate_in, Some(Rate(100_000_000)));
-        assert_eq!(c.rate_out, None);
-        assert_eq!(c.to_string(), "1:100mbit:none");
-        assert!(ClassRate::parse("16:1mbit:1mbit").is_err());
-        assert!(ClassRate::parse("1:1mbit").is_err());
-        assert_eq!(
-            ClassRate::parse("1:0:1mbit").unwrap_err().flag,
-            "--class-rate"
-        );
-    }
-
-    #[test]
-    fn validation_rejects_small_burst_and_zero_pps() {
-        let mut c = ShapingConfig {
-            rate_in: Some(Rate(10_000_000)),
-            burst: Some(Size(1000)),
-            ..Default::default()
-        };
-        let e = c.validate(1500).unwrap_err();
-        assert_eq!(e.flag, "--burst");
-        assert!(e.reason.contains("1514"), "{e}");
-        c.burst = Some(Size(1514));
-        c.validate(1500).unwrap();
-        c.pps_in = Some(0);
-        assert_eq!(c.validate(1500).unwrap_err().flag, "--pps-in");
-        assert_eq!(
-            ShapingConfig::parse_pps("--pps-out", "-3")
-                .unwrap_err()
-                .flag,
-            "--pps-out"
-        );
-        assert_eq!(ShapingConfig::parse_pps("--pps-out", "none"), Ok(None));
-    }
-
-    #[test]
-    fn toml_round_trip() {
-        let text = r#"
-            rate_in = "100mbit"
-            rate_out = 5000000
-            burst = "64kb"
-            pps_in = 1000
-            [[class]]
-            class = 1
-            rate_in = "1gbit"
-        "#;
-        let c: ShapingConfig = toml::from_str(text).unwrap();
-        assert_eq!(c.rate_out, Some(Rate(5_000_000)));
-        assert_eq!(c.burst, Some(Size(65536)));
-        assert_eq!(c.classes[0].rate_in, Some(Rate(1_000_000_000)));
-        let back: ShapingConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
-        assert!(toml::from_str::<ShapingConfig>("rate_in = \"0\"").is_err());
-        assert!(toml::from_str::<ShapingConfig>("rate_in = 0").is_err());
-        assert!(toml::from_str::<ShapingConfig>("rate_inn = \"1mbit\"").is_err());
     }
 }
+
+/// The shaping flags of one `berth set`: each `Some` replaces that setting (`Some(None)`
+/// removes it), each class rate replaces that class's rates. Everything else of the CT's
+/// shaping stays.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShapingChange {
+    /// `--rate-in RATE|none`.
+    pub rate_in: Option<Option<Rate>>,
+    /// `--rate-out RATE|none`.
+    pub rate_out: Option<Option<Rate>>,
+    /// `--burst SIZE|none`.
+    pub burst: Option<Option<Size>>,
+    /// `--class-rate CLASS:IN:OUT`, in the order given (a later one for the same class wins).
+    pub class_rates: Vec<ClassRate>,
+    /// `--pps-in N|none`.
+    pub pps_in: Option<Option<u64>>,
+    /// `--pps-out N|none`.
+    pub pps_out: Option<Option<u64>>,
+}
+
+impl ShapingChange {
+    /// No shaping flag was given.
+    pub fn is_empty(&self) -> bool {
+        self.rate_in.is_none()
+            && self.rate_out.is_none()
+            && self.burst.is_none()
+            && self.class_rates.is_empty()
+            && self.pps_in.is_none()
+            && self.pps_out.is_none()
+    }
+
+    /// The CT's shaping after this change, on top of `base` (its current shaping), validated
+    /// against [`DEFAULT_MTU`] (the shaper checks each interface's own MTU again). `None`: nothing
+    /// is left to shape, so the CT ends up unshaped.
+    pub fn merge(
+        &self,
+        base: Option<&ShapingConfig>,
+    ) -> Result<Option<ShapingConfig>, ShapingError> {
+        let mut sc = base.cloned().unwrap_or_default();
+        if let Some(r) = self.rate_in {
+            sc.rate_in = r;
+        }
+        if let Some(r) = self.rate_out {
+            sc.rate_out = r;
+        }
+        if let Some(b) = self.burst {
+            sc.burst = b;
+        }
+        for c in &self.class_rates {
+            sc.set_class(*c);
+        }
+        if let Some(p) = self.pps_in {
+            sc.pps_in = p;
+        }
+        if let Some(p) = self.pps_out {
+            sc.pps_out = p;
+        }
+        sc.validate(DEFAULT_MTU)?;
+        Ok(sc.non_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests;
