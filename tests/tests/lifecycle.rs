@@ -454,3 +454,51 @@ fn enter_gives_an_interactive_shell_on_a_ct_pty() {
     h.ok(&["stop", "--fast", "111"]);
     h.assert_clean();
 }
+
+/// `berth: error: a: b: c` on stderr, split into its levels.
+fn error_levels(stderr: &str) -> Vec<String> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("berth: error: "))
+        .unwrap_or_else(|| panic!("no `berth: error:` line in {stderr:?}"));
+    line.split(": ").map(str::to_owned).collect()
+}
+
+#[test]
+fn errors_print_each_cause_once() {
+    let h = TestHost::new();
+    h.ok(&["create", "4611"]);
+    let conf = h.root.join("conf/4611.toml");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good}\n[shaping]\nburst = \"100b\"\n")).unwrap();
+
+    let missing = h.dir.path().join("no-such-template.tar.gz");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "template".into(),
+                "import".into(),
+                missing.display().to_string(),
+            ],
+            "No such file or directory",
+        ),
+        (vec!["start".into(), "4611".into()], "at least one frame"),
+        (vec!["status".into(), "4611".into()], "at least one frame"),
+    ];
+    for (args, cause) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = h.fails(&args);
+        let levels = error_levels(&err);
+        let mut seen = std::collections::HashSet::new();
+        for l in &levels {
+            assert!(seen.insert(l), "`berth {args:?}` repeats {l:?}: {err}");
+        }
+        assert_eq!(
+            err.matches(cause).count(),
+            1,
+            "`berth {args:?}`: the cause {cause:?} should appear once: {err}"
+        );
+    }
+    std::fs::write(&conf, good).unwrap();
+    h.ok(&["destroy", "4611"]);
+}

@@ -81,16 +81,8 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
     Ok(rep)
 }
 
-/// An error with its causes, as one line (errors carry their cause as `source`, not in the text).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error_chain::ErrorChain(e).to_string()
 }
 
 #[cfg(test)]

@@ -43,27 +43,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("berth: error: {}", error_text(&e));
+            // `{:#}`: the message and each cause once — library errors leave their cause to
+            // `source()`, never repeating it in their own text.
+            eprintln!("berth: error: {e:#}");
             ExitCode::from(1)
         }
     }
-}
-
-/// The error and its causes, each cause only if the text so far does not already carry it
-/// (the library errors name their source in their own message as well as chaining it).
-fn error_text(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let c = cause.to_string();
-        if out.contains(&c) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&c);
-    }
-    out
 }
 
 /// What every verb works with: the host's directories, the output mode and the datapath.
@@ -126,23 +111,4 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Gc => gc::gc(ctx)?,
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod error_text_tests {
-    use super::error_text;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("CT 7: open /x: {source}")]
-    struct Outer {
-        #[source]
-        source: std::io::Error,
-    }
-
-    #[test]
-    fn causes_already_in_the_message_are_not_repeated() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        let e = anyhow::Error::new(Outer { source: io }).context("start CT 7");
-        assert_eq!(error_text(&e), "start CT 7: CT 7: open /x: no such file");
-    }
 }
