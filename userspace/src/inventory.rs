@@ -15,6 +15,7 @@ use crate::datapath::{DatapathError, DatapathView, Direction, Family};
 use crate::netstat::{Baseline, CtShapingSummary, Filter, NetstatRow, aggregate};
 use crate::shaper::ShaperError;
 use crate::shaper::report::{ShapingReader, ShapingReport};
+use berth_runtime::error_chain::ErrorChain;
 
 /// Every error of this module: those of the layers below pass through unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -197,7 +198,7 @@ pub fn rows(host: &Host, all: bool, fields: &[&str], pin_dir: &Path) -> Result<V
         let st = match container::status(host, ctid) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(%ctid, error = %e, "skipping CT");
+                tracing::warn!(%ctid, error = %ErrorChain(&e), "skipping CT");
                 continue;
             }
         };
@@ -264,7 +265,7 @@ pub fn status(host: &Host, pin_dir: &Path, ctid: Ctid) -> Result<CtStatus> {
         match ct_shaping(pin_dir, ctid) {
             Ok(s) => s,
             Err(e) => {
-                let msg = format!("reading CT {ctid}'s shaping: {e}");
+                let msg = format!("reading CT {ctid}'s shaping: {}", ErrorChain(&e));
                 tracing::warn!("{msg}");
                 shaping_error = Some(msg);
                 None

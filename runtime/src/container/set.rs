@@ -22,6 +22,7 @@ use super::{
 use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
 use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::{Ctid, validate_name};
+use crate::error_chain::ErrorChain;
 use crate::net::{self, HostNet, NetState};
 use crate::shaping::{ShapingChange, ShapingConfig};
 
@@ -242,7 +243,7 @@ fn apply_net_live(
             had.into_iter().filter(|a| !left.contains(a)).collect(),
         ));
         for e in errors {
-            warn!(%ctid, error = %e, "--ipdel");
+            warn!(%ctid, error = %ErrorChain(&e), "--ipdel");
         }
     }
     if let Some(which) = &o.netif_del {
@@ -264,7 +265,7 @@ fn apply_net_live(
             gone.ifaces.iter().map(bridged_settings).collect(),
         ));
         for e in errors {
-            warn!(%ctid, error = %e, "--netif_del");
+            warn!(%ctid, error = %ErrorChain(&e), "--netif_del");
         }
     }
     if !o.ipadd.is_empty() {
@@ -431,9 +432,9 @@ fn apply(
 ) -> Result<()> {
     if let Some(limit) = opts.resources.diskspace {
         let private = host.private_dir(ctid);
-        let before = crate::quota::diskspace_usage(&private, ctid.get())
-            .map(|(_, limit)| limit)
-            .ok();
+        // The old limit must be known to be put back: a quota that cannot be read fails the
+        // set here, before anything changed (rolling back to "no limit" would lift it).
+        let (_, before) = crate::quota::diskspace_usage(&private, ctid.get())?;
         crate::quota::set_diskspace(&private, ctid.get(), limit)?;
         journal.push(Undo::Diskspace(before));
     }
