@@ -198,8 +198,9 @@ pub(super) fn check_addrs_free(host: &Host, ctid: Ctid, addrs: &[IpAddr]) -> Res
         .list_ctids()?
         .into_iter()
         .filter(|c| *c != ctid)
-        .filter_map(|c| CtConfig::load(host, c).ok().map(|cfg| (c, cfg)))
-        .collect();
+        // Every other config must load: one that does not may claim the address (fail closed).
+        .map(|c| CtConfig::load(host, c).map(|cfg| (c, cfg)))
+        .collect::<Result<_, _>>()?;
     let mut hn = HostNet::current().map_err(net_err(ctid))?;
     net::addr_owner_check(
         ctid,
@@ -323,10 +324,8 @@ fn plan(
             msg: e.to_string(),
         })?;
         for other in host.list_ctids()? {
-            if other != ctid
-                && let Ok(c) = CtConfig::load(host, other)
-                && c.name.as_deref() == Some(n)
-            {
+            // Fail closed: a config that does not load may hold the name.
+            if other != ctid && CtConfig::load(host, other)?.name.as_deref() == Some(n) {
                 return Err(ConfigError::NameTaken {
                     name: n.clone(),
                     ctid: other,
