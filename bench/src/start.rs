@@ -280,12 +280,20 @@ fn start(bin: &Path, baseline: Option<&Path>, cycles: usize, routed: bool) -> Re
             Some(base) => {
                 let (bv4, bv6) = addrs(1);
                 let run_base = || base.cycle(&ctid, routed.then_some((bv4.as_str(), bv6.as_str())));
-                // ABBA: the order alternates, so drift within a round hits both alike.
+                // ABBA: the order alternates, so drift within a round hits both alike. The
+                // kernel frees a stopped CT's netns and veths asynchronously (cleanup_net,
+                // ~0.5 ms per device here); back to back, one build's start would pay for the
+                // other's stop. A pause before each cycle (crun's cycle gives the same pause
+                // in the single-build run) keeps the pairs independent of their order.
+                let settle = || std::thread::sleep(std::time::Duration::from_millis(30));
+                settle();
                 if i % 2 == 0 {
                     let b = run_this()?;
+                    settle();
                     (b, Some(run_base()?))
                 } else {
                     let bb = run_base()?;
+                    settle();
                     (run_this()?, Some(bb))
                 }
             }

@@ -15,6 +15,7 @@ use crate::datapath::{DatapathError, DatapathView, Direction, Family};
 use crate::netstat::{Baseline, CtShapingSummary, Filter, NetstatRow, aggregate};
 use crate::shaper::ShaperError;
 use crate::shaper::report::{ShapingReader, ShapingReport};
+use berth_runtime::error_chain::ErrorChain;
 
 /// Every error of this module: those of the layers below pass through unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -197,7 +198,7 @@ pub fn rows(host: &Host, all: bool, fields: &[&str], pin_dir: &Path) -> Result<V
         let st = match container::status(host, ctid) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(%ctid, error = %e, "skipping CT");
+                tracing::warn!(%ctid, error = %ErrorChain(&e), "skipping CT");
                 continue;
             }
         };
@@ -218,7 +219,7 @@ pub fn rows(host: &Host, all: bool, fields: &[&str], pin_dir: &Path) -> Result<V
 }
 
 /// CT `ctid`'s live shaping, read without loading anything; `None` when it is not shaped.
-pub fn ct_shaping(pin_dir: &Path, ctid: u32) -> Result<Option<ShapingReport>> {
+pub fn ct_shaping(pin_dir: &Path, ctid: Ctid) -> Result<Option<ShapingReport>> {
     Ok(match ShapingReader::open(pin_dir)? {
         Some(mut r) => r.read(ctid)?,
         None => None,
@@ -228,7 +229,7 @@ pub fn ct_shaping(pin_dir: &Path, ctid: u32) -> Result<Option<ShapingReport>> {
 /// Each shaped CT's rates and drops (only `only` when given), read without loading anything.
 pub fn shaping_summaries(
     pin_dir: &Path,
-    only: Option<u32>,
+    only: Option<Ctid>,
 ) -> Result<BTreeMap<u32, CtShapingSummary>> {
     let mut out = BTreeMap::new();
     let Some(mut reader) = ShapingReader::open(pin_dir)? else {
@@ -239,7 +240,7 @@ pub fn shaping_summaries(
             continue;
         }
         if let Some(r) = reader.read(ctid)? {
-            out.insert(ctid, CtShapingSummary::from(&r));
+            out.insert(ctid.get(), CtShapingSummary::from(&r));
         }
     }
     Ok(out)
@@ -261,10 +262,10 @@ pub fn status(host: &Host, pin_dir: &Path, ctid: Ctid) -> Result<CtStatus> {
     let status = container::status(host, ctid)?;
     let mut shaping_error = None;
     let shaping = if matches!(status.state, State::Running | State::Suspended) {
-        match ct_shaping(pin_dir, ctid.get()) {
+        match ct_shaping(pin_dir, ctid) {
             Ok(s) => s,
             Err(e) => {
-                let msg = format!("reading CT {ctid}'s shaping: {e}");
+                let msg = format!("reading CT {ctid}'s shaping: {}", ErrorChain(&e));
                 tracing::warn!("{msg}");
                 shaping_error = Some(msg);
                 None
@@ -297,7 +298,7 @@ pub fn netstat(
         Some(dp) => dp.counters()?,
         None => Vec::new(),
     };
-    let only = ct.map(|c| host.resolve(c)).transpose()?.map(|c| c.get());
+    let only = ct.map(|c| host.resolve(c)).transpose()?;
     let shaping = shaping_summaries(pin_dir, only)?;
     let base_path = host.run.join("netstat.baseline.json");
     if reset {
@@ -313,7 +314,7 @@ pub fn netstat(
         })?;
     }
     let filter = Filter {
-        ctid: only,
+        ctid: only.map(Ctid::get),
         class,
         family,
     };

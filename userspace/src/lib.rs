@@ -3,6 +3,7 @@ pub mod bpf;
 pub mod datapath;
 pub mod inventory;
 pub mod lifecycle_hooks;
+pub mod logging;
 pub mod metrics;
 pub mod netstat;
 pub mod shaper;

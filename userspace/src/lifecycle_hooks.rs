@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use berth_runtime::Ctid;
 use berth_runtime::container::{HookError, NetHooks};
+use berth_runtime::error_chain::ErrorChain;
 use berth_runtime::net::{Mode, NetState};
 use berth_runtime::shaping::ShapingConfig;
 use tracing::{debug, warn};
@@ -128,7 +129,7 @@ impl NetHooks for DatapathHooks {
         for i in &net.ifaces {
             // The interface may already be gone with the CT's netns; detach drops our pins.
             if let Err(e) = dp.detach(i.host_ifindex) {
-                debug!(%ctid, ifname = %i.host_ifname, error = %e, "datapath detach");
+                debug!(%ctid, ifname = %i.host_ifname, error = %ErrorChain(&e), "datapath detach");
             }
         }
         if self.shaper_exists() {
@@ -136,7 +137,7 @@ impl NetHooks for DatapathHooks {
                 Ok(sh) => {
                     for i in &net.ifaces {
                         if let Err(e) = sh.remove(ctid, i.host_ifindex) {
-                            debug!(%ctid, ifname = %i.host_ifname, error = %e, "shaper remove");
+                            debug!(%ctid, ifname = %i.host_ifname, error = %ErrorChain(&e), "shaper remove");
                         }
                     }
                 }

@@ -92,10 +92,9 @@ fn create_locked(
     tmpl: &TemplateInfo,
 ) -> Result<()> {
     if let Some(n) = &opts.name {
+        // Every other config must load: one that does not may hold the name (fail closed).
         for other in host.list_ctids()? {
-            if let Ok(c) = CtConfig::load(host, other)
-                && c.name.as_deref() == Some(n)
-            {
+            if CtConfig::load(host, other)?.name.as_deref() == Some(n) {
                 return Err(ConfigError::NameTaken {
                     name: n.clone(),
                     ctid: other,
@@ -218,10 +217,10 @@ pub fn write_hostname_files(
 pub fn template_users(host: &Host, template: &str) -> Result<Vec<Ctid>> {
     let mut out = Vec::new();
     for c in host.list_ctids()? {
-        if let Ok(cfg) = CtConfig::load(host, c)
-            && cfg.layout == PrivateLayout::Overlay
-            && cfg.template == template
-        {
+        // A config that cannot be read may be an overlay CT's: refusing is the safe answer,
+        // removing the template would pull the lower layer from under it.
+        let cfg = CtConfig::load(host, c)?;
+        if cfg.layout == PrivateLayout::Overlay && cfg.template == template {
             out.push(c);
         }
     }

@@ -339,39 +339,36 @@ fn ct_pty(ctid: Ctid, init_pid: i32) -> Result<(OwnedFd, OwnedFd)> {
     }))
 }
 
-/// Sets the hostname of a running CT (its UTS namespace) without a restart.
-pub fn set_hostname_live(ctid: Ctid, init_pid: i32, hostname: &str) -> Result<()> {
+/// Runs `f` in the UTS namespace of a running CT, on a thread of its own so the calling
+/// thread's namespaces stay put.
+fn in_uts<T: Send + 'static>(
+    ctid: Ctid,
+    init_pid: i32,
+    op: &'static str,
+    f: impl FnOnce() -> nix::Result<T> + Send + 'static,
+) -> Result<T> {
     let p = format!("/proc/{init_pid}/ns/uts");
-    let f = fs::File::open(&p).map_err(super::io_err(ctid, "open namespace", Path::new(&p)))?;
-    // A thread of our own joins the UTS namespace so the calling thread's namespaces stay put.
-    let h = hostname.to_string();
-    std::thread::spawn(move || -> std::result::Result<(), nix::errno::Errno> {
-        setns(f.as_fd(), CloneFlags::CLONE_NEWUTS)?;
-        nix::unistd::sethostname(&h)
+    let ns = fs::File::open(&p).map_err(super::io_err(ctid, "open namespace", Path::new(&p)))?;
+    std::thread::spawn(move || {
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWUTS)?;
+        f()
     })
     .join()
     .unwrap_or(Err(nix::errno::Errno::EIO))
-    .map_err(|errno| CtError::Sys {
-        ctid,
-        op: "set hostname in CT",
-        errno,
+    .map_err(|errno| CtError::Sys { ctid, op, errno })
+}
+
+/// Sets the hostname of a running CT (its UTS namespace) without a restart.
+pub fn set_hostname_live(ctid: Ctid, init_pid: i32, hostname: &str) -> Result<()> {
+    let h = hostname.to_string();
+    in_uts(ctid, init_pid, "set hostname in CT", move || {
+        nix::unistd::sethostname(&h)
     })
 }
 
 /// The hostname a running CT has now (its UTS namespace), e.g. to put it back.
 pub fn hostname_live(ctid: Ctid, init_pid: i32) -> Result<String> {
-    let p = format!("/proc/{init_pid}/ns/uts");
-    let f = fs::File::open(&p).map_err(super::io_err(ctid, "open namespace", Path::new(&p)))?;
-    // As in set_hostname_live: a thread of our own joins, the calling thread stays put.
-    std::thread::spawn(move || -> std::result::Result<String, nix::errno::Errno> {
-        setns(f.as_fd(), CloneFlags::CLONE_NEWUTS)?;
+    in_uts(ctid, init_pid, "read hostname in CT", || {
         Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
-    })
-    .join()
-    .unwrap_or(Err(nix::errno::Errno::EIO))
-    .map_err(|errno| CtError::Sys {
-        ctid,
-        op: "read hostname in CT",
-        errno,
     })
 }

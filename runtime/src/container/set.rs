@@ -22,6 +22,7 @@ use super::{
 use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
 use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::{Ctid, validate_name};
+use crate::error_chain::ErrorChain;
 use crate::net::{self, HostNet, NetState};
 use crate::shaping::{ShapingChange, ShapingConfig};
 
@@ -197,8 +198,9 @@ pub(super) fn check_addrs_free(host: &Host, ctid: Ctid, addrs: &[IpAddr]) -> Res
         .list_ctids()?
         .into_iter()
         .filter(|c| *c != ctid)
-        .filter_map(|c| CtConfig::load(host, c).ok().map(|cfg| (c, cfg)))
-        .collect();
+        // Every other config must load: one that does not may claim the address (fail closed).
+        .map(|c| CtConfig::load(host, c).map(|cfg| (c, cfg)))
+        .collect::<Result<_, _>>()?;
     let mut hn = HostNet::current().map_err(net_err(ctid))?;
     net::addr_owner_check(
         ctid,
@@ -242,7 +244,7 @@ fn apply_net_live(
             had.into_iter().filter(|a| !left.contains(a)).collect(),
         ));
         for e in errors {
-            warn!(%ctid, error = %e, "--ipdel");
+            warn!(%ctid, error = %ErrorChain(&e), "--ipdel");
         }
     }
     if let Some(which) = &o.netif_del {
@@ -264,7 +266,7 @@ fn apply_net_live(
             gone.ifaces.iter().map(bridged_settings).collect(),
         ));
         for e in errors {
-            warn!(%ctid, error = %e, "--netif_del");
+            warn!(%ctid, error = %ErrorChain(&e), "--netif_del");
         }
     }
     if !o.ipadd.is_empty() {
@@ -322,10 +324,8 @@ fn plan(
             msg: e.to_string(),
         })?;
         for other in host.list_ctids()? {
-            if other != ctid
-                && let Ok(c) = CtConfig::load(host, other)
-                && c.name.as_deref() == Some(n)
-            {
+            // Fail closed: a config that does not load may hold the name.
+            if other != ctid && CtConfig::load(host, other)?.name.as_deref() == Some(n) {
                 return Err(ConfigError::NameTaken {
                     name: n.clone(),
                     ctid: other,
@@ -431,9 +431,9 @@ fn apply(
 ) -> Result<()> {
     if let Some(limit) = opts.resources.diskspace {
         let private = host.private_dir(ctid);
-        let before = crate::quota::diskspace_usage(&private, ctid.get())
-            .map(|(_, limit)| limit)
-            .ok();
+        // The old limit must be known to be put back: a quota that cannot be read fails the
+        // set here, before anything changed (rolling back to "no limit" would lift it).
+        let (_, before) = crate::quota::diskspace_usage(&private, ctid.get())?;
         crate::quota::set_diskspace(&private, ctid.get(), limit)?;
         journal.push(Undo::Diskspace(before));
     }

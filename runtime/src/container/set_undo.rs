@@ -37,7 +37,7 @@ pub(super) enum NetUndo {
 /// The inverse of one step of `set`.
 pub(super) enum Undo {
     /// The disk quota limit before (`None`: unknown, so the limit is cleared).
-    Diskspace(Option<Size>),
+    Diskspace(Size),
     /// The live network change: its sub-steps, the state, config and shaping before it.
     Net {
         steps: Vec<NetUndo>,
@@ -117,8 +117,8 @@ impl<'h> Journal<'h> {
                 debug!(%ctid, "rolling back: disk quota");
                 let private = host.private_dir(ctid);
                 match before {
-                    Some(limit) => crate::quota::set_diskspace(&private, ctid.get(), limit)?,
-                    None => crate::quota::clear_diskspace(&private, ctid.get())?,
+                    Size::Unlimited => crate::quota::clear_diskspace(&private, ctid.get())?,
+                    limit => crate::quota::set_diskspace(&private, ctid.get(), limit)?,
                 }
             }
             Undo::Net {
@@ -192,9 +192,12 @@ impl<'h> Journal<'h> {
                 warn!(%ctid, error = %ErrorChain(&e), "set: rollback of the network");
             }
         }
-        hooks
+        // The run state must name the interfaces as they are now (an undone --netif_del made
+        // a new ifindex) even when re-attaching fails: a stale ifindex would make a later stop
+        // detach whatever interface holds it then.
+        let up = hooks
             .net_up(ctid, state, shaping)
-            .map_err(super::hook_err(ctid))?;
+            .map_err(super::hook_err(ctid));
         let empty = NetState::new(ctid);
         if same_net(state, before.as_ref().unwrap_or(&empty)) {
             st.net = before;
@@ -211,7 +214,7 @@ impl<'h> Journal<'h> {
             .write(&sp)
             .map_err(io_err(ctid, "write state", &sp))?;
         }
-        Ok(())
+        up
     }
 }
 

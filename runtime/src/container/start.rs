@@ -21,6 +21,7 @@ use super::{
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host, UserNs};
 use crate::ctid::Ctid;
+use crate::error_chain::ErrorChain;
 use crate::net::{self, HostNet, LinkTeardown};
 
 /// Runs registered undo steps in reverse unless disarmed: a failed start leaves nothing behind.
@@ -75,7 +76,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
             .kill_all(Duration::from_secs(5))
             .and_then(|_| cg.destroy())
         {
-            warn!(%ctid, error = %e, "rollback: remove cgroup");
+            warn!(%ctid, error = %ErrorChain(&e), "rollback: remove cgroup");
         }
     });
     cg.setup_devices().map_err(cg_err(ctid))?;
@@ -199,7 +200,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         // A venet/veth left by a crashed run (or still being destroyed with an old netns)
         // would block the names; these are berth's own names for this CT.
         for e in net::remove_stale_links(ctid, &cfg.net, &mut hn) {
-            debug!(%ctid, error = %e, "stale network cleanup");
+            debug!(%ctid, error = %ErrorChain(&e), "stale network cleanup");
         }
         let ns_state = net::setup(ctid, ns.as_fd(), &cfg.net, &mut hn).map_err(net_err(ctid))?;
         st.net = Some(ns_state.clone());
@@ -208,7 +209,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         undo.push("network", move || {
             if let Ok(mut hn) = HostNet::current() {
                 for e in net::teardown(&undo_state, &mut hn, LinkTeardown::Delete) {
-                    warn!(%ctid, error = %e, "rollback: network");
+                    warn!(%ctid, error = %ErrorChain(&e), "rollback: network");
                 }
             }
         });

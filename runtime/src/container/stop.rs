@@ -15,6 +15,7 @@ use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, io_err, lock, ru
 use crate::cgroups::{self, CgroupManager};
 use crate::config::{CtConfig, Host};
 use crate::ctid::Ctid;
+use crate::error_chain::ErrorChain;
 use crate::net::{self, HostNet, LinkTeardown, NetState};
 use crate::template::TemplateStore;
 
@@ -66,10 +67,10 @@ fn net_teardown(ctid: Ctid, ns: &NetState, hooks: &mut dyn NetHooks, links: Link
     match HostNet::current() {
         Ok(mut hn) => {
             for e in net::teardown(ns, &mut hn, links) {
-                warn!(%ctid, error = %e, "network teardown");
+                warn!(%ctid, error = %ErrorChain(&e), "network teardown");
             }
         }
-        Err(e) => warn!(%ctid, error = %e, "network teardown: open host netlink"),
+        Err(e) => warn!(%ctid, error = %ErrorChain(&e), "network teardown: open host netlink"),
     }
 }
 
@@ -150,7 +151,7 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
         && private.exists()
         && let Err(e) = crate::quota::clear_diskspace(&private, ctid.get())
     {
-        warn!(%ctid, error = %e, "clear disk quota");
+        warn!(%ctid, error = %ErrorChain(&e), "clear disk quota");
     }
     if private.exists() {
         TemplateStore::remove_tree_fast(&private)?;

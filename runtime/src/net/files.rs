@@ -53,9 +53,15 @@ fn read_existing(etc: &OwnedFd, name: &str) -> String {
         return String::new();
     }
     let mut s = String::new();
-    let _ = Read::by_ref(&mut f).take(1 << 20).read_to_string(&mut s);
+    let _ = Read::by_ref(&mut f)
+        .take(MAX_ETC_FILE)
+        .read_to_string(&mut s);
     s
 }
+
+/// The most berth reads of a CT's `/etc` file: the CT's root can make one as large as it likes
+/// (sparse files cost no quota), and berth reads it as host root.
+const MAX_ETC_FILE: u64 = 1 << 20;
 
 fn replace_file(rootfs: &Path, etc: &OwnedFd, name: &str, content: &str) -> Result<(), NetError> {
     replace_file_as(rootfs, etc, name, content.as_bytes(), None)
@@ -92,8 +98,13 @@ fn replace_file_as(
             None => Ok(()),
             Some((mode, uid, gid)) => {
                 use std::os::unix::fs::PermissionsExt;
-                f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
-                    .and_then(|()| std::os::unix::fs::fchown(&f, Some(uid), Some(gid)))
+                // Owner first: chown clears setuid/setgid, and a host-root-owned file must
+                // never carry mode bits the CT chose. Those two bits are not restored at all:
+                // berth writes plain configuration files.
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                    .and_then(|()| {
+                        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o1777))
+                    })
                     .map_err(|e| ferr("set owner and mode of", &path, e))
             }
         })
@@ -158,15 +169,41 @@ pub fn save_etc_file(rootfs: &Path, name: &str) -> Result<EtcFile, NetError> {
         Mode::empty(),
     )
     .map_err(|e| ferr("open", &path, e))?;
+    let mut f = File::from(fd);
+    // What was opened, not what the stat saw: the CT may have swapped the name in between.
+    let opened = nix::sys::stat::fstat(&f).map_err(|e| ferr("stat", &path, e))?;
+    if SFlag::from_bits_truncate(opened.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG
+        || (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino)
+    {
+        return Err(ferr(
+            "read",
+            &path,
+            std::io::Error::other("replaced while berth was reading it"),
+        ));
+    }
+    let too_big = || {
+        ferr(
+            "read",
+            &path,
+            std::io::Error::other(format!("larger than {MAX_ETC_FILE} bytes")),
+        )
+    };
+    if opened.st_size as u64 > MAX_ETC_FILE {
+        return Err(too_big());
+    }
     let mut content = Vec::new();
-    File::from(fd)
+    Read::by_ref(&mut f)
+        .take(MAX_ETC_FILE + 1)
         .read_to_end(&mut content)
         .map_err(|e| ferr("read", &path, e))?;
+    if content.len() as u64 > MAX_ETC_FILE {
+        return Err(too_big());
+    }
     Ok(EtcFile::File {
         content,
-        mode: st.st_mode,
-        uid: st.st_uid,
-        gid: st.st_gid,
+        mode: opened.st_mode,
+        uid: opened.st_uid,
+        gid: opened.st_gid,
     })
 }
 
@@ -392,6 +429,36 @@ mod tests {
         let bare = tempfile::tempdir().unwrap();
         let s = save_etc_file(bare.path(), "hosts").unwrap();
         restore_etc_file(bare.path(), "hosts", &s).unwrap();
+    }
+
+    #[test]
+    fn a_huge_etc_file_is_refused_and_setuid_never_restored() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        // Sparse: costs the CT nothing, would cost berth 4 GiB of memory.
+        let f = std::fs::File::create(etc.join("hosts")).unwrap();
+        f.set_len(4 << 30).unwrap();
+        let e = save_etc_file(dir.path(), "hosts").unwrap_err();
+        assert!(
+            crate::error_chain::ErrorChain(&e)
+                .to_string()
+                .contains("larger than"),
+            "{e:?}"
+        );
+        f.set_len(0).unwrap();
+        std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::set_permissions(etc.join("hosts"), std::fs::Permissions::from_mode(0o6755))
+            .unwrap();
+        let saved = save_etc_file(dir.path(), "hosts").unwrap();
+        write_hostname_files(dir.path(), "web1").unwrap();
+        restore_etc_file(dir.path(), "hosts", &saved).unwrap();
+        let mode = std::fs::metadata(etc.join("hosts"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755, "setuid/setgid came back: {mode:o}");
     }
 
     #[test]

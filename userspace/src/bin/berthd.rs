@@ -192,18 +192,7 @@ async fn serve(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = std::env::var("BERTH_LOG").unwrap_or_else(|_| {
-        match args.verbose {
-            0 => "info",
-            _ => "debug",
-        }
-        .into()
-    });
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_target(false)
-        .init();
+    berth::logging::init(args.verbose, &["info", "debug"]);
     // One thread serves HTTP; a scrape's reads run on a blocking thread and fan out over a
     // few scoped threads (metrics::snapshot), which keeps the daemon small when idle.
     let rt = match tokio::runtime::Builder::new_current_thread()

@@ -132,22 +132,20 @@ pub fn load_and_pin(maps: &[MapPins<'_>], progs: &[(ProgramSpec, PathBuf)]) -> R
     })?;
     for (spec, path) in progs {
         let name = spec.name;
-        let loaded = ebpf
+        let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(aya::programs::ProgramError::NotLoaded)
-            .and_then(<&mut SchedClassifier>::try_from)
-            .and_then(|p| {
-                p.load()?;
-                Ok(p)
-            });
-        let prog = match loaded {
-            Ok(p) => p,
+            .map_err(prog_err(name, "finding in the object"))?
+            .try_into()
+            .map_err(prog_err(name, "typing"))?;
+        match prog.load() {
+            Ok(()) => {}
             Err(e) if spec.optional => {
                 warn!(program = name, error = %e, "optional eBPF program not loaded");
                 continue;
             }
             Err(e) => return Err(prog_err(name, "loading (verifier)")(e)),
-        };
+        }
         prog.pin(path).map_err(|source| BpfError::PinProgram {
             program: name,
             path: path.clone(),

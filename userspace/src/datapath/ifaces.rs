@@ -279,15 +279,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// [`Self::detach`] by interface name.
-    pub fn detach_name(&mut self, ifname: &str) -> Result<()> {
-        let ifindex =
-            sys::if_nametoindex(ifname).ok_or_else(|| DatapathError::NoSuchInterface {
-                name: ifname.to_owned(),
-            })?;
-        self.detach(ifindex)
-    }
-
     /// Removes attachments whose interface no longer exists (a CT's veth deleted with its
     /// namespace): their link pins and `IFACES` entries. Returns the ifindexes cleaned.
     pub fn gc(&mut self) -> Result<Vec<u32>> {

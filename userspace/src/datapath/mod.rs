@@ -85,6 +85,7 @@ use berth_common::{
     map_names, program_names,
 };
 use berth_runtime::Ctid;
+use berth_runtime::error_chain::ErrorChain;
 pub use classes::{ClassEntry, ClassesError, format_networks_classes, parse_networks_classes};
 pub use error::{DatapathError, Result};
 use serde::Serialize;
@@ -474,9 +475,11 @@ impl Datapath {
         if !pin_dir.exists() {
             return Ok(());
         }
-        match DatapathView::open_pinned(pin_dir) {
-            Ok(Some(view)) => {
-                for ifindex in view.iface_entries()?.into_keys() {
+        // Best effort, like the rest of an uninstall: filters that cannot be found are left,
+        // the pins go in any case.
+        match DatapathView::open_pinned(pin_dir).map(|v| v.map(|v| v.iface_entries())) {
+            Ok(Some(Ok(entries))) => {
+                for ifindex in entries.into_keys() {
                     if let Some(ifname) = bpf::sys::if_indextoname(ifindex) {
                         hooks::detach_cls_bpf(&ifname, TcAttachType::Ingress, FROM_CT.name);
                         hooks::detach_cls_bpf(&ifname, TcAttachType::Egress, TO_CT.name);
@@ -484,8 +487,8 @@ impl Datapath {
                 }
             }
             Ok(None) => debug!(pin_dir = %pin_dir.display(), "no IFACES map to clean filters from"),
-            Err(e) => {
-                debug!(pin_dir = %pin_dir.display(), error = %e, "datapath maps not readable; filters left")
+            Ok(Some(Err(e))) | Err(e) => {
+                debug!(pin_dir = %pin_dir.display(), error = %ErrorChain(&e), "datapath maps not readable; filters left")
             }
         }
         bpf::remove_tree(pin_dir)?;

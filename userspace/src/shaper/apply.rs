@@ -2,6 +2,7 @@
 //! direction, in place where the structure allows.
 
 use super::*;
+use berth_runtime::error_chain::ErrorChain;
 
 impl Shaper {
     /// Applies `config` to the CT's host-side interface `ifindex`, live and idempotently:
@@ -53,7 +54,7 @@ impl Shaper {
         if result.is_err() && existing.is_none() {
             // A first apply that failed half-way leaves nothing behind.
             if let Err(e) = self.teardown(ctid, ifindex, Some(&ifname), None) {
-                warn!(ctid, ifindex, error = %e, "rollback of a failed shaping setup");
+                warn!(ctid, ifindex, error = %ErrorChain(&e), "rollback of a failed shaping setup");
             }
         }
         result

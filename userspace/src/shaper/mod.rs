@@ -118,6 +118,7 @@ use crate::bpf::{
     sys,
 };
 use crate::datapath::{DEFAULT_PIN_DIR, Direction};
+use berth_runtime::error_chain::ErrorChain;
 pub use plan::ifb_name;
 use plan::*;
 pub use status::{ClassStatus, DropStatus, IfaceStatus, ShaperStatus, read_status};
@@ -467,7 +468,7 @@ impl Shaper {
         let mut first_err: Option<ShaperError> = None;
         let mut note = |r: Result<()>| {
             if let Err(e) = r {
-                warn!(ctid, ifindex, error = %e, "shaper teardown");
+                warn!(ctid, ifindex, error = %ErrorChain(&e), "shaper teardown");
                 first_err.get_or_insert(e);
             }
         };

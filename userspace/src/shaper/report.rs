@@ -17,6 +17,7 @@ use berth_common::{
         SHAPE_IN, SHAPE_OUT, map_names,
     },
 };
+use berth_runtime::Ctid;
 use berth_runtime::net::Netlink;
 use serde::Serialize;
 
@@ -205,12 +206,17 @@ impl ShapingReader {
     }
 
     /// The CTs with a shaped interface, ascending.
-    pub fn shaped_cts(&self) -> Vec<u32> {
-        self.ifaces.keys().copied().collect()
+    pub fn shaped_cts(&self) -> Vec<Ctid> {
+        // Keys come from the kernel's entries; one without a valid CTID is no CT's.
+        self.ifaces
+            .keys()
+            .filter_map(|&c| Ctid::new(c).ok())
+            .collect()
     }
 
     /// CT `ctid`'s shaping; `None` when none of its interfaces is shaped or limited.
-    pub fn read(&mut self, ctid: u32) -> Result<Option<ShapingReport>> {
+    pub fn read(&mut self, ctid: Ctid) -> Result<Option<ShapingReport>> {
+        let ctid = ctid.get();
         let Some(ifaces) = self.ifaces.get(&ctid) else {
             return Ok(None);
         };

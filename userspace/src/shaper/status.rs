@@ -64,7 +64,7 @@ impl Shaper {
             ifaces: &self.ifaces,
             pps: &self.pps,
             drops: &self.drops,
-            edt: &self.edt,
+            edt: Some(&self.edt),
             nl: &mut self.nl,
         }
         .status(ctid)
@@ -72,29 +72,44 @@ impl Shaper {
 }
 
 /// [`Shaper::status`] without a shaper: the pins under `pin_dir/shaper` opened read-only,
-/// nothing loaded, attached or created. `None` when no shaper is pinned there. Call it from the
-/// network namespace holding the CTs' host-side interfaces.
-pub fn read_status(pin_dir: &Path, ctid: Ctid) -> Result<Option<ShaperStatus>> {
+/// nothing loaded, attached or created; no interface when no shaper is pinned there. Call it
+/// from the network namespace holding the CTs' host-side interfaces.
+pub fn read_status(pin_dir: &Path, ctid: Ctid) -> Result<ShaperStatus> {
     let maps = pin_dir.join("shaper").join("maps");
     let maps = maps.as_path();
-    if !bpf::maps_pinned(maps, &map_names::ALL) {
-        return Ok(None);
+    // The same test as the other readers' ([`view::ShaperView::open_pinned`]): no shaper pinned
+    // means no CT is shaped.
+    if !bpf::maps_pinned(maps, &[map_names::IFACES, map_names::PPS, map_names::DROPS]) {
+        return Ok(ShaperStatus {
+            ctid: ctid.get(),
+            interfaces: Vec::new(),
+        });
     }
     let ro = Access::ReadOnly;
     let ifaces = open_map(maps, map_names::IFACES, 4, size_of::<ShapeIface>(), ro)?;
     let pps = open_map(maps, map_names::PPS, 8, size_of::<PpsBucket>(), ro)?;
     let drops = open_map(maps, map_names::DROPS, 8, size_of::<DropValue>(), ro)?;
-    let edt = open_map(maps, map_names::EDT, 4, size_of::<EdtState>(), ro)?;
+    // Pinned by every shaper that has the EDT backend; older pins may lack it.
+    let edt = if maps.join(map_names::EDT).exists() {
+        Some(open_map(
+            maps,
+            map_names::EDT,
+            4,
+            size_of::<EdtState>(),
+            ro,
+        )?)
+    } else {
+        None
+    };
     let mut nl = view::netlink()?;
     StatusSource {
         ifaces: &ifaces,
         pps: &pps,
         drops: &drops,
-        edt: &edt,
+        edt: edt.as_ref(),
         nl: &mut nl,
     }
     .status(ctid)
-    .map(Some)
 }
 
 /// What a status report reads: the shaper's maps (a shaper's own, or opened read-only) and an
@@ -103,7 +118,7 @@ struct StatusSource<'a> {
     ifaces: &'a HashMap<MapData, u32, ShapeIface>,
     pps: &'a HashMap<MapData, u64, PpsBucket>,
     drops: &'a PerCpuHashMap<MapData, u64, DropValue>,
-    edt: &'a HashMap<MapData, u32, EdtState>,
+    edt: Option<&'a HashMap<MapData, u32, EdtState>>,
     nl: &'a mut Netlink,
 }
 
@@ -129,7 +144,7 @@ impl StatusSource<'_> {
         let mut drops = Vec::new();
         let (mut over_in, mut over_out) = (0, 0);
         let mut class_rates: BTreeMap<u8, ClassRate> = BTreeMap::new();
-        let edt_in = self.edt.get(&ifindex, 0).is_ok();
+        let edt_in = self.edt.is_some_and(|m| m.get(&ifindex, 0).is_ok());
         for (dir, dev, shaped) in [
             (
                 Direction::In,
@@ -145,7 +160,7 @@ impl StatusSource<'_> {
             if !shaped || dev == 0 {
                 continue;
             }
-            if let Ok(st) = self.edt.get(&dev, 0) {
+            if let Some(st) = self.edt.and_then(|m| m.get(&dev, 0).ok()) {
                 // EDT: rates from the program's state, queue drops and overlimits from fq.
                 let (total, crates) = edt::rates_of(&st);
                 match dir {

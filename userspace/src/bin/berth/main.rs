@@ -27,19 +27,7 @@ use cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("BERTH_LOG").unwrap_or_else(|_| {
-        match cli.verbose {
-            0 => "warn",
-            1 => "info",
-            _ => "debug",
-        }
-        .into()
-    });
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_target(false)
-        .init();
+    berth::logging::init(cli.verbose, &["warn", "info", "debug"]);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
