@@ -502,3 +502,21 @@ fn errors_print_each_cause_once() {
     std::fs::write(&conf, good).unwrap();
     h.ok(&["destroy", "4611"]);
 }
+
+#[test]
+fn a_template_in_use_is_not_removed() {
+    let h = TestHost::new();
+    h.ok(&["create", "4612"]);
+    let err = h.fails(&["template", "remove", "busybox"]);
+    assert!(err.contains("in use by CT(s) 4612"), "{err}");
+    assert!(h.ok(&["template", "list"]).contains("busybox"));
+    h.ok(&["create", "4613", "--copy"]);
+    let err = h.fails(&["template", "remove", "busybox"]);
+    assert!(
+        err.contains("4612") && !err.contains("4613"),
+        "a full copy does not use the template: {err}"
+    );
+    h.ok(&["destroy", "4612"]);
+    h.ok(&["template", "remove", "busybox"]);
+    h.ok(&["destroy", "4613"]);
+}

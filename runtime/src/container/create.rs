@@ -213,6 +213,20 @@ pub fn write_hostname_files(
     net::write_hostname_files(write_root, hostname).map_err(net_err(ctid))
 }
 
+/// Removes `template` from the host's store unless a CT's files are an overlay over it.
+pub fn remove_template(host: &Host, name: &str) -> Result<()> {
+    let store = TemplateStore::open(host.template_dir())?;
+    let users = template_users(host, name)?;
+    if !users.is_empty() {
+        return Err(CtError::TemplateInUse {
+            name: name.to_owned(),
+            users,
+        });
+    }
+    store.remove(name)?;
+    Ok(())
+}
+
 /// CTs whose files are an overlay over `template` (it must not be removed under them).
 pub fn template_users(host: &Host, template: &str) -> Result<Vec<Ctid>> {
     let mut out = Vec::new();

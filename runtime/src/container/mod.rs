@@ -35,7 +35,9 @@ use crate::net::{NetError, NetState};
 use crate::shaping::ShapingError;
 use state::RunState;
 
-pub use create::{CreateOpts, create, default_userns, template_users, write_hostname_files};
+pub use create::{
+    CreateOpts, create, default_userns, remove_template, template_users, write_hostname_files,
+};
 pub use gc::{GcReport, gc};
 pub use hooks::{HookError, NetHooks, NoHooks};
 pub use monitor::MonitorMsgError;
@@ -61,6 +63,11 @@ pub enum CtError {
     },
     #[error(transparent)]
     Template(#[from] crate::template::TemplateError),
+    #[error(
+        "template {name} is in use by CT(s) {}: their files are an overlay over it",
+        ctid_list(users)
+    )]
+    TemplateInUse { name: String, users: Vec<Ctid> },
     #[error(transparent)]
     Quota(#[from] crate::quota::QuotaError),
     #[error("CT {ctid}: {op} {path}")]
@@ -119,6 +126,11 @@ pub enum CtError {
 }
 
 type Result<T, E = CtError> = std::result::Result<T, E>;
+
+fn ctid_list(ctids: &[Ctid]) -> String {
+    let ids: Vec<String> = ctids.iter().map(Ctid::to_string).collect();
+    ids.join(", ")
+}
 
 fn io_err<'a>(
     ctid: Ctid,

@@ -1,6 +1,6 @@
 //! template list / import / build / remove.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use berth_runtime::Size;
 use berth_runtime::container;
 use berth_runtime::template::TemplateStore;
@@ -53,18 +53,7 @@ pub fn template(ctx: &Ctx, t: TemplateCmd) -> Result<()> {
             });
         }
         TemplateCmd::Remove { name } => {
-            let users = container::template_users(&ctx.host, &name)?;
-            if !users.is_empty() {
-                bail!(
-                    "template {name} is in use by CT(s) {}: their files are an overlay over it",
-                    users
-                        .iter()
-                        .map(|c| c.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            store.remove(&name)?;
+            container::remove_template(&ctx.host, &name)?;
             ctx.print(json!({"removed": name}), || {
                 println!("template {name} removed")
             });
