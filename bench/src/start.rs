@@ -131,15 +131,18 @@ impl Install {
 /// Runs a command with stdio detached. stderr goes to a file, not a pipe: crun's container
 /// init inherits it, and a pipe would only reach EOF when the container exits.
 fn quiet(cmd: &mut Command) -> Result<()> {
-    let errf = std::env::temp_dir().join(format!("berth-bench-{}.stderr", std::process::id()));
+    use std::io::{Read, Seek};
+    // Unnamed (O_TMPFILE or unlinked): nothing is left in /tmp.
+    let mut errf = tempfile::tempfile()?;
     let st = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&errf)?)
+        .stderr(errf.try_clone()?)
         .status()
         .with_context(|| format!("spawn {cmd:?}"))?;
     if !st.success() {
-        let err = std::fs::read_to_string(&errf).unwrap_or_default();
+        let mut err = String::new();
+        let _ = errf.rewind().and_then(|()| errf.read_to_string(&mut err));
         bail!("{cmd:?} failed: {st}: {err}");
     }
     Ok(())
