@@ -31,6 +31,8 @@ struct Target {
     ns: Vec<(CloneFlags, OwnedFd)>,
     cgroup_procs: Vec<fs::File>,
     userns: bool,
+    /// The CTs' seccomp filter, compiled before the fork (the child only installs it).
+    seccomp: seccompiler::BpfProgram,
 }
 
 fn open_target(host: &Host, ctid: Ctid) -> Result<(Target, i32)> {
@@ -64,6 +66,7 @@ fn open_target(host: &Host, ctid: Ctid) -> Result<(Target, i32)> {
             ns,
             cgroup_procs,
             userns: cfg.userns.is_some(),
+            seccomp: super::seccomp::filter()?,
         },
         pid,
     ))
@@ -89,6 +92,8 @@ fn enter_ct(t: &mut Target) -> std::result::Result<(), String> {
         nix::unistd::setresuid(0.into(), 0.into(), 0.into()).map_err(|e| format!("setuid: {e}"))?;
     }
     super::init::drop_caps()?;
+    // Last: what runs in the CT runs under the CT's filter, like its init.
+    super::seccomp::install(&t.seccomp)?;
     Ok(())
 }
 

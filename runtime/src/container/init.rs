@@ -52,6 +52,8 @@ pub struct InitSpec {
     pub userns: bool,
     /// Files the init writes "0" to, joining the CT's cgroups.
     pub join_cgroup: Vec<PathBuf>,
+    /// The CTs' seccomp filter, installed last before exec.
+    pub seccomp: seccompiler::BpfProgram,
 }
 
 fn ctx<T, E: std::fmt::Display>(

@@ -14,6 +14,7 @@ mod gc;
 mod hooks;
 mod monitor;
 mod mount;
+pub mod seccomp;
 mod set;
 mod set_undo;
 mod start;
@@ -70,6 +71,8 @@ pub enum CtError {
     TemplateInUse { name: String, users: Vec<Ctid> },
     #[error(transparent)]
     Quota(#[from] crate::quota::QuotaError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("CT {ctid}: {op} {path}")]
     Io {
         ctid: Ctid,

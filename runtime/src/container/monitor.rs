@@ -140,6 +140,7 @@ fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
         init::setup_console(spec)?;
         init::drop_caps()?;
         init::close_fds_except(&[err_fd]);
+        super::seccomp::install(&spec.seccomp)?;
         Err(init::exec_init(spec))
     })();
     if let Err(error) = res {

@@ -143,6 +143,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         init: cfg.init.clone(),
         userns: cfg.userns.is_some(),
         join_cgroup: cg.join_self_files(),
+        seccomp: super::seccomp::filter()?,
     };
     let log_path = host.console_log_path(ctid);
 
