@@ -94,3 +94,51 @@ fn denied_system_calls_fail_with_eperm_inside_a_ct() {
     h.ok(&["stop", "--fast", "4621"]);
     h.ok(&["destroy", "4621"]);
 }
+
+/// What a default CT already cannot do through its own /proc, /dev and pid namespace; each must
+/// fail with the kernel's reason for it. (A fresh procfs mounted inside a default CT still
+/// writes the host's core_pattern: that probe waits for the user namespace to be the default,
+/// since running it here would change this machine.)
+#[test]
+fn a_default_ct_cannot_reach_host_state_through_proc_dev_or_pids() {
+    let h = TestHost::new();
+    h.ok(&["create", "4631"]);
+    h.ok(&["start", "4631"]);
+    let probes: &[(&str, &str)] = &[
+        ("mknod /tmp/sda b 8 0", "Operation not permitted"),
+        (
+            "echo x > /proc/sys/kernel/core_pattern",
+            "Read-only file system",
+        ),
+        ("echo 1 > /proc/sys/kernel/panic", "Read-only file system"),
+        ("echo 3 > /proc/sys/vm/drop_caches", "Read-only file system"),
+        ("kill -9 999999", "No such process"),
+    ];
+    for (cmd, why) in probes {
+        let (code, _, err) = h.exec("4631", &["sh", "-c", cmd]);
+        assert_ne!(code, 0, "`{cmd}` succeeded inside the CT");
+        assert!(
+            err.contains(why),
+            "`{cmd}` failed, but not with {why:?}: {err}"
+        );
+    }
+    // /proc/sysrq-trigger is masked with /dev/null (char 1:3), or absent where the kernel has
+    // no magic SysRq (as on this machine's): a write never reaches the kernel.
+    let (code, out, err) = h.exec(
+        "4631",
+        &[
+            "sh",
+            "-c",
+            "test ! -e /proc/sysrq-trigger || test \"$(stat -c %t:%T /proc/sysrq-trigger)\" = 1:3",
+        ],
+    );
+    assert_eq!(code, 0, "/proc/sysrq-trigger is not masked: {out}{err}");
+    // The CT's own network sysctls are its own to change.
+    let (code, _, err) = h.exec(
+        "4631",
+        &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+    );
+    assert_eq!(code, 0, "the CT's own net sysctls: {err}");
+    h.ok(&["stop", "--fast", "4631"]);
+    h.ok(&["destroy", "4631"]);
+}
