@@ -9,9 +9,10 @@ use serde::Serialize;
 use super::stop::cleanup_stopped;
 use super::{NetHooks, Result, cg_err, cgroup, lock, running};
 use crate::cgroups::{self, CgroupManager};
-use crate::config::Host;
+use crate::config::{ConfigError, CtConfig, Host};
 use crate::ctid::Ctid;
 use crate::template::TemplateStore;
+use crate::userns::Holder;
 
 /// What `berth gc` cleaned.
 #[derive(Debug, Default, Serialize)]
@@ -19,6 +20,8 @@ pub struct GcReport {
     pub cleaned: Vec<Ctid>,
     pub orphan_cgroups: Vec<Ctid>,
     pub partial_creates: Vec<PathBuf>,
+    /// Id ranges whose CT is gone (a create killed after claiming one).
+    pub released_id_ranges: Vec<PathBuf>,
     pub errors: Vec<String>,
 }
 
@@ -62,6 +65,27 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
                 }
             }
         }
+        Err(e) => rep.errors.push(error_chain(&e)),
+    }
+    let released = crate::userns::gc_allocations(host, |ctid| {
+        let Ok(_lock) = lock(host, ctid) else {
+            return Holder::Unknown;
+        };
+        if super::conversion_pending(host, ctid) {
+            return Holder::Unknown;
+        }
+        match CtConfig::load(host, ctid) {
+            Ok(cfg) => Holder::Holds(cfg.userns),
+            Err(ConfigError::NotFound(_)) => {
+                // lock() made a lock file for a CT that does not exist; create removes its own too.
+                let _ = fs::remove_file(host.lock_path(ctid));
+                Holder::Gone
+            }
+            Err(_) => Holder::Unknown,
+        }
+    });
+    match released {
+        Ok(r) => rep.released_id_ranges = r,
         Err(e) => rep.errors.push(error_chain(&e)),
     }
     let pdir = host.root.join("private");
