@@ -383,10 +383,12 @@ static void p_cg2(const char *n) {
     unscratch(dir);
 }
 
-/* Limit files at the root of every cgroup filesystem already mounted in the CT. */
+/* Limit files (and a release_agent) at the root of every cgroup filesystem already mounted in
+ * the CT, such as a delegated name=systemd subtree. */
 static void p_cg_mounted(const char *n) {
     static const char *const files[] = {"memory.limit_in_bytes", "memory.max", "pids.max",
-                                        "cpu.cfs_quota_us", "cpu.max", "devices.allow"};
+                                        "cpu.cfs_quota_us", "cpu.max", "devices.allow",
+                                        "release_agent"};
     FILE *f = fopen("/proc/self/mountinfo", "r");
     char line[4096];
     int mounts = 0, err = ENOENT;
