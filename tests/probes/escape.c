@@ -39,12 +39,11 @@ static void allowed(const char *probe, const char *what) {
     printf("%s ALLOWED - %s\n", probe, what);
 }
 
-/* A scratch mount point under SCRATCH; returns its path (static buffer per call site). */
-static const char *scratch(const char *name, char *buf, size_t len) {
+/* Makes the scratch mount point SCRATCH/<name> and writes its path into buf. */
+static void scratch(const char *name, char *buf, size_t len) {
     mkdir(SCRATCH, 0700);
     snprintf(buf, len, SCRATCH "/%s", name);
     mkdir(buf, 0700);
-    return buf;
 }
 
 static void unscratch(const char *dir) {
@@ -303,6 +302,7 @@ static void p_debugfs(const char *n) {
     unscratch(dir);
 }
 
+/* Fails closed: an unreadable uid_map counts as the initial user namespace (no write). */
 static int in_user_namespace(void) {
     FILE *f = fopen("/proc/self/uid_map", "r");
     if (!f)

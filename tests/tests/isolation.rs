@@ -398,6 +398,13 @@ fn every_escape_probe_fails_in_a_default_ct_for_the_right_reason() {
         .map(|(r, (_, e))| format!("{}: {} (expected {e:?})", r.name, r.cell(true)))
         .collect();
     assert!(wrong.is_empty(), "in a default CT:\n{}", wrong.join("\n"));
+    // The refusal met a real handle of the CT's own files, not a made-up one.
+    let handle = unpriv.iter().find(|r| r.name == "open-by-handle").unwrap();
+    assert!(
+        handle.detail.contains("):ok,"),
+        "name_to_handle_at found no file of the CT to name: {}",
+        handle.detail
+    );
 }
 
 /// The same suite in a privileged CT: several probes succeed there (the matrix says which);
