@@ -144,10 +144,9 @@ fn a_default_ct_cannot_reach_host_state_through_proc_dev_or_pids() {
 
 // ---- Escape probes: one suite, run against a default (unprivileged) and a privileged CT ----
 
-/// How the suite asks for each kind of CT: the one place to flip once every CT gets a user
-/// namespace by default (then: `&[]` and `&["--privileged"]`).
-const DEFAULT_CT: &[&str] = &["--userns"];
-const PRIVILEGED_CT: &[&str] = &[];
+/// How the suite asks for each kind of CT: a plain `create` is unprivileged.
+const DEFAULT_CT: &[&str] = &[];
+const PRIVILEGED_CT: &[&str] = &["--privileged"];
 
 /// One line of tests/probes/escape.c: `<probe> BLOCKED <errno> <step>` or `<probe> ALLOWED - <what>`.
 #[derive(Debug, Clone)]
