@@ -76,7 +76,7 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
             let idmapped = match &cfg.userns {
                 Some(u) => {
                     let ns = userns::userns_fd(u)?;
-                    let at = host.run.join(format!(".idmap-{ctid}"));
+                    let at = idmap_staging(host, ctid);
                     Some(userns::IdmappedTree::attach(&lower, &ns, &at)?)
                 }
                 None => None,
@@ -116,6 +116,12 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
         errno,
     })?;
     Ok(true)
+}
+
+/// Where `bind_private` attaches an unprivileged CT's id-mapped template while it mounts the
+/// overlay (and where a start killed at that moment leaves it, for gc).
+pub(super) fn idmap_staging(host: &Host, ctid: Ctid) -> PathBuf {
+    host.run.join(format!(".idmap-{ctid}"))
 }
 
 pub(super) fn unbind_private(host: &Host, ctid: Ctid) -> Result<()> {

@@ -86,6 +86,8 @@ impl IdmappedTree {
     pub fn attach(src: &Path, userns: &OwnedFd, at: &Path) -> Result<Self> {
         let tree = open_tree_clone(src)?;
         set_idmap(&tree, userns, src)?;
+        // A start killed while the staging mount was up left it there.
+        detach_all(at);
         fs::create_dir_all(at).map_err(io_err("create directory", at))?;
         let target = cpath(at)?;
         // SAFETY: move_mount with an fd we own and a NUL-terminated path.
@@ -119,9 +121,28 @@ impl IdmappedTree {
 
 impl Drop for IdmappedTree {
     fn drop(&mut self) {
-        let _ = umount2(&self.at, MntFlags::MNT_DETACH);
-        let _ = fs::remove_dir(&self.at);
+        remove_staging(&self.at);
     }
+}
+
+fn detach_all(at: &Path) {
+    // Each umount removes the top mount; EINVAL once nothing is mounted there.
+    for _ in 0..16 {
+        if umount2(at, MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+    }
+}
+
+/// Detaches whatever is mounted at a staging directory and removes it (idempotent: gc calls it
+/// for what a killed start left).
+pub fn remove_staging(at: &Path) -> bool {
+    if fs::symlink_metadata(at).is_err() {
+        return false;
+    }
+    detach_all(at);
+    let _ = fs::remove_dir(at);
+    true
 }
 
 fn open_tree_clone(src: &Path) -> Result<OwnedFd> {

@@ -9,7 +9,7 @@ mod shift;
 use std::io;
 use std::path::PathBuf;
 
-pub use idmap::{IdmappedTree, idmap_supported, userns_fd};
+pub use idmap::{IdmappedTree, idmap_supported, remove_staging, userns_fd};
 pub use pool::{Holder, HostIds, IdPool, allocate, gc_allocations, release};
 pub use shift::{ShiftDirection, shift_tree, unmappable_ids};
 
