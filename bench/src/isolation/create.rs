@@ -1,0 +1,99 @@
+//! Part 1: unprivileged `create` from the Debian template. Each create is one whole `berth create`
+//! process; its new disk is what the whole berth root grows by across it (private area, config
+//! and anything else berth writes there; the run dir is tmpfs), measured by walking the root
+//! before and after, next to the du of the CT's private area alone.
+
+use anyhow::{Context, Result};
+
+use super::{Templates, UNPRIVILEGED, bytes, disk_usage, has_userns, timed};
+use crate::start::{Install, quiet};
+use crate::stats::{ms, quantile, summarize};
+
+pub(super) const TEMPLATE: &str = "debian";
+
+/// CTs whose new disk exceeds this are destroyed right after they are measured, so that 20
+/// full copies (251 MB each for Debian) do not fill the disk.
+const KEEP_LIMIT: u64 = 64 << 20;
+
+pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> Result<()> {
+    println!("create: unprivileged create from the Debian 12 template ({creates} creates)");
+    templates.provide(inst, TEMPLATE, &[])?;
+    let tpl_size = disk_usage(&inst.root.join("template").join(TEMPLATE))?;
+    println!("  template {TEMPLATE}: {} on disk", bytes(tpl_size));
+
+    let mut times = Vec::with_capacity(creates);
+    let mut new_disk = Vec::with_capacity(creates);
+    let mut private = Vec::with_capacity(creates);
+    let mut kept = Vec::new();
+    let mut destroy_each = false;
+    let mut userns = true;
+    let mut before = disk_usage(&inst.root)?;
+    for i in 0..creates {
+        let ctid = (3000 + i).to_string();
+        let mut args = vec!["create", &ctid, "--template", TEMPLATE];
+        args.extend_from_slice(UNPRIVILEGED);
+        times.push(timed(&mut inst.cmd(&args)).with_context(|| format!("create CT {ctid}"))?);
+        userns &= has_userns(inst, &ctid)?;
+        private.push(disk_usage(&inst.root.join("private").join(&ctid))?);
+        let after = disk_usage(&inst.root)?;
+        let grew = after.saturating_sub(before);
+        new_disk.push(grew);
+        before = after;
+        if i == 0 && grew > KEEP_LIMIT {
+            destroy_each = true;
+            println!(
+                "  note: the first CT added {}: each CT is destroyed after it is measured \
+                 (so {creates} of them do not fill the disk)",
+                bytes(grew)
+            );
+        }
+        if destroy_each {
+            quiet(&mut inst.cmd(&["destroy", &ctid]))?;
+            before = disk_usage(&inst.root)?;
+        } else {
+            kept.push(ctid);
+        }
+    }
+    for ctid in &kept {
+        quiet(&mut inst.cmd(&["destroy", ctid]))?;
+    }
+
+    let t = summarize(times);
+    new_disk.sort_unstable();
+    private.sort_unstable();
+    let disk_max = new_disk[new_disk.len() - 1];
+    println!(
+        "  CTs have a user namespace ([userns] in their config): {}",
+        if userns {
+            "yes, all"
+        } else {
+            "NO (not unprivileged: the numbers below are not the bar's)"
+        }
+    );
+    println!(
+        "  wall per create: p50 {:.2} ms  p90 {:.2} ms  (min {:.2}, max {:.2}){}",
+        ms(t.p50),
+        ms(t.p90),
+        ms(t.min),
+        ms(t.max),
+        if destroy_each {
+            ""
+        } else {
+            "  [earlier CTs kept]"
+        }
+    );
+    println!(
+        "  new disk per CT (berth root grew by): p50 {}  max {}  ({} B / {} B); private area alone: p50 {}",
+        bytes(quantile(&new_disk, 0.5)),
+        bytes(disk_max),
+        quantile(&new_disk, 0.5),
+        disk_max,
+        bytes(quantile(&private, 0.5)),
+    );
+    println!(
+        "  bar: p50 <= 50 ms: {}; new disk <= 1 MB (every CT): {}",
+        crate::verdict(userns && ms(t.p50) <= 50.0),
+        crate::verdict(userns && disk_max <= 1_000_000)
+    );
+    Ok(())
+}
