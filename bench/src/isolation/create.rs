@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 
-use super::{Templates, UNPRIVILEGED, bytes, disk_usage, has_userns, timed};
+use super::{Templates, UNPRIVILEGED, bytes, ct_kind, disk_usage, timed};
 use crate::start::{Install, quiet};
 use crate::stats::{ms, quantile, summarize};
 
@@ -27,18 +27,20 @@ pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> 
     let mut kept = Vec::new();
     let mut destroy_each = false;
     let mut userns = true;
+    let mut layouts = std::collections::BTreeSet::new();
     let mut before = disk_usage(&inst.root)?;
     for i in 0..creates {
         let ctid = (3000 + i).to_string();
         let mut args = vec!["create", &ctid, "--template", TEMPLATE];
         args.extend_from_slice(UNPRIVILEGED);
         times.push(timed(&mut inst.cmd(&args)).with_context(|| format!("create CT {ctid}"))?);
-        userns &= has_userns(inst, &ctid)?;
+        let (u, layout) = ct_kind(inst, &ctid)?;
+        userns &= u;
+        layouts.insert(layout);
         private.push(disk_usage(&inst.root.join("private").join(&ctid))?);
         let after = disk_usage(&inst.root)?;
         let grew = after.saturating_sub(before);
         new_disk.push(grew);
-        before = after;
         if i == 0 && grew > KEEP_LIMIT {
             destroy_each = true;
             println!(
@@ -47,10 +49,12 @@ pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> 
                 bytes(grew)
             );
         }
+        // The next CT is measured against the root as it was before this one: whatever a
+        // destroy leaves behind counts against it.
         if destroy_each {
             quiet(&mut inst.cmd(&["destroy", &ctid]))?;
-            before = disk_usage(&inst.root)?;
         } else {
+            before = after;
             kept.push(ctid);
         }
     }
@@ -59,16 +63,22 @@ pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> 
     }
 
     let t = summarize(times);
+    let (max_at, disk_max) = new_disk
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by_key(|&(_, b)| b)
+        .expect("at least one create");
     new_disk.sort_unstable();
     private.sort_unstable();
-    let disk_max = new_disk[new_disk.len() - 1];
     println!(
-        "  CTs have a user namespace ([userns] in their config): {}",
+        "  CTs have a user namespace ([userns] in their config): {}; private area layout: {}",
         if userns {
             "yes, all"
         } else {
             "NO (not unprivileged: the numbers below are not the bar's)"
-        }
+        },
+        layouts.into_iter().collect::<Vec<_>>().join(", ")
     );
     println!(
         "  wall per create: p50 {:.2} ms  p90 {:.2} ms  (min {:.2}, max {:.2}){}",
@@ -83,9 +93,10 @@ pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> 
         }
     );
     println!(
-        "  new disk per CT (berth root grew by): p50 {}  max {}  ({} B / {} B); private area alone: p50 {}",
+        "  new disk per CT (berth root grew by): p50 {}  max {} (create {} of {creates})  ({} B / {} B); private area alone: p50 {}",
         bytes(quantile(&new_disk, 0.5)),
         bytes(disk_max),
+        max_at + 1,
         quantile(&new_disk, 0.5),
         disk_max,
         bytes(quantile(&private, 0.5)),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use super::{UNPRIVILEGED, output};
+use super::{UNPRIVILEGED, ct_kind, output, timed};
 use crate::start::{Install, hide_unified_cgroup2, quiet};
 use crate::stats::{ms, quantile, summarize};
 
@@ -68,12 +68,14 @@ impl Crun {
         quiet(&mut self.cmd(&["delete", "--force", id]))
     }
 
-    fn cycle(&self, id: &str) -> Result<Duration> {
-        let t0 = std::time::Instant::now();
-        self.create(id)?;
-        quiet(&mut self.cmd(&["start", id]))?;
-        self.remove(id)?;
-        Ok(t0.elapsed())
+    /// create → start → kill → delete: the time of each.
+    fn cycle(&self, id: &str) -> Result<Phases> {
+        Ok([
+            timed(self.cmd(&["create", "--bundle"]).arg(&self.bundle).arg(id))?,
+            timed(&mut self.cmd(&["start", id]))?,
+            timed(&mut self.cmd(&["kill", id, "KILL"]))?,
+            timed(&mut self.cmd(&["delete", "--force", id]))?,
+        ])
     }
 
     fn pid(&self, id: &str) -> Result<i32> {
@@ -85,15 +87,46 @@ impl Crun {
     }
 }
 
-fn berth_cycle(inst: &Install, ctid: &str) -> Result<Duration> {
+impl Drop for Crun {
+    /// Containers a failed cycle left behind, then the state directory.
+    fn drop(&mut self) {
+        if let Ok(d) = std::fs::read_dir(&self.state) {
+            for e in d.flatten() {
+                let _ =
+                    quiet(&mut self.cmd(&["delete", "--force", &e.file_name().to_string_lossy()]));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// The four commands of a cycle, each timed.
+type Phases = [Duration; 4];
+
+/// create → start → stop --fast → destroy: the time of each.
+fn berth_cycle(inst: &Install, ctid: &str) -> Result<Phases> {
     let mut create = vec!["create", ctid, "--template", "busybox"];
     create.extend_from_slice(UNPRIVILEGED);
-    let t0 = std::time::Instant::now();
-    quiet(&mut inst.cmd(&create))?;
-    quiet(&mut inst.cmd(&["start", ctid]))?;
-    quiet(&mut inst.cmd(&["stop", "--fast", ctid]))?;
-    quiet(&mut inst.cmd(&["destroy", ctid]))?;
-    Ok(t0.elapsed())
+    Ok([
+        timed(&mut inst.cmd(&create))?,
+        timed(&mut inst.cmd(&["start", ctid]))?,
+        timed(&mut inst.cmd(&["stop", "--fast", ctid]))?,
+        timed(&mut inst.cmd(&["destroy", ctid]))?,
+    ])
+}
+
+/// "create 1.2, start 3.4, …" (ms): the median of each command over all cycles.
+fn phase_p50s(all: &[Phases], names: [&str; 4]) -> String {
+    names
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            let mut v: Vec<Duration> = all.iter().map(|p| p[k]).collect();
+            v.sort_unstable();
+            format!("{n} {:.2}", ms(quantile(&v, 0.5)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(super) fn run(
@@ -115,7 +148,9 @@ pub(super) fn run(
     let mut c_all = Vec::with_capacity(rounds * cycles);
     let mut per_round = Vec::with_capacity(rounds);
     let mut n = 0usize;
-    let pair = |n: &mut usize| -> Result<(Duration, Duration)> {
+    let mut b_phases = Vec::with_capacity(rounds * cycles);
+    let mut c_phases = Vec::with_capacity(rounds * cycles);
+    let pair = |n: &mut usize| -> Result<(Phases, Phases)> {
         let ctid = (4000 + *n).to_string();
         let id = format!("bench{}-{n}", std::process::id());
         *n += 1;
@@ -132,9 +167,11 @@ pub(super) fn run(
         let mut b = Vec::with_capacity(cycles);
         let mut c = Vec::with_capacity(cycles);
         for _ in 0..cycles {
-            let (tb, tc) = pair(&mut n)?;
-            b.push(tb);
-            c.push(tc);
+            let (pb, pc) = pair(&mut n)?;
+            b.push(pb.iter().sum());
+            c.push(pc.iter().sum());
+            b_phases.push(pb);
+            c_phases.push(pc);
         }
         b_all.extend_from_slice(&b);
         c_all.extend_from_slice(&c);
@@ -175,6 +212,11 @@ pub(super) fn run(
         ms(c.max),
         rc[0],
         rc[rc.len() - 1]
+    );
+    println!(
+        "  per command p50 (ms): berth {}; crun {}",
+        phase_p50s(&b_phases, ["create", "start", "stop --fast", "destroy"]),
+        phase_p50s(&c_phases, ["create", "start", "kill", "delete"])
     );
     println!(
         "  ratio berth/crun of medians: {ratio:.3} (all cycles); per round: median {:.3}, {:.3}..{:.3} over {rounds} rounds",
@@ -220,7 +262,8 @@ fn bundle(inst: &Install, crun_bin: &Path, tmp: &Path) -> Result<Crun> {
     std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
     Ok(Crun {
         bin: crun_bin.to_owned(),
-        state: tmp.join("crun-state"),
+        // On tmpfs like berth's run dir (and crun's default /run/crun).
+        state: PathBuf::from(format!("/run/berth-bench-{}-crun", std::process::id())),
         bundle,
         mnt_ns: crun_mount_ns()?,
     })
@@ -307,6 +350,7 @@ fn describe(inst: &Install, crun: &Crun) -> Result<()> {
         .as_i64()
         .context("berth status: no init_pid")?;
     let berth = seen(pid, &inst.cg_parent);
+    let (_, layout) = ct_kind(inst, ctid)?;
     quiet(&mut inst.cmd(&["stop", "--fast", ctid]))?;
     quiet(&mut inst.cmd(&["destroy", ctid]))?;
     let berth = berth?;
@@ -318,7 +362,7 @@ fn describe(inst: &Install, crun: &Crun) -> Result<()> {
     crun.remove(&id)?;
     let c = c?;
     println!(
-        "  berth: `create --template busybox {}` (today: a copy of the template shifted to the CT's ids, per CT), \
+        "  berth: `create --template busybox {}` (private area layout: {layout}), \
          `start`: monitor + console pty, cgroups v1 with limits and device rules, pivot_root, caps \
          dropped, seccomp filter, busybox init; `stop --fast`: SIGKILL, wait for the pid \
          namespace to empty, remove cgroups and mounts; `destroy`: private area and config",
@@ -329,7 +373,7 @@ fn describe(inst: &Install, crun: &Crun) -> Result<()> {
         "  crun:  `create` + `start` (busybox init, terminal false: no pty, config.json of `crun spec`: \
          cgroupfs v1 with device rules, masked paths; no seccomp in it), `kill KILL`, `delete --force`; \
          rootfs = one copy of the busybox template chowned to {CRUN_BASE} before the timed cycles \
-         (no idmapped mount), --root on disk"
+         (no idmapped mount), state in /run (tmpfs, as berth's run dir)"
     );
     println!("         seen on its init: {c}");
     Ok(())

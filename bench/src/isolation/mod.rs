@@ -41,7 +41,7 @@ pub struct IsolationArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
     /// berth and crun cycles per round, interleaved ABAB (after 2 warm-up cycles of each).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     cycles: u64,
     /// Boots of the systemd CT (start → running, then stop), once systemd boots unprivileged.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
@@ -50,9 +50,19 @@ pub struct IsolationArgs {
     /// copied from there afterwards (the copy is not measured).
     #[arg(long)]
     template_cache: Option<PathBuf>,
+    /// Run only these parts (comma-separated: create, cycle, systemd); default all three.
+    #[arg(long, value_delimiter = ',', default_value = "create,cycle,systemd")]
+    only: Vec<Part>,
     /// Debian mirror for debootstrap (default: debootstrap's, deb.debian.org, as apt uses here).
     #[arg(long)]
     mirror: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Create,
+    Cycle,
+    Systemd,
 }
 
 pub fn run(a: &IsolationArgs) -> Result<()> {
@@ -84,6 +94,15 @@ pub fn run(a: &IsolationArgs) -> Result<()> {
     let tmp = tempdir()?;
     let inst = Install::new(&bin, &tmp, "");
     let res = run_all(a, &inst, &crun, &tmp);
+    // CTs a failed step left behind (running or not), before their root goes.
+    if let Ok(d) = std::fs::read_dir(inst.root.join("conf")) {
+        for e in d.flatten() {
+            if let Some(ctid) = e.file_name().to_string_lossy().strip_suffix(".toml") {
+                let _ = quiet(&mut inst.cmd(&["stop", "--fast", ctid]));
+                let _ = quiet(&mut inst.cmd(&["destroy", ctid]));
+            }
+        }
+    }
     inst.cleanup();
     let _ = std::fs::remove_dir_all(&tmp);
     res
@@ -99,15 +118,21 @@ fn run_all(a: &IsolationArgs, inst: &Install, crun: &Path, tmp: &Path) -> Result
         cache: a.template_cache.as_deref(),
         mirror: a.mirror.as_deref(),
     };
-    create::run(inst, &templates, usize::try_from(a.creates)?)?;
-    cycle::run(
-        inst,
-        crun,
-        tmp,
-        usize::try_from(a.rounds)?,
-        usize::try_from(a.cycles)?,
-    )?;
-    systemd::run(inst, &templates, usize::try_from(a.systemd_boots)?);
+    if a.only.contains(&Part::Create) {
+        create::run(inst, &templates, usize::try_from(a.creates)?)?;
+    }
+    if a.only.contains(&Part::Cycle) {
+        cycle::run(
+            inst,
+            crun,
+            tmp,
+            usize::try_from(a.rounds)?,
+            usize::try_from(a.cycles)?,
+        )?;
+    }
+    if a.only.contains(&Part::Systemd) {
+        systemd::run(inst, &templates, usize::try_from(a.systemd_boots)?);
+    }
     Ok(())
 }
 
@@ -244,11 +269,18 @@ pub(super) fn disk_usage(path: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// Whether CT `ctid`'s config gives it a user namespace (`[userns]`).
-pub(super) fn has_userns(inst: &Install, ctid: &str) -> Result<bool> {
+/// What CT `ctid`'s config says about its isolation: whether it has a user namespace
+/// (`[userns]`) and its private area's `layout` (copy or overlay).
+pub(super) fn ct_kind(inst: &Install, ctid: &str) -> Result<(bool, String)> {
     let p = inst.root.join("conf").join(format!("{ctid}.toml"));
     let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-    Ok(text.lines().any(|l| l.trim() == "[userns]"))
+    let userns = text.lines().any(|l| l.trim() == "[userns]");
+    let layout = text
+        .lines()
+        .find_map(|l| l.strip_prefix("layout")?.trim_start().strip_prefix('='))
+        .map_or("copy (the default)", |v| v.trim().trim_matches('"'))
+        .to_owned();
+    Ok((userns, layout))
 }
 
 /// "1.23 MB" style.
