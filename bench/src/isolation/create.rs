@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 
-use super::{Templates, UNPRIVILEGED, bytes, ct_kind, disk_usage, timed};
+use super::{Templates, UNPRIVILEGED, bytes, ct_kind, disk_usage, settle, timed};
 use crate::start::{Install, quiet};
 use crate::stats::{ms, quantile, summarize};
 
@@ -18,6 +18,7 @@ const KEEP_LIMIT: u64 = 64 << 20;
 pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> Result<()> {
     println!("create: unprivileged create from the Debian 12 template ({creates} creates)");
     templates.provide(inst, TEMPLATE, &[])?;
+    settle(&inst.root)?;
     let tpl_size = disk_usage(&inst.root.join("template").join(TEMPLATE))?;
     println!("  template {TEMPLATE}: {} on disk", bytes(tpl_size));
 
@@ -53,6 +54,7 @@ pub(super) fn run(inst: &Install, templates: &Templates<'_>, creates: usize) -> 
         // destroy leaves behind counts against it.
         if destroy_each {
             quiet(&mut inst.cmd(&["destroy", &ctid]))?;
+            settle(&inst.root)?;
         } else {
             before = after;
             kept.push(ctid);

@@ -143,6 +143,7 @@ pub(super) fn run(
     quiet(&mut inst.cmd(&["template", "build", "busybox"]))?;
     let crun = bundle(inst, crun_bin, tmp)?;
     describe(inst, &crun)?;
+    super::settle(&inst.root)?;
 
     let mut b_all = Vec::with_capacity(rounds * cycles);
     let mut c_all = Vec::with_capacity(rounds * cycles);
