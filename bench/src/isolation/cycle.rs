@@ -190,40 +190,37 @@ pub(super) fn run(
 
     let (b, c) = (summarize(b_all), summarize(c_all));
     let ratio = ms(b.p50) / ms(c.p50);
-    let col = |k: usize| {
-        let mut v: Vec<f64> = per_round.iter().map(|r| [r.0, r.1, r.2][k]).collect();
-        v.sort_by(f64::total_cmp);
-        v
+    // In round order: a trend across rounds (not noise) shows up as one.
+    let in_order = |k: usize, prec: usize| {
+        per_round
+            .iter()
+            .map(|r| format!("{:.prec$}", [r.0, r.1, r.2][k]))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
-    let (rb, rc, rr) = (col(0), col(1), col(2));
-    println!(
-        "  berth: p50 {:.2} ms  p90 {:.2} ms  (min {:.2}, max {:.2}; round p50s {:.2}..{:.2})",
-        ms(b.p50),
-        ms(b.p90),
-        ms(b.min),
-        ms(b.max),
-        rb[0],
-        rb[rb.len() - 1]
-    );
-    println!(
-        "  crun:  p50 {:.2} ms  p90 {:.2} ms  (min {:.2}, max {:.2}; round p50s {:.2}..{:.2})",
-        ms(c.p50),
-        ms(c.p90),
-        ms(c.min),
-        ms(c.max),
-        rc[0],
-        rc[rc.len() - 1]
-    );
+    let mut rr: Vec<f64> = per_round.iter().map(|r| r.2).collect();
+    rr.sort_by(f64::total_cmp);
+    for (name, s, k) in [("berth:", &b, 0), ("crun: ", &c, 1)] {
+        println!(
+            "  {name} p50 {:.2} ms  p90 {:.2} ms  (min {:.2}, max {:.2}; p50 per round: {})",
+            ms(s.p50),
+            ms(s.p90),
+            ms(s.min),
+            ms(s.max),
+            in_order(k, 1)
+        );
+    }
     println!(
         "  per command p50 (ms): berth {}; crun {}",
         phase_p50s(&b_phases, ["create", "start", "stop --fast", "destroy"]),
         phase_p50s(&c_phases, ["create", "start", "kill", "delete"])
     );
     println!(
-        "  ratio berth/crun of medians: {ratio:.3} (all cycles); per round: median {:.3}, {:.3}..{:.3} over {rounds} rounds",
+        "  ratio berth/crun of medians: {ratio:.3} (all cycles); per round: median {:.3}, {:.3}..{:.3} over {rounds} rounds ({})",
         quantile(&rr, 0.5),
         rr[0],
-        rr[rr.len() - 1]
+        rr[rr.len() - 1],
+        in_order(2, 2)
     );
     println!(
         "  bar: berth p50 <= 25 ms: {}; berth/crun <= 1.0: {}",
