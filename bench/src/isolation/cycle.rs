@@ -1,7 +1,9 @@
 //! Part 2: unprivileged busybox create → start → stop --fast → destroy, against crun with a user
 //! namespace: create → start → kill KILL → delete of the same busybox rootfs, copied once and
 //! chowned to [`CRUN_BASE`] (crun has no template store: its copy is made before the timed
-//! cycles, whatever berth's create has to do is timed). The same seven namespaces on both
+//! cycles, whatever berth's create has to do is timed). Not an idmapped mount: crun 1.8.1's
+//! experimental `idmap` option is for entries of config.json's `mounts`, not for the root, and
+//! a copy made once is the cheapest per-cycle setup crun can have. The same seven namespaces on both
 //! sides. Cycles alternate berth, crun, berth, crun… so both see the same machine noise, in
 //! rounds that each give one ratio of medians.
 //!
