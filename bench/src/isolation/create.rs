@@ -9,7 +9,7 @@ use super::{Templates, UNPRIVILEGED, bytes, ct_kind, disk_usage, settle, timed};
 use crate::start::{Install, quiet};
 use crate::stats::{ms, quantile, summarize};
 
-pub(super) const TEMPLATE: &str = "debian";
+const TEMPLATE: &str = "debian";
 
 /// Free space the benchmark leaves on the root's filesystem when it keeps every CT it created.
 const FREE_RESERVE: u64 = 10 << 30;
