@@ -5,6 +5,7 @@
 //! directories of their own and is removed afterwards.
 
 mod datapath;
+mod isolation;
 mod metrics;
 mod net;
 mod shaper;
@@ -30,6 +31,9 @@ struct Cli {
 enum Bench {
     /// create → start → stop → destroy of a busybox CT, berth vs crun on the same rootfs.
     Start(start::StartArgs),
+    /// Unprivileged CTs (issue 12's bars): create from the Debian template (time, new disk),
+    /// busybox create→start→stop→destroy vs crun with a user namespace, systemd boot and stop.
+    Isolation(isolation::IsolationArgs),
     /// Network setup per CT (in-process netlink vs ip(8)) and 1000 CTs up and down.
     Net(net::NetArgs),
     /// eBPF datapath: per-packet cost under iperf3 load (bpf_stats) and single-stream
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         .init();
     let res = match cli.bench {
         Bench::Start(a) => start::run(&a),
+        Bench::Isolation(a) => isolation::run(&a),
         Bench::Net(a) => net::run(&a),
         Bench::Datapath(a) => datapath::run(&a),
         Bench::DatapathTestRun(a) => datapath::test_run::run(&a),

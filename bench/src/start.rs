@@ -59,16 +59,16 @@ pub fn run(a: &StartArgs) -> Result<()> {
 
 /// One berth installation of the benchmark: its binary, root, run dir, pin dir and cgroup
 /// parent, so two builds never share pins (each would upgrade the other's programs).
-struct Install {
-    bin: PathBuf,
-    root: PathBuf,
-    run_dir: PathBuf,
-    pin_dir: PathBuf,
-    cg_parent: String,
+pub(crate) struct Install {
+    pub(crate) bin: PathBuf,
+    pub(crate) root: PathBuf,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) pin_dir: PathBuf,
+    pub(crate) cg_parent: String,
 }
 
 impl Install {
-    fn new(bin: &Path, tmp: &Path, tag: &str) -> Self {
+    pub(crate) fn new(bin: &Path, tmp: &Path, tag: &str) -> Self {
         let id = format!("berth-bench-{}{tag}", std::process::id());
         Self {
             bin: bin.to_owned(),
@@ -80,7 +80,7 @@ impl Install {
         }
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--root")
             .arg(&self.root)
@@ -116,7 +116,7 @@ impl Install {
         Ok(t0.elapsed())
     }
 
-    fn cleanup(&self) {
+    pub(crate) fn cleanup(&self) {
         let _ = std::fs::remove_dir_all(&self.root);
         let _ = std::fs::remove_dir_all(&self.run_dir);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
@@ -130,7 +130,7 @@ impl Install {
 
 /// Runs a command with stdio detached. stderr goes to a file, not a pipe: crun's container
 /// init inherits it, and a pipe would only reach EOF when the container exits.
-fn quiet(cmd: &mut Command) -> Result<()> {
+pub(crate) fn quiet(cmd: &mut Command) -> Result<()> {
     use std::io::{Read, Seek};
     // Unnamed (O_TMPFILE or unlinked): nothing is left in /tmp.
     let mut errf = tempfile::tempfile()?;
@@ -153,7 +153,7 @@ fn quiet(cmd: &mut Command) -> Result<()> {
 /// namespace whose /sys/fs/cgroup is a fresh tmpfs holding bind mounts of the v1 hierarchies
 /// only: the host's mounts are not touched, and crun then manages v1 cgroups exactly like
 /// berth does, so both pay the same kernel cgroup costs.
-fn hide_unified_cgroup2() -> Result<()> {
+pub(crate) fn hide_unified_cgroup2() -> Result<()> {
     use nix::mount::{MsFlags, mount};
     use std::os::fd::AsRawFd;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
@@ -402,7 +402,7 @@ fn start(bin: &Path, baseline: Option<&Path>, cycles: usize, routed: bool) -> Re
     Ok(())
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -410,7 +410,7 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn tempdir() -> Result<PathBuf> {
+pub(crate) fn tempdir() -> Result<PathBuf> {
     let p = std::env::temp_dir().join(format!("berth-bench-{}", std::process::id()));
     std::fs::create_dir_all(&p)?;
     Ok(p)

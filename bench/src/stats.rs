@@ -10,16 +10,18 @@ pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
 
 pub struct Summary {
     pub p50: Duration,
+    pub p90: Duration,
     pub p99: Duration,
     pub min: Duration,
     pub max: Duration,
 }
 
-/// p50, p99 and the extremes of non-empty samples.
+/// p50, p90, p99 and the extremes of non-empty samples.
 pub fn summarize(mut v: Vec<Duration>) -> Summary {
     v.sort();
     Summary {
         p50: quantile(&v, 0.5),
+        p90: quantile(&v, 0.9),
         p99: quantile(&v, 0.99),
         min: v[0],
         max: v[v.len() - 1],
