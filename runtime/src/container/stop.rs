@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::mount::unbind_private;
 use super::start::start;
-use super::state::{self, RunState};
+use super::state::{self, LastExit, RunState};
 use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, io_err, lock, running};
 use crate::cgroups::{self, CgroupManager};
 use crate::config::{CtConfig, Host};
@@ -57,8 +57,28 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Re
         net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
     }
     teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
+    // The monitor records init's end as an exit of its own; this one was asked for. It
+    // writes that record right after reaping init, so wait for it to go first.
+    wait_monitor(ctid, st.monitor_pid);
+    let exit = LastExit::path(&host.run, ctid);
+    LastExit::remove(&exit).map_err(io_err(ctid, "remove", &exit))?;
     info!(%ctid, "stopped");
     Ok(())
+}
+
+/// Waits (briefly) for the CT's monitor to exit, once its init is gone.
+fn wait_monitor(ctid: Ctid, pid: i32) {
+    // A PID reused since is not the monitor: its name says so (comm is cut at 15 bytes).
+    let name = format!("berth-mon {ctid}");
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if pid <= 0 || comm.trim_end() != &name[..name.len().min(15)] {
+        return;
+    }
+    if let Ok(fd) = state::pidfd_open(pid)
+        && !state::wait_pidfd(&fd, Duration::from_secs(2))
+    {
+        warn!(%ctid, pid, "the monitor did not exit after init");
+    }
 }
 
 /// Best effort: the datapath detaches, proxy entries go (links go with the netns or are deleted).
@@ -164,6 +184,7 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
     }
     for p in [
         host.console_log_path(ctid),
+        LastExit::path(&host.run, ctid),
         host.conf_path(ctid),
         host.lock_path(ctid),
     ] {
