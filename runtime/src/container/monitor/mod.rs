@@ -32,6 +32,9 @@ use crate::ctid::Ctid;
 
 /// How long after its exec an init that exits still fails the start.
 pub(super) const WATCH: Duration = Duration::from_secs(1);
+/// The first settle check after init's exec, and the shortest gap between checks: busybox's
+/// boot (rcS) takes 2–3 ms here, a finer grain returns sooner at ~20–50 µs per look.
+const FIRST_LOOK: Duration = Duration::from_micros(250);
 /// How much of this start's console output an `Exited` report carries.
 const TAIL: usize = 8 << 10;
 /// The console log is truncated when it passes this size.
@@ -359,7 +362,7 @@ impl Monitor {
             let now = Instant::now();
             self.phase = Phase::Watching {
                 since: now,
-                next: now + Duration::from_millis(1),
+                next: now + FIRST_LOOK,
                 quiet: None,
             };
         } else {
@@ -427,7 +430,7 @@ impl Monitor {
                     after_ms: ms(elapsed),
                     idle: true,
                 };
-                return self.report(msg, true);
+                self.report(msg, true);
             }
             Some(q) => {
                 *quiet = Some(q);
@@ -437,8 +440,7 @@ impl Monitor {
             None => {
                 *quiet = None;
                 // Frequent checks while a boot is short, fewer as it goes on.
-                *next =
-                    now + (elapsed / 8).clamp(Duration::from_millis(1), Duration::from_millis(25));
+                *next = now + (elapsed / 8).clamp(FIRST_LOOK, Duration::from_millis(25));
             }
         }
     }

@@ -105,7 +105,7 @@ pub(in crate::container) fn console_lines(text: &str, n: usize) -> Vec<String> {
             // CSI: ESC [ parameters… final byte in @..~; other escapes: ESC and one character.
             '\u{1b}' => {
                 if chars.next_if_eq(&'[').is_some() {
-                    while let Some(p) = chars.next() {
+                    for p in chars.by_ref() {
                         if ('@'..='~').contains(&p) {
                             break;
                         }
