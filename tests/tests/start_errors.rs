@@ -245,6 +245,8 @@ fn init_that_dies_after_start_shows_in_status() {
     h.ok(&["start", "5107"]);
     assert!(h.status("5107")["last_exit"].is_null());
     h.ok(&["stop", "5107"]);
+    // the monitor would write a record right after reaping init: give it the time to
+    std::thread::sleep(Duration::from_millis(300));
     let st = h.status("5107");
     assert_eq!(st["state"], "stopped");
     assert!(st["last_exit"].is_null(), "{st}");

@@ -32,6 +32,7 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Re
     if cg.is_frozen().unwrap_or(false) {
         cg.thaw().map_err(cg_err(ctid))?;
     }
+    notify_monitor(ctid, st.monitor_pid);
     if fast {
         // SIGKILL to the pid namespace's init makes the kernel kill every task in it, and the
         // pidfd turns readable only after that namespace is empty (zap_pid_ns_processes).
@@ -57,27 +58,21 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Re
         net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
     }
     teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
-    // The monitor records init's end as an exit of its own; this one was asked for. It
-    // writes that record right after reaping init, so wait for it to go first.
-    wait_monitor(ctid, st.monitor_pid);
     let exit = LastExit::path(&host.run, ctid);
     LastExit::remove(&exit).map_err(io_err(ctid, "remove", &exit))?;
     info!(%ctid, "stopped");
     Ok(())
 }
 
-/// Waits (briefly) for the CT's monitor to exit, once its init is gone.
-fn wait_monitor(ctid: Ctid, pid: i32) {
+/// Tells the CT's monitor that init's coming exit is this stop's doing, so it records no exit
+/// of init's own for `status`. Sent before init is signalled: the monitor reads it no later
+/// than that exit's SIGCHLD.
+fn notify_monitor(ctid: Ctid, pid: i32) {
     // A PID reused since is not the monitor: its name says so (comm is cut at 15 bytes).
     let name = format!("berth-mon {ctid}");
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if pid <= 0 || comm.trim_end() != &name[..name.len().min(15)] {
-        return;
-    }
-    if let Ok(fd) = state::pidfd_open(pid)
-        && !state::wait_pidfd(&fd, Duration::from_secs(2))
-    {
-        warn!(%ctid, pid, "the monitor did not exit after init");
+    if pid > 0 && comm.trim_end() == &name[..name.len().min(15)] {
+        let _ = kill(Pid::from_raw(pid), super::monitor::STOPPING);
     }
 }
 

@@ -6,7 +6,7 @@
 //! which its exec closes unwritten), `Exited` if init ended within [`WATCH`] of its exec (with
 //! the console's last output, logged before the report is sent), or `Settled` once the CT is
 //! idle (see `settle`) or has lived through the window. An init that ends later is recorded in
-//! `<run>/<CTID>.exit.json` for `status`.
+//! `<run>/<CTID>.exit.json` for `status`, unless `stop` sent [`STOPPING`] first.
 
 mod msg;
 mod settle;
@@ -35,6 +35,8 @@ pub(super) const WATCH: Duration = Duration::from_secs(1);
 /// The first settle check after init's exec, and the shortest gap between checks: busybox's
 /// boot (rcS) takes 2–3 ms here, a finer grain returns sooner at ~20–50 µs per look.
 const FIRST_LOOK: Duration = Duration::from_micros(250);
+/// What `stop` sends the monitor before it makes init exit: that exit is no news for `status`.
+pub(super) const STOPPING: Signal = Signal::SIGUSR1;
 /// How much of this start's console output an `Exited` report carries.
 const TAIL: usize = 8 << 10;
 /// The console log is truncated when it passes this size.
@@ -120,12 +122,14 @@ pub(super) fn monitor_main(
     if userns.is_some() {
         flags |= CloneFlags::CLONE_NEWUSER;
     }
-    // SIGCHLD arrives on a signalfd so the monitor sleeps until there is console output or init
-    // exits; the mask is inherited by the clone and undone in init before exec.
+    // SIGCHLD (and `stop`'s notice) arrive on a signalfd so the monitor sleeps until there is
+    // console output or init exits; the mask is inherited by the clone and undone in init
+    // before exec.
     let mut chld = nix::sys::signal::SigSet::empty();
     chld.add(Signal::SIGCHLD);
+    chld.add(STOPPING);
     if let Err(e) = chld.thread_block() {
-        return fail(format!("block SIGCHLD: {e}"));
+        return fail(format!("block SIGCHLD and {}: {e}", STOPPING.as_str()));
     }
     let sfd = match nix::sys::signalfd::SignalFd::with_flags(
         &chld,
@@ -182,8 +186,9 @@ pub(super) fn monitor_main(
             err_r,
             err: Vec::new(),
         },
+        stopping: false,
     };
-    let exit = m.run();
+    let exit = m.run().filter(|_| !m.stopping);
     if let (Some((exit, true)), Ok(at)) = (exit, SystemTime::now().duration_since(UNIX_EPOCH)) {
         let _ = LastExit {
             exit,
@@ -293,6 +298,8 @@ struct Monitor {
     sfd: nix::sys::signalfd::SignalFd,
     ready_w: OwnedFd,
     phase: Phase,
+    /// `stop` said init's coming exit is its doing.
+    stopping: bool,
 }
 
 impl Monitor {
@@ -337,7 +344,13 @@ impl Monitor {
                 self.read_err();
             }
             if sig {
-                while let Ok(Some(_)) = self.sfd.read_signal() {}
+                // stop's notice is queued before it signals init, so it is read here no later
+                // than the SIGCHLD of that exit.
+                while let Ok(Some(si)) = self.sfd.read_signal() {
+                    if si.ssi_signo == STOPPING as u32 {
+                        self.stopping = true;
+                    }
+                }
                 if let Some(end) = self.reap() {
                     return end;
                 }
