@@ -241,6 +241,17 @@ pub fn running(host: &Host, ctid: Ctid) -> Option<RunState> {
         .filter(RunState::alive)
 }
 
+/// Whether a CT that does not run is mounted: its root is a mount point that is not one a
+/// start made for an init that has died since (that CT is stopped; its next start or stop
+/// cleans the mount up).
+pub fn mounted(host: &Host, ctid: Ctid) -> bool {
+    state::is_mount_point(&host.root_dir(ctid))
+        && !RunState::read(&host.state_path(ctid))
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.mounted_by_start)
+}
+
 pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
     let cfg = CtConfig::load(host, ctid)?;
     let run = running(host, ctid);
@@ -252,16 +263,7 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
                 State::Running
             }
         }
-        // A mount that start made and an init that died left behind is not the admin's
-        // `berth mount`: that CT is stopped (the next start or stop cleans it).
-        None if state::is_mount_point(&host.root_dir(ctid))
-            && !RunState::read(&host.state_path(ctid))
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.mounted_by_start) =>
-        {
-            State::Mounted
-        }
+        None if mounted(host, ctid) => State::Mounted,
         None => State::Stopped,
     };
     let last_exit = match state {

@@ -4,8 +4,9 @@
 //! A snapshot walks the tree from init (`/proc/<pid>/task/<tid>/children`; orphans are
 //! reparented to init, so the walk sees the whole pid namespace) and for each task reads its
 //! state (`stat`), the system call it sleeps in (`syscall`) and how often it was switched out
-//! (`schedstat`'s timeslice count). A task is quiet when it sleeps (`S`) in a call that waits
-//! forever or longer than the watch window (a `sleep 0.3` or a poll with a 100 ms timeout is
+//! (`schedstat`'s timeslice count); a process that is not a native 64-bit one counts as busy
+//! (its system call numbers are another table). A task is quiet when it sleeps (`S`) in a call
+//! that waits forever or longer than the watch window (a `sleep 0.3` or a poll with a 100 ms timeout is
 //! not quiet; sysvinit's 5 s select is). Two quiet snapshots with the same tasks and the same
 //! switch counts mean no task ran between the first's read and the second's, so at the moment
 //! between them all were asleep together, and nothing in the CT can wake another: only the
@@ -26,6 +27,10 @@ pub(super) fn snapshot(init_pid: i32, window: Duration) -> Option<Quiet> {
     let mut tasks = Vec::new();
     let mut pids = vec![init_pid];
     while let Some(pid) = pids.pop() {
+        // A zombie has no executable any more; its task is skipped below.
+        if !native(pid) && !zombie(pid) {
+            return None;
+        }
         let tdir = format!("/proc/{pid}/task");
         let mut tids: Vec<i32> = fs::read_dir(&tdir)
             .ok()?
@@ -45,7 +50,7 @@ pub(super) fn snapshot(init_pid: i32, window: Duration) -> Option<Quiet> {
             if !quiet(&call, window, |addr| read_pair(&base, addr))? {
                 return None;
             }
-            let switches = timeslices(&fs::read_to_string(format!("{base}/schedstat")).ok()?)?;
+            let switches = switches(&base)?;
             tasks.push((tid, switches));
             for c in fs::read_to_string(format!("{base}/children"))
                 .ok()?
@@ -58,6 +63,27 @@ pub(super) fn snapshot(init_pid: i32, window: Duration) -> Option<Quiet> {
     Some(Quiet(tasks))
 }
 
+/// Whether the process runs a 64-bit ELF like the monitor: a 32-bit one's `syscall` file holds
+/// the compat numbers (i386 162 is nanosleep, x86_64 162 is sync), which `wait_of` would misread.
+fn native(pid: i32) -> bool {
+    let mut h = [0u8; 5];
+    fs::File::open(format!("/proc/{pid}/exe"))
+        .and_then(|f| f.read_exact_at(&mut h, 0))
+        .is_ok_and(|()| &h[..4] == b"\x7fELF" && h[4] == ELF_CLASS)
+}
+
+fn zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| task_state(&s))
+        == Some('Z')
+}
+
+#[cfg(target_pointer_width = "64")]
+const ELF_CLASS: u8 = 2;
+#[cfg(target_pointer_width = "32")]
+const ELF_CLASS: u8 = 1;
+
 /// The state letter of a `/proc/<pid>/stat` line (after the last ')': comm may hold anything).
 fn task_state(stat: &str) -> Option<char> {
     stat.get(stat.rfind(')')? + 1..)?
@@ -66,9 +92,33 @@ fn task_state(stat: &str) -> Option<char> {
         .next()
 }
 
+/// How often the task was scheduled: `schedstat`'s timeslice count, or without schedstats in
+/// the kernel (CONFIG_SCHED_INFO) its context switches, which also move when a task that slept
+/// runs and sleeps again (one that still runs is not asleep, whatever its count).
+fn switches(task_dir: &str) -> Option<u64> {
+    if let Ok(s) = fs::read_to_string(format!("{task_dir}/schedstat")) {
+        return timeslices(&s);
+    }
+    ctxt_switches(&fs::read_to_string(format!("{task_dir}/status")).ok()?)
+}
+
 /// The third field of `schedstat`: how many times the task ran on a CPU.
 fn timeslices(schedstat: &str) -> Option<u64> {
     schedstat.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// voluntary + nonvoluntary context switches from a `status` file.
+fn ctxt_switches(status: &str) -> Option<u64> {
+    let mut n = None::<u64>;
+    for l in status.lines() {
+        if let Some(v) = l
+            .strip_prefix("voluntary_ctxt_switches:")
+            .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        {
+            n = Some(n.unwrap_or(0) + v.trim().parse::<u64>().ok()?);
+        }
+    }
+    n
 }
 
 /// A task's `/proc/.../syscall` line while it sleeps in a system call.
@@ -203,6 +253,15 @@ mod tests {
         assert_eq!(task_state("garbage"), None);
         assert_eq!(timeslices("131005 2230405 2\n"), Some(2));
         assert_eq!(timeslices("1 2"), None);
+        let status = "Name:\tsh\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t12\n\
+                      nonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(ctxt_switches(status), Some(15));
+        assert_eq!(ctxt_switches("Name:\tsh\n"), None);
+        assert_eq!(ctxt_switches("voluntary_ctxt_switches:\tlots\n"), None);
+        let me = format!("/proc/self/task/{}", nix::unistd::gettid());
+        assert!(switches(&me).is_some());
+        assert!(native(std::process::id() as i32));
+        assert!(!native(i32::MAX));
         assert_eq!(Syscall::parse("running\n"), None);
         assert_eq!(Syscall::parse("-1 0x7ffd 0x4011\n"), None);
         let line =
@@ -294,7 +353,7 @@ mod tests {
     }
 
     /// The calling test process's own tree: a child sleeping for 5 s is quiet, one sleeping
-    /// for 0.2 s is not, and a running process never is.
+    /// for 0.9 s is not, and a running process never is.
     #[test]
     fn real_processes() {
         let spawn = |secs: &str| {
@@ -314,7 +373,7 @@ mod tests {
             panic!("{pid} never slept");
         };
         let mut long = spawn("5");
-        let mut short = spawn("0.2");
+        let mut short = spawn("0.9");
         let (lp, sp) = (long.id() as i32, short.id() as i32);
         wait_asleep(lp);
         wait_asleep(sp);
@@ -322,14 +381,36 @@ mod tests {
         let b = snapshot(lp, W).expect("still quiet");
         assert_eq!(a, b, "no switches while asleep");
         assert_eq!(a.0.len(), 1);
-        assert_eq!(snapshot(sp, W), None, "sleep 0.2 wakes within the window");
+        assert_eq!(snapshot(sp, W), None, "sleep 0.9 wakes within the window");
         assert_eq!(
             snapshot(std::process::id() as i32, W),
             None,
             "this test runs"
         );
         assert_eq!(snapshot(i32::MAX, W), None);
-        for c in [&mut long, &mut short] {
+        // an unreaped child (a zombie) does not keep its quiet parent busy
+        let mut parent = std::process::Command::new("sh")
+            .args(["-c", "sleep 0 & exec sleep 5"])
+            .spawn()
+            .unwrap();
+        let pp = parent.id() as i32;
+        let has_zombie = || {
+            fs::read_to_string(format!("/proc/{pp}/task/{pp}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .any(|c| zombie(c.parse().unwrap()))
+        };
+        for _ in 0..200 {
+            if has_zombie() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(has_zombie(), "no zombie child under {pp}");
+        wait_asleep(pp);
+        let z = snapshot(pp, W).expect("quiet with a zombie child");
+        assert_eq!(z.0.len(), 1, "{z:?}");
+        for c in [&mut long, &mut short, &mut parent] {
             let _ = c.kill();
             let _ = c.wait();
         }
