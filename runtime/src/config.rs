@@ -65,6 +65,9 @@ pub struct Host {
     pub run: PathBuf,
     /// cgroup directory under each hierarchy that holds this installation's CTs.
     pub cgroup_parent: String,
+    /// Where the host's users and groups are listed (`passwd`, `group`, `subuid`, `subgid`),
+    /// which the id pool must stay clear of.
+    pub etc: PathBuf,
 }
 
 impl Host {
@@ -94,6 +97,7 @@ impl Host {
             root,
             run,
             cgroup_parent,
+            etc: PathBuf::from("/etc"),
         })
     }
 
@@ -111,6 +115,10 @@ impl Host {
         Ok(())
     }
 
+    /// Host-wide settings (`[userns]` id pool).
+    pub fn host_conf_path(&self) -> PathBuf {
+        self.root.join("host.toml")
+    }
     pub fn conf_dir(&self) -> PathBuf {
         self.root.join("conf")
     }
@@ -351,6 +359,11 @@ impl CtConfig {
                 .map_err(|e| bad(format!("shaping.{} = {:?}: {}", e.key(), e.value, e.reason)))?;
         }
         Ok(())
+    }
+
+    /// The (uid, gid) its files are shifted by on disk: its user namespace's bases.
+    pub fn id_shift(&self) -> Option<(u32, u32)> {
+        self.userns.map(|u| (u.uid_base, u.gid_base))
     }
 
     /// The shaping the CT gets at start: its `[shaping]`, unless that shapes nothing.

@@ -12,6 +12,7 @@ pub mod shaping;
 pub mod signal;
 pub mod size;
 pub mod template;
+pub mod userns;
 
 pub use ctid::Ctid;
 pub use size::Size;

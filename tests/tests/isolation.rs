@@ -96,9 +96,8 @@ fn denied_system_calls_fail_with_eperm_inside_a_ct() {
 }
 
 /// What a default CT already cannot do through its own /proc, /dev and pid namespace; each must
-/// fail with the kernel's reason for it. (A fresh procfs mounted inside a default CT still
-/// writes the host's core_pattern: that probe waits for the user namespace to be the default,
-/// since running it here would change this machine.)
+/// fail with the kernel's reason for it. (What a fresh procfs inside the CT reaches is probed,
+/// without writing, by the escape suite below.)
 #[test]
 fn a_default_ct_cannot_reach_host_state_through_proc_dev_or_pids() {
     let h = TestHost::new();
@@ -141,4 +140,286 @@ fn a_default_ct_cannot_reach_host_state_through_proc_dev_or_pids() {
     assert_eq!(code, 0, "the CT's own net sysctls: {err}");
     h.ok(&["stop", "--fast", "4631"]);
     h.ok(&["destroy", "4631"]);
+}
+
+// ---- Escape probes: one suite, run against a default (unprivileged) and a privileged CT ----
+
+/// How the suite asks for each kind of CT: a plain `create` is unprivileged.
+const DEFAULT_CT: &[&str] = &[];
+const PRIVILEGED_CT: &[&str] = &["--privileged"];
+
+/// One line of tests/probes/escape.c: `<probe> BLOCKED <errno> <step>` or `<probe> ALLOWED - <what>`.
+#[derive(Debug, Clone)]
+struct ProbeResult {
+    name: String,
+    blocked: bool,
+    errno: String,
+    detail: String,
+}
+
+impl ProbeResult {
+    /// A matrix cell; `step` adds where a blocked probe stopped.
+    fn cell(&self, step: bool) -> String {
+        match (self.blocked, step) {
+            (true, false) => format!("blocked: {}", self.errno),
+            (true, true) => format!("blocked: {} ({})", self.errno, self.detail),
+            (false, _) => format!("ALLOWED ({})", self.detail),
+        }
+    }
+}
+
+/// Why a default CT's probe must fail: the errno, or (where the host lacks the v1 hierarchy
+/// the probe mounts) a refused mount of it.
+#[derive(Debug)]
+enum Expect {
+    Errno(&'static str),
+    MountRefused,
+}
+
+fn host_has(path: &str) -> bool {
+    Path::new(path).exists()
+}
+
+fn host_v1(controller: &str) -> bool {
+    berth_tests::ct::cgroup_roots()
+        .iter()
+        .any(|r| r.file_name().is_some_and(|n| n == controller))
+}
+
+/// Every probe and the errno a default CT gets for it on this kind of host.
+fn default_ct_expectations() -> Vec<(&'static str, Expect)> {
+    use Expect::*;
+    // A fresh procfs in a user namespace: the host's sysctls belong to a uid the CT does not map.
+    let absent_or = |host_path: &str, e| Errno(if host_has(host_path) { e } else { "ENOENT" });
+    // The CT's own cgroup in each hierarchy (its cgroup namespace's root) belongs to host root.
+    let v1 = |c| {
+        if host_v1(c) {
+            Errno("EACCES")
+        } else {
+            MountRefused
+        }
+    };
+    vec![
+        ("procfs-core-pattern", Errno("EACCES")),
+        (
+            "procfs-modprobe",
+            absent_or("/proc/sys/kernel/modprobe", "EACCES"),
+        ),
+        ("procfs-drop-caches", Errno("EACCES")),
+        ("procfs-sysctls", Errno("EACCES")),
+        (
+            "procfs-sysrq-trigger",
+            absent_or("/proc/sysrq-trigger", "EACCES"),
+        ),
+        ("proc-core-pattern", Errno("EACCES")),
+        ("proc-sysctls", Errno("EACCES")),
+        // Masked with /dev/null, or absent where the kernel has no magic SysRq.
+        (
+            "proc-sysrq-trigger",
+            absent_or("/proc/sysrq-trigger", "MASKED"),
+        ),
+        // The CT's /sys is read-only and the kernel keeps a user namespace from making any
+        // sysfs view of it less restricted (fs/namespace.c, locked mount flags).
+        ("sysfs-remount-rw", Errno("EPERM")),
+        ("sysfs-fresh-rw", Errno("EPERM")),
+        ("debugfs-mount", Errno("EPERM")),
+        // seccomp (bpf, handles, modules, kexec), before any capability check.
+        ("bpf-map-by-id", Errno("EPERM")),
+        ("bpf-prog-by-id", Errno("EPERM")),
+        ("bpf-link-by-id", Errno("EPERM")),
+        ("bpffs-mount", Errno("EPERM")),
+        // New hierarchies may only be created in the initial cgroup namespace.
+        ("cgroup1-release-agent", Errno("EPERM")),
+        // Through the cgroup namespace the mount's root is the CT's cgroup: no release_agent.
+        (
+            "cgroup1-memory-release-agent",
+            if host_v1("memory") {
+                Errno("ENOENT")
+            } else {
+                MountRefused
+            },
+        ),
+        ("cgroup-memory-limit", v1("memory")),
+        ("cgroup-pids-limit", v1("pids")),
+        ("cgroup-cpu-limit", v1("cpu")),
+        ("cgroup-devices-allow", v1("devices")),
+        // On a hybrid host every controller is on v1: the v2 cgroup has no limit files.
+        (
+            "cgroup2-limits",
+            Errno(if host_v1("memory") {
+                "ENOENT"
+            } else {
+                "EACCES"
+            }),
+        ),
+        // No cgroup filesystem is mounted in a busybox CT; any that is must hold no limit
+        // file the CT could open for writing.
+        ("cgroup-mounted-limits", Errno("ENOENT")),
+        ("open-by-handle", Errno("EPERM")),
+        // mknod of a device node in a user namespace (and the devices cgroup).
+        ("mknod-block", Errno("EPERM")),
+        ("mknod-dev-mem", Errno("EPERM")),
+        ("init-module", Errno("EPERM")),
+        ("finit-module", Errno("EPERM")),
+        ("kexec-load", Errno("EPERM")),
+        ("kexec-file-load", Errno("EPERM")),
+        // The host's pids do not exist in the CT's pid namespace.
+        ("ptrace-host-pid", Errno("ESRCH")),
+        ("kill-host-pid", Errno("ESRCH")),
+        ("setns-host-netns", Errno("ENOENT")),
+    ]
+}
+
+/// What a privileged CT certainly cannot do either, because berth applies it to every CT:
+/// the seccomp filter, the pid and cgroup namespaces, the devices cgroup, a read-only /proc/sys.
+const PRIVILEGED_BLOCKED: &[(&str, &str)] = &[
+    ("proc-core-pattern", "EROFS"),
+    ("proc-sysctls", "EROFS"),
+    ("bpf-map-by-id", "EPERM"),
+    ("bpf-prog-by-id", "EPERM"),
+    ("bpf-link-by-id", "EPERM"),
+    ("bpffs-mount", "EPERM"),
+    ("cgroup1-release-agent", "EPERM"),
+    ("open-by-handle", "EPERM"),
+    ("mknod-block", "EPERM"),
+    ("mknod-dev-mem", "EPERM"),
+    ("init-module", "EPERM"),
+    ("finit-module", "EPERM"),
+    ("kexec-load", "EPERM"),
+    ("kexec-file-load", "EPERM"),
+    ("ptrace-host-pid", "ESRCH"),
+    ("kill-host-pid", "ESRCH"),
+    ("setns-host-netns", "ENOENT"),
+];
+
+fn build_escape_probe(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/escape.c");
+    let out = dir.join("escape-probe");
+    let st = Command::new("cc")
+        .args(["-static", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc (build-essential, installed by xtask/setup.sh)");
+    assert!(st.success(), "building {}: {st}", src.display());
+    out
+}
+
+/// Creates, starts and probes one CT, then removes it; the results in the probe's order.
+fn run_escape_probes(h: &TestHost, probe: &Path, ctid: &str, create: &[&str]) -> Vec<ProbeResult> {
+    let mut args = vec!["create", ctid];
+    args.extend(create);
+    h.ok(&args);
+    h.ok(&["start", ctid]);
+    let in_ct = h.root.join("root").join(ctid).join("escape-probe");
+    std::fs::copy(probe, &in_ct).unwrap();
+    // The test's own pid as the host sees it: a process that exists only outside the CT.
+    let host_pid = std::process::id().to_string();
+    let (code, out, err) = h.exec(ctid, &["/escape-probe", &host_pid]);
+    assert_eq!(code, 0, "escape probe in CT {ctid}: {out}{err}");
+    let results: Vec<ProbeResult> = out
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(4, ' ');
+            let (name, verdict, errno, detail) = (
+                f.next().unwrap_or_default(),
+                f.next().unwrap_or_default(),
+                f.next().unwrap_or_default(),
+                f.next().unwrap_or_default(),
+            );
+            assert!(
+                matches!(verdict, "BLOCKED" | "ALLOWED"),
+                "probe line in CT {ctid}: {l:?}"
+            );
+            ProbeResult {
+                name: name.to_owned(),
+                blocked: verdict == "BLOCKED",
+                errno: errno.to_owned(),
+                detail: detail.to_owned(),
+            }
+        })
+        .collect();
+    std::fs::remove_file(&in_ct).unwrap();
+    h.ok(&["stop", "--fast", ctid]);
+    h.ok(&["destroy", ctid]);
+    results
+}
+
+/// Both columns of the matrix: each probe in a default and in a privileged CT, printed.
+fn escape_matrix(ctids: [&str; 2]) -> (Vec<ProbeResult>, Vec<ProbeResult>) {
+    let h = TestHost::new();
+    let probe = build_escape_probe(h.dir.path());
+    let unpriv = run_escape_probes(&h, &probe, ctids[0], DEFAULT_CT);
+    let priv_ = run_escape_probes(&h, &probe, ctids[1], PRIVILEGED_CT);
+    h.assert_clean();
+    let names: Vec<&str> = unpriv.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        priv_.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        "both CTs ran the same probes"
+    );
+    println!("{:<30} {:<24} privileged CT", "escape probe", "default CT");
+    for (u, p) in unpriv.iter().zip(&priv_) {
+        // The privileged column says where a probe stopped when it got further than in the
+        // default CT (a mount that worked, a different errno).
+        let further = p.blocked && (p.errno != u.errno || p.detail != u.detail);
+        println!("{:<30} {:<24} {}", u.name, u.cell(false), p.cell(further));
+    }
+    for (what, rs) in [("a default", &unpriv), ("a privileged", &priv_)] {
+        let n = rs.len();
+        let b = rs.iter().filter(|r| r.blocked).count();
+        println!(
+            "probes blocked in {what} CT: {b}/{n} ({:.0} %)",
+            100.0 * b as f64 / n as f64
+        );
+    }
+    (unpriv, priv_)
+}
+
+/// Every escape probe fails in a default CT, each for the kernel's reason for it (the errno the
+/// namespace, ownership, mount lock or seccomp rule gives), not for a missing file or tool.
+#[test]
+fn every_escape_probe_fails_in_a_default_ct_for_the_right_reason() {
+    let (unpriv, _) = escape_matrix(["4641", "4642"]);
+    let expect = default_ct_expectations();
+    assert_eq!(
+        unpriv.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        expect.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        "the probe and the test know the same probes"
+    );
+    let wrong: Vec<String> = unpriv
+        .iter()
+        .zip(&expect)
+        .filter(|(r, (_, e))| match e {
+            Expect::Errno(errno) => !r.blocked || r.errno != *errno,
+            Expect::MountRefused => !r.blocked || !r.detail.starts_with("mount-"),
+        })
+        .map(|(r, (_, e))| format!("{}: {} (expected {e:?})", r.name, r.cell(true)))
+        .collect();
+    assert!(wrong.is_empty(), "in a default CT:\n{}", wrong.join("\n"));
+    // The refusal met a real handle of the CT's own files, not a made-up one.
+    let handle = unpriv.iter().find(|r| r.name == "open-by-handle").unwrap();
+    assert!(
+        handle.detail.contains("):ok,"),
+        "name_to_handle_at found no file of the CT to name: {}",
+        handle.detail
+    );
+}
+
+/// The same suite in a privileged CT: several probes succeed there (the matrix says which);
+/// what berth applies to every CT still holds.
+#[test]
+fn escape_probes_in_a_privileged_ct_still_meet_seccomp_and_the_namespaces() {
+    let (_, priv_) = escape_matrix(["4643", "4644"]);
+    for (name, errno) in PRIVILEGED_BLOCKED {
+        let r = priv_
+            .iter()
+            .find(|r| r.name == *name)
+            .unwrap_or_else(|| panic!("probe {name} did not run"));
+        assert!(
+            r.blocked && r.errno == *errno,
+            "{name} in a privileged CT: {} (expected {errno})",
+            r.cell(true)
+        );
+    }
 }

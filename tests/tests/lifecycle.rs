@@ -140,6 +140,7 @@ fn resources_memory_numproc_cpulimit_live() {
     let pid = running(&h, "102");
     assert_eq!(field(&h, "102", "memory.limit"), 48 << 20);
 
+    let idle = field(&h, "102", "numproc").as_u64().unwrap();
     // memory: a 96 MB buffer cannot fit: the OOM killer ends it
     let (code, _, _) = h.exec(
         "102",
@@ -149,6 +150,14 @@ fn resources_memory_numproc_cpulimit_live() {
     assert!(field(&h, "102", "oom_kills").as_u64().unwrap() >= 1);
     assert!(field(&h, "102", "memory.failcnt").as_u64().unwrap() >= 1);
 
+    // An OOM-killed task stays in pids.current until the kernel has freed it, which takes a
+    // while on a loaded machine: wait for it, or it eats into the numproc budget below.
+    for _ in 0..50 {
+        if field(&h, "102", "numproc").as_u64().unwrap() <= idle {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // numproc: forks beyond the limit fail, counted from the host while the sleeps run
     let (_, out, err) = h.exec(
         "102",

@@ -9,15 +9,19 @@ use std::time::{Duration, Instant};
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, assert_same};
 
-/// How these tests create a CT: unprivileged (its own user namespace) while `--userns` is
-/// needed for that; becomes empty when unprivileged is the default.
-const UNPRIVILEGED: &[&str] = &["--userns"];
+/// `create` flags of an unprivileged CT (the default) and of a privileged one.
+const UNPRIVILEGED: &[&str] = &[];
+const PRIVILEGED: &[&str] = &["--privileged"];
 
-fn create(h: &TestHost, ctid: &str, extra: &[&str]) {
+fn create_as(h: &TestHost, ctid: &str, mode: &[&str], extra: &[&str]) {
     let mut args = vec!["create", ctid];
-    args.extend_from_slice(UNPRIVILEGED);
+    args.extend_from_slice(mode);
     args.extend_from_slice(extra);
     h.ok(&args);
+}
+
+fn create(h: &TestHost, ctid: &str, extra: &[&str]) {
+    create_as(h, ctid, UNPRIVILEGED, extra);
 }
 
 /// Puts `body` at `/sbin/<name>` in the CT (mode 755) and makes it the CT's init.
@@ -141,11 +145,12 @@ fn init_killed_by_a_signal_is_named() {
     assert!(st.success(), "building the crashing init: {st}");
     let body = std::fs::read(&bin).unwrap();
     for (ctid, privileged) in [("5102", false), ("5103", true)] {
-        if privileged {
-            h.ok(&["create", ctid]);
-        } else {
-            create(&h, ctid, &[]);
-        }
+        create_as(
+            &h,
+            ctid,
+            if privileged { PRIVILEGED } else { UNPRIVILEGED },
+            &[],
+        );
         set_init(&h, ctid, "segv", &body);
         let err = h.fails(&["start", ctid]);
         assert!(err.contains("was killed by SIGSEGV"), "CT {ctid}: {err}");
@@ -192,7 +197,7 @@ fn init_that_exits_after_300ms_is_caught() {
 fn healthy_ct_starts_fast() {
     let h = TestHost::new();
     create(&h, "5105", &[]);
-    h.ok(&["create", "5106"]);
+    create_as(&h, "5106", PRIVILEGED, &[]);
     for ctid in ["5105", "5106"] {
         let mut best = Duration::MAX;
         for _ in 0..3 {
@@ -238,7 +243,11 @@ fn init_that_dies_after_start_shows_in_status() {
     let st = h.status("5107");
     assert_eq!(st["last_exit"]["exited"]["code"], 5, "{st}");
     let text = h.ok(&["status", "5107"]);
-    assert_eq!(text.trim(), "CT 5107 stopped (init exited with status 5)");
+    assert_eq!(
+        text.lines().next(),
+        Some("CT 5107 stopped (init exited with status 5)"),
+        "{text}"
+    );
 
     // a stop of a running CT records nothing; start again works
     use_init(&h, "5107", "/sbin/init");

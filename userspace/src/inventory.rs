@@ -60,6 +60,14 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("hostname", "host name"),
     ("status", "running, suspended, mounted or stopped"),
     ("template", "template the CT was created from"),
+    (
+        "privileged",
+        "yes: no user namespace, the CT's root is the host's root",
+    ),
+    (
+        "uid_base",
+        "host uid of the CT's root (its id range's start)",
+    ),
     ("init_pid", "host PID of the CT's init"),
     ("numproc", "processes and threads in the CT"),
     ("numproc.l", "process limit (--numproc)"),
@@ -162,6 +170,8 @@ pub fn field(
         "hostname" => json!(st.hostname),
         "status" => json!(st.state),
         "template" => json!(st.template),
+        "privileged" => json!(st.privileged),
+        "uid_base" => json!(st.userns.map(|u| u.uid_base)),
         "init_pid" => json!(st.init_pid),
         "numproc" => json!(stats.map(|s| s.numproc)),
         "numproc.l" => json!(r.numproc),

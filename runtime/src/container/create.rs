@@ -15,6 +15,7 @@ use crate::ctid::{Ctid, validate_name};
 use crate::net;
 use crate::shaping::{DEFAULT_MTU, ShapingConfig};
 use crate::template::{TemplateInfo, TemplateStore};
+use crate::userns;
 
 /// Options of `berth create`: the template and layout, and the CT's initial settings.
 #[derive(Debug, Clone, Default)]
@@ -22,8 +23,11 @@ pub struct CreateOpts {
     pub template: String,
     pub hostname: Option<String>,
     pub name: Option<String>,
-    pub userns: bool,
-    /// Full copy instead of an overlay over the template (always with `userns`).
+    /// No user namespace: the CT's root is the host's root (`create --privileged`, for
+    /// trusted workloads only). Every other CT gets its own id range from the host's pool.
+    pub privileged: bool,
+    /// Full copy instead of an overlay over the template (shifted into the CT's id range for an
+    /// unprivileged CT).
     pub copy: bool,
     /// Routed (venet) addresses (`--ipadd`), refused when another CT or the host has one.
     pub ipadd: Vec<IpAddr>,
@@ -31,17 +35,6 @@ pub struct CreateOpts {
     pub resources: ResourceConfig,
     /// Traffic shaping, applied when the CT starts.
     pub shaping: Option<ShapingConfig>,
-}
-
-/// Default user-namespace range for a CT: 65536 ids per CT above 1e6, by CTID, like LXC's
-/// subordinate ranges but deterministic so a private area's ownership matches across hosts.
-pub fn default_userns(ctid: Ctid) -> UserNs {
-    let base = 1_000_000u64 + u64::from(ctid.get() % 60_000) * 65_536;
-    UserNs {
-        uid_base: base as u32,
-        gid_base: base as u32,
-        size: 65_536,
-    }
 }
 
 /// Creates CT `ctid`. Everything is checked before anything is made; a failure on the way
@@ -118,9 +111,6 @@ fn create_locked(
     cfg.hostname = opts.hostname.clone();
     cfg.init = tmpl.init.clone();
     cfg.stop_signal = tmpl.stop_signal.clone();
-    if opts.userns {
-        cfg.userns = Some(default_userns(ctid));
-    }
     cfg.resources = opts.resources.clone();
     cfg.shaping = opts.shaping.clone().and_then(ShapingConfig::non_empty);
     if !opts.ipadd.is_empty() {
@@ -136,9 +126,57 @@ fn create_locked(
     if tmp.exists() {
         TemplateStore::remove_tree_fast(&tmp)?;
     }
-    // A user namespace needs ids shifted on disk, so those CTs get their own copy.
-    cfg.layout = if opts.userns || opts.copy {
+    let mut claimed = None;
+    if !opts.privileged {
+        // The template is the lower layer of every overlay CT: its owners must fit the range.
+        let max = store.max_id(&opts.template)?;
+        if max >= userns::RANGE {
+            return Err(CtError::Invalid {
+                ctid,
+                msg: format!(
+                    "template {:?} has files owned by id {max}, which a CT's {} ids cannot map: use `create --privileged` or fix the template's owners",
+                    opts.template,
+                    userns::RANGE
+                ),
+            });
+        }
+        let u = userns::allocate(host, ctid)?;
+        claimed = Some(u);
+        cfg.userns = Some(u);
+    }
+    let res = create_private(host, ctid, opts, store, &mut cfg, &tmp);
+    if res.is_err()
+        && let Some(u) = claimed
+        && let Err(e) = userns::release(host, ctid, &u)
+    {
+        warn!(%ctid, error = %crate::error_chain::ErrorChain(&e), "create: release id range");
+    }
+    res?;
+    info!(%ctid, template = %opts.template, privileged = opts.privileged, layout = ?cfg.layout, "created");
+    Ok(())
+}
+
+/// The private area (overlay upper or copy), the disk quota and the config; undone on failure.
+fn create_private(
+    host: &Host,
+    ctid: Ctid,
+    opts: &CreateOpts,
+    store: &TemplateStore,
+    cfg: &mut CtConfig,
+    tmp: &Path,
+) -> Result<()> {
+    let private = host.private_dir(ctid);
+    cfg.layout = if opts.copy {
         PrivateLayout::Copy
+    } else if let Some(u) = &cfg.userns {
+        match idmap_probe(&store.rootfs(&opts.template), u) {
+            Ok(()) => PrivateLayout::Overlay,
+            Err(e) => {
+                warn!(%ctid, template = %opts.template, error = %crate::error_chain::ErrorChain(&e),
+                    "the template's filesystem cannot be id-mapped: the CT gets a shifted copy of it");
+                PrivateLayout::Copy
+            }
+        }
     } else {
         PrivateLayout::Overlay
     };
@@ -147,9 +185,9 @@ fn create_locked(
     let res = (|| -> Result<()> {
         match cfg.layout {
             PrivateLayout::Copy => {
-                store.instantiate(&opts.template, &tmp, shift)?;
+                store.instantiate(&opts.template, tmp, shift)?;
                 if let Some(h) = &cfg.hostname {
-                    write_hostname_files(ctid, &tmp, &tmp, h)?;
+                    write_hostname_files(ctid, tmp, tmp, h, None)?;
                 }
             }
             PrivateLayout::Overlay => {
@@ -157,17 +195,26 @@ fn create_locked(
                 for d in [tmp.join("upper"), tmp.join("work")] {
                     fs::create_dir_all(&d).map_err(io_err(ctid, "create directory", &d))?;
                 }
+                // The merged root takes the upper directory's owner and mode: the template's
+                // root directory's, shifted for an unprivileged CT.
+                copy_up_attrs(
+                    ctid,
+                    &store.rootfs(&opts.template),
+                    &tmp.join("upper"),
+                    shift,
+                )?;
                 if let Some(h) = &cfg.hostname {
                     write_hostname_files(
                         ctid,
                         &store.rootfs(&opts.template),
                         &tmp.join("upper"),
                         h,
+                        shift,
                     )?;
                 }
             }
         }
-        fs::rename(&tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
+        fs::rename(tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
         if let Some(limit) = cfg.resources.diskspace {
             crate::quota::set_diskspace(&private, ctid.get(), limit)?;
             quota_set = true;
@@ -179,12 +226,36 @@ fn create_locked(
         if quota_set && let Err(qe) = crate::quota::clear_diskspace(&private, ctid.get()) {
             warn!(%ctid, error = %crate::error_chain::ErrorChain(&qe), "create: clear disk quota");
         }
-        let _ = TemplateStore::remove_tree_fast(&tmp);
+        let _ = TemplateStore::remove_tree_fast(tmp);
         let _ = TemplateStore::remove_tree_fast(&private);
         let _ = fs::remove_file(host.conf_path(ctid));
         return Err(e);
     }
-    info!(%ctid, template = %opts.template, "created");
+    Ok(())
+}
+
+/// Whether the template's filesystem takes an id-mapped mount with `u`'s mapping.
+fn idmap_probe(rootfs: &Path, u: &UserNs) -> std::result::Result<(), userns::UsernsError> {
+    let ns = userns::userns_fd(u)?;
+    userns::idmap_supported(rootfs, &ns)
+}
+
+/// Gives `dst` the owner and mode of `src`, shifted by `shift`, as an overlay copy-up would.
+pub(super) fn copy_up_attrs(
+    ctid: Ctid,
+    src: &Path,
+    dst: &Path,
+    shift: Option<(u32, u32)>,
+) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = fs::symlink_metadata(src).map_err(io_err(ctid, "stat", src))?;
+    let (ub, gb) = shift.unwrap_or((0, 0));
+    std::os::unix::fs::lchown(dst, Some(md.uid() + ub), Some(md.gid() + gb))
+        .map_err(io_err(ctid, "chown", dst))?;
+    if !md.file_type().is_symlink() {
+        fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777))
+            .map_err(io_err(ctid, "chmod", dst))?;
+    }
     Ok(())
 }
 
@@ -196,18 +267,23 @@ pub fn write_hostname_files(
     read_root: &Path,
     write_root: &Path,
     hostname: &str,
+    shift: Option<(u32, u32)>,
 ) -> Result<()> {
     if !read_root.join("etc").is_dir() {
         return Ok(());
     }
     if read_root != write_root {
         let etc = write_root.join("etc");
-        fs::create_dir_all(&etc).map_err(io_err(ctid, "create directory", &etc))?;
+        if etc.symlink_metadata().is_err() {
+            fs::create_dir_all(&etc).map_err(io_err(ctid, "create directory", &etc))?;
+            copy_up_attrs(ctid, &read_root.join("etc"), &etc, shift)?;
+        }
         let hosts = etc.join("hosts");
         if hosts.symlink_metadata().is_err()
             && let Ok(text) = fs::read(read_root.join("etc/hosts"))
         {
             fs::write(&hosts, text).map_err(io_err(ctid, "copy up", &hosts))?;
+            copy_up_attrs(ctid, &read_root.join("etc/hosts"), &hosts, shift)?;
         }
     }
     net::write_hostname_files(write_root, hostname).map_err(net_err(ctid))

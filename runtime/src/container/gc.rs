@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::mount::idmap_staging;
 use super::stop::cleanup_stopped;
 use super::{NetHooks, Result, cg_err, cgroup, lock, running};
 use crate::cgroups::{self, CgroupManager};
-use crate::config::Host;
+use crate::config::{ConfigError, CtConfig, Host};
 use crate::ctid::Ctid;
 use crate::template::TemplateStore;
+use crate::userns::{self, Holder};
 
 /// What `berth gc` cleaned.
 #[derive(Debug, Default, Serialize)]
@@ -19,6 +21,8 @@ pub struct GcReport {
     pub cleaned: Vec<Ctid>,
     pub orphan_cgroups: Vec<Ctid>,
     pub partial_creates: Vec<PathBuf>,
+    /// Id ranges whose CT is gone (a create killed after claiming one).
+    pub released_id_ranges: Vec<PathBuf>,
     pub errors: Vec<String>,
 }
 
@@ -36,6 +40,9 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
                 continue;
             }
         };
+        if userns::remove_staging(&idmap_staging(host, ctid)) {
+            rep.cleaned.push(ctid);
+        }
         if running(host, ctid).is_some() {
             continue;
         }
@@ -62,6 +69,43 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
                 }
             }
         }
+        Err(e) => rep.errors.push(error_chain(&e)),
+    }
+    // Staging mounts of CTs destroyed since (their lock is gone with them).
+    if let Ok(rd) = fs::read_dir(&host.run) {
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let Some(ctid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(".idmap-"))
+                .and_then(|n| n.parse::<Ctid>().ok())
+            else {
+                continue;
+            };
+            if !known.contains(&ctid) && userns::remove_staging(&ent.path()) {
+                rep.cleaned.push(ctid);
+            }
+        }
+    }
+    let released = crate::userns::gc_allocations(host, |ctid| {
+        let Ok(_lock) = lock(host, ctid) else {
+            return Holder::Unknown;
+        };
+        if super::conversion_pending(host, ctid) {
+            return Holder::Unknown;
+        }
+        match CtConfig::load(host, ctid) {
+            Ok(cfg) => Holder::Holds(cfg.userns),
+            Err(ConfigError::NotFound(_)) => {
+                // lock() made a lock file for a CT that does not exist; create removes its own too.
+                let _ = fs::remove_file(host.lock_path(ctid));
+                Holder::Gone
+            }
+            Err(_) => Holder::Unknown,
+        }
+    });
+    match released {
+        Ok(r) => rep.released_id_ranges = r,
         Err(e) => rep.errors.push(error_chain(&e)),
     }
     let pdir = host.root.join("private");

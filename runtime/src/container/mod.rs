@@ -9,6 +9,7 @@ pub mod exec;
 pub mod init;
 pub mod state;
 
+mod convert;
 mod create;
 mod gc;
 mod hooks;
@@ -36,9 +37,8 @@ use crate::net::{NetError, NetState};
 use crate::shaping::ShapingError;
 use state::RunState;
 
-pub use create::{
-    CreateOpts, create, default_userns, remove_template, template_users, write_hostname_files,
-};
+pub use convert::{conversion_pending, set_privileged};
+pub use create::{CreateOpts, create, remove_template, template_users, write_hostname_files};
 pub use gc::{GcReport, gc};
 pub use hooks::{HookError, NetHooks, NoHooks};
 pub use monitor::MonitorMsgError;
@@ -73,6 +73,8 @@ pub enum CtError {
     Quota(#[from] crate::quota::QuotaError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Userns(#[from] crate::userns::UsernsError),
     #[error("CT {ctid}: {op} {path}")]
     Io {
         ctid: Ctid,
@@ -205,6 +207,12 @@ pub struct Status {
     pub template: String,
     pub state: State,
     pub init_pid: Option<i32>,
+    /// No user namespace: the CT's root is the host's root.
+    pub privileged: bool,
+    /// The CT's id range on the host (unprivileged CTs).
+    pub userns: Option<crate::config::UserNs>,
+    /// `overlay` (over the template) or `copy`.
+    pub layout: crate::config::PrivateLayout,
     pub config_path: PathBuf,
     pub root_path: PathBuf,
     pub private_path: PathBuf,
@@ -277,6 +285,9 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
         template: cfg.template,
         state,
         init_pid: run.as_ref().map(|r| r.init_pid),
+        privileged: cfg.userns.is_none(),
+        userns: cfg.userns,
+        layout: cfg.layout,
         net: run
             .and_then(|r| r.net)
             .unwrap_or_else(|| NetState::expected(ctid, &cfg.net)),

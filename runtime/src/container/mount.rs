@@ -9,6 +9,7 @@ use super::{CtError, Result, io_err, lock, running, state};
 use crate::config::{CtConfig, Host, PrivateLayout};
 use crate::ctid::Ctid;
 use crate::template::TemplateStore;
+use crate::userns;
 
 /// Overlay mount options are comma/colon separated: paths holding those cannot be passed.
 pub(super) fn overlay_paths_ok(ctid: Ctid, paths: &[&Path]) -> Result<()> {
@@ -34,6 +35,7 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
     if state::is_mount_point(&root) {
         return Ok(false);
     }
+    super::convert::check_no_conversion(host, ctid)?;
     let private = host.private_dir(ctid);
     if !private.is_dir() {
         return Err(CtError::Invalid {
@@ -67,7 +69,19 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
                     ),
                 });
             }
-            overlay_paths_ok(ctid, &[&lower, &private])?;
+            overlay_paths_ok(ctid, &[&lower, &private, &host.run])?;
+            // An unprivileged CT sees the shared template through its id mapping: template
+            // uid 0 is the CT's root. The staging mount only lives until the overlay holds
+            // its own clone of it.
+            let idmapped = match &cfg.userns {
+                Some(u) => {
+                    let ns = userns::userns_fd(u)?;
+                    let at = idmap_staging(host, ctid);
+                    Some(userns::IdmappedTree::attach(&lower, &ns, &at)?)
+                }
+                None => None,
+            };
+            let lower = idmapped.as_ref().map_or(lower.as_path(), |t| t.path());
             let opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
                 lower.display(),
@@ -102,6 +116,12 @@ pub(super) fn bind_private(host: &Host, cfg: &CtConfig) -> Result<bool> {
         errno,
     })?;
     Ok(true)
+}
+
+/// Where `bind_private` attaches an unprivileged CT's id-mapped template while it mounts the
+/// overlay (and where a start killed at that moment leaves it, for gc).
+pub(super) fn idmap_staging(host: &Host, ctid: Ctid) -> PathBuf {
+    host.run.join(format!(".idmap-{ctid}"))
 }
 
 pub(super) fn unbind_private(host: &Host, ctid: Ctid) -> Result<()> {

@@ -486,7 +486,7 @@ fn apply(
     if let Some(h) = &opts.hostname {
         let (read, write) = files_view(host, &cfg);
         journal.save_etc_files(&write, &["hostname", "hosts"])?;
-        write_hostname_files(ctid, &read, &write, h)?;
+        write_hostname_files(ctid, &read, &write, h, cfg.id_shift())?;
     }
     if let Some(n) = &plan.net
         && (!opts.nameservers.is_empty() || !opts.searchdomains.is_empty())

@@ -189,6 +189,10 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
             Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
         }
     }
+    // After the config: a crash in between leaves a claim without a CT, which gc releases.
+    if let Some(u) = &cfg.userns {
+        crate::userns::release(host, ctid, u)?;
+    }
     info!(%ctid, "destroyed");
     Ok(())
 }

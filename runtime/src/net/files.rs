@@ -63,8 +63,17 @@ fn read_existing(etc: &OwnedFd, name: &str) -> String {
 /// (sparse files cost no quota), and berth reads it as host root.
 const MAX_ETC_FILE: u64 = 1 << 20;
 
+/// A new file gets the owner of the CT's `/etc`: root inside the CT, which for an unprivileged
+/// CT is its range's base on the host (a file owned by host root would be `nobody` to it).
 fn replace_file(rootfs: &Path, etc: &OwnedFd, name: &str, content: &str) -> Result<(), NetError> {
-    replace_file_as(rootfs, etc, name, content.as_bytes(), None)
+    let st = nix::sys::stat::fstat(etc).map_err(|e| ferr("stat", &rootfs.join("etc"), e))?;
+    replace_file_as(
+        rootfs,
+        etc,
+        name,
+        content.as_bytes(),
+        Some((0o644, st.st_uid, st.st_gid)),
+    )
 }
 
 /// [`replace_file`] with raw bytes, and with `owner` = (mode, uid, gid) given the new file

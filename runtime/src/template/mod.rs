@@ -213,6 +213,7 @@ impl Scratch {
             why: e.to_string(),
         })?;
         fs::write(&meta, text).map_err(io_err("write template metadata", &meta))?;
+        write_max_id(&self.path, tree_max_id(&self.rootfs())?)?;
         let dest = store.dir.join(&info.name);
         match nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
@@ -432,6 +433,56 @@ impl TemplateStore {
             Err(e) => return Err(io_err("stat template rootfs", &src)(e)),
         }
         copy::copy_tree(&src, dest, shift)
+    }
+}
+
+/// Where a template records the highest uid or gid its tree uses (an unprivileged CT's range
+/// must cover it), so create does not walk the whole tree each time.
+const MAX_ID_FILE: &str = "max_id";
+
+fn write_max_id(template_dir: &Path, max: u32) -> Result<()> {
+    let p = template_dir.join(MAX_ID_FILE);
+    let tmp = template_dir.join(".max_id.tmp");
+    fs::write(&tmp, format!("{max}\n")).map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, &p).map_err(io_err("rename into place", &p))
+}
+
+/// The highest uid or gid of any entry below `root` (itself included), without following
+/// symlinks.
+pub(crate) fn tree_max_id(root: &Path) -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(root).map_err(io_err("stat", root))?;
+    let mut max = md.uid().max(md.gid());
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for ent in fs::read_dir(&dir).map_err(io_err("read directory", &dir))? {
+            let ent = ent.map_err(io_err("read directory", &dir))?;
+            let m = fs::symlink_metadata(ent.path()).map_err(io_err("stat", &ent.path()))?;
+            max = max.max(m.uid()).max(m.gid());
+            if m.is_dir() {
+                stack.push(ent.path());
+            }
+        }
+    }
+    Ok(max)
+}
+
+impl TemplateStore {
+    /// The highest uid or gid in template `name`'s tree: recorded when the template was made,
+    /// or found (and recorded) now for a template made before berth recorded it.
+    pub fn max_id(&self, name: &str) -> Result<u32> {
+        self.get(name)?;
+        let dir = self.dir.join(name);
+        let p = dir.join(MAX_ID_FILE);
+        if let Some(n) = fs::read_to_string(&p)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return Ok(n);
+        }
+        let max = tree_max_id(&self.rootfs(name))?;
+        write_max_id(&dir, max)?;
+        Ok(max)
     }
 }
 

@@ -112,8 +112,12 @@ pub struct CreateArgs {
     pub hostname: Option<String>,
     #[arg(long)]
     pub name: Option<String>,
-    /// Run the CT in a user namespace with its own 65536-id range (implies --copy).
+    /// No user namespace: the CT's root is root on the host. For trusted workloads only;
+    /// every other CT gets its own range of 65536 ids from the host's pool.
     #[arg(long)]
+    pub privileged: bool,
+    /// Accepted for compatibility: every CT without --privileged has a user namespace.
+    #[arg(long, hide = true, conflicts_with = "privileged")]
     pub userns: bool,
     /// Give the CT a full copy of the template instead of an overlay over it.
     #[arg(long)]
@@ -170,9 +174,13 @@ pub enum NetclassCmd {
     List,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default, PartialEq)]
 pub struct SetArgs {
     pub ct: String,
+    /// Convert a stopped CT: `yes` drops its user namespace (its root becomes the host's root),
+    /// `no` gives it its own id range; its files' owners are shifted to match. Alone only.
+    #[arg(long, value_name = "yes|no", value_parser = parse_yes_no)]
+    pub privileged: Option<bool>,
     #[arg(long)]
     pub hostname: Option<String>,
     #[arg(long)]
@@ -274,4 +282,12 @@ pub enum BuildCmd {
         #[arg(long)]
         mirror: Option<String>,
     },
+}
+
+fn parse_yes_no(s: &str) -> Result<bool, String> {
+    match s {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err(format!("{s:?}: expected yes or no")),
+    }
 }

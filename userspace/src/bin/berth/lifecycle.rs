@@ -17,15 +17,21 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
             template: a.template,
             hostname: a.hostname,
             name: a.name,
-            userns: a.userns,
+            privileged: a.privileged,
             copy: a.copy,
             ipadd: a.ipadd,
             ..Default::default()
         },
     )?;
-    ctx.print(json!({"ctid": ctid, "created": true}), || {
-        println!("CT {ctid} created")
-    });
+    if a.privileged {
+        eprintln!(
+            "berth: warning: CT {ctid} is privileged: its root is root on the host. Privileged CTs are for trusted workloads only."
+        );
+    }
+    ctx.print(
+        json!({"ctid": ctid, "created": true, "privileged": a.privileged}),
+        || println!("CT {ctid} created"),
+    );
     Ok(())
 }
 

@@ -61,6 +61,7 @@ fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "yes" } else { "no" }.into(),
         Value::Number(n) => n
             .as_f64()
             .filter(|_| n.is_f64())

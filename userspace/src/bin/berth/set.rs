@@ -17,6 +17,9 @@ use crate::cli::SetArgs;
 
 pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
     let ctid = ctx.resolve(&a.ct)?;
+    if let Some(privileged) = a.privileged {
+        return convert(ctx, ctid, privileged, &a);
+    }
     let ipdel = if a.ipdel.is_empty() {
         None
     } else if a.ipdel.iter().any(|x| x == "all") {
@@ -106,4 +109,40 @@ fn shaping_flags(a: &SetArgs) -> Result<ShapingChange> {
             .map(|p| ShapingConfig::parse_pps("--pps-out", p))
             .transpose()?,
     })
+}
+
+/// `set --privileged yes|no`: a conversion of a stopped CT, which takes no other change.
+fn convert(ctx: &Ctx, ctid: berth_runtime::Ctid, privileged: bool, a: &SetArgs) -> Result<()> {
+    let alone = SetArgs {
+        ct: a.ct.clone(),
+        privileged: a.privileged,
+        save: a.save,
+        ..SetArgs::default()
+    };
+    if *a != alone {
+        anyhow::bail!(
+            "--privileged converts a stopped CT and takes no other setting: run the other changes as a separate `berth set`"
+        );
+    }
+    let changed = container::set_privileged(&ctx.host, ctid, privileged)?;
+    if privileged && changed {
+        eprintln!(
+            "berth: warning: CT {ctid} is privileged now: its root is root on the host. Privileged CTs are for trusted workloads only."
+        );
+    }
+    ctx.print(
+        json!({"ctid": ctid, "privileged": privileged, "changed": changed}),
+        || {
+            println!(
+                "CT {ctid} {} {}",
+                if changed { "is now" } else { "already was" },
+                if privileged {
+                    "privileged"
+                } else {
+                    "unprivileged"
+                }
+            )
+        },
+    );
+    Ok(())
 }

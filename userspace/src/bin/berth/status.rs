@@ -21,6 +21,15 @@ pub fn status(ctx: &Ctx, ct: &str) -> Result<()> {
             (None, None) => String::new(),
         };
         println!("CT {ctid} {}{detail}", r.status.state);
+        match &r.status.userns {
+            Some(u) => println!(
+                "unprivileged: CT ids 0..{} are host ids {}..{}",
+                u.size,
+                u.uid_base,
+                u64::from(u.uid_base) + u64::from(u.size)
+            ),
+            None => println!("privileged: the CT's root is root on the host"),
+        }
         if let Some(s) = &r.shaping {
             println!("{}", s.human());
         }
