@@ -99,6 +99,18 @@ pub enum CtError {
     Suspended(Ctid),
     #[error("CT {ctid} failed to start: {msg}")]
     StartFailed { ctid: Ctid, msg: String },
+    #[error(
+        "CT {ctid} failed to start: its init {init} {exit} {after_ms} ms after its exec{}",
+        console_text(console)
+    )]
+    InitDied {
+        ctid: Ctid,
+        init: String,
+        exit: state::InitExit,
+        after_ms: u32,
+        /// The console's last lines.
+        console: Vec<String>,
+    },
     #[error("CT {ctid} failed to start: bad report from {from}")]
     StartReport {
         ctid: Ctid,
@@ -135,6 +147,18 @@ type Result<T, E = CtError> = std::result::Result<T, E>;
 fn ctid_list(ctids: &[Ctid]) -> String {
     let ids: Vec<String> = ctids.iter().map(Ctid::to_string).collect();
     ids.join(", ")
+}
+
+fn console_text(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return "; it printed nothing on the console".into();
+    }
+    let mut s = String::from("; the console's last lines:");
+    for l in lines {
+        s.push_str("\n    ");
+        s.push_str(l);
+    }
+    s
 }
 
 fn io_err<'a>(
@@ -193,6 +217,9 @@ pub struct Status {
     pub root_path: PathBuf,
     pub private_path: PathBuf,
     pub console_log: PathBuf,
+    /// How init ended when it exited on its own after `start` (stopped CTs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<state::LastExit>,
     /// Interfaces with host-side names, addresses and mode (as set up when running, as
     /// configured otherwise).
     pub net: NetState,
@@ -222,6 +249,17 @@ pub fn running(host: &Host, ctid: Ctid) -> Option<RunState> {
         .filter(RunState::alive)
 }
 
+/// Whether a CT that does not run is mounted: its root is a mount point that is not one a
+/// start made for an init that has died since (that CT is stopped; its next start or stop
+/// cleans the mount up).
+pub fn mounted(host: &Host, ctid: Ctid) -> bool {
+    state::is_mount_point(&host.root_dir(ctid))
+        && !RunState::read(&host.state_path(ctid))
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.mounted_by_start)
+}
+
 pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
     let cfg = CtConfig::load(host, ctid)?;
     let run = running(host, ctid);
@@ -233,8 +271,12 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
                 State::Running
             }
         }
-        None if state::is_mount_point(&host.root_dir(ctid)) => State::Mounted,
+        None if mounted(host, ctid) => State::Mounted,
         None => State::Stopped,
+    };
+    let last_exit = match state {
+        State::Stopped => state::LastExit::read(&state::LastExit::path(&host.run, ctid)),
+        _ => None,
     };
     Ok(Status {
         ctid,
@@ -253,6 +295,7 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
         root_path: host.root_dir(ctid),
         private_path: host.private_dir(ctid),
         console_log: host.console_log_path(ctid),
+        last_exit,
     })
 }
 
@@ -321,5 +364,37 @@ mod tests {
         }
         let e = io_err(ctid, "write", Path::new("/x"))(io::Error::other("boom"));
         assert_eq!(e.to_string(), "CT 101: write /x");
+    }
+
+    #[test]
+    fn init_died_names_the_ct_the_exit_and_the_console() {
+        let ctid = Ctid::new(101).unwrap();
+        let e = CtError::InitDied {
+            ctid,
+            init: "/sbin/init".into(),
+            exit: state::InitExit::Exited { code: 3 },
+            after_ms: 12,
+            console: vec!["first".into(), "boom".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "CT 101 failed to start: its init /sbin/init exited with status 3 12 ms after its \
+             exec; the console's last lines:\n    first\n    boom"
+        );
+        let e = CtError::InitDied {
+            ctid,
+            init: "/bin/x".into(),
+            exit: state::InitExit::Killed {
+                signal: libc::SIGSEGV,
+                core_dumped: false,
+            },
+            after_ms: 0,
+            console: vec![],
+        };
+        assert_eq!(
+            e.to_string(),
+            "CT 101 failed to start: its init /bin/x was killed by SIGSEGV 0 ms after its exec; \
+             it printed nothing on the console"
+        );
     }
 }

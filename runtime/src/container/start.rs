@@ -1,4 +1,9 @@
 //! `start`: cgroup, mount, monitor and init, network, then the go-ahead; undone on any failure.
+//!
+//! After the go-ahead `start` waits for the monitor's word on init: an init that fails before
+//! its exec, or exits within its first second, fails the start (its exit status or signal and
+//! the console's last lines in the error) and everything is rolled back; an init that is idle
+//! (or lived through that second) is "started".
 
 use std::fs;
 use std::io::{self, Write};
@@ -10,9 +15,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use tracing::{debug, info, warn};
 
-use super::monitor::{MonitorMsg, MonitorMsgError, monitor_main};
+use super::monitor::{self, MonitorMsg, MonitorMsgError};
 use super::mount::{bind_private, unbind_private};
-use super::state::{self, RunState};
+use super::state::{self, LastExit, RunState};
 use super::stop::cleanup_stopped;
 use super::{
     CtError, NetHooks, Result, cg_err, cgroup, hook_err, init, io_err, lock, net_err, open_ns,
@@ -133,7 +138,6 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
     };
     let (ready_r, ready_w) = pipe("pipe")?;
     let (go_r, go_w) = pipe("pipe")?;
-    let (err_r, err_w) = pipe("pipe")?;
 
     let spec = init::InitSpec {
         rootfs: rootfs.clone(),
@@ -145,7 +149,12 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         join_cgroup: cg.join_self_files(),
         seccomp: super::seccomp::filter()?,
     };
-    let log_path = host.console_log_path(ctid);
+    let paths = monitor::Paths {
+        console_log: host.console_log_path(ctid),
+        last_exit: LastExit::path(&host.run, ctid),
+    };
+    // How the previous run ended is no news once this one starts.
+    LastExit::remove(&paths.last_exit).map_err(io_err(ctid, "remove", &paths.last_exit))?;
 
     // SAFETY: berth's CLI is single-threaded here; the child only runs the monitor and exits.
     let monitor_pid = match unsafe { fork() }.map_err(|errno| CtError::Sys {
@@ -154,14 +163,14 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         errno,
     })? {
         ForkResult::Child => {
-            drop((ready_r, go_w, err_r));
-            let code = monitor_main(ctid, spec, &log_path, ready_w, go_r, err_w, cfg.userns);
+            drop((ready_r, go_w));
+            let code = monitor::monitor_main(ctid, spec, &paths, ready_w, go_r, cfg.userns);
             // SAFETY: _exit skips atexit handlers and destructors of the parent's state.
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => child,
     };
-    drop((ready_w, go_r, err_w));
+    drop((ready_w, go_r));
     undo.push("monitor", move || {
         let _ = kill(monitor_pid, Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(monitor_pid, None);
@@ -173,19 +182,14 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         Ok(MonitorMsg::Failed { error }) => {
             return Err(CtError::StartFailed { ctid, msg: error });
         }
+        Ok(other) => return Err(bad_report(ctid, MonitorMsgError::Unexpected(other.kind()))),
         Err(MonitorMsgError::Empty) => {
             return Err(CtError::StartFailed {
                 ctid,
                 msg: "monitor exited before cloning init".into(),
             });
         }
-        Err(source) => {
-            return Err(CtError::StartReport {
-                ctid,
-                from: "the monitor",
-                source,
-            });
-        }
+        Err(source) => return Err(bad_report(ctid, source)),
     };
     undo.push("init", move || {
         let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
@@ -228,23 +232,42 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
 
     write_fd(&go_w, b"g").map_err(io_err(ctid, "signal init", Path::new("pipe")))?;
     drop(go_w);
-    // init's exec closes this pipe (O_CLOEXEC) unwritten; it reports only a failure.
-    match MonitorMsg::recv(&mut fs::File::from(err_r)) {
-        Err(MonitorMsgError::Empty) => {}
+    // The monitor answers within its watch window of init's exec; the margin covers a
+    // loaded host, the bound a monitor that is stopped or wedged.
+    if !readable_within(&ready, monitor::WATCH + Duration::from_secs(10)) {
+        return Err(CtError::StartFailed {
+            ctid,
+            msg: "the monitor did not report on init".into(),
+        });
+    }
+    match MonitorMsg::recv(&mut ready) {
+        Ok(MonitorMsg::Settled { after_ms, idle }) => {
+            debug!(%ctid, after_ms, idle, "init settled");
+        }
         Ok(MonitorMsg::Failed { error }) => {
             return Err(CtError::StartFailed { ctid, msg: error });
         }
-        other => {
-            let source = match other {
-                Err(e) => e,
-                Ok(_) => MonitorMsgError::UnexpectedStarted,
-            };
-            return Err(CtError::StartReport {
+        Ok(MonitorMsg::Exited {
+            exit,
+            after_ms,
+            console,
+        }) => {
+            return Err(CtError::InitDied {
                 ctid,
-                from: "the CT's init",
-                source,
+                init: cfg.init.clone(),
+                exit,
+                after_ms,
+                console: monitor::console_lines(&console, CONSOLE_LINES),
             });
         }
+        Ok(other) => return Err(bad_report(ctid, MonitorMsgError::Unexpected(other.kind()))),
+        Err(MonitorMsgError::Empty) => {
+            return Err(CtError::StartFailed {
+                ctid,
+                msg: "the monitor exited before reporting on init".into(),
+            });
+        }
+        Err(source) => return Err(bad_report(ctid, source)),
     }
     st.init_pid = init_pid;
     st.init_starttime = starttime;
@@ -254,6 +277,32 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
     undo.disarm();
     info!(%ctid, init_pid, "started");
     Ok(st)
+}
+
+/// How many of the console's last lines a start that failed because init died shows.
+const CONSOLE_LINES: usize = 10;
+
+fn bad_report(ctid: Ctid, source: MonitorMsgError) -> CtError {
+    CtError::StartReport {
+        ctid,
+        from: "the monitor",
+        source,
+    }
+}
+
+fn readable_within(f: &fs::File, timeout: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        match poll(&mut [PollFd::new(f.as_fd(), PollFlags::POLLIN)], ms) {
+            Ok(n) => return n > 0,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return true,
+        }
+    }
 }
 
 fn write_id_maps(ctid: Ctid, pid: i32, u: &UserNs) -> Result<()> {

@@ -74,6 +74,91 @@ impl RunState {
     }
 }
 
+/// How the CT's init ended, as its parent (the monitor) reaped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitExit {
+    Exited { code: i32 },
+    Killed { signal: i32, core_dumped: bool },
+}
+
+impl InitExit {
+    pub fn from_wait(ws: nix::sys::wait::WaitStatus) -> Option<Self> {
+        use nix::sys::wait::WaitStatus;
+        match ws {
+            WaitStatus::Exited(_, code) => Some(Self::Exited { code }),
+            WaitStatus::Signaled(_, sig, core_dumped) => Some(Self::Killed {
+                signal: sig as i32,
+                core_dumped,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for InitExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Exited { code } => write!(f, "exited with status {code}"),
+            Self::Killed {
+                signal,
+                core_dumped,
+            } => {
+                match nix::sys::signal::Signal::try_from(signal) {
+                    Ok(s) => write!(f, "was killed by {}", s.as_str())?,
+                    Err(_) if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&signal) => {
+                        write!(f, "was killed by SIGRTMIN+{}", signal - libc::SIGRTMIN())?
+                    }
+                    Err(_) => write!(f, "was killed by signal {signal}")?,
+                }
+                if core_dumped {
+                    f.write_str(" (core dumped)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Written by the monitor to `<run>/<CTID>.exit.json` when init ends on its own after `start`
+/// returned (a failure during start is `start`'s error instead); `stop` and the next `start`
+/// remove it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastExit {
+    #[serde(flatten)]
+    pub exit: InitExit,
+    /// Unix time init was reaped.
+    pub at: u64,
+    /// Kernel boot id then: an exit from before a reboot is not reported.
+    pub boot_id: String,
+}
+
+impl LastExit {
+    pub fn path(run: &Path, ctid: crate::ctid::Ctid) -> std::path::PathBuf {
+        run.join(format!("{ctid}.exit.json"))
+    }
+
+    /// The recorded exit of this boot, if any (an unreadable file counts as none).
+    pub fn read(path: &Path) -> Option<Self> {
+        let st: Self = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+        (boot_id().as_deref() == Some(st.boot_id.as_str())).then_some(st)
+    }
+
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, path)
+    }
+
+    /// Removes the record; a missing one is fine.
+    pub fn remove(path: &Path) -> io::Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
 pub fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
@@ -181,6 +266,89 @@ mod tests {
             ..st
         };
         assert!(!stale.alive());
+    }
+
+    #[test]
+    fn init_exit_texts() {
+        assert_eq!(
+            InitExit::Exited { code: 3 }.to_string(),
+            "exited with status 3"
+        );
+        let segv = InitExit::Killed {
+            signal: libc::SIGSEGV,
+            core_dumped: false,
+        };
+        assert_eq!(segv.to_string(), "was killed by SIGSEGV");
+        let core = InitExit::Killed {
+            signal: libc::SIGABRT,
+            core_dumped: true,
+        };
+        assert_eq!(core.to_string(), "was killed by SIGABRT (core dumped)");
+        let rt = InitExit::Killed {
+            signal: libc::SIGRTMIN() + 4,
+            core_dumped: false,
+        };
+        assert_eq!(rt.to_string(), "was killed by SIGRTMIN+4");
+        let odd = InitExit::Killed {
+            signal: 200,
+            core_dumped: false,
+        };
+        assert_eq!(odd.to_string(), "was killed by signal 200");
+    }
+
+    #[test]
+    fn init_exit_from_wait_status() {
+        use nix::sys::wait::WaitStatus;
+        let pid = nix::unistd::Pid::from_raw(5);
+        assert_eq!(
+            InitExit::from_wait(WaitStatus::Exited(pid, 1)),
+            Some(InitExit::Exited { code: 1 })
+        );
+        assert_eq!(
+            InitExit::from_wait(WaitStatus::Signaled(
+                pid,
+                nix::sys::signal::Signal::SIGKILL,
+                false
+            )),
+            Some(InitExit::Killed {
+                signal: libc::SIGKILL,
+                core_dumped: false
+            })
+        );
+        assert_eq!(InitExit::from_wait(WaitStatus::StillAlive), None);
+    }
+
+    #[test]
+    fn last_exit_roundtrip_and_stale_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctid = crate::ctid::Ctid::new(7).unwrap();
+        let p = LastExit::path(dir.path(), ctid);
+        assert!(p.ends_with("7.exit.json"));
+        assert_eq!(LastExit::read(&p), None);
+        LastExit::remove(&p).unwrap();
+        let e = LastExit {
+            exit: InitExit::Killed {
+                signal: libc::SIGSEGV,
+                core_dumped: true,
+            },
+            at: 1_700_000_000,
+            boot_id: boot_id().unwrap(),
+        };
+        e.write(&p).unwrap();
+        assert_eq!(LastExit::read(&p), Some(e.clone()));
+        let text = fs::read_to_string(&p).unwrap();
+        assert!(text.contains(r#""killed":"#), "{text}");
+        LastExit {
+            boot_id: "another boot".into(),
+            ..e
+        }
+        .write(&p)
+        .unwrap();
+        assert_eq!(LastExit::read(&p), None);
+        fs::write(&p, b"{not json").unwrap();
+        assert_eq!(LastExit::read(&p), None);
+        LastExit::remove(&p).unwrap();
+        assert!(!p.exists());
     }
 
     /// A state file written when the live shaping was a TOML table (turned into JSON) reads

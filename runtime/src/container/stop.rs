@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::mount::unbind_private;
 use super::start::start;
-use super::state::{self, RunState};
+use super::state::{self, LastExit, RunState};
 use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, io_err, lock, running};
 use crate::cgroups::{self, CgroupManager};
 use crate::config::{CtConfig, Host};
@@ -32,6 +32,7 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Re
     if cg.is_frozen().unwrap_or(false) {
         cg.thaw().map_err(cg_err(ctid))?;
     }
+    notify_monitor(ctid, st.monitor_pid);
     if fast {
         // SIGKILL to the pid namespace's init makes the kernel kill every task in it, and the
         // pidfd turns readable only after that namespace is empty (zap_pid_ns_processes).
@@ -57,8 +58,22 @@ pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Re
         net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
     }
     teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
+    let exit = LastExit::path(&host.run, ctid);
+    LastExit::remove(&exit).map_err(io_err(ctid, "remove", &exit))?;
     info!(%ctid, "stopped");
     Ok(())
+}
+
+/// Tells the CT's monitor that init's coming exit is this stop's doing, so it records no exit
+/// of init's own for `status`. Sent before init is signalled: the monitor reads it no later
+/// than that exit's SIGCHLD.
+fn notify_monitor(ctid: Ctid, pid: i32) {
+    // A PID reused since is not the monitor: its name says so (comm is cut at 15 bytes).
+    let name = format!("berth-mon {ctid}");
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if pid > 0 && comm.trim_end() == &name[..name.len().min(15)] {
+        let _ = kill(Pid::from_raw(pid), super::monitor::STOPPING);
+    }
 }
 
 /// Best effort: the datapath detaches, proxy entries go (links go with the netns or are deleted).
@@ -164,6 +179,7 @@ pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
     }
     for p in [
         host.console_log_path(ctid),
+        LastExit::path(&host.run, ctid),
         host.conf_path(ctid),
         host.lock_path(ctid),
     ] {

@@ -241,7 +241,7 @@ pub(super) fn read_ct(
     let state = match (started_at, &cgroup) {
         (Some(_), Some(c)) if c.stats.frozen => State::Suspended,
         (Some(_), _) => State::Running,
-        (None, _) if container::state::is_mount_point(&env.host.root_dir(ctid)) => State::Mounted,
+        (None, _) if container::mounted(env.host, ctid) => State::Mounted,
         (None, _) => State::Stopped,
     };
     Some(CtSnapshot {

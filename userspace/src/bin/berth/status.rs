@@ -1,4 +1,4 @@
-//! status: a CT's state, init PID and live shaping.
+//! status: a CT's state, init PID (or how init ended on its own) and live shaping.
 
 use anyhow::Result;
 use berth::inventory;
@@ -15,14 +15,12 @@ pub fn status(ctx: &Ctx, ct: &str) -> Result<()> {
     }
     v["shaping"] = serde_json::to_value(&r.shaping)?;
     ctx.print(v, || {
-        println!(
-            "CT {ctid} {}{}",
-            r.status.state,
-            r.status
-                .init_pid
-                .map(|p| format!(" (init PID {p})"))
-                .unwrap_or_default()
-        );
+        let detail = match (&r.status.init_pid, &r.status.last_exit) {
+            (Some(p), _) => format!(" (init PID {p})"),
+            (None, Some(e)) => format!(" (init {})", e.exit),
+            (None, None) => String::new(),
+        };
+        println!("CT {ctid} {}{detail}", r.status.state);
         match &r.status.userns {
             Some(u) => println!(
                 "unprivileged: CT ids 0..{} are host ids {}..{}",
