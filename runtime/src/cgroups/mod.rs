@@ -10,6 +10,7 @@
 //! Kernel notes: since 6.x v1 memory is always hierarchical (memory.use_hierarchy is fixed at 1),
 //! so limits of the parent bound every CT below it on both versions.
 
+mod delegate;
 mod error;
 mod fsops;
 mod hierarchy;
@@ -24,6 +25,7 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use delegate::{CtCgroupMount, CtCgroupView};
 pub use error::{CgroupError, Result};
 pub use hierarchy::{Controller, Hierarchy, V1Mounts};
 pub use resources::{
@@ -84,6 +86,12 @@ pub trait CgroupManager {
     fn setup_devices(&self) -> Result<()>;
     /// The cgroup's directories, one per distinct hierarchy.
     fn paths(&self) -> Vec<PathBuf>;
+    /// Gives the CT's root (host ids `uid`/`gid` of its user namespace) the delegated cgroup:
+    /// its directory and the files that move processes, never the limit files (see
+    /// [`CtCgroupView`] and the `delegate` module). Called after `create`.
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()>;
+    /// What the CT's init mounts at /sys/fs/cgroup.
+    fn ct_view(&self) -> CtCgroupView;
 }
 
 /// A CT's cgroup on whichever hierarchy the host has.
@@ -148,6 +156,12 @@ impl CgroupManager for Cgroup {
     }
     fn paths(&self) -> Vec<PathBuf> {
         self.inner().paths()
+    }
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        self.inner().delegate(uid, gid)
+    }
+    fn ct_view(&self) -> CtCgroupView {
+        self.inner().ct_view()
     }
 }
 

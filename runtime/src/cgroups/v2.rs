@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use super::delegate::{CtCgroupMount, CtCgroupView, DELEGATED_V2, chown_delegated};
 use super::error::{CgroupError, Result};
 use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_weight};
 use super::stats::{Stats, flat_keyed, io_stat_v2, v2_limit};
@@ -388,5 +389,21 @@ impl CgroupManager for V2Cgroup {
 
     fn paths(&self) -> Vec<PathBuf> {
         vec![self.dir()]
+    }
+
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        chown_delegated(&self.dir(), &DELEGATED_V2, uid, gid)
+    }
+
+    fn ct_view(&self) -> CtCgroupView {
+        CtCgroupView {
+            tmpfs: false,
+            mounts: vec![CtCgroupMount {
+                source: self.dir(),
+                target: String::new(),
+                writable: true,
+            }],
+            links: Vec::new(),
+        }
     }
 }

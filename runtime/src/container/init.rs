@@ -10,9 +10,13 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use caps::Capability;
+use nix::unistd::{Gid, Uid, fchown};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::unistd::{chdir, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname, setsid};
+
+use crate::cgroups::CtCgroupView;
+use crate::config::UserNs;
 
 /// Capabilities removed from the CT's bounding set, like OpenVZ's defaults: no module loading,
 /// no raw I/O, no clock setting, no MAC policy, no kernel log, no BPF/perf, no process accounting.
@@ -52,6 +56,8 @@ pub struct InitSpec {
     pub userns: bool,
     /// Files the init writes "0" to, joining the CT's cgroups.
     pub join_cgroup: Vec<PathBuf>,
+    /// The CT's own cgroups, mounted at /sys/fs/cgroup.
+    pub cgroups: CtCgroupView,
     /// The CTs' seccomp filter, installed last before exec.
     pub seccomp: seccompiler::BpfProgram,
 }
@@ -155,6 +161,7 @@ pub fn setup_rootfs(spec: &InitSpec) -> Result<(), String> {
         None,
     )?;
 
+    setup_cgroupfs(root, &spec.cgroups)?;
     setup_dev(spec)?;
 
     for d in ["run", "tmp"] {
@@ -188,6 +195,82 @@ pub fn setup_rootfs(spec: &InitSpec) -> Result<(), String> {
     })?;
     ctx(chdir("/"), || "chdir /".to_string())?;
     Ok(())
+}
+
+/// /sys/fs/cgroup as LXC lays it out: on v1 a tmpfs with one directory per hierarchy, each a bind
+/// of the CT's own cgroup there (read-only but for the delegated `name=systemd`), the tmpfs
+/// made read-only afterwards; on v2 the CT's cgroup on /sys/fs/cgroup itself. Binds of the CT's
+/// directories rather than fresh cgroup mounts: a v1 mount must name its hierarchy's exact
+/// controller set, and a bind shows the same tree in the cgroup namespace either way.
+fn setup_cgroupfs(root: &Path, view: &CtCgroupView) -> Result<(), String> {
+    if view.mounts.is_empty() {
+        return Ok(());
+    }
+    let base = root.join("sys/fs/cgroup");
+    let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if view.tmpfs {
+        mnt(
+            Some("tmpfs"),
+            &base,
+            Some("tmpfs"),
+            locked,
+            Some("mode=755,size=64k,nr_inodes=256"),
+        )?;
+        for m in &view.mounts {
+            ensure_dir(&base.join(&m.target))?;
+        }
+        for (name, target) in &view.links {
+            let l = base.join(name);
+            ctx(symlink(target, &l), || format!("symlink {}", l.display()))?;
+        }
+    }
+    for m in &view.mounts {
+        let target = base.join(&m.target);
+        mnt(
+            Some(&m.source.to_string_lossy()),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+        let ro = if m.writable {
+            MsFlags::empty()
+        } else {
+            MsFlags::MS_RDONLY
+        };
+        mnt(
+            None,
+            &target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | locked | ro,
+            None,
+        )?;
+    }
+    if view.tmpfs {
+        mnt(
+            None,
+            &base,
+            None,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked,
+            Some("mode=755,size=64k,nr_inodes=256"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Gives the console pty (a node of the host's devpts) to the CT's root: host root owns it
+/// with mode 0620, and the CT's user namespace does not map host root, so without this the
+/// CT's init cannot open /dev/console (systemd exits at once with EACCES, printing nothing).
+pub fn own_console(slave: &impl AsRawFd, userns: Option<&UserNs>) -> Result<(), String> {
+    let Some(u) = userns else {
+        return Ok(());
+    };
+    // SAFETY: the fd is open for the duration of the call (borrowed from `slave`).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(slave.as_raw_fd()) };
+    ctx(
+        fchown(fd, Some(Uid::from_raw(u.uid_base)), Some(Gid::from_raw(u.gid_base))),
+        || format!("chown the console pty to {}:{}", u.uid_base, u.gid_base),
+    )
 }
 
 fn setup_dev(spec: &InitSpec) -> Result<(), String> {

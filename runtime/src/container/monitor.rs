@@ -53,6 +53,9 @@ pub(super) fn monitor_main(
         Ok(p) => p,
         Err(e) => return fail(format!("console pty name: {e}")),
     };
+    if let Err(e) = init::own_console(&pty.slave, userns.as_ref()) {
+        return fail(e);
+    }
     spec.console = Some(console_path);
     spec.console_fd = Some(pty.slave.as_raw_fd());
     let keep = [
