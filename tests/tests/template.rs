@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth_runtime::template::{DebianInit, TemplateError, TemplateKind, TemplateStore, remove_tree_fast};
+use berth_runtime::template::{
+    DebianInit, TemplateError, TemplateKind, TemplateStore, remove_tree_fast,
+};
 use berth_tests::template::{TestStore, TmpfsMount, assert_same_tree, has_mounts_below, snapshot};
 
 fn busybox_store() -> TestStore {

@@ -10,9 +10,9 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use caps::Capability;
-use nix::unistd::{Gid, Uid, fchown};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::unistd::{Gid, Uid, fchown};
 use nix::unistd::{chdir, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname, setsid};
 
 use crate::cgroups::CtCgroupView;
@@ -268,7 +268,11 @@ pub fn own_console(slave: &impl AsRawFd, userns: Option<&UserNs>) -> Result<(), 
     // SAFETY: the fd is open for the duration of the call (borrowed from `slave`).
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(slave.as_raw_fd()) };
     ctx(
-        fchown(fd, Some(Uid::from_raw(u.uid_base)), Some(Gid::from_raw(u.gid_base))),
+        fchown(
+            fd,
+            Some(Uid::from_raw(u.uid_base)),
+            Some(Gid::from_raw(u.gid_base)),
+        ),
         || format!("chown the console pty to {}:{}", u.uid_base, u.gid_base),
     )
 }
