@@ -367,3 +367,24 @@ fn nested_cgroups_the_ct_made_are_removed_by_stop_and_gc() {
     h.assert_clean();
     h.ok(&["destroy", "4705"]);
 }
+
+#[test]
+fn an_unknown_init_is_refused_before_anything_is_built() {
+    let h = TestHost::new();
+    let before = h.ok(&["template", "list"]);
+    let err = h.fails(&[
+        "template", "build", "debian", "--init", "upstart", "--name", "x",
+    ]);
+    assert!(
+        err.contains("unknown init \"upstart\" for a Debian template (choose systemd or sysvinit)"),
+        "{err}"
+    );
+    assert_eq!(h.ok(&["template", "list"]), before);
+    let leftovers: Vec<_> = std::fs::read_dir(h.root.join("template"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n != "busybox")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
