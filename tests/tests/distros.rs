@@ -388,3 +388,84 @@ fn an_unknown_init_is_refused_before_anything_is_built() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The v2 delegation model against the real kernel (on this hybrid host the controller-less
+/// cgroup2 hierarchy, on unified hosts the real one): after `delegate`, a process running as the
+/// CT root's host uid can make cgroups below the CT's and move itself between them, but not move
+/// itself out (the common ancestor's cgroup.procs is host root's: EACCES) nor write a file that
+/// was not delegated (EACCES).
+#[test]
+fn v2_delegation_lets_the_owner_manage_only_its_subtree() {
+    use berth_runtime::cgroups::CgroupManager;
+    use berth_tests::cgroups::{TestCgroup, cgroup2_mount};
+    use std::os::unix::process::CommandExt;
+    let Some(mount) = cgroup2_mount() else {
+        skip(
+            "v2_delegation_lets_the_owner_manage_only_its_subtree",
+            "no cgroup2 mount on this host",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let probe = build_probe(dir.path());
+    // The probe is run as an unprivileged uid: it must be able to reach and execute it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let t = TestCgroup::new_v2(&mount).unwrap();
+    let uid = 3_000_000u32;
+    t.cg.delegate(uid, uid).unwrap();
+    let ct = t.cg.paths()[0].clone();
+    let parent = ct.parent().unwrap().to_path_buf();
+    let p = |rel: &str| ct.join(rel).to_string_lossy().into_owned();
+    let up = parent.join("cgroup.procs").to_string_lossy().into_owned();
+    let steps: &[(Vec<String>, &str)] = &[
+        (vec!["mkdir".into(), p("child")], "OK"),
+        (vec!["writeself".into(), p("child/cgroup.procs")], "OK"),
+        (vec!["writeself".into(), p("cgroup.procs")], "OK"),
+        (vec!["writeself".into(), up], "EACCES"),
+        (
+            vec!["write".into(), p("cgroup.max.depth"), "1".into()],
+            "EACCES",
+        ),
+        (vec!["rmdir".into(), p("child")], "OK"),
+    ];
+    let args: Vec<&str> = steps
+        .iter()
+        .flat_map(|(a, _)| a.iter().map(String::as_str))
+        .collect();
+    let mut cmd = t.command(&[probe.to_str().unwrap()]);
+    cmd.args(&args);
+    // SAFETY: setresgid/setresuid are async-signal-safe; this runs after the cgroup join that
+    // `command` registered (pre_exec closures run in order), while still root.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(uid, uid, uid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got.len(), steps.len(), "{text}");
+    for ((args, want), line) in steps.iter().zip(&got) {
+        assert_eq!(
+            line.rsplit(' ').next().unwrap(),
+            *want,
+            "{args:?}: {line}\n{text}"
+        );
+    }
+    t.finish().unwrap();
+}

@@ -198,6 +198,32 @@ mod tests {
     }
 
     #[test]
+    fn v2_entering_joins_the_init_s_cgroup_inside_the_ct_only() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = V2Cgroup::with_mount(t.path(), "berth", Ctid::new(9).unwrap()).unwrap();
+        let d = t.path().join("berth/9");
+        assert_eq!(
+            cg.cgroup_of("0::/berth/9/init.scope\n"),
+            d.join("init.scope")
+        );
+        assert_eq!(cg.cgroup_of("0::/berth/9\n"), d);
+        // Outside the CT (or nonsense): the CT's own cgroup, never anything else.
+        for text in [
+            "0::/\n",
+            "0::/berth/90/x\n",
+            "0::/berth/9/../../x\n",
+            "",
+            "1:cpu:/x\n",
+        ] {
+            assert_eq!(cg.cgroup_of(text), d, "{text:?}");
+        }
+        // v1 joins the CT's top cgroups, init wherever it is.
+        let m = V1Mounts::new([(Controller::Memory, t.path().join("memory"))]);
+        let v1 = V1Cgroup::with_mounts(m, "berth", Ctid::new(9).unwrap()).unwrap();
+        assert_eq!(v1.enter_files(1).unwrap(), v1.join_self_files());
+    }
+
+    #[test]
     fn delegate_of_a_missing_cgroup_names_the_directory() {
         let t = tempfile::tempdir().unwrap();
         let cg = V2Cgroup::with_mount(t.path(), "berth", Ctid::new(9).unwrap()).unwrap();

@@ -66,6 +66,12 @@ pub trait CgroupManager {
     /// The files a freshly forked, single-threaded child writes "0" to (joining itself) before
     /// unshare(CLONE_NEWCGROUP), so the CT's cgroup namespace is rooted at its cgroup.
     fn join_self_files(&self) -> Vec<PathBuf>;
+    /// The files a process entering the running CT (`exec`, `enter`) writes "0" to. v1: the
+    /// CT's cgroups ([`CgroupManager::join_self_files`]). v2: the cgroup the CT's init is in,
+    /// if that is below the CT's: once the CT's own init hands controllers to its children
+    /// (systemd does, from its delegated cgroup), cgroup2's no-internal-processes rule refuses
+    /// new members of the CT's top cgroup with EBUSY.
+    fn enter_files(&self, init_pid: i32) -> Result<Vec<PathBuf>>;
     /// Moves a process (all its threads) into the cgroup.
     fn add_pid(&self, pid: i32) -> Result<()>;
     /// PIDs in the cgroup and the cgroups the CT created below it, sorted.
@@ -123,6 +129,9 @@ impl CgroupManager for Cgroup {
     }
     fn join_self_files(&self) -> Vec<PathBuf> {
         self.inner().join_self_files()
+    }
+    fn enter_files(&self, init_pid: i32) -> Result<Vec<PathBuf>> {
+        self.inner().enter_files(init_pid)
     }
     fn add_pid(&self, pid: i32) -> Result<()> {
         self.inner().add_pid(pid)

@@ -384,6 +384,11 @@ impl CgroupManager for V1Cgroup {
             .collect()
     }
 
+    /// v1 has no rule against processes beside child cgroups: the CT's top cgroups do.
+    fn enter_files(&self, _init_pid: i32) -> Result<Vec<PathBuf>> {
+        Ok(self.join_self_files())
+    }
+
     fn add_pid(&self, pid: i32) -> Result<()> {
         for d in self.unique_dirs() {
             fsops::write(&d, "cgroup.procs", &pid.to_string())?;

@@ -90,6 +90,22 @@ impl V2Cgroup {
         p
     }
 
+    /// The cgroup `/proc/<pid>/cgroup` text puts its process in, if it is the CT's cgroup or
+    /// below it (what the CT's init did with its delegated subtree); else the CT's cgroup.
+    pub(crate) fn cgroup_of(&self, proc_cgroup: &str) -> PathBuf {
+        let dir = self.dir();
+        proc_cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|rel| self.mount.join(rel.trim().trim_start_matches('/')))
+            .filter(|p| {
+                p.starts_with(&dir)
+                    && p.components()
+                        .all(|c| !matches!(c, std::path::Component::ParentDir))
+            })
+            .unwrap_or(dir)
+    }
+
     fn existing_dir(&self, op: &'static str) -> Result<PathBuf> {
         let dir = self.dir();
         if dir.is_dir() {
@@ -291,6 +307,13 @@ impl CgroupManager for V2Cgroup {
 
     fn join_self_files(&self) -> Vec<PathBuf> {
         vec![self.dir().join("cgroup.procs")]
+    }
+
+    fn enter_files(&self, init_pid: i32) -> Result<Vec<PathBuf>> {
+        let p = PathBuf::from(format!("/proc/{init_pid}/cgroup"));
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| CgroupError::io("read the CT init's cgroup", &p, e))?;
+        Ok(vec![self.cgroup_of(&text).join("cgroup.procs")])
     }
 
     fn add_pid(&self, pid: i32) -> Result<()> {
