@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth_runtime::template::{TemplateError, TemplateKind, TemplateStore, remove_tree_fast};
+use berth_runtime::template::{
+    DebianInit, TemplateError, TemplateKind, TemplateStore, remove_tree_fast,
+};
 use berth_tests::template::{TestStore, TmpfsMount, assert_same_tree, has_mounts_below, snapshot};
 
 fn busybox_store() -> TestStore {
@@ -486,7 +488,7 @@ fn debian_template_builds_and_instantiates() {
     let t = Instant::now();
     let info = ts
         .store
-        .build_debian("bookworm", "debian-12", None)
+        .build_debian("bookworm", "debian-12", None, DebianInit::Sysvinit)
         .unwrap();
     println!("build_debian: {:?}, {} MB", t.elapsed(), info.size >> 20);
     assert_eq!(info.kind, TemplateKind::Debian);
@@ -521,7 +523,7 @@ fn debian_template_builds_and_instantiates() {
     println!("remove_tree_fast debian: {:?}", t.elapsed());
     let e = ts
         .store
-        .build_debian("no such suite", "x", None)
+        .build_debian("no such suite", "x", None, DebianInit::Sysvinit)
         .unwrap_err();
     assert!(e.to_string().contains("invalid suite"), "{e}");
     assert_eq!(ts.entries(), ["debian-12"]);

@@ -57,30 +57,52 @@ impl fmt::Display for Controller {
     }
 }
 
-/// Mount point of each v1 controller. Co-mounted controllers (`cpu,cpuacct`) share one path.
+/// Mount point of each v1 controller (co-mounted controllers, `cpu,cpuacct`, share one path),
+/// and of the controller-less `name=systemd` hierarchy when the host has one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct V1Mounts(BTreeMap<Controller, PathBuf>);
+pub struct V1Mounts {
+    controllers: BTreeMap<Controller, PathBuf>,
+    systemd: Option<PathBuf>,
+}
 
 impl V1Mounts {
     pub fn new(mounts: impl IntoIterator<Item = (Controller, PathBuf)>) -> Self {
-        Self(mounts.into_iter().collect())
+        Self {
+            controllers: mounts.into_iter().collect(),
+            systemd: None,
+        }
+    }
+
+    /// With the `name=systemd` hierarchy mounted at `mount`: a CT gets a cgroup there too, which
+    /// is the one delegated to an unprivileged CT's root (a systemd init tracks its units in it).
+    pub fn with_systemd(mut self, mount: impl Into<PathBuf>) -> Self {
+        self.systemd = Some(mount.into());
+        self
     }
 
     pub fn get(&self, c: Controller) -> Option<&Path> {
-        self.0.get(&c).map(PathBuf::as_path)
+        self.controllers.get(&c).map(PathBuf::as_path)
     }
 
+    /// The `name=systemd` hierarchy's mount point, if the host has one.
+    pub fn systemd(&self) -> Option<&Path> {
+        self.systemd.as_deref()
+    }
+
+    /// The controllers and their mount points (not the `name=systemd` hierarchy).
     pub fn iter(&self) -> impl Iterator<Item = (Controller, &Path)> {
-        self.0.iter().map(|(c, p)| (*c, p.as_path()))
+        self.controllers.iter().map(|(c, p)| (*c, p.as_path()))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.controllers.is_empty()
     }
 
-    /// Distinct mount points, each once even when several controllers share it.
+    /// Distinct mount points, each once even when several controllers share it, the
+    /// `name=systemd` hierarchy included: a CT has a directory in each.
     pub fn unique_mounts(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self.0.values().cloned().collect();
+        let mut v: Vec<PathBuf> = self.controllers.values().cloned().collect();
+        v.extend(self.systemd.clone());
         v.sort();
         v.dedup();
         v
@@ -172,14 +194,21 @@ impl Hierarchy {
             }
         }
         let mut v1 = BTreeMap::new();
+        let mut systemd = None;
         for m in mounts.iter().filter(|m| !m.v2) {
             for c in m.super_opts.iter().filter_map(|o| Controller::from_name(o)) {
                 // The same hierarchy may be bind-mounted twice; the first mount is the host's.
                 v1.entry(c).or_insert_with(|| m.mount_point.clone());
             }
+            if systemd.is_none() && m.super_opts.iter().any(|o| o == "name=systemd") {
+                systemd = Some(m.mount_point.clone());
+            }
         }
         if !v1.is_empty() {
-            return Ok(Hierarchy::V1(V1Mounts(v1)));
+            return Ok(Hierarchy::V1(V1Mounts {
+                controllers: v1,
+                systemd,
+            }));
         }
         // Prefer the conventional place if several controller-less cgroup2 mounts exist.
         let pick = v2_mounts
@@ -243,8 +272,10 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/memory"))
         );
         assert_eq!(m.iter().count(), 8);
-        // name=systemd is not a controller; cpu,cpuacct counted once.
-        assert_eq!(m.unique_mounts().len(), 7);
+        // name=systemd is not a controller, but a hierarchy CTs get a cgroup in; cpu,cpuacct
+        // counted once.
+        assert_eq!(m.systemd(), Some(Path::new("/sys/fs/cgroup/systemd")));
+        assert_eq!(m.unique_mounts().len(), 8);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Kernel notes: since 6.x v1 memory is always hierarchical (memory.use_hierarchy is fixed at 1),
 //! so limits of the parent bound every CT below it on both versions.
 
+mod delegate;
 mod error;
 mod fsops;
 mod hierarchy;
@@ -24,6 +25,7 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use delegate::{CtCgroupMount, CtCgroupView};
 pub use error::{CgroupError, Result};
 pub use hierarchy::{Controller, Hierarchy, V1Mounts};
 pub use resources::{
@@ -64,6 +66,12 @@ pub trait CgroupManager {
     /// The files a freshly forked, single-threaded child writes "0" to (joining itself) before
     /// unshare(CLONE_NEWCGROUP), so the CT's cgroup namespace is rooted at its cgroup.
     fn join_self_files(&self) -> Vec<PathBuf>;
+    /// The files a process entering the running CT (`exec`, `enter`) writes "0" to. v1: the
+    /// CT's cgroups ([`CgroupManager::join_self_files`]). v2: the cgroup the CT's init is in,
+    /// if that is below the CT's: once the CT's own init hands controllers to its children
+    /// (systemd does, from its delegated cgroup), cgroup2's no-internal-processes rule refuses
+    /// new members of the CT's top cgroup with EBUSY.
+    fn enter_files(&self, init_pid: i32) -> Result<Vec<PathBuf>>;
     /// Moves a process (all its threads) into the cgroup.
     fn add_pid(&self, pid: i32) -> Result<()>;
     /// PIDs in the cgroup and the cgroups the CT created below it, sorted.
@@ -84,6 +92,12 @@ pub trait CgroupManager {
     fn setup_devices(&self) -> Result<()>;
     /// The cgroup's directories, one per distinct hierarchy.
     fn paths(&self) -> Vec<PathBuf>;
+    /// Gives the CT's root (host ids `uid`/`gid` of its user namespace) the delegated cgroup:
+    /// its directory and the files that move processes, never the limit files (see
+    /// [`CtCgroupView`] and the `delegate` module). Called after `create`.
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()>;
+    /// What the CT's init mounts at /sys/fs/cgroup.
+    fn ct_view(&self) -> CtCgroupView;
 }
 
 /// A CT's cgroup on whichever hierarchy the host has.
@@ -115,6 +129,9 @@ impl CgroupManager for Cgroup {
     }
     fn join_self_files(&self) -> Vec<PathBuf> {
         self.inner().join_self_files()
+    }
+    fn enter_files(&self, init_pid: i32) -> Result<Vec<PathBuf>> {
+        self.inner().enter_files(init_pid)
     }
     fn add_pid(&self, pid: i32) -> Result<()> {
         self.inner().add_pid(pid)
@@ -148,6 +165,12 @@ impl CgroupManager for Cgroup {
     }
     fn paths(&self) -> Vec<PathBuf> {
         self.inner().paths()
+    }
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        self.inner().delegate(uid, gid)
+    }
+    fn ct_view(&self) -> CtCgroupView {
+        self.inner().ct_view()
     }
 }
 

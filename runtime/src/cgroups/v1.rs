@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use super::delegate::{CtCgroupMount, CtCgroupView, DELEGATED_V1, chown_delegated, mount_name};
 use super::error::{CgroupError, Result};
 use super::hierarchy::{Controller, V1Mounts};
 use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_shares};
@@ -67,6 +68,11 @@ impl V1Cgroup {
     /// `<mount>/<parent>/<ctid>` for a controller, `None` if the host does not mount it.
     pub fn dir(&self, c: Controller) -> Option<PathBuf> {
         self.mounts.get(c).map(|m| self.under(m))
+    }
+
+    /// `<name=systemd mount>/<parent>/<ctid>`, the cgroup delegated to an unprivileged CT.
+    pub fn systemd_dir(&self) -> Option<PathBuf> {
+        self.mounts.systemd().map(|m| self.under(m))
     }
 
     fn under(&self, mount: &Path) -> PathBuf {
@@ -378,6 +384,11 @@ impl CgroupManager for V1Cgroup {
             .collect()
     }
 
+    /// v1 has no rule against processes beside child cgroups: the CT's top cgroups do.
+    fn enter_files(&self, _init_pid: i32) -> Result<Vec<PathBuf>> {
+        Ok(self.join_self_files())
+    }
+
     fn add_pid(&self, pid: i32) -> Result<()> {
         for d in self.unique_dirs() {
             fsops::write(&d, "cgroup.procs", &pid.to_string())?;
@@ -490,5 +501,47 @@ impl CgroupManager for V1Cgroup {
 
     fn paths(&self) -> Vec<PathBuf> {
         self.unique_dirs()
+    }
+
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        match self.systemd_dir() {
+            Some(d) => chown_delegated(&d, &DELEGATED_V1, uid, gid),
+            None => Ok(()),
+        }
+    }
+
+    fn ct_view(&self) -> CtCgroupView {
+        let mut v = CtCgroupView {
+            tmpfs: true,
+            ..Default::default()
+        };
+        let systemd = self.mounts.systemd();
+        for m in self.mounts.unique_mounts() {
+            let writable = Some(m.as_path()) == systemd;
+            // systemd looks for its hierarchy at /sys/fs/cgroup/systemd whatever the host calls it.
+            let name = if writable {
+                Some("systemd".to_string())
+            } else {
+                mount_name(&m)
+            };
+            let Some(target) = name else {
+                debug!(mount = %m.display(), "cgroup mount without a usable name, not shown in CTs");
+                continue;
+            };
+            v.mounts.push(CtCgroupMount {
+                source: self.under(&m),
+                target,
+                writable,
+            });
+        }
+        for (c, m) in self.mounts.iter() {
+            if let Some(name) = mount_name(m)
+                && name != c.name()
+            {
+                v.links.push((c.name().to_string(), name));
+            }
+        }
+        v.mounts.sort_by(|a, b| a.target.cmp(&b.target));
+        v
     }
 }

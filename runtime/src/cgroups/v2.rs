@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use super::delegate::{CtCgroupMount, CtCgroupView, DELEGATED_V2, chown_delegated};
 use super::error::{CgroupError, Result};
 use super::resources::{CFS_PERIOD_US, Resources, cpuunits_to_weight};
 use super::stats::{Stats, flat_keyed, io_stat_v2, v2_limit};
@@ -87,6 +88,22 @@ impl V2Cgroup {
         p.extend(&self.parent);
         p.push(self.ctid.to_string());
         p
+    }
+
+    /// The cgroup `/proc/<pid>/cgroup` text puts its process in, if it is the CT's cgroup or
+    /// below it (what the CT's init did with its delegated subtree); else the CT's cgroup.
+    pub(crate) fn cgroup_of(&self, proc_cgroup: &str) -> PathBuf {
+        let dir = self.dir();
+        proc_cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|rel| self.mount.join(rel.trim().trim_start_matches('/')))
+            .filter(|p| {
+                p.starts_with(&dir)
+                    && p.components()
+                        .all(|c| !matches!(c, std::path::Component::ParentDir))
+            })
+            .unwrap_or(dir)
     }
 
     fn existing_dir(&self, op: &'static str) -> Result<PathBuf> {
@@ -292,6 +309,13 @@ impl CgroupManager for V2Cgroup {
         vec![self.dir().join("cgroup.procs")]
     }
 
+    fn enter_files(&self, init_pid: i32) -> Result<Vec<PathBuf>> {
+        let p = PathBuf::from(format!("/proc/{init_pid}/cgroup"));
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| CgroupError::io("read the CT init's cgroup", &p, e))?;
+        Ok(vec![self.cgroup_of(&text).join("cgroup.procs")])
+    }
+
     fn add_pid(&self, pid: i32) -> Result<()> {
         fsops::write(&self.dir(), "cgroup.procs", &pid.to_string())
     }
@@ -388,5 +412,21 @@ impl CgroupManager for V2Cgroup {
 
     fn paths(&self) -> Vec<PathBuf> {
         vec![self.dir()]
+    }
+
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        chown_delegated(&self.dir(), &DELEGATED_V2, uid, gid)
+    }
+
+    fn ct_view(&self) -> CtCgroupView {
+        CtCgroupView {
+            tmpfs: false,
+            mounts: vec![CtCgroupMount {
+                source: self.dir(),
+                target: String::new(),
+                writable: true,
+            }],
+            links: Vec::new(),
+        }
     }
 }

@@ -50,7 +50,7 @@ fn open_target(host: &Host, ctid: Ctid) -> Result<(Target, i32)> {
     }
     let cg = cgroup(host, ctid)?;
     let mut cgroup_procs = Vec::new();
-    for p in cg.join_self_files() {
+    for p in cg.enter_files(pid).map_err(cg_err(ctid))? {
         let f = fs::OpenOptions::new()
             .write(true)
             .open(&p)

@@ -84,6 +84,9 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
             warn!(%ctid, error = %ErrorChain(&e), "rollback: remove cgroup");
         }
     });
+    if let Some(u) = cfg.userns {
+        cg.delegate(u.uid_base, u.gid_base).map_err(cg_err(ctid))?;
+    }
     cg.setup_devices().map_err(cg_err(ctid))?;
     cg.apply(&res).map_err(cg_err(ctid))?;
     if let Some(limit) = cfg.resources.diskspace {
@@ -147,6 +150,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         init: cfg.init.clone(),
         userns: cfg.userns.is_some(),
         join_cgroup: cg.join_self_files(),
+        cgroups: cg.ct_view(),
         seccomp: super::seccomp::filter()?,
     };
     let paths = monitor::Paths {

@@ -33,6 +33,58 @@ ip link set lo up 2>/dev/null
 exit 0
 ";
 
+/// The init a Debian template boots: what debootstrap installs and how berth powers it off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DebianInit {
+    /// sysvinit-core; halts on SIGPWR through the powerfail inittab entry berth adds.
+    #[default]
+    Sysvinit,
+    /// systemd-sysv (/sbin/init → /lib/systemd/systemd); SIGRTMIN+4 starts poweroff.target.
+    Systemd,
+}
+
+/// `--init` named something other than `systemd` or `sysvinit`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown init {0:?} for a Debian template (choose systemd or sysvinit)")]
+pub struct UnknownInit(pub String);
+
+impl std::str::FromStr for DebianInit {
+    type Err = UnknownInit;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownInit> {
+        match s {
+            "sysvinit" => Ok(DebianInit::Sysvinit),
+            "systemd" => Ok(DebianInit::Systemd),
+            _ => Err(UnknownInit(s.to_string())),
+        }
+    }
+}
+
+impl DebianInit {
+    pub fn name(self) -> &'static str {
+        match self {
+            DebianInit::Sysvinit => "sysvinit",
+            DebianInit::Systemd => "systemd",
+        }
+    }
+
+    /// debootstrap's `--include`: the init package and what a CT's network setup uses.
+    fn include(self) -> &'static str {
+        match self {
+            DebianInit::Sysvinit => "--include=sysvinit-core,ifupdown,iproute2",
+            DebianInit::Systemd => "--include=systemd-sysv,ifupdown,iproute2",
+        }
+    }
+
+    fn stop_signal(self) -> &'static str {
+        match self {
+            DebianInit::Sysvinit => "SIGPWR",
+            // systemd(1): SIGRTMIN+4 "Enters the poweroff.target unit"; in a container that
+            // ends in reboot(POWER_OFF), which exits the pid namespace's init.
+            DebianInit::Systemd => "SIGRTMIN+4",
+        }
+    }
+}
+
 fn write(root: &Path, rel: &str, text: &str, mode: u32) -> Result<()> {
     let p = root.join(rel);
     fs::write(&p, text).map_err(io_err("write", &p))?;
@@ -277,13 +329,14 @@ impl TemplateStore {
     }
 
     /// Builds a Debian template with `debootstrap --variant=minbase` (needs network access to the
-    /// mirror unless it is a local one). sysvinit-core is included so the CT boots a real init
-    /// that can be powered off with SIGPWR.
+    /// mirror unless it is a local one) and the chosen init: sysvinit-core (powered off with
+    /// SIGPWR) or systemd-sysv (SIGRTMIN+4).
     pub fn build_debian(
         &self,
         suite: &str,
         name: &str,
         mirror: Option<&str>,
+        init: DebianInit,
     ) -> Result<TemplateInfo> {
         validate_name(name)?;
         if suite.is_empty()
@@ -308,16 +361,12 @@ impl TemplateStore {
         let scratch = self.scratch("build", name)?;
         let root = scratch.rootfs();
         let mut cmd = Command::new("debootstrap");
-        cmd.args([
-            "--variant=minbase",
-            "--include=sysvinit-core,ifupdown,iproute2",
-            suite,
-        ])
-        .arg(&root);
+        cmd.args(["--variant=minbase", init.include(), suite])
+            .arg(&root);
         if let Some(m) = mirror {
             cmd.arg(m);
         }
-        tracing::info!(suite, template = %name, "running debootstrap");
+        tracing::info!(suite, template = %name, init = init.name(), "running debootstrap");
         run(&mut cmd, &format!("debootstrap {suite}")).map_err(|e| match e {
             TemplateError::Command { what, why } if why.contains("not found") => {
                 TemplateError::Command {
@@ -327,7 +376,12 @@ impl TemplateStore {
             }
             e => e,
         })?;
-        ensure_powerfail(&root.join("etc/inittab"))?;
+        match init {
+            DebianInit::Sysvinit => ensure_powerfail(&root.join("etc/inittab"))?,
+            // Nothing to mask: with its delegated cgroup, a console it owns and /run, Debian 12's
+            // systemd reaches `running` with no failed unit as debootstrap installs it.
+            DebianInit::Systemd => {}
+        }
         write(&root, "etc/hostname", "localhost\n", 0o644)?;
         write(
             &root,
@@ -349,11 +403,12 @@ impl TemplateStore {
             kind: TemplateKind::Debian,
             created: now_unix(),
             source: format!(
-                "debootstrap --variant=minbase {suite} {}",
+                "debootstrap --variant=minbase {} {suite} {}",
+                init.include(),
                 mirror.unwrap_or("(default mirror)")
             ),
             init: "/sbin/init".into(),
-            stop_signal: "SIGPWR".into(),
+            stop_signal: init.stop_signal().into(),
             size: tree_size(&root)?,
         };
         scratch.commit(self, &info)?;

@@ -21,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use build::{DebianInit, UnknownInit};
 pub use copy::remove_tree_fast;
 pub(crate) use fsutil::mounts;
 

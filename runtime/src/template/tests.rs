@@ -573,3 +573,17 @@ fn stale_scratch_directories_are_cleaned() {
     assert_eq!(super::scratch_owner(".remove-a-b-c-42-7"), Some(42));
     assert_eq!(super::scratch_owner("debian-12"), None);
 }
+
+#[test]
+fn debian_init_choices_and_a_clear_error_for_others() {
+    assert_eq!("systemd".parse(), Ok(DebianInit::Systemd));
+    assert_eq!("sysvinit".parse(), Ok(DebianInit::Sysvinit));
+    assert_eq!(DebianInit::default(), DebianInit::Sysvinit);
+    for bad in ["upstart", "", "Systemd", "systemd "] {
+        let e = bad.parse::<DebianInit>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("unknown init {bad:?} for a Debian template (choose systemd or sysvinit)")
+        );
+    }
+}

@@ -90,16 +90,8 @@ pub(super) fn monitor_main(
         Ok(p) => p,
         Err(e) => return fail(format!("console pty name: {e}")),
     };
-    if let Some(u) = userns {
-        // The CT's /dev/console is this host pty: owned by host root (unmapped in the CT), a
-        // CT whose init reopens /dev/console (systemd does) gets EACCES and logs nothing.
-        if let Err(e) = nix::unistd::fchown(
-            &pty.slave,
-            Some(nix::unistd::Uid::from_raw(u.uid_base)),
-            Some(nix::unistd::Gid::from_raw(u.gid_base)),
-        ) {
-            return fail(format!("chown console {}: {e}", console_path.display()));
-        }
+    if let Err(e) = init::own_console(&pty.slave, userns.as_ref()) {
+        return fail(e);
     }
     // init reports a failure before its exec here; the exec closes it (O_CLOEXEC).
     let (err_r, err_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {

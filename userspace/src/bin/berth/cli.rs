@@ -281,6 +281,10 @@ pub enum BuildCmd {
         name: Option<String>,
         #[arg(long)]
         mirror: Option<String>,
+        /// The CT's init: sysvinit (sysvinit-core, stopped with SIGPWR) or systemd
+        /// (systemd-sysv, stopped with SIGRTMIN+4).
+        #[arg(long, default_value = "sysvinit")]
+        init: String,
     },
 }
 

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use berth_runtime::Size;
 use berth_runtime::container;
-use berth_runtime::template::TemplateStore;
+use berth_runtime::template::{DebianInit, TemplateStore};
 use serde_json::json;
 
 use crate::Ctx;
@@ -45,9 +45,11 @@ pub fn template(ctx: &Ctx, t: TemplateCmd) -> Result<()> {
             suite,
             name,
             mirror,
+            init,
         }) => {
+            let init: DebianInit = init.parse()?;
             let name = name.unwrap_or_else(|| format!("debian-{suite}"));
-            let info = store.build_debian(&suite, &name, mirror.as_deref())?;
+            let info = store.build_debian(&suite, &name, mirror.as_deref(), init)?;
             ctx.print(serde_json::to_value(&info)?, || {
                 println!("template {} built", info.name)
             });
