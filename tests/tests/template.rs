@@ -82,7 +82,7 @@ fn busybox_template_is_complete_and_runs() {
     );
 
     // The tree is self-contained: the static shell and applets run inside it, including rcS
-    // (in throwaway UTS and network namespaces: rcS sets the hostname and brings lo up).
+    // (in throwaway UTS and network namespaces, as a CT's would be).
     let out = Command::new("unshare")
         .args(["--uts", "--net", "chroot"])
         .arg(&r)

@@ -466,6 +466,55 @@ pub fn set_hostname(h: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// A CT without a configured hostname gets the one in its own /etc/hostname, as its boot
+/// scripts would set it (busybox's rcS used to run `hostname -F`, an exec on every start).
+/// Read inside the CT (after pivot_root), so a symlink there resolves in the CT's own tree;
+/// a missing, oversized or malformed file leaves the hostname alone.
+pub fn hostname_from_etc() {
+    use std::io::Read;
+    let Ok(f) = fs::File::open("/etc/hostname") else {
+        return;
+    };
+    let mut s = String::new();
+    if f.take(256).read_to_string(&mut s).is_err() {
+        return;
+    }
+    let h = s.lines().next().unwrap_or("").trim();
+    if crate::config::validate_hostname(h).is_ok() {
+        let _ = sethostname(h);
+    }
+}
+
+/// Brings up the CT's loopback interface (down in a new network namespace), which every CT
+/// needs and which its boot scripts otherwise do with an `ip` exec on every start.
+pub fn bring_up_loopback() -> Result<(), String> {
+    // SAFETY: a plain socket and SIOCGIFFLAGS/SIOCSIFFLAGS ioctls on a zeroed ifreq naming "lo".
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!(
+                "socket for loopback: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if rc == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(format!("bring up lo: {err}"));
+        }
+    }
+    Ok(())
+}
+
 /// Drops the capabilities a CT must never have from the bounding set (inherited by every
 /// descendant) and from the current sets.
 pub fn drop_caps() -> Result<(), String> {

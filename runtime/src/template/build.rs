@@ -26,9 +26,8 @@ const BUSYBOX_INITTAB: &str = "\
 
 const BUSYBOX_RCS: &str = "\
 #!/bin/sh
-# berth mounts /proc, /sys, /dev and /run before init starts; nothing to mount here.
-[ -s /etc/hostname ] && hostname -F /etc/hostname
-ip link set lo up 2>/dev/null
+# berth mounts /proc, /sys, /dev and /run, sets the hostname and brings lo up before init
+# starts: nothing to do here but the admin's rc.local.
 [ -x /etc/rc.local ] && /etc/rc.local
 exit 0
 ";

@@ -219,6 +219,10 @@ fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
         }
         init::set_hostname(spec.hostname.as_deref())?;
         init::setup_rootfs(spec)?;
+        if spec.hostname.is_none() {
+            init::hostname_from_etc();
+        }
+        init::bring_up_loopback()?;
         init::setup_console(spec)?;
         init::drop_caps()?;
         init::close_fds_except(&[err_fd]);
