@@ -184,7 +184,8 @@ fn resources_memory_numproc_cpulimit_live() {
     let conf = std::fs::read_to_string(h.root.join("conf/102.toml")).unwrap();
     assert!(conf.contains("48M"), "{conf}");
 
-    // cpulimit 50 %: a busy loop gets half a CPU, within ±20 %
+    // cpulimit 50 %: a busy loop gets at most half a CPU (+20 %). The lower bound only shows the
+    // loop ran: on a 2-CPU machine shared with builds it gets less than its limit (39.9 % seen).
     h.ok(&["set", "102", "--cpulimit", "50", "--save"]);
     let before = field(&h, "102", "cpu.usage").as_f64().unwrap();
     let t0 = Instant::now();
@@ -197,7 +198,7 @@ fn resources_memory_numproc_cpulimit_live() {
         ratio * 100.0
     );
     assert!(
-        (0.4..=0.6).contains(&ratio),
+        (0.25..=0.6).contains(&ratio),
         "cpulimit 50 gave {:.1} %",
         ratio * 100.0
     );
