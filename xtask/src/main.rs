@@ -110,7 +110,8 @@ fn test(filter: Option<String>) -> Result<()> {
     let skip_log = skips::log_path();
     let _ = std::fs::remove_file(&skip_log);
     let mut e2e = cargo();
-    e2e.args(["test", "-p", "berth-tests"])
+    // Every test file runs even after one fails, so a red run names every failure at once.
+    e2e.args(["test", "-p", "berth-tests", "--no-fail-fast"])
         .env("BERTH_BIN_DIR", &bin)
         .env("BERTH_SKIP_LOG", &skip_log)
         .arg("--")
