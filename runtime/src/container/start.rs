@@ -20,8 +20,8 @@ use super::mount::{bind_private, unbind_private};
 use super::state::{self, LastExit, RunState};
 use super::stop::cleanup_stopped;
 use super::{
-    CtError, NetHooks, Result, cg_err, cgroup, hook_err, init, io_err, lock, net_err, open_ns,
-    resources_of, running,
+    CtError, NetHooks, Result, cg_err, cgroup, ensure_uuid, hook_err, init, io_err, lock, net_err,
+    open_ns, resources_of, running,
 };
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host, UserNs};
@@ -68,6 +68,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
     if running(host, ctid).is_some() {
         return Err(CtError::AlreadyRunning(ctid));
     }
+    ensure_uuid(host, ctid)?;
     // Leftovers of a crashed start/stop (or of an init that exited on its own).
     cleanup_stopped(host, ctid, false, hooks)?;
 

@@ -1,0 +1,246 @@
+//! CT identity: a UUID per CT (kept across restarts and `set`, new for a reused CTID), and a
+//! reused CTID that counts from 0 while the destroyed CT's totals stay recorded under its UUID.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use berth_runtime::net::NetNsGuard;
+use berth_tests::berthd::{Berthd, BerthdArgs, Sample};
+use berth_tests::ct::TestHost;
+use berth_tests::net::{Topology, UPLINK4, wait_for};
+use serde_json::Value;
+
+fn uuid_of(h: &TestHost, ct: &str) -> Value {
+    h.status(ct)["uuid"].clone()
+}
+
+fn conf(h: &TestHost, ctid: &str) -> String {
+    std::fs::read_to_string(h.root.join(format!("conf/{ctid}.toml"))).unwrap()
+}
+
+fn listed(h: &TestHost, ctid: u64, field: &str) -> Value {
+    let v = h.json(&["list", "-a", "-o", &format!("ctid,{field}")]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ctid"] == ctid)
+        .unwrap_or_else(|| panic!("CT {ctid} not listed: {v}"))[field]
+        .clone()
+}
+
+#[test]
+fn every_ct_gets_its_own_uuid_kept_across_restart_and_set() {
+    let h = TestHost::new();
+    h.ok(&["create", "301"]);
+    h.ok(&["create", "302"]);
+    let a = uuid_of(&h, "301");
+    let b = uuid_of(&h, "302");
+    let a_str = a.as_str().expect("status has a uuid").to_owned();
+    assert_eq!(a_str.len(), 36, "{a}");
+    assert_eq!(&a_str[14..15], "4", "not a v4 UUID: {a}");
+    assert_ne!(a, b, "two creates got the same UUID");
+    assert!(conf(&h, "301").contains(&format!("uuid = \"{a_str}\"")));
+    assert_eq!(listed(&h, 301, "uuid"), a);
+    let human = h.ok(&["status", "301"]);
+    assert!(human.contains(&format!("uuid: {a_str}")), "{human}");
+
+    h.ok(&["start", "301"]);
+    h.ok(&["restart", "301"]);
+    h.ok(&["set", "301", "--hostname", "web", "--save"]);
+    h.ok(&["stop", "301", "--fast"]);
+    assert_eq!(uuid_of(&h, "301"), a, "the UUID changed across restart/set");
+
+    // destroy + create of the same CTID: a new identity
+    h.ok(&["destroy", "301"]);
+    h.ok(&["create", "301"]);
+    let a2 = uuid_of(&h, "301");
+    assert!(a2.is_string());
+    assert_ne!(a2, a, "a re-created CTID kept the destroyed CT's UUID");
+
+    // A config written before UUIDs: status only reads (null, file untouched); the first
+    // start assigns one and saves it; later commands keep it.
+    let path = h.root.join("conf/302.toml");
+    let old: String = conf(&h, "302")
+        .lines()
+        .filter(|l| !l.starts_with("uuid = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, &old).unwrap();
+    assert_eq!(uuid_of(&h, "302"), Value::Null);
+    assert_eq!(listed(&h, 302, "uuid"), Value::Null);
+    assert_eq!(conf(&h, "302"), old, "status wrote the config");
+    h.ok(&["start", "302"]);
+    let assigned = uuid_of(&h, "302");
+    assert!(assigned.is_string(), "start assigned no UUID");
+    assert_ne!(assigned, b, "the assigned UUID is the removed one");
+    assert!(conf(&h, "302").contains(&format!("uuid = {assigned}")));
+    h.ok(&["restart", "302"]);
+    assert_eq!(uuid_of(&h, "302"), assigned);
+    h.ok(&["stop", "302", "--fast"]);
+    for c in ["301", "302"] {
+        h.ok(&["destroy", c]);
+    }
+    h.assert_clean();
+}
+
+fn ct_sum(samples: &[Sample], name: &str, ctid: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && s.label("ctid") == Some(ctid))
+        .map(|s| s.value)
+        .sum()
+}
+
+fn netstat_sum(h: &TestHost, ct: &str) -> (u64, u64) {
+    let v = h.json(&["netstat", ct]);
+    v.as_array().unwrap().iter().fold((0, 0), |(i, o), r| {
+        (
+            i + r["in_bytes"].as_u64().unwrap(),
+            o + r["out_bytes"].as_u64().unwrap(),
+        )
+    })
+}
+
+/// Real traffic (and anti-spoofing drops) through a routed CT, destroy, create the same CTID:
+/// netstat, list and /metrics show 0 for the new CT; the old totals are in its UUID's record.
+#[test]
+fn a_reused_ctid_counts_from_zero() -> Result<()> {
+    let topo = Topology::new();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    let create = || {
+        h.ok(&[
+            "create",
+            "4243",
+            "--ipadd",
+            "192.0.2.143",
+            "--ipadd",
+            "2001:db8:1::143",
+        ])
+    };
+    create();
+    h.ok(&["start", "4243"]);
+    let old_uuid = uuid_of(&h, "4243").as_str().unwrap().to_owned();
+    let pinged = wait_for(Duration::from_secs(6), || {
+        h.exec("4243", &["ping", "-c", "1", "-W", "2", UPLINK4]).0 == 0
+    });
+    ensure!(pinged, "CT 4243 cannot reach the uplink");
+    let (code, _, err) = h.exec(
+        "4243",
+        &[
+            "ping", "-c", "20", "-i", "0.05", "-s", "1400", "-W", "2", UPLINK4,
+        ],
+    );
+    ensure!(code == 0, "ping: {err}");
+    // From an address that is not the CT's: dropped by anti-spoofing.
+    let (code, _, err) = h.exec(
+        "4243",
+        &["ip", "addr", "add", "192.0.2.99/32", "dev", "venet0"],
+    );
+    ensure!(code == 0, "ip addr add in the CT: {err}");
+    h.exec(
+        "4243",
+        &[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            "192.0.2.99",
+            UPLINK4,
+        ],
+    );
+    h.ok(&["stop", "4243", "--fast"]);
+
+    let (old_in, old_out) = netstat_sum(&h, "4243");
+    ensure!(
+        old_in > 28_000 && old_out > 28_000,
+        "too little counted: {old_in}/{old_out}"
+    );
+    let old_drops = listed(&h, 4243, "drops").as_u64().unwrap();
+    ensure!(
+        old_drops >= 3,
+        "no anti-spoofing drops counted: {old_drops}"
+    );
+
+    let _in_host = NetNsGuard::enter(topo.host.fd())?;
+    let d = Berthd::start(
+        &BerthdArgs {
+            root: h.root.clone(),
+            run_dir: None,
+            cgroup_parent: h.cgroup_parent.clone(),
+            bpffs: h.bpffs.clone(),
+        },
+        0,
+    )?;
+    let (_, s) = d.scrape()?;
+    let rx = ct_sum(&s, "berth_network_receive_bytes_total", "4243");
+    let tx = ct_sum(&s, "berth_network_transmit_bytes_total", "4243");
+    ensure!(
+        rx + tx == (old_in + old_out) as f64,
+        "metrics {rx}+{tx} vs netstat {old_in}+{old_out}"
+    );
+    ensure!(ct_sum(&s, "berth_network_drops_total", "4243") >= 3.0);
+
+    h.ok(&["destroy", "4243"]);
+    // The destroyed CT's totals, under its UUID.
+    let rec_path = h.root.join(format!("retired/{old_uuid}.json"));
+    let rec: Value = serde_json::from_slice(&std::fs::read(&rec_path)?)?;
+    ensure!(
+        rec["uuid"] == old_uuid.as_str() && rec["ctid"] == 4243,
+        "{rec}"
+    );
+    let sum = |dir: &str| -> u64 {
+        rec["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["dir"] == dir)
+            .map(|r| r["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    ensure!((sum("in"), sum("out")) == (old_in, old_out), "{rec}");
+    let rec_drops: u64 = rec["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["packets"].as_u64().unwrap())
+        .sum();
+    ensure!(rec_drops == old_drops, "{rec}");
+
+    create();
+    let new_uuid = uuid_of(&h, "4243");
+    ensure!(new_uuid != old_uuid.as_str(), "same UUID after re-create");
+    ensure!(
+        netstat_sum(&h, "4243") == (0, 0),
+        "new CT inherited traffic"
+    );
+    ensure!(listed(&h, 4243, "traffic.in") == 0 && listed(&h, 4243, "drops") == 0);
+    let (_, s) = d.scrape()?;
+    for m in [
+        "berth_network_receive_bytes_total",
+        "berth_network_transmit_bytes_total",
+        "berth_network_drops_total",
+    ] {
+        ensure!(ct_sum(&s, m, "4243") == 0.0, "{m} inherited by the new CT");
+    }
+    h.ok(&["start", "4243"]);
+    // Only what the new CT's kernel sent by itself since (IPv6 router solicitations, MLD).
+    let (new_in, new_out) = netstat_sum(&h, "4243");
+    ensure!(new_in + new_out < 2_000, "new CT counts {new_in}/{new_out}");
+    ensure!(listed(&h, 4243, "drops") == 0);
+    let (_, s) = d.scrape()?;
+    let rx = ct_sum(&s, "berth_network_receive_bytes_total", "4243");
+    let tx = ct_sum(&s, "berth_network_transmit_bytes_total", "4243");
+    ensure!(rx + tx < 2_000.0, "metrics for the new CT: {rx}+{tx}");
+    // The record of the old CT is untouched by the new one.
+    let again: Value = serde_json::from_slice(&std::fs::read(&rec_path)?)?;
+    ensure!(again == rec);
+    d.kill()?;
+    h.ok(&["stop", "4243", "--fast"]);
+    h.ok(&["destroy", "4243"]);
+    ensure!(!h.root.join("conf/4243.toml").exists());
+    Ok(())
+}
