@@ -152,6 +152,12 @@ fn a_reused_ctid_counts_from_zero() -> Result<()> {
             UPLINK4,
         ],
     );
+    // Above a packet-rate limit: the shaper's own drop counters (reason pps).
+    h.ok(&["set", "4243", "--pps-out", "5"]);
+    h.exec(
+        "4243",
+        &["ping", "-c", "30", "-i", "0.01", "-W", "1", UPLINK4],
+    );
     h.ok(&["stop", "4243", "--fast"]);
 
     let (old_in, old_out) = netstat_sum(&h, "4243");
@@ -209,6 +215,14 @@ fn a_reused_ctid_counts_from_zero() -> Result<()> {
         .map(|r| r["packets"].as_u64().unwrap())
         .sum();
     ensure!(rec_drops == old_drops, "{rec}");
+    let pps_drops: u64 = rec["shaping_drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"] == "pps" && d["dir"] == "out")
+        .map(|d| d["packets"].as_u64().unwrap())
+        .sum();
+    ensure!(pps_drops > 0, "no pps drops recorded: {rec}");
 
     create();
     let new_uuid = uuid_of(&h, "4243");
@@ -226,6 +240,7 @@ fn a_reused_ctid_counts_from_zero() -> Result<()> {
     ] {
         ensure!(ct_sum(&s, m, "4243") == 0.0, "{m} inherited by the new CT");
     }
+    h.ok(&["set", "4243", "--pps-out", "5", "--save"]);
     h.ok(&["start", "4243"]);
     // Only what the new CT's kernel sent by itself since (IPv6 router solicitations, MLD).
     let (new_in, new_out) = netstat_sum(&h, "4243");
@@ -235,6 +250,24 @@ fn a_reused_ctid_counts_from_zero() -> Result<()> {
     let rx = ct_sum(&s, "berth_network_receive_bytes_total", "4243");
     let tx = ct_sum(&s, "berth_network_transmit_bytes_total", "4243");
     ensure!(rx + tx < 2_000.0, "metrics for the new CT: {rx}+{tx}");
+    let pps = berth_tests::berthd::value_of(
+        &s,
+        "berth_shaping_dropped_packets_total",
+        &[
+            ("ctid", "4243"),
+            ("direction", "transmit"),
+            ("reason", "pps"),
+        ],
+    );
+    let shaping: Vec<String> = s
+        .iter()
+        .filter(|x| x.name.starts_with("berth_shaping_") && x.label("ctid") == Some("4243"))
+        .map(|x| format!("{} {}", x.series(), x.value))
+        .collect();
+    ensure!(
+        pps == Some(0.0),
+        "the new CT's pps drops: {pps:?} in {shaping:?}"
+    );
     // The record of the old CT is untouched by the new one.
     let again: Value = serde_json::from_slice(&std::fs::read(&rec_path)?)?;
     ensure!(again == rec);

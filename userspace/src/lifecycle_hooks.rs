@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::datapath::{ByteLayer, DEFAULT_PIN_DIR, Datapath, DatapathView, IfaceConfig, Retired};
-use crate::shaper::Shaper;
+use crate::shaper::{Shaper, ShapingDrop};
 
 /// Opens (or loads and pins) the datapath and the shaper on first use only, so commands that
 /// touch no network pay nothing.
@@ -75,6 +75,9 @@ pub struct RetiredRecord {
     pub byte_layer: ByteLayer,
     #[serde(flatten)]
     pub totals: Retired,
+    /// The shaper's packet-rate and horizon drops (not in `drops`, which are anti-spoofing's).
+    #[serde(default)]
+    pub shaping_drops: Vec<ShapingDrop>,
 }
 
 impl RetiredRecord {
@@ -131,8 +134,27 @@ impl NetHooks for DatapathHooks {
             .byte_layer;
         let previous =
             RetiredRecord::read(record).map_err(|e| HookError::new("read", record.display(), e))?;
+        let mut shaping_drops = if self.shaper_exists() {
+            self.shaper()?
+                .drops_of(ctid)
+                .map_err(|e| HookError::new("read the shaper's drops of", &ct, e))?
+        } else {
+            Vec::new()
+        };
         if let Some(p) = previous.as_ref().filter(|p| p.uuid == uuid) {
             totals.merge_max(&p.totals);
+            for old in &p.shaping_drops {
+                match shaping_drops
+                    .iter_mut()
+                    .find(|d| (d.dir, &d.reason) == (old.dir, &old.reason))
+                {
+                    Some(d) => {
+                        d.packets = d.packets.max(old.packets);
+                        d.bytes = d.bytes.max(old.bytes);
+                    }
+                    None => shaping_drops.push(old.clone()),
+                }
+            }
         }
         let rec = RetiredRecord {
             uuid,
@@ -143,11 +165,18 @@ impl NetHooks for DatapathHooks {
                 .unwrap_or(0),
             byte_layer,
             totals,
+            shaping_drops,
         };
         rec.write(record)
             .map_err(|e| HookError::new("write", record.display(), e))?;
-        dp.clear_ct(ctid)
+        self.dp()?
+            .clear_ct(ctid)
             .map_err(|e| HookError::new("clear the counters of", &ct, e))?;
+        if self.shaper_exists() {
+            self.shaper()?
+                .clear_drops(ctid)
+                .map_err(|e| HookError::new("clear the shaper's drops of", &ct, e))?;
+        }
         info!(%ctid, %uuid, record = %record.display(), "counters retired");
         Ok(())
     }
