@@ -9,6 +9,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use berth_common::shaper::{DROP_HORIZON, DROP_PPS};
+use berth_common::{DIR_IN, DIR_OUT};
 use berth_runtime::Ctid;
 use berth_runtime::container::{HookError, NetHooks};
 use berth_runtime::error_chain::ErrorChain;
@@ -19,6 +21,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::datapath::{ByteLayer, DEFAULT_PIN_DIR, Datapath, DatapathView, IfaceConfig, Retired};
+use crate::shaper::view::ShaperView;
 use crate::shaper::{Shaper, ShapingDrop};
 
 /// Opens (or loads and pins) the datapath and the shaper on first use only, so commands that
@@ -108,39 +111,64 @@ impl RetiredRecord {
 
 impl NetHooks for DatapathHooks {
     fn retire(&mut self, ctid: Ctid, uuid: Uuid, record: &Path) -> Result<(), HookError> {
-        let pinned = DatapathView::open_pinned(&self.pin_dir)
-            .map_err(|e| HookError::new("open the eBPF datapath at", self.pin_dir.display(), e))?;
-        if pinned.is_none() {
+        let Some(view) = DatapathView::open_pinned(&self.pin_dir)
+            .map_err(|e| HookError::new("open the eBPF datapath at", self.pin_dir.display(), e))?
+        else {
             // Nothing ever counted here.
             return Ok(());
-        }
-        drop(pinned);
-        let dp = self.dp()?;
+        };
         let ct = format!("CT {ctid}");
-        // Entries a CT that crashed left behind (its interfaces went with its netns).
-        let attached = dp
-            .attached()
-            .map_err(|e| HookError::new("read the attached interfaces of", &ct, e))?;
-        for a in attached.iter().filter(|a| a.config.ctid == ctid) {
-            dp.detach(a.ifindex)
-                .map_err(|e| HookError::new("detach eBPF programs from", a.ifindex, e))?;
-        }
-        let mut totals = dp
-            .totals_of(ctid)
-            .map_err(|e| HookError::new("read the counters of", &ct, e))?;
-        let byte_layer = dp
+        let byte_layer = view
             .config()
             .map_err(|e| HookError::new("read the datapath settings for", &ct, e))?
             .byte_layer;
+        // Read-only first: a CT that counted nothing and is attached nowhere (one that never
+        // had a network) needs no write handle, whose opening loads the programs.
+        let live = view
+            .totals_of(ctid)
+            .map_err(|e| HookError::new("read the counters of", &ct, e))?;
+        let attached = view
+            .attached()
+            .map_err(|e| HookError::new("read the attached interfaces of", &ct, e))?;
+        let shaper_dropped = match ShaperView::open_pinned(&self.pin_dir) {
+            Ok(None) => false,
+            Ok(Some(v)) => [DIR_IN, DIR_OUT].iter().any(|&dir| {
+                [DROP_PPS, DROP_HORIZON]
+                    .iter()
+                    .any(|&reason| v.drop_counter(ctid.get(), dir, reason) != (0, 0))
+            }),
+            Err(e) => {
+                debug!(%ctid, error = %ErrorChain(&e), "shaper view; reading through the shaper");
+                true
+            }
+        };
+        let idle = live == Retired::default()
+            && !attached.iter().any(|a| a.config.ctid == ctid)
+            && !shaper_dropped;
+        drop(view);
+        let (mut totals, mut shaping_drops) = if idle {
+            (live, Vec::new())
+        } else {
+            let dp = self.dp()?;
+            // Entries a CT that crashed left behind (its interfaces went with its netns).
+            for a in attached.iter().filter(|a| a.config.ctid == ctid) {
+                dp.detach(a.ifindex)
+                    .map_err(|e| HookError::new("detach eBPF programs from", a.ifindex, e))?;
+            }
+            let totals = dp
+                .totals_of(ctid)
+                .map_err(|e| HookError::new("read the counters of", &ct, e))?;
+            let shaping_drops = if self.shaper_exists() {
+                self.shaper()?
+                    .drops_of(ctid)
+                    .map_err(|e| HookError::new("read the shaper's drops of", &ct, e))?
+            } else {
+                Vec::new()
+            };
+            (totals, shaping_drops)
+        };
         let previous =
             RetiredRecord::read(record).map_err(|e| HookError::new("read", record.display(), e))?;
-        let mut shaping_drops = if self.shaper_exists() {
-            self.shaper()?
-                .drops_of(ctid)
-                .map_err(|e| HookError::new("read the shaper's drops of", &ct, e))?
-        } else {
-            Vec::new()
-        };
         if let Some(p) = previous.as_ref().filter(|p| p.uuid == uuid) {
             totals.merge_max(&p.totals);
             for old in &p.shaping_drops {
@@ -169,6 +197,10 @@ impl NetHooks for DatapathHooks {
         };
         rec.write(record)
             .map_err(|e| HookError::new("write", record.display(), e))?;
+        if idle {
+            debug!(%ctid, %uuid, "nothing counted: nothing to clear");
+            return Ok(());
+        }
         self.dp()?
             .clear_ct(ctid)
             .map_err(|e| HookError::new("clear the counters of", &ct, e))?;

@@ -7,7 +7,7 @@ use berth_runtime::Ctid;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use super::{CounterRow, Datapath, DatapathError, DropRow, Result};
+use super::{CounterRow, Datapath, DatapathError, DatapathView, DropRow, Result};
 use crate::bpf::{PinLock, map_err, not_found};
 
 /// What one CT counted, traffic and drops, as read before its counters were cleared.
@@ -55,7 +55,7 @@ impl Retired {
     }
 }
 
-impl Datapath {
+impl DatapathView {
     /// CT `ctid`'s traffic (its slot and archived rows) and drop totals.
     pub fn totals_of(&self, ctid: Ctid) -> Result<Retired> {
         let c = ctid.get();
@@ -68,7 +68,9 @@ impl Datapath {
             drops: self.drops()?.into_iter().filter(|r| r.ctid == c).collect(),
         })
     }
+}
 
+impl Datapath {
     /// Clears CT `ctid`'s counters: frees its slot (zeroed), removes its `ARCHIVE` and
     /// `DROPS` entries. Refused while an interface entry still names the CT (a program could
     /// still count into the slot): detach those first.
