@@ -275,6 +275,19 @@ fn a_reused_ctid_counts_from_zero() -> Result<()> {
     h.ok(&["stop", "4243", "--fast"]);
     h.ok(&["destroy", "4243"]);
     ensure!(!h.root.join("conf/4243.toml").exists());
+    // A CT that never had a network: an empty record (read through the read-only view).
+    h.ok(&["create", "4244"]);
+    let quiet = uuid_of(&h, "4244").as_str().unwrap().to_owned();
+    h.ok(&["destroy", "4244"]);
+    let rec: Value = serde_json::from_slice(&std::fs::read(
+        h.root.join(format!("retired/{quiet}.json")),
+    )?)?;
+    ensure!(
+        rec["ctid"] == 4244
+            && rec["counters"] == serde_json::json!([])
+            && rec["drops"] == serde_json::json!([]),
+        "{rec}"
+    );
     Ok(())
 }
 
