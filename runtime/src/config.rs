@@ -5,6 +5,8 @@
 //! - `private/<CTID>/`   — the CT's files (its root filesystem)
 //! - `root/<CTID>/`      — mount point: `private` is bind-mounted here while the CT is mounted/running
 //! - `template/<name>/`  — OS templates
+//! - `retired/<UUID>.json` — what a destroyed CT had counted (traffic and drops), written by
+//!   `destroy` before the live counters are cleared (see [`Host::retired_counters_path`])
 //!
 //! Run state lives in the run dir (default `/run/berth` for the default root, `<root>/run` otherwise,
 //! `BERTH_RUN_DIR` overrides): `<CTID>.lock`, `<CTID>.state.json`, `<CTID>.console.log`.
@@ -14,6 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::ctid::{Ctid, validate_name};
 use crate::shaping::{DEFAULT_MTU, ShapingConfig};
@@ -143,6 +146,11 @@ impl Host {
     pub fn console_log_path(&self, ctid: Ctid) -> PathBuf {
         self.run.join(format!("{ctid}.console.log"))
     }
+    /// The final counters of the destroyed CT `uuid` (kept after its CTID is reused; the
+    /// billing ledger books them).
+    pub fn retired_counters_path(&self, uuid: Uuid) -> PathBuf {
+        self.root.join("retired").join(format!("{uuid}.json"))
+    }
 
     /// All CTIDs with a config file, sorted.
     pub fn list_ctids(&self) -> Result<Vec<Ctid>, ConfigError> {
@@ -242,6 +250,11 @@ pub enum PrivateLayout {
 #[serde(deny_unknown_fields)]
 pub struct CtConfig {
     pub ctid: Ctid,
+    /// The CT's identity (random, v4), set at create and never changed: a CTID can be reused
+    /// after a destroy, the UUID cannot. `None` only in configs written before berth had it;
+    /// the first `start` or `set` (under the CT's lock) assigns and saves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -289,6 +302,7 @@ impl CtConfig {
     pub fn new(ctid: Ctid, template: String) -> Self {
         Self {
             ctid,
+            uuid: None,
             name: None,
             hostname: None,
             template,
@@ -523,6 +537,46 @@ rate_out = "20mbit"
         fs::write(&path, format!("{head}burst = \"64kb\"\n")).unwrap();
         let cfg = CtConfig::load(&host, ctid).unwrap();
         assert!(cfg.shaping.is_some() && cfg.active_shaping().is_none());
+    }
+
+    #[test]
+    fn uuid_round_trips_and_a_bad_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        host.ensure_dirs().unwrap();
+        let ctid = Ctid::new(101).unwrap();
+        let mut cfg = CtConfig::new(ctid, "busybox".into());
+        let id = Uuid::new_v4();
+        cfg.uuid = Some(id);
+        cfg.save(&host).unwrap();
+        let text = fs::read_to_string(host.conf_path(ctid)).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l == format!("uuid = \"{}\"", id.hyphenated())),
+            "{text}"
+        );
+        let back = CtConfig::load(&host, ctid).unwrap();
+        assert_eq!(back.uuid, Some(id));
+        assert_eq!(back, cfg);
+
+        // A config from before the UUID: loads without one and saves without one.
+        fs::write(host.conf_path(ctid), "ctid = 101\ntemplate = \"b\"\n").unwrap();
+        let old = CtConfig::load(&host, ctid).unwrap();
+        assert_eq!(old.uuid, None);
+        old.save(&host).unwrap();
+        assert!(
+            !fs::read_to_string(host.conf_path(ctid))
+                .unwrap()
+                .contains("uuid")
+        );
+
+        fs::write(
+            host.conf_path(ctid),
+            "ctid = 101\nuuid = \"not-a-uuid\"\ntemplate = \"b\"\n",
+        )
+        .unwrap();
+        let e = ErrorChain(&CtConfig::load(&host, ctid).unwrap_err()).to_string();
+        assert!(e.contains("uuid") || e.contains("UUID"), "{e}");
     }
 
     #[test]

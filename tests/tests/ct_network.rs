@@ -74,8 +74,8 @@ fn routed_cts_via_cli() {
     let (_, routes, _) = h.exec("201", &["ip", "route"]);
     assert!(routes.contains("default via 169.254.0.1"), "{routes}");
 
-    // Accounting baseline: the link comes up (and the kernel sends its first IPv6 RS/MLD
-    // frames) just before the programs attach, so compare deltas from here.
+    // Accounting baseline (the programs attach before the link comes up, so the totals match
+    // from the first frame too: tests/tests/identity.rs); deltas from here.
     let n0 = sum_netstat(&h.json(&["netstat", "201"]));
     let s0 = veth_stats(&topo, "venet201");
 

@@ -56,6 +56,10 @@ pub type Result<T, E = InventoryError> = std::result::Result<T, E>;
 /// `list`'s fields and what each holds.
 pub const FIELDS: &[(&str, &str)] = &[
     ("ctid", "container ID"),
+    (
+        "uuid",
+        "the CT's identity, never reused (null: made by an older berth, not started since)",
+    ),
     ("name", "name set with --name"),
     ("hostname", "host name"),
     ("status", "running, suspended, mounted or stopped"),
@@ -83,7 +87,7 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("ip", "routed and static addresses"),
     (
         "traffic.in",
-        "bytes delivered to the CT, all classes (eBPF counters, never reset)",
+        "bytes delivered to the CT, all classes (eBPF counters: never reset while the CT exists, from 0 for a new CT)",
     ),
     ("traffic.out", "bytes sent by the CT, all classes"),
     ("packets.in", "packets delivered to the CT"),
@@ -166,6 +170,7 @@ pub fn field(
         "packets.out" => json!(t.out_packets),
         "drops" => json!(t.drops),
         "ctid" => json!(st.ctid),
+        "uuid" => json!(st.uuid),
         "name" => json!(st.name),
         "hostname" => json!(st.hostname),
         "status" => json!(st.state),

@@ -3,18 +3,26 @@
 //! shape those interfaces with the CT's shaping.
 
 use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Write};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use berth_common::shaper::{DROP_HORIZON, DROP_PPS};
+use berth_common::{DIR_IN, DIR_OUT};
 use berth_runtime::Ctid;
 use berth_runtime::container::{HookError, NetHooks};
 use berth_runtime::error_chain::ErrorChain;
 use berth_runtime::net::{Mode, NetState};
 use berth_runtime::shaping::ShapingConfig;
-use tracing::{debug, warn};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
 
-use crate::datapath::{DEFAULT_PIN_DIR, Datapath, IfaceConfig};
-use crate::shaper::Shaper;
+use crate::datapath::{ByteLayer, DEFAULT_PIN_DIR, Datapath, DatapathView, IfaceConfig, Retired};
+use crate::shaper::view::ShaperView;
+use crate::shaper::{Shaper, ShapingDrop};
 
 /// Opens (or loads and pins) the datapath and the shaper on first use only, so commands that
 /// touch no network pay nothing.
@@ -59,7 +67,152 @@ impl DatapathHooks {
     }
 }
 
+/// `<root>/retired/<UUID>.json`: what a destroyed CT counted, for the billing ledger. Bytes are
+/// at `byte_layer` (drops: whole frames); `retired_at` is seconds since the Unix epoch (UTC) of
+/// the last write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredRecord {
+    pub uuid: Uuid,
+    pub ctid: u32,
+    pub retired_at: u64,
+    pub byte_layer: ByteLayer,
+    #[serde(flatten)]
+    pub totals: Retired,
+    /// The shaper's packet-rate and horizon drops (not in `drops`, which are anti-spoofing's).
+    #[serde(default)]
+    pub shaping_drops: Vec<ShapingDrop>,
+}
+
+impl RetiredRecord {
+    /// The record at `path`; `None` when there is none.
+    pub fn read(path: &Path) -> io::Result<Option<Self>> {
+        match fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the record durably: a temporary file, fsynced, renamed over `path`, and the
+    /// directory fsynced, so a crash leaves the old record or the new one.
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    }
+}
+
 impl NetHooks for DatapathHooks {
+    fn retire(&mut self, ctid: Ctid, uuid: Uuid, record: &Path) -> Result<(), HookError> {
+        let Some(view) = DatapathView::open_pinned(&self.pin_dir)
+            .map_err(|e| HookError::new("open the eBPF datapath at", self.pin_dir.display(), e))?
+        else {
+            // Nothing ever counted here.
+            return Ok(());
+        };
+        let ct = format!("CT {ctid}");
+        let byte_layer = view
+            .config()
+            .map_err(|e| HookError::new("read the datapath settings for", &ct, e))?
+            .byte_layer;
+        // Read-only first: a CT that counted nothing and is attached nowhere (one that never
+        // had a network) needs no write handle, whose opening loads the programs.
+        let live = view
+            .totals_of(ctid)
+            .map_err(|e| HookError::new("read the counters of", &ct, e))?;
+        let attached = view
+            .attached()
+            .map_err(|e| HookError::new("read the attached interfaces of", &ct, e))?;
+        let shaper_dropped = match ShaperView::open_pinned(&self.pin_dir) {
+            Ok(None) => false,
+            Ok(Some(v)) => [DIR_IN, DIR_OUT].iter().any(|&dir| {
+                [DROP_PPS, DROP_HORIZON]
+                    .iter()
+                    .any(|&reason| v.drop_counter(ctid.get(), dir, reason) != (0, 0))
+            }),
+            Err(e) => {
+                debug!(%ctid, error = %ErrorChain(&e), "shaper view; reading through the shaper");
+                true
+            }
+        };
+        let idle = live == Retired::default()
+            && !attached.iter().any(|a| a.config.ctid == ctid)
+            && !shaper_dropped;
+        drop(view);
+        let (mut totals, mut shaping_drops) = if idle {
+            (live, Vec::new())
+        } else {
+            let dp = self.dp()?;
+            // Entries a CT that crashed left behind (its interfaces went with its netns).
+            for a in attached.iter().filter(|a| a.config.ctid == ctid) {
+                dp.detach(a.ifindex)
+                    .map_err(|e| HookError::new("detach eBPF programs from", a.ifindex, e))?;
+            }
+            let totals = dp
+                .totals_of(ctid)
+                .map_err(|e| HookError::new("read the counters of", &ct, e))?;
+            let shaping_drops = if self.shaper_exists() {
+                self.shaper()?
+                    .drops_of(ctid)
+                    .map_err(|e| HookError::new("read the shaper's drops of", &ct, e))?
+            } else {
+                Vec::new()
+            };
+            (totals, shaping_drops)
+        };
+        let previous =
+            RetiredRecord::read(record).map_err(|e| HookError::new("read", record.display(), e))?;
+        if let Some(p) = previous.as_ref().filter(|p| p.uuid == uuid) {
+            totals.merge_max(&p.totals);
+            for old in &p.shaping_drops {
+                match shaping_drops
+                    .iter_mut()
+                    .find(|d| (d.dir, &d.reason) == (old.dir, &old.reason))
+                {
+                    Some(d) => {
+                        d.packets = d.packets.max(old.packets);
+                        d.bytes = d.bytes.max(old.bytes);
+                    }
+                    None => shaping_drops.push(old.clone()),
+                }
+            }
+        }
+        let rec = RetiredRecord {
+            uuid,
+            ctid: ctid.get(),
+            retired_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            byte_layer,
+            totals,
+            shaping_drops,
+        };
+        rec.write(record)
+            .map_err(|e| HookError::new("write", record.display(), e))?;
+        if idle {
+            debug!(%ctid, %uuid, "nothing counted: nothing to clear");
+            return Ok(());
+        }
+        self.dp()?
+            .clear_ct(ctid)
+            .map_err(|e| HookError::new("clear the counters of", &ct, e))?;
+        if self.shaper_exists() {
+            self.shaper()?
+                .clear_drops(ctid)
+                .map_err(|e| HookError::new("clear the shaper's drops of", &ct, e))?;
+        }
+        info!(%ctid, %uuid, record = %record.display(), "counters retired");
+        Ok(())
+    }
+
     fn net_up(
         &mut self,
         ctid: Ctid,

@@ -107,6 +107,7 @@ fn create_locked(
         });
     }
     let mut cfg = CtConfig::new(ctid, opts.template.clone());
+    cfg.uuid = Some(uuid::Uuid::new_v4());
     cfg.name = opts.name.clone();
     cfg.hostname = opts.hostname.clone();
     cfg.init = tmpl.init.clone();

@@ -3,6 +3,9 @@
 
 use std::error::Error;
 use std::fmt::Display;
+use std::path::Path;
+
+use uuid::Uuid;
 
 use crate::ctid::Ctid;
 use crate::net::NetState;
@@ -56,6 +59,14 @@ pub trait NetHooks {
         net: &NetState,
         shaping: Option<&ShapingConfig>,
     ) -> Result<(), HookError>;
+    /// CT `ctid` (identity `uuid`) is being destroyed, stopped: write what it counted to
+    /// `record` (replacing the file atomically), then clear its counters, so a new CT given the
+    /// same CTID counts from 0. Must be idempotent (a destroy interrupted after it runs again).
+    /// The default: nothing is counted, nothing to do.
+    fn retire(&mut self, ctid: Ctid, uuid: Uuid, record: &Path) -> Result<(), HookError> {
+        let _ = (ctid, uuid, record);
+        Ok(())
+    }
 }
 
 /// Lifecycle without a datapath (and so without shaping).

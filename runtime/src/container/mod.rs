@@ -202,6 +202,9 @@ impl std::fmt::Display for State {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub ctid: Ctid,
+    /// `None` for a CT made by an older berth until its next `start` or `set` assigns one
+    /// (`status` only reads).
+    pub uuid: Option<uuid::Uuid>,
     pub name: Option<String>,
     pub hostname: Option<String>,
     pub template: String,
@@ -280,6 +283,7 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
     };
     Ok(Status {
         ctid,
+        uuid: cfg.uuid,
         name: cfg.name,
         hostname: cfg.hostname,
         template: cfg.template,
@@ -297,6 +301,21 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
         console_log: host.console_log_path(ctid),
         last_exit,
     })
+}
+
+/// The CT's UUID, assigned and saved first if its config predates UUIDs. Only under the CT's
+/// lock: the config is re-read here, so a change saved by another command since the caller
+/// loaded it is kept.
+fn ensure_uuid(host: &Host, ctid: Ctid) -> Result<uuid::Uuid> {
+    let mut cfg = CtConfig::load(host, ctid)?;
+    if let Some(u) = cfg.uuid {
+        return Ok(u);
+    }
+    let u = uuid::Uuid::new_v4();
+    cfg.uuid = Some(u);
+    cfg.save(host)?;
+    tracing::info!(%ctid, uuid = %u, "CT had no UUID (made by an older berth): assigned one");
+    Ok(u)
 }
 
 fn lock(host: &Host, ctid: Ctid) -> Result<CtLock> {

@@ -402,11 +402,18 @@ pub fn set(
     save: bool,
     hooks: &mut dyn NetHooks,
 ) -> Result<()> {
-    let cfg = CtConfig::load(host, ctid)?;
+    let mut cfg = CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
     let run = running(host, ctid);
     if run.is_none() && !save {
         return Err(CtError::NeedSave(ctid));
+    }
+    if save {
+        // Saved with the rest, only if the set succeeds: the on-disk UUID (one a start may
+        // have assigned since our load), else a new one for a config that predates UUIDs.
+        cfg.uuid = CtConfig::load(host, ctid)?
+            .uuid
+            .or_else(|| Some(uuid::Uuid::new_v4()));
     }
     let plan = plan(host, ctid, &cfg, run.as_ref(), opts)?;
     let mut journal = Journal::new(host, ctid, run);

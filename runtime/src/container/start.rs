@@ -20,14 +20,14 @@ use super::mount::{bind_private, unbind_private};
 use super::state::{self, LastExit, RunState};
 use super::stop::cleanup_stopped;
 use super::{
-    CtError, NetHooks, Result, cg_err, cgroup, hook_err, init, io_err, lock, net_err, open_ns,
-    resources_of, running,
+    CtError, NetHooks, Result, cg_err, cgroup, ensure_uuid, hook_err, init, io_err, lock, net_err,
+    open_ns, resources_of, running,
 };
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host, UserNs};
 use crate::ctid::Ctid;
 use crate::error_chain::ErrorChain;
-use crate::net::{self, HostNet, LinkTeardown};
+use crate::net::{self, HostNet, LinkTeardown, NetError, NetState};
 
 /// Runs registered undo steps in reverse unless disarmed: a failed start leaves nothing behind.
 type UndoStep<'a> = (&'static str, Box<dyn FnOnce() + 'a>);
@@ -57,6 +57,18 @@ impl Drop for Undo<'_> {
     }
 }
 
+/// Each interface's host ifindex and sorted addresses: what the datapath was given.
+fn addrs_by_iface(n: &NetState) -> Vec<(u32, Vec<ipnet::IpNet>)> {
+    n.ifaces
+        .iter()
+        .map(|i| {
+            let mut a = i.addrs.clone();
+            a.sort();
+            (i.host_ifindex, a)
+        })
+        .collect()
+}
+
 fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
     let mut f = fs::File::from(fd.try_clone()?);
     f.write_all(data)
@@ -68,6 +80,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
     if running(host, ctid).is_some() {
         return Err(CtError::AlreadyRunning(ctid));
     }
+    ensure_uuid(host, ctid)?;
     // Leftovers of a crashed start/stop (or of an init that exited on its own).
     cleanup_stopped(host, ctid, false, hooks)?;
 
@@ -211,7 +224,24 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
         for e in net::remove_stale_links(ctid, &cfg.net, &mut hn) {
             debug!(%ctid, error = %ErrorChain(&e), "stale network cleanup");
         }
-        let ns_state = net::setup(ctid, ns.as_fd(), &cfg.net, &mut hn).map_err(net_err(ctid))?;
+        // The datapath attaches while no interface has carrier yet (net::setup calls back
+        // between creating the pairs and bringing them up): the first frame is counted.
+        let mut early: Option<NetState> = None;
+        let setup = net::setup_with(ctid, ns.as_fd(), &cfg.net, &mut hn, &mut |planned| {
+            early = Some(planned.clone());
+            hooks
+                .net_up(ctid, planned, None)
+                .map_err(|e| NetError::BeforeUp(Box::new(e)))
+        });
+        let ns_state = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(p) = &early {
+                    hooks.net_down(ctid, p);
+                }
+                return Err(net_err(ctid)(e));
+            }
+        };
         st.net = Some(ns_state.clone());
         // The links die with init's netns; only the proxy entries need removing.
         let undo_state = ns_state.clone();
@@ -222,9 +252,20 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
                 }
             }
         });
-        // The CT's shaping comes with the interfaces. A hook that fails halfway (attached, not
+        // The CT's shaping comes with the interfaces; attaching again only if setting up
+        // ended with other addresses than planned. A hook that fails halfway (attached, not
         // shaped) is undone like one that finished.
-        let up = hooks.net_up(ctid, &ns_state, cfg.active_shaping());
+        let up = if early
+            .as_ref()
+            .is_some_and(|p| addrs_by_iface(p) == addrs_by_iface(&ns_state))
+        {
+            match cfg.active_shaping() {
+                Some(sh) => hooks.shape(ctid, &ns_state, Some(sh)),
+                None => Ok(()),
+            }
+        } else {
+            hooks.net_up(ctid, &ns_state, cfg.active_shaping())
+        };
         let hooks = &mut *hooks;
         undo.push("datapath", move || hooks.net_down(ctid, &ns_state));
         up.map_err(hook_err(ctid))?;

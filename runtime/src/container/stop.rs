@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::mount::unbind_private;
 use super::start::start;
 use super::state::{self, LastExit, RunState};
-use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, io_err, lock, running};
+use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, hook_err, io_err, lock, running};
 use crate::cgroups::{self, CgroupManager};
 use crate::config::{CtConfig, Host};
 use crate::ctid::Ctid;
@@ -154,13 +154,22 @@ pub fn restart(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunS
     start(host, ctid, hooks)
 }
 
-pub fn destroy(host: &Host, ctid: Ctid) -> Result<()> {
+/// Removes a stopped CT: its counters are retired first (`hooks.retire`, recorded under the
+/// CT's UUID in [`Host::retired_counters_path`]), so a failure there leaves the CT whole.
+pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> {
     let cfg = CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
     if running(host, ctid).is_some() {
         return Err(CtError::Running(ctid));
     }
     cleanup_stopped(host, ctid, true, &mut NoHooks)?;
+    // A CT made before UUIDs and never started since has none: its record gets a fresh one.
+    let uuid = CtConfig::load(host, ctid)?
+        .uuid
+        .unwrap_or_else(uuid::Uuid::new_v4);
+    hooks
+        .retire(ctid, uuid, &host.retired_counters_path(uuid))
+        .map_err(hook_err(ctid))?;
     let private = host.private_dir(ctid);
     if cfg.resources.diskspace.is_some()
         && private.exists()

@@ -97,6 +97,7 @@ fn port_vlan(
     })
 }
 
+/// Live `--netif_add`: [`create`] then [`configure`].
 pub(crate) fn add(
     ctid: Ctid,
     ct_netns: BorrowedFd<'_>,
@@ -105,6 +106,25 @@ pub(crate) fn add(
     ct: &mut Netlink,
     state: &mut NetState,
 ) -> Result<(), NetError> {
+    let bridge = create(ctid, ct_netns, b, host, ct, state)?;
+    let st = state.ifaces.last_mut().expect("create pushed it");
+    configure(ctid, b, bridge, host, ct, st)
+}
+
+/// The bridge a bridged interface joins, as [`create`] found it.
+pub(crate) struct Joined(Option<BridgeInfo>);
+
+/// Creates the pair: the host end up (in its bridge), the CT end down, so no frame crosses
+/// (without the CT end there is no carrier) until [`configure`] brings it up; the caller
+/// attaches the datapath in between.
+pub(crate) fn create(
+    ctid: Ctid,
+    ct_netns: BorrowedFd<'_>,
+    b: &BridgedIface,
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    state: &mut NetState,
+) -> Result<Joined, NetError> {
     let host_name = b.host_ifname(ctid);
     let bridge = match &b.bridge {
         Some(br) => {
@@ -138,9 +158,6 @@ pub(crate) fn add(
         // IFLA_MASTER in the create request enslaves the new device in the same operation.
         host_attrs.push(LinkAttribute::Controller(br.index));
     }
-    // With static addresses berth configures the CT end, so it comes up now; otherwise the CT's
-    // own network configuration brings it up.
-    let configure = !b.addrs.is_empty() || b.gateway4.is_some() || b.gateway6.is_some();
     let msg = veth_request(host_attrs, peer_attrs, ct_netns, LinkFlags::empty(), true);
     let echo = host
         .nl
@@ -162,7 +179,23 @@ pub(crate) fn add(
     });
     let st = state.ifaces.last_mut().expect("just pushed");
     read_back(host, ct, echo, &host_name, &b.name, st)?;
-    if configure {
+    Ok(Joined(bridge))
+}
+
+/// The CT end of a pair [`create`] made: up with its static addresses and gateways, VLAN on
+/// the bridge port.
+pub(crate) fn configure(
+    ctid: Ctid,
+    b: &BridgedIface,
+    Joined(bridge): Joined,
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    st: &mut IfaceState,
+) -> Result<(), NetError> {
+    let host_name = st.host_ifname.clone();
+    // With static addresses berth configures the CT end, so it comes up now; otherwise the CT's
+    // own network configuration brings it up.
+    if !b.addrs.is_empty() || b.gateway4.is_some() || b.gateway6.is_some() {
         ct.link_set_up(st.ct_ifindex, &b.name)?;
     }
 

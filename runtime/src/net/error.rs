@@ -56,6 +56,11 @@ pub enum NetError {
     #[error("invalid network configuration: {0}")]
     Invalid(String),
 
+    /// What the caller does between creating a CT's interfaces and bringing them up (the
+    /// datapath attaching) failed.
+    #[error("prepare the interfaces before they come up")]
+    BeforeUp(#[source] Box<dyn std::error::Error + Send + Sync>),
+
     #[error("address {addr} is already assigned to {holder}{}", dev.as_ref().map(|d| format!(" (interface {d})")).unwrap_or_default())]
     AddressInUse {
         addr: IpAddr,

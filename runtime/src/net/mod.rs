@@ -277,19 +277,48 @@ pub fn setup(
     cfg: &NetConfig,
     host: &mut HostNet,
 ) -> Result<NetState, NetError> {
+    setup_with(ctid, ct_netns, cfg, host, &mut |_| Ok(()))
+}
+
+/// [`setup`], calling `before_up` once every pair exists and none has carrier, with the
+/// interfaces and the addresses they are about to get (start attaches the datapath there).
+/// Its error fails the setup (rolled back like any other step).
+pub fn setup_with(
+    ctid: Ctid,
+    ct_netns: BorrowedFd<'_>,
+    cfg: &NetConfig,
+    host: &mut HostNet,
+    before_up: &mut dyn FnMut(&NetState) -> Result<(), NetError>,
+) -> Result<NetState, NetError> {
     cfg.validate(ctid)?;
     let mut ct = Netlink::open_in(ct_netns, ct_ns_name(ctid))?;
     let mut state = NetState::new(ctid);
     let res = (|| {
         // Loopback: a fresh netns has `lo` down; CT software expects 127.0.0.1 to work.
         ct.link_set_up(1, "lo")?;
-        if let Some(r) = cfg.routed() {
+        // Every pair is created with no carrier (routed: both ends down; bridged: the CT end
+        // down) and `before_up` attaches the datapath before any comes up: the first frame
+        // either end sends (the CT kernel's IPv6 router solicitation or MLD report, sent as
+        // the link gets carrier) is counted.
+        if cfg.routed().is_some() {
             routed::create_link(ctid, ct_netns, host, &mut ct, &mut state)?;
-            let idx = state.ifaces.len() - 1;
-            routed::add(ctid, cfg, &r.addrs, host, &mut ct, &mut state.ifaces[idx])?;
         }
+        let mut joined = Vec::new();
         for b in cfg.bridged() {
-            bridged::add(ctid, ct_netns, b, host, &mut ct, &mut state)?;
+            joined.push(bridged::create(
+                ctid, ct_netns, b, host, &mut ct, &mut state,
+            )?);
+        }
+        before_up(&planned(&state, cfg))?;
+        let mut at = 0;
+        if let Some(r) = cfg.routed() {
+            routed::links_up(host, &mut ct, &state.ifaces[0])?;
+            routed::add(ctid, cfg, &r.addrs, host, &mut ct, &mut state.ifaces[0])?;
+            at = 1;
+        }
+        for (b, j) in cfg.bridged().zip(joined) {
+            bridged::configure(ctid, b, j, host, &mut ct, &mut state.ifaces[at])?;
+            at += 1;
         }
         Ok(())
     })();
@@ -306,6 +335,23 @@ pub fn setup(
             Err(e)
         }
     }
+}
+
+/// `state` (interfaces created, none configured yet) with the addresses `cfg` gives each
+/// interface, as they will be once set up: what the datapath polices from the first frame.
+fn planned(state: &NetState, cfg: &NetConfig) -> NetState {
+    let mut p = state.clone();
+    let mut bridged = cfg.bridged();
+    for i in &mut p.ifaces {
+        i.addrs = match i.mode {
+            Mode::Routed => cfg
+                .routed()
+                .map(|r| r.addrs.iter().map(|a| IpNet::from(*a)).collect())
+                .unwrap_or_default(),
+            Mode::Bridged => bridged.next().map(|b| b.addrs.clone()).unwrap_or_default(),
+        };
+    }
+    p
 }
 
 /// How [`teardown`] gets rid of the veth pairs.
@@ -396,6 +442,10 @@ pub fn add_addrs(
     let mut ct = Netlink::open_in(ct_netns, ct_ns_name(ctid))?;
     let created = if state.routed().is_none() {
         routed::create_link(ctid, ct_netns, host, &mut ct, state)?;
+        // Live: the caller attaches the datapath once the addresses are in (frames in
+        // between are not counted).
+        let st = state.ifaces.last().expect("create_link pushed it");
+        routed::links_up(host, &mut ct, st)?;
         true
     } else {
         false

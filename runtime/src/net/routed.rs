@@ -153,7 +153,7 @@ pub(crate) fn read_back(
 /// PACKET_HOST without any ARP/NDP: no gateway addresses on the host end, no neighbour entries,
 /// no DAD on the CT's addresses (addrconf skips DAD on NOARP devices). The host end also gets
 /// no IPv6 link-local (addr_gen_mode none): it needs no address at all, and a link-local derived
-/// from the shared MAC would equal the CT end's.
+/// from the shared MAC would equal the CT end's. Both ends stay down: see [`links_up`].
 pub(crate) fn create_link(
     ctid: Ctid,
     ct_netns: BorrowedFd<'_>,
@@ -218,9 +218,19 @@ pub(crate) fn create_link(
     host.nl
         .request(RouteNetlinkMessage::SetLink(set), 0)?
         .map_err(|e| host.nl.fail("disable IPv6 link-local on", name.clone(), e))?;
+    Ok(())
+}
+
+/// Brings up the pair [`create_link`] left down (the last routed interface of `state`). The
+/// caller attaches the datapath in between, so the first frame either end sends is counted.
+pub(crate) fn links_up(
+    host: &mut HostNet,
+    ct: &mut Netlink,
+    st: &IfaceState,
+) -> Result<(), NetError> {
     // Up before the CT end: without carrier NETDEV_UP does nothing costly; carrier (and the
     // one FIB walk that comes with it) arrives with the CT end, handled by linkwatch.
-    host.nl.link_set_up(st.host_ifindex, &name)?;
+    host.nl.link_set_up(st.host_ifindex, &st.host_ifname)?;
     ct.link_set_up(st.ct_ifindex, VENET_CT_IFNAME)
 }
 

@@ -43,6 +43,11 @@ pub enum DatapathError {
     )]
     NoFreeSlot { ctid: Ctid, slots: u32 },
 
+    #[error(
+        "CT {ctid}: interface with ifindex {ifindex} is still attached: its counters cannot be cleared"
+    )]
+    StillAttached { ctid: Ctid, ifindex: u32 },
+
     #[error("class table")]
     Classes(#[from] super::classes::ClassesError),
 

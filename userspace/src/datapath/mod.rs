@@ -39,7 +39,9 @@
 //! the mapping is as persistent as the counters). When all [`berth_common::capacity::SLOTS`]
 //! slots are taken, the slot of a CT with no interface attached is reclaimed: its totals are
 //! first added to the `ARCHIVE` per-CPU hash (keyed by CTID), which every read includes, so
-//! totals never go back.
+//! totals never go back while the CT exists. Destroying a CT retires its counters
+//! (`retire.rs`): the caller records its totals (under the CT's UUID), then its slot is freed
+//! and its `ARCHIVE` and `DROPS` entries removed, so a new CT with the same CTID counts from 0.
 //!
 //! # What is counted
 //!
@@ -70,6 +72,7 @@ mod error;
 mod ifaces;
 mod map_values;
 mod migrate_v1;
+mod retire;
 mod settings;
 mod slots;
 mod view;
@@ -88,7 +91,8 @@ use berth_runtime::Ctid;
 use berth_runtime::error_chain::ErrorChain;
 pub use classes::{ClassEntry, ClassesError, format_networks_classes, parse_networks_classes};
 pub use error::{DatapathError, Result};
-use serde::Serialize;
+pub use retire::Retired;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 pub use view::DatapathView;
 
@@ -193,7 +197,7 @@ impl IfaceConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Delivered to the CT (host-side interface egress).
@@ -219,7 +223,7 @@ impl Direction {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
     /// Frames without an IP packet that passed (ARP).
@@ -246,7 +250,7 @@ impl Family {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     /// The CT sent from an address (IPv4, IPv6 or ARP sender) that is not its own.
@@ -289,7 +293,7 @@ impl DropReason {
 }
 
 /// Which bytes the traffic counters count (see the module docs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ByteLayer {
     /// The Ethernet frame (`skb->len`), equal to the interface statistics.
@@ -309,7 +313,7 @@ pub struct DatapathConfig {
 }
 
 /// One traffic counter row, summed over CPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterRow {
     pub ctid: u32,
     pub dir: Direction,
@@ -320,7 +324,7 @@ pub struct CounterRow {
 }
 
 /// One drop counter row, summed over CPUs. `bytes` are whole frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropRow {
     pub ctid: u32,
     pub dir: Direction,

@@ -83,7 +83,7 @@ impl Datapath {
         Ok(())
     }
 
-    fn zero_slot(&mut self, slot: u32) -> Result<()> {
+    pub(super) fn zero_slot(&mut self, slot: u32) -> Result<()> {
         let nr_cpus = nr_cpus()?;
         let zeros =
             PerCpuValues::try_from(vec![SlotCounters::default(); nr_cpus]).map_err(io_err(

@@ -106,7 +106,7 @@ pub use berth_runtime::shaping::{
     ClassRate, DEFAULT_MTU, MAX_PPS, MAX_RATE_BPS, Rate, ShapingChange, ShapingConfig,
     ShapingError, parse_optional_burst, parse_optional_rate,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tc::{HtbClass, handle};
 use tracing::{info, warn};
 
@@ -573,6 +573,73 @@ impl Shaper {
             }
         }
         Ok(bpf::remove_tree(&dir)?)
+    }
+}
+
+/// One of a CT's packet-rate (`pps`) or horizon drop counters, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapingDrop {
+    pub dir: Direction,
+    /// `pps`, `horizon`, or `unknown` (a reason this berth does not know).
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The shaper's `DROPS` key of (CTID, direction, reason): `ShaperDropKey`, little endian.
+fn drop_key_parts(key: u64) -> (u32, u8, u8) {
+    (key as u32, (key >> 32) as u8, (key >> 40) as u8)
+}
+
+impl Shaper {
+    /// CT `ctid`'s packet-rate and horizon drop counters.
+    pub fn drops_of(&self, ctid: Ctid) -> Result<Vec<ShapingDrop>> {
+        let path = self.dir.join("maps").join(map_names::DROPS);
+        let mut out = Vec::new();
+        for item in self.drops.iter() {
+            let (key, per_cpu) = item.map_err(map_err(map_names::DROPS, &path, "iterate"))?;
+            let (c, dir, reason) = drop_key_parts(key);
+            if c != ctid.get() {
+                continue;
+            }
+            out.push(ShapingDrop {
+                dir: if dir == DIR_OUT {
+                    Direction::Out
+                } else {
+                    Direction::In
+                },
+                reason: match reason {
+                    DROP_PPS => "pps",
+                    DROP_HORIZON => "horizon",
+                    _ => "unknown",
+                }
+                .to_owned(),
+                packets: per_cpu.iter().map(|v| v.packets).sum(),
+                bytes: per_cpu.iter().map(|v| v.bytes).sum(),
+            });
+        }
+        out.sort_by(|a, b| (a.dir, &a.reason).cmp(&(b.dir, &b.reason)));
+        Ok(out)
+    }
+
+    /// Removes CT `ctid`'s drop counters (its CTID may go to a new CT). Only for a CT whose
+    /// interfaces are no longer shaped.
+    pub fn clear_drops(&mut self, ctid: Ctid) -> Result<()> {
+        let path = self.dir.join("maps").join(map_names::DROPS);
+        let _lock = PinLock::take(&self.dir)?;
+        let keys: Vec<u64> = self
+            .drops
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| drop_key_parts(*k).0 == ctid.get())
+            .collect();
+        for k in keys {
+            match self.drops.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::DROPS, &path, "remove")(e).into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -62,9 +62,9 @@ pub fn restart(ctx: &mut Ctx, ct: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn destroy(ctx: &Ctx, ct: &str) -> Result<()> {
+pub fn destroy(ctx: &mut Ctx, ct: &str) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
-    container::destroy(&ctx.host, ctid)?;
+    container::destroy(&ctx.host, ctid, &mut ctx.hooks)?;
     ctx.print(json!({"ctid": ctid, "destroyed": true}), || {
         println!("CT {ctid} destroyed")
     });

@@ -21,6 +21,10 @@ pub fn status(ctx: &Ctx, ct: &str) -> Result<()> {
             (None, None) => String::new(),
         };
         println!("CT {ctid} {}{detail}", r.status.state);
+        match &r.status.uuid {
+            Some(u) => println!("uuid: {u}"),
+            None => println!("uuid: none yet (made by an older berth; the next start assigns one)"),
+        }
         match &r.status.userns {
             Some(u) => println!(
                 "unprivileged: CT ids 0..{} are host ids {}..{}",
