@@ -71,8 +71,10 @@ fn read_journal(p: &Path, ctid: Ctid) -> Result<Option<Journal>> {
 /// Makes stopped CT `ctid` privileged (`privileged`) or unprivileged, shifting the owners of
 /// its private files. Returns false when it already was.
 pub fn set_privileged(host: &Host, ctid: Ctid, privileged: bool) -> Result<bool> {
-    let mut cfg = CtConfig::load(host, ctid)?;
+    CtConfig::load(host, ctid)?;
     let _lock = lock(host, ctid)?;
+    // Read again under the lock: a start in between may have written it (its uuid).
+    let mut cfg = CtConfig::load(host, ctid)?;
     if running(host, ctid).is_some() {
         return Err(CtError::Invalid {
             ctid,
