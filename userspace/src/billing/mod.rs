@@ -5,9 +5,11 @@
 //! Every quantity is an integer: bytes and packets are `u64`, instants are Unix seconds (`i64`),
 //! a slot is named by its start, a multiple of [`SLOT_SECS`].
 pub mod book;
+pub mod csv;
 mod error;
 pub mod p95;
 pub mod period;
+pub mod store;
 #[cfg(test)]
 mod testrng;
 
@@ -15,6 +17,7 @@ pub use book::{Baseline, Booking, Checkpoint, Reading, SlotAdd, book};
 pub use error::BillingError;
 pub use p95::{P95Mode, P95Report, SlotSample, SlotWindow, bytes_to_bps, nearest_rank};
 pub use period::{BillingAnchor, Period, PeriodSpec};
+pub use store::{CtInfo, CtReading, Ledger, LedgerOptions, Report, SlotRow, TickSummary};
 
 /// Length of a billing slot: the 5-minute sample transit providers bill the 95th on.
 pub const SLOT_SECS: i64 = 300;

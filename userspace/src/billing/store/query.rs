@@ -1,0 +1,213 @@
+//! Reading the ledger back: slots, totals, reports, the sequence feed, and retention.
+use std::collections::BTreeMap;
+
+use rusqlite::params;
+
+use super::super::p95::P95Mode;
+use super::super::period::Period;
+use super::super::{BillingError, Counter, CounterKey, SLOT_SECS, SlotFlags};
+use super::{Ledger, Report, SlotRow, build_report, slot_index, sql_err};
+
+fn row(slot: i64, key: i64, bytes: i64, packets: i64, flags: i64, seq: i64) -> Option<SlotRow> {
+    Some(SlotRow {
+        slot_start: slot * SLOT_SECS,
+        key: CounterKey::from_code(u16::try_from(key).ok()?)?,
+        counter: Counter::new(bytes as u64, packets as u64),
+        flags: SlotFlags(u8::try_from(flags).ok()?),
+        seq,
+    })
+}
+
+impl Ledger {
+    /// The slot rows of a CT with `from <= slot_start < to`, oldest first.
+    pub fn slots(&self, uuid: &str, from: i64, to: i64) -> Result<Vec<SlotRow>, BillingError> {
+        let id = self.state(uuid)?.id;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT slot, key, bytes, packets, flags, seq FROM slot
+                 WHERE ct = ?1 AND slot >= ?2 AND slot < ?3 ORDER BY slot, key",
+            )
+            .map_err(self.sql("reading slots"))?;
+        let lo = (from + SLOT_SECS - 1).div_euclid(SLOT_SECS);
+        let hi = (to + SLOT_SECS - 1).div_euclid(SLOT_SECS);
+        let rows = stmt
+            .query_map(params![id, lo, hi], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .map_err(self.sql("reading slots"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (s, k, b, p, f, q) = r.map_err(self.sql("reading slots"))?;
+            out.push(row(s, k, b, p, f, q).ok_or_else(|| {
+                self.corrupt(
+                    "reading slots",
+                    format!("CT {uuid}: bad key {k} or flags {f}"),
+                )
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Slot rows changed by ticks after `after_seq`, in sequence order, at most `limit`: the
+    /// feed a fleet shipper pulls (`GET /v1/billing/slots?after_seq=N`). A row changed again
+    /// later reappears with its new sequence number and its full value (idempotent upsert).
+    pub fn slots_after_seq(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, SlotRow)>, BillingError> {
+        let uuids: std::collections::HashMap<i64, &str> = self
+            .cts
+            .values()
+            .map(|s| (s.id, s.info.uuid.as_str()))
+            .collect();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT ct, slot, key, bytes, packets, flags, seq FROM slot
+                 WHERE seq > ?1 ORDER BY seq, ct, slot, key LIMIT ?2",
+            )
+            .map_err(self.sql("reading the slot feed"))?;
+        let rows = stmt
+            .query_map(params![after_seq, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    (
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ),
+                ))
+            })
+            .map_err(self.sql("reading the slot feed"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (ct, (s, k, b, p, f, q)) = r.map_err(self.sql("reading the slot feed"))?;
+            let uuid = uuids.get(&ct).ok_or_else(|| {
+                self.corrupt(
+                    "reading the slot feed",
+                    format!("slot of unknown CT id {ct}"),
+                )
+            })?;
+            let slot = row(s, k, b, p, f, q).ok_or_else(|| {
+                self.corrupt("reading the slot feed", format!("bad key {k} or flags {f}"))
+            })?;
+            out.push((uuid.to_string(), slot));
+        }
+        Ok(out)
+    }
+
+    /// The exact totals of a CT for the period starting at `period_start`.
+    pub fn totals(
+        &self,
+        uuid: &str,
+        period_start: i64,
+    ) -> Result<BTreeMap<CounterKey, Counter>, BillingError> {
+        let id = self.state(uuid)?.id;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT key, bytes, packets FROM total WHERE ct = ?1 AND period_start = ?2",
+            )
+            .map_err(self.sql("reading totals"))?;
+        let rows = stmt
+            .query_map(params![id, period_start], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(self.sql("reading totals"))?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let (k, b, p) = r.map_err(self.sql("reading totals"))?;
+            let key = u16::try_from(k)
+                .ok()
+                .and_then(CounterKey::from_code)
+                .ok_or_else(|| self.corrupt("reading totals", format!("CT {uuid}: bad key {k}")))?;
+            out.insert(key, Counter::new(b as u64, p as u64));
+        }
+        Ok(out)
+    }
+
+    /// The bill of a CT for `period`: exact totals (kept for good) and the 95th over the slots
+    /// (available while the slots are retained), as of `now`.
+    pub fn report(
+        &self,
+        uuid: &str,
+        period: &Period,
+        mode: P95Mode,
+        commit_bps: Option<u64>,
+        now: i64,
+    ) -> Result<Report, BillingError> {
+        let ct = self.state(uuid)?.info.clone();
+        let totals = self.totals(uuid, period.start)?;
+        let rows = self.slots(uuid, period.start, period.end)?;
+        Ok(build_report(
+            ct, *period, totals, &rows, mode, commit_bps, now,
+        ))
+    }
+
+    /// The bill of every CT for the period holding `at` in each CT's own terms (billing day and
+    /// time zone), sorted by CTID then UUID.
+    pub fn report_all(
+        &self,
+        at: i64,
+        mode: P95Mode,
+        commit_bps: Option<u64>,
+        now: i64,
+    ) -> Result<Vec<Report>, BillingError> {
+        let mut out = Vec::with_capacity(self.cts.len());
+        for s in self.cts.values() {
+            let period = s.spec.period_of(at)?;
+            out.push(self.report(&s.info.uuid, &period, mode, commit_bps, now)?);
+        }
+        out.sort_by(|a, b| (a.ct.ctid, &a.ct.uuid).cmp(&(b.ct.ctid, &b.ct.uuid)));
+        Ok(out)
+    }
+
+    /// Deletes slot rows older than the current period (as of `now`) and the
+    /// `retention_periods` before it, per CT in its own terms. Totals stay. Returns rows deleted.
+    pub fn prune(&mut self, now: i64) -> Result<u64, BillingError> {
+        let mut cutoffs = Vec::with_capacity(self.cts.len());
+        for s in self.cts.values() {
+            let mut p = s.spec.period_of(now)?;
+            for _ in 0..self.options.retention_periods {
+                p = s.spec.prev(&p)?;
+            }
+            cutoffs.push((s.id, p.start));
+        }
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql_err(path, "pruning slots"))?;
+        let mut deleted = 0u64;
+        {
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM slot WHERE ct = ?1 AND slot < ?2")
+                .map_err(sql_err(path, "pruning slots"))?;
+            for (id, start) in cutoffs {
+                // A period start between slot boundaries keeps the slot it falls in.
+                let n = stmt
+                    .execute(params![id, slot_index(start)])
+                    .map_err(sql_err(path, "pruning slots"))?;
+                deleted += n as u64;
+            }
+        }
+        tx.commit().map_err(sql_err(path, "pruning slots"))?;
+        Ok(deleted)
+    }
+}
