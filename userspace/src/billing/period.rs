@@ -132,6 +132,12 @@ impl PeriodSpec {
         &self.tz_name
     }
 
+    /// `t` as RFC 3339 with this zone's offset at that instant (`2026-03-01T00:00:00+01:00`).
+    pub fn rfc3339(&self, t: i64) -> Result<String, BillingError> {
+        let ts = timestamp(t, &self.tz_name)?;
+        Ok(ts.display_with_offset(self.tz.to_offset(ts)).to_string())
+    }
+
     /// Start of the period named `year-month`: local midnight of the billing day, clamped to the
     /// month's last day. A midnight skipped by a DST change starts at the first instant after it.
     fn start_of(&self, year: i16, month: i8) -> Result<i64, BillingError> {

@@ -440,7 +440,7 @@ fn encode_counters(counters: &BTreeMap<CounterKey, Counter>) -> Vec<u8> {
 }
 
 fn decode_counters(blob: &[u8]) -> Option<BTreeMap<CounterKey, Counter>> {
-    if blob.len() % 18 != 0 {
+    if !blob.len().is_multiple_of(18) {
         return None;
     }
     blob.chunks_exact(18)

@@ -19,7 +19,7 @@ fn row(slot: i64, key: i64, bytes: i64, packets: i64, flags: i64, seq: i64) -> O
 }
 
 impl Ledger {
-    /// The slot rows of a CT with `from <= slot_start < to`, oldest first.
+    /// The slot rows of a CT overlapping `[from, to)`, oldest first.
     pub fn slots(&self, uuid: &str, from: i64, to: i64) -> Result<Vec<SlotRow>, BillingError> {
         let id = self.state(uuid)?.id;
         let mut stmt = self
@@ -29,7 +29,9 @@ impl Ledger {
                  WHERE ct = ?1 AND slot >= ?2 AND slot < ?3 ORDER BY slot, key",
             )
             .map_err(self.sql("reading slots"))?;
-        let lo = (from + SLOT_SECS - 1).div_euclid(SLOT_SECS);
+        // The slot holding `from` counts, as in `SlotWindow`: a period edge off the 5-minute
+        // grid (historic local mean time) shares its slot.
+        let lo = from.div_euclid(SLOT_SECS);
         let hi = (to + SLOT_SECS - 1).div_euclid(SLOT_SECS);
         let rows = stmt
             .query_map(params![id, lo, hi], |r| {

@@ -8,6 +8,16 @@ use super::super::period::Period;
 use super::super::{BillingError, Counter, CounterKey};
 use super::{CtReading, Ledger, TickSummary, encode_counters, slot_index, sql_err};
 
+/// One CT's booking in a tick: its id, UUID, booking, (period start, key, delta) totals and the
+/// period its last addition fell in.
+type Booked<'a> = (
+    i64,
+    &'a str,
+    Booking,
+    Vec<(i64, CounterKey, Counter)>,
+    Option<Period>,
+);
+
 impl Ledger {
     /// Books one reading per CT in one transaction. Unknown CTs are rejected before anything is
     /// written. The in-memory checkpoints change only after the commit succeeded, so a failed
@@ -22,13 +32,7 @@ impl Ledger {
             ..TickSummary::default()
         };
         // Booked first (pure), written second: per CT its id, booking and the periods it touched.
-        let mut booked: Vec<(
-            i64,
-            &str,
-            Booking,
-            Vec<(i64, CounterKey, Counter)>,
-            Option<Period>,
-        )> = Vec::with_capacity(readings.len());
+        let mut booked: Vec<Booked<'_>> = Vec::with_capacity(readings.len());
         for r in readings {
             let state = &self.cts[&r.uuid];
             let b = book(state.checkpoint.as_ref(), &r.reading, r.first);
