@@ -29,6 +29,8 @@ pub enum BillingError {
     Uuid(String),
     #[error("CT {0} is not registered in the billing ledger")]
     UnknownCt(String),
+    #[error("tick has two readings of CT {0}")]
+    DuplicateReading(String),
     #[error("billing ledger {path}: {op}")]
     Sql {
         path: PathBuf,

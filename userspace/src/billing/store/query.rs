@@ -58,56 +58,77 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Slot rows changed by ticks after `after_seq`, in sequence order, at most `limit`: the
-    /// feed a fleet shipper pulls (`GET /v1/billing/slots?after_seq=N`). A row changed again
-    /// later reappears with its new sequence number and its full value (idempotent upsert).
+    /// Slot rows changed by ticks after `after_seq`, in (seq, CT id, slot, key) order: the feed
+    /// a fleet shipper pulls (`GET /v1/billing/slots?after_seq=N`). At most `limit` rows, except
+    /// that one tick's rows are never split, so the last row's seq is the next `after_seq`. A row
+    /// changed again later reappears with its new seq and its full value (an idempotent upsert).
     pub fn slots_after_seq(
         &self,
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<(String, SlotRow)>, BillingError> {
-        let uuids: std::collections::HashMap<i64, &str> = self
-            .cts
-            .values()
-            .map(|s| (s.id, s.info.uuid.as_str()))
-            .collect();
+        let op = "reading the slot feed";
+        let (min_slot, oldest): (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT min(min_slot) FROM tick WHERE seq > ?1), (SELECT min(seq) FROM tick)",
+                [after_seq],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.sql(op))?;
+        let Some(mut min_slot) = min_slot else {
+            return Ok(Vec::new());
+        };
+        if oldest.is_some_and(|o| after_seq + 1 < o) {
+            // Tick records before `oldest` were pruned with their slots: look at every row kept.
+            min_slot = i64::MIN;
+        }
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT ct, slot, key, bytes, packets, flags, seq FROM slot
-                 WHERE seq > ?1 ORDER BY seq, ct, slot, key LIMIT ?2",
+                "SELECT slot, key, bytes, packets, flags, seq FROM slot
+                 WHERE ct = ?1 AND slot >= ?2 AND seq > ?3",
             )
-            .map_err(self.sql("reading the slot feed"))?;
-        let rows = stmt
-            .query_map(params![after_seq, limit], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    (
+            .map_err(self.sql(op))?;
+        let mut out: Vec<(i64, String, SlotRow)> = Vec::new();
+        for s in self.cts.values() {
+            let rows = stmt
+                .query_map(params![s.id, min_slot, after_seq], |r| {
+                    Ok((
+                        r.get(0)?,
                         r.get(1)?,
                         r.get(2)?,
                         r.get(3)?,
                         r.get(4)?,
                         r.get(5)?,
-                        r.get(6)?,
-                    ),
-                ))
-            })
-            .map_err(self.sql("reading the slot feed"))?;
-        let mut out = Vec::new();
-        for r in rows {
-            let (ct, (s, k, b, p, f, q)) = r.map_err(self.sql("reading the slot feed"))?;
-            let uuid = uuids.get(&ct).ok_or_else(|| {
-                self.corrupt(
-                    "reading the slot feed",
-                    format!("slot of unknown CT id {ct}"),
-                )
-            })?;
-            let slot = row(s, k, b, p, f, q).ok_or_else(|| {
-                self.corrupt("reading the slot feed", format!("bad key {k} or flags {f}"))
-            })?;
-            out.push((uuid.to_string(), slot));
+                    ))
+                })
+                .map_err(self.sql(op))?;
+            for r in rows {
+                let (sl, k, b, p, f, q) = r.map_err(self.sql(op))?;
+                let slot = row(sl, k, b, p, f, q).ok_or_else(|| {
+                    self.corrupt(op, format!("CT {}: bad key {k} or flags {f}", s.info.uuid))
+                })?;
+                out.push((s.id, s.info.uuid.clone(), slot));
+            }
         }
-        Ok(out)
+        out.sort_by_key(|(id, _, r)| (r.seq, *id, r.slot_start, r.key.code()));
+        if let Some(cut) = out.get(limit as usize).map(|(_, _, r)| r.seq) {
+            // Keep whole ticks: drop the tick the limit falls in, unless it is the first one.
+            let start = out
+                .iter()
+                .position(|(_, _, r)| r.seq == cut)
+                .unwrap_or(out.len());
+            let end = if start == 0 {
+                out.iter()
+                    .position(|(_, _, r)| r.seq != cut)
+                    .unwrap_or(out.len())
+            } else {
+                start
+            };
+            out.truncate(end);
+        }
+        Ok(out.into_iter().map(|(_, u, r)| (u, r)).collect())
     }
 
     /// The exact totals of a CT for the period starting at `period_start`.
@@ -192,11 +213,16 @@ impl Ledger {
             cutoffs.push((s.id, p.start));
         }
         let path = &self.path;
+        let oldest_kept = cutoffs.iter().map(|(_, start)| slot_index(*start)).min();
         let tx = self
             .conn
             .transaction()
             .map_err(sql_err(path, "pruning slots"))?;
         let mut deleted = 0u64;
+        if let Some(oldest) = oldest_kept {
+            tx.execute("DELETE FROM tick WHERE min_slot < ?1", [oldest])
+                .map_err(sql_err(path, "pruning tick records"))?;
+        }
         {
             let mut stmt = tx
                 .prepare_cached("DELETE FROM slot WHERE ct = ?1 AND slot < ?2")

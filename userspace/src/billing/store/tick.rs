@@ -23,8 +23,13 @@ impl Ledger {
     /// written. The in-memory checkpoints change only after the commit succeeded, so a failed
     /// tick can simply be repeated with fresh readings.
     pub fn tick(&mut self, readings: &[CtReading]) -> Result<TickSummary, BillingError> {
+        let mut seen = std::collections::HashSet::with_capacity(readings.len());
         for r in readings {
             self.state(&r.uuid)?;
+            // A second reading would be booked against the same stale checkpoint: counted twice.
+            if !seen.insert(r.uuid.as_str()) {
+                return Err(BillingError::DuplicateReading(r.uuid.clone()));
+            }
         }
         let seq = self.seq + 1;
         let mut summary = TickSummary {
@@ -126,6 +131,17 @@ impl Ledger {
                         .execute(params![id, p, k.code(), c.bytes as i64, c.packets as i64])
                         .map_err(sql_err(&self.path, "writing a period total"))?;
                 }
+            }
+            let min_slot = booked
+                .iter()
+                .flat_map(|(_, _, b, _, _)| b.adds.iter().map(|a| slot_index(a.slot_start)))
+                .min();
+            if let Some(min_slot) = min_slot {
+                tx.execute(
+                    "INSERT INTO tick (seq, min_slot) VALUES (?1, ?2)",
+                    [seq, min_slot],
+                )
+                .map_err(sql_err(&self.path, "recording the tick"))?;
             }
             tx.execute("UPDATE meta SET v = ?1 WHERE k = 'seq'", [seq])
                 .map_err(sql_err(&self.path, "advancing the sequence"))?;
