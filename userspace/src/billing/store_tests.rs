@@ -488,10 +488,13 @@ fn counter_blob_round_trips_and_rejects_garbage() {
 #[ignore = "measurement (minutes in a debug build): run in release with --ignored --nocapture"]
 fn measure_1000_cts_a_day_of_slots() {
     use nix::sys::resource::{UsageWho, getrusage};
-    fn cpu() -> std::time::Duration {
+    /// (user, system) CPU time of this thread.
+    fn cpu() -> (std::time::Duration, std::time::Duration) {
         let u = getrusage(UsageWho::RUSAGE_THREAD).unwrap();
-        let us = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
-        std::time::Duration::from_micros(us(u.user_time()) + us(u.system_time()))
+        let us = |t: nix::sys::time::TimeVal| {
+            std::time::Duration::from_micros(t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64)
+        };
+        (us(u.user_time()), us(u.system_time()))
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
@@ -509,6 +512,7 @@ fn measure_1000_cts_a_day_of_slots() {
     let mut rng = super::super::testrng::Rng::new(1);
     let mut truth = vec![[0u64; 4]; cts as usize];
     let mut ticks = Vec::new();
+    let mut user = std::time::Duration::ZERO;
     // One day at a 30 s tick: 2880 ticks, 288 slots × 4 keys per CT (BILLING_MEASURE_TICKS
     // shortens the run when only the tick cost is wanted).
     let n_ticks: i64 = std::env::var("BILLING_MEASURE_TICKS")
@@ -533,7 +537,9 @@ fn measure_1000_cts_a_day_of_slots() {
             .collect();
         let before = cpu();
         l.tick(&rs).unwrap();
-        ticks.push(cpu() - before);
+        let after = cpu();
+        ticks.push(after.0 + after.1 - before.0 - before.1);
+        user += after.0 - before.0;
     }
     drop(l);
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -555,6 +561,7 @@ fn measure_1000_cts_a_day_of_slots() {
             |r| r.get(0),
         )
         .unwrap_or(-1);
+    let all: std::time::Duration = ticks.iter().sum();
     ticks.sort();
     println!(
         "billing ledger: {rows} slot rows, file {} bytes = {:.1} bytes/row (slot table + seq index {:.1} bytes/row)",
@@ -563,7 +570,9 @@ fn measure_1000_cts_a_day_of_slots() {
         slot_bytes as f64 / rows as f64
     );
     println!(
-        "tick of {cts} CTs, CPU: median {:?}, p95 {:?}, max {:?} over {} ticks",
+        "tick of {cts} CTs, CPU (user+system): mean {:?} ({:.0} % user), median {:?}, p95 {:?}, max {:?} over {} ticks",
+        all / ticks.len() as u32,
+        100.0 * user.as_secs_f64() / all.as_secs_f64(),
         ticks[ticks.len() / 2],
         ticks[ticks.len() * 95 / 100],
         ticks[ticks.len() - 1],
