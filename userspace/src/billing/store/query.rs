@@ -55,10 +55,19 @@ impl Ledger {
                 )
             })?);
         }
+        // Open rows are never in the table too: they are newer than every flushed slot.
+        let state = self.state(uuid)?;
+        out.extend(
+            state
+                .open
+                .iter()
+                .filter(|o| o.slot_start >= lo * SLOT_SECS && o.slot_start < hi * SLOT_SECS),
+        );
         Ok(out)
     }
 
-    /// Slot rows changed by ticks after `after_seq`, in (seq, CT id, slot, key) order: the feed
+    /// Slot rows changed by ticks after `after_seq` (a CT's open rows carry the seq of the tick
+    /// that last changed any of them), in (seq, CT id, slot, key) order: the feed
     /// a fleet shipper pulls (`GET /v1/billing/slots?after_seq=N`). At most `limit` rows, except
     /// that one tick's rows are never split, so the last row's seq is the next `after_seq`. A row
     /// changed again later reappears with its new seq and its full value (an idempotent upsert).
@@ -76,9 +85,8 @@ impl Ledger {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(self.sql(op))?;
-        let Some(mut min_slot) = min_slot else {
-            return Ok(Vec::new());
-        };
+        // No tick record after `after_seq`: only open rows can have changed.
+        let mut min_slot = min_slot.unwrap_or(i64::MAX);
         if oldest.is_some_and(|o| after_seq + 1 < o) {
             // Tick records before `oldest` were pruned with their slots: look at every row kept.
             min_slot = i64::MIN;
@@ -110,6 +118,9 @@ impl Ledger {
                     self.corrupt(op, format!("CT {}: bad key {k} or flags {f}", s.info.uuid))
                 })?;
                 out.push((s.id, s.info.uuid.clone(), slot));
+            }
+            if s.open_seq > after_seq {
+                out.extend(s.open.iter().map(|o| (s.id, s.info.uuid.clone(), *o)));
             }
         }
         out.sort_by_key(|(id, _, r)| (r.seq, *id, r.slot_start, r.key.code()));
@@ -153,7 +164,7 @@ impl Ledger {
                 ))
             })
             .map_err(self.sql("reading totals"))?;
-        let mut out = BTreeMap::new();
+        let mut out: BTreeMap<CounterKey, Counter> = BTreeMap::new();
         for r in rows {
             let (k, b, p) = r.map_err(self.sql("reading totals"))?;
             let key = u16::try_from(k)
@@ -161,6 +172,16 @@ impl Ledger {
                 .and_then(CounterKey::from_code)
                 .ok_or_else(|| self.corrupt("reading totals", format!("CT {uuid}: bad key {k}")))?;
             out.insert(key, Counter::new(b as u64, p as u64));
+        }
+        let state = self.state(uuid)?;
+        for o in &state.open {
+            if o.counter != Counter::default()
+                && state.spec.period_of(o.slot_start)?.start == period_start
+            {
+                let t = out.entry(o.key).or_default();
+                t.bytes += o.counter.bytes;
+                t.packets += o.counter.packets;
+            }
         }
         Ok(out)
     }
