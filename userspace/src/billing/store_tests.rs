@@ -623,6 +623,12 @@ fn measure_1000_cts_a_day_of_slots() {
         ticks.push(after.0 + after.1 - before.0 - before.1);
         user += after.0 - before.0;
     }
+    let started = std::time::Instant::now();
+    let reports = l
+        .report_all(MAR1 + 100, P95Mode::Max, None, MAR1 + 86400)
+        .unwrap();
+    let report_all = started.elapsed();
+    assert_eq!(reports.len(), cts as usize);
     drop(l);
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -659,5 +665,14 @@ fn measure_1000_cts_a_day_of_slots() {
         ticks[ticks.len() * 95 / 100],
         ticks[ticks.len() - 1],
         ticks.len()
+    );
+    println!("report_all over that day (month period, n = slots so far): {report_all:?} wall");
+    let over = ticks
+        .iter()
+        .filter(|t| **t > std::time::Duration::from_millis(20))
+        .count();
+    println!(
+        "ticks over 20 ms of CPU: {over}; slowest five: {:?}",
+        &ticks[ticks.len() - 5..]
     );
 }
