@@ -1,12 +1,12 @@
 //! Reading the ledger back: slots, totals, reports, the sequence feed, and retention.
 use std::collections::BTreeMap;
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::super::p95::P95Mode;
 use super::super::period::Period;
 use super::super::{BillingError, Counter, CounterKey, SLOT_SECS, SlotFlags};
-use super::{Ledger, Report, SlotRow, build_report, slot_index, sql_err};
+use super::{Ledger, Report, SlotRow, build_report, decode_open, slot_index, sql_err};
 
 fn row(slot: i64, key: i64, bytes: i64, packets: i64, flags: i64, seq: i64) -> Option<SlotRow> {
     Some(SlotRow {
@@ -19,8 +19,40 @@ fn row(slot: i64, key: i64, bytes: i64, packets: i64, flags: i64, seq: i64) -> O
 }
 
 impl Ledger {
+    /// One read transaction: a reader in another process (the CLI) sees one committed state,
+    /// never a row both in a checkpoint's open rows and, flushed meanwhile, in the slot table.
+    fn snapshot(&self) -> Result<rusqlite::Transaction<'_>, BillingError> {
+        self.conn
+            .unchecked_transaction()
+            .map_err(self.sql("starting a read"))
+    }
+
+    /// A CT's open rows as committed (the writer's memory holds the same; a reader's may be
+    /// older).
+    fn open_rows(&self, id: i64) -> Result<(Vec<SlotRow>, i64), BillingError> {
+        let op = "reading open slot rows";
+        let got: Option<(Vec<u8>, i64)> = self
+            .conn
+            .prepare_cached("SELECT open, open_seq FROM checkpoint WHERE ct = ?1")
+            .map_err(self.sql(op))?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(self.sql(op))?;
+        match got {
+            None => Ok((Vec::new(), 0)),
+            Some((blob, seq)) => decode_open(&blob, seq)
+                .map(|rows| (rows, seq))
+                .ok_or_else(|| self.corrupt(op, format!("CT id {id}: bad open-slot blob"))),
+        }
+    }
+
     /// The slot rows of a CT overlapping `[from, to)`, oldest first.
     pub fn slots(&self, uuid: &str, from: i64, to: i64) -> Result<Vec<SlotRow>, BillingError> {
+        let _read = self.snapshot()?;
+        self.slots_in(uuid, from, to)
+    }
+
+    fn slots_in(&self, uuid: &str, from: i64, to: i64) -> Result<Vec<SlotRow>, BillingError> {
         let id = self.state(uuid)?.id;
         let mut stmt = self
             .conn
@@ -56,11 +88,9 @@ impl Ledger {
             })?);
         }
         // Open rows are never in the table too: they are newer than every flushed slot.
-        let state = self.state(uuid)?;
+        let (open, _) = self.open_rows(id)?;
         out.extend(
-            state
-                .open
-                .iter()
+            open.into_iter()
                 .filter(|o| o.slot_start >= lo * SLOT_SECS && o.slot_start < hi * SLOT_SECS),
         );
         Ok(out)
@@ -77,6 +107,7 @@ impl Ledger {
         limit: u32,
     ) -> Result<Vec<(String, SlotRow)>, BillingError> {
         let op = "reading the slot feed";
+        let _read = self.snapshot()?;
         let (min_slot, oldest): (Option<i64>, Option<i64>) = self
             .conn
             .query_row(
@@ -119,8 +150,9 @@ impl Ledger {
                 })?;
                 out.push((s.id, s.info.uuid.clone(), slot));
             }
-            if s.open_seq > after_seq {
-                out.extend(s.open.iter().map(|o| (s.id, s.info.uuid.clone(), *o)));
+            let (open, open_seq) = self.open_rows(s.id)?;
+            if open_seq > after_seq {
+                out.extend(open.into_iter().map(|o| (s.id, s.info.uuid.clone(), o)));
             }
         }
         out.sort_by_key(|(id, _, r)| (r.seq, *id, r.slot_start, r.key.code()));
@@ -144,6 +176,15 @@ impl Ledger {
 
     /// The exact totals of a CT for the period starting at `period_start`.
     pub fn totals(
+        &self,
+        uuid: &str,
+        period_start: i64,
+    ) -> Result<BTreeMap<CounterKey, Counter>, BillingError> {
+        let _read = self.snapshot()?;
+        self.totals_in(uuid, period_start)
+    }
+
+    fn totals_in(
         &self,
         uuid: &str,
         period_start: i64,
@@ -174,7 +215,7 @@ impl Ledger {
             out.insert(key, Counter::new(b as u64, p as u64));
         }
         let state = self.state(uuid)?;
-        for o in &state.open {
+        for o in &self.open_rows(state.id)?.0 {
             if o.counter != Counter::default()
                 && state.spec.period_of(o.slot_start)?.start == period_start
             {
@@ -196,9 +237,21 @@ impl Ledger {
         commit_bps: Option<u64>,
         now: i64,
     ) -> Result<Report, BillingError> {
+        let _read = self.snapshot()?;
+        self.report_in(uuid, period, mode, commit_bps, now)
+    }
+
+    fn report_in(
+        &self,
+        uuid: &str,
+        period: &Period,
+        mode: P95Mode,
+        commit_bps: Option<u64>,
+        now: i64,
+    ) -> Result<Report, BillingError> {
         let ct = self.state(uuid)?.info.clone();
-        let totals = self.totals(uuid, period.start)?;
-        let rows = self.slots(uuid, period.start, period.end)?;
+        let totals = self.totals_in(uuid, period.start)?;
+        let rows = self.slots_in(uuid, period.start, period.end)?;
         Ok(build_report(
             ct, *period, totals, &rows, mode, commit_bps, now,
         ))
@@ -213,10 +266,11 @@ impl Ledger {
         commit_bps: Option<u64>,
         now: i64,
     ) -> Result<Vec<Report>, BillingError> {
+        let _read = self.snapshot()?;
         let mut out = Vec::with_capacity(self.cts.len());
         for s in self.cts.values() {
             let period = s.spec.period_of(at)?;
-            out.push(self.report(&s.info.uuid, &period, mode, commit_bps, now)?);
+            out.push(self.report_in(&s.info.uuid, &period, mode, commit_bps, now)?);
         }
         out.sort_by(|a, b| (a.ct.ctid, &a.ct.uuid).cmp(&(b.ct.ctid, &b.ct.uuid)));
         Ok(out)
