@@ -181,6 +181,9 @@ impl Ledger {
             move |source| BillingError::Sql { path, op, source }
         };
         let conn = Connection::open(path).map_err(sql("opening"))?;
+        // berthd writes while the CLI reads: wait out the other's short locks instead of failing.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql("setting the busy timeout"))?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(sql("switching to WAL"))?;
