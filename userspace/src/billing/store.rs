@@ -530,21 +530,30 @@ fn decode_counters(blob: &[u8]) -> Option<BTreeMap<CounterKey, Counter>> {
         .collect()
 }
 
-/// Sums per-key slot rows into per-slot samples for the 95th (all classes and families).
+/// Sums per-key slot rows into per-slot samples for the 95th (all classes and families). Rows
+/// come sorted by slot (the slot table's key order, then the newer open rows), so neighbours
+/// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
+/// duplicates).
 fn samples(rows: &[SlotRow]) -> Vec<SlotSample> {
-    let mut by_slot: BTreeMap<i64, SlotSample> = BTreeMap::new();
+    let mut out: Vec<SlotSample> = Vec::new();
     for r in rows {
-        let s = by_slot.entry(r.slot_start).or_insert(SlotSample {
-            start: r.slot_start,
-            ..SlotSample::default()
-        });
+        let s = match out.last_mut() {
+            Some(s) if s.start == r.slot_start => s,
+            _ => {
+                out.push(SlotSample {
+                    start: r.slot_start,
+                    ..SlotSample::default()
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
         match r.key.direction {
             Direction::In => s.in_bytes = s.in_bytes.saturating_add(r.counter.bytes),
             Direction::Out => s.out_bytes = s.out_bytes.saturating_add(r.counter.bytes),
         }
         s.estimated |= r.flags.contains(SlotFlags::ESTIMATED);
     }
-    by_slot.into_values().collect()
+    out
 }
 
 /// The report of one CT for `period` from its slot rows and totals (shared with the CSV
