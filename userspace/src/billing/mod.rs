@@ -7,6 +7,7 @@
 pub mod book;
 pub mod csv;
 mod error;
+pub mod feed;
 pub mod p95;
 pub mod period;
 pub mod store;

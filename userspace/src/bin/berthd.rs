@@ -1,5 +1,8 @@
 //! `berthd`: serves every CT's traffic and cgroup counters to Prometheus.
 //!
+//! With the billing ledger (`--ledger`, default `<root>/billing.db`) it also reads the counters
+//! every `--tick` seconds and books them (berth::billing::feed), with a final tick on SIGTERM.
+//!
 //! `GET /metrics` reads the pinned eBPF maps and the cgroup files at request time (Prometheus
 //! text format, OpenMetrics when the `Accept` header prefers it); `GET /healthz` answers
 //! `ok` while the daemon serves. berthd only reads: it never loads or attaches programs and
@@ -17,6 +20,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use berth::{
+    billing::{Ledger, LedgerOptions, feed::Feeder},
     datapath::DEFAULT_PIN_DIR,
     metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, expose},
 };
@@ -57,6 +61,12 @@ struct Args {
     /// bpffs directory the datapath is pinned under.
     #[arg(long, env = "BERTH_BPFFS", default_value = DEFAULT_PIN_DIR)]
     bpffs: PathBuf,
+    /// Billing ledger (SQLite). Default: <root>/billing.db.
+    #[arg(long, env = "BERTHD_LEDGER")]
+    ledger: Option<PathBuf>,
+    /// Seconds between two readings of the counters into the ledger (10–300).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(10..=300))]
+    tick: u64,
     /// More logging on stderr (-v debug). BERTH_LOG takes tracing filter syntax.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -144,6 +154,13 @@ async fn serve(args: Args) -> Result<()> {
         scrape: Mutex::new(()),
     });
 
+    let ledger_path = args
+        .ledger
+        .clone()
+        .unwrap_or_else(|| host.root.join("billing.db"));
+    let feeder = open_feeder(host.clone(), args.bpffs.clone(), ledger_path).await?;
+    let ticker = tokio::spawn(tick_loop(feeder.clone(), Duration::from_secs(args.tick)));
+
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -187,7 +204,68 @@ async fn serve(args: Args) -> Result<()> {
         });
     }
     info!("berthd stopping");
+    ticker.abort();
+    // The ticker may be inside a tick: the lock waits for it, then the final one books up to now.
+    tick_once(feeder).await;
     Ok(())
+}
+
+type SharedFeeder = Arc<std::sync::Mutex<Feeder>>;
+
+async fn open_feeder(host: Host, pin_dir: PathBuf, path: PathBuf) -> Result<SharedFeeder> {
+    let f = tokio::task::spawn_blocking(move || -> Result<Feeder> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the ledger's directory {}", dir.display()))?;
+        }
+        let ledger = Ledger::open(&path, LedgerOptions::default())
+            .with_context(|| format!("opening the billing ledger {}", path.display()))?;
+        info!(ledger = %path.display(), cts = ledger.cts().count(), seq = ledger.seq(), "billing ledger open");
+        Ok(Feeder::new(host, pin_dir, ledger))
+    })
+    .await
+    .context("opening the billing ledger: task failed")??;
+    Ok(Arc::new(std::sync::Mutex::new(f)))
+}
+
+/// One tick on a blocking thread; a failed tick is logged and retried at the next one (the
+/// ledger re-derives every delta from its last committed checkpoint, so nothing is lost).
+async fn tick_once(feeder: SharedFeeder) {
+    let res = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut f = feeder.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f.tick(now);
+        (r, t0.elapsed())
+    })
+    .await;
+    match res {
+        Ok((Ok(s), took)) => debug!(
+            cts = s.cts,
+            registered = s.registered,
+            retired = s.retired,
+            no_uuid = s.skipped_no_uuid,
+            seq = s.tick.seq,
+            slot_rows = s.tick.slot_rows,
+            anomalies = s.tick.anomalies,
+            ?took,
+            "billing tick"
+        ),
+        Ok((Err(e), _)) => warn!(error = %ErrorChain(&e), "billing tick failed"),
+        Err(e) => warn!(error = %e, "billing tick task failed"),
+    }
+}
+
+async fn tick_loop(feeder: SharedFeeder, every: Duration) {
+    let mut iv = tokio::time::interval(every);
+    // After a stall, one tick books the whole gap: no burst of catch-up ticks.
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        iv.tick().await;
+        tick_once(feeder.clone()).await;
+    }
 }
 
 fn main() -> ExitCode {

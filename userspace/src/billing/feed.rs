@@ -1,0 +1,283 @@
+//! Feeding the ledger from the datapath: one read of the pinned counters per tick, keyed by the
+//! CTs' UUIDs, with the final counters of CTs destroyed since the last tick booked from their
+//! retired records (berthd calls [`Feeder::tick`] every `--tick` seconds and on SIGTERM).
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use berth_common::map_names;
+use berth_runtime::config::{ConfigError, CtConfig, Host};
+use tracing::{debug, warn};
+
+use super::{
+    BillingAnchor, BillingError, Counter, CounterKey, CtInfo, CtReading, Direction, Family,
+    Ledger, Reading, TickSummary,
+};
+use crate::bpf::maps_pinned;
+use crate::datapath::{self, CounterRow, DatapathError, DatapathView, Retired};
+
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Errors of one feed tick; each names what was read.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    Ledger(#[from] BillingError),
+    #[error("reading the datapath counters under {0}")]
+    Counters(PathBuf, #[source] DatapathError),
+    #[error("reading the CT configs")]
+    Configs(#[source] ConfigError),
+    #[error("reading {0}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("{path}: {detail}")]
+    Bad { path: PathBuf, detail: String },
+    #[error("reading the map info of {0}")]
+    MapInfo(PathBuf, #[source] aya::maps::MapError),
+}
+
+/// The counter generation of the datapath pinned under `pin_dir`, `None` when none is pinned.
+///
+/// The kernel counters restart from zero exactly when the `COUNTERS`/`ARCHIVE` maps are created
+/// anew: after a reboot (a new boot id) or, within one boot, when the pins were removed and the
+/// next start loaded fresh maps. The kernel gives every map a new id at creation (ids are
+/// allocated cyclically from an IDR and are not reused while a map lives, kernel/bpf/syscall.c
+/// `bpf_map_alloc_id`), and ids restart after a reboot, which the boot id tells apart. So the
+/// epoch is the boot id folded to 32 bits in the high half and the `COUNTERS` map id in the low
+/// half. A generation number written next to the pins would also work, but the pins are exactly
+/// what a reboot or a cleanup removes, and this needs no writer.
+pub fn counter_epoch(pin_dir: &Path) -> Result<Option<u64>, FeedError> {
+    let maps = pin_dir.join("maps");
+    if !maps_pinned(&maps, &map_names::ALL) {
+        return Ok(None);
+    }
+    let boot = boot_id_hash()?;
+    let path = maps.join(map_names::COUNTERS);
+    let info =
+        aya::maps::MapInfo::from_pin(&path).map_err(|e| FeedError::MapInfo(path.clone(), e))?;
+    Ok(Some((u64::from(boot) << 32) | u64::from(info.id())))
+}
+
+fn boot_id_hash() -> Result<u32, FeedError> {
+    let path = PathBuf::from(BOOT_ID);
+    let text = std::fs::read_to_string(&path).map_err(|e| FeedError::Io(path.clone(), e))?;
+    let id = uuid::Uuid::parse_str(text.trim()).map_err(|e| FeedError::Bad {
+        path: path.clone(),
+        detail: format!("not a UUID: {e}"),
+    })?;
+    let v = id.as_u128();
+    let folded = (v >> 64) as u64 ^ v as u64;
+    Ok((folded >> 32) as u32 ^ folded as u32)
+}
+
+fn key_of(r: &CounterRow) -> CounterKey {
+    let direction = match r.dir {
+        datapath::Direction::In => Direction::In,
+        datapath::Direction::Out => Direction::Out,
+    };
+    // Frames without an IP packet (ARP, the only non-IP ethertype that passes) are IPv4's
+    // neighbour resolution: billed with IPv4 so that every counted byte is billed.
+    let family = match r.family {
+        datapath::Family::V6 => Family::V6,
+        datapath::Family::V4 | datapath::Family::Other => Family::V4,
+    };
+    CounterKey::new(direction, r.class, family)
+}
+
+/// Sums counter rows per CTID and billing key.
+pub fn group_rows(rows: &[CounterRow]) -> HashMap<u32, BTreeMap<CounterKey, Counter>> {
+    let mut out: HashMap<u32, BTreeMap<CounterKey, Counter>> = HashMap::new();
+    for r in rows {
+        let c = out
+            .entry(r.ctid)
+            .or_default()
+            .entry(key_of(r))
+            .or_default();
+        c.bytes += r.bytes;
+        c.packets += r.packets;
+    }
+    out
+}
+
+/// One consistent read: the epoch did not change while the counters were read.
+struct Snapshot {
+    epoch: u64,
+    by_ct: HashMap<u32, BTreeMap<CounterKey, Counter>>,
+}
+
+fn read_snapshot(pin_dir: &Path) -> Result<Option<Snapshot>, FeedError> {
+    let Some(before) = counter_epoch(pin_dir)? else {
+        return Ok(None);
+    };
+    let err = |e| FeedError::Counters(pin_dir.to_path_buf(), e);
+    let Some(view) = DatapathView::open_pinned(pin_dir).map_err(err)? else {
+        return Ok(None);
+    };
+    let rows = view.counters().map_err(err)?;
+    drop(view);
+    if counter_epoch(pin_dir)? != Some(before) {
+        // The maps were re-created under us: the rows may be of either generation.
+        debug!("datapath maps re-created during the read; skipping this tick");
+        return Ok(None);
+    }
+    Ok(Some(Snapshot {
+        epoch: before,
+        by_ct: group_rows(&rows),
+    }))
+}
+
+/// What one feed tick did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FeedSummary {
+    pub cts: usize,
+    pub registered: usize,
+    pub retired: usize,
+    pub skipped_no_uuid: usize,
+    pub tick: TickSummary,
+}
+
+/// The ledger and where its counters come from.
+pub struct Feeder {
+    pub host: Host,
+    pub pin_dir: PathBuf,
+    pub ledger: Ledger,
+    /// Epoch of the last booked reading, for the retired records of destroyed CTs.
+    last_epoch: Option<u64>,
+}
+
+impl Feeder {
+    pub fn new(host: Host, pin_dir: PathBuf, ledger: Ledger) -> Feeder {
+        Feeder {
+            host,
+            pin_dir,
+            ledger,
+            last_epoch: None,
+        }
+    }
+
+    /// Reads the counters once and books them at `now` (Unix seconds) in one ledger transaction.
+    /// CTs destroyed since the last tick get their retired record booked, then are marked
+    /// destroyed.
+    pub fn tick(&mut self, now: i64) -> Result<FeedSummary, FeedError> {
+        let mut summary = FeedSummary::default();
+        // A ledger that has never ticked is being installed on a running node: counters of CTs
+        // it has not seen before have a history it did not watch, so only what follows is
+        // booked. Afterwards a new CT's counters start at 0 with it (a reused CTID is cleared
+        // at destroy), so everything they hold is its traffic.
+        let first = if self.ledger.seq() == 0 {
+            super::Baseline::Current
+        } else {
+            super::Baseline::Zero
+        };
+        let snap = read_snapshot(&self.pin_dir)?;
+        let mut alive: HashSet<String> = HashSet::new();
+        let mut readings = Vec::new();
+        for ctid in self.host.list_ctids().map_err(FeedError::Configs)? {
+            let cfg = match CtConfig::load(&self.host, ctid) {
+                Ok(c) => c,
+                // Destroyed between the listing and the read.
+                Err(ConfigError::NotFound(_)) => continue,
+                Err(e) => return Err(FeedError::Configs(e)),
+            };
+            let Some(uuid) = cfg.uuid else {
+                debug!(%ctid, "CT has no UUID yet (assigned at its first start): not billed yet");
+                summary.skipped_no_uuid += 1;
+                continue;
+            };
+            let uuid = uuid.hyphenated().to_string();
+            let known = self.ledger.ct(&uuid).ok().cloned();
+            if known.as_ref().is_none_or(|k| k.ctid != ctid.get()) {
+                self.ledger.register_ct(&CtInfo {
+                    uuid: uuid.clone(),
+                    ctid: ctid.get(),
+                    anchor: known.as_ref().map_or(BillingAnchor::Day(1), |k| k.anchor),
+                    tz: known.as_ref().map_or_else(|| "UTC".to_string(), |k| k.tz.clone()),
+                    created: known.as_ref().map_or(now, |k| k.created),
+                    destroyed: None,
+                })?;
+                summary.registered += 1;
+            }
+            alive.insert(uuid.clone());
+            if let Some(s) = &snap {
+                readings.push(CtReading {
+                    uuid,
+                    reading: Reading {
+                        at: now,
+                        epoch: s.epoch,
+                        counters: s.by_ct.get(&ctid.get()).cloned().unwrap_or_default(),
+                    },
+                    first,
+                });
+            }
+        }
+        let gone: Vec<String> = self
+            .ledger
+            .cts()
+            .filter(|c| c.destroyed.is_none() && !alive.contains(&c.uuid))
+            .map(|c| c.uuid.clone())
+            .collect();
+        let epoch = snap.as_ref().map(|s| s.epoch).or(self.last_epoch);
+        let mut final_of = Vec::new();
+        for uuid in &gone {
+            if let Some(r) = self.retired_reading(uuid, now, epoch)? {
+                readings.push(r);
+            }
+            final_of.push(uuid.clone());
+        }
+        summary.cts = readings.len();
+        summary.tick = self.ledger.tick(&readings)?;
+        for uuid in &final_of {
+            self.ledger.mark_destroyed(uuid, now)?;
+            summary.retired += 1;
+        }
+        if snap.is_some() {
+            self.last_epoch = epoch;
+        }
+        Ok(summary)
+    }
+
+    /// The final reading of a destroyed CT from its retired record, read by destroy just before
+    /// the counters were cleared, so in the current epoch (the checkpoint's when none is pinned).
+    fn retired_reading(
+        &self,
+        uuid: &str,
+        now: i64,
+        epoch: Option<u64>,
+    ) -> Result<Option<CtReading>, FeedError> {
+        let Ok(id) = uuid::Uuid::parse_str(uuid) else {
+            return Ok(None);
+        };
+        let path = self.host.retired_counters_path(id);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                warn!(%uuid, path = %path.display(), "destroyed CT has no retired record: billed up to its last tick");
+                return Ok(None);
+            }
+            Err(e) => return Err(FeedError::Io(path, e)),
+        };
+        let retired: Retired = serde_json::from_str(&text).map_err(|e| FeedError::Bad {
+            path: path.clone(),
+            detail: format!("not a retired-counters record: {e}"),
+        })?;
+        let checkpoint = self.ledger.checkpoint(uuid)?;
+        let Some(epoch) = epoch.or(checkpoint.map(|c| c.epoch)) else {
+            return Ok(None);
+        };
+        let mut counters = BTreeMap::new();
+        for (_, m) in group_rows(&retired.counters) {
+            for (k, c) in m {
+                let t: &mut Counter = counters.entry(k).or_default();
+                t.bytes += c.bytes;
+                t.packets += c.packets;
+            }
+        }
+        Ok(Some(CtReading {
+            uuid: uuid.to_string(),
+            reading: Reading {
+                at: now,
+                epoch,
+                counters,
+            },
+            first: super::Baseline::Zero,
+        }))
+    }
+}
