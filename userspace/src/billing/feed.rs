@@ -9,8 +9,8 @@ use berth_runtime::config::{ConfigError, CtConfig, Host};
 use tracing::{debug, warn};
 
 use super::{
-    BillingAnchor, BillingError, Counter, CounterKey, CtInfo, CtReading, Direction, Family,
-    Ledger, Reading, TickSummary,
+    BillingAnchor, BillingError, Counter, CounterKey, CtInfo, CtReading, Direction, Family, Ledger,
+    Reading, TickSummary,
 };
 use crate::bpf::maps_pinned;
 use crate::datapath::{self, CounterRow, DatapathError, DatapathView, Retired};
@@ -86,11 +86,7 @@ fn key_of(r: &CounterRow) -> CounterKey {
 pub fn group_rows(rows: &[CounterRow]) -> HashMap<u32, BTreeMap<CounterKey, Counter>> {
     let mut out: HashMap<u32, BTreeMap<CounterKey, Counter>> = HashMap::new();
     for r in rows {
-        let c = out
-            .entry(r.ctid)
-            .or_default()
-            .entry(key_of(r))
-            .or_default();
+        let c = out.entry(r.ctid).or_default().entry(key_of(r)).or_default();
         c.bytes += r.bytes;
         c.packets += r.packets;
     }
@@ -189,7 +185,9 @@ impl Feeder {
                     uuid: uuid.clone(),
                     ctid: ctid.get(),
                     anchor: known.as_ref().map_or(BillingAnchor::Day(1), |k| k.anchor),
-                    tz: known.as_ref().map_or_else(|| "UTC".to_string(), |k| k.tz.clone()),
+                    tz: known
+                        .as_ref()
+                        .map_or_else(|| "UTC".to_string(), |k| k.tz.clone()),
                     created: known.as_ref().map_or(now, |k| k.created),
                     destroyed: None,
                 })?;

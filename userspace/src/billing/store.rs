@@ -235,6 +235,47 @@ impl Ledger {
         Ok(ledger)
     }
 
+    /// Opens an existing ledger read-only (the CLI's reports while berthd writes): nothing in
+    /// the file is created or changed, and [`Ledger::tick`] and the other writers fail.
+    pub fn open_read_only(path: &Path) -> Result<Ledger, BillingError> {
+        let sql = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| BillingError::Sql { path, op, source }
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("opening read-only"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql("setting the busy timeout"))?;
+        let version: Option<i64> = conn
+            .query_row("SELECT v FROM meta WHERE k='schema'", [], |r| r.get(0))
+            .optional()
+            .map_err(sql("reading the schema version"))?;
+        if version != Some(SCHEMA_VERSION) {
+            return Err(BillingError::Corrupt {
+                path: path.to_path_buf(),
+                op: "reading the schema version",
+                detail: format!("version {version:?}, this berth knows {SCHEMA_VERSION}"),
+            });
+        }
+        let seq: i64 = conn
+            .query_row("SELECT v FROM meta WHERE k='seq'", [], |r| r.get(0))
+            .map_err(sql("reading the sequence"))?;
+        let mut ledger = Ledger {
+            conn,
+            path: path.to_path_buf(),
+            options: LedgerOptions::default(),
+            cts: HashMap::new(),
+            seq,
+            #[cfg(test)]
+            fail_after: None,
+        };
+        ledger.load()?;
+        Ok(ledger)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -101,6 +101,56 @@ pub enum Cmd {
     /// Traffic shaping.
     #[command(subcommand)]
     Shaper(ShaperCmd),
+    /// The billing ledger berthd keeps: period totals, the 95th, the 5-minute record.
+    Billing(BillingArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BillingArgs {
+    /// The ledger berthd writes (opened read-only). Default: <root>/billing.db.
+    #[arg(long, global = true, env = "BERTHD_LEDGER")]
+    pub ledger: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: BillingCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BillingCmd {
+    /// Totals per direction, class and family and the 95th of a CT's (or every CT's) period.
+    Report {
+        /// CTID, name or UUID (a destroyed CT by its UUID), or `all`.
+        ct: String,
+        /// Billing period YYYY-MM (the period starting in that month). Default: the current one.
+        #[arg(long)]
+        period: Option<String>,
+        /// 95th-percentile mode: max, per-direction, sum or max-per-slot.
+        #[arg(long, default_value = "max")]
+        mode: String,
+        /// RFC 4180 CSV with a header instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// The 5-minute slot record of a CT's period.
+    Slots {
+        /// CTID, name or UUID.
+        ct: String,
+        /// Billing period YYYY-MM. Default: the current one.
+        #[arg(long)]
+        period: Option<String>,
+        /// The export an auditor can `recompute` (RFC 4180 CSV with a header).
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Recompute totals and the 95th from a `slots --csv` export alone.
+    Recompute {
+        file: PathBuf,
+        /// 95th-percentile mode: max, per-direction, sum or max-per-slot.
+        #[arg(long, default_value = "max")]
+        mode: String,
+        /// RFC 4180 CSV with a header instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
 }
 
 #[derive(Args, Debug)]

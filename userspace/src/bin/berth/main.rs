@@ -1,6 +1,7 @@
 //! `berth`: the vzctl-style command line of berth. `main` parses and dispatches to one function
 //! per verb; the verbs' modules call the library and print.
 
+mod billing;
 mod cli;
 mod gc;
 mod lifecycle;
@@ -97,6 +98,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Netclass(c) => netclass::netclass(ctx, c)?,
         Cmd::Shaper(c) => shaper::shaper(ctx, c)?,
         Cmd::Gc => gc::gc(ctx)?,
+        Cmd::Billing(a) => billing::billing(ctx, a)?,
     }
     Ok(0)
 }
