@@ -1,0 +1,244 @@
+//! The billing ledger end to end: berthd ticking a routed CT's real traffic into its ledger
+//! while it is SIGKILLed at random moments and restarted, then the CLI's report against the
+//! kernel counters, and the auditor's recompute of the slot export against the report.
+//! Run: `cargo test -p berth-tests --test billing -- --test-threads=1`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use berth_tests::berthd::berthd_bin;
+use berth_tests::ct::TestHost;
+use berth_tests::net::{Topology, UPLINK4, wait_for};
+
+/// berthd with the ledger at `ledger`, ticking every 10 s (the shortest tick it accepts).
+fn start_berthd(h: &TestHost, ledger: &Path) -> Result<Child> {
+    let mut child = Command::new(berthd_bin())
+        .args(["--listen", "127.0.0.1:0", "--tick", "10", "--root"])
+        .arg(&h.root)
+        .arg("--cgroup-parent")
+        .arg(&h.cgroup_parent)
+        .arg("--bpffs")
+        .arg(&h.bpffs)
+        .arg("--ledger")
+        .arg(ledger)
+        .env_remove("BERTH_ROOT")
+        .env_remove("BERTH_RUN_DIR")
+        .env_remove("BERTH_BPFFS")
+        .env(
+            "BERTH_LOG",
+            std::env::var("BERTHD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning berthd")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("berthd stdout")?)
+        .read_line(&mut line)
+        .context("reading berthd's listen line")?;
+    if !line.starts_with("berthd listening on") {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("berthd did not start: {line:?}");
+    }
+    Ok(child)
+}
+
+/// A small xorshift seeded from the clock: the kill moments differ from run to run (printed, so
+/// a failing run can be told apart).
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        eprintln!("billing test seed {seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The CT's kernel counters (`berth netstat`), summed over classes and families.
+fn kernel_bytes(h: &TestHost, ct: &str) -> (u64, u64) {
+    let v = h.json(&["netstat", ct]);
+    v.as_array()
+        .expect("netstat rows")
+        .iter()
+        .fold((0, 0), |(i, o), r| {
+            (
+                i + r["in_bytes"].as_u64().expect("in_bytes"),
+                o + r["out_bytes"].as_u64().expect("out_bytes"),
+            )
+        })
+}
+
+fn sigterm_and_wait(child: &mut Child) -> Result<()> {
+    let pid = libc::pid_t::try_from(child.id())?;
+    // SAFETY: kill(2) on our own child's PID, which we have not reaped yet.
+    ensure!(unsafe { libc::kill(pid, libc::SIGTERM) } == 0, "SIGTERM");
+    let status = child.wait()?;
+    ensure!(status.success(), "berthd exited with {status} on SIGTERM");
+    Ok(())
+}
+
+/// Real traffic through a routed CT while berthd is killed (SIGKILL) at random moments and
+/// restarted; after the final SIGTERM the ledger's totals equal the kernel's counters to the
+/// byte (the CT was created after berthd's first tick, so everything it counted is billed),
+/// and `recompute` of the slot export gives the report's totals and 95th.
+#[test]
+fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
+    let topo = Topology::new();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    let ledger = h.root.join("ledger/billing.db");
+    let ledger_s = ledger.to_str().context("ledger path")?.to_owned();
+    let mut d = start_berthd(&h, &ledger)?;
+    // The first tick runs at once and books an empty node: a CT seen after it counts from 0.
+    std::thread::sleep(Duration::from_secs(2));
+    let missing = h.fails(&["billing", "--ledger", "/nonexistent/x.db", "report", "all"]);
+    ensure!(
+        missing.contains("no ledger at /nonexistent/x.db: is berthd running with --ledger?"),
+        "{missing}"
+    );
+    ensure!(
+        !Path::new("/nonexistent/x.db").exists(),
+        "the CLI created a ledger"
+    );
+
+    h.ok(&["create", "4260", "--ipadd", "192.0.2.160"]);
+    h.ok(&["start", "4260"]);
+    ensure!(
+        wait_for(Duration::from_secs(6), || {
+            h.exec("4260", &["ping", "-c", "1", "-W", "2", UPLINK4]).0 == 0
+        }),
+        "CT 4260 cannot reach the uplink"
+    );
+
+    let stop = AtomicBool::new(false);
+    let mut rng = Rng::new();
+    let kills = std::thread::scope(|s| -> Result<u32> {
+        let traffic = s.spawn(|| {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let (code, _, err) = h.exec(
+                    "4260",
+                    &[
+                        "ping", "-c", "50", "-i", "0.02", "-s", "1000", "-W", "1", UPLINK4,
+                    ],
+                );
+                assert!(code == 0, "ping: {err}");
+                rounds += 1;
+            }
+            rounds
+        });
+        let mut kills = 0;
+        let t0 = Instant::now();
+        while kills < 4 {
+            // Up to 1.5 ticks between restart and kill: some kills land mid-tick, some between.
+            std::thread::sleep(Duration::from_millis(500 + rng.below(14_500)));
+            d.kill()?;
+            d.wait()?;
+            kills += 1;
+            std::thread::sleep(Duration::from_millis(rng.below(3_000)));
+            d = start_berthd(&h, &ledger)?;
+        }
+        // One more tick after the last restart, then the traffic ends.
+        std::thread::sleep(Duration::from_secs(11));
+        stop.store(true, Ordering::Relaxed);
+        let rounds = traffic.join().expect("traffic thread");
+        eprintln!("{kills} kills, {rounds} ping rounds in {:?}", t0.elapsed());
+        Ok(kills)
+    })?;
+    ensure!(kills >= 3);
+
+    // No traffic after this: the CT's counters are final (its slot is kept while it exists).
+    h.ok(&["stop", "--fast", "4260"]);
+    let (k_in, k_out) = kernel_bytes(&h, "4260");
+    ensure!(
+        k_in > 100_000 && k_out > 100_000,
+        "too little traffic counted: {k_in}/{k_out}"
+    );
+    sigterm_and_wait(&mut d)?;
+
+    let report = h.json(&["billing", "--ledger", &ledger_s, "report", "4260"]);
+    let (l_in, l_out) = (
+        report["in_bytes"].as_u64().context("in_bytes")?,
+        report["out_bytes"].as_u64().context("out_bytes")?,
+    );
+    ensure!(
+        (l_in, l_out) == (k_in, k_out),
+        "ledger {l_in}/{l_out} vs kernel {k_in}/{k_out}: {report}"
+    );
+    eprintln!("kernel {k_in}/{k_out} bytes in/out; report {report}");
+    let flags = report["flags"].as_str().context("flags")?;
+    ensure!(!flags.contains("counter_anomaly"), "{report}");
+
+    let csv = h.ok(&["billing", "--ledger", &ledger_s, "slots", "4260", "--csv"]);
+    let file = h.dir.path().join("slots.csv");
+    std::fs::write(&file, &csv)?;
+    let file_s = file.to_str().context("csv path")?;
+    let re = h.json(&["billing", "recompute", file_s]);
+    for k in ["ct_uuid", "period", "in_bytes", "out_bytes", "totals"] {
+        ensure!(
+            re[k] == report[k],
+            "recompute {k}: {} vs {}",
+            re[k],
+            report[k]
+        );
+    }
+    ensure!(
+        re["p95"]["bits_per_second"] == report["p95"]["bits_per_second"],
+        "recompute 95th {} vs report {}",
+        re["p95"],
+        report["p95"]
+    );
+    let by_slot: u64 = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(14)
+                .and_then(|b| b.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    ensure!(by_slot == k_in + k_out, "slot rows sum {by_slot}");
+
+    // Bad input: clear errors, the ledger untouched.
+    let before = std::fs::read(&ledger)?;
+    let bad_mode = h.fails(&[
+        "billing", "--ledger", &ledger_s, "report", "4260", "--mode", "p99",
+    ]);
+    ensure!(
+        bad_mode.contains("unknown 95th-percentile mode"),
+        "{bad_mode}"
+    );
+    let bad_period = h.fails(&[
+        "billing", "--ledger", &ledger_s, "report", "4260", "--period", "2026-13",
+    ]);
+    ensure!(bad_period.contains("bad billing period"), "{bad_period}");
+    let unknown = h.fails(&["billing", "--ledger", &ledger_s, "report", "4999"]);
+    ensure!(unknown.contains("4999"), "{unknown}");
+    let cut = &csv[..csv.len() - csv.lines().last().map_or(0, |l| l.len() + 1)];
+    std::fs::write(&file, cut)?;
+    let truncated = h.fails(&["billing", "recompute", file_s]);
+    ensure!(truncated.contains("billing CSV"), "{truncated}");
+    ensure!(
+        std::fs::read(&ledger)? == before,
+        "a failed command changed the ledger"
+    );
+
+    h.ok(&["destroy", "4260"]);
+    Ok(())
+}
