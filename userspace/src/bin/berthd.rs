@@ -154,6 +154,12 @@ async fn serve(args: Args) -> Result<()> {
         scrape: Mutex::new(()),
     });
 
+    // Before anything is announced: a SIGTERM right after the listen line must still get the
+    // final tick, not the default action.
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let ledger_path = args
         .ledger
         .clone()
@@ -170,10 +176,6 @@ async fn serve(args: Args) -> Result<()> {
     std::io::stdout().flush().ok();
     info!(%addr, root = %host.root.display(), cgroup_parent = %host.cgroup_parent, bpffs = %args.bpffs.display(), "berthd serving");
 
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
