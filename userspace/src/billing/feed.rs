@@ -279,3 +279,54 @@ impl Feeder {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        ctid: u32,
+        dir: datapath::Direction,
+        family: datapath::Family,
+        bytes: u64,
+    ) -> CounterRow {
+        CounterRow {
+            ctid,
+            dir,
+            class: 2,
+            family,
+            bytes,
+            packets: 1,
+        }
+    }
+
+    #[test]
+    fn rows_group_per_ct_and_arp_is_billed_with_ipv4() {
+        use datapath::{Direction as D, Family as F};
+        let rows = [
+            row(7, D::In, F::V4, 1000),
+            row(7, D::In, F::Other, 42),
+            row(7, D::Out, F::V6, 80),
+            row(8, D::Out, F::V4, 5),
+        ];
+        let g = group_rows(&rows);
+        assert_eq!(g.len(), 2);
+        let ct7 = &g[&7];
+        assert_eq!(
+            ct7[&CounterKey::new(Direction::In, 2, Family::V4)],
+            Counter::new(1042, 2)
+        );
+        assert_eq!(
+            ct7[&CounterKey::new(Direction::Out, 2, Family::V6)],
+            Counter::new(80, 1)
+        );
+        let total: u64 = g.values().flat_map(|m| m.values()).map(|c| c.bytes).sum();
+        assert_eq!(total, rows.iter().map(|r| r.bytes).sum::<u64>());
+    }
+
+    #[test]
+    fn no_pinned_datapath_has_no_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(counter_epoch(dir.path()).expect("epoch").is_none());
+    }
+}
