@@ -1,12 +1,13 @@
 //! `berthd`: serves every CT's traffic and cgroup counters to Prometheus.
 //!
-//! With the billing ledger (`--ledger`, default `<root>/billing.db`) it also reads the counters
-//! every `--tick` seconds and books them (berth::billing::feed), with a final tick on SIGTERM.
+//! It also keeps the billing ledger (`--ledger`, default `<root>/billing.db`): it reads the
+//! counters every `--tick` seconds and books them (berth::billing::feed), with a final tick on
+//! SIGTERM/SIGINT. The ledger is the only thing berthd writes.
 //!
 //! `GET /metrics` reads the pinned eBPF maps and the cgroup files at request time (Prometheus
 //! text format, OpenMetrics when the `Accept` header prefers it); `GET /healthz` answers
-//! `ok` while the daemon serves. berthd only reads: it never loads or attaches programs and
-//! nothing else depends on it running.
+//! `ok` while the daemon serves. berthd never loads or attaches programs; nothing else depends
+//! on it running (traffic while it is down is booked at its next tick, spread over the gap).
 
 use std::{
     convert::Infallible,
