@@ -184,6 +184,27 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
     let flags = report["flags"].as_str().context("flags")?;
     ensure!(!flags.contains("counter_anomaly"), "{report}");
 
+    let uuid = report["ct_uuid"].as_str().context("ct_uuid")?.to_owned();
+    let table = h.ok(&["billing", "--ledger", &ledger_s, "report", "all"]);
+    ensure!(
+        table.lines().count() == 2
+            && table.contains(&uuid)
+            && table.contains(&format!(" {k_in} "))
+            && table.contains(&format!(" {k_out} ")),
+        "{table}"
+    );
+    let rcsv = h.ok(&["billing", "--ledger", &ledger_s, "report", "all", "--csv"]);
+    let rbytes: u64 = rcsv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(6)
+                .and_then(|b| b.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    ensure!(rbytes == k_in + k_out, "report CSV sums {rbytes}: {rcsv}");
     let csv = h.ok(&["billing", "--ledger", &ledger_s, "slots", "4260", "--csv"]);
     let file = h.dir.path().join("slots.csv");
     std::fs::write(&file, &csv)?;
@@ -241,7 +262,6 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
 
     // Destroyed while berthd is down (killed after the CT's last traffic): the next berthd books
     // the final counters from the retired record and closes the CT's lifetime.
-    let uuid = report["ct_uuid"].as_str().context("ct_uuid")?.to_owned();
     d = start_berthd(&h, &ledger)?;
     h.ok(&["start", "4260"]);
     let (code, _, err) = h.exec(
