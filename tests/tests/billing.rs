@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_tests::berthd::{berthd_bin, http_get};
+use berth_tests::berthd::{berthd_bin, http_get, parse_samples, value_of};
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
 use serde_json::Value;
@@ -93,7 +93,8 @@ fn feed_rows_of(rows: &[Value], uuid: &str) -> Vec<String> {
     out
 }
 
-/// The CLI's report (and slots) of `ct` and berthd's answers for it, compared.
+/// The CLI's report (and slots) of `ct` and berthd's answers for it (the endpoints and the
+/// billing gauges of /metrics), compared.
 fn reports_match(
     h: &TestHost,
     addr: SocketAddr,
@@ -142,6 +143,46 @@ fn reports_match(
         "report all ({st}): {v} vs CLI {cli_all}"
     );
 
+    // The gauges of the tick that ran at berthd's start: the per-direction report's totals
+    // by direction and class, and its two 95ths.
+    let samples = parse_samples(&http_get(addr, "/metrics", &[])?.body)?;
+    let mut want = std::collections::BTreeMap::<(String, String), u64>::new();
+    for t in cli_pd["totals"].as_array().context("totals")? {
+        let k = (
+            t["direction"].as_str().context("direction")?.to_owned(),
+            t["class"].to_string(),
+        );
+        *want.entry(k).or_default() += t["bytes"].as_u64().context("bytes")?;
+    }
+    ensure!(!want.is_empty(), "no totals: {cli_pd}");
+    let n_bytes = samples
+        .iter()
+        .filter(|s| s.name == "berth_billing_period_bytes")
+        .count();
+    ensure!(n_bytes == want.len(), "{n_bytes} byte gauges for {want:?}");
+    for ((d, c), b) in &want {
+        let got = value_of(
+            &samples,
+            "berth_billing_period_bytes",
+            &[("ctid", ct), ("uuid", uuid), ("direction", d), ("class", c)],
+        );
+        ensure!(
+            got == Some(*b as f64),
+            "period bytes {d}/{c}: {got:?} vs {b}"
+        );
+    }
+    for d in ["in", "out"] {
+        let cli_v = cli_pd["p95"][format!("{d}_bits_per_second")].as_u64();
+        let got = value_of(
+            &samples,
+            "berth_billing_p95_bytes_per_second",
+            &[("ctid", ct), ("uuid", uuid), ("direction", d)],
+        );
+        ensure!(
+            cli_v.is_some() && got.map(|g| g * 8.0) == cli_v.map(|v| v as f64),
+            "95th {d}: {got:?} vs CLI {cli_v:?}"
+        );
+    }
     Ok((cli, cli_slots))
 }
 

@@ -28,7 +28,7 @@ use anyhow::{Context, Result};
 use berth::{
     billing::{Ledger, LedgerOptions, api, feed::Feeder},
     datapath::DEFAULT_PIN_DIR,
-    metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, expose},
+    metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, billing::BillingGauges, expose},
 };
 use berth_runtime::{config::Host, error_chain::ErrorChain};
 use clap::Parser;
@@ -239,7 +239,11 @@ async fn serve(args: Args) -> Result<()> {
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
     let feeder = open_feeder(host.clone(), args.bpffs.clone(), ledger_path).await?;
-    let ticker = tokio::spawn(tick_loop(feeder.clone(), Duration::from_secs(args.tick)));
+    let ticker = tokio::spawn(tick_loop(
+        feeder.clone(),
+        server.clone(),
+        Duration::from_secs(args.tick),
+    ));
 
     let listener = TcpListener::bind(args.listen)
         .await
@@ -282,7 +286,7 @@ async fn serve(args: Args) -> Result<()> {
     info!("berthd stopping");
     ticker.abort();
     // The ticker may be inside a tick: the lock waits for it, then the final one books up to now.
-    tick_once(feeder).await;
+    tick_once(feeder, server).await;
     Ok(())
 }
 
@@ -306,13 +310,25 @@ async fn open_feeder(host: Host, pin_dir: PathBuf, path: PathBuf) -> Result<Shar
 
 /// One tick on a blocking thread; a failed tick is logged and retried at the next one (the
 /// ledger re-derives every delta from its last committed checkpoint, so nothing is lost).
-async fn tick_once(feeder: SharedFeeder) {
+/// After it, the billing gauges of /metrics are read afresh from the ledger.
+async fn tick_once(feeder: SharedFeeder, server: Arc<Server>) {
     let res = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let now = unix_now();
         let mut f = feeder.lock().unwrap_or_else(|p| p.into_inner());
         let r = f.tick(now);
-        (r, t0.elapsed())
+        let took = t0.elapsed();
+        let path = f.ledger.path().to_owned();
+        // The gauges read every slot of the period: on their own read connection, so a long
+        // read never holds the feeder (the final tick on SIGTERM waits for that lock).
+        drop(f);
+        match Ledger::open_read_only(&path).and_then(|l| BillingGauges::read(&l, now)) {
+            Ok(g) => server.scraper.set_billing(g),
+            // The previous gauges stay: stale by a tick rather than gone.
+            Err(e) => warn!(error = %ErrorChain(&e), "reading the billing gauges failed"),
+        }
+        debug!(took = ?t0.elapsed() - took, "billing gauges read");
+        (r, took)
     })
     .await;
     match res {
@@ -332,13 +348,13 @@ async fn tick_once(feeder: SharedFeeder) {
     }
 }
 
-async fn tick_loop(feeder: SharedFeeder, every: Duration) {
+async fn tick_loop(feeder: SharedFeeder, server: Arc<Server>, every: Duration) {
     let mut iv = tokio::time::interval(every);
     // After a stall, one tick books the whole gap: no burst of catch-up ticks.
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        tick_once(feeder.clone()).await;
+        tick_once(feeder.clone(), server.clone()).await;
     }
 }
 
