@@ -277,6 +277,71 @@ fn http_matches_the_cli(h: &TestHost, ledger: &Path, ct: &str, uuid: &str) -> Re
     sigterm_and_wait(&mut d)
 }
 
+/// Tags balance and there is one root element: the structure of an XML document (no XML parser
+/// among the dependencies).
+fn well_formed(doc: &str) -> Result<()> {
+    let mut stack: Vec<&str> = Vec::new();
+    let mut roots = 0;
+    let mut rest = doc.trim();
+    while let Some(lt) = rest.find('<') {
+        let gt = rest[lt..].find('>').context("unclosed tag")? + lt;
+        let tag = &rest[lt + 1..gt];
+        if let Some(name) = tag.strip_prefix('/') {
+            let open = stack.pop();
+            ensure!(open == Some(name.trim()), "</{name}> closes {open:?}");
+        } else if !tag.starts_with('?') && !tag.starts_with('!') {
+            let name = tag.split_whitespace().next().context("empty tag")?;
+            roots += usize::from(stack.is_empty());
+            if !tag.ends_with('/') {
+                stack.push(name);
+            }
+        }
+        rest = &rest[gt + 1..];
+    }
+    ensure!(
+        stack.is_empty() && roots == 1 && rest.trim().is_empty(),
+        "{stack:?}, {roots} roots"
+    );
+    Ok(())
+}
+
+/// `berth billing graph` writes an SVG whose 95th label is the report's (mode max); an
+/// unknown CT writes nothing.
+fn graph_is_an_svg_with_the_95th(h: &TestHost, ledger_s: &str) -> Result<()> {
+    let file = h.dir.path().join("4260.svg");
+    let file_s = file.to_str().context("svg path")?;
+    // The 95th counts the slots until now: a 5-minute boundary between the report and the
+    // graph can move it, so one retry.
+    let mut tries = 0;
+    let svg = loop {
+        tries += 1;
+        let report = h.json(&["billing", "--ledger", ledger_s, "report", "4260"]);
+        let out = h.ok(&[
+            "billing", "--ledger", ledger_s, "graph", "4260", "-o", file_s,
+        ]);
+        let svg = std::fs::read_to_string(&file)?;
+        let bps = report["p95"]["bits_per_second"].as_u64().context("95th")?;
+        let label = format!("95th percentile (max): {bps} bit/s");
+        if svg.contains(&label) && out.contains(&label) {
+            break svg;
+        }
+        ensure!(tries < 2, "no {label:?} in the SVG or in {out:?}");
+    };
+    ensure!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(100)]);
+    well_formed(&svg)?;
+    ensure!(
+        svg.contains("inbound") && svg.contains("outbound"),
+        "legend"
+    );
+    let none = h.dir.path().join("none.svg");
+    let none_s = none.to_str().context("svg path")?;
+    let err = h.fails(&[
+        "billing", "--ledger", ledger_s, "graph", "4999", "-o", none_s,
+    ]);
+    ensure!(err.contains("4999") && !none.exists(), "{err}");
+    Ok(())
+}
+
 /// A small xorshift seeded from the clock: the kill moments differ from run to run (printed, so
 /// a failing run can be told apart).
 struct Rng(u64);
@@ -488,6 +553,7 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
         "a failed command changed the ledger"
     );
     http_matches_the_cli(&h, &ledger, "4260", &uuid)?;
+    graph_is_an_svg_with_the_95th(&h, &ledger_s)?;
 
     // Destroyed while berthd is down (killed after the CT's last traffic): the next berthd books
     // the final counters from the retired record and closes the CT's lifetime.

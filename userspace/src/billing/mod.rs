@@ -9,6 +9,7 @@ pub mod book;
 pub mod csv;
 mod error;
 pub mod feed;
+pub mod graph;
 pub mod json;
 pub mod p95;
 pub mod period;

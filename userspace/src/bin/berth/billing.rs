@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use berth::billing::graph::{p95_label, render_svg};
 use berth::billing::json::{direction_sums, reports_json, slot_json};
 use berth::billing::{Ledger, P95Mode, Period, PeriodSpec, Report, SlotRow, csv::recompute};
 use berth::datapath::{ByteLayer, DatapathView};
@@ -59,6 +60,28 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             let spec = ledger.period_spec(&uuid)?;
             let rows = ledger.slots(&uuid, p.start, p.end)?;
             print_slots(ctx, spec, &rows)
+        }
+        BillingCmd::Graph { ct, period, output } => {
+            let ledger = open(&ledger_path)?;
+            let uuid = uuid_of(ctx, &ledger, &ct)?;
+            let p = period_of(&ledger, &uuid, period.as_deref(), now)?;
+            let report = ledger.report(&uuid, &p, P95Mode::Max, None, now)?;
+            let rows = ledger.slots(&uuid, p.start, p.end)?;
+            let svg = render_svg(&report, &rows)?;
+            // Written whole after the drawing succeeded: a failure leaves no partial file.
+            let tmp = output.with_extension("svg.tmp");
+            std::fs::write(&tmp, svg).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &output)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": output, "p95_bits_per_second": report.p95.bps})
+                );
+            } else {
+                println!("{}: {}", output.display(), p95_label(&report));
+            }
+            Ok(())
         }
         BillingCmd::Recompute { file, mode, csv } => {
             let mode: P95Mode = mode.parse()?;
