@@ -59,4 +59,6 @@ pub enum BillingError {
     },
     #[error("billing CSV: {0}")]
     CsvEmpty(String),
+    #[error("drawing the billing graph of CT {uuid}: {detail}")]
+    Graph { uuid: String, detail: String },
 }

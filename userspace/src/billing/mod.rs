@@ -4,10 +4,13 @@
 //!
 //! Every quantity is an integer: bytes and packets are `u64`, instants are Unix seconds (`i64`),
 //! a slot is named by its start, a multiple of [`SLOT_SECS`].
+pub mod api;
 pub mod book;
 pub mod csv;
 mod error;
 pub mod feed;
+pub mod graph;
+pub mod json;
 pub mod p95;
 pub mod period;
 pub mod store;

@@ -8,6 +8,11 @@
 //! text format, OpenMetrics when the `Accept` header prefers it); `GET /healthz` answers
 //! `ok` while the daemon serves. berthd never loads or attaches programs; nothing else depends
 //! on it running (traffic while it is down is booked at its next tick, spread over the gap).
+//!
+//! `GET /v1/billing/report?ct=<CTID|UUID|all>&period=YYYY-MM&mode=M` and
+//! `GET /v1/billing/slots?after_seq=N&limit=K` answer from the ledger in JSON
+//! (berth::billing::api; a read-only connection per request); a bad query is a 400 whose JSON
+//! body names the parameter, an unknown CT a 404.
 
 use std::{
     convert::Infallible,
@@ -21,9 +26,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use berth::{
-    billing::{Ledger, LedgerOptions, feed::Feeder},
+    billing::{Ledger, LedgerOptions, api, feed::Feeder},
     datapath::DEFAULT_PIN_DIR,
-    metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, expose},
+    metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, billing::BillingGauges, expose},
 };
 use berth_runtime::{config::Host, error_chain::ErrorChain};
 use clap::Parser;
@@ -79,6 +84,25 @@ struct Server {
     /// One collection at a time: concurrent scrapes would only multiply the same reads and
     /// the memory they hold.
     scrape: Mutex<()>,
+    /// The ledger the billing endpoints read (each request opens its own read-only connection:
+    /// the feeder's writes never wait for a reader).
+    ledger: PathBuf,
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut b = body.to_string();
+    b.push('\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(b)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -117,6 +141,49 @@ impl Server {
         }
     }
 
+    /// `/v1/billing/report` (`report`) or `/v1/billing/slots`, answered on a blocking thread.
+    async fn billing(
+        self: Arc<Self>,
+        report: bool,
+        query: Option<String>,
+    ) -> Response<Full<Bytes>> {
+        let path = self.ledger.clone();
+        let res =
+            tokio::task::spawn_blocking(move || -> Result<serde_json::Value, api::ApiError> {
+                let q = query.as_deref();
+                // The query first: a bad one is a 400 whatever the ledger's state.
+                type Answer = Box<dyn FnOnce(&Ledger) -> Result<serde_json::Value, api::ApiError>>;
+                let answer: Answer = if report {
+                    let rq = api::parse_report_query(q)?;
+                    Box::new(move |l| api::report(l, &rq, unix_now()))
+                } else {
+                    let sq = api::parse_slots_query(q)?;
+                    Box::new(move |l| api::slots(l, &sq))
+                };
+                let ledger = Ledger::open_read_only(&path).map_err(api::ApiError::Ledger)?;
+                answer(&ledger)
+            })
+            .await;
+        match res {
+            Ok(Ok(v)) => json(StatusCode::OK, &v),
+            Ok(Err(e)) => {
+                if e.status() >= 500 {
+                    warn!(error = %ErrorChain(&e), "billing request failed");
+                }
+                let status =
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                json(status, &e.body())
+            }
+            Err(e) => {
+                warn!(error = %e, "billing task failed");
+                json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "billing task failed"}),
+                )
+            }
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
@@ -131,9 +198,14 @@ impl Server {
                 self.metrics(accept).await
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/v1/billing/report" | "/v1/billing/slots" => {
+                let query = req.uri().query().map(str::to_owned);
+                self.billing(req.uri().path() == "/v1/billing/report", query)
+                    .await
+            }
             "/" => text(
                 StatusCode::OK,
-                "berthd: per-CT traffic and cgroup counters at /metrics, liveness at /healthz\n",
+                "berthd: per-CT traffic and cgroup counters at /metrics, liveness at /healthz, the billing ledger at /v1/billing/report and /v1/billing/slots\n",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
         }
@@ -146,6 +218,10 @@ async fn serve(args: Args) -> Result<()> {
     if !host.root.exists() {
         warn!(root = %host.root.display(), "state directory does not exist (yet): no CTs to export");
     }
+    let ledger_path = args
+        .ledger
+        .clone()
+        .unwrap_or_else(|| host.root.join("billing.db"));
     let server = Arc::new(Server {
         collector: BerthCollector::new(Sources {
             host: host.clone(),
@@ -153,6 +229,7 @@ async fn serve(args: Args) -> Result<()> {
         }),
         scraper: expose::Scraper::default(),
         scrape: Mutex::new(()),
+        ledger: ledger_path.clone(),
     });
 
     // Before anything is announced: a SIGTERM right after the listen line must still get the
@@ -161,12 +238,12 @@ async fn serve(args: Args) -> Result<()> {
         .context("installing the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
-    let ledger_path = args
-        .ledger
-        .clone()
-        .unwrap_or_else(|| host.root.join("billing.db"));
     let feeder = open_feeder(host.clone(), args.bpffs.clone(), ledger_path).await?;
-    let ticker = tokio::spawn(tick_loop(feeder.clone(), Duration::from_secs(args.tick)));
+    let ticker = tokio::spawn(tick_loop(
+        feeder.clone(),
+        server.clone(),
+        Duration::from_secs(args.tick),
+    ));
 
     let listener = TcpListener::bind(args.listen)
         .await
@@ -209,7 +286,7 @@ async fn serve(args: Args) -> Result<()> {
     info!("berthd stopping");
     ticker.abort();
     // The ticker may be inside a tick: the lock waits for it, then the final one books up to now.
-    tick_once(feeder).await;
+    tick_once(feeder, server).await;
     Ok(())
 }
 
@@ -233,15 +310,25 @@ async fn open_feeder(host: Host, pin_dir: PathBuf, path: PathBuf) -> Result<Shar
 
 /// One tick on a blocking thread; a failed tick is logged and retried at the next one (the
 /// ledger re-derives every delta from its last committed checkpoint, so nothing is lost).
-async fn tick_once(feeder: SharedFeeder) {
+/// After it, the billing gauges of /metrics are read afresh from the ledger.
+async fn tick_once(feeder: SharedFeeder, server: Arc<Server>) {
     let res = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = unix_now();
         let mut f = feeder.lock().unwrap_or_else(|p| p.into_inner());
         let r = f.tick(now);
-        (r, t0.elapsed())
+        let took = t0.elapsed();
+        let path = f.ledger.path().to_owned();
+        // The gauges read every slot of the period: on their own read connection, so a long
+        // read never holds the feeder (the final tick on SIGTERM waits for that lock).
+        drop(f);
+        match Ledger::open_read_only(&path).and_then(|l| BillingGauges::read(&l, now)) {
+            Ok(g) => server.scraper.set_billing(g),
+            // The previous gauges stay: stale by a tick rather than gone.
+            Err(e) => warn!(error = %ErrorChain(&e), "reading the billing gauges failed"),
+        }
+        debug!(took = ?t0.elapsed() - took, "billing gauges read");
+        (r, took)
     })
     .await;
     match res {
@@ -261,13 +348,13 @@ async fn tick_once(feeder: SharedFeeder) {
     }
 }
 
-async fn tick_loop(feeder: SharedFeeder, every: Duration) {
+async fn tick_loop(feeder: SharedFeeder, server: Arc<Server>, every: Duration) {
     let mut iv = tokio::time::interval(every);
     // After a stall, one tick books the whole gap: no burst of catch-up ticks.
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        tick_once(feeder.clone()).await;
+        tick_once(feeder.clone(), server.clone()).await;
     }
 }
 

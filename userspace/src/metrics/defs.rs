@@ -382,6 +382,24 @@ pub const COLLECT_SECONDS: MetricDef = gauge(
      shaper (and writing the CTs' samples, which happens alongside).",
 );
 
+// ---- billing, from berthd's ledger (refreshed at every tick, not at scrape time) -------------
+
+pub const BILLING_PERIOD_BYTES: MetricDef = gauge(
+    "berth_billing_period_bytes",
+    &["ctid", "uuid", "direction", "class"],
+    false,
+    "Bytes billed so far in the CT's current billing period, by direction (the CT's point of \
+     view) and peer class, both address families; as of berthd's last ledger tick.",
+);
+pub const BILLING_P95: MetricDef = gauge(
+    "berth_billing_p95_bytes_per_second",
+    &["ctid", "uuid", "direction"],
+    false,
+    "95th percentile of the 5-minute rates of the CT's current billing period (per-direction \
+     mode) in bytes per second: the bill's bit/s (rounded down) divided by 8; as of berthd's \
+     last ledger tick.",
+);
+
 /// Every family, in the order they are documented.
 pub const ALL: &[MetricDef] = &[
     NET_RX_BYTES,
@@ -428,6 +446,8 @@ pub const ALL: &[MetricDef] = &[
     START_TIME,
     INFO,
     STATE,
+    BILLING_PERIOD_BYTES,
+    BILLING_P95,
     SOURCE_UP,
     COLLECT_SECONDS,
 ];

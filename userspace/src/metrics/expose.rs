@@ -7,10 +7,15 @@
 //! the thread that read it. The crate's model stays available through
 //! [`super::BerthCollector`] and the unit tests check that both produce the same samples.
 
-use std::{fmt::Write, sync::Mutex, time::Instant};
+use std::{
+    fmt::Write,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use super::{
     Format, Reader,
+    billing::BillingGauges,
     defs::{self, Kind, MetricDef},
     families::{CtLabels, Sink, Value, emit, emit_ct, emit_exporter, emit_network},
     snapshot::{Snapshot, SourceStatus},
@@ -191,9 +196,16 @@ pub fn scrape(reader: &Reader, format: Format) -> String {
 #[derive(Default)]
 pub struct Scraper {
     spare: Mutex<Vec<Writer>>,
+    /// The billing gauges of the last ledger tick ([`Scraper::set_billing`]).
+    billing: Mutex<Arc<BillingGauges>>,
 }
 
 impl Scraper {
+    /// Replaces the billing gauges every later scrape writes.
+    pub fn set_billing(&self, gauges: BillingGauges) {
+        *self.billing.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(gauges);
+    }
+
     pub fn scrape(&self, reader: &Reader, format: Format) -> String {
         let t0 = Instant::now();
         let take = || {
@@ -215,6 +227,13 @@ impl Scraper {
             datapath: c.main.is_some(),
             shaper: c.shaper,
         };
+        let billing = self
+            .billing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let configured: std::collections::HashSet<u32> = c.cts.iter().map(|(id, _)| *id).collect();
+        billing.emit(|ctid| configured.contains(&ctid), &mut tail);
         emit_exporter(sources, t0.elapsed().as_secs_f64(), &mut tail);
         let out = assemble(format, c.batches.iter().chain(std::iter::once(&tail)));
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());

@@ -22,6 +22,11 @@
 //!   present while the CT's cgroup exists (cgroup v1 and v2).
 //! * `berth_container_info{ctid,name,hostname,template}` and
 //!   `berth_container_state{ctid,state}` for every CT with a config.
+//! * billing, from berthd's ledger as of its last tick ([`billing`]):
+//!   `berth_billing_period_bytes{ctid,uuid,direction,class}` (the current period's totals) and
+//!   `berth_billing_p95_bytes_per_second{ctid,uuid,direction}` (its per-direction 95th: the bill's
+//!   bit/s over 8, bytes being Prometheus' base unit), for
+//!   every CT in the ledger with a config.
 //!
 //! # Lifetimes of series
 //!
@@ -42,6 +47,7 @@
 //! changed ([`watch`]). Shaped CTs add one rtnetlink class dump per shaped direction (~13 µs).
 //! `cargo xtask bench metrics` measures 1000 running CTs.
 
+pub mod billing;
 pub mod cgfiles;
 pub mod defs;
 pub mod expose;

@@ -5,12 +5,12 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use berth::billing::{
-    BillingAnchor, Ledger, P95Mode, Period, PeriodSpec, Report, SlotRow, csv::recompute,
-};
+use berth::billing::graph::{p95_label, render_svg};
+use berth::billing::json::{direction_sums, reports_json, slot_json};
+use berth::billing::{Ledger, P95Mode, Period, PeriodSpec, Report, SlotRow, csv::recompute};
 use berth::datapath::{ByteLayer, DatapathView};
 use berth_runtime::config::{ConfigError, CtConfig};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::Ctx;
 use crate::cli::{BillingArgs, BillingCmd};
@@ -43,7 +43,7 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
                 let p = period_of(&ledger, u, period.as_deref(), now)?;
                 reports.push(ledger.report(u, &p, mode, None, now)?);
             }
-            print_reports(ctx, &reports, csv)
+            print_reports(ctx, &reports, ct == "all", csv)
         }
         BillingCmd::Slots { ct, period, csv } => {
             output_flags(ctx, csv)?;
@@ -61,6 +61,28 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             let rows = ledger.slots(&uuid, p.start, p.end)?;
             print_slots(ctx, spec, &rows)
         }
+        BillingCmd::Graph { ct, period, output } => {
+            let ledger = open(&ledger_path)?;
+            let uuid = uuid_of(ctx, &ledger, &ct)?;
+            let p = period_of(&ledger, &uuid, period.as_deref(), now)?;
+            let report = ledger.report(&uuid, &p, P95Mode::Max, None, now)?;
+            let rows = ledger.slots(&uuid, p.start, p.end)?;
+            let svg = render_svg(&report, &rows)?;
+            // Written whole after the drawing succeeded: a failure leaves no partial file.
+            let tmp = output.with_extension("svg.tmp");
+            std::fs::write(&tmp, svg).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &output)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": output, "p95_bits_per_second": report.p95.bps})
+                );
+            } else {
+                println!("{}: {}", output.display(), p95_label(&report));
+            }
+            Ok(())
+        }
         BillingCmd::Recompute { file, mode, csv } => {
             let mode: P95Mode = mode.parse()?;
             output_flags(ctx, csv)?;
@@ -68,7 +90,7 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
                 .with_context(|| format!("opening {}", file.display()))?;
             let r = recompute(std::io::BufReader::new(f), mode, None, None)
                 .with_context(|| format!("recomputing {}", file.display()))?;
-            print_reports(ctx, &[r], csv)
+            print_reports(ctx, &[r], false, csv)
         }
     }
 }
@@ -147,79 +169,9 @@ fn period_of(ledger: &Ledger, uuid: &str, label: Option<&str>, now: i64) -> Resu
     })
 }
 
-fn anchor_name(a: BillingAnchor) -> String {
-    match a {
-        BillingAnchor::Day(d) => d.to_string(),
-        BillingAnchor::Anniversary => "anniversary".to_string(),
-    }
-}
-
-fn report_json(r: &Report) -> Result<Value> {
-    let spec = PeriodSpec::new(r.ct.anchor, &r.ct.tz, r.ct.created)?;
-    let totals: Vec<Value> = r
-        .totals
-        .iter()
-        .map(|(k, c)| {
-            json!({
-                "direction": k.direction.as_str(),
-                "class": k.class,
-                "family": k.family.as_str(),
-                "bytes": c.bytes,
-                "packets": c.packets,
-            })
-        })
-        .collect();
-    let (in_bytes, out_bytes) = direction_sums(r);
-    let p = &r.p95;
-    Ok(json!({
-        "ct_uuid": r.ct.uuid,
-        "ctid": r.ct.ctid,
-        "billing_day": anchor_name(r.ct.anchor),
-        "tz": r.ct.tz,
-        "period": r.period.label(),
-        "period_start": spec.rfc3339(r.period.start)?,
-        "period_end": spec.rfc3339(r.period.end)?,
-        "created": spec.rfc3339(r.ct.created)?,
-        "destroyed": r.ct.destroyed.map(|d| spec.rfc3339(d)).transpose()?,
-        "in_bytes": in_bytes,
-        "out_bytes": out_bytes,
-        "totals": totals,
-        "p95": {
-            "mode": p.mode.as_str(),
-            "bits_per_second": p.bps,
-            "slot_bytes": p.slot_bytes,
-            "in_bits_per_second": p.in_bps,
-            "out_bits_per_second": p.out_bps,
-            "n": p.n,
-            "slots_present": p.slots_present,
-            "slots_estimated": p.slots_estimated,
-            "slots_over_commit": p.slots_over_commit,
-        },
-        "flags": r.flags.to_names(),
-    }))
-}
-
-fn direction_sums(r: &Report) -> (u64, u64) {
-    let mut sums = (0u64, 0u64);
-    for (k, c) in &r.totals {
-        match k.direction {
-            berth::billing::Direction::In => sums.0 += c.bytes,
-            berth::billing::Direction::Out => sums.1 += c.bytes,
-        }
-    }
-    sums
-}
-
-fn print_reports(ctx: &Ctx, reports: &[Report], csv: bool) -> Result<()> {
+fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<()> {
     if ctx.json {
-        let v: Vec<Value> = reports.iter().map(report_json).collect::<Result<_>>()?;
-        // One CT: its object; `all`: an array.
-        let out = if v.len() == 1 && reports.len() == 1 {
-            v.into_iter().next().unwrap_or(Value::Null)
-        } else {
-            Value::Array(v)
-        };
-        println!("{out}");
+        println!("{}", reports_json(reports, all)?);
         return Ok(());
     }
     if csv {
@@ -289,19 +241,8 @@ fn print_slots(ctx: &Ctx, spec: &PeriodSpec, rows: &[SlotRow]) -> Result<()> {
     if ctx.json {
         let v: Vec<Value> = rows
             .iter()
-            .map(|r| {
-                Ok(json!({
-                    "slot_start": spec.rfc3339(r.slot_start)?,
-                    "direction": r.key.direction.as_str(),
-                    "class": r.key.class,
-                    "family": r.key.family.as_str(),
-                    "bytes": r.counter.bytes,
-                    "packets": r.counter.packets,
-                    "flags": r.flags.to_names(),
-                    "seq": r.seq,
-                }))
-            })
-            .collect::<Result<_>>()?;
+            .map(|r| slot_json(spec, r))
+            .collect::<Result<_, _>>()?;
         println!("{}", Value::Array(v));
         return Ok(());
     }

@@ -141,6 +141,17 @@ pub enum BillingCmd {
         #[arg(long)]
         csv: bool,
     },
+    /// An SVG chart of a CT's period: 5-minute inbound and outbound bit/s and the billed 95th.
+    Graph {
+        /// CTID, name or UUID.
+        ct: String,
+        /// Billing period YYYY-MM. Default: the current one.
+        #[arg(long)]
+        period: Option<String>,
+        /// The SVG file to write (replaced if it exists).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Recompute totals and the 95th from a `slots --csv` export alone.
     Recompute {
         file: PathBuf,

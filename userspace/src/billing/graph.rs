@@ -1,0 +1,246 @@
+//! `berth billing graph`: a CT's period as an SVG chart of its 5-minute inbound and outbound
+//! rates with the billed 95th (mode `max`: the larger direction's) as a labelled line.
+
+use std::collections::BTreeMap;
+
+use plotters::prelude::*;
+
+use super::{BillingError, Direction, PeriodSpec, Report, SLOT_SECS, SlotRow, bytes_to_bps};
+
+const DAY: f64 = 86_400.0;
+
+/// (days since the period's start, bit/s) of each slot.
+pub type Series = Vec<(f64, f64)>;
+
+/// Bits per second of every slot of the report's window, in and out (missing slots as 0, as
+/// the 95th counts them), as (days since the period's start, bit/s).
+pub fn slot_rates(report: &Report, rows: &[SlotRow]) -> (Series, Series) {
+    let mut by_slot: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    for r in rows.iter().filter(|r| report.window.contains(r.slot_start)) {
+        let e = by_slot.entry(r.slot_start).or_default();
+        match r.key.direction {
+            Direction::In => e.0 += r.counter.bytes,
+            Direction::Out => e.1 += r.counter.bytes,
+        }
+    }
+    let (mut ins, mut outs) = (Vec::new(), Vec::new());
+    let mut slot = report.window.first;
+    while slot < report.window.end {
+        let (i, o) = by_slot.get(&slot).copied().unwrap_or_default();
+        let x = (slot - report.period.start) as f64 / DAY;
+        ins.push((x, bytes_to_bps(i) as f64));
+        outs.push((x, bytes_to_bps(o) as f64));
+        slot += SLOT_SECS;
+    }
+    (ins, outs)
+}
+
+/// The label of the 95th line; the chart carries it verbatim.
+pub fn p95_label(report: &Report) -> String {
+    format!(
+        "95th percentile ({}): {} bit/s",
+        report.p95.mode.as_str(),
+        report.p95.bps
+    )
+}
+
+/// The SVG document of `report` (mode `max` for the line) over its slot `rows`.
+pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingError> {
+    let spec = PeriodSpec::new(report.ct.anchor, &report.ct.tz, report.ct.created)?;
+    let start = spec.rfc3339(report.period.start)?;
+    let (ins, outs) = slot_rates(report, rows);
+    let p95 = report.p95.bps as f64;
+    let top = ins
+        .iter()
+        .chain(&outs)
+        .map(|p| p.1)
+        .fold(p95, f64::max)
+        .max(1.0)
+        * 1.1;
+    let days = ((report.period.end - report.period.start) as f64 / DAY).max(1.0 / 288.0);
+    let err = |e: &dyn std::fmt::Display| BillingError::Graph {
+        uuid: report.ct.uuid.clone(),
+        detail: e.to_string(),
+    };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1200, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let caption = format!(
+            "CT {} ({}), billing period {}",
+            report.ct.ctid,
+            report.ct.uuid,
+            report.period.label()
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(90)
+            .build_cartesian_2d(0f64..days, 0f64..top)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(format!("days since {start}"))
+            .y_desc("bit/s (5-minute average)")
+            .draw()
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(LineSeries::new(ins, &BLUE))
+            .map_err(|e| err(&e))?
+            .label("inbound")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(outs, &GREEN))
+            .map_err(|e| err(&e))?
+            .label("outbound")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+        chart
+            .draw_series(LineSeries::new([(0.0, p95), (days, p95)], &RED))
+            .map_err(|e| err(&e))?
+            .label(p95_label(report))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        Baseline, BillingAnchor, Counter, CounterKey, CtInfo, CtReading, Family, Ledger,
+        LedgerOptions, P95Mode, Reading,
+    };
+    use super::*;
+
+    /// 2026-03-01T00:00:00Z.
+    const MAR1: i64 = 1_772_323_200;
+
+    /// Tags balance, one root element, `&` only in entities: enough of XML's well-formedness
+    /// to catch a broken writer (no XML parser among the dependencies).
+    fn well_formed(doc: &str) -> Result<(), String> {
+        let mut stack: Vec<&str> = Vec::new();
+        let mut roots = 0;
+        let mut rest = doc.trim();
+        while !rest.is_empty() {
+            let Some(lt) = rest.find('<') else {
+                return check_text(rest).and(if stack.is_empty() {
+                    Err(format!("text after the root: {rest:?}"))
+                } else {
+                    Ok(())
+                });
+            };
+            check_text(&rest[..lt])?;
+            let gt = rest[lt..].find('>').ok_or("unclosed tag")? + lt;
+            let tag = &rest[lt + 1..gt];
+            if tag.starts_with('?') || tag.starts_with('!') {
+            } else if let Some(name) = tag.strip_prefix('/') {
+                match stack.pop() {
+                    Some(open) if open == name.trim() => {}
+                    other => return Err(format!("</{name}> closes {other:?}")),
+                }
+            } else {
+                let name = tag.split_whitespace().next().ok_or("empty tag")?;
+                let name = name.trim_end_matches('/');
+                if stack.is_empty() {
+                    roots += 1;
+                }
+                if !tag.ends_with('/') {
+                    stack.push(name);
+                }
+                check_text(tag)?;
+            }
+            rest = &rest[gt + 1..];
+        }
+        match (stack.is_empty(), roots) {
+            (true, 1) => Ok(()),
+            _ => Err(format!("unclosed {stack:?} or {roots} roots")),
+        }
+    }
+
+    fn check_text(t: &str) -> Result<(), String> {
+        for (i, _) in t.match_indices('&') {
+            let ent = &t[i..t[i..].find(';').map_or(t.len(), |e| i + e + 1)];
+            let ok = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"].contains(&ent)
+                || (ent.starts_with("&#") && ent.ends_with(';'));
+            if !ok {
+                return Err(format!("bare & in {t:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_checker_rejects_broken_documents() {
+        assert!(well_formed("<svg><g/><text>a &amp; b</text></svg>").is_ok());
+        for bad in [
+            "<svg><g></svg>",
+            "<svg></g>",
+            "<svg/><svg/>",
+            "<svg>a & b</svg>",
+            "<svg",
+        ] {
+            assert!(well_formed(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn svg_has_both_directions_and_the_labelled_95th() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db"), LedgerOptions::default()).unwrap();
+        let uuid = "00000001-0000-4000-8000-000000000000".to_string();
+        l.register_ct(&CtInfo {
+            uuid: uuid.clone(),
+            ctid: 7,
+            anchor: BillingAnchor::Day(1),
+            tz: "UTC".into(),
+            created: MAR1,
+            destroyed: None,
+        })
+        .unwrap();
+        let (i, o) = (
+            CounterKey::new(Direction::In, 0, Family::V4),
+            CounterKey::new(Direction::Out, 1, Family::V6),
+        );
+        // Slot j (0..20) carries 3000·j bytes in (80·j bit/s) and 1500·j out.
+        let (mut ci, mut co) = (0u64, 0u64);
+        for n in 0..=20i64 {
+            ci += 3000 * n as u64;
+            co += 1500 * n as u64;
+            let counters = [(i, Counter::new(ci, 1)), (o, Counter::new(co, 1))];
+            l.tick(&[CtReading {
+                uuid: uuid.clone(),
+                reading: Reading {
+                    at: MAR1 + 300 * n,
+                    epoch: 1,
+                    counters: counters.into_iter().collect(),
+                },
+                first: Baseline::Zero,
+            }])
+            .unwrap();
+        }
+        let spec = l.period_spec(&uuid).unwrap().clone();
+        let p = spec.period_of(MAR1).unwrap();
+        let now = MAR1 + 300 * 20 + 1;
+        let r = l.report(&uuid, &p, P95Mode::Max, None, now).unwrap();
+        let rows = l.slots(&uuid, p.start, p.end).unwrap();
+        let (ins, outs) = slot_rates(&r, &rows);
+        assert_eq!(ins.len(), 21, "{ins:?}");
+        let sum = |s: &Series| s.iter().map(|p| p.1).sum::<f64>();
+        assert_eq!((sum(&ins), sum(&outs)), (80.0 * 210.0, 40.0 * 210.0));
+        // n = 21, k = 20: the 20th smallest inbound slot, 80·19 bit/s.
+        assert_eq!(r.p95.bps, 1520, "{:?}", r.p95);
+        let svg = render_svg(&r, &rows).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+        well_formed(&svg).unwrap();
+        assert!(svg.contains(&p95_label(&r)), "no 95th label");
+        assert!(svg.contains("inbound") && svg.contains("outbound"));
+        assert!(svg.contains("<polyline") || svg.contains("<path"));
+    }
+}
