@@ -6,6 +6,7 @@ pub mod cgroups;
 pub mod ct;
 pub mod datapath;
 pub mod net;
+pub mod probes;
 pub mod shaper;
 pub mod skip;
 pub mod template;

@@ -7,7 +7,6 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_runtime::cgroups::Hierarchy;
@@ -195,19 +194,6 @@ fn busybox_unprivileged_boots_and_halts() {
     h.ok(&["destroy", "4703"]);
 }
 
-fn build_probe(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/cgroup.c");
-    let out = dir.join("cgroup-probe");
-    let st = Command::new("cc")
-        .args(["-static", "-O1", "-Wall", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc (build-essential, installed by xtask/setup.sh)");
-    assert!(st.success(), "building {}: {st}", src.display());
-    out
-}
-
 /// From inside an unprivileged CT, as its root: the delegated cgroup works (positive control),
 /// and nothing beyond it does. Its limits cannot be raised (the files belong to host root,
 /// which its user namespace does not map: EACCES, through berth's read-only mount and through a
@@ -226,7 +212,7 @@ fn cgroup_delegation_gives_the_ct_root_nothing_beyond_its_subtree() {
         return;
     }
     let h = TestHost::new();
-    let probe = build_probe(h.dir.path());
+    let probe = berth_tests::probes::build("cgroup", h.dir.path());
     create_unprivileged(&h, "4704", "busybox");
     h.ok(&[
         "set",
@@ -407,7 +393,7 @@ fn v2_delegation_lets_the_owner_manage_only_its_subtree() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let probe = build_probe(dir.path());
+    let probe = berth_tests::probes::build("cgroup", dir.path());
     // The probe is run as an unprivileged uid: it must be able to reach and execute it.
     std::fs::set_permissions(
         dir.path(),

@@ -3,7 +3,7 @@
 //! from inside a running CT; each must fail with EPERM — the filter's answer, not the EINVAL
 //! or EFAULT the kernel gives the same null arguments outside — while ordinary calls work.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use berth_tests::ct::TestHost;
@@ -29,19 +29,6 @@ const DENIED: &[&str] = &[
     "acct",
 ];
 
-fn build_probe(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/syscalls.c");
-    let out = dir.join("syscalls-probe");
-    let st = Command::new("cc")
-        .args(["-static", "-O1", "-Wall", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc (build-essential, installed by xtask/setup.sh)");
-    assert!(st.success(), "building {}: {st}", src.display());
-    out
-}
-
 fn results(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|l| l.split_once(' '))
@@ -52,7 +39,7 @@ fn results(text: &str) -> Vec<(String, String)> {
 #[test]
 fn denied_system_calls_fail_with_eperm_inside_a_ct() {
     let h = TestHost::new();
-    let probe = build_probe(h.dir.path());
+    let probe = berth_tests::probes::build("syscalls", h.dir.path());
     // Outside any CT the same calls fail for other reasons: the EPERM inside is the filter's.
     let mut args: Vec<&str> = DENIED.to_vec();
     args.push("getpid");
@@ -292,19 +279,6 @@ const PRIVILEGED_BLOCKED: &[(&str, &str)] = &[
     ("setns-host-netns", "ENOENT"),
 ];
 
-fn build_escape_probe(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/escape.c");
-    let out = dir.join("escape-probe");
-    let st = Command::new("cc")
-        .args(["-static", "-O1", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc (build-essential, installed by xtask/setup.sh)");
-    assert!(st.success(), "building {}: {st}", src.display());
-    out
-}
-
 /// Creates, starts and probes one CT, then removes it; the results in the probe's order.
 fn run_escape_probes(h: &TestHost, probe: &Path, ctid: &str, create: &[&str]) -> Vec<ProbeResult> {
     let mut args = vec!["create", ctid];
@@ -348,7 +322,7 @@ fn run_escape_probes(h: &TestHost, probe: &Path, ctid: &str, create: &[&str]) ->
 /// Both columns of the matrix: each probe in a default and in a privileged CT, printed.
 fn escape_matrix(ctids: [&str; 2]) -> (Vec<ProbeResult>, Vec<ProbeResult>) {
     let h = TestHost::new();
-    let probe = build_escape_probe(h.dir.path());
+    let probe = berth_tests::probes::build("escape", h.dir.path());
     let unpriv = run_escape_probes(&h, &probe, ctids[0], DEFAULT_CT);
     let priv_ = run_escape_probes(&h, &probe, ctids[1], PRIVILEGED_CT);
     h.assert_clean();

@@ -3,7 +3,6 @@
 //! still starts fast; an init that dies later shows how it ended in `status`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_tests::ct::TestHost;
@@ -136,13 +135,7 @@ fn init_killed_by_a_signal_is_named() {
     )
     .unwrap();
     let bin = h.dir.path().join("segv");
-    let st = Command::new("cc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .expect("cc (build-essential, installed by xtask/setup.sh)");
-    assert!(st.success(), "building the crashing init: {st}");
+    berth_tests::probes::build_static(&src, &bin);
     let body = std::fs::read(&bin).unwrap();
     for (ctid, privileged) in [("5102", false), ("5103", true)] {
         create_as(
