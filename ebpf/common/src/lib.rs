@@ -26,8 +26,12 @@ pub mod map_names {
     pub const ARCHIVE: &str = "ARCHIVE";
     pub const DROPS: &str = "DROPS";
     pub const CONFIG: &str = "CONFIG";
-    /// Every map, in the order user space opens them.
-    pub const ALL: [&str; 10] = [
+    /// Counted bytes that were then dropped before leaving berth's hooks and queues (see
+    /// [`crate::undelivered`]). Newer than the other maps: a pin directory made by an older
+    /// berth lacks it until the next load creates it, so readers treat it as optional.
+    pub const UNDELIVERED: &str = "UNDELIVERED";
+    /// The maps every pinned datapath has (what readers require).
+    pub const REQUIRED: [&str; 10] = [
         IFACES,
         IFACES_SPILL,
         CT_ADDRS,
@@ -38,6 +42,20 @@ pub mod map_names {
         ARCHIVE,
         DROPS,
         CONFIG,
+    ];
+    /// Every map, in the order loaders bind them to pins.
+    pub const ALL: [&str; 11] = [
+        IFACES,
+        IFACES_SPILL,
+        CT_ADDRS,
+        CLASSES_V4,
+        CLASSES_V6,
+        COUNTERS,
+        SLOT_CTIDS,
+        ARCHIVE,
+        DROPS,
+        CONFIG,
+        UNDELIVERED,
     ];
 }
 
@@ -71,6 +89,8 @@ pub mod capacity {
     pub const ARCHIVE: u32 = 262_144;
     /// (CTID, direction, reason) drop rows: 2 × 5 per CT at most.
     pub const DROPS: u32 = 65_536;
+    /// (CTID, direction, class, family) rows of undelivered traffic.
+    pub const UNDELIVERED: u32 = 65_536;
 }
 
 /// `IfaceInfo::mode`: a routed (venet-like) interface, the host routes the CT's addresses to it.
@@ -339,3 +359,4 @@ mod user {
 }
 
 pub mod shaper;
+pub mod undelivered;

@@ -13,7 +13,9 @@ pub mod map_names {
     pub const DROPS: &str = "SHAPER_DROPS";
     /// EDT backend: per-device departure-time state (`EdtState`).
     pub const EDT: &str = "SHAPER_EDT";
-    pub const ALL: [&str; 4] = [IFACES, PPS, DROPS, EDT];
+    /// `crate::undelivered::SealConfig`: the key and drop reasons of undelivered accounting.
+    pub const SEAL: &str = "SHAPER_SEAL";
+    pub const ALL: [&str; 5] = [IFACES, PPS, DROPS, EDT, SEAL];
 }
 
 /// Names of the shaper's programs.
@@ -26,6 +28,8 @@ pub mod program_names {
     /// IFB (traffic from the CT), in front of sch_fq. Exactly 15 characters, the kernel's
     /// limit for program names (`BPF_OBJ_NAME_LEN` - 1), so the name cls_bpf reports is whole.
     pub const EDT: &str = "berth_shape_edt";
+    /// `kfree_skb` tracepoint: takes back the counts of sealed packets that were dropped.
+    pub const UNDELIVERED: &str = "berth_undelivered";
 }
 
 /// The name the kernel keeps for a program (`bpf_prog_info.name`, at most 15 bytes): what a

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use berth_common::{
     AddrKey, CLASSES_INLINE, CLASSES_UNIFORM, Config, DropKey, DropValue, ETH_HLEN, FAMILY_V4,
     FAMILY_V6, FLAG_V4_SPILL, FLAG_V6_SPILL, INLINE_ADDRS, INLINE_CLASSES, IfaceInfo, LAYER_L3,
-    MODE_BRIDGED, MODE_ROUTED, capacity, slot_row,
+    MODE_BRIDGED, MODE_ROUTED, capacity, slot_row, undelivered::record_word,
 };
 
 use crate::maps::{
@@ -267,6 +267,13 @@ pub fn finish(ctx: &TcContext, iface: &IfaceInfo, dir: u8, verdict: Result<Peer,
                 if let Some(row) = unsafe { (*block).rows.get_mut(slot_row(dir, family, class)) } {
                     row.bytes += bytes;
                     row.packets += packets;
+                    record(
+                        ctx,
+                        iface.ctid,
+                        packets,
+                        bytes,
+                        record_word(dir, family, class),
+                    );
                 }
             }
             TC_ACT_UNSPEC
@@ -278,6 +285,31 @@ pub fn finish(ctx: &TcContext, iface: &IfaceInfo, dir: u8, verdict: Result<Peer,
             TC_ACT_SHOT
         }
     }
+}
+
+/// What was counted, for the shaper to seal and the `kfree_skb` program to take back if the
+/// packet is dropped later (see `berth_common::undelivered`). Plain stores into the context,
+/// a few cycles.
+#[inline(always)]
+fn record(ctx: &TcContext, ctid: u32, packets: u64, bytes: u64, word: u32) {
+    // Volatile: separate 4-byte stores (LLVM merges neighbours into unaligned 8-byte ones,
+    // which the verifier refuses on the context).
+    // SAFETY: `cb` is a writable context field for tc programs.
+    unsafe {
+        let cb = core::ptr::addr_of_mut!((*ctx.skb.skb).cb) as *mut u32;
+        core::ptr::write_volatile(cb, ctid);
+        core::ptr::write_volatile(cb.add(1), packets as u32);
+        core::ptr::write_volatile(cb.add(2), bytes as u32);
+        core::ptr::write_volatile(cb.add(3), word);
+    }
+}
+
+/// Marks the control block as holding no record: it may hold anything from the layers the
+/// packet came through, including the CT's own IP stack.
+#[inline(always)]
+pub fn clear_record(ctx: &TcContext) {
+    // SAFETY: as in `record`.
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*ctx.skb.skb).cb[3]), 0) };
 }
 
 #[inline(always)]

@@ -14,6 +14,7 @@ use crate::{
 
 #[classifier]
 pub fn berth_to_ct(ctx: TcContext) -> i32 {
+    account::clear_record(&ctx);
     let Some(iface) = account::iface(&ctx, account::Hook::Egress) else {
         return TC_ACT_UNSPEC;
     };

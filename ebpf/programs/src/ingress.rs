@@ -18,6 +18,7 @@ use crate::{
 
 #[classifier]
 pub fn berth_from_ct(ctx: TcContext) -> i32 {
+    account::clear_record(&ctx);
     let Some(iface) = account::iface(&ctx, account::Hook::Ingress) else {
         return TC_ACT_UNSPEC;
     };

@@ -18,6 +18,7 @@ mod ingress;
 mod maps;
 mod packet;
 mod shaper;
+mod undelivered;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 

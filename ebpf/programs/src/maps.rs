@@ -51,5 +51,10 @@ pub static ARCHIVE: PerCpuHashMap<CounterKey, CounterValue> =
 pub static DROPS: PerCpuHashMap<DropKeyW, DropValue> =
     PerCpuHashMap::with_max_entries(capacity::DROPS, BPF_F_NO_PREALLOC);
 
+/// Counted traffic dropped later (`undelivered.rs`); key = `CounterKey` as one word.
+#[map]
+pub static UNDELIVERED: PerCpuHashMap<u64, CounterValue> =
+    PerCpuHashMap::with_max_entries(capacity::UNDELIVERED, BPF_F_NO_PREALLOC);
+
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -14,9 +14,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_redirect},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use berth_common::{
@@ -25,6 +25,7 @@ use berth_common::{
         DROP_PPS, HTB_MAJOR, INTERACTIVE_MAX_LEN, MINOR_BULK, MINOR_INTERACTIVE, PPS_IN, PPS_OUT,
         PpsBucket, PpsKey, REST_IN, REST_OUT, SHAPE_IN, SHAPE_OUT, ShapeIface, capacity,
     },
+    undelivered::{CB_COUNTED, SKB_DEV_OFFSET, SealConfig, seal},
 };
 
 use crate::{
@@ -46,6 +47,55 @@ static SHAPER_PPS: HashMap<PpsKey, PpsBucket> =
 static SHAPER_DROPS: PerCpuHashMap<u64, DropValue> =
     PerCpuHashMap::with_max_entries(capacity::DROPS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// Only user space writes it (the secret and the drop reasons; see `berth_common::undelivered`).
+#[map]
+pub(crate) static SHAPER_SEAL: Array<SealConfig> = Array::with_max_entries(1, 0);
+
+/// Seals the accounting program's record of this packet, so that a drop from here on (the
+/// pps bucket below, the HTB or EDT queue, the IFB) takes it back from the bill.
+#[inline(always)]
+fn seal_record(ctx: &TcContext, ctid: u32, to_ct: bool) {
+    let Some(cfg) = SHAPER_SEAL.get(0) else {
+        return;
+    };
+    if cfg.secret == 0 {
+        return;
+    }
+    let skb = ctx.skb.skb;
+    // Volatile: LLVM would merge neighbouring words into one 8-byte load, and the verifier
+    // only takes aligned context accesses of a field's size.
+    // SAFETY: context field reads.
+    let cb = unsafe {
+        let p = core::ptr::addr_of!((*skb).cb) as *const u32;
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    };
+    // The record must be this CT's, written by the accounting program just before us on
+    // this hook: without it the control block holds what earlier layers left there.
+    if cb[0] != ctid || cb[3] & CB_COUNTED == 0 || (cb[3] & 0xff == u32::from(DIR_IN)) != to_ct {
+        return;
+    }
+    let dev = if to_ct {
+        // The context pointer is the kernel's sk_buff (user space checked the offset
+        // against BTF before setting the secret).
+        // SAFETY: probe reads fault safely; the address is only read.
+        match unsafe {
+            bpf_probe_read_kernel((skb as *const u8).add(SKB_DEV_OFFSET as usize) as *const u64)
+        } {
+            Ok(d) if d != 0 => d,
+            _ => return,
+        }
+    } else {
+        0
+    };
+    // SAFETY: writable context field.
+    unsafe { (*skb).cb[4] = seal(cfg.secret, cb, dev) };
+}
+
 #[classifier]
 pub fn berth_shape_to_ct(ctx: TcContext) -> i32 {
     // SAFETY: context field read, rewritten by the verifier (skb->dev->ifindex).
@@ -54,6 +104,7 @@ pub fn berth_shape_to_ct(ctx: TcContext) -> i32 {
     let Some(iface) = (unsafe { SHAPER_IFACES.get(&ifindex) }) else {
         return TC_ACT_UNSPEC;
     };
+    seal_record(&ctx, iface.ctid, true);
     let flags = iface.flags;
     if flags & PPS_IN != 0 && !pps_pass(&ctx, ifindex, DIR_IN) {
         count_drop(&ctx, iface.ctid, DIR_IN, DROP_PPS);
@@ -75,6 +126,7 @@ pub fn berth_shape_from_ct(ctx: TcContext) -> i32 {
     let Some(iface) = (unsafe { SHAPER_IFACES.get(&ifindex) }) else {
         return TC_ACT_UNSPEC;
     };
+    seal_record(&ctx, iface.ctid, false);
     let flags = iface.flags;
     if flags & PPS_OUT != 0 && !pps_pass(&ctx, ifindex, DIR_OUT) {
         count_drop(&ctx, iface.ctid, DIR_OUT, DROP_PPS);

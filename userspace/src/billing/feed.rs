@@ -46,7 +46,7 @@ pub enum FeedError {
 /// what a reboot or a cleanup removes, and this needs no writer.
 pub fn counter_epoch(pin_dir: &Path) -> Result<Option<u64>, FeedError> {
     let maps = pin_dir.join("maps");
-    if !maps_pinned(&maps, &map_names::ALL) {
+    if !maps_pinned(&maps, &map_names::REQUIRED) {
         return Ok(None);
     }
     let boot = boot_id_hash()?;
@@ -93,6 +93,26 @@ pub fn group_rows(rows: &[CounterRow]) -> HashMap<u32, BTreeMap<CounterKey, Coun
     out
 }
 
+/// What was delivered: `counted` minus what the shaper dropped after counting it, key by key
+/// (`undelivered` is read before `counted`, so it never holds a drop `counted` lacks).
+pub fn delivered(
+    mut counted: HashMap<u32, BTreeMap<CounterKey, Counter>>,
+    undelivered: &HashMap<u32, BTreeMap<CounterKey, Counter>>,
+) -> HashMap<u32, BTreeMap<CounterKey, Counter>> {
+    for (ctid, rows) in undelivered {
+        let Some(have) = counted.get_mut(ctid) else {
+            continue;
+        };
+        for (k, u) in rows {
+            if let Some(c) = have.get_mut(k) {
+                c.bytes = c.bytes.saturating_sub(u.bytes);
+                c.packets = c.packets.saturating_sub(u.packets);
+            }
+        }
+    }
+    counted
+}
+
 /// One consistent read: the epoch did not change while the counters were read.
 struct Snapshot {
     epoch: u64,
@@ -107,6 +127,7 @@ fn read_snapshot(pin_dir: &Path) -> Result<Option<Snapshot>, FeedError> {
     let Some(view) = DatapathView::open_pinned(pin_dir).map_err(err)? else {
         return Ok(None);
     };
+    let undelivered = view.undelivered().map_err(err)?;
     let rows = view.counters().map_err(err)?;
     drop(view);
     if counter_epoch(pin_dir)? != Some(before) {
@@ -116,7 +137,7 @@ fn read_snapshot(pin_dir: &Path) -> Result<Option<Snapshot>, FeedError> {
     }
     Ok(Some(Snapshot {
         epoch: before,
-        by_ct: group_rows(&rows),
+        by_ct: delivered(group_rows(&rows), &group_rows(&undelivered)),
     }))
 }
 
@@ -261,7 +282,11 @@ impl Feeder {
             return Ok(None);
         };
         let mut counters = BTreeMap::new();
-        for (_, m) in group_rows(&retired.counters) {
+        let billed = delivered(
+            group_rows(&retired.counters),
+            &group_rows(&retired.undelivered),
+        );
+        for (_, m) in billed {
             for (k, c) in m {
                 let t: &mut Counter = counters.entry(k).or_default();
                 t.bytes += c.bytes;
@@ -322,6 +347,24 @@ mod tests {
         );
         let total: u64 = g.values().flat_map(|m| m.values()).map(|c| c.bytes).sum();
         assert_eq!(total, rows.iter().map(|r| r.bytes).sum::<u64>());
+    }
+
+    #[test]
+    fn delivered_is_counted_minus_undelivered_per_key() {
+        use datapath::{Direction as D, Family as F};
+        let counted = group_rows(&[
+            row(7, D::In, F::V4, 10_000),
+            row(7, D::Out, F::V4, 500),
+            row(8, D::In, F::V6, 40),
+        ]);
+        let undelivered = group_rows(&[row(7, D::In, F::V4, 3_000), row(9, D::In, F::V4, 1)]);
+        let billed = delivered(counted, &undelivered);
+        let k = |d, f| CounterKey::new(d, 2, f);
+        assert_eq!(billed[&7][&k(Direction::In, Family::V4)].bytes, 7_000);
+        assert_eq!(billed[&7][&k(Direction::In, Family::V4)].packets, 0);
+        assert_eq!(billed[&7][&k(Direction::Out, Family::V4)].bytes, 500);
+        assert_eq!(billed[&8][&k(Direction::In, Family::V6)].bytes, 40);
+        assert!(!billed.contains_key(&9));
     }
 
     #[test]

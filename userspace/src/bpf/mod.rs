@@ -7,6 +7,7 @@
 //! datapath's and the shaper's errors wrap.
 
 pub mod attach;
+pub mod btf;
 mod error;
 pub mod programs;
 pub mod sys;

@@ -85,6 +85,40 @@ impl DatapathView {
         Ok(out)
     }
 
+    /// Traffic that was counted and then dropped by the shaper (its queues, packet-rate
+    /// limit or EDT horizon), summed over CPUs, sorted like [`Self::counters`]: what was
+    /// delivered is a counter row minus its row here. Empty where nothing is shaped or the
+    /// kernel cannot seal (see `berth_common::undelivered`).
+    pub fn undelivered(&self) -> Result<Vec<CounterRow>> {
+        let Some(map) = &self.undelivered else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<CounterRow> = self
+            .read_percpu(map, map_names::UNDELIVERED)?
+            .into_iter()
+            .map(|(k, vals)| {
+                let k = CounterKey {
+                    ctid: k as u32,
+                    dir: (k >> 32) as u8,
+                    class: (k >> 40) as u8,
+                    family: (k >> 48) as u8,
+                    _pad: 0,
+                };
+                CounterRow {
+                    ctid: k.ctid,
+                    dir: Direction::from_raw(k.dir),
+                    class: k.class,
+                    family: Family::from_raw(k.family),
+                    bytes: vals.iter().map(|v| v.bytes).sum(),
+                    packets: vals.iter().map(|v| v.packets).sum(),
+                }
+            })
+            .filter(|r| r.bytes != 0 || r.packets != 0)
+            .collect();
+        out.sort_by_key(|r| (r.ctid, r.dir, r.class, r.family));
+        Ok(out)
+    }
+
     /// Every drop counter row, summed over CPUs.
     pub fn drops(&self) -> Result<Vec<DropRow>> {
         let rows = self.read_percpu(&self.drops, map_names::DROPS)?;

@@ -15,6 +15,27 @@ use crate::bpf::{PinLock, map_err, not_found};
 pub struct Retired {
     pub counters: Vec<CounterRow>,
     pub drops: Vec<DropRow>,
+    /// Of `counters`, what the shaper dropped (billed = counters − undelivered). Records of
+    /// an older berth have none.
+    #[serde(default)]
+    pub undelivered: Vec<CounterRow>,
+}
+
+/// Row by row the larger of the two readings, into `rows`.
+fn merge_rows_max(rows: &mut Vec<CounterRow>, other: &[CounterRow]) {
+    for o in other {
+        match rows
+            .iter_mut()
+            .find(|r| (r.ctid, r.dir, r.class, r.family) == (o.ctid, o.dir, o.class, o.family))
+        {
+            Some(r) => {
+                r.bytes = r.bytes.max(o.bytes);
+                r.packets = r.packets.max(o.packets);
+            }
+            None => rows.push(*o),
+        }
+    }
+    rows.sort_by_key(|r| (r.ctid, r.dir, r.class, r.family));
 }
 
 impl Retired {
@@ -23,19 +44,8 @@ impl Retired {
     /// grow until they are cleared, so the larger value is the later reading of the same total,
     /// and a reading taken after the clear (all zero) keeps what was recorded.
     pub fn merge_max(&mut self, other: &Retired) {
-        for o in &other.counters {
-            match self
-                .counters
-                .iter_mut()
-                .find(|r| (r.ctid, r.dir, r.class, r.family) == (o.ctid, o.dir, o.class, o.family))
-            {
-                Some(r) => {
-                    r.bytes = r.bytes.max(o.bytes);
-                    r.packets = r.packets.max(o.packets);
-                }
-                None => self.counters.push(*o),
-            }
-        }
+        merge_rows_max(&mut self.counters, &other.counters);
+        merge_rows_max(&mut self.undelivered, &other.undelivered);
         for o in &other.drops {
             match self
                 .drops
@@ -49,8 +59,6 @@ impl Retired {
                 None => self.drops.push(*o),
             }
         }
-        self.counters
-            .sort_by_key(|r| (r.ctid, r.dir, r.class, r.family));
         self.drops.sort_by_key(|r| (r.ctid, r.dir, r.reason));
     }
 }
@@ -66,6 +74,11 @@ impl DatapathView {
                 .filter(|r| r.ctid == c)
                 .collect(),
             drops: self.drops()?.into_iter().filter(|r| r.ctid == c).collect(),
+            undelivered: self
+                .undelivered()?
+                .into_iter()
+                .filter(|r| r.ctid == c)
+                .collect(),
         })
     }
 }
@@ -127,7 +140,29 @@ impl Datapath {
                 }
             }
         }
-        info!(%ctid, archived = archived.len(), drops = drops.len(), "CT's counters cleared");
+        let undelivered: Vec<u64> = match &self.view.undelivered {
+            Some(map) => self
+                .read_percpu(map, map_names::UNDELIVERED)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| *k as u32 == c)
+                .collect(),
+            None => Vec::new(),
+        };
+        let pin_dir = self.view.pin_dir.clone();
+        if let Some(map) = self.view.undelivered.as_mut() {
+            for k in &undelivered {
+                match map.remove(k) {
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => {
+                        return Err(map_err(map_names::UNDELIVERED, &pin_dir, "remove")(e).into());
+                    }
+                }
+            }
+        }
+        info!(%ctid, archived = archived.len(), drops = drops.len(), undelivered = undelivered.len(),
+            "CT's counters cleared");
         Ok(())
     }
 }
@@ -160,6 +195,7 @@ mod tests {
         let mut recorded = Retired {
             counters: vec![row(0, 1000, 10), row(1, 50, 1)],
             drops: vec![drop(3)],
+            undelivered: vec![row(0, 100, 1)],
         };
         // Read again after the clear: nothing live, the record stays.
         recorded.merge_max(&Retired::default());
@@ -168,7 +204,9 @@ mod tests {
         recorded.merge_max(&Retired {
             counters: vec![row(0, 1200, 12), row(2, 5, 1)],
             drops: vec![drop(4)],
+            undelivered: vec![row(0, 150, 2)],
         });
+        assert_eq!(recorded.undelivered, vec![row(0, 150, 2)]);
         assert_eq!(
             recorded.counters,
             vec![row(0, 1200, 12), row(1, 50, 1), row(2, 5, 1)]
@@ -187,7 +225,14 @@ mod tests {
                 packets: 1,
                 bytes: 2,
             }],
+            undelivered: vec![row(0, 1, 1)],
         };
+        // A record written before undelivered traffic was tracked still reads.
+        let old = r#"{"counters":[],"drops":[]}"#;
+        assert_eq!(
+            serde_json::from_str::<Retired>(old).unwrap(),
+            Retired::default()
+        );
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Retired>(&text).unwrap(), r);
     }

@@ -27,6 +27,8 @@ pub struct DatapathView {
     pub(super) archive: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     pub(super) drops: PerCpuHashMap<MapData, DropKey, DropValue>,
     pub(super) config: Array<MapData, Config>,
+    /// `None` in a pin directory an older berth made, until the next load creates it.
+    pub(super) undelivered: Option<PerCpuHashMap<MapData, u64, CounterValue>>,
 }
 
 impl DatapathView {
@@ -35,7 +37,7 @@ impl DatapathView {
     /// another layout is an error ([`bpf::BpfError::IncompatibleMap`]).
     pub fn open_pinned(pin_dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let pin_dir = pin_dir.as_ref();
-        if !bpf::maps_pinned(&pin_dir.join("maps"), &map_names::ALL) {
+        if !bpf::maps_pinned(&pin_dir.join("maps"), &map_names::REQUIRED) {
             return Ok(None);
         }
         Self::open(pin_dir, Access::ReadOnly).map(Some)
@@ -80,6 +82,17 @@ impl DatapathView {
                 access,
             )?,
             config: open_map(maps, map_names::CONFIG, 4, size_of::<Config>(), access)?,
+            undelivered: if maps.join(map_names::UNDELIVERED).exists() {
+                Some(open_map(
+                    maps,
+                    map_names::UNDELIVERED,
+                    8,
+                    size_of::<CounterValue>(),
+                    access,
+                )?)
+            } else {
+                None
+            },
             pin_dir: pin_dir.to_path_buf(),
         })
     }

@@ -78,6 +78,7 @@ mod plan;
 pub mod report;
 mod status;
 pub mod tc;
+mod undelivered;
 pub mod view;
 
 use std::{
@@ -254,20 +255,18 @@ impl Shaper {
         let progs_root = dir.join("progs");
         bpf::create_dirs(&[&dp_maps, &maps_dir, &progs_root, &dir.join("links")])?;
         let _lock = PinLock::take(&dir)?;
-        let mut progs = programs::load_or_open(
-            &progs_root,
-            &[
-                MapPins {
-                    dir: &dp_maps,
-                    names: &berth_common::map_names::ALL,
-                },
-                MapPins {
-                    dir: &maps_dir,
-                    names: &map_names::ALL,
-                },
-            ],
-            &[TO_CT, FROM_CT, EDT],
-        )?;
+        let pins = [
+            MapPins {
+                dir: &dp_maps,
+                names: &berth_common::map_names::ALL,
+            },
+            MapPins {
+                dir: &maps_dir,
+                names: &map_names::ALL,
+            },
+        ];
+        let mut progs = programs::load_or_open(&progs_root, &pins, &[TO_CT, FROM_CT, EDT])?;
+        undelivered::ensure(&dir, &pins, progs.fresh)?;
         let to_ct = progs.take_required(&TO_CT)?;
         let from_ct = progs.take_required(&FROM_CT)?;
         let edt_prog = progs.take(EDT.file);
