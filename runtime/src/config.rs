@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::billing::BillingConfig;
 use crate::ctid::{Ctid, validate_name};
 use crate::shaping::{DEFAULT_MTU, ShapingConfig};
 use crate::size::Size;
@@ -286,6 +287,10 @@ pub struct CtConfig {
     /// `pps_out`), applied by the lifecycle hooks at start and by `set`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shaping: Option<ShapingConfig>,
+    /// Billing settings (`billing_day`, `tz`, `commit`, `classes`), read by berthd's ledger
+    /// (see [`crate::billing`]).
+    #[serde(default, skip_serializing_if = "BillingConfig::is_empty")]
+    pub billing: BillingConfig,
 }
 
 fn default_init() -> String {
@@ -314,6 +319,7 @@ impl CtConfig {
             resources: ResourceConfig::default(),
             net: crate::net::NetConfig::default(),
             shaping: None,
+            billing: BillingConfig::default(),
         }
     }
 
@@ -372,6 +378,7 @@ impl CtConfig {
             sh.validate(DEFAULT_MTU)
                 .map_err(|e| bad(format!("shaping.{} = {:?}: {}", e.key(), e.value, e.reason)))?;
         }
+        self.billing.validate().map_err(|e| bad(e.to_string()))?;
         Ok(())
     }
 

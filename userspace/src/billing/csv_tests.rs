@@ -33,6 +33,9 @@ fn berlin_ledger(dir: &tempfile::TempDir) -> (Ledger, Period, i64) {
         tz: "Europe/Berlin".into(),
         created: p.start + 3 * 86400 + 17,
         destroyed: None,
+        commit_bps: None,
+        classes: None,
+        history: Vec::new(),
     };
     l.register_ct(&ct).unwrap();
     let mut rng = Rng::new(31);

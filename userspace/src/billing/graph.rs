@@ -202,6 +202,9 @@ mod tests {
             tz: "UTC".into(),
             created: MAR1,
             destroyed: None,
+            commit_bps: None,
+            classes: None,
+            history: Vec::new(),
         })
         .unwrap();
         let (i, o) = (

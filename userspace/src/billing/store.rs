@@ -16,14 +16,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use berth_common::MAX_CLASSES;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::book::{Baseline, Checkpoint, Reading};
 use super::p95::{P95Mode, P95Report, SlotSample, SlotWindow, p95};
-use super::period::{BillingAnchor, Period, PeriodSpec};
+use super::period::{AnchorChange, BillingAnchor, Period, PeriodSpec};
 use super::{BillingError, Counter, CounterKey, Direction, SLOT_SECS, SlotFlags};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2 added the commit rate and class filter (`ct.commit_bps`, `ct.classes`) and the history of
+/// billing-day and time-zone changes (`ct_anchor`); a version 1 file is migrated at open.
+const SCHEMA_VERSION: i64 = 2;
 
 /// A CT moves its closed open rows to the tables every this many ticks (staggered by CT id).
 const FLUSH_EVERY: i64 = 4;
@@ -39,8 +42,19 @@ CREATE TABLE IF NOT EXISTS ct (
     billing_day TEXT NOT NULL,
     tz TEXT NOT NULL,
     created INTEGER NOT NULL,
-    destroyed INTEGER
+    destroyed INTEGER,
+    commit_bps INTEGER,
+    classes TEXT
 );
+-- Earlier billing settings of a CT: billing_day in tz applied until the instant `until` (a
+-- period boundary), the next row's or the ct row's from there.
+CREATE TABLE IF NOT EXISTS ct_anchor (
+    ct INTEGER NOT NULL,
+    until INTEGER NOT NULL,
+    billing_day TEXT NOT NULL,
+    tz TEXT NOT NULL,
+    PRIMARY KEY (ct, until)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoint (
     ct INTEGER PRIMARY KEY,
     epoch INTEGER NOT NULL,
@@ -101,6 +115,36 @@ pub struct CtInfo {
     pub created: i64,
     /// Destruction time, once destroyed.
     pub destroyed: Option<i64>,
+    /// Committed rate (bit/s): reports count the slots over it.
+    pub commit_bps: Option<u64>,
+    /// The network classes billed (the 95th and the billed bytes); `None`: every class.
+    pub classes: Option<Vec<u8>>,
+    /// Earlier billing days and time zones, oldest first, each with the instant it stopped
+    /// applying; `anchor` and `tz` apply from the last one's `until` (which is in the future
+    /// while a change waits for the current period to end).
+    pub history: Vec<AnchorChange>,
+}
+
+impl CtInfo {
+    /// A CT billed on `anchor` in `tz` from its creation, with no commit rate, every class.
+    pub fn new(uuid: String, ctid: u32, anchor: BillingAnchor, tz: String, created: i64) -> CtInfo {
+        CtInfo {
+            uuid,
+            ctid,
+            anchor,
+            tz,
+            created,
+            destroyed: None,
+            commit_bps: None,
+            classes: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Whether class `class` counts toward the bill.
+    pub fn bills_class(&self, class: u8) -> bool {
+        self.classes.as_ref().is_none_or(|c| c.contains(&class))
+    }
 }
 
 /// One CT's reading in a tick.
@@ -147,6 +191,8 @@ pub struct Report {
     pub p95: P95Report,
     /// Union of the flags of the period's slots.
     pub flags: SlotFlags,
+    /// The commit rate `p95.slots_over_commit` counts against (bit/s).
+    pub commit_bps: Option<u64>,
 }
 
 struct CtState {
@@ -211,6 +257,7 @@ impl Ledger {
                 .map_err(sql("writing the schema version"))?;
             }
             Some(SCHEMA_VERSION) => {}
+            Some(1) => migrate_v1(&conn).map_err(sql("migrating the schema from version 1"))?,
             Some(v) => {
                 return Err(BillingError::Corrupt {
                     path: path.to_path_buf(),
@@ -253,7 +300,9 @@ impl Ledger {
             .query_row("SELECT v FROM meta WHERE k='schema'", [], |r| r.get(0))
             .optional()
             .map_err(sql("reading the schema version"))?;
-        if version != Some(SCHEMA_VERSION) {
+        // A version 1 file (berthd not restarted since the upgrade) reads as CTs with the
+        // default settings: the read-only reader cannot migrate it.
+        if version != Some(SCHEMA_VERSION) && version != Some(1) {
             return Err(BillingError::Corrupt {
                 path: path.to_path_buf(),
                 op: "reading the schema version",
@@ -272,7 +321,7 @@ impl Ledger {
             #[cfg(test)]
             fail_after: None,
         };
-        ledger.load()?;
+        ledger.load_version(version == Some(1))?;
         Ok(ledger)
     }
 
@@ -293,11 +342,25 @@ impl Ledger {
     }
 
     fn load(&mut self) -> Result<(), BillingError> {
+        self.load_version(false)
+    }
+
+    fn load_version(&mut self, v1: bool) -> Result<(), BillingError> {
         let mut cts = HashMap::new();
+        let history = if v1 {
+            HashMap::new()
+        } else {
+            self.load_history()?
+        };
         {
             let mut stmt = self
                 .conn
-                .prepare("SELECT id, uuid, ctid, billing_day, tz, created, destroyed FROM ct")
+                .prepare(if v1 {
+                    "SELECT id, uuid, ctid, billing_day, tz, created, destroyed, NULL, NULL FROM ct"
+                } else {
+                    "SELECT id, uuid, ctid, billing_day, tz, created, destroyed, commit_bps, classes
+                     FROM ct"
+                })
                 .map_err(self.sql("loading the CTs"))?;
             let rows = stmt
                 .query_map([], |r| {
@@ -309,16 +372,22 @@ impl Ledger {
                         r.get::<_, String>(4)?,
                         r.get::<_, i64>(5)?,
                         r.get::<_, Option<i64>>(6)?,
+                        r.get::<_, Option<i64>>(7)?,
+                        r.get::<_, Option<String>>(8)?,
                     ))
                 })
                 .map_err(self.sql("loading the CTs"))?;
             for row in rows {
-                let (id, uuid, ctid, day, tz, created, destroyed) =
+                let (id, uuid, ctid, day, tz, created, destroyed, commit, classes) =
                     row.map_err(self.sql("loading the CTs"))?;
-                let anchor = BillingAnchor::parse(&day)
-                    .map_err(|e| self.corrupt("loading the CTs", format!("CT {uuid}: {e}")))?;
-                let spec = PeriodSpec::new(anchor, &tz, created)
-                    .map_err(|e| self.corrupt("loading the CTs", format!("CT {uuid}: {e}")))?;
+                let bad = |e: String| self.corrupt("loading the CTs", format!("CT {uuid}: {e}"));
+                let anchor = BillingAnchor::parse(&day).map_err(|e| bad(e.to_string()))?;
+                let history = history.get(&id).cloned().unwrap_or_default();
+                let spec = PeriodSpec::with_history(&history, anchor, &tz, created)
+                    .map_err(|e| bad(e.to_string()))?;
+                let classes = classes
+                    .map(|c| decode_classes(&c).ok_or_else(|| bad(format!("bad classes {c:?}"))))
+                    .transpose()?;
                 let info = CtInfo {
                     uuid: uuid.clone(),
                     ctid,
@@ -326,6 +395,9 @@ impl Ledger {
                     tz,
                     created,
                     destroyed,
+                    commit_bps: commit.map(|c| c as u64),
+                    classes,
+                    history,
                 };
                 cts.insert(
                     uuid,
@@ -390,39 +462,60 @@ impl Ledger {
         Ok(())
     }
 
-    /// Registers a CT (at create, import or migration), or updates its CTID, billing day and time
-    /// zone. Validates everything first: bad input changes nothing.
+    /// Registers a CT (at create, import or migration) with its settings, or updates a known
+    /// one's CTID, destruction time, commit rate and classes. A known CT's billing day and time
+    /// zone change only through [`Ledger::change_anchor`] (at a period boundary); a different
+    /// one here is refused. Validates everything first: bad input changes nothing.
     pub fn register_ct(&mut self, info: &CtInfo) -> Result<(), BillingError> {
         validate_uuid(&info.uuid)?;
-        let spec = PeriodSpec::new(info.anchor, &info.tz, info.created)?;
-        let day = match info.anchor {
-            BillingAnchor::Day(d) => d.to_string(),
-            BillingAnchor::Anniversary => "anniversary".to_string(),
-        };
-        let id: i64 = self
+        if let Some(c) = &info.classes {
+            validate_classes(c)?;
+        }
+        let old = self.cts.get(&info.uuid);
+        if let Some(o) = old
+            && (o.info.anchor != info.anchor || o.info.tz != info.tz)
+        {
+            return Err(BillingError::AnchorChange(info.uuid.clone()));
+        }
+        let history = old.map_or_else(|| info.history.clone(), |o| o.info.history.clone());
+        let created = old.map_or(info.created, |s| s.info.created);
+        let spec = PeriodSpec::with_history(&history, info.anchor, &info.tz, created)?;
+        let commit = info
+            .commit_bps
+            .map(|c| i64::try_from(c).map_err(|_| BillingError::Commit(c)))
+            .transpose()?;
+        let is_new = old.is_none();
+        let tx = self
             .conn
+            .unchecked_transaction()
+            .map_err(self.sql("registering a CT"))?;
+        let id: i64 = tx
             .query_row(
-                "INSERT INTO ct (uuid, ctid, billing_day, tz, created, destroyed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO ct (uuid, ctid, billing_day, tz, created, destroyed, commit_bps, classes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (uuid) DO UPDATE SET ctid = excluded.ctid,
-                   billing_day = excluded.billing_day, tz = excluded.tz,
-                   destroyed = excluded.destroyed
+                   destroyed = excluded.destroyed, commit_bps = excluded.commit_bps,
+                   classes = excluded.classes
                  RETURNING id",
                 params![
                     info.uuid,
                     info.ctid,
-                    day,
+                    anchor_name(info.anchor),
                     info.tz,
                     info.created,
-                    info.destroyed
+                    info.destroyed,
+                    commit,
+                    info.classes.as_deref().map(encode_classes),
                 ],
                 |r| r.get(0),
             )
             .map_err(self.sql("registering a CT"))?;
-        let created = self
-            .cts
-            .get(&info.uuid)
-            .map_or(info.created, |s| s.info.created);
+        if is_new {
+            for h in &history {
+                insert_history(&tx, id, h).map_err(self.sql("registering a CT"))?;
+            }
+        }
+        tx.commit().map_err(self.sql("registering a CT"))?;
         let old = self.cts.remove(&info.uuid);
         let (checkpoint, open, open_seq) = match old {
             Some(s) => (s.checkpoint, s.open, s.open_seq),
@@ -430,6 +523,7 @@ impl Ledger {
         };
         let mut info = info.clone();
         info.created = created;
+        info.history = history;
         self.cts.insert(
             info.uuid.clone(),
             CtState {
@@ -443,6 +537,100 @@ impl Ledger {
             },
         );
         Ok(())
+    }
+
+    /// Changes a CT's billing day and time zone as of `now`. The period holding `now` stays as
+    /// it is; the new settings apply from its end (see [`PeriodSpec`] for the first period
+    /// after it). A change still waiting for its period to end is replaced, and one back to the
+    /// settings in effect cancels it. Returns when the new settings take effect, `None` when
+    /// they are the ones in effect already.
+    pub fn change_anchor(
+        &mut self,
+        uuid: &str,
+        anchor: BillingAnchor,
+        tz: &str,
+        now: i64,
+    ) -> Result<Option<i64>, BillingError> {
+        let state = self.state(uuid)?;
+        let (id, created) = (state.id, state.info.created);
+        PeriodSpec::new(anchor, tz, created)?;
+        let mut history = state.info.history.clone();
+        let (mut cur_anchor, mut cur_tz) = (state.info.anchor, state.info.tz.clone());
+        // A pending change (its `until` not reached yet) is forgotten: what it replaced is in
+        // effect now.
+        while let Some(h) = history.last()
+            && h.until > now
+        {
+            let h = history.pop().expect("just seen");
+            (cur_anchor, cur_tz) = (h.anchor, h.tz);
+        }
+        let effective = if (cur_anchor, cur_tz.as_str()) == (anchor, tz) {
+            None
+        } else {
+            let before = PeriodSpec::with_history(&history, cur_anchor, &cur_tz, created)?;
+            let at = before.change_takes_effect(now)?;
+            history.push(AnchorChange {
+                until: at,
+                anchor: cur_anchor,
+                tz: cur_tz,
+            });
+            Some(at)
+        };
+        let spec = PeriodSpec::with_history(&history, anchor, tz, created)?;
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.sql("changing a CT's billing day"))?;
+        tx.execute(
+            "DELETE FROM ct_anchor WHERE ct = ?1 AND until > ?2",
+            params![id, now],
+        )
+        .map_err(self.sql("changing a CT's billing day"))?;
+        if let (Some(_), Some(h)) = (effective, history.last()) {
+            insert_history(&tx, id, h).map_err(self.sql("changing a CT's billing day"))?;
+        }
+        tx.execute(
+            "UPDATE ct SET billing_day = ?1, tz = ?2 WHERE id = ?3",
+            params![anchor_name(anchor), tz, id],
+        )
+        .map_err(self.sql("changing a CT's billing day"))?;
+        tx.commit()
+            .map_err(self.sql("changing a CT's billing day"))?;
+        let s = self.cts.get_mut(uuid).expect("looked up above");
+        s.info.anchor = anchor;
+        s.info.tz = tz.to_string();
+        s.info.history = history;
+        s.spec = spec;
+        s.period = None;
+        Ok(effective)
+    }
+
+    fn load_history(&self) -> Result<HashMap<i64, Vec<AnchorChange>>, BillingError> {
+        let op = "loading the billing-day history";
+        let mut stmt = self
+            .conn
+            .prepare("SELECT ct, until, billing_day, tz FROM ct_anchor ORDER BY ct, until")
+            .map_err(self.sql(op))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(self.sql(op))?;
+        let mut out: HashMap<i64, Vec<AnchorChange>> = HashMap::new();
+        for r in rows {
+            let (ct, until, day, tz) = r.map_err(self.sql(op))?;
+            let anchor = BillingAnchor::parse(&day)
+                .map_err(|e| self.corrupt(op, format!("CT id {ct}: {e}")))?;
+            out.entry(ct)
+                .or_default()
+                .push(AnchorChange { until, anchor, tz });
+        }
+        Ok(out)
     }
 
     /// Records the CT's destruction time (after its final tick): its window ends there.
@@ -492,6 +680,59 @@ impl Ledger {
 
 mod query;
 mod tick;
+
+fn anchor_name(a: BillingAnchor) -> String {
+    match a {
+        BillingAnchor::Day(d) => d.to_string(),
+        BillingAnchor::Anniversary => "anniversary".to_string(),
+    }
+}
+
+fn insert_history(tx: &Connection, id: i64, h: &AnchorChange) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT OR REPLACE INTO ct_anchor (ct, until, billing_day, tz) VALUES (?1, ?2, ?3, ?4)",
+        params![id, h.until, anchor_name(h.anchor), h.tz],
+    )
+}
+
+/// Version 1 → 2: the settings columns (NULL: no commit rate, every class); `ct_anchor` is in
+/// [`SCHEMA`] already. One transaction: a crash leaves version 1 whole.
+fn migrate_v1(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(
+        "ALTER TABLE ct ADD COLUMN commit_bps INTEGER;
+         ALTER TABLE ct ADD COLUMN classes TEXT;
+         UPDATE meta SET v = 2 WHERE k = 'schema';",
+    )?;
+    tx.commit()
+}
+
+/// `0,1,3`.
+fn encode_classes(c: &[u8]) -> String {
+    c.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn decode_classes(s: &str) -> Option<Vec<u8>> {
+    let c: Vec<u8> = s
+        .split(',')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    validate_classes(&c).ok()?;
+    Some(c)
+}
+
+fn validate_classes(c: &[u8]) -> Result<(), BillingError> {
+    let mut sorted = c.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if c.is_empty()
+        || sorted.len() != c.len()
+        || sorted.iter().any(|&x| u32::from(x) >= MAX_CLASSES)
+    {
+        return Err(BillingError::Classes(encode_classes(c)));
+    }
+    Ok(())
+}
 
 fn sql_err(path: &Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> BillingError + use<> {
     let path = path.to_path_buf();
@@ -571,13 +812,14 @@ fn decode_counters(blob: &[u8]) -> Option<BTreeMap<CounterKey, Counter>> {
         .collect()
 }
 
-/// Sums per-key slot rows into per-slot samples for the 95th (all classes and families). Rows
+/// Sums per-key slot rows into per-slot samples for the 95th (the classes `ct` bills, every
+/// family). Rows
 /// come sorted by slot (the slot table's key order, then the newer open rows), so neighbours
 /// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
 /// duplicates).
-fn samples(rows: &[SlotRow]) -> Vec<SlotSample> {
+fn samples(rows: &[SlotRow], ct: &CtInfo) -> Vec<SlotSample> {
     let mut out: Vec<SlotSample> = Vec::new();
-    for r in rows {
+    for r in rows.iter().filter(|r| ct.bills_class(r.key.class)) {
         let s = match out.last_mut() {
             Some(s) if s.start == r.slot_start => s,
             _ => {
@@ -598,7 +840,8 @@ fn samples(rows: &[SlotRow]) -> Vec<SlotSample> {
 }
 
 /// The report of one CT for `period` from its slot rows and totals (shared with the CSV
-/// recompute so both compute the same numbers the same way).
+/// recompute so both compute the same numbers the same way). The 95th covers the classes the CT
+/// bills; `commit_bps` overrides the CT's commit rate.
 pub(crate) fn build_report(
     ct: CtInfo,
     period: Period,
@@ -614,7 +857,8 @@ pub(crate) fn build_report(
         .iter()
         .filter(|r| window.contains(r.slot_start))
         .fold(SlotFlags::empty(), |f, r| f.union(r.flags));
-    let p95 = p95(&samples(rows), window, mode, commit_bps);
+    let commit_bps = commit_bps.or(ct.commit_bps);
+    let p95 = p95(&samples(rows, &ct), window, mode, commit_bps);
     Report {
         ct,
         period,
@@ -622,6 +866,7 @@ pub(crate) fn build_report(
         totals,
         p95,
         flags,
+        commit_bps,
     }
 }
 
