@@ -547,6 +547,50 @@ rate_out = "20mbit"
     }
 
     #[test]
+    fn billing_settings_round_trip_and_bad_ones_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        host.ensure_dirs().unwrap();
+        let ctid = Ctid::new(101).unwrap();
+        let path = host.conf_path(ctid);
+        let head = "ctid = 101\ntemplate = \"b\"\n\n[billing]\n";
+        let good = format!(
+            "{head}billing_day = 31\ntz = \"Europe/Berlin\"\ncommit = \"100mbit\"\nclasses = [0, 2]\n"
+        );
+        fs::write(&path, &good).unwrap();
+        let cfg = CtConfig::load(&host, ctid).unwrap();
+        assert_eq!(cfg.billing.day(), crate::billing::BillingDay::Day(31));
+        assert_eq!(cfg.billing.tz(), "Europe/Berlin");
+        cfg.save(&host).unwrap();
+        let back = fs::read_to_string(&path).unwrap();
+        assert!(
+            back.contains(
+                "[billing]\nbilling_day = 31\ntz = \"Europe/Berlin\"\ncommit = \"100mbit\"\n"
+            ),
+            "{back}"
+        );
+        assert_eq!(CtConfig::load(&host, ctid).unwrap(), cfg);
+        // No [billing] at all: the defaults, and none is written.
+        let plain = CtConfig::new(ctid, "b".into());
+        plain.save(&host).unwrap();
+        assert!(!fs::read_to_string(&path).unwrap().contains("billing"));
+        for (bad, want) in [
+            ("billing_day = 0\n", "billing day 0 is out of range"),
+            ("billing_day = 32\n", "billing day 32 is out of range"),
+            (
+                "tz = \"Mars/Olympus\"\n",
+                "billing.tz \"Mars/Olympus\": unknown time zone",
+            ),
+            ("commit = \"fast\"\n", "fast"),
+            ("classes = [16]\n", "class 16 does not exist"),
+        ] {
+            fs::write(&path, format!("{head}{bad}")).unwrap();
+            let e = ErrorChain(&CtConfig::load(&host, ctid).unwrap_err()).to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn uuid_round_trips_and_a_bad_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();

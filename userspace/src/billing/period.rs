@@ -518,3 +518,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "period_history_tests.rs"]
+mod history_tests;
