@@ -502,6 +502,7 @@ fn bad_settings_change_nothing() -> Result<()> {
             .map(|(p, b)| (p, b.len()))
             .collect::<Vec<_>>()
     );
+    ensure!(std::fs::read(&ledger)? == db_before, "the database changed");
     let report_after = h.json(&["billing", "--ledger", &ledger_s, "report", "4280"]);
     ensure!(
         report_after["billing_day"] == "31" && report_after["tz"] == "Europe/Berlin",
