@@ -69,9 +69,7 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             let uuid = uuid_of(ctx, &ledger, &ct)?;
             let p = period_of(&ledger, &uuid, period.as_deref(), now)?;
             let report = ledger.report(&uuid, &p, P95Mode::Max, None, now)?;
-            let mut rows = ledger.slots(&uuid, p.start, p.end)?;
-            // The rates drawn are the ones the 95th line is taken over: the billed classes.
-            rows.retain(|r| report.ct.bills_class(r.key.class));
+            let rows = ledger.slots(&uuid, p.start, p.end)?;
             let svg = render_svg(&report, &rows)?;
             // Written whole after the drawing succeeded: a failure leaves no partial file.
             let tmp = output.with_extension("svg.tmp");
