@@ -141,37 +141,39 @@ pub fn parse_commit(flag: &'static str, s: &str) -> Result<Option<Rate>, Billing
     if t.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    let si = split_number(t).and_then(|(n, unit)| {
-        let mult = match unit.as_str() {
-            "k" => 1e3,
-            "m" => 1e6,
-            "g" => 1e9,
-            "t" => 1e12,
-            _ => return None,
-        };
-        Some(n * mult)
-    });
-    let rate = match si {
-        Some(bits) => {
-            let bits = bits.round();
-            if bits < 1.0 || bits > crate::shaping::MAX_RATE_BPS as f64 {
-                return Err(err(
-                    flag,
-                    s,
-                    "a commit rate must be between 1 bit/s and 10T bit/s",
-                ));
-            }
-            Rate::from_bps(bits as u64).ok_or_else(|| err(flag, s, "out of range"))?
-        }
-        None => Rate::parse(flag, t).map_err(|e| BillingSettingError {
-            flag,
-            value: s.to_string(),
-            reason: format!(
-                "{} (or a number with k, M, G, T: bits per second)",
-                e.reason
-            ),
-        })?,
+    const UNITS: &str = "use k, M, G or T (bit/s: 100M is 100,000,000 bit/s) or tc's units \
+                         (100mbit, 12500kbps…)";
+    let Some((n, unit)) = split_number(t) else {
+        return Err(err(flag, s, format!("not a rate: {UNITS}")));
     };
+    let mult = match unit.as_str() {
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        _ => {
+            return Rate::parse(flag, t).map(Some).map_err(|e| {
+                if e.reason.starts_with("unknown rate unit") {
+                    err(flag, s, format!("unknown unit {unit:?}: {UNITS}"))
+                } else {
+                    BillingSettingError {
+                        flag,
+                        value: s.to_string(),
+                        reason: e.reason,
+                    }
+                }
+            });
+        }
+    };
+    let bits = (n * mult).round();
+    if bits < 1.0 || bits > crate::shaping::MAX_RATE_BPS as f64 {
+        return Err(err(
+            flag,
+            s,
+            "a commit rate must be between 1 bit/s and 10T bit/s",
+        ));
+    }
+    let rate = Rate::from_bps(bits as u64).ok_or_else(|| err(flag, s, "out of range"))?;
     Ok(Some(rate))
 }
 

@@ -216,7 +216,14 @@ fn settings_shape_period_commit_and_classes() -> Result<()> {
 
     let mut d = start_berthd(&h, &ledger)?;
     // The first tick runs at once: both CTs are registered with their settings.
-    std::thread::sleep(Duration::from_secs(2));
+    let report_args = ["billing", "--ledger", &ledger_s, "report", "4270", "--json"];
+    ensure!(
+        wait_for(Duration::from_secs(8), || h
+            .run(&report_args)
+            .status
+            .success()),
+        "CT 4270 not in the ledger after berthd's first tick"
+    );
     let r = h.json(&["billing", "--ledger", &ledger_s, "report", "4270"]);
     ensure!(
         r["commit_bits_per_second"] == 100_000_000u64 && r["billing_day"] == "31",
@@ -420,7 +427,7 @@ fn bad_settings_change_nothing() -> Result<()> {
         ),
         (
             &["--commit", "100X"],
-            "--commit \"100X\": unknown rate unit",
+            "--commit \"100X\": unknown unit \"x\"",
         ),
         (
             &["--commit", "0"],
