@@ -1,5 +1,4 @@
 use super::super::book::{Baseline, Reading};
-use super::super::store::CtInfo;
 use super::super::store::{CtReading, LedgerOptions};
 use super::super::testrng::Rng;
 use super::*;
