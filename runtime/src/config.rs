@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::billing::BillingConfig;
 use crate::ctid::{Ctid, validate_name};
 use crate::shaping::{DEFAULT_MTU, ShapingConfig};
 use crate::size::Size;
@@ -286,6 +287,10 @@ pub struct CtConfig {
     /// `pps_out`), applied by the lifecycle hooks at start and by `set`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shaping: Option<ShapingConfig>,
+    /// Billing settings (`billing_day`, `tz`, `commit`, `classes`), read by berthd's ledger
+    /// (see [`crate::billing`]).
+    #[serde(default, skip_serializing_if = "BillingConfig::is_empty")]
+    pub billing: BillingConfig,
 }
 
 fn default_init() -> String {
@@ -314,6 +319,7 @@ impl CtConfig {
             resources: ResourceConfig::default(),
             net: crate::net::NetConfig::default(),
             shaping: None,
+            billing: BillingConfig::default(),
         }
     }
 
@@ -372,6 +378,7 @@ impl CtConfig {
             sh.validate(DEFAULT_MTU)
                 .map_err(|e| bad(format!("shaping.{} = {:?}: {}", e.key(), e.value, e.reason)))?;
         }
+        self.billing.validate().map_err(|e| bad(e.to_string()))?;
         Ok(())
     }
 
@@ -537,6 +544,50 @@ rate_out = "20mbit"
         fs::write(&path, format!("{head}burst = \"64kb\"\n")).unwrap();
         let cfg = CtConfig::load(&host, ctid).unwrap();
         assert!(cfg.shaping.is_some() && cfg.active_shaping().is_none());
+    }
+
+    #[test]
+    fn billing_settings_round_trip_and_bad_ones_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf()), None, None).unwrap();
+        host.ensure_dirs().unwrap();
+        let ctid = Ctid::new(101).unwrap();
+        let path = host.conf_path(ctid);
+        let head = "ctid = 101\ntemplate = \"b\"\n\n[billing]\n";
+        let good = format!(
+            "{head}billing_day = 31\ntz = \"Europe/Berlin\"\ncommit = \"100mbit\"\nclasses = [0, 2]\n"
+        );
+        fs::write(&path, &good).unwrap();
+        let cfg = CtConfig::load(&host, ctid).unwrap();
+        assert_eq!(cfg.billing.day(), crate::billing::BillingDay::Day(31));
+        assert_eq!(cfg.billing.tz(), "Europe/Berlin");
+        cfg.save(&host).unwrap();
+        let back = fs::read_to_string(&path).unwrap();
+        assert!(
+            back.contains(
+                "[billing]\nbilling_day = 31\ntz = \"Europe/Berlin\"\ncommit = \"100mbit\"\n"
+            ),
+            "{back}"
+        );
+        assert_eq!(CtConfig::load(&host, ctid).unwrap(), cfg);
+        // No [billing] at all: the defaults, and none is written.
+        let plain = CtConfig::new(ctid, "b".into());
+        plain.save(&host).unwrap();
+        assert!(!fs::read_to_string(&path).unwrap().contains("billing"));
+        for (bad, want) in [
+            ("billing_day = 0\n", "billing day 0 is out of range"),
+            ("billing_day = 32\n", "billing day 32 is out of range"),
+            (
+                "tz = \"Mars/Olympus\"\n",
+                "billing.tz \"Mars/Olympus\": unknown time zone",
+            ),
+            ("commit = \"fast\"\n", "fast"),
+            ("classes = [16]\n", "class 16 does not exist"),
+        ] {
+            fs::write(&path, format!("{head}{bad}")).unwrap();
+            let e = ErrorChain(&CtConfig::load(&host, ctid).unwrap_err()).to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

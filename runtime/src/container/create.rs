@@ -35,6 +35,8 @@ pub struct CreateOpts {
     pub resources: ResourceConfig,
     /// Traffic shaping, applied when the CT starts.
     pub shaping: Option<ShapingConfig>,
+    /// Billing settings (`--billing-day`, `--tz`, `--commit`, `--classes`).
+    pub billing: crate::billing::BillingConfig,
 }
 
 /// Creates CT `ctid`. Everything is checked before anything is made; a failure on the way
@@ -56,6 +58,10 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
         s.validate(DEFAULT_MTU)
             .map_err(|source| CtError::Shaping { ctid, source })?;
     }
+    opts.billing.validate().map_err(|e| CtError::Invalid {
+        ctid,
+        msg: e.to_string(),
+    })?;
     let store = TemplateStore::open(host.template_dir())?;
     let tmpl = store.get(&opts.template)?;
     host.ensure_dirs()?;
@@ -114,6 +120,7 @@ fn create_locked(
     cfg.stop_signal = tmpl.stop_signal.clone();
     cfg.resources = opts.resources.clone();
     cfg.shaping = opts.shaping.clone().and_then(ShapingConfig::non_empty);
+    cfg.billing = opts.billing.clone();
     if !opts.ipadd.is_empty() {
         let add = SetOpts {
             ipadd: opts.ipadd.clone(),

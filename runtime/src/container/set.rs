@@ -19,6 +19,7 @@ use super::{
     CtError, NetHooks, Result, cg_err, cgroup, exec, hook_err, io_err, lock, net_err, open_ns,
     resources_of, running,
 };
+use crate::billing::{BillingChange, BillingConfig};
 use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
 use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::{Ctid, validate_name};
@@ -47,6 +48,9 @@ pub struct SetOpts {
     /// The shaping flags, merged onto the CT's current shaping (the live one of a running CT,
     /// else the saved one).
     pub shaping: ShapingChange,
+    /// The billing flags (`--billing-day`, `--tz`, `--commit`, `--classes`): config only,
+    /// berthd's ledger reads them from the saved config, so they need `--save`.
+    pub billing: BillingChange,
 }
 
 impl SetOpts {
@@ -309,6 +313,8 @@ struct Plan {
     shaping_before: Option<ShapingConfig>,
     /// With shaping flags: the shaping afterwards (`None`: unshaped).
     shaping: Option<Option<ShapingConfig>>,
+    /// With billing flags: the billing settings afterwards.
+    billing: Option<BillingConfig>,
 }
 
 fn plan(
@@ -374,6 +380,18 @@ fn plan(
                 .map_err(|source| CtError::Shaping { ctid, source })?,
         )
     };
+    let billing = if opts.billing.is_empty() {
+        None
+    } else {
+        Some(
+            opts.billing
+                .merge(&cfg.billing)
+                .map_err(|e| CtError::Invalid {
+                    ctid,
+                    msg: e.to_string(),
+                })?,
+        )
+    };
     // Reading what the limits are now also checks that the cgroup supports the change.
     let limits = match run {
         Some(_) => {
@@ -390,6 +408,7 @@ fn plan(
         net,
         shaping_before,
         shaping,
+        billing,
     })
 }
 
@@ -407,6 +426,14 @@ pub fn set(
     let run = running(host, ctid);
     if run.is_none() && !save {
         return Err(CtError::NeedSave(ctid));
+    }
+    if !opts.billing.is_empty() && !save {
+        // Nothing in a running CT holds billing settings: berthd reads the saved config, so
+        // an unsaved change would be silently ignored.
+        return Err(CtError::Invalid {
+            ctid,
+            msg: "--billing-day, --tz, --commit and --classes are billing settings berthd reads from the saved config: add --save".into(),
+        });
     }
     if save {
         // Saved with the rest, only if the set succeeds: the on-disk UUID (one a start may
@@ -522,6 +549,9 @@ fn apply(
         }
         if let Some(new) = &plan.shaping {
             cfg.shaping = new.clone();
+        }
+        if let Some(b) = &plan.billing {
+            cfg.billing = b.clone();
         }
         cfg.save(host)?;
     }

@@ -345,6 +345,9 @@ mod tests {
                 tz: "UTC".into(),
                 created: MAR1 + i as i64 * 600,
                 destroyed: None,
+                commit_bps: None,
+                classes: None,
+                history: Vec::new(),
             })
             .unwrap();
         }

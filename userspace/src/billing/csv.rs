@@ -57,7 +57,10 @@ pub fn write_slots<W: io::Write>(
     let werr = |source| BillingError::CsvWrite { source };
     let mut out = csv::Writer::from_writer(w);
     out.write_record(HEADER).map_err(werr)?;
-    let day = match ctx.ct.anchor {
+    // The settings the period is laid out with (after a change, the CT's older periods keep
+    // theirs).
+    let (anchor, tz) = ctx.spec.settings_at(ctx.period.start);
+    let day = match anchor {
         BillingAnchor::Day(d) => d.to_string(),
         BillingAnchor::Anniversary => "anniversary".to_string(),
     };
@@ -66,7 +69,7 @@ pub fn write_slots<W: io::Write>(
         ctx.ct.ctid.to_string(),
         ctx.layer.to_string(),
         day,
-        ctx.spec.tz_name().to_string(),
+        tz.to_string(),
         ctx.period.label(),
         ctx.spec.rfc3339(ctx.period.start)?,
         ctx.spec.rfc3339(ctx.period.end)?,
@@ -136,6 +139,7 @@ struct Fixed {
     ctid: u32,
     day: String,
     tz: String,
+    label: String,
     period_start: i64,
     period_end: i64,
     created: i64,
@@ -151,6 +155,18 @@ pub fn recompute<R: io::Read>(
     mode: P95Mode,
     commit_bps: Option<u64>,
     period_override: Option<(BillingAnchor, &str)>,
+) -> Result<Report, BillingError> {
+    recompute_with(input, mode, commit_bps, period_override, None)
+}
+
+/// [`recompute`] billing only the network classes `classes` (`None`: every class) in the 95th
+/// and the billed bytes, as a CT with that class filter is billed.
+pub fn recompute_with<R: io::Read>(
+    input: R,
+    mode: P95Mode,
+    commit_bps: Option<u64>,
+    period_override: Option<(BillingAnchor, &str)>,
+    classes: Option<Vec<u8>>,
 ) -> Result<Report, BillingError> {
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -202,6 +218,7 @@ pub fn recompute<R: io::Read>(
                 .map_err(|_| bad(format!("ctid {} is out of range", f(1))))?,
             day: f(3).to_string(),
             tz: f(4).to_string(),
+            label: f(5).to_string(),
             period_start: time(6)?,
             period_end: time(7)?,
             created: time(8)?,
@@ -286,7 +303,22 @@ pub fn recompute<R: io::Read>(
         Some(_) => spec.period_of(fx.period_start)?,
         None => {
             let p = spec.period_of(fx.period_start)?;
-            if (p.start, p.end) != (fx.period_start, fx.period_end) {
+            let q = spec.period_of(fx.period_end - 1)?;
+            if (p.start, p.end) == (fx.period_start, fx.period_end) {
+                p
+            } else if q.end == fx.period_end
+                && q.label() == fx.label
+                && fx.period_start < fx.period_end
+                && fx.period_start >= spec.prev(&q)?.start
+            {
+                // The first period after a change of billing day or time zone: it starts where
+                // the old settings' last period ended (see `PeriodSpec`), and ends on a boundary
+                // of the file's (new) settings.
+                Period {
+                    start: fx.period_start,
+                    ..q
+                }
+            } else {
                 return Err(BillingError::CsvLine {
                     line: 2,
                     detail: format!(
@@ -295,7 +327,6 @@ pub fn recompute<R: io::Read>(
                     ),
                 });
             }
-            p
         }
     };
     rows.retain(|r| period.contains(r.slot_start) || period.contains(r.slot_start + SLOT_SECS - 1));
@@ -318,6 +349,9 @@ pub fn recompute<R: io::Read>(
         tz: tz.to_string(),
         created: fx.created,
         destroyed: None,
+        commit_bps: None,
+        classes,
+        history: Vec::new(),
     };
     Ok(build_report(
         ct, period, totals, &rows, mode, commit_bps, fx.until,

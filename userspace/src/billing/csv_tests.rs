@@ -33,6 +33,9 @@ fn berlin_ledger(dir: &tempfile::TempDir) -> (Ledger, Period, i64) {
         tz: "Europe/Berlin".into(),
         created: p.start + 3 * 86400 + 17,
         destroyed: None,
+        commit_bps: None,
+        classes: None,
+        history: Vec::new(),
     };
     l.register_ct(&ct).unwrap();
     let mut rng = Rng::new(31);
@@ -253,4 +256,86 @@ fn corrupt_or_truncated_csv_names_the_line() {
         Err(BillingError::CsvEmpty(_))
     ));
     assert!(recompute(&b""[..], P95Mode::Max, None, None).is_err());
+}
+
+/// The first period after a change of billing day and time zone (UTC day 1 → Berlin day 31,
+/// made in March: April runs from 1 Apr 00:00 UTC to Berlin's 31 May, 30 May 22:00 UTC), and a
+/// class filter: the export recomputes to the store's numbers, with the filter given again.
+#[test]
+fn recompute_of_a_period_after_a_change_with_a_class_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(&dir.path().join("l.db"), LedgerOptions::default()).unwrap();
+    let mar1 = 1_772_323_200;
+    let apr1 = mar1 + 31 * 86400;
+    let mut ct = CtInfo::new(UUID.into(), 7, BillingAnchor::Day(1), "UTC".into(), mar1);
+    ct.classes = Some(vec![2]);
+    ct.commit_bps = Some(1000);
+    l.register_ct(&ct).unwrap();
+    let mut rng = Rng::new(5);
+    let mut c = [0u64; 3];
+    let mut t = mar1 + 20;
+    let mut changed = None;
+    while t < apr1 + 62 * 86400 {
+        for v in &mut c {
+            *v += rng.below(100_000);
+        }
+        let counters = [IN4, OUT4, OUT6]
+            .iter()
+            .zip(c)
+            .map(|(k, v)| (*k, Counter::new(v, v / 100)))
+            .collect();
+        l.tick(&[CtReading {
+            uuid: UUID.into(),
+            reading: Reading {
+                at: t,
+                epoch: 1,
+                counters,
+            },
+            first: Baseline::Zero,
+        }])
+        .unwrap();
+        if changed.is_none() && t > mar1 + 9 * 86400 {
+            changed = l
+                .change_anchor(UUID, BillingAnchor::Day(31), "Europe/Berlin", t)
+                .unwrap();
+        }
+        t += if rng.below(10) == 0 { 86400 } else { 300 };
+    }
+    assert_eq!(changed, Some(apr1));
+    let p = l.period_spec(UUID).unwrap().parse("2026-04").unwrap();
+    assert_eq!((p.start, p.end), (apr1, 1_780_178_400));
+    let now = t;
+    let csv = export(&l, &p, now);
+    let line2 = csv.lines().nth(1).unwrap();
+    assert!(
+        line2.contains(
+            ",31,Europe/Berlin,2026-04,2026-04-01T02:00:00+02:00,2026-05-31T00:00:00+02:00,"
+        ),
+        "{line2}"
+    );
+    let stored = l.report(UUID, &p, P95Mode::Max, None, now).unwrap();
+    assert_eq!(stored.commit_bps, Some(1000));
+    let unfiltered = recompute(csv.as_bytes(), P95Mode::Max, Some(1000), None).unwrap();
+    let re = recompute_with(
+        csv.as_bytes(),
+        P95Mode::Max,
+        Some(1000),
+        None,
+        Some(vec![2]),
+    )
+    .unwrap();
+    assert_eq!(re.period, stored.period);
+    assert_eq!(re.totals, stored.totals);
+    assert_eq!(re.p95, stored.p95);
+    // Class 2 (OUT6) carries a third of the bytes: the filter changes the 95th.
+    assert!(
+        unfiltered.p95.bps > re.p95.bps,
+        "{:?} {:?}",
+        unfiltered.p95,
+        re.p95
+    );
+    assert_eq!(
+        super::super::json::direction_sums(&re),
+        (0, stored.totals[&OUT6].bytes)
+    );
 }

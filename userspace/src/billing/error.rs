@@ -23,6 +23,16 @@ pub enum BillingError {
         #[source]
         source: jiff::Error,
     },
+    #[error("no billing period is named {0}: the CT's time zone changed across that month's start")]
+    NoSuchPeriod(String),
+    #[error(
+        "CT {0}: a change of billing day or time zone takes effect at a period boundary (Ledger::change_anchor), not at registration"
+    )]
+    AnchorChange(String),
+    #[error("commit rate {0} bit/s is out of range")]
+    Commit(u64),
+    #[error("bad class list {0:?}: classes 0–15, each once, at least one")]
+    Classes(String),
     #[error("unknown 95th-percentile mode {0:?}: expected max, per-direction, sum or max-per-slot")]
     Mode(String),
     #[error("bad CT UUID {0:?}: expected 36 characters of hex digits and dashes")]

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use berth_common::map_names;
+use berth_runtime::billing::{BillingConfig, BillingDay};
 use berth_runtime::config::{ConfigError, CtConfig, Host};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     BillingAnchor, BillingError, Counter, CounterKey, CtInfo, CtReading, Direction, Family, Ledger,
@@ -200,20 +201,7 @@ impl Feeder {
                 continue;
             };
             let uuid = uuid.hyphenated().to_string();
-            let known = self.ledger.ct(&uuid).ok().cloned();
-            if known.as_ref().is_none_or(|k| k.ctid != ctid.get()) {
-                self.ledger.register_ct(&CtInfo {
-                    uuid: uuid.clone(),
-                    ctid: ctid.get(),
-                    anchor: known.as_ref().map_or(BillingAnchor::Day(1), |k| k.anchor),
-                    tz: known
-                        .as_ref()
-                        .map_or_else(|| "UTC".to_string(), |k| k.tz.clone()),
-                    created: known.as_ref().map_or(now, |k| k.created),
-                    destroyed: None,
-                })?;
-                summary.registered += 1;
-            }
+            summary.registered += self.sync_settings(&uuid, ctid.get(), &cfg.billing, now)?;
             alive.insert(uuid.clone());
             if let Some(s) = &snap {
                 readings.push(CtReading {
@@ -251,6 +239,45 @@ impl Feeder {
             self.last_epoch = epoch;
         }
         Ok(summary)
+    }
+
+    /// Registers a CT new to the ledger with its config's billing settings, or brings a known
+    /// one's in line with its config: a new CTID, commit rate or class filter applies at once
+    /// (they only read the bill), a new billing day or time zone from the end of the current
+    /// period (the ledger keeps the history, so periods already billed never move). Returns 1
+    /// when the CT was new.
+    fn sync_settings(
+        &mut self,
+        uuid: &str,
+        ctid: u32,
+        billing: &BillingConfig,
+        now: i64,
+    ) -> Result<usize, FeedError> {
+        let anchor = match billing.day() {
+            BillingDay::Day(d) => BillingAnchor::Day(d),
+            BillingDay::Anniversary => BillingAnchor::Anniversary,
+        };
+        let tz = billing.tz();
+        let commit = billing.commit.map(|r| r.bits_per_sec());
+        let Ok(known) = self.ledger.ct(uuid).cloned() else {
+            let mut info = CtInfo::new(uuid.to_string(), ctid, anchor, tz.to_string(), now);
+            info.commit_bps = commit;
+            info.classes = billing.classes.clone();
+            self.ledger.register_ct(&info)?;
+            return Ok(1);
+        };
+        if (known.anchor, known.tz.as_str()) != (anchor, tz) {
+            let from = self.ledger.change_anchor(uuid, anchor, tz, now)?;
+            info!(%uuid, ctid, billing_day = ?anchor, tz, from, "billing day or time zone changed: applies from the end of the current period");
+        }
+        if known.ctid != ctid || known.commit_bps != commit || known.classes != billing.classes {
+            let mut info = self.ledger.ct(uuid)?.clone();
+            info.ctid = ctid;
+            info.commit_bps = commit;
+            info.classes = billing.classes.clone();
+            self.ledger.register_ct(&info)?;
+        }
+        Ok(0)
     }
 
     /// The final reading of a destroyed CT from its retired record, read by destroy just before

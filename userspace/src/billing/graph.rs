@@ -1,5 +1,7 @@
 //! `berth billing graph`: a CT's period as an SVG chart of its 5-minute inbound and outbound
-//! rates with the billed 95th (mode `max`: the larger direction's) as a labelled line.
+//! rates with the billed 95th (mode `max`: the larger direction's) as a labelled line, and the
+//! commit rate when the CT has one. Only the classes the CT is billed for are drawn: the 95th
+//! is taken over them.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +18,10 @@ pub type Series = Vec<(f64, f64)>;
 /// the 95th counts them), as (days since the period's start, bit/s).
 pub fn slot_rates(report: &Report, rows: &[SlotRow]) -> (Series, Series) {
     let mut by_slot: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
-    for r in rows.iter().filter(|r| report.window.contains(r.slot_start)) {
+    for r in rows
+        .iter()
+        .filter(|r| report.window.contains(r.slot_start) && report.ct.bills_class(r.key.class))
+    {
         let e = by_slot.entry(r.slot_start).or_default();
         match r.key.direction {
             Direction::In => e.0 += r.counter.bytes,
@@ -46,7 +51,8 @@ pub fn p95_label(report: &Report) -> String {
 
 /// The SVG document of `report` (mode `max` for the line) over its slot `rows`.
 pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingError> {
-    let spec = PeriodSpec::new(report.ct.anchor, &report.ct.tz, report.ct.created)?;
+    let ct = &report.ct;
+    let spec = PeriodSpec::with_history(&ct.history, ct.anchor, &ct.tz, ct.created)?;
     let start = spec.rfc3339(report.period.start)?;
     let (ins, outs) = slot_rates(report, rows);
     let p95 = report.p95.bps as f64;
@@ -55,6 +61,7 @@ pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingEr
         .chain(&outs)
         .map(|p| p.1)
         .fold(p95, f64::max)
+        .max(report.commit_bps.unwrap_or(0) as f64)
         .max(1.0)
         * 1.1;
     let days = ((report.period.end - report.period.start) as f64 / DAY).max(1.0 / 288.0);
@@ -100,6 +107,17 @@ pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingEr
             .map_err(|e| err(&e))?
             .label(p95_label(report))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        if let Some(c) = report.commit_bps {
+            let c_y = c as f64;
+            chart
+                .draw_series(LineSeries::new([(0.0, c_y), (days, c_y)], &MAGENTA))
+                .map_err(|e| err(&e))?
+                .label(format!(
+                    "commit: {c} bit/s ({} slots over)",
+                    report.p95.slots_over_commit
+                ))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA));
+        }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -202,6 +220,9 @@ mod tests {
             tz: "UTC".into(),
             created: MAR1,
             destroyed: None,
+            commit_bps: None,
+            classes: None,
+            history: Vec::new(),
         })
         .unwrap();
         let (i, o) = (
@@ -242,5 +263,27 @@ mod tests {
         assert!(svg.contains(&p95_label(&r)), "no 95th label");
         assert!(svg.contains("inbound") && svg.contains("outbound"));
         assert!(svg.contains("<polyline") || svg.contains("<path"));
+        assert!(
+            !svg.contains("commit:"),
+            "a commit line without a commit rate"
+        );
+
+        // Billed for class 1 only (the outbound rows) with a commit rate: the inbound series
+        // is all zero, and the commit line is labelled with the slots over it.
+        let mut info = l.ct(&uuid).unwrap().clone();
+        info.classes = Some(vec![1]);
+        info.commit_bps = Some(500);
+        l.register_ct(&info).unwrap();
+        let r = l.report(&uuid, &p, P95Mode::Max, None, now).unwrap();
+        let (ins, outs) = slot_rates(&r, &rows);
+        assert_eq!((sum(&ins), sum(&outs)), (0.0, 40.0 * 210.0));
+        // Outbound 40·j bit/s: slots 13..=20 are over 500.
+        assert_eq!((r.p95.bps, r.p95.slots_over_commit), (760, 8));
+        let svg = render_svg(&r, &rows).unwrap();
+        well_formed(&svg).unwrap();
+        assert!(
+            svg.contains("commit: 500 bit/s (8 slots over)"),
+            "no commit label"
+        );
     }
 }

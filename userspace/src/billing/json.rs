@@ -12,10 +12,11 @@ fn anchor_name(a: BillingAnchor) -> String {
     }
 }
 
-/// Bytes in and out over every class and family of the report.
+/// Bytes in and out over every class the CT bills (all of them unless it has a class filter)
+/// and every family.
 pub fn direction_sums(r: &Report) -> (u64, u64) {
     let mut sums = (0u64, 0u64);
-    for (k, c) in &r.totals {
+    for (k, c) in r.totals.iter().filter(|(k, _)| r.ct.bills_class(k.class)) {
         match k.direction {
             Direction::In => sums.0 += c.bytes,
             Direction::Out => sums.1 += c.bytes,
@@ -24,9 +25,20 @@ pub fn direction_sums(r: &Report) -> (u64, u64) {
     sums
 }
 
-/// One CT's bill; instants in RFC 3339 in the CT's own time zone.
+/// One CT's bill; instants in RFC 3339 in the time zone of the period's settings.
+/// `billing_day` and `tz` are the settings the period is laid out with; `next_settings` is set
+/// while a change waits for a later period to begin.
 pub fn report_json(r: &Report) -> Result<Value, BillingError> {
-    let spec = PeriodSpec::new(r.ct.anchor, &r.ct.tz, r.ct.created)?;
+    let spec = PeriodSpec::with_history(&r.ct.history, r.ct.anchor, &r.ct.tz, r.ct.created)?;
+    let (anchor, tz) = spec.settings_at(r.period.start);
+    let next = match r.ct.history.last() {
+        Some(h) if h.until > r.period.start => Some(json!({
+            "billing_day": anchor_name(r.ct.anchor),
+            "tz": r.ct.tz,
+            "from": spec.rfc3339(h.until)?,
+        })),
+        _ => None,
+    };
     let totals: Vec<Value> = r
         .totals
         .iter()
@@ -37,6 +49,7 @@ pub fn report_json(r: &Report) -> Result<Value, BillingError> {
                 "family": k.family.as_str(),
                 "bytes": c.bytes,
                 "packets": c.packets,
+                "billed": r.ct.bills_class(k.class),
             })
         })
         .collect();
@@ -45,8 +58,11 @@ pub fn report_json(r: &Report) -> Result<Value, BillingError> {
     Ok(json!({
         "ct_uuid": r.ct.uuid,
         "ctid": r.ct.ctid,
-        "billing_day": anchor_name(r.ct.anchor),
-        "tz": r.ct.tz,
+        "billing_day": anchor_name(anchor),
+        "tz": tz,
+        "next_settings": next,
+        "commit_bits_per_second": r.commit_bps,
+        "classes": r.ct.classes,
         "period": r.period.label(),
         "period_start": spec.rfc3339(r.period.start)?,
         "period_end": spec.rfc3339(r.period.end)?,

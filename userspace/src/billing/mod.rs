@@ -20,7 +20,7 @@ mod testrng;
 pub use book::{Baseline, Booking, Checkpoint, Reading, SlotAdd, book};
 pub use error::BillingError;
 pub use p95::{P95Mode, P95Report, SlotSample, SlotWindow, bytes_to_bps, nearest_rank};
-pub use period::{BillingAnchor, Period, PeriodSpec};
+pub use period::{AnchorChange, BillingAnchor, Period, PeriodSpec};
 pub use store::{CtInfo, CtReading, Ledger, LedgerOptions, Report, SlotRow, TickSummary};
 
 /// Length of a billing slot: the 5-minute sample transit providers bill the 95th on.

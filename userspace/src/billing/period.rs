@@ -90,18 +90,19 @@ impl Period {
     }
 }
 
-/// How one CT's periods are laid out: the resolved billing day and the time zone.
+/// How periods are laid out under one setting: the resolved billing day and the time zone.
 #[derive(Debug, Clone)]
-pub struct PeriodSpec {
+struct Layout {
+    anchor: BillingAnchor,
     day: i8,
     tz: TimeZone,
     tz_name: String,
 }
 
-impl PeriodSpec {
+impl Layout {
     /// `tz` is an IANA name (`UTC`, `Europe/Berlin`); `created` (Unix seconds) resolves
     /// [`BillingAnchor::Anniversary`] to the local day of the month of the CT's creation.
-    pub fn new(anchor: BillingAnchor, tz: &str, created: i64) -> Result<PeriodSpec, BillingError> {
+    fn new(anchor: BillingAnchor, tz: &str, created: i64) -> Result<Layout, BillingError> {
         let zone = jiff::tz::db()
             .get(tz)
             .map_err(|source| BillingError::TimeZone {
@@ -116,24 +117,16 @@ impl PeriodSpec {
                 zone.to_datetime(ts).date().day()
             }
         };
-        Ok(PeriodSpec {
+        Ok(Layout {
+            anchor,
             day,
             tz: zone,
             tz_name: tz.to_string(),
         })
     }
 
-    /// The resolved billing day (1–31).
-    pub fn billing_day(&self) -> u8 {
-        self.day as u8
-    }
-
-    pub fn tz_name(&self) -> &str {
-        &self.tz_name
-    }
-
     /// `t` as RFC 3339 with this zone's offset at that instant (`2026-03-01T00:00:00+01:00`).
-    pub fn rfc3339(&self, t: i64) -> Result<String, BillingError> {
+    fn rfc3339(&self, t: i64) -> Result<String, BillingError> {
         let ts = timestamp(t, &self.tz_name)?;
         Ok(ts.display_with_offset(self.tz.to_offset(ts)).to_string())
     }
@@ -164,7 +157,7 @@ impl PeriodSpec {
     }
 
     /// The period holding instant `t` (Unix seconds).
-    pub fn period_of(&self, t: i64) -> Result<Period, BillingError> {
+    fn period_of(&self, t: i64) -> Result<Period, BillingError> {
         let date = self.tz.to_datetime(timestamp(t, &self.tz_name)?).date();
         let p = self.period(date.year(), date.month())?;
         if t < p.start {
@@ -175,20 +168,182 @@ impl PeriodSpec {
         }
     }
 
-    /// The period named `YYYY-MM` in this CT's terms (the one starting in that local month).
-    pub fn parse(&self, label: &str) -> Result<Period, BillingError> {
-        let (year, month) = Period::parse_label(label)?;
-        self.period(year, month)
-    }
-
-    pub fn next(&self, p: &Period) -> Result<Period, BillingError> {
+    fn next(&self, p: &Period) -> Result<Period, BillingError> {
         let (y, m) = next_month(p.year, p.month);
         self.period(y, m)
     }
+}
+
+/// Settings that applied before a change: `anchor` in `tz` until the instant `until`, from which
+/// the next (newer) settings apply. `until` is always a period boundary of the settings before
+/// it: a change of billing day or time zone takes effect at the end of the period it was made in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnchorChange {
+    pub until: i64,
+    pub anchor: BillingAnchor,
+    pub tz: String,
+}
+
+/// One stretch of a CT's settings: `layout` from the instant `from`.
+#[derive(Debug, Clone)]
+struct Segment {
+    from: i64,
+    layout: Layout,
+    /// The first period under these settings (none for the first settings): it starts at
+    /// `from`, where the previous settings' last period ended, and ends where the first period
+    /// of these settings named after that last one ends. So a period name (`YYYY-MM`) is never
+    /// used twice, and no instant falls outside a period.
+    first: Option<Period>,
+}
+
+/// How one CT's periods are laid out: its billing day and time zone, and the earlier settings
+/// with the instant each stopped applying (see [`AnchorChange`]).
+///
+/// A change mid-period leaves that period as it was (its start, its end, every byte booked in
+/// it). The new settings apply from its end: the first period under them runs from there to
+/// the end of the first new-settings period named after the old last one, e.g. billing day 1
+/// (UTC) changed to 15 during January: January stays 1 Jan–1 Feb, then `YYYY-02` runs 1 Feb–
+/// 15 Mar, then 15 Mar–15 Apr. Changed from 15 to 1 during January (period `YYYY-01`, 15 Jan–
+/// 15 Feb): `YYYY-02` is 15 Feb–1 Mar, a short period, then 1 Mar–1 Apr.
+#[derive(Debug, Clone)]
+pub struct PeriodSpec {
+    /// Oldest first; `segments[0].from` is `i64::MIN`.
+    segments: Vec<Segment>,
+}
+
+impl PeriodSpec {
+    /// One setting for all time. `tz` is an IANA name (`UTC`, `Europe/Berlin`); `created`
+    /// (Unix seconds) resolves [`BillingAnchor::Anniversary`] to the local day of the month of
+    /// the CT's creation.
+    pub fn new(anchor: BillingAnchor, tz: &str, created: i64) -> Result<PeriodSpec, BillingError> {
+        Ok(PeriodSpec {
+            segments: vec![Segment {
+                from: i64::MIN,
+                layout: Layout::new(anchor, tz, created)?,
+                first: None,
+            }],
+        })
+    }
+
+    /// The current `anchor` and `tz`, after the earlier settings `history` (oldest first).
+    pub fn with_history(
+        history: &[AnchorChange],
+        anchor: BillingAnchor,
+        tz: &str,
+        created: i64,
+    ) -> Result<PeriodSpec, BillingError> {
+        let Some((oldest, rest)) = history.split_first() else {
+            return PeriodSpec::new(anchor, tz, created);
+        };
+        let mut spec = PeriodSpec::new(oldest.anchor, &oldest.tz, created)?;
+        let mut from = oldest.until;
+        for h in rest {
+            spec.push(from, Layout::new(h.anchor, &h.tz, created)?)?;
+            from = h.until;
+        }
+        spec.push(from, Layout::new(anchor, tz, created)?)?;
+        Ok(spec)
+    }
+
+    fn push(&mut self, from: i64, layout: Layout) -> Result<(), BillingError> {
+        let last = self.period_of(from - 1)?;
+        let mut q = layout.period_of(from)?;
+        while (q.year, q.month) <= (last.year, last.month) {
+            q = layout.next(&q)?;
+        }
+        self.segments.push(Segment {
+            from,
+            layout,
+            first: Some(Period { start: from, ..q }),
+        });
+        Ok(())
+    }
+
+    /// The instant a change of settings made at `now` takes effect: the end of the period
+    /// holding `now`.
+    pub fn change_takes_effect(&self, now: i64) -> Result<i64, BillingError> {
+        Ok(self.period_of(now)?.end)
+    }
+
+    fn current(&self) -> &Layout {
+        &self.segments.last().expect("never empty").layout
+    }
+
+    fn segment_at(&self, t: i64) -> usize {
+        self.segments.partition_point(|s| s.from <= t).max(1) - 1
+    }
+
+    /// The billing day of the current settings, resolved (1–31).
+    pub fn billing_day(&self) -> u8 {
+        self.current().day as u8
+    }
+
+    /// The time zone of the current settings.
+    pub fn tz_name(&self) -> &str {
+        &self.current().tz_name
+    }
+
+    /// The billing anchor and time zone the period holding `t` is laid out with.
+    pub fn settings_at(&self, t: i64) -> (BillingAnchor, &str) {
+        let l = &self.segments[self.segment_at(t)].layout;
+        (l.anchor, &l.tz_name)
+    }
+
+    /// `t` as RFC 3339 with the offset of the zone in effect at `t`
+    /// (`2026-03-01T00:00:00+01:00`).
+    pub fn rfc3339(&self, t: i64) -> Result<String, BillingError> {
+        self.segments[self.segment_at(t)].layout.rfc3339(t)
+    }
+
+    /// `p` truncated where the next settings begin (a history that does not end on a period
+    /// boundary, such as one edited by hand, still tiles time).
+    fn clip(&self, i: usize, mut p: Period) -> Period {
+        if let Some(next) = self.segments.get(i + 1) {
+            p.end = p.end.min(next.from);
+        }
+        p
+    }
+
+    /// The period holding instant `t` (Unix seconds).
+    pub fn period_of(&self, t: i64) -> Result<Period, BillingError> {
+        let i = self.segment_at(t);
+        let seg = &self.segments[i];
+        if let Some(first) = seg.first
+            && t < first.end
+        {
+            return Ok(self.clip(i, first));
+        }
+        Ok(self.clip(i, seg.layout.period_of(t)?))
+    }
+
+    /// The period named `YYYY-MM` in this CT's terms (the one starting in that local month).
+    pub fn parse(&self, label: &str) -> Result<Period, BillingError> {
+        let (year, month) = Period::parse_label(label)?;
+        for (i, seg) in self.segments.iter().enumerate().rev() {
+            if let Some(first) = seg.first {
+                if (year, month) < (first.year, first.month) {
+                    continue;
+                }
+                if (year, month) == (first.year, first.month) {
+                    return Ok(self.clip(i, first));
+                }
+            }
+            let p = seg.layout.period(year, month)?;
+            if self.segments.get(i + 1).is_some_and(|n| p.start >= n.from) {
+                // Skipped by a change of time zone across a month edge.
+                return Err(BillingError::NoSuchPeriod(label.to_string()));
+            }
+            return Ok(self.clip(i, p));
+        }
+        unreachable!("the first segment takes every label")
+    }
+
+    pub fn next(&self, p: &Period) -> Result<Period, BillingError> {
+        self.period_of(p.end)
+    }
 
     pub fn prev(&self, p: &Period) -> Result<Period, BillingError> {
-        let (y, m) = prev_month(p.year, p.month);
-        self.period(y, m)
+        self.period_of(p.start - 1)
     }
 }
 
@@ -363,3 +518,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "period_history_tests.rs"]
+mod history_tests;

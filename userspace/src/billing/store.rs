@@ -20,10 +20,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::book::{Baseline, Checkpoint, Reading};
 use super::p95::{P95Mode, P95Report, SlotSample, SlotWindow, p95};
-use super::period::{BillingAnchor, Period, PeriodSpec};
+use super::period::{AnchorChange, BillingAnchor, Period, PeriodSpec};
 use super::{BillingError, Counter, CounterKey, Direction, SLOT_SECS, SlotFlags};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2 added the commit rate and class filter (`ct.commit_bps`, `ct.classes`) and the history of
+/// billing-day and time-zone changes (`ct_anchor`); a version 1 file is migrated at open.
+const SCHEMA_VERSION: i64 = 2;
 
 /// A CT moves its closed open rows to the tables every this many ticks (staggered by CT id).
 const FLUSH_EVERY: i64 = 4;
@@ -39,8 +41,19 @@ CREATE TABLE IF NOT EXISTS ct (
     billing_day TEXT NOT NULL,
     tz TEXT NOT NULL,
     created INTEGER NOT NULL,
-    destroyed INTEGER
+    destroyed INTEGER,
+    commit_bps INTEGER,
+    classes TEXT
 );
+-- Earlier billing settings of a CT: billing_day in tz applied until the instant `until` (a
+-- period boundary), the next row's or the ct row's from there.
+CREATE TABLE IF NOT EXISTS ct_anchor (
+    ct INTEGER NOT NULL,
+    until INTEGER NOT NULL,
+    billing_day TEXT NOT NULL,
+    tz TEXT NOT NULL,
+    PRIMARY KEY (ct, until)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoint (
     ct INTEGER PRIMARY KEY,
     epoch INTEGER NOT NULL,
@@ -101,6 +114,36 @@ pub struct CtInfo {
     pub created: i64,
     /// Destruction time, once destroyed.
     pub destroyed: Option<i64>,
+    /// Committed rate (bit/s): reports count the slots over it.
+    pub commit_bps: Option<u64>,
+    /// The network classes billed (the 95th and the billed bytes); `None`: every class.
+    pub classes: Option<Vec<u8>>,
+    /// Earlier billing days and time zones, oldest first, each with the instant it stopped
+    /// applying; `anchor` and `tz` apply from the last one's `until` (which is in the future
+    /// while a change waits for the current period to end).
+    pub history: Vec<AnchorChange>,
+}
+
+impl CtInfo {
+    /// A CT billed on `anchor` in `tz` from its creation, with no commit rate, every class.
+    pub fn new(uuid: String, ctid: u32, anchor: BillingAnchor, tz: String, created: i64) -> CtInfo {
+        CtInfo {
+            uuid,
+            ctid,
+            anchor,
+            tz,
+            created,
+            destroyed: None,
+            commit_bps: None,
+            classes: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Whether class `class` counts toward the bill.
+    pub fn bills_class(&self, class: u8) -> bool {
+        self.classes.as_ref().is_none_or(|c| c.contains(&class))
+    }
 }
 
 /// One CT's reading in a tick.
@@ -147,6 +190,8 @@ pub struct Report {
     pub p95: P95Report,
     /// Union of the flags of the period's slots.
     pub flags: SlotFlags,
+    /// The commit rate `p95.slots_over_commit` counts against (bit/s).
+    pub commit_bps: Option<u64>,
 }
 
 struct CtState {
@@ -211,6 +256,7 @@ impl Ledger {
                 .map_err(sql("writing the schema version"))?;
             }
             Some(SCHEMA_VERSION) => {}
+            Some(1) => migrate_v1(&conn).map_err(sql("migrating the schema from version 1"))?,
             Some(v) => {
                 return Err(BillingError::Corrupt {
                     path: path.to_path_buf(),
@@ -253,7 +299,9 @@ impl Ledger {
             .query_row("SELECT v FROM meta WHERE k='schema'", [], |r| r.get(0))
             .optional()
             .map_err(sql("reading the schema version"))?;
-        if version != Some(SCHEMA_VERSION) {
+        // A version 1 file (berthd not restarted since the upgrade) reads as CTs with the
+        // default settings: the read-only reader cannot migrate it.
+        if version != Some(SCHEMA_VERSION) && version != Some(1) {
             return Err(BillingError::Corrupt {
                 path: path.to_path_buf(),
                 op: "reading the schema version",
@@ -272,7 +320,7 @@ impl Ledger {
             #[cfg(test)]
             fail_after: None,
         };
-        ledger.load()?;
+        ledger.load_version(version == Some(1))?;
         Ok(ledger)
     }
 
@@ -293,11 +341,25 @@ impl Ledger {
     }
 
     fn load(&mut self) -> Result<(), BillingError> {
+        self.load_version(false)
+    }
+
+    fn load_version(&mut self, v1: bool) -> Result<(), BillingError> {
         let mut cts = HashMap::new();
+        let history = if v1 {
+            HashMap::new()
+        } else {
+            self.load_history()?
+        };
         {
             let mut stmt = self
                 .conn
-                .prepare("SELECT id, uuid, ctid, billing_day, tz, created, destroyed FROM ct")
+                .prepare(if v1 {
+                    "SELECT id, uuid, ctid, billing_day, tz, created, destroyed, NULL, NULL FROM ct"
+                } else {
+                    "SELECT id, uuid, ctid, billing_day, tz, created, destroyed, commit_bps, classes
+                     FROM ct"
+                })
                 .map_err(self.sql("loading the CTs"))?;
             let rows = stmt
                 .query_map([], |r| {
@@ -309,16 +371,22 @@ impl Ledger {
                         r.get::<_, String>(4)?,
                         r.get::<_, i64>(5)?,
                         r.get::<_, Option<i64>>(6)?,
+                        r.get::<_, Option<i64>>(7)?,
+                        r.get::<_, Option<String>>(8)?,
                     ))
                 })
                 .map_err(self.sql("loading the CTs"))?;
             for row in rows {
-                let (id, uuid, ctid, day, tz, created, destroyed) =
+                let (id, uuid, ctid, day, tz, created, destroyed, commit, classes) =
                     row.map_err(self.sql("loading the CTs"))?;
-                let anchor = BillingAnchor::parse(&day)
-                    .map_err(|e| self.corrupt("loading the CTs", format!("CT {uuid}: {e}")))?;
-                let spec = PeriodSpec::new(anchor, &tz, created)
-                    .map_err(|e| self.corrupt("loading the CTs", format!("CT {uuid}: {e}")))?;
+                let bad = |e: String| self.corrupt("loading the CTs", format!("CT {uuid}: {e}"));
+                let anchor = BillingAnchor::parse(&day).map_err(|e| bad(e.to_string()))?;
+                let history = history.get(&id).cloned().unwrap_or_default();
+                let spec = PeriodSpec::with_history(&history, anchor, &tz, created)
+                    .map_err(|e| bad(e.to_string()))?;
+                let classes = classes
+                    .map(|c| decode_classes(&c).ok_or_else(|| bad(format!("bad classes {c:?}"))))
+                    .transpose()?;
                 let info = CtInfo {
                     uuid: uuid.clone(),
                     ctid,
@@ -326,6 +394,9 @@ impl Ledger {
                     tz,
                     created,
                     destroyed,
+                    commit_bps: commit.map(|c| c as u64),
+                    classes,
+                    history,
                 };
                 cts.insert(
                     uuid,
@@ -390,61 +461,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// Registers a CT (at create, import or migration), or updates its CTID, billing day and time
-    /// zone. Validates everything first: bad input changes nothing.
-    pub fn register_ct(&mut self, info: &CtInfo) -> Result<(), BillingError> {
-        validate_uuid(&info.uuid)?;
-        let spec = PeriodSpec::new(info.anchor, &info.tz, info.created)?;
-        let day = match info.anchor {
-            BillingAnchor::Day(d) => d.to_string(),
-            BillingAnchor::Anniversary => "anniversary".to_string(),
-        };
-        let id: i64 = self
-            .conn
-            .query_row(
-                "INSERT INTO ct (uuid, ctid, billing_day, tz, created, destroyed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (uuid) DO UPDATE SET ctid = excluded.ctid,
-                   billing_day = excluded.billing_day, tz = excluded.tz,
-                   destroyed = excluded.destroyed
-                 RETURNING id",
-                params![
-                    info.uuid,
-                    info.ctid,
-                    day,
-                    info.tz,
-                    info.created,
-                    info.destroyed
-                ],
-                |r| r.get(0),
-            )
-            .map_err(self.sql("registering a CT"))?;
-        let created = self
-            .cts
-            .get(&info.uuid)
-            .map_or(info.created, |s| s.info.created);
-        let old = self.cts.remove(&info.uuid);
-        let (checkpoint, open, open_seq) = match old {
-            Some(s) => (s.checkpoint, s.open, s.open_seq),
-            None => (None, Vec::new(), 0),
-        };
-        let mut info = info.clone();
-        info.created = created;
-        self.cts.insert(
-            info.uuid.clone(),
-            CtState {
-                id,
-                info,
-                spec,
-                checkpoint,
-                open,
-                open_seq,
-                period: None,
-            },
-        );
-        Ok(())
-    }
-
     /// Records the CT's destruction time (after its final tick): its window ends there.
     pub fn mark_destroyed(&mut self, uuid: &str, at: i64) -> Result<(), BillingError> {
         let id = self.state(uuid)?.id;
@@ -491,7 +507,10 @@ impl Ledger {
 }
 
 mod query;
+mod settings;
 mod tick;
+
+use settings::{decode_classes, migrate_v1};
 
 fn sql_err(path: &Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> BillingError + use<> {
     let path = path.to_path_buf();
@@ -571,13 +590,14 @@ fn decode_counters(blob: &[u8]) -> Option<BTreeMap<CounterKey, Counter>> {
         .collect()
 }
 
-/// Sums per-key slot rows into per-slot samples for the 95th (all classes and families). Rows
+/// Sums per-key slot rows into per-slot samples for the 95th (the classes `ct` bills, every
+/// family). Rows
 /// come sorted by slot (the slot table's key order, then the newer open rows), so neighbours
 /// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
 /// duplicates).
-fn samples(rows: &[SlotRow]) -> Vec<SlotSample> {
+fn samples(rows: &[SlotRow], ct: &CtInfo) -> Vec<SlotSample> {
     let mut out: Vec<SlotSample> = Vec::new();
-    for r in rows {
+    for r in rows.iter().filter(|r| ct.bills_class(r.key.class)) {
         let s = match out.last_mut() {
             Some(s) if s.start == r.slot_start => s,
             _ => {
@@ -598,7 +618,8 @@ fn samples(rows: &[SlotRow]) -> Vec<SlotSample> {
 }
 
 /// The report of one CT for `period` from its slot rows and totals (shared with the CSV
-/// recompute so both compute the same numbers the same way).
+/// recompute so both compute the same numbers the same way). The 95th covers the classes the CT
+/// bills; `commit_bps` overrides the CT's commit rate.
 pub(crate) fn build_report(
     ct: CtInfo,
     period: Period,
@@ -614,7 +635,8 @@ pub(crate) fn build_report(
         .iter()
         .filter(|r| window.contains(r.slot_start))
         .fold(SlotFlags::empty(), |f, r| f.union(r.flags));
-    let p95 = p95(&samples(rows), window, mode, commit_bps);
+    let commit_bps = commit_bps.or(ct.commit_bps);
+    let p95 = p95(&samples(rows, &ct), window, mode, commit_bps);
     Report {
         ct,
         period,
@@ -622,6 +644,7 @@ pub(crate) fn build_report(
         totals,
         p95,
         flags,
+        commit_bps,
     }
 }
 

@@ -34,6 +34,9 @@ fn info(n: u32, ctid: u32, created: i64) -> CtInfo {
         tz: "UTC".into(),
         created,
         destroyed: None,
+        commit_bps: None,
+        classes: None,
+        history: Vec::new(),
     }
 }
 

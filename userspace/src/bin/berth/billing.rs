@@ -7,8 +7,11 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use berth::billing::graph::{p95_label, render_svg};
 use berth::billing::json::{direction_sums, reports_json, slot_json};
-use berth::billing::{Ledger, P95Mode, Period, PeriodSpec, Report, SlotRow, csv::recompute};
+use berth::billing::{
+    BillingAnchor, Ledger, P95Mode, Period, PeriodSpec, Report, SlotRow, csv::recompute_with,
+};
 use berth::datapath::{ByteLayer, DatapathView};
+use berth_runtime::billing::{parse_classes, parse_commit};
 use berth_runtime::config::{ConfigError, CtConfig};
 use serde_json::Value;
 
@@ -83,12 +86,41 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             }
             Ok(())
         }
-        BillingCmd::Recompute { file, mode, csv } => {
+        BillingCmd::Recompute {
+            file,
+            mode,
+            csv,
+            billing_day,
+            tz,
+            commit,
+            classes,
+        } => {
             let mode: P95Mode = mode.parse()?;
             output_flags(ctx, csv)?;
+            // Checked before the file is read: a bad flag is named as such.
+            let anchor = billing_day
+                .as_deref()
+                .map(BillingAnchor::parse)
+                .transpose()
+                .context("--billing-day")?;
+            if let (Some(a), Some(z)) = (anchor, tz.as_deref()) {
+                PeriodSpec::new(a, z, 0).context("--tz")?;
+            }
+            let commit = commit
+                .as_deref()
+                .map(|c| parse_commit("--commit", c))
+                .transpose()?
+                .flatten()
+                .map(|r| r.bits_per_sec());
+            let classes = classes
+                .as_deref()
+                .map(|c| parse_classes("--classes", c))
+                .transpose()?
+                .flatten();
             let f = std::fs::File::open(&file)
                 .with_context(|| format!("opening {}", file.display()))?;
-            let r = recompute(std::io::BufReader::new(f), mode, None, None)
+            let over = anchor.zip(tz.as_deref());
+            let r = recompute_with(std::io::BufReader::new(f), mode, commit, over, classes)
                 .with_context(|| format!("recomputing {}", file.display()))?;
             print_reports(ctx, &[r], false, csv)
         }
@@ -191,6 +223,9 @@ fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<
             "slots_present",
             "slots_estimated",
             "flags",
+            "billed",
+            "commit_bits_per_second",
+            "slots_over_commit",
         ])?;
         for r in reports {
             for (k, c) in &r.totals {
@@ -209,6 +244,9 @@ fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<
                     r.p95.slots_present.to_string(),
                     r.p95.slots_estimated.to_string(),
                     r.flags.to_names(),
+                    r.ct.bills_class(k.class).to_string(),
+                    r.commit_bps.map_or_else(String::new, |c| c.to_string()),
+                    r.p95.slots_over_commit.to_string(),
                 ])?;
             }
         }
@@ -216,13 +254,28 @@ fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<
         return Ok(());
     }
     println!(
-        "{:>6} {:36} {:7} {:>16} {:>16} {:>14} {:>6} {:>7} flags",
-        "CTID", "UUID", "PERIOD", "IN_BYTES", "OUT_BYTES", "P95_BPS", "N", "PRESENT"
+        "{:>6} {:36} {:7} {:>16} {:>16} {:>14} {:>6} {:>7} {:>14} {:>6} {:9} flags",
+        "CTID",
+        "UUID",
+        "PERIOD",
+        "IN_BYTES",
+        "OUT_BYTES",
+        "P95_BPS",
+        "N",
+        "PRESENT",
+        "COMMIT_BPS",
+        "OVER",
+        "CLASSES"
     );
     for r in reports {
+        // Billed bytes: the classes the CT is billed for.
         let (i, o) = direction_sums(r);
+        let classes = r.ct.classes.as_ref().map_or_else(
+            || "all".to_string(),
+            |c| c.iter().map(u8::to_string).collect::<Vec<_>>().join(","),
+        );
         println!(
-            "{:>6} {:36} {:7} {:>16} {:>16} {:>14} {:>6} {:>7} {}",
+            "{:>6} {:36} {:7} {:>16} {:>16} {:>14} {:>6} {:>7} {:>14} {:>6} {:9} {}",
             r.ct.ctid,
             r.ct.uuid,
             r.period.label(),
@@ -231,6 +284,10 @@ fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<
             r.p95.bps,
             r.p95.n,
             r.p95.slots_present,
+            r.commit_bps
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            r.p95.slots_over_commit,
+            classes,
             r.flags.to_names()
         );
     }

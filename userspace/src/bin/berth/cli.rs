@@ -161,6 +161,19 @@ pub enum BillingCmd {
         /// RFC 4180 CSV with a header instead of a table.
         #[arg(long)]
         csv: bool,
+        /// Recompute the period with this billing day (1–31 or `anniversary`) instead of the
+        /// file's; needs --tz too.
+        #[arg(long = "billing-day", value_name = "D", requires = "tz")]
+        billing_day: Option<String>,
+        /// Recompute the period in this IANA time zone; needs --billing-day too.
+        #[arg(long = "tz", value_name = "ZONE", requires = "billing_day")]
+        tz: Option<String>,
+        /// Count the slots over this commit rate (100M, 1G, 100mbit…).
+        #[arg(long = "commit", value_name = "RATE")]
+        commit: Option<String>,
+        /// Bill only these network classes (e.g. 0,1; default: every class in the file).
+        #[arg(long = "classes", value_name = "LIST")]
+        classes: Option<String>,
     },
 }
 
@@ -186,6 +199,27 @@ pub struct CreateArgs {
     /// Routed (venet) address, IPv4 or IPv6; repeatable.
     #[arg(long = "ipadd")]
     pub ipadd: Vec<IpAddr>,
+    #[command(flatten)]
+    pub billing: BillingFlags,
+}
+
+/// The CT's billing settings, read by berthd's ledger from the config.
+#[derive(Args, Debug, Default, PartialEq, Clone)]
+pub struct BillingFlags {
+    /// Day of the month billing periods start on, 1–31 (clamped to short months), or
+    /// `anniversary`. A change takes effect at the end of the current period.
+    #[arg(long = "billing-day", value_name = "D")]
+    pub billing_day: Option<String>,
+    /// IANA time zone of the billing periods (default UTC).
+    #[arg(long = "tz", value_name = "ZONE")]
+    pub tz: Option<String>,
+    /// Committed rate in bit/s (100M, 1G, 100mbit…; `none` removes it): reports count the
+    /// slots over it.
+    #[arg(long = "commit", value_name = "RATE")]
+    pub commit: Option<String>,
+    /// Network classes billed (95th and billed bytes), e.g. 0,1, or `all` (the default).
+    #[arg(long = "classes", value_name = "LIST")]
+    pub classes: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -306,6 +340,8 @@ pub struct SetArgs {
     /// Packet-rate limit of traffic from the CT.
     #[arg(long = "pps-out", value_name = "N")]
     pub pps_out: Option<String>,
+    #[command(flatten)]
+    pub billing: BillingFlags,
     /// Persist in the CT's config.
     #[arg(long)]
     pub save: bool,

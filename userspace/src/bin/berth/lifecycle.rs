@@ -10,6 +10,7 @@ use crate::cli::CreateArgs;
 
 pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
     let ctid: Ctid = a.ctid.parse()?;
+    let billing = crate::set::billing_flags(&a.billing)?.merge(&Default::default())?;
     container::create(
         &ctx.host,
         ctid,
@@ -20,6 +21,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
             privileged: a.privileged,
             copy: a.copy,
             ipadd: a.ipadd,
+            billing,
             ..Default::default()
         },
     )?;

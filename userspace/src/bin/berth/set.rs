@@ -7,13 +7,14 @@ use anyhow::{Context, Result};
 use berth::shaper::{
     ClassRate, ShapingChange, ShapingConfig, parse_optional_burst, parse_optional_rate,
 };
+use berth_runtime::billing::{BillingChange, BillingDay, parse_classes, parse_commit, parse_tz};
 use berth_runtime::config::ResourceConfig;
 use berth_runtime::container::{self, SetOpts};
 use berth_runtime::net::{AddrSelection, BridgedIface};
 use serde_json::json;
 
 use crate::Ctx;
-use crate::cli::SetArgs;
+use crate::cli::{BillingFlags, SetArgs};
 
 pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
     let ctid = ctx.resolve(&a.ct)?;
@@ -46,6 +47,7 @@ pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
         .map(|n| if n == "all" { None } else { Some(n.clone()) });
     let opts = SetOpts {
         shaping: shaping_flags(&a)?,
+        billing: billing_flags(&a.billing)?,
         ipadd: a.ipadd,
         ipdel,
         netif_add,
@@ -107,6 +109,28 @@ fn shaping_flags(a: &SetArgs) -> Result<ShapingChange> {
             .pps_out
             .as_deref()
             .map(|p| ShapingConfig::parse_pps("--pps-out", p))
+            .transpose()?,
+    })
+}
+
+/// The billing flags as typed values, each checked on its own (the library checks the merge).
+pub fn billing_flags(f: &BillingFlags) -> Result<BillingChange> {
+    Ok(BillingChange {
+        billing_day: f
+            .billing_day
+            .as_deref()
+            .map(|d| BillingDay::parse("--billing-day", d))
+            .transpose()?,
+        tz: f.tz.as_deref().map(|t| parse_tz("--tz", t)).transpose()?,
+        commit: f
+            .commit
+            .as_deref()
+            .map(|c| parse_commit("--commit", c))
+            .transpose()?,
+        classes: f
+            .classes
+            .as_deref()
+            .map(|c| parse_classes("--classes", c))
             .transpose()?,
     })
 }
