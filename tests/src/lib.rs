@@ -1,6 +1,7 @@
 //! Support code shared by berth's privileged end-to-end tests and its benchmarks (bench/).
 //! Each area adds its own module.
 pub mod berthd;
+pub mod billing;
 pub mod bpf_stats;
 pub mod cgroups;
 pub mod ct;
