@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,7 +54,8 @@ pub struct Berthd {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub listening: Instant,
-    log: Option<JoinHandle<Vec<LogLine>>>,
+    lines: Arc<Mutex<Vec<LogLine>>>,
+    log: Option<JoinHandle<()>>,
 }
 
 impl Berthd {
@@ -81,19 +83,20 @@ impl Berthd {
             .spawn()
             .context("spawning berthd")?;
         let err = child.stderr.take().context("berthd stderr")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
         let log = std::thread::spawn(move || {
-            let mut lines = Vec::new();
             for l in BufReader::new(err).lines() {
                 let Ok(text) = l else { break };
                 if text.contains("WARN") || text.contains("ERROR") {
                     eprintln!("berthd: {text}");
                 }
-                lines.push(LogLine {
+                let line = LogLine {
                     at: Instant::now(),
                     text,
-                });
+                };
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
-            lines
         });
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("berthd stdout")?)
@@ -104,6 +107,7 @@ impl Berthd {
             child: Some(child),
             addr: "127.0.0.1:1".parse()?,
             listening,
+            lines,
             log: Some(log),
         };
         let Some(addr) = line
@@ -124,14 +128,29 @@ impl Berthd {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The ticks that have ended so far.
+    pub fn tick_ends(&self) -> usize {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().filter(|l| l.is_tick_end()).count()
+    }
+
+    /// Waits until more than `after` ticks have ended (berthd's log read while it runs).
+    pub fn wait_tick_end(&self, after: usize, timeout: Duration) -> Result<()> {
+        ensure!(
+            crate::net::wait_for(timeout, || self.tick_ends() > after),
+            "berthd ended no tick after its tick {after} within {timeout:?}"
+        );
+        Ok(())
+    }
+
+    /// Its stderr to the end (berthd has exited).
     fn finish(&mut self) -> Result<Vec<LogLine>> {
-        let lines = match self.log.take() {
-            Some(j) => j
-                .join()
-                .map_err(|_| anyhow::anyhow!("berthd log reader panicked"))?,
-            None => Vec::new(),
-        };
-        Ok(lines)
+        if let Some(j) = self.log.take() {
+            j.join()
+                .map_err(|_| anyhow::anyhow!("berthd log reader panicked"))?;
+        }
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(std::mem::take(&mut *lines))
     }
 
     /// SIGKILL and reap; its stderr up to its death.
@@ -306,4 +325,13 @@ pub fn iperf_bidir(
         to_server: b("/end/sum_received/bytes"),
         from_server: b("/end/sum_received_bidir_reverse/bytes"),
     })
+}
+
+/// The kernel's id of the pinned `COUNTERS` map under `bpffs`: a new id is a new map (ids are
+/// not reused while a map lives), i.e. a new counter epoch.
+pub fn counters_map_id(bpffs: &Path) -> Result<u32> {
+    let path = bpffs.join("maps").join(berth_common::map_names::COUNTERS);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("map info of {}", path.display()))?;
+    Ok(info.id())
 }

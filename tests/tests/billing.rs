@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use berth_tests::berthd::{http_get, parse_samples, value_of};
 use berth_tests::billing::{
-    Berthd, IperfServer, LogLine, Moved, Rng, ct_netns, iperf_bidir, kernel_bytes,
+    Berthd, IperfServer, LogLine, Moved, Rng, counters_map_id, ct_netns, iperf_bidir, kernel_bytes,
+    ledger_report,
 };
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
@@ -150,7 +151,7 @@ fn http_matches_the_cli(h: &TestHost, ledger: &Path, ct: &str, uuid: &str) -> Re
     // A long tick: after the first one (at once) nothing changes the ledger while we compare.
     let mut d = Berthd::start(h, ledger, "300")?;
     let addr = d.addr;
-    std::thread::sleep(Duration::from_secs(2));
+    d.wait_tick_end(0, Duration::from_secs(10))?;
     // A report counts the slots elapsed until now: a 5-minute boundary between the CLI's and
     // berthd's answer changes it, so one retry.
     let mut tries = 0;
@@ -436,7 +437,7 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
     let ledger_s = ledger.to_str().context("ledger path")?.to_owned();
     let mut d = Berthd::start(&h, &ledger, "10")?;
     // The first tick runs at once and books an empty node: a CT seen after it counts from 0.
-    std::thread::sleep(Duration::from_secs(2));
+    d.wait_tick_end(0, Duration::from_secs(10))?;
     let missing = h.fails(&["billing", "--ledger", "/nonexistent/x.db", "report", "all"]);
     ensure!(
         missing.contains("no ledger at /nonexistent/x.db: is berthd running with --ledger?"),
@@ -623,5 +624,96 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
         fin["out_bytes"]
     );
     ensure!(fin["destroyed"].is_string(), "not marked destroyed: {fin}");
+    Ok(())
+}
+
+/// Two iperf3 runs' worth of traffic through a running CT, both ways.
+fn traffic_through(h: &TestHost, topo: &Topology, ct: &str, ip: &str) -> Result<()> {
+    let port = berth_tests::shaper::port();
+    let _server = IperfServer::in_netns(&ct_netns(h, ct)?, port)?;
+    let m = iperf_bidir(topo.uplink.fd(), ip, port, 2, IPERF_RATE)?;
+    ensure!(
+        m.to_server > 1_000_000 && m.from_server > 1_000_000,
+        "iperf3 moved {m:?}"
+    );
+    Ok(())
+}
+
+/// A host reboot empties bpffs: the pinned maps are gone and the next start creates them anew,
+/// counting from 0. Twice here: the pins removed while berthd runs (it ticks through the gap),
+/// and a reboot proper (berthd stopped with its final tick, pins removed, berthd started again).
+/// Each time the `COUNTERS` map is a new one (a new epoch); the ledger then holds exactly the
+/// sum of the three generations' counters (nothing booked twice, nothing booked lost), flagged
+/// `new_epoch` and without an anomaly.
+#[test]
+fn pinned_maps_removed_new_epoch_nothing_lost_or_doubled() -> Result<()> {
+    let topo = Topology::new();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    let ledger = h.root.join("billing.db");
+    let ledger_s = ledger.to_str().context("ledger path")?.to_owned();
+    let (ct, ip) = ("4261", "192.0.2.161");
+    let mut d = Berthd::start(&h, &ledger, "10")?;
+    d.wait_tick_end(0, Duration::from_secs(10))?;
+    h.ok(&["create", ct, "--ipadd", ip]);
+
+    let mut want = (0u64, 0u64);
+    let mut ids = Vec::new();
+    for generation in 0..3 {
+        h.ok(&["start", ct]);
+        ids.push(counters_map_id(&h.bpffs)?);
+        traffic_through(&h, &topo, ct, ip)?;
+        // Stopped: the counters are final for this generation (kept while the CT exists).
+        h.ok(&["stop", "--fast", ct]);
+        let (k_in, k_out) = kernel_bytes(&h, ct);
+        want = (want.0 + k_in, want.1 + k_out);
+        eprintln!(
+            "generation {generation}: map {}, kernel {k_in}/{k_out}",
+            ids[generation]
+        );
+        match generation {
+            0 => {
+                // Booked by a tick, then the pins go while berthd runs; it ticks without them.
+                let n = d.tick_ends();
+                d.wait_tick_end(n, TICK * 2)?;
+                let (_, l_in, l_out) = ledger_report(&h, &ledger_s, ct)?;
+                ensure!(
+                    (l_in, l_out) == want,
+                    "booked {l_in}/{l_out}, kernel {want:?}"
+                );
+                std::fs::remove_dir_all(&h.bpffs)?;
+                let n = d.tick_ends();
+                d.wait_tick_end(n, TICK * 2)?;
+                let (_, l_in, l_out) = ledger_report(&h, &ledger_s, ct)?;
+                ensure!(
+                    (l_in, l_out) == want,
+                    "without pins {l_in}/{l_out}, want {want:?}"
+                );
+            }
+            1 => {
+                // A reboot: berthd's final tick at shutdown, the pins gone, berthd back.
+                d.sigterm()?;
+                std::fs::remove_dir_all(&h.bpffs)?;
+                d = Berthd::start(&h, &ledger, "10")?;
+                d.wait_tick_end(0, Duration::from_secs(10))?;
+            }
+            _ => {}
+        }
+    }
+    d.sigterm()?;
+    ensure!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "the COUNTERS map was not re-created: ids {ids:?}"
+    );
+    let (report, l_in, l_out) = ledger_report(&h, &ledger_s, ct)?;
+    ensure!(
+        (l_in, l_out) == want,
+        "ledger {l_in}/{l_out} vs the generations' sum {want:?}: {report}"
+    );
+    let flags = report["flags"].as_str().context("flags")?;
+    ensure!(
+        flags.contains("new_epoch") && !flags.contains("counter_anomaly"),
+        "flags {flags:?}: {report}"
+    );
+    eprintln!("3 generations (maps {ids:?}): ledger {l_in}/{l_out} = their sum");
     Ok(())
 }
