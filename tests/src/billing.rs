@@ -335,3 +335,84 @@ pub fn counters_map_id(bpffs: &Path) -> Result<u32> {
         .with_context(|| format!("map info of {}", path.display()))?;
     Ok(info.id())
 }
+
+/// What a billing-row query's series should read, from the CLI's reports of the CT (`cli` in
+/// mode max, `per_dir` in mode per-direction): period bytes filtered by the series' direction
+/// and class labels (and a direction the query selects), or a 95th in bit/s (per direction, or
+/// the billed max without one); negative for a query drawn below zero.
+pub fn billing_row_expected(
+    expr: &str,
+    series: &Value,
+    cli: &Value,
+    per_dir: &Value,
+) -> Result<f64> {
+    let dir = series["direction"].as_str().or_else(|| {
+        ["in", "out"]
+            .into_iter()
+            .find(|d| expr.contains(&format!("direction=\"{d}\"")))
+    });
+    let v = if expr.contains("berth_billing_period_bytes") {
+        let class = series["class"].as_str();
+        let mut sum = 0u64;
+        for t in per_dir["totals"].as_array().context("totals")? {
+            if dir.is_none_or(|d| t["direction"] == d)
+                && class.is_none_or(|c| t["class"].to_string() == c)
+            {
+                sum += t["bytes"].as_u64().context("bytes")?;
+            }
+        }
+        sum as f64
+    } else if expr.contains("berth_billing_p95_bytes_per_second") {
+        let v = match series["direction"].as_str() {
+            Some(d) => per_dir["p95"][format!("{d}_bits_per_second")].as_u64(),
+            None => cli["p95"]["bits_per_second"].as_u64(),
+        };
+        v.with_context(|| format!("no 95th for {series} in {cli}"))? as f64
+    } else {
+        bail!("not a billing query: {expr}");
+    };
+    Ok(if expr.trim_start().starts_with('-') {
+        -v
+    } else {
+        v
+    })
+}
+
+/// Runs every query of the dashboard's billing row for CT `ctid` against `prom` (which scrapes
+/// berthd) and compares each series with the CLI's reports; every query must return a series
+/// for the CT. Waits up to 30 s for the first scrape.
+pub fn billing_row_answers(
+    prom: &crate::berthd::Prometheus,
+    ctid: &str,
+    cli: &Value,
+    per_dir: &Value,
+) -> Result<usize> {
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(crate::dashboard::dashboard_path())?)?;
+    let panels = crate::dashboard::row_panels(&dash, "Billing")?;
+    let mut checked = 0;
+    for p in &panels {
+        ensure!(!p.exprs.is_empty(), "panel {:?} has no query", p.title);
+        for e in &p.exprs {
+            let q = crate::dashboard::for_ct(e, ctid);
+            let mut res = Vec::new();
+            crate::net::wait_for(Duration::from_secs(30), || {
+                res = prom.query(&q, None).unwrap_or_default();
+                !res.is_empty()
+            });
+            ensure!(!res.is_empty(), "{:?}: no series for {q}", p.title);
+            for s in &res {
+                ensure!(s["metric"]["ctid"] == ctid, "{q}: {s}");
+                let got: f64 = s["value"][1].as_str().context("value")?.parse()?;
+                let want = billing_row_expected(e, &s["metric"], cli, per_dir)?;
+                ensure!(
+                    got == want,
+                    "{:?}: {q} gives {got} for {s}, the CLI {want}",
+                    p.title
+                );
+                checked += 1;
+            }
+        }
+    }
+    Ok(checked)
+}

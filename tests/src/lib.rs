@@ -5,6 +5,7 @@ pub mod billing;
 pub mod bpf_stats;
 pub mod cgroups;
 pub mod ct;
+pub mod dashboard;
 pub mod datapath;
 pub mod net;
 pub mod probes;

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use berth_tests::berthd::{http_get, parse_samples, value_of};
+use berth_tests::berthd::{Prometheus, http_get, parse_samples, value_of};
 use berth_tests::billing::{
-    Berthd, IperfServer, LogLine, Moved, Rng, counters_map_id, ct_netns, iperf_bidir, kernel_bytes,
-    ledger_report,
+    Berthd, IperfServer, LogLine, Moved, Rng, billing_row_answers, counters_map_id, ct_netns,
+    iperf_bidir, kernel_bytes, ledger_report,
 };
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
@@ -58,7 +58,7 @@ fn reports_match(
     ledger_s: &str,
     ct: &str,
     uuid: &str,
-) -> Result<(Value, Value)> {
+) -> Result<(Value, Value, Value)> {
     let cli = h.json(&["billing", "--ledger", ledger_s, "report", ct]);
     let cli_all = h.json(&["billing", "--ledger", ledger_s, "report", "all"]);
     let cli_pd = h.json(&[
@@ -140,7 +140,7 @@ fn reports_match(
             "95th {d}: {got:?} vs CLI {cli_v:?}"
         );
     }
-    Ok((cli, cli_slots))
+    Ok((cli, cli_pd, cli_slots))
 }
 
 /// berthd's billing endpoints answer what the CLI prints, bad queries get a 400 naming the
@@ -155,7 +155,7 @@ fn http_matches_the_cli(h: &TestHost, ledger: &Path, ct: &str, uuid: &str) -> Re
     // A report counts the slots elapsed until now: a 5-minute boundary between the CLI's and
     // berthd's answer changes it, so one retry.
     let mut tries = 0;
-    let (cli, cli_slots) = loop {
+    let (cli, cli_pd, cli_slots) = loop {
         tries += 1;
         match reports_match(h, addr, ledger_s, ct, uuid) {
             Ok(got) => break got,
@@ -164,6 +164,12 @@ fn http_matches_the_cli(h: &TestHost, ledger: &Path, ct: &str, uuid: &str) -> Re
         }
     };
     ensure!(cli["ctid"].as_u64() == ct.parse().ok(), "{cli}");
+    // The dashboard's billing row, its queries run by a real Prometheus scraping this berthd.
+    let prom = Prometheus::start(&[addr], "1s")?;
+    let series = billing_row_answers(&prom, ct, &cli, &cli_pd)
+        .with_context(|| format!("prometheus log:\n{}", prom.log()))?;
+    eprintln!("dashboard billing row: {series} series equal the CLI's numbers");
+    drop(prom);
 
     for (q, param) in [
         ("/v1/billing/report?ct=4260&mode=p99", "mode"),
