@@ -1,8 +1,11 @@
-//! `berth billing graph`: a CT's period as an SVG chart of its 5-minute inbound and outbound
-//! rates with the billed 95th (mode `max`: the larger direction's) as a labelled line.
+//! `berth billing graph`: a CT's period as a chart (SVG or PNG) of its 5-minute inbound and
+//! outbound rates with the billed 95th (mode `max`: the larger direction's) as a labelled line.
+
+mod canvas;
 
 use std::collections::BTreeMap;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::{BillingError, Direction, PeriodSpec, Report, SLOT_SECS, SlotRow, bytes_to_bps};
@@ -44,8 +47,79 @@ pub fn p95_label(report: &Report) -> String {
     )
 }
 
+/// The picture's size in pixels (SVG and PNG alike).
+pub const SIZE: (u32, u32) = (1200, 500);
+
+/// The file formats `berth billing graph` writes, by the output's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Svg,
+    Png,
+}
+
+impl Format {
+    /// `.svg` or `.png` (any case); anything else is `None`.
+    pub fn of(path: &std::path::Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "svg" => Some(Format::Svg),
+            "png" => Some(Format::Png),
+            _ => None,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Svg => "svg",
+            Format::Png => "png",
+        }
+    }
+}
+
+/// The y axis' unit: the largest of bit/s, kbit/s, Mbit/s, Gbit/s that the chart's top reaches,
+/// as (divisor, name).
+pub fn y_unit(top: f64) -> (f64, &'static str) {
+    [(1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")]
+        .into_iter()
+        .find(|(d, _)| top >= *d)
+        .unwrap_or((1.0, "bit/s"))
+}
+
+/// A tick value in the axis' unit: at most 3 decimals, trailing zeros dropped.
+fn tick_label(v: f64, unit: f64) -> String {
+    let s = format!("{:.3}", v / unit);
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 /// The SVG document of `report` (mode `max` for the line) over its slot `rows`.
 pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingError> {
+    let mut svg = String::new();
+    draw(
+        SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(),
+        report,
+        rows,
+    )?;
+    Ok(svg)
+}
+
+/// The same picture as [`render_svg`], as a PNG.
+pub fn render_png(report: &Report, rows: &[SlotRow]) -> Result<Vec<u8>, BillingError> {
+    let mut px = canvas::pixels(SIZE.0, SIZE.1);
+    draw(
+        canvas::Canvas::new(SIZE.0, SIZE.1, &mut px).into_drawing_area(),
+        report,
+        rows,
+    )?;
+    canvas::png(SIZE.0, SIZE.1, &px).map_err(|e| BillingError::Graph {
+        uuid: report.ct.uuid.clone(),
+        detail: format!("encoding the PNG: {e}"),
+    })
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    report: &Report,
+    rows: &[SlotRow],
+) -> Result<(), BillingError> {
     let spec = PeriodSpec::new(report.ct.anchor, &report.ct.tz, report.ct.created)?;
     let start = spec.rfc3339(report.period.start)?;
     let (ins, outs) = slot_rates(report, rows);
@@ -57,58 +131,59 @@ pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingEr
         .fold(p95, f64::max)
         .max(1.0)
         * 1.1;
+    let (unit, unit_name) = y_unit(top);
     let days = ((report.period.end - report.period.start) as f64 / DAY).max(1.0 / 288.0);
     let err = |e: &dyn std::fmt::Display| BillingError::Graph {
         uuid: report.ct.uuid.clone(),
         detail: e.to_string(),
     };
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (1200, 500)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let caption = format!(
-            "CT {} ({}), billing period {}",
-            report.ct.ctid,
-            report.ct.uuid,
-            report.period.label()
-        );
-        let mut chart = ChartBuilder::on(&root)
-            .caption(caption, ("sans-serif", 20))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(90)
-            .build_cartesian_2d(0f64..days, 0f64..top)
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc(format!("days since {start}"))
-            .y_desc("bit/s (5-minute average)")
-            .draw()
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(LineSeries::new(ins, &BLUE))
-            .map_err(|e| err(&e))?
-            .label("inbound")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        chart
-            .draw_series(LineSeries::new(outs, &GREEN))
-            .map_err(|e| err(&e))?
-            .label("outbound")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
-        chart
-            .draw_series(LineSeries::new([(0.0, p95), (days, p95)], &RED))
-            .map_err(|e| err(&e))?
-            .label(p95_label(report))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
-        root.present().map_err(|e| err(&e))?;
-    }
-    Ok(svg)
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let caption = format!(
+        "CT {} ({}), billing period {}",
+        report.ct.ctid,
+        report.ct.uuid,
+        report.period.label()
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0f64..days, 0f64..top)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("days since {start}"))
+        .y_desc(format!("{unit_name} (5-minute average)"))
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 16))
+        .y_label_formatter(&|v| tick_label(*v, unit))
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(ins, &BLUE))
+        .map_err(|e| err(&e))?
+        .label("inbound")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(outs, &GREEN))
+        .map_err(|e| err(&e))?
+        .label("outbound")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    chart
+        .draw_series(LineSeries::new([(0.0, p95), (days, p95)], &RED))
+        .map_err(|e| err(&e))?
+        .label(p95_label(report))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -237,6 +312,10 @@ mod tests {
         // n = 21, k = 20: the 20th smallest inbound slot, 80·19 bit/s.
         assert_eq!(r.p95.bps, 1520, "{:?}", r.p95);
         let svg = render_svg(&r, &rows).unwrap();
+        if let Ok(d) = std::env::var("BERTH_GRAPH_DUMP") {
+            std::fs::write(format!("{d}/graph.svg"), &svg).unwrap();
+            std::fs::write(format!("{d}/graph.png"), render_png(&r, &rows).unwrap()).unwrap();
+        }
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
         well_formed(&svg).unwrap();
         assert!(svg.contains(&p95_label(&r)), "no 95th label");
