@@ -2,6 +2,7 @@
 //! Each area adds its own module.
 pub mod berthd;
 pub mod billing;
+pub mod billing_graph;
 pub mod bpf_stats;
 pub mod cgroups;
 pub mod ct;

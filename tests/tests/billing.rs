@@ -15,6 +15,7 @@ use berth_tests::billing::{
     Berthd, IperfServer, LogLine, Moved, Rng, billing_row_answers, counters_map_id, ct_netns,
     iperf_bidir, kernel_bytes, ledger_report,
 };
+use berth_tests::billing_graph::{SvgChart, png_red_rows, well_formed};
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
 use serde_json::Value;
@@ -242,53 +243,31 @@ fn http_matches_the_cli(h: &TestHost, ledger: &Path, ct: &str, uuid: &str) -> Re
     Ok(())
 }
 
-/// Tags balance and there is one root element: the structure of an XML document (no XML parser
-/// among the dependencies).
-fn well_formed(doc: &str) -> Result<()> {
-    let mut stack: Vec<&str> = Vec::new();
-    let mut roots = 0;
-    let mut rest = doc.trim();
-    while let Some(lt) = rest.find('<') {
-        let gt = rest[lt..].find('>').context("unclosed tag")? + lt;
-        let tag = &rest[lt + 1..gt];
-        if let Some(name) = tag.strip_prefix('/') {
-            let open = stack.pop();
-            ensure!(open == Some(name.trim()), "</{name}> closes {open:?}");
-        } else if !tag.starts_with('?') && !tag.starts_with('!') {
-            let name = tag.split_whitespace().next().context("empty tag")?;
-            roots += usize::from(stack.is_empty());
-            if !tag.ends_with('/') {
-                stack.push(name);
-            }
-        }
-        rest = &rest[gt + 1..];
-    }
-    ensure!(
-        stack.is_empty() && roots == 1 && rest.trim().is_empty(),
-        "{stack:?}, {roots} roots"
-    );
-    Ok(())
-}
-
-/// `berth billing graph` writes an SVG whose 95th label is the report's (mode max); an
-/// unknown CT writes nothing.
-fn graph_is_an_svg_with_the_95th(h: &TestHost, ledger_s: &str) -> Result<()> {
-    let file = h.dir.path().join("4260.svg");
-    let file_s = file.to_str().context("svg path")?;
+/// `berth billing graph` writes an SVG and a PNG of the same picture: the SVG's 95th line sits
+/// at the report's 95th (mode max) as its own y axis labels read, its label says the value,
+/// and the PNG has its full-width red line on the same row. An unknown CT, or an output that is
+/// neither .svg nor .png, writes nothing.
+fn graph_shows_the_95th_at_its_value(h: &TestHost, ledger_s: &str) -> Result<()> {
+    let (svg_f, png_f) = (h.dir.path().join("4260.svg"), h.dir.path().join("4260.PNG"));
+    let svg_s = svg_f.to_str().context("svg path")?;
+    let png_s = png_f.to_str().context("png path")?;
     // The 95th counts the slots until now: a 5-minute boundary between the report and the
-    // graph can move it, so one retry.
+    // graphs can move it, so one retry.
     let mut tries = 0;
-    let svg = loop {
+    let (svg, png, bps) = loop {
         tries += 1;
         let report = h.json(&["billing", "--ledger", ledger_s, "report", "4260"]);
         let out = h.ok(&[
-            "billing", "--ledger", ledger_s, "graph", "4260", "-o", file_s,
+            "billing", "--ledger", ledger_s, "graph", "4260", "-o", svg_s,
         ]);
-        let svg = std::fs::read_to_string(&file)?;
+        let out_png = h.ok(&[
+            "billing", "--ledger", ledger_s, "graph", "4260", "-o", png_s,
+        ]);
+        let svg = std::fs::read_to_string(&svg_f)?;
         let bps = report["p95"]["bits_per_second"].as_u64().context("95th")?;
         let label = format!("95th percentile (max): {bps} bit/s");
-        if svg.contains(&label) && out.contains(&label) {
-            break svg;
+        if svg.contains(&label) && out.contains(&label) && out_png.contains(&label) {
+            break (svg, std::fs::read(&png_f)?, bps);
         }
         ensure!(tries < 2, "no {label:?} in the SVG or in {out:?}");
     };
@@ -298,12 +277,35 @@ fn graph_is_an_svg_with_the_95th(h: &TestHost, ledger_s: &str) -> Result<()> {
         svg.contains("inbound") && svg.contains("outbound"),
         "legend"
     );
-    let none = h.dir.path().join("none.svg");
-    let none_s = none.to_str().context("svg path")?;
-    let err = h.fails(&[
-        "billing", "--ledger", ledger_s, "graph", "4999", "-o", none_s,
-    ]);
-    ensure!(err.contains("4999") && !none.exists(), "{err}");
+    let chart = SvgChart::read(&svg)?;
+    let (v, per_px) = chart.value_at(chart.p95_y)?;
+    ensure!(
+        (v - bps as f64).abs() <= per_px,
+        "the 95th line at y {} reads {v:.0} bit/s on the axis ({per_px:.0} per pixel), the \
+         report says {bps}",
+        chart.p95_y
+    );
+    eprintln!(
+        "graph: 95th line at y {} = {v:.0} bit/s by the axis labels ({per_px:.0} bit/s a pixel), \
+         report {bps}",
+        chart.p95_y
+    );
+    ensure!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    let (size, rows) = png_red_rows(&png)?;
+    ensure!(size == (1200, 500), "PNG of {size:?}");
+    ensure!(
+        rows == [chart.p95_y as u32],
+        "PNG red rows {rows:?}, the SVG's line at {}",
+        chart.p95_y
+    );
+
+    for (ct, name) in [("4999", "none.svg"), ("4260", "x.jpg"), ("4260", "noext")] {
+        let f = h.dir.path().join(name);
+        let f_s = f.to_str().context("path")?;
+        let err = h.fails(&["billing", "--ledger", ledger_s, "graph", ct, "-o", f_s]);
+        let named = if ct == "4999" { ct } else { ".svg or .png" };
+        ensure!(err.contains(named) && !f.exists(), "{name}: {err}");
+    }
     Ok(())
 }
 
@@ -602,7 +604,7 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
         "a failed command changed the ledger"
     );
     http_matches_the_cli(&h, &ledger, "4260", &uuid)?;
-    graph_is_an_svg_with_the_95th(&h, &ledger_s)?;
+    graph_shows_the_95th_at_its_value(&h, &ledger_s)?;
 
     // Destroyed while berthd is down (killed after the CT's last traffic): the next berthd books
     // the final counters from the retired record and closes the CT's lifetime.

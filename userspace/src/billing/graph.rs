@@ -252,6 +252,23 @@ mod tests {
     }
 
     #[test]
+    fn format_by_extension_and_axis_units() {
+        use std::path::Path;
+        assert_eq!(Format::of(Path::new("a/b.svg")), Some(Format::Svg));
+        assert_eq!(Format::of(Path::new("b.PNG")), Some(Format::Png));
+        for bad in ["b.jpg", "b", "b.svg.tmp", ".png/x"] {
+            assert_eq!(Format::of(Path::new(bad)), None, "{bad}");
+        }
+        assert_eq!(y_unit(999.0), (1.0, "bit/s"));
+        assert_eq!(y_unit(1000.0), (1e3, "kbit/s"));
+        assert_eq!(y_unit(8.4e6), (1e6, "Mbit/s"));
+        assert_eq!(y_unit(2e10), (1e9, "Gbit/s"));
+        assert_eq!(tick_label(2_500_000.0, 1e6), "2.5");
+        assert_eq!(tick_label(3_000_000.0, 1e6), "3");
+        assert_eq!(tick_label(0.0, 1e3), "0");
+    }
+
+    #[test]
     fn the_checker_rejects_broken_documents() {
         assert!(well_formed("<svg><g/><text>a &amp; b</text></svg>").is_ok());
         for bad in [
@@ -266,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn svg_has_both_directions_and_the_labelled_95th() {
+    fn svg_and_png_have_both_directions_and_the_95th() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Ledger::open(&dir.path().join("l.db"), LedgerOptions::default()).unwrap();
         let uuid = "00000001-0000-4000-8000-000000000000".to_string();
@@ -312,10 +329,54 @@ mod tests {
         // n = 21, k = 20: the 20th smallest inbound slot, 80·19 bit/s.
         assert_eq!(r.p95.bps, 1520, "{:?}", r.p95);
         let svg = render_svg(&r, &rows).unwrap();
+        let png = render_png(&r, &rows).unwrap();
+        // BERTH_GRAPH_DUMP=DIR keeps both pictures, to look at.
         if let Ok(d) = std::env::var("BERTH_GRAPH_DUMP") {
             std::fs::write(format!("{d}/graph.svg"), &svg).unwrap();
-            std::fs::write(format!("{d}/graph.png"), render_png(&r, &rows).unwrap()).unwrap();
+            std::fs::write(format!("{d}/graph.png"), &png).unwrap();
         }
+        // The PNG: the same picture, its 95th line on the row the SVG draws it (both share
+        // plotters' layout), text drawn near the caption's place.
+        let red_y = svg
+            .split("<polyline")
+            .filter(|p| p.contains("stroke=\"#FF0000\""))
+            .filter_map(|p| p.split("points=\"").nth(1)?.split('"').next())
+            .filter_map(|pts| {
+                let ys: Vec<&str> = pts
+                    .split_whitespace()
+                    .filter_map(|p| p.split(',').nth(1))
+                    .collect();
+                let xs: Vec<u32> = pts
+                    .split_whitespace()
+                    .filter_map(|p| p.split(',').next()?.parse().ok())
+                    .collect();
+                (ys.len() == 2 && ys[0] == ys[1] && xs[1] - xs[0] > 300)
+                    .then(|| ys[0].parse::<u32>().ok())?
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(red_y.len(), 1, "{red_y:?}");
+        let mut reader = png::Decoder::new(std::io::Cursor::new(&png))
+            .read_info()
+            .unwrap();
+        let mut px = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut px).unwrap();
+        assert_eq!((info.width, info.height), SIZE);
+        let row = |y: u32| &px[(y * SIZE.0 * 3) as usize..((y + 1) * SIZE.0 * 3) as usize];
+        let count = |y: u32, c: [u8; 3]| row(y).chunks(3).filter(|p| *p == c).count();
+        let red: Vec<u32> = (0..SIZE.1)
+            .filter(|&y| count(y, [255, 0, 0]) >= 300)
+            .collect();
+        assert_eq!(red, red_y, "PNG red rows vs the SVG's 95th line");
+        let any = |c: [u8; 3]| (0..SIZE.1).any(|y| count(y, c) > 0);
+        assert!(
+            any([0, 0, 255]) && any([0, 255, 0]),
+            "no inbound or outbound line"
+        );
+        let caption_ink: usize = (15..45).map(|y| count(y, [0, 0, 0])).sum();
+        assert!(
+            caption_ink > 500,
+            "caption text: {caption_ink} black pixels"
+        );
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
         well_formed(&svg).unwrap();
         assert!(svg.contains(&p95_label(&r)), "no 95th label");
