@@ -356,7 +356,7 @@ pub fn billing_row_expected(
         let mut sum = 0u64;
         for t in per_dir["totals"].as_array().context("totals")? {
             if dir.is_none_or(|d| t["direction"] == d)
-                && class.is_none_or(|c| t["class"].to_string() == c)
+                && class.is_none_or(|c| c.parse::<u64>().ok() == t["class"].as_u64())
             {
                 sum += t["bytes"].as_u64().context("bytes")?;
             }
