@@ -287,8 +287,28 @@ pub struct Moved {
 }
 
 /// One TCP run of `secs` seconds in both directions at once (`--bidir`, each capped at `rate`),
-/// the client in the namespace `client` against `server:port`.
+/// the client in the namespace `client` against `server:port`. A server still closing the
+/// previous run answers "busy" (iperf3 3.12 serves one test at a time): retried a few times.
 pub fn iperf_bidir(
+    client: BorrowedFd<'_>,
+    server: &str,
+    port: u16,
+    secs: u32,
+    rate: &str,
+) -> Result<Moved> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match iperf_bidir_once(client, server, port, secs, rate) {
+            Err(e) if tries < 5 && format!("{e:#}").contains("busy") => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn iperf_bidir_once(
     client: BorrowedFd<'_>,
     server: &str,
     port: u16,
