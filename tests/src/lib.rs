@@ -1,9 +1,12 @@
 //! Support code shared by berth's privileged end-to-end tests and its benchmarks (bench/).
 //! Each area adds its own module.
 pub mod berthd;
+pub mod billing;
+pub mod billing_graph;
 pub mod bpf_stats;
 pub mod cgroups;
 pub mod ct;
+pub mod dashboard;
 pub mod datapath;
 pub mod net;
 pub mod probes;

@@ -1,10 +1,13 @@
-//! `berth billing graph`: a CT's period as an SVG chart of its 5-minute inbound and outbound
-//! rates with the billed 95th (mode `max`: the larger direction's) as a labelled line, and the
-//! commit rate when the CT has one. Only the classes the CT is billed for are drawn: the 95th
-//! is taken over them.
+//! `berth billing graph`: a CT's period as a chart (SVG or PNG) of its 5-minute inbound and
+//! outbound rates with the billed 95th (mode `max`: the larger direction's) as a labelled line,
+//! and the commit rate when the CT has one. Only the classes the CT is billed for are drawn:
+//! the 95th is taken over them.
+
+mod canvas;
 
 use std::collections::BTreeMap;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::{BillingError, Direction, PeriodSpec, Report, SLOT_SECS, SlotRow, bytes_to_bps};
@@ -49,8 +52,79 @@ pub fn p95_label(report: &Report) -> String {
     )
 }
 
+/// The picture's size in pixels (SVG and PNG alike).
+pub const SIZE: (u32, u32) = (1200, 500);
+
+/// The file formats `berth billing graph` writes, by the output's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Svg,
+    Png,
+}
+
+impl Format {
+    /// `.svg` or `.png` (any case); anything else is `None`.
+    pub fn of(path: &std::path::Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "svg" => Some(Format::Svg),
+            "png" => Some(Format::Png),
+            _ => None,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Svg => "svg",
+            Format::Png => "png",
+        }
+    }
+}
+
+/// The y axis' unit: the largest of bit/s, kbit/s, Mbit/s, Gbit/s that the chart's top reaches,
+/// as (divisor, name).
+pub fn y_unit(top: f64) -> (f64, &'static str) {
+    [(1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")]
+        .into_iter()
+        .find(|(d, _)| top >= *d)
+        .unwrap_or((1.0, "bit/s"))
+}
+
+/// A tick value in the axis' unit: at most 3 decimals, trailing zeros dropped.
+fn tick_label(v: f64, unit: f64) -> String {
+    let s = format!("{:.3}", v / unit);
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 /// The SVG document of `report` (mode `max` for the line) over its slot `rows`.
 pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingError> {
+    let mut svg = String::new();
+    draw(
+        SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(),
+        report,
+        rows,
+    )?;
+    Ok(svg)
+}
+
+/// The same picture as [`render_svg`], as a PNG.
+pub fn render_png(report: &Report, rows: &[SlotRow]) -> Result<Vec<u8>, BillingError> {
+    let mut px = canvas::pixels(SIZE.0, SIZE.1);
+    draw(
+        canvas::Canvas::new(SIZE.0, SIZE.1, &mut px).into_drawing_area(),
+        report,
+        rows,
+    )?;
+    canvas::png(SIZE.0, SIZE.1, &px).map_err(|e| BillingError::Graph {
+        uuid: report.ct.uuid.clone(),
+        detail: format!("encoding the PNG: {e}"),
+    })
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    report: &Report,
+    rows: &[SlotRow],
+) -> Result<(), BillingError> {
     let ct = &report.ct;
     let spec = PeriodSpec::with_history(&ct.history, ct.anchor, &ct.tz, ct.created)?;
     let start = spec.rfc3339(report.period.start)?;
@@ -64,69 +138,70 @@ pub fn render_svg(report: &Report, rows: &[SlotRow]) -> Result<String, BillingEr
         .max(report.commit_bps.unwrap_or(0) as f64)
         .max(1.0)
         * 1.1;
+    let (unit, unit_name) = y_unit(top);
     let days = ((report.period.end - report.period.start) as f64 / DAY).max(1.0 / 288.0);
     let err = |e: &dyn std::fmt::Display| BillingError::Graph {
         uuid: report.ct.uuid.clone(),
         detail: e.to_string(),
     };
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (1200, 500)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let caption = format!(
-            "CT {} ({}), billing period {}",
-            report.ct.ctid,
-            report.ct.uuid,
-            report.period.label()
-        );
-        let mut chart = ChartBuilder::on(&root)
-            .caption(caption, ("sans-serif", 20))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(90)
-            .build_cartesian_2d(0f64..days, 0f64..top)
-            .map_err(|e| err(&e))?;
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let caption = format!(
+        "CT {} ({}), billing period {}",
+        report.ct.ctid,
+        report.ct.uuid,
+        report.period.label()
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0f64..days, 0f64..top)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("days since {start}"))
+        .y_desc(format!("{unit_name} (5-minute average)"))
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 16))
+        .y_label_formatter(&|v| tick_label(*v, unit))
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(ins, &BLUE))
+        .map_err(|e| err(&e))?
+        .label("inbound")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(outs, &GREEN))
+        .map_err(|e| err(&e))?
+        .label("outbound")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    chart
+        .draw_series(LineSeries::new([(0.0, p95), (days, p95)], &RED))
+        .map_err(|e| err(&e))?
+        .label(p95_label(report))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    if let Some(c) = report.commit_bps {
+        let c_y = c as f64;
         chart
-            .configure_mesh()
-            .x_desc(format!("days since {start}"))
-            .y_desc("bit/s (5-minute average)")
-            .draw()
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(LineSeries::new(ins, &BLUE))
+            .draw_series(LineSeries::new([(0.0, c_y), (days, c_y)], &MAGENTA))
             .map_err(|e| err(&e))?
-            .label("inbound")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        chart
-            .draw_series(LineSeries::new(outs, &GREEN))
-            .map_err(|e| err(&e))?
-            .label("outbound")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
-        chart
-            .draw_series(LineSeries::new([(0.0, p95), (days, p95)], &RED))
-            .map_err(|e| err(&e))?
-            .label(p95_label(report))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        if let Some(c) = report.commit_bps {
-            let c_y = c as f64;
-            chart
-                .draw_series(LineSeries::new([(0.0, c_y), (days, c_y)], &MAGENTA))
-                .map_err(|e| err(&e))?
-                .label(format!(
-                    "commit: {c} bit/s ({} slots over)",
-                    report.p95.slots_over_commit
-                ))
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
-        root.present().map_err(|e| err(&e))?;
+            .label(format!(
+                "commit: {c} bit/s ({} slots over)",
+                report.p95.slots_over_commit
+            ))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA));
     }
-    Ok(svg)
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -195,6 +270,23 @@ mod tests {
     }
 
     #[test]
+    fn format_by_extension_and_axis_units() {
+        use std::path::Path;
+        assert_eq!(Format::of(Path::new("a/b.svg")), Some(Format::Svg));
+        assert_eq!(Format::of(Path::new("b.PNG")), Some(Format::Png));
+        for bad in ["b.jpg", "b", "b.svg.tmp", ".png/x"] {
+            assert_eq!(Format::of(Path::new(bad)), None, "{bad}");
+        }
+        assert_eq!(y_unit(999.0), (1.0, "bit/s"));
+        assert_eq!(y_unit(1000.0), (1e3, "kbit/s"));
+        assert_eq!(y_unit(8.4e6), (1e6, "Mbit/s"));
+        assert_eq!(y_unit(2e10), (1e9, "Gbit/s"));
+        assert_eq!(tick_label(2_500_000.0, 1e6), "2.5");
+        assert_eq!(tick_label(3_000_000.0, 1e6), "3");
+        assert_eq!(tick_label(0.0, 1e3), "0");
+    }
+
+    #[test]
     fn the_checker_rejects_broken_documents() {
         assert!(well_formed("<svg><g/><text>a &amp; b</text></svg>").is_ok());
         for bad in [
@@ -209,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn svg_has_both_directions_and_the_labelled_95th() {
+    fn svg_and_png_have_both_directions_and_the_95th() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Ledger::open(&dir.path().join("l.db"), LedgerOptions::default()).unwrap();
         let uuid = "00000001-0000-4000-8000-000000000000".to_string();
@@ -258,6 +350,54 @@ mod tests {
         // n = 21, k = 20: the 20th smallest inbound slot, 80·19 bit/s.
         assert_eq!(r.p95.bps, 1520, "{:?}", r.p95);
         let svg = render_svg(&r, &rows).unwrap();
+        let png = render_png(&r, &rows).unwrap();
+        // BERTH_GRAPH_DUMP=DIR keeps both pictures, to look at.
+        if let Ok(d) = std::env::var("BERTH_GRAPH_DUMP") {
+            std::fs::write(format!("{d}/graph.svg"), &svg).unwrap();
+            std::fs::write(format!("{d}/graph.png"), &png).unwrap();
+        }
+        // The PNG: the same picture, its 95th line on the row the SVG draws it (both share
+        // plotters' layout), text drawn near the caption's place.
+        let red_y = svg
+            .split("<polyline")
+            .filter(|p| p.contains("stroke=\"#FF0000\""))
+            .filter_map(|p| p.split("points=\"").nth(1)?.split('"').next())
+            .filter_map(|pts| {
+                let ys: Vec<&str> = pts
+                    .split_whitespace()
+                    .filter_map(|p| p.split(',').nth(1))
+                    .collect();
+                let xs: Vec<u32> = pts
+                    .split_whitespace()
+                    .filter_map(|p| p.split(',').next()?.parse().ok())
+                    .collect();
+                (ys.len() == 2 && ys[0] == ys[1] && xs[1] - xs[0] > 300)
+                    .then(|| ys[0].parse::<u32>().ok())?
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(red_y.len(), 1, "{red_y:?}");
+        let mut reader = png::Decoder::new(std::io::Cursor::new(&png))
+            .read_info()
+            .unwrap();
+        let mut px = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut px).unwrap();
+        assert_eq!((info.width, info.height), SIZE);
+        let row = |y: u32| &px[(y * SIZE.0 * 3) as usize..((y + 1) * SIZE.0 * 3) as usize];
+        let count = |y: u32, c: [u8; 3]| row(y).chunks(3).filter(|p| *p == c).count();
+        let red: Vec<u32> = (0..SIZE.1)
+            .filter(|&y| count(y, [255, 0, 0]) >= 300)
+            .collect();
+        assert_eq!(red, red_y, "PNG red rows vs the SVG's 95th line");
+        let any = |c: [u8; 3]| (0..SIZE.1).any(|y| count(y, c) > 0);
+        assert!(
+            any([0, 0, 255]) && any([0, 255, 0]),
+            "no inbound or outbound line"
+        );
+        let caption_ink: usize = (15..45).map(|y| count(y, [0, 0, 0])).sum();
+        assert!(
+            caption_ink > 500,
+            "caption text: {caption_ink} black pixels"
+        );
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
         well_formed(&svg).unwrap();
         assert!(svg.contains(&p95_label(&r)), "no 95th label");

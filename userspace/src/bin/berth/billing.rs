@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use berth::billing::graph::{p95_label, render_svg};
+use berth::billing::graph::{Format, p95_label, render_png, render_svg};
 use berth::billing::json::{direction_sums, reports_json, slot_json};
 use berth::billing::{
     BillingAnchor, Ledger, P95Mode, Period, PeriodSpec, Report, SlotRow, csv::recompute_with,
@@ -65,15 +65,24 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             print_slots(ctx, spec, &rows)
         }
         BillingCmd::Graph { ct, period, output } => {
+            let Some(format) = Format::of(&output) else {
+                bail!(
+                    "{}: unknown graph format (the file name must end in .svg or .png)",
+                    output.display()
+                );
+            };
             let ledger = open(&ledger_path)?;
             let uuid = uuid_of(ctx, &ledger, &ct)?;
             let p = period_of(&ledger, &uuid, period.as_deref(), now)?;
             let report = ledger.report(&uuid, &p, P95Mode::Max, None, now)?;
             let rows = ledger.slots(&uuid, p.start, p.end)?;
-            let svg = render_svg(&report, &rows)?;
+            let bytes = match format {
+                Format::Svg => render_svg(&report, &rows)?.into_bytes(),
+                Format::Png => render_png(&report, &rows)?,
+            };
             // Written whole after the drawing succeeded: a failure leaves no partial file.
-            let tmp = output.with_extension("svg.tmp");
-            std::fs::write(&tmp, svg).with_context(|| format!("writing {}", tmp.display()))?;
+            let tmp = output.with_extension(format!("{}.tmp", format.extension()));
+            std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, &output)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
             if ctx.json {

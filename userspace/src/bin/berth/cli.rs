@@ -141,14 +141,14 @@ pub enum BillingCmd {
         #[arg(long)]
         csv: bool,
     },
-    /// An SVG chart of a CT's period: 5-minute inbound and outbound bit/s and the billed 95th.
+    /// A chart (SVG or PNG) of a CT's period: 5-minute bit/s in and out, and the billed 95th.
     Graph {
         /// CTID, name or UUID.
         ct: String,
         /// Billing period YYYY-MM. Default: the current one.
         #[arg(long)]
         period: Option<String>,
-        /// The SVG file to write (replaced if it exists).
+        /// The file to write, FILE.svg or FILE.png (replaced if it exists).
         #[arg(short, long)]
         output: PathBuf,
     },
