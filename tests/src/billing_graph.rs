@@ -183,6 +183,9 @@ mod tests {
             tz: "UTC".into(),
             created: MAR1,
             destroyed: None,
+            commit_bps: None,
+            classes: None,
+            history: Vec::new(),
         })?;
         let (i, o) = (
             CounterKey::new(Direction::In, 0, Family::V4),
