@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -622,6 +623,12 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
     let (f_in, f_out) = kernel_bytes(&h, "4260");
     ensure!(f_in >= k_in + 40 * 1200, "{f_in} after {k_in}");
     h.ok(&["destroy", "4260"]);
+    let record: Value = serde_json::from_slice(&std::fs::read(
+        h.root.join("retired").join(format!("{uuid}.json")),
+    )?)?;
+    let retired_at = record["retired_at"].as_u64().context("retired_at")?;
+    // Destroyed seconds before berthd comes back: its lifetime ends at the destroy.
+    std::thread::sleep(Duration::from_secs(2));
     d = Berthd::start(&h, &ledger, "10")?;
     d.sigterm()?;
     let fin = h.json(&["billing", "--ledger", &ledger_s, "report", &uuid]);
@@ -631,7 +638,20 @@ fn ledger_survives_sigkills_exact_to_the_byte() -> Result<()> {
         fin["in_bytes"],
         fin["out_bytes"]
     );
-    ensure!(fin["destroyed"].is_string(), "not marked destroyed: {fin}");
+    let expected = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{retired_at}"),
+            "+%Y-%m-%dT%H:%M:%S+00:00",
+        ])
+        .output()?;
+    let expected = String::from_utf8(expected.stdout)?;
+    ensure!(
+        fin["destroyed"].as_str() == Some(expected.trim()),
+        "lifetime should end at the destroy ({}): {fin}",
+        expected.trim()
+    );
     Ok(())
 }
 

@@ -224,15 +224,17 @@ impl Feeder {
         let epoch = snap.as_ref().map(|s| s.epoch).or(self.last_epoch);
         let mut final_of = Vec::new();
         for uuid in &gone {
+            let mut ended = now;
             if let Some(r) = self.retired_reading(uuid, now, epoch)? {
+                ended = r.reading.at;
                 readings.push(r);
             }
-            final_of.push(uuid.clone());
+            final_of.push((uuid.clone(), ended));
         }
         summary.cts = readings.len();
         summary.tick = self.ledger.tick(&readings)?;
-        for uuid in &final_of {
-            self.ledger.mark_destroyed(uuid, now)?;
+        for (uuid, ended) in &final_of {
+            self.ledger.mark_destroyed(uuid, *ended)?;
             summary.retired += 1;
         }
         if snap.is_some() {
@@ -304,7 +306,21 @@ impl Feeder {
             path: path.clone(),
             detail: format!("not a retired-counters record: {e}"),
         })?;
+        #[derive(serde::Deserialize)]
+        struct When {
+            retired_at: Option<i64>,
+        }
+        let retired_at = serde_json::from_str::<When>(&text)
+            .ok()
+            .and_then(|w| w.retired_at);
         let checkpoint = self.ledger.checkpoint(uuid)?;
+        // Billed up to the second it was destroyed (the slot it ended in, and its lifetime
+        // for the 95th), not to this tick; never before the last booked reading (a tick that
+        // raced the destroy), never in the future.
+        let at = match retired_at {
+            Some(t) => t.max(checkpoint.as_ref().map_or(t, |c| c.at)).min(now),
+            None => now,
+        };
         let Some(epoch) = epoch.or(checkpoint.map(|c| c.epoch)) else {
             return Ok(None);
         };
@@ -323,7 +339,7 @@ impl Feeder {
         Ok(Some(CtReading {
             uuid: uuid.to_string(),
             reading: Reading {
-                at: now,
+                at,
                 epoch,
                 counters,
             },

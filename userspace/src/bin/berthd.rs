@@ -73,6 +73,10 @@ struct Args {
     /// Seconds between two readings of the counters into the ledger (10–300).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(10..=300))]
     tick: u64,
+    /// Billing periods before the current one whose 5-minute slots the ledger keeps (1–120);
+    /// per-period totals are kept for good.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=120))]
+    retention: u32,
     /// More logging on stderr (-v debug). BERTH_LOG takes tracing filter syntax.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -238,7 +242,13 @@ async fn serve(args: Args) -> Result<()> {
         .context("installing the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
-    let feeder = open_feeder(host.clone(), args.bpffs.clone(), ledger_path).await?;
+    let feeder = open_feeder(
+        host.clone(),
+        args.bpffs.clone(),
+        ledger_path,
+        args.retention,
+    )
+    .await?;
     let ticker = tokio::spawn(tick_loop(
         feeder.clone(),
         server.clone(),
@@ -292,13 +302,23 @@ async fn serve(args: Args) -> Result<()> {
 
 type SharedFeeder = Arc<std::sync::Mutex<Feeder>>;
 
-async fn open_feeder(host: Host, pin_dir: PathBuf, path: PathBuf) -> Result<SharedFeeder> {
+async fn open_feeder(
+    host: Host,
+    pin_dir: PathBuf,
+    path: PathBuf,
+    retention: u32,
+) -> Result<SharedFeeder> {
     let f = tokio::task::spawn_blocking(move || -> Result<Feeder> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the ledger's directory {}", dir.display()))?;
         }
-        let ledger = Ledger::open(&path, LedgerOptions::default())
+        let ledger = Ledger::open(
+            &path,
+            LedgerOptions {
+                retention_periods: retention,
+            },
+        )
             .with_context(|| format!("opening the billing ledger {}", path.display()))?;
         info!(ledger = %path.display(), cts = ledger.cts().count(), seq = ledger.seq(), "billing ledger open");
         Ok(Feeder::new(host, pin_dir, ledger))
