@@ -386,6 +386,22 @@ fn a_flooded_shaped_ct_is_billed_what_was_delivered() -> Result<()> {
         c_out - u_out
     );
     eprintln!("ledger {l_in}/{l_out} = delivered; counted {c_in}/{c_out}");
+    // The report says what its bytes are.
+    let (_, _, layer) = billed_parts(&h.bpffs, Direction::In)?;
+    let layer = if layer == ByteLayer::L3 { "l3" } else { "l2" };
+    ensure!(
+        report["layer"] == layer && report["basis"] == "delivered",
+        "layer/basis: {report}"
+    );
+    let csv = h.ok(&["billing", "--ledger", &ledger_s, "report", CT, "--csv"]);
+    let header = csv.lines().next().context("empty CSV")?;
+    ensure!(header.ends_with(",layer,basis"), "{header}");
+    ensure!(
+        csv.lines()
+            .skip(1)
+            .all(|l| l.ends_with(&format!(",{layer},delivered"))),
+        "{csv}"
+    );
     h.ok(&["destroy", CT]);
     Ok(())
 }

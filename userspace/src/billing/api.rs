@@ -196,7 +196,8 @@ pub fn report(ledger: &Ledger, q: &ReportQuery, now: i64) -> Result<Value, ApiEr
                 .map_err(ApiError::Ledger)?,
         );
     }
-    reports_json(&reports, q.ct == CtSelector::All).map_err(ApiError::Ledger)
+    let layer = ledger.byte_layer().map_err(ApiError::Ledger)?;
+    reports_json(&reports, q.ct == CtSelector::All, layer).map_err(ApiError::Ledger)
 }
 
 /// The answer of `/v1/billing/slots`: `{"after_seq", "next_after_seq", "rows": [...]}`, each
@@ -218,7 +219,14 @@ pub fn slots(ledger: &Ledger, q: &SlotsQuery) -> Result<Value, ApiError> {
         }
         rows.push(v);
     }
-    Ok(json!({"after_seq": q.after_seq, "next_after_seq": next, "rows": rows}))
+    let layer = ledger.byte_layer().map_err(ApiError::Ledger)?;
+    Ok(json!({
+        "after_seq": q.after_seq,
+        "next_after_seq": next,
+        "layer": layer,
+        "basis": super::store::BASIS,
+        "rows": rows,
+    }))
 }
 
 #[cfg(test)]

@@ -117,6 +117,8 @@ pub fn delivered(
 /// One consistent read: the epoch did not change while the counters were read.
 struct Snapshot {
     epoch: u64,
+    /// The datapath counts IP packets (else frames).
+    l3: bool,
     by_ct: HashMap<u32, BTreeMap<CounterKey, Counter>>,
 }
 
@@ -128,6 +130,7 @@ fn read_snapshot(pin_dir: &Path) -> Result<Option<Snapshot>, FeedError> {
     let Some(view) = DatapathView::open_pinned(pin_dir).map_err(err)? else {
         return Ok(None);
     };
+    let l3 = view.config().map_err(err)?.byte_layer == datapath::ByteLayer::L3;
     let undelivered = view.undelivered().map_err(err)?;
     let rows = view.counters().map_err(err)?;
     drop(view);
@@ -138,6 +141,7 @@ fn read_snapshot(pin_dir: &Path) -> Result<Option<Snapshot>, FeedError> {
     }
     Ok(Some(Snapshot {
         epoch: before,
+        l3,
         by_ct: delivered(group_rows(&rows), &group_rows(&undelivered)),
     }))
 }
@@ -232,6 +236,9 @@ impl Feeder {
             final_of.push((uuid.clone(), ended));
         }
         summary.cts = readings.len();
+        if let Some(s) = &snap {
+            self.ledger.set_byte_layer(s.l3)?;
+        }
         summary.tick = self.ledger.tick(&readings)?;
         for (uuid, ended) in &final_of {
             self.ledger.mark_destroyed(uuid, *ended)?;

@@ -25,10 +25,11 @@ pub fn direction_sums(r: &Report) -> (u64, u64) {
     sums
 }
 
-/// One CT's bill; instants in RFC 3339 in the time zone of the period's settings.
+/// One CT's bill; instants in RFC 3339 in the time zone of the period's settings. `layer` is
+/// the ledger's byte layer (`Ledger::byte_layer`), `basis` what its bytes are.
 /// `billing_day` and `tz` are the settings the period is laid out with; `next_settings` is set
 /// while a change waits for a later period to begin.
-pub fn report_json(r: &Report) -> Result<Value, BillingError> {
+pub fn report_json(r: &Report, layer: Option<&str>) -> Result<Value, BillingError> {
     let spec = PeriodSpec::with_history(&r.ct.history, r.ct.anchor, &r.ct.tz, r.ct.created)?;
     let (anchor, tz) = spec.settings_at(r.period.start);
     let next = match r.ct.history.last() {
@@ -68,6 +69,8 @@ pub fn report_json(r: &Report) -> Result<Value, BillingError> {
         "period_end": spec.rfc3339(r.period.end)?,
         "created": spec.rfc3339(r.ct.created)?,
         "destroyed": r.ct.destroyed.map(|d| spec.rfc3339(d)).transpose()?,
+        "layer": layer,
+        "basis": super::store::BASIS,
         "in_bytes": in_bytes,
         "out_bytes": out_bytes,
         "totals": totals,
@@ -88,8 +91,15 @@ pub fn report_json(r: &Report) -> Result<Value, BillingError> {
 
 /// Reports as one document: the object of the one CT asked for, or an array for `all` (also
 /// when it holds one CT or none, so a consumer of `all` always gets the same type).
-pub fn reports_json(reports: &[Report], all: bool) -> Result<Value, BillingError> {
-    let mut v: Vec<Value> = reports.iter().map(report_json).collect::<Result<_, _>>()?;
+pub fn reports_json(
+    reports: &[Report],
+    all: bool,
+    layer: Option<&str>,
+) -> Result<Value, BillingError> {
+    let mut v: Vec<Value> = reports
+        .iter()
+        .map(|r| report_json(r, layer))
+        .collect::<Result<_, _>>()?;
     if !all && v.len() == 1 {
         return Ok(v.remove(0));
     }

@@ -506,8 +506,10 @@ impl Ledger {
     }
 }
 
+mod layer;
 mod query;
 mod settings;
+pub use layer::BASIS;
 mod tick;
 
 use settings::{decode_classes, migrate_v1};

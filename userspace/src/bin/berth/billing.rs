@@ -46,7 +46,7 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
                 let p = period_of(&ledger, u, period.as_deref(), now)?;
                 reports.push(ledger.report(u, &p, mode, None, now)?);
             }
-            print_reports(ctx, &reports, ct == "all", csv)
+            print_reports(ctx, &reports, ct == "all", csv, ledger.byte_layer()?)
         }
         BillingCmd::Slots { ct, period, csv } => {
             output_flags(ctx, csv)?;
@@ -54,7 +54,10 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             let uuid = uuid_of(ctx, &ledger, &ct)?;
             let p = period_of(&ledger, &uuid, period.as_deref(), now)?;
             if csv {
-                let layer = byte_layer(&ctx.pin_dir)?;
+                let layer = match ledger.byte_layer()? {
+                    Some(l) => l,
+                    None => byte_layer(&ctx.pin_dir)?,
+                };
                 let mut out = std::io::stdout().lock();
                 ledger.export_csv(&mut out, &uuid, &p, layer, now)?;
                 out.flush().context("writing the export")?;
@@ -131,7 +134,8 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             let over = anchor.zip(tz.as_deref());
             let r = recompute_with(std::io::BufReader::new(f), mode, commit, over, classes)
                 .with_context(|| format!("recomputing {}", file.display()))?;
-            print_reports(ctx, &[r], false, csv)
+            // The file's own rows carry their layer; the report is about the file.
+            print_reports(ctx, &[r], false, csv, None)
         }
     }
 }
@@ -210,9 +214,15 @@ fn period_of(ledger: &Ledger, uuid: &str, label: Option<&str>, now: i64) -> Resu
     })
 }
 
-fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<()> {
+fn print_reports(
+    ctx: &Ctx,
+    reports: &[Report],
+    all: bool,
+    csv: bool,
+    layer: Option<&str>,
+) -> Result<()> {
     if ctx.json {
-        println!("{}", reports_json(reports, all)?);
+        println!("{}", reports_json(reports, all, layer)?);
         return Ok(());
     }
     if csv {
@@ -235,6 +245,8 @@ fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<
             "billed",
             "commit_bits_per_second",
             "slots_over_commit",
+            "layer",
+            "basis",
         ])?;
         for r in reports {
             for (k, c) in &r.totals {
@@ -256,6 +268,8 @@ fn print_reports(ctx: &Ctx, reports: &[Report], all: bool, csv: bool) -> Result<
                     r.ct.bills_class(k.class).to_string(),
                     r.commit_bps.map_or_else(String::new, |c| c.to_string()),
                     r.p95.slots_over_commit.to_string(),
+                    layer.unwrap_or("").to_string(),
+                    berth::billing::store::BASIS.to_string(),
                 ])?;
             }
         }
