@@ -22,6 +22,7 @@ use crate::billing::BillingConfig;
 use crate::ctid::{Ctid, validate_name};
 use crate::shaping::{DEFAULT_MTU, ShapingConfig};
 use crate::size::Size;
+use crate::transfer_quota::QuotaConfig;
 
 pub const DEFAULT_ROOT: &str = "/var/lib/berth";
 pub const DEFAULT_RUN: &str = "/run/berth";
@@ -291,6 +292,11 @@ pub struct CtConfig {
     /// (see [`crate::billing`]).
     #[serde(default, skip_serializing_if = "BillingConfig::is_empty")]
     pub billing: BillingConfig,
+    /// Transfer quota (`transfer`, `count`, `classes`, `soft_action`, `throttle_rate_in/out`,
+    /// `hard`, `hard_action`, `notify`, `webhook`), run by berthd at every ledger tick (see
+    /// [`crate::transfer_quota`]).
+    #[serde(default, skip_serializing_if = "QuotaConfig::is_empty")]
+    pub quota: QuotaConfig,
 }
 
 fn default_init() -> String {
@@ -320,6 +326,7 @@ impl CtConfig {
             net: crate::net::NetConfig::default(),
             shaping: None,
             billing: BillingConfig::default(),
+            quota: QuotaConfig::default(),
         }
     }
 
@@ -379,6 +386,7 @@ impl CtConfig {
                 .map_err(|e| bad(format!("shaping.{} = {:?}: {}", e.key(), e.value, e.reason)))?;
         }
         self.billing.validate().map_err(|e| bad(e.to_string()))?;
+        self.quota.validate().map_err(|e| bad(e.to_string()))?;
         Ok(())
     }
 

@@ -13,6 +13,7 @@ pub mod shaping;
 pub mod signal;
 pub mod size;
 pub mod template;
+pub mod transfer_quota;
 pub mod userns;
 
 pub use ctid::Ctid;

@@ -37,6 +37,8 @@ pub struct CreateOpts {
     pub shaping: Option<ShapingConfig>,
     /// Billing settings (`--billing-day`, `--tz`, `--commit`, `--classes`).
     pub billing: crate::billing::BillingConfig,
+    /// Transfer quota (`--quota-*`), validated here; the ledger has no usage of a new CT.
+    pub quota: crate::transfer_quota::QuotaConfig,
 }
 
 /// Creates CT `ctid`. Everything is checked before anything is made; a failure on the way
@@ -59,6 +61,10 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
             .map_err(|source| CtError::Shaping { ctid, source })?;
     }
     opts.billing.validate().map_err(|e| CtError::Invalid {
+        ctid,
+        msg: e.to_string(),
+    })?;
+    opts.quota.validate().map_err(|e| CtError::Invalid {
         ctid,
         msg: e.to_string(),
     })?;
@@ -121,6 +127,7 @@ fn create_locked(
     cfg.resources = opts.resources.clone();
     cfg.shaping = opts.shaping.clone().and_then(ShapingConfig::non_empty);
     cfg.billing = opts.billing.clone();
+    cfg.quota = opts.quota.clone();
     if !opts.ipadd.is_empty() {
         let add = SetOpts {
             ipadd: opts.ipadd.clone(),

@@ -20,6 +20,7 @@ use super::{
     resources_of, running,
 };
 use crate::billing::{BillingChange, BillingConfig};
+use crate::transfer_quota::{QuotaChange, QuotaConfig};
 use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
 use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::{Ctid, validate_name};
@@ -51,6 +52,9 @@ pub struct SetOpts {
     /// The billing flags (`--billing-day`, `--tz`, `--commit`, `--classes`): config only,
     /// berthd's ledger reads them from the saved config, so they need `--save`.
     pub billing: BillingChange,
+    /// The transfer quota flags (`--quota-*`): config only like billing (berthd reads the
+    /// saved config at each tick), so they need `--save`.
+    pub quota: QuotaChange,
 }
 
 impl SetOpts {
@@ -315,6 +319,8 @@ struct Plan {
     shaping: Option<Option<ShapingConfig>>,
     /// With billing flags: the billing settings afterwards.
     billing: Option<BillingConfig>,
+    /// With quota flags: the quota afterwards.
+    quota: Option<QuotaConfig>,
 }
 
 fn plan(
@@ -392,6 +398,14 @@ fn plan(
                 })?,
         )
     };
+    let quota = if opts.quota.is_empty() {
+        None
+    } else {
+        Some(opts.quota.merge(&cfg.quota).map_err(|e| CtError::Invalid {
+            ctid,
+            msg: e.to_string(),
+        })?)
+    };
     // Reading what the limits are now also checks that the cgroup supports the change.
     let limits = match run {
         Some(_) => {
@@ -409,6 +423,7 @@ fn plan(
         shaping_before,
         shaping,
         billing,
+        quota,
     })
 }
 
@@ -433,6 +448,12 @@ pub fn set(
         return Err(CtError::Invalid {
             ctid,
             msg: "--billing-day, --tz, --commit and --classes are billing settings berthd reads from the saved config: add --save".into(),
+        });
+    }
+    if !opts.quota.is_empty() && !save {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: "--quota-* flags set the transfer quota berthd reads from the saved config at each tick: add --save".into(),
         });
     }
     if save {
@@ -552,6 +573,9 @@ fn apply(
         }
         if let Some(b) = &plan.billing {
             cfg.billing = b.clone();
+        }
+        if let Some(q) = &plan.quota {
+            cfg.quota = q.clone();
         }
         cfg.save(host)?;
     }
