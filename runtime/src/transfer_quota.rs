@@ -209,7 +209,9 @@ pub fn parse_webhook(flag: &'static str, s: &str) -> Result<String, QuotaSetting
     {
         return Err(err(flag, s, format!("bad port {p:?}")));
     }
-    if t.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if t.bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(err(flag, s, "the URL contains whitespace"));
     }
     Ok(t.to_string())

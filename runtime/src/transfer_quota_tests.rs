@@ -11,7 +11,9 @@ fn sizes_decimal_and_binary() {
     assert_eq!(b("4096"), 4096);
     assert_eq!(b("10 MiB"), 10 << 20);
     for bad in ["", "-1GB", "0", "0GB", "2XB", "GB", "1e3GB"] {
-        let e = Bytes::parse("--quota-transfer", bad).unwrap_err().to_string();
+        let e = Bytes::parse("--quota-transfer", bad)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!("--quota-transfer {bad:?}: ")),
             "{bad}: {e}"
@@ -31,7 +33,9 @@ fn sizes_decimal_and_binary() {
 #[test]
 fn words_and_urls() {
     assert_eq!(Count::parse("--quota-count", "MAX").unwrap(), Count::Max);
-    let e = Count::parse("--quota-count", "sum").unwrap_err().to_string();
+    let e = Count::parse("--quota-count", "sum")
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         "--quota-count \"sum\": unknown count: use one of out in both max"
@@ -166,7 +170,10 @@ fn toml_round_trip_and_bad_values() {
             "[quota]\ntransfer = \"2TB\"\nwebhook = \"https://x/\"\n",
             "quota.webhook",
         ),
-        ("[quota]\ntransfer = \"2TB\"\nnotify = [0]\n", "quota.notify"),
+        (
+            "[quota]\ntransfer = \"2TB\"\nnotify = [0]\n",
+            "quota.notify",
+        ),
         (
             "[quota]\ntransfer = \"2TB\"\nclasses = [99]\n",
             "quota.classes",

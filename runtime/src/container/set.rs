@@ -20,13 +20,13 @@ use super::{
     resources_of, running,
 };
 use crate::billing::{BillingChange, BillingConfig};
-use crate::transfer_quota::{QuotaChange, QuotaConfig};
 use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
 use crate::config::{ConfigError, CtConfig, Host, ResourceConfig};
 use crate::ctid::{Ctid, validate_name};
 use crate::error_chain::ErrorChain;
 use crate::net::{self, HostNet, NetState};
 use crate::shaping::{ShapingChange, ShapingConfig};
+use crate::transfer_quota::{QuotaChange, QuotaConfig};
 
 /// Changes of `berth set`; `None`/empty = unchanged.
 #[derive(Debug, Clone, Default)]
