@@ -106,7 +106,7 @@ impl fmt::Display for Bytes {
             ("KiB", 1 << 10),
             ("kB", 1_000),
         ] {
-            if v >= m && v % m == 0 {
+            if v >= m && v.is_multiple_of(m) {
                 return write!(f, "{}{u}", v / m);
             }
         }

@@ -31,6 +31,8 @@ pub enum InventoryError {
     /// Boxed: the shaper's error is large and every call here would carry its size.
     #[error(transparent)]
     Shaper(Box<ShaperError>),
+    #[error(transparent)]
+    Quota(Box<crate::quota::store::QuotaStoreError>),
     #[error("create {}", path.display())]
     CreateDir {
         path: PathBuf,
@@ -93,6 +95,19 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("packets.in", "packets delivered to the CT"),
     ("packets.out", "packets sent by the CT"),
     ("drops", "packets dropped by anti-spoofing, all reasons"),
+    (
+        "quota.limit",
+        "transfer quota of the period, bytes, top-ups included (as of berthd's last tick; else the configured one)",
+    ),
+    ("quota.hard", "hard transfer limit of the period, bytes"),
+    (
+        "quota.used",
+        "bytes counted against the quota this period (as of berthd's last tick)",
+    ),
+    (
+        "quota.state",
+        "normal, warned, throttled, cut, suspended or stopped (berthd's last tick)",
+    ),
 ];
 
 /// The fields of a listing that names none.
@@ -200,11 +215,28 @@ pub fn field(
     })
 }
 
+/// A `quota.*` field: berthd's last evaluation, else (limits) the config's values.
+fn quota_field(f: &str, cfg: &CtConfig, q: Option<&crate::quota::status::CtQuotaStatus>) -> Value {
+    let st = q.and_then(|q| q.state.as_ref());
+    match f {
+        "limit" => json!(st.map(|s| s.soft).or(cfg.quota.transfer.map(|b| b.0))),
+        "hard" => json!(st.and_then(|s| s.hard).or(cfg.quota.hard.map(|b| b.0))),
+        "used" => json!(st.map(|s| s.used)),
+        _ => json!(st.map(|s| s.state.as_str())),
+    }
+}
+
 /// One row of `fields` values per CT, in CTID order: running and suspended CTs, or all with
 /// `all`. A CT whose status cannot be read is skipped with a warning.
 pub fn rows(host: &Host, all: bool, fields: &[&str], pin_dir: &Path) -> Result<Vec<Vec<Value>>> {
     let traffic = if fields.iter().any(|f| needs_traffic(f)) {
         Some(traffic_by_ct(pin_dir)?)
+    } else {
+        None
+    };
+    let quota = if fields.iter().any(|f| f.starts_with("quota.")) {
+        crate::quota::status::open(&crate::quota::status::default_ledger(host))
+            .map_err(|e| InventoryError::Quota(Box::new(e)))?
     } else {
         None
     };
@@ -223,10 +255,20 @@ pub fn rows(host: &Host, all: bool, fields: &[&str], pin_dir: &Path) -> Result<V
         let cfg = CtConfig::load(host, ctid)?;
         let stats = container::stats(host, ctid).ok().flatten();
         let t = traffic.as_ref().and_then(|t| t.get(&ctid.get()).copied());
+        let q = match &quota {
+            Some(store) if fields.iter().any(|f| f.starts_with("quota.")) => Some(
+                crate::quota::status::of_ct(Some(store), &cfg)
+                    .map_err(|e| InventoryError::Quota(Box::new(e)))?,
+            ),
+            _ => None,
+        };
         rows.push(
             fields
                 .iter()
-                .map(|f| field(f, &st, &cfg, stats.as_ref(), t))
+                .map(|f| match f.strip_prefix("quota.") {
+                    Some(qf) => Ok(quota_field(qf, &cfg, q.as_ref())),
+                    None => field(f, &st, &cfg, stats.as_ref(), t),
+                })
                 .collect::<Result<_>>()?,
         );
     }

@@ -9,6 +9,10 @@
 //! `ok` while the daemon serves. berthd never loads or attaches programs; nothing else depends
 //! on it running (traffic while it is down is booked at its next tick, spread over the gap).
 //!
+//! Transfer quotas (`[quota]` of a CT config) are evaluated after every ledger tick on the
+//! period's totals (berth::quota::engine), stored in the ledger's file with their webhook
+//! events, and enforced; a delivery loop posts the queued events with retry and backoff.
+//!
 //! `GET /v1/billing/report?ct=<CTID|UUID|all>&period=YYYY-MM&mode=M` and
 //! `GET /v1/billing/slots?after_seq=N&limit=K` answer from the ledger in JSON
 //! (berth::billing::api; a read-only connection per request); a bad query is a 400 whose JSON
@@ -29,6 +33,7 @@ use berth::{
     billing::{Ledger, LedgerOptions, api, feed::Feeder},
     datapath::DEFAULT_PIN_DIR,
     metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, billing::BillingGauges, expose},
+    quota::{self, store::QuotaStore, webhook::SharedStore},
 };
 use berth_runtime::{config::Host, error_chain::ErrorChain};
 use clap::Parser;
@@ -77,6 +82,9 @@ struct Args {
     /// per-period totals are kept for good.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=120))]
     retention: u32,
+    /// Seconds a quota webhook POST may take before it counts as failed (retried with backoff).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
+    webhook_timeout: u64,
     /// More logging on stderr (-v debug). BERTH_LOG takes tracing filter syntax.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -242,6 +250,7 @@ async fn serve(args: Args) -> Result<()> {
         .context("installing the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
+    let ledger_path_for_quota = ledger_path.clone();
     let feeder = open_feeder(
         host.clone(),
         args.bpffs.clone(),
@@ -249,10 +258,17 @@ async fn serve(args: Args) -> Result<()> {
         args.retention,
     )
     .await?;
+    let quota = open_quota(ledger_path_for_quota).await?;
     let ticker = tokio::spawn(tick_loop(
         feeder.clone(),
+        quota.clone(),
         server.clone(),
         Duration::from_secs(args.tick),
+    ));
+    let deliverer = tokio::spawn(delivery_loop(
+        quota.clone(),
+        server.clone(),
+        Duration::from_secs(args.webhook_timeout),
     ));
 
     let listener = TcpListener::bind(args.listen)
@@ -295,8 +311,9 @@ async fn serve(args: Args) -> Result<()> {
     }
     info!("berthd stopping");
     ticker.abort();
+    deliverer.abort();
     // The ticker may be inside a tick: the lock waits for it, then the final one books up to now.
-    tick_once(feeder, server).await;
+    tick_once(feeder, quota, server).await;
     Ok(())
 }
 
@@ -328,16 +345,71 @@ async fn open_feeder(
     Ok(Arc::new(std::sync::Mutex::new(f)))
 }
 
+/// The quota tables in the ledger's file (after the ledger opened it, so it exists).
+async fn open_quota(path: PathBuf) -> Result<SharedStore> {
+    let s = tokio::task::spawn_blocking(move || {
+        QuotaStore::open(&path)
+            .with_context(|| format!("opening the quota tables of {}", path.display()))
+    })
+    .await
+    .context("opening the quota tables: task failed")??;
+    Ok(Arc::new(std::sync::Mutex::new(s)))
+}
+
+/// Posts the queued quota events every second (a failed one waits for its backoff).
+async fn delivery_loop(store: SharedStore, server: Arc<Server>, timeout: Duration) {
+    let mut iv = tokio::time::interval(Duration::from_secs(1));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        iv.tick().await;
+        match quota::webhook::deliver_due(&store, timeout).await {
+            Ok(p) => {
+                if p.delivered + p.failed > 0 {
+                    debug!(
+                        delivered = p.delivered,
+                        failed = p.failed,
+                        backlog = p.backlog,
+                        "quota webhook pass"
+                    );
+                }
+                server.scraper.set_quota_outbox(p.backlog, p.failing);
+            }
+            Err(e) => warn!(error = %ErrorChain(&e), "quota webhook pass failed"),
+        }
+    }
+}
+
 /// One tick on a blocking thread; a failed tick is logged and retried at the next one (the
 /// ledger re-derives every delta from its last committed checkpoint, so nothing is lost).
 /// After it, the billing gauges of /metrics are read afresh from the ledger.
-async fn tick_once(feeder: SharedFeeder, server: Arc<Server>) {
+async fn tick_once(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>) {
     let res = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let now = unix_now();
         let mut f = feeder.lock().unwrap_or_else(|p| p.into_inner());
         let r = f.tick(now);
         let took = t0.elapsed();
+        // The quota reads the totals this tick committed; after a failed tick, the last ones.
+        {
+            let mut q = quota.lock().unwrap_or_else(|p| p.into_inner());
+            match quota::engine::tick(&mut q, &f.ledger, &f.host, &f.pin_dir, now) {
+                Ok(t) => {
+                    debug!(
+                        cts = t.cts.len(),
+                        queued = t.queued,
+                        backlog = t.backlog,
+                        "quota tick"
+                    );
+                    server.scraper.set_quota(t.cts);
+                    if let Ok(failing) = q.failing() {
+                        server.scraper.set_quota_outbox(t.backlog, failing);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %ErrorChain(&e), "quota tick failed (retried at the next tick)")
+                }
+            }
+        }
         let path = f.ledger.path().to_owned();
         // The gauges read every slot of the period: on their own read connection, so a long
         // read never holds the feeder (the final tick on SIGTERM waits for that lock).
@@ -368,13 +440,13 @@ async fn tick_once(feeder: SharedFeeder, server: Arc<Server>) {
     }
 }
 
-async fn tick_loop(feeder: SharedFeeder, server: Arc<Server>, every: Duration) {
+async fn tick_loop(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>, every: Duration) {
     let mut iv = tokio::time::interval(every);
     // After a stall, one tick books the whole gap: no burst of catch-up ticks.
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        tick_once(feeder.clone(), server.clone()).await;
+        tick_once(feeder.clone(), quota.clone(), server.clone()).await;
     }
 }
 

@@ -399,6 +399,44 @@ pub const BILLING_P95: MetricDef = gauge(
      mode) in bytes per second: the bill's bit/s (rounded down) divided by 8; as of berthd's \
      last ledger tick.",
 );
+pub const QUOTA_USED: MetricDef = gauge(
+    "berth_quota_used_bytes",
+    &["ctid", "uuid"],
+    false,
+    "Bytes counted against the CT's transfer quota in its current billing period (its counted \
+     direction(s) and classes); as of berthd's last ledger tick.",
+);
+pub const QUOTA_LIMIT: MetricDef = gauge(
+    "berth_quota_limit_bytes",
+    &["ctid", "uuid"],
+    false,
+    "The CT's transfer quota (soft limit) for the current period, top-ups included.",
+);
+pub const QUOTA_HARD_LIMIT: MetricDef = gauge(
+    "berth_quota_hard_limit_bytes",
+    &["ctid", "uuid"],
+    false,
+    "The CT's hard transfer limit for the current period, top-ups included (absent: none).",
+);
+pub const QUOTA_STATE: MetricDef = gauge(
+    "berth_quota_state",
+    &["ctid", "uuid", "state"],
+    false,
+    "1 for the CT's current quota state (normal, warned, throttled, cut, suspended, stopped), \
+     0 for the others.",
+);
+pub const QUOTA_WEBHOOK_BACKLOG: MetricDef = gauge(
+    "berth_quota_webhook_backlog",
+    &[],
+    false,
+    "Quota events queued for a webhook and not yet acknowledged with a 2xx.",
+);
+pub const QUOTA_WEBHOOK_FAILING: MetricDef = gauge(
+    "berth_quota_webhook_failing",
+    &[],
+    false,
+    "Queued quota events whose last delivery attempt failed (retried with backoff).",
+);
 
 /// Every family, in the order they are documented.
 pub const ALL: &[MetricDef] = &[
@@ -448,6 +486,12 @@ pub const ALL: &[MetricDef] = &[
     STATE,
     BILLING_PERIOD_BYTES,
     BILLING_P95,
+    QUOTA_USED,
+    QUOTA_LIMIT,
+    QUOTA_HARD_LIMIT,
+    QUOTA_STATE,
+    QUOTA_WEBHOOK_BACKLOG,
+    QUOTA_WEBHOOK_FAILING,
     SOURCE_UP,
     COLLECT_SECONDS,
 ];

@@ -198,12 +198,32 @@ pub struct Scraper {
     spare: Mutex<Vec<Writer>>,
     /// The billing gauges of the last ledger tick ([`Scraper::set_billing`]).
     billing: Mutex<Arc<BillingGauges>>,
+    /// The quota gauges of the last ledger tick ([`Scraper::set_quota`]).
+    quota: Mutex<Arc<super::quota::QuotaGauges>>,
 }
 
 impl Scraper {
     /// Replaces the billing gauges every later scrape writes.
     pub fn set_billing(&self, gauges: BillingGauges) {
         *self.billing.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(gauges);
+    }
+
+    /// Replaces the per-CT quota gauges every later scrape writes (after a ledger tick).
+    pub fn set_quota(&self, cts: Vec<crate::quota::engine::CtQuota>) {
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        *q = Arc::new(super::quota::QuotaGauges {
+            cts,
+            ..(**q).clone()
+        });
+    }
+
+    /// Replaces the webhook outbox gauges (after a tick or a delivery pass).
+    pub fn set_quota_outbox(&self, backlog: u64, failing: u64) {
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        *q = Arc::new(super::quota::QuotaGauges {
+            cts: q.cts.clone(),
+            outbox: Some((backlog, failing)),
+        });
     }
 
     pub fn scrape(&self, reader: &Reader, format: Format) -> String {
@@ -234,6 +254,8 @@ impl Scraper {
             .clone();
         let configured: std::collections::HashSet<u32> = c.cts.iter().map(|(id, _)| *id).collect();
         billing.emit(|ctid| configured.contains(&ctid), &mut tail);
+        let quota = self.quota.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        quota.emit(|ctid| configured.contains(&ctid), &mut tail);
         emit_exporter(sources, t0.elapsed().as_secs_f64(), &mut tail);
         let out = assemble(format, c.batches.iter().chain(std::iter::once(&tail)));
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());

@@ -54,6 +54,7 @@ pub mod expose;
 pub mod families;
 pub mod openmetrics;
 mod per_ct;
+pub mod quota;
 pub mod snapshot;
 pub mod watch;
 

@@ -17,13 +17,6 @@ use crate::billing::{BillingError, Ledger, Period};
 pub enum QuotaTickError {
     #[error(transparent)]
     Store(#[from] QuotaStoreError),
-    #[error("quota of CT {ctid} ({uuid}): reading the ledger")]
-    Ledger {
-        ctid: u32,
-        uuid: String,
-        #[source]
-        source: BillingError,
-    },
     #[error("quota tick: listing the CT configs")]
     Configs(#[source] berth_runtime::config::ConfigError),
 }
@@ -101,11 +94,6 @@ pub fn tick(
         if cfg.quota.transfer.is_none() || ledger.ct(&uuid).is_err() {
             continue;
         }
-        let ledger_err = |source| QuotaTickError::Ledger {
-            ctid: ctid.get(),
-            uuid: uuid.clone(),
-            source,
-        };
         let read = || -> Result<(Period, u64), BillingError> {
             let period = ledger.period_spec(&uuid)?.period_of(now)?;
             let totals = ledger.totals(&uuid, period.start)?;
@@ -114,8 +102,7 @@ pub fn tick(
         let (period, used) = match read() {
             Ok(v) => v,
             Err(e) => {
-                let e = ledger_err(e);
-                warn!(error = %ErrorChain(&e), "quota: skipping a CT this tick");
+                warn!(%ctid, %uuid, error = %ErrorChain(&e), "quota: reading the CT's period totals from the ledger failed; skipped this tick");
                 continue;
             }
         };

@@ -126,15 +126,13 @@ pub struct Evaluation {
 pub fn evaluate(limits: &Limits, used: u64) -> Evaluation {
     let at = |pct: u16| u128::from(used) * 100 >= u128::from(limits.soft) * u128::from(pct);
     let crossed: Vec<u16> = limits.notify.iter().copied().filter(|&p| at(p)).collect();
-    let hard = limits
-        .hard
-        .filter(|&h| used >= h)
-        .and_then(|_| match limits.hard_action {
-            HardAction::Cut => Some(State::Cut),
-            HardAction::Suspend => Some(State::Suspended),
-            HardAction::Stop => Some(State::Stopped),
-            HardAction::None => None,
-        });
+    let hard_state = match limits.hard_action {
+        HardAction::Cut => Some(State::Cut),
+        HardAction::Suspend => Some(State::Suspended),
+        HardAction::Stop => Some(State::Stopped),
+        HardAction::None => None,
+    };
+    let hard = limits.hard.filter(|&h| used >= h).and(hard_state);
     let state = if let Some(s) = hard {
         s
     } else if used >= limits.soft {

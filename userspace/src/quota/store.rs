@@ -117,7 +117,7 @@ pub struct OutboxSummary {
 
 /// The backoff after the `attempts`-th failure: 1 s doubling, at most 5 minutes.
 pub fn backoff_secs(attempts: u32) -> i64 {
-    1i64 << attempts.saturating_sub(1).min(8).min(30)
+    1i64 << attempts.saturating_sub(1).min(8)
 }
 
 const MAX_BACKOFF: i64 = 300;
@@ -447,6 +447,22 @@ impl QuotaStore {
             .conn
             .query_row(
                 "SELECT count(*) FROM quota_outbox WHERE delivered IS NULL AND url IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.sql("counting the outbox"))?;
+        Ok(n as u64)
+    }
+
+    /// Undelivered events whose last attempt failed.
+    pub fn failing(&self) -> Result<u64, QuotaStoreError> {
+        if self.missing {
+            return Ok(0);
+        }
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM quota_outbox WHERE delivered IS NULL AND url IS NOT NULL AND last_error IS NOT NULL",
                 [],
                 |r| r.get(0),
             )

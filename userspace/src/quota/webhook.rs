@@ -2,7 +2,13 @@
 //! tokio TCP stream (plain `http://`; the config refuses `https://`, berthd links no TLS
 //! stack). The body is the event's JSON, the `Idempotency-Key` header its key
 //! `uuid:period:event`, so a receiver that saw a retry whose 2xx got lost can drop it.
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use berth_runtime::error_chain::ErrorChain;
+use tracing::{debug, warn};
+
+use super::store::{QuotaStore, QuotaStoreError};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, body::Bytes, header};
@@ -103,6 +109,66 @@ pub async fn post(
         Ok(r) => r,
         Err(_) => Err(DeliveryError::Timeout(url.to_string(), timeout)),
     }
+}
+
+/// The outbox, shared by berthd's tick and its delivery loop.
+pub type SharedStore = Arc<Mutex<QuotaStore>>;
+
+/// What a delivery pass did, and the outbox after it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub delivered: usize,
+    pub failed: usize,
+    pub backlog: u64,
+    pub failing: u64,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+async fn with_store<T: Send + 'static>(
+    store: &SharedStore,
+    f: impl FnOnce(&mut QuotaStore) -> Result<T, QuotaStoreError> + Send + 'static,
+) -> Result<T, QuotaStoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// Sends every event due now, one at a time (oldest first); each is marked delivered right
+/// after its 2xx, so a crash between two resends at most the one in flight (which the
+/// receiver recognises by its `Idempotency-Key`).
+pub async fn deliver_due(store: &SharedStore, timeout: Duration) -> Result<Pass, QuotaStoreError> {
+    let due = with_store(store, |s| s.due(unix_now(), 64)).await?;
+    let mut pass = Pass::default();
+    for p in due {
+        match post(&p.url, &p.key, p.body.clone(), timeout).await {
+            Ok(status) => {
+                debug!(key = %p.key, status, "quota event delivered");
+                let key = p.key.clone();
+                with_store(store, move |s| s.delivered(&key, unix_now())).await?;
+                pass.delivered += 1;
+            }
+            Err(e) => {
+                let msg = ErrorChain(&e).to_string();
+                warn!(key = %p.key, attempts = p.attempts + 1, error = %msg, "quota webhook delivery failed; retried with backoff");
+                let key = p.key.clone();
+                with_store(store, move |s| s.failed(&key, unix_now(), &msg)).await?;
+                pass.failed += 1;
+            }
+        }
+    }
+    let (backlog, failing) = with_store(store, |s| Ok((s.backlog()?, s.failing()?))).await?;
+    pass.backlog = backlog;
+    pass.failing = failing;
+    Ok(pass)
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Create a CT from a template.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Boot a CT.
     Start {
         ct: String,
@@ -103,6 +103,54 @@ pub enum Cmd {
     Shaper(ShaperCmd),
     /// The billing ledger berthd keeps: period totals, the 95th, the 5-minute record.
     Billing(BillingArgs),
+    /// Transfer quotas: their state (as of berthd's last tick) and top-ups.
+    Quota(QuotaArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QuotaArgs {
+    /// The ledger berthd keeps the quota state in. Default: <root>/billing.db.
+    #[arg(long, global = true, env = "BERTHD_LEDGER")]
+    pub ledger: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: QuotaCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotaCmd {
+    /// A CT's (or every CT's) quota, state, usage and webhook deliveries.
+    Status { ct: Option<String> },
+    /// Add SIZE (e.g. 100GB, 50GiB) to the CT's limits for the current billing period.
+    Topup { ct: String, size: String },
+}
+
+/// The CT's transfer quota, read by berthd from the saved config (`set` needs --save).
+#[derive(Args, Debug, Default, PartialEq, Clone)]
+pub struct QuotaFlags {
+    /// Transfer per billing period, e.g. 2TB (10^12) or 2TiB (2^40); `none` removes the quota.
+    #[arg(long = "quota-transfer", value_name = "SIZE")]
+    pub transfer: Option<String>,
+    /// Bytes counted: out, in, both (in + out) or max (the larger).
+    #[arg(long = "quota-count", value_name = "out|in|both|max")]
+    pub count: Option<String>,
+    /// Network classes counted, e.g. 1,2; `default`: all but class 0; `all`: every class.
+    #[arg(long = "quota-classes", value_name = "LIST")]
+    pub classes: Option<String>,
+    /// Throttle rate over the quota, RATE or IN:OUT (tc units; `none`: no throttle).
+    #[arg(long = "quota-throttle", value_name = "RATE[:RATE]")]
+    pub throttle: Option<String>,
+    /// Hard limit (at least the transfer quota); `none` removes it.
+    #[arg(long = "quota-hard", value_name = "SIZE")]
+    pub hard: Option<String>,
+    /// What happens at the hard limit: cut, suspend, stop or none.
+    #[arg(long = "quota-hard-action", value_name = "ACTION")]
+    pub hard_action: Option<String>,
+    /// Percentages of the quota that notify, e.g. 80,90,100 (`none`: no thresholds).
+    #[arg(long = "quota-notify", value_name = "LIST")]
+    pub notify: Option<String>,
+    /// Webhook URL (http://) the events are POSTed to; `none` removes it.
+    #[arg(long = "quota-webhook", value_name = "URL")]
+    pub webhook: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +249,8 @@ pub struct CreateArgs {
     pub ipadd: Vec<IpAddr>,
     #[command(flatten)]
     pub billing: BillingFlags,
+    #[command(flatten)]
+    pub quota: QuotaFlags,
 }
 
 /// The CT's billing settings, read by berthd's ledger from the config.
@@ -342,6 +392,8 @@ pub struct SetArgs {
     pub pps_out: Option<String>,
     #[command(flatten)]
     pub billing: BillingFlags,
+    #[command(flatten)]
+    pub quota: QuotaFlags,
     /// Persist in the CT's config.
     #[arg(long)]
     pub save: bool,

@@ -11,6 +11,7 @@ use crate::cli::CreateArgs;
 pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
     let ctid: Ctid = a.ctid.parse()?;
     let billing = crate::set::billing_flags(&a.billing)?.merge(&Default::default())?;
+    let quota = crate::quota::quota_flags(&a.quota)?.merge(&Default::default())?;
     container::create(
         &ctx.host,
         ctid,
@@ -22,6 +23,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
             copy: a.copy,
             ipadd: a.ipadd,
             billing,
+            quota,
             ..Default::default()
         },
     )?;

@@ -8,6 +8,7 @@ mod lifecycle;
 mod list;
 mod netclass;
 mod netstat;
+mod quota;
 mod set;
 mod shaper;
 mod status;
@@ -79,7 +80,7 @@ fn run(cli: Cli) -> Result<u8> {
     };
     let ctx = &mut ctx;
     match cli.cmd {
-        Cmd::Create(a) => lifecycle::create(ctx, a)?,
+        Cmd::Create(a) => lifecycle::create(ctx, *a)?,
         Cmd::Start { ct } => lifecycle::start(ctx, &ct)?,
         Cmd::Stop { ct, fast } => lifecycle::stop(ctx, &ct, fast)?,
         Cmd::Restart { ct } => lifecycle::restart(ctx, &ct)?,
@@ -99,6 +100,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Shaper(c) => shaper::shaper(ctx, c)?,
         Cmd::Gc => gc::gc(ctx)?,
         Cmd::Billing(a) => billing::billing(ctx, a)?,
+        Cmd::Quota(a) => quota::quota(ctx, a)?,
     }
     Ok(0)
 }

@@ -45,9 +45,15 @@ pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
         .netif_del
         .as_ref()
         .map(|n| if n == "all" { None } else { Some(n.clone()) });
+    let quota = crate::quota::quota_flags(&a.quota)?;
+    if !quota.is_empty() {
+        // Refused before anything changes: a quota below what the CT already used.
+        crate::quota::check_against_ledger(ctx, ctid, &quota)?;
+    }
     let opts = SetOpts {
         shaping: shaping_flags(&a)?,
         billing: billing_flags(&a.billing)?,
+        quota,
         ipadd: a.ipadd,
         ipdel,
         netif_add,

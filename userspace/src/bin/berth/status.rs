@@ -14,6 +14,15 @@ pub fn status(ctx: &Ctx, ct: &str) -> Result<()> {
         v["shaping_error"] = json!(e);
     }
     v["shaping"] = serde_json::to_value(&r.shaping)?;
+    // The quota with berthd's last evaluation (null: none configured).
+    let cfg = berth_runtime::config::CtConfig::load(&ctx.host, ctid)?;
+    let quota = if cfg.quota.is_empty() {
+        None
+    } else {
+        let store = berth::quota::status::open(&berth::quota::status::default_ledger(&ctx.host))?;
+        Some(berth::quota::status::of_ct(store.as_ref(), &cfg)?)
+    };
+    v["quota"] = quota.as_ref().map_or(serde_json::Value::Null, |q| q.json());
     ctx.print(v, || {
         let detail = match (&r.status.init_pid, &r.status.last_exit) {
             (Some(p), _) => format!(" (init PID {p})"),
@@ -36,6 +45,9 @@ pub fn status(ctx: &Ctx, ct: &str) -> Result<()> {
         }
         if let Some(s) = &r.shaping {
             println!("{}", s.human());
+        }
+        if let Some(q) = &quota {
+            println!("{}", q.human());
         }
     });
     Ok(())
