@@ -438,7 +438,19 @@ impl QuotaChange {
         if let Some(w) = &self.webhook {
             q.webhook = w.clone();
         }
-        q.validate()?;
+        // The flags' names, not the keys': the user typed flags.
+        q.validate().map_err(|mut e| {
+            e.flag = match e.flag {
+                "quota.hard" => "--quota-hard",
+                "quota.transfer" => "--quota-transfer",
+                "quota.soft_action" => "--quota-throttle",
+                "quota.classes" => "--quota-classes",
+                "quota.notify" => "--quota-notify",
+                "quota.webhook" => "--quota-webhook",
+                other => other,
+            };
+            e
+        })?;
         Ok(q)
     }
 }

@@ -99,7 +99,7 @@ fn merge_and_validation() {
     }
     .merge(&q)
     .unwrap_err();
-    assert_eq!(e.flag, "quota.hard");
+    assert_eq!(e.flag, "--quota-hard");
     assert!(e.reason.contains("below the transfer quota 5MB"), "{e}");
     // Removing the throttle sets soft_action none.
     let q2 = QuotaChange {

@@ -390,7 +390,7 @@ impl QuotaStore {
             .prepare_cached(
                 "SELECT key, url, body, attempts FROM quota_outbox
                  WHERE delivered IS NULL AND url IS NOT NULL AND next_attempt <= ?1
-                 ORDER BY next_attempt, created, key LIMIT ?2",
+                 ORDER BY next_attempt, rowid LIMIT ?2",
             )
             .map_err(self.sql("reading the outbox"))?;
         let rows = stmt
@@ -509,7 +509,7 @@ impl QuotaStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT key, delivered FROM quota_outbox WHERE uuid = ?1 ORDER BY created, key",
+                "SELECT key, delivered FROM quota_outbox WHERE uuid = ?1 ORDER BY rowid",
             )
             .map_err(self.sql("reading the outbox"))?;
         let rows = stmt

@@ -200,8 +200,8 @@ fn state_persists_across_reopen_outbox_is_idempotent_and_resets_each_period() {
     assert_eq!(
         keys(&s),
         [
-            format!("{UUID}:2026-03:state_warned"),
-            format!("{UUID}:2026-03:threshold_50")
+            format!("{UUID}:2026-03:threshold_50"),
+            format!("{UUID}:2026-03:state_warned")
         ]
     );
     // The same state again (a restart between): nothing new is queued.

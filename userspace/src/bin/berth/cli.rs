@@ -128,28 +128,40 @@ pub enum QuotaCmd {
 #[derive(Args, Debug, Default, PartialEq, Clone)]
 pub struct QuotaFlags {
     /// Transfer per billing period, e.g. 2TB (10^12) or 2TiB (2^40); `none` removes the quota.
-    #[arg(long = "quota-transfer", value_name = "SIZE")]
+    #[arg(id = "quota-transfer", long = "quota-transfer", value_name = "SIZE")]
     pub transfer: Option<String>,
     /// Bytes counted: out, in, both (in + out) or max (the larger).
-    #[arg(long = "quota-count", value_name = "out|in|both|max")]
+    #[arg(
+        id = "quota-count",
+        long = "quota-count",
+        value_name = "out|in|both|max"
+    )]
     pub count: Option<String>,
     /// Network classes counted, e.g. 1,2; `default`: all but class 0; `all`: every class.
-    #[arg(long = "quota-classes", value_name = "LIST")]
+    #[arg(id = "quota-classes", long = "quota-classes", value_name = "LIST")]
     pub classes: Option<String>,
     /// Throttle rate over the quota, RATE or IN:OUT (tc units; `none`: no throttle).
-    #[arg(long = "quota-throttle", value_name = "RATE[:RATE]")]
+    #[arg(
+        id = "quota-throttle",
+        long = "quota-throttle",
+        value_name = "RATE[:RATE]"
+    )]
     pub throttle: Option<String>,
     /// Hard limit (at least the transfer quota); `none` removes it.
-    #[arg(long = "quota-hard", value_name = "SIZE")]
+    #[arg(id = "quota-hard", long = "quota-hard", value_name = "SIZE")]
     pub hard: Option<String>,
     /// What happens at the hard limit: cut, suspend, stop or none.
-    #[arg(long = "quota-hard-action", value_name = "ACTION")]
+    #[arg(
+        id = "quota-hard-action",
+        long = "quota-hard-action",
+        value_name = "ACTION"
+    )]
     pub hard_action: Option<String>,
     /// Percentages of the quota that notify, e.g. 80,90,100 (`none`: no thresholds).
-    #[arg(long = "quota-notify", value_name = "LIST")]
+    #[arg(id = "quota-notify", long = "quota-notify", value_name = "LIST")]
     pub notify: Option<String>,
     /// Webhook URL (http://) the events are POSTed to; `none` removes it.
-    #[arg(long = "quota-webhook", value_name = "URL")]
+    #[arg(id = "quota-webhook", long = "quota-webhook", value_name = "URL")]
     pub webhook: Option<String>,
 }
 
@@ -442,5 +454,17 @@ fn parse_yes_no(s: &str) -> Result<bool, String> {
         "yes" => Ok(true),
         "no" => Ok(false),
         _ => Err(format!("{s:?}: expected yes or no")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its own definitions (unique ids across flattened flag groups) only when a
+    /// command is built: do it here rather than at a user's first run.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }
