@@ -9,8 +9,10 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use berth_tests::berthd::{http_get, parse_samples, value_of};
@@ -25,7 +27,11 @@ const CT_IP: &str = "192.0.2.180";
 /// A webhook receiver: every POST's `Idempotency-Key` and JSON body, answered 200.
 struct Receiver {
     port: u16,
+    /// The 2xx-answered POSTs.
     calls: Arc<Mutex<Vec<(String, Value)>>>,
+    /// While set, every POST is answered 503 (and not recorded).
+    failing: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -34,6 +40,9 @@ impl Receiver {
         let port = l.local_addr()?.port();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let sink = calls.clone();
+        let failing = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (fail, nrefused) = (failing.clone(), refused.clone());
         std::thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
@@ -67,6 +76,14 @@ impl Receiver {
                     }
                 }
                 let mut body = vec![0; len];
+                if fail.load(Ordering::SeqCst) {
+                    let _ = r.read_exact(&mut body);
+                    nrefused.fetch_add(1, Ordering::SeqCst);
+                    let _ = s.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
                 if r.read_exact(&mut body).is_ok()
                     && let Ok(v) = serde_json::from_slice::<Value>(&body)
                 {
@@ -79,7 +96,12 @@ impl Receiver {
                 );
             }
         });
-        Ok(Receiver { port, calls })
+        Ok(Receiver {
+            port,
+            calls,
+            failing,
+            refused,
+        })
     }
 
     fn calls(&self) -> Vec<(String, Value)> {
@@ -218,7 +240,17 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     let _server = IperfServer::in_netns(&ct_netns(&h, CT)?, port)?;
     // ~3 MB each way: over 4 MB counted both ways, under 9 MB.
     traffic(&topo, 2)?;
+    let crossed = Instant::now();
     let st = wait_state(&h, "throttled")?;
+    // The crossing happened during the traffic; the state follows at the next tick.
+    eprintln!(
+        "throttled {:?} after the traffic ended (tick 10 s)",
+        crossed.elapsed()
+    );
+    ensure!(
+        crossed.elapsed() < Duration::from_secs(12),
+        "state too late"
+    );
     ensure!(st["enforced"] == "throttle", "{st}");
     let used = st["used_bytes"].as_u64().context("used")?;
     ensure!((4_000_000..9_000_000).contains(&used), "{st}");
@@ -241,6 +273,18 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         "{body}"
     );
 
+    // A quota below what the CT used this period (the ledger's count) is refused.
+    let e = h.fails(&["set", CT, "--quota-transfer", "2MB", "--save"]);
+    ensure!(
+        e.contains("--quota-transfer 2MB: below what CT 4380 already used in period"),
+        "{e}"
+    );
+    ensure!(
+        std::fs::read_to_string(h.root.join(format!("conf/{CT}.toml")))?
+            .contains("transfer = \"4MB\""),
+        "the refused set changed the config"
+    );
+
     // SIGKILL in the throttled state: the state is kept, nothing is sent again.
     let since = st["since"].clone();
     d.kill()?;
@@ -250,11 +294,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     ensure!(st["state"] == "throttled" && st["since"] == since, "{st}");
     std::thread::sleep(Duration::from_secs(2));
     ensure!(hook.calls().len() == 3, "{:?}", hook.events());
-    let (_, samples) = {
-        let r = http_get(d.addr, "/metrics", &[])?;
-        let text = r.body.clone();
-        (text.clone(), parse_samples(&text)?)
-    };
+    let samples = parse_samples(&http_get(d.addr, "/metrics", &[])?.body)?;
     let l = [("ctid", CT), ("uuid", uuid)];
     ensure!(
         value_of(&samples, "berth_quota_limit_bytes", &l) == Some(4e6),
@@ -278,10 +318,37 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         "backlog gauge"
     );
 
-    // Over the hard limit: cut.
+    // Over the hard limit while the webhook answers 503: the event stays queued, retried,
+    // reported in status and metrics, and delivered once the receiver is back.
+    hook.failing.store(true, Ordering::SeqCst);
     traffic(&topo, 2)?;
     let st = wait_state(&h, "cut")?;
     ensure!(st["enforced"] == "cut", "{st}");
+    ensure!(
+        wait_for(Duration::from_secs(10), || hook
+            .refused
+            .load(Ordering::SeqCst)
+            >= 2),
+        "no retry of the refused event: {} refused, {:?} delivered, {}",
+        hook.refused.load(Ordering::SeqCst),
+        hook.events(),
+        quota_status(&h)
+    );
+    let st = quota_status(&h);
+    ensure!(
+        st["webhook_pending"] == 1
+            && st["webhook_last_error"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("503")),
+        "{st}"
+    );
+    let samples = parse_samples(&http_get(d.addr, "/metrics", &[])?.body)?;
+    ensure!(
+        value_of(&samples, "berth_quota_webhook_failing", &[]) == Some(1.0)
+            && value_of(&samples, "berth_quota_webhook_backlog", &[]) == Some(1.0),
+        "outbox gauges while failing"
+    );
+    hook.failing.store(false, Ordering::SeqCst);
     wait_calls(&hook, 4)?;
     ensure!(hook.events()[3] == "state_cut", "{:?}", hook.events());
     // SIGTERM (a final tick) in the cut state, and back.
@@ -318,6 +385,12 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         *per_key.entry(k).or_default() += 1;
     }
     ensure!(per_key.values().all(|&n| n == 1), "{per_key:?}");
+    eprintln!(
+        "{} POSTs answered 503 and retried, {} events delivered once each",
+        hook.refused.load(Ordering::SeqCst),
+        per_key.len()
+    );
+    let st = quota_status(&h);
     ensure!(
         st["webhook_delivered"] == 5 && st["webhook_pending"] == 0,
         "{st}"
