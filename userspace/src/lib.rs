@@ -7,4 +7,5 @@ pub mod lifecycle_hooks;
 pub mod logging;
 pub mod metrics;
 pub mod netstat;
+pub mod quota;
 pub mod shaper;

@@ -1,0 +1,3 @@
+//! Transfer quotas.
+
+pub mod enforce;
