@@ -49,7 +49,7 @@ pub enum EnforceError {
     Shaper {
         ctid: Ctid,
         #[source]
-        source: ShaperError,
+        source: Box<ShaperError>,
     },
     #[error("quota of CT {ctid}: {what}")]
     Ct {
@@ -188,7 +188,10 @@ fn reshape(
     if ifaces.is_empty() {
         return Ok(());
     }
-    let sh_err = |source| EnforceError::Shaper { ctid, source };
+    let sh_err = |source| EnforceError::Shaper {
+        ctid,
+        source: Box::new(source),
+    };
     let mut sh = Shaper::open(pin_dir).map_err(sh_err)?;
     for ifindex in ifaces {
         match &eff {
