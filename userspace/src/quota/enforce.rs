@@ -56,7 +56,7 @@ pub enum EnforceError {
         ctid: Ctid,
         what: &'static str,
         #[source]
-        source: container::CtError,
+        source: Box<container::CtError>,
     },
     #[error("quota of CT {ctid}: reading its config")]
     Config {
@@ -134,7 +134,7 @@ pub fn apply(host: &Host, pin_dir: &Path, ctid: Ctid, e: &Enforcement) -> Result
                 return Err(EnforceError::Ct {
                     ctid,
                     what: "freezing it",
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
@@ -144,7 +144,7 @@ pub fn apply(host: &Host, pin_dir: &Path, ctid: Ctid, e: &Enforcement) -> Result
         container::resume(host, ctid).map_err(|source| EnforceError::Ct {
             ctid,
             what: "thawing it",
-            source,
+            source: Box::new(source),
         })?;
         info!(%ctid, "quota: CT thawed");
     }
@@ -160,7 +160,7 @@ pub fn apply(host: &Host, pin_dir: &Path, ctid: Ctid, e: &Enforcement) -> Result
         container::stop(host, ctid, false, &mut hooks).map_err(|source| EnforceError::Ct {
             ctid,
             what: "stopping it",
-            source,
+            source: Box::new(source),
         })?;
         info!(%ctid, "quota: CT stopped");
     }
