@@ -72,6 +72,13 @@ CREATE TABLE IF NOT EXISTS total (
     packets INTEGER NOT NULL,
     PRIMARY KEY (ct, period_start, key)
 ) WITHOUT ROWID;
+-- Per CT and UTC hour, each slot's in/out bytes and flags (store/agg.rs): what the 95th reads.
+CREATE TABLE IF NOT EXISTS slot_hour (
+    ct INTEGER NOT NULL,
+    hour INTEGER NOT NULL,
+    v BLOB NOT NULL,
+    PRIMARY KEY (ct, hour)
+) WITHOUT ROWID;
 ";
 
 /// Ledger settings.
@@ -222,6 +229,11 @@ impl Ledger {
         let seq: i64 = conn
             .query_row("SELECT v FROM meta WHERE k='seq'", [], |r| r.get(0))
             .map_err(sql("reading the sequence"))?;
+        let mut conn = conn;
+        let started = std::time::Instant::now();
+        if let Some(rows) = agg::ensure(&mut conn, path, seq)? {
+            tracing::info!(ledger = %path.display(), rows, took = ?started.elapsed(), "built the per-slot aggregate from the slot rows");
+        }
         let mut ledger = Ledger {
             conn,
             path: path.to_path_buf(),
@@ -490,8 +502,12 @@ impl Ledger {
     }
 }
 
+mod agg;
+mod current;
 mod query;
 mod tick;
+
+pub use current::{CurrentBill, CurrentPeriods};
 
 fn sql_err(path: &Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> BillingError + use<> {
     let path = path.to_path_buf();
@@ -571,30 +587,54 @@ fn decode_counters(blob: &[u8]) -> Option<BTreeMap<CounterKey, Counter>> {
         .collect()
 }
 
-/// Sums per-key slot rows into per-slot samples for the 95th (all classes and families). Rows
-/// come sorted by slot (the slot table's key order, then the newer open rows), so neighbours
-/// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
-/// duplicates).
-fn samples(rows: &[SlotRow]) -> Vec<SlotSample> {
-    let mut out: Vec<SlotSample> = Vec::new();
-    for r in rows {
-        let s = match out.last_mut() {
-            Some(s) if s.start == r.slot_start => s,
-            _ => {
-                out.push(SlotSample {
+/// The 95th's input: per-slot samples, each with the union of its rows' flags.
+#[derive(Debug, Default)]
+pub(crate) struct Series {
+    samples: Vec<SlotSample>,
+    flags: Vec<SlotFlags>,
+}
+
+impl Series {
+    fn with_capacity(n: usize) -> Series {
+        Series {
+            samples: Vec::with_capacity(n),
+            flags: Vec::with_capacity(n),
+        }
+    }
+
+    /// Sums per-key slot rows into per-slot samples (all classes and families). Rows come
+    /// sorted by slot (the slot table's key order, then the newer open rows), so neighbours
+    /// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
+    /// duplicates, as saturating sums of non-negative values the order does not matter).
+    fn push_rows(&mut self, rows: &[SlotRow]) {
+        for r in rows {
+            if self.samples.last().is_none_or(|s| s.start != r.slot_start) {
+                self.samples.push(SlotSample {
                     start: r.slot_start,
                     ..SlotSample::default()
                 });
-                out.last_mut().expect("just pushed")
+                self.flags.push(SlotFlags::empty());
             }
-        };
-        match r.key.direction {
-            Direction::In => s.in_bytes = s.in_bytes.saturating_add(r.counter.bytes),
-            Direction::Out => s.out_bytes = s.out_bytes.saturating_add(r.counter.bytes),
+            let s = self.samples.last_mut().expect("just pushed");
+            match r.key.direction {
+                Direction::In => s.in_bytes = s.in_bytes.saturating_add(r.counter.bytes),
+                Direction::Out => s.out_bytes = s.out_bytes.saturating_add(r.counter.bytes),
+            }
+            s.estimated |= r.flags.contains(SlotFlags::ESTIMATED);
+            let f = self.flags.last_mut().expect("just pushed");
+            *f = f.union(r.flags);
         }
-        s.estimated |= r.flags.contains(SlotFlags::ESTIMATED);
     }
-    out
+
+    fn push_sum(&mut self, s: agg::SlotSum) {
+        self.samples.push(SlotSample {
+            start: s.start,
+            in_bytes: s.in_bytes,
+            out_bytes: s.out_bytes,
+            estimated: s.flags.contains(SlotFlags::ESTIMATED),
+        });
+        self.flags.push(s.flags);
+    }
 }
 
 /// The report of one CT for `period` from its slot rows and totals (shared with the CSV
@@ -608,13 +648,29 @@ pub(crate) fn build_report(
     commit_bps: Option<u64>,
     now: i64,
 ) -> Report {
+    let mut series = Series::default();
+    series.push_rows(rows);
+    report_from(ct, period, totals, &series, mode, commit_bps, now)
+}
+
+fn report_from(
+    ct: CtInfo,
+    period: Period,
+    totals: BTreeMap<CounterKey, Counter>,
+    series: &Series,
+    mode: P95Mode,
+    commit_bps: Option<u64>,
+    now: i64,
+) -> Report {
     let until = ct.destroyed.map_or(now, |d| d.min(now));
     let window = SlotWindow::new(period.start, period.end, ct.created, until);
-    let flags = rows
+    let flags = series
+        .samples
         .iter()
-        .filter(|r| window.contains(r.slot_start))
-        .fold(SlotFlags::empty(), |f, r| f.union(r.flags));
-    let p95 = p95(&samples(rows), window, mode, commit_bps);
+        .zip(&series.flags)
+        .filter(|(s, _)| window.contains(s.start))
+        .fold(SlotFlags::empty(), |u, (_, f)| u.union(*f));
+    let p95 = p95(&series.samples, window, mode, commit_bps);
     Report {
         ct,
         period,
@@ -630,6 +686,12 @@ fn slot_index(start: i64) -> i64 {
     start.div_euclid(SLOT_SECS)
 }
 
+#[cfg(test)]
+#[path = "store_agg_tests.rs"]
+mod agg_tests;
+#[cfg(test)]
+#[path = "store_measure.rs"]
+mod measure;
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;

@@ -8,8 +8,8 @@ use super::super::book::{Checkpoint, book};
 use super::super::period::Period;
 use super::super::{BillingError, Counter, CounterKey};
 use super::{
-    CtReading, FLUSH_EVERY, Ledger, MAX_OPEN, SlotRow, TickSummary, encode_counters, encode_open,
-    slot_index, sql_err,
+    CtReading, FLUSH_EVERY, Ledger, MAX_OPEN, SlotRow, TickSummary, agg, encode_counters,
+    encode_open, slot_index, sql_err,
 };
 
 /// One CT's outcome of a tick, written in the transaction and applied to memory after it.
@@ -23,6 +23,8 @@ struct Booked<'a> {
     flushed: Vec<SlotRow>,
     /// (period start, key) → delta of the flushed rows.
     totals: Vec<(i64, CounterKey, Counter)>,
+    /// (hour, records) of the flushed rows for the per-slot aggregate.
+    hours: Vec<(i64, Vec<u8>)>,
     period: Option<Period>,
 }
 
@@ -98,6 +100,7 @@ impl Ledger {
                 t.bytes += f.counter.bytes;
                 t.packets += f.counter.packets;
             }
+            let hours = agg::hour_records(&flushed);
             booked.push(Booked {
                 id: state.id,
                 uuid: r.uuid.as_str(),
@@ -106,6 +109,7 @@ impl Ledger {
                 open_seq,
                 flushed,
                 totals: totals.into_iter().map(|((p, k), c)| (p, k, c)).collect(),
+                hours,
                 period,
             });
         }
@@ -141,6 +145,9 @@ impl Ledger {
                        bytes = bytes + excluded.bytes, packets = packets + excluded.packets",
                 )
                 .map_err(sql_err(path, "preparing the totals upsert"))?;
+            let mut put_hour = tx
+                .prepare_cached(agg::APPEND)
+                .map_err(sql_err(path, "preparing the aggregate upsert"))?;
             let mut min_slot: Option<i64> = None;
             for (done, b) in booked.iter().enumerate() {
                 #[cfg(test)]
@@ -184,6 +191,11 @@ impl Ledger {
                         .execute(params![b.id, p, k.code(), c.bytes as i64, c.packets as i64])
                         .map_err(sql_err(path, "writing a period total"))?;
                 }
+                for (hour, v) in &b.hours {
+                    put_hour
+                        .execute(params![b.id, hour, v])
+                        .map_err(sql_err(path, "writing the per-slot aggregate"))?;
+                }
             }
             if let Some(min_slot) = min_slot {
                 tx.execute(
@@ -192,7 +204,8 @@ impl Ledger {
                 )
                 .map_err(sql_err(path, "recording the tick"))?;
             }
-            tx.execute("UPDATE meta SET v = ?1 WHERE k = 'seq'", [seq])
+            // `agg` moves with `seq`: the aggregate holds this tick's slots too.
+            tx.execute("UPDATE meta SET v = ?1 WHERE k IN ('seq', 'agg')", [seq])
                 .map_err(sql_err(path, "advancing the sequence"))?;
         }
         tx.commit().map_err(sql_err(path, "committing a tick"))?;
