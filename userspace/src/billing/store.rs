@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS total (
     packets INTEGER NOT NULL,
     PRIMARY KEY (ct, period_start, key)
 ) WITHOUT ROWID;
--- Per CT and UTC hour, each slot's in/out bytes and flags (store/agg.rs): what the 95th reads.
+-- Per CT and complete UTC hour, each slot's in/out bytes and flags (store/agg.rs): what the
+-- 95th reads.
 CREATE TABLE IF NOT EXISTS slot_hour (
     ct INTEGER NOT NULL,
     hour INTEGER NOT NULL,
@@ -176,6 +177,8 @@ pub struct Ledger {
     options: LedgerOptions,
     cts: HashMap<String, CtState>,
     seq: i64,
+    /// CT id → its first hour not in the aggregate (store/agg.rs; the writer's only).
+    agg_next: HashMap<i64, i64>,
     #[cfg(test)]
     pub(crate) fail_after: Option<usize>,
 }
@@ -229,21 +232,21 @@ impl Ledger {
         let seq: i64 = conn
             .query_row("SELECT v FROM meta WHERE k='seq'", [], |r| r.get(0))
             .map_err(sql("reading the sequence"))?;
-        let mut conn = conn;
-        let started = std::time::Instant::now();
-        if let Some(rows) = agg::ensure(&mut conn, path, seq)? {
-            tracing::info!(ledger = %path.display(), rows, took = ?started.elapsed(), "built the per-slot aggregate from the slot rows");
-        }
         let mut ledger = Ledger {
             conn,
             path: path.to_path_buf(),
             options,
             cts: HashMap::new(),
             seq,
+            agg_next: HashMap::new(),
             #[cfg(test)]
             fail_after: None,
         };
         ledger.load()?;
+        let started = std::time::Instant::now();
+        if let Some(rows) = ledger.ensure_aggregate()? {
+            tracing::info!(ledger = %path.display(), rows, took = ?started.elapsed(), "built the per-slot aggregate from the slot rows");
+        }
         Ok(ledger)
     }
 
@@ -281,6 +284,7 @@ impl Ledger {
             options: LedgerOptions::default(),
             cts: HashMap::new(),
             seq,
+            agg_next: HashMap::new(),
             #[cfg(test)]
             fail_after: None,
         };

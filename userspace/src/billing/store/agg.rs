@@ -3,18 +3,29 @@
 //! families and the union of the rows' flags. A month's 95th then reads 720 short rows per CT
 //! instead of ~35,000 slot rows (a 1000-CT `report all` for a month took ~7 s that way).
 //!
-//! The tick appends the records of the slots it flushes (in the transaction that writes their
-//! slot rows), so the aggregate is exactly the slot table summed. A slot appended twice (never
-//! the case today: a flushed slot is closed) is summed by the readers like the slot rows are.
+//! An hour is aggregated once it is complete: it ended before the CT's checkpoint slot (nothing
+//! is ever booked before that, book.rs) and none of its rows is still open. The tick does it in
+//! its transaction, from the hour's slot rows, for one CT in [`AGG_EVERY`] per tick (staggered
+//! by CT id like the flush): appending each flushed slot to its hour instead dirtied one more
+//! page per flushing CT and cost ~40 % more tick CPU. Readers take the aggregate for the hours it
+//! has (a complete prefix of each CT's hours with rows) and the slot rows after the last one.
 //! `meta.agg` holds the tick sequence the aggregate is current at; the writer advances it with
 //! `meta.seq`. A ledger last written by a berth without the aggregate (or none yet) has
-//! `agg ≠ seq`: opening it for writing rebuilds the table from the slot rows, and readers fall
-//! back to the slot rows until then.
+//! `agg ≠ seq`: opening it for writing rebuilds the table from the slot rows, and readers use
+//! the slot rows alone until then.
+use std::collections::HashMap;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::super::{Direction, SLOT_SECS, SlotFlags};
-use super::{SlotRow, slot_index, sql_err};
+use super::{Ledger, SlotRow, slot_index, sql_err};
 use crate::billing::BillingError;
+
+/// A CT aggregates its complete hours on the ticks where `(id + seq) % AGG_EVERY == 0` (a
+/// multiple of the flush stagger, so its closed rows were flushed in the same tick).
+pub(super) const AGG_EVERY: i64 = 40;
+/// Below every hour a CT can have (nothing aggregated yet); `× HOUR_SLOTS` does not overflow.
+pub(super) const NO_HOUR: i64 = i64::MIN / 64;
 
 /// Slots per aggregate row: one UTC hour (12 × 18 bytes stays well inside a page).
 pub(super) const HOUR_SLOTS: i64 = 12;
@@ -113,80 +124,104 @@ pub(super) fn keep_from(blob: &[u8], from_off: i64) -> Option<Vec<u8>> {
     )
 }
 
-/// The upsert a tick appends a CT's flushed records with (SQLite's `||` yields text: cast back).
-pub(super) const APPEND: &str = "INSERT INTO slot_hour (ct, hour, v) VALUES (?1, ?2, ?3)
-     ON CONFLICT (ct, hour) DO UPDATE SET v = CAST(v || excluded.v AS BLOB)";
-
-/// Rebuilds the aggregate from the slot rows unless it is current at `seq` (the migration of a
-/// ledger written without it). Returns the slot rows read, or `None` if nothing was to do.
-pub(super) fn ensure(
-    conn: &mut Connection,
+/// Writes the aggregate rows of `[from, to)` hours of CT `id` from its slot rows (replacing
+/// any: aggregating an hour twice gives the same row). Returns the slot rows read.
+pub(super) fn aggregate(
+    conn: &Connection,
     path: &std::path::Path,
-    seq: i64,
-) -> Result<Option<u64>, BillingError> {
-    let op = "building the per-slot aggregate";
-    let agg: Option<i64> = conn
-        .query_row("SELECT v FROM meta WHERE k = 'agg'", [], |r| r.get(0))
-        .optional()
+    id: i64,
+    from: i64,
+    to: i64,
+) -> Result<u64, BillingError> {
+    let op = "aggregating closed hours";
+    let mut read = conn
+        .prepare_cached(
+            "SELECT slot, key, bytes, packets, flags FROM slot
+             WHERE ct = ?1 AND slot >= ?2 AND slot < ?3 ORDER BY slot, key",
+        )
         .map_err(sql_err(path, op))?;
-    if agg == Some(seq) {
-        return Ok(None);
+    let mut rows = read
+        .query(params![id, from * HOUR_SLOTS, to * HOUR_SLOTS])
+        .map_err(sql_err(path, op))?;
+    let mut got = Vec::new();
+    while let Some(r) = rows.next().map_err(sql_err(path, op))? {
+        let g = |i| r.get::<_, i64>(i).map_err(sql_err(path, op));
+        let (slot, k, b, p, f) = (g(0)?, g(1)?, g(2)?, g(3)?, g(4)?);
+        got.push(
+            super::query::row(slot, k, b, p, f, 0).ok_or_else(|| BillingError::Corrupt {
+                path: path.to_path_buf(),
+                op,
+                detail: format!("CT id {id}: bad key {k} or flags {f}"),
+            })?,
+        );
     }
-    let tx = conn.transaction().map_err(sql_err(path, op))?;
-    tx.execute("DELETE FROM slot_hour", [])
+    let mut put = conn
+        .prepare_cached(
+            "INSERT INTO slot_hour (ct, hour, v) VALUES (?1, ?2, ?3)
+             ON CONFLICT (ct, hour) DO UPDATE SET v = excluded.v",
+        )
         .map_err(sql_err(path, op))?;
-    let mut n = 0u64;
-    {
-        let mut read = tx
-            .prepare("SELECT ct, slot, key, bytes, packets, flags FROM slot ORDER BY ct, slot, key")
+    for (hour, v) in hour_records(&got) {
+        put.execute(params![id, hour, v])
             .map_err(sql_err(path, op))?;
-        let mut put = tx.prepare(APPEND).map_err(sql_err(path, op))?;
-        let mut rows = read.query([]).map_err(sql_err(path, op))?;
-        // One CT-hour of rows at a time (the scan is in key order).
-        let mut cur: Option<(i64, i64)> = None;
-        let mut batch: Vec<SlotRow> = Vec::new();
-        let mut flush = |ct_hour: Option<(i64, i64)>, batch: &mut Vec<SlotRow>| {
-            if let Some((ct, _)) = ct_hour {
-                for (hour, v) in hour_records(batch) {
-                    put.execute(params![ct, hour, v])
-                        .map_err(sql_err(path, op))?;
-                }
-            }
-            batch.clear();
-            Ok::<(), BillingError>(())
-        };
-        while let Some(r) = rows.next().map_err(sql_err(path, op))? {
-            let ct: i64 = r.get(0).map_err(sql_err(path, op))?;
-            let slot: i64 = r.get(1).map_err(sql_err(path, op))?;
-            let (k, b, p, f): (i64, i64, i64, i64) = (
-                r.get(2).map_err(sql_err(path, op))?,
-                r.get(3).map_err(sql_err(path, op))?,
-                r.get(4).map_err(sql_err(path, op))?,
-                r.get(5).map_err(sql_err(path, op))?,
-            );
-            let row =
-                super::query::row(slot, k, b, p, f, 0).ok_or_else(|| BillingError::Corrupt {
-                    path: path.to_path_buf(),
-                    op,
-                    detail: format!("CT id {ct}: bad key {k} or flags {f}"),
-                })?;
-            let here = Some((ct, hour_of(slot)));
-            if here != cur {
-                flush(cur, &mut batch)?;
-                cur = here;
-            }
-            batch.push(row);
-            n += 1;
-        }
-        flush(cur, &mut batch)?;
     }
-    tx.execute(
-        "INSERT INTO meta (k, v) VALUES ('agg', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-        [seq],
-    )
-    .map_err(sql_err(path, op))?;
-    tx.commit().map_err(sql_err(path, op))?;
-    Ok(Some(n))
+    Ok(got.len() as u64)
+}
+
+/// The first hour of a CT not complete: the checkpoint slot's, or an earlier open row's.
+pub(super) fn complete_before(checkpoint_slot: Option<i64>, open: &[SlotRow]) -> i64 {
+    let cp = checkpoint_slot.map_or(NO_HOUR, |s| hour_of(slot_index(s)));
+    open.first()
+        .map_or(cp, |o| cp.min(hour_of(slot_index(o.slot_start))))
+}
+
+impl Ledger {
+    /// Loads where each CT's aggregate stands, rebuilding it from the slot rows unless it is
+    /// current at `seq` (the migration of a ledger written without it). Returns the slot rows
+    /// read by a rebuild.
+    pub(super) fn ensure_aggregate(&mut self) -> Result<Option<u64>, BillingError> {
+        let op = "building the per-slot aggregate";
+        let path = self.path.clone();
+        let agg: Option<i64> = self
+            .conn
+            .query_row("SELECT v FROM meta WHERE k = 'agg'", [], |r| r.get(0))
+            .optional()
+            .map_err(sql_err(&path, op))?;
+        if agg == Some(self.seq) {
+            let mut last = self
+                .conn
+                .prepare("SELECT max(hour) FROM slot_hour WHERE ct = ?1")
+                .map_err(sql_err(&path, op))?;
+            let mut next = HashMap::with_capacity(self.cts.len());
+            for s in self.cts.values() {
+                let h: Option<i64> = last
+                    .query_row([s.id], |r| r.get(0))
+                    .map_err(sql_err(&path, op))?;
+                next.insert(s.id, h.map_or(NO_HOUR, |h| h + 1));
+            }
+            drop(last);
+            self.agg_next = next;
+            return Ok(None);
+        }
+        let tx = self.conn.transaction().map_err(sql_err(&path, op))?;
+        tx.execute("DELETE FROM slot_hour", [])
+            .map_err(sql_err(&path, op))?;
+        let mut n = 0;
+        let mut next = HashMap::with_capacity(self.cts.len());
+        for s in self.cts.values() {
+            let to = complete_before(s.checkpoint.as_ref().map(|c| c.slot), &s.open);
+            n += aggregate(&tx, &path, s.id, NO_HOUR, to)?;
+            next.insert(s.id, to);
+        }
+        tx.execute(
+            "INSERT INTO meta (k, v) VALUES ('agg', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            [self.seq],
+        )
+        .map_err(sql_err(&path, op))?;
+        tx.commit().map_err(sql_err(&path, op))?;
+        self.agg_next = next;
+        Ok(Some(n))
+    }
 }
 
 #[cfg(test)]

@@ -4,18 +4,18 @@
 //! 30 s).
 //!
 //! Why it stays exact: nothing is ever booked before a CT's checkpoint slot (book.rs), so the
-//! slots before it are final. Those "settled" slots are kept sorted per direction; each call
-//! reads only the slots from the last settled one on (normally the current slot, in the open
-//! rows), settles what the checkpoint has passed, and takes the nearest rank of the union. A
-//! new period, a changed billing day or time zone, or a clock step back starts the CT afresh.
+//! slots before it are final. Those "settled" slots are kept sorted per direction. Each call
+//! reads every checkpoint in one scan, settles the slots the checkpoint has passed since (once
+//! per 5-minute slot: a query or two), takes the rest (at or after the checkpoint slot: only in
+//! the open rows) from the checkpoint, and takes the nearest rank of the union; the totals are
+//! one query per CT. A new period, a changed billing day or time zone, or a clock step back
+//! starts the CT afresh.
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::OptionalExtension;
-
-use super::super::p95::{SlotWindow, bytes_to_bps};
+use super::super::p95::{SlotSample, SlotWindow, bytes_to_bps};
 use super::super::period::Period;
 use super::super::{BillingError, Counter, CounterKey, SLOT_SECS};
-use super::{CtInfo, Ledger, decode_open, slot_index};
+use super::{CtInfo, Ledger, Series, SlotRow, decode_open, slot_index};
 
 /// What [`Ledger::current_periods`] keeps between calls (start with `default()`).
 #[derive(Debug, Default)]
@@ -65,64 +65,73 @@ impl Ledger {
         let op = "reading the checkpoints";
         let _read = self.snapshot()?;
         let aggregate = self.aggregate_current()?;
+        // Every checkpoint in one scan (within the snapshot: the ledger's load may be older).
+        let mut cps: HashMap<i64, (i64, Vec<SlotRow>)> = HashMap::with_capacity(self.cts.len());
+        {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT ct, slot, open, open_seq FROM checkpoint")
+                .map_err(self.sql(op))?;
+            let mut rows = st.query([]).map_err(self.sql(op))?;
+            while let Some(r) = rows.next().map_err(self.sql(op))? {
+                let (id, slot, seq): (i64, i64, i64) = (
+                    r.get(0).map_err(self.sql(op))?,
+                    r.get(1).map_err(self.sql(op))?,
+                    r.get(3).map_err(self.sql(op))?,
+                );
+                let blob = r
+                    .get_ref(2)
+                    .and_then(|v| Ok(v.as_blob()?))
+                    .map_err(self.sql(op))?;
+                let open = decode_open(blob, seq)
+                    .ok_or_else(|| self.corrupt(op, format!("CT id {id}: bad open-slot blob")))?;
+                cps.insert(id, (slot, open));
+            }
+        }
         let mut out = Vec::with_capacity(self.cts.len());
         let mut live = std::collections::HashSet::with_capacity(self.cts.len());
         for s in self.cts.values().filter(|s| s.info.destroyed.is_none()) {
             let period = s.spec.period_of(now)?;
             let window = SlotWindow::new(period.start, period.end, s.info.created, now);
-            let cp: Option<(i64, Vec<u8>, i64)> = self
-                .conn
-                .prepare_cached("SELECT slot, open, open_seq FROM checkpoint WHERE ct = ?1")
-                .and_then(|mut st| {
-                    st.query_row([s.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .optional()
-                })
-                .map_err(self.sql(op))?;
-            let (cp_slot, open) = match cp {
-                None => (None, Vec::new()),
-                Some((slot, blob, seq)) => (
-                    Some(slot),
-                    decode_open(&blob, seq).ok_or_else(|| {
-                        self.corrupt(op, format!("CT id {}: bad open-slot blob", s.id))
-                    })?,
-                ),
+            let (cp_slot, open) = match cps.get(&s.id) {
+                Some((slot, open)) => (Some(*slot), open.as_slice()),
+                None => (None, &[][..]),
             };
-            let totals = self.totals_with(s, period.start, &open)?;
+            let totals = self.totals_with(s, period.start, open)?;
+            // Without a checkpoint nothing was ever booked: no rows, all slots 0.
             let target = cp_slot.map_or(window.first, |c| c.clamp(window.first, window.end));
             live.insert(s.info.uuid.as_str());
-            let t = state
-                .cts
-                .entry(s.info.uuid.clone())
-                .or_insert_with(|| Track {
-                    period,
-                    first: window.first,
-                    settled: window.first,
-                    ins: Vec::new(),
-                    outs: Vec::new(),
-                });
+            let fresh = || Track {
+                period,
+                first: window.first,
+                settled: window.first,
+                ins: Vec::new(),
+                outs: Vec::new(),
+            };
+            let t = state.cts.entry(s.info.uuid.clone()).or_insert_with(fresh);
             if t.period != period || t.first != window.first || t.settled > target {
-                *t = Track {
-                    period,
-                    first: window.first,
-                    settled: window.first,
-                    ins: Vec::new(),
-                    outs: Vec::new(),
-                };
+                *t = fresh();
             }
-            // The slots not settled yet, dense.
-            let (lo, hi) = (slot_index(t.settled), slot_index(window.end));
-            let series = self.series_in(s, lo, hi, &open, aggregate)?;
-            let len = (hi - lo).max(0) as usize;
-            let (mut din, mut dout) = (vec![0u64; len], vec![0u64; len]);
-            for x in &series.samples {
-                let i = ((x.start - t.settled) / SLOT_SECS) as usize;
-                din[i] = din[i].saturating_add(x.in_bytes);
-                dout[i] = dout[i].saturating_add(x.out_bytes);
+            // The slots the checkpoint has passed since: from the aggregate, slot and open rows.
+            if t.settled < target {
+                let series = self.series_in(
+                    s,
+                    slot_index(t.settled),
+                    slot_index(target),
+                    open,
+                    aggregate,
+                )?;
+                let (din, dout) = dense(&series.samples, t.settled, target);
+                settle_into(&mut t.ins, &din);
+                settle_into(&mut t.outs, &dout);
+                t.settled = target;
             }
-            let settle = ((target - t.settled) / SLOT_SECS) as usize;
-            settle_into(&mut t.ins, &din[..settle]);
-            settle_into(&mut t.outs, &dout[..settle]);
-            t.settled = target;
+            // The rest are at or after the checkpoint slot, so only in the open rows (a flush
+            // moves the rows before it).
+            let from = open.partition_point(|o| o.slot_start < target);
+            let mut rest = Series::default();
+            rest.push_rows(&open[from..]);
+            let (mut din, mut dout) = dense(&rest.samples, target, window.end);
             let n = window.len();
             let k = (95 * n).div_ceil(100) as usize;
             out.push(CurrentBill {
@@ -130,14 +139,26 @@ impl Ledger {
                 period,
                 totals,
                 n,
-                in_bps: bytes_to_bps(kth_of_union(&t.ins, &mut din[settle..], k)),
-                out_bps: bytes_to_bps(kth_of_union(&t.outs, &mut dout[settle..], k)),
+                in_bps: bytes_to_bps(kth_of_union(&t.ins, &mut din, k)),
+                out_bps: bytes_to_bps(kth_of_union(&t.outs, &mut dout, k)),
             });
         }
         state.cts.retain(|u, _| live.contains(u.as_str()));
         out.sort_by(|a, b| (a.ct.ctid, &a.ct.uuid).cmp(&(b.ct.ctid, &b.ct.uuid)));
         Ok(out)
     }
+}
+
+/// Per-slot inbound and outbound bytes of `[from, to)` (slot starts), missing slots as 0.
+fn dense(samples: &[SlotSample], from: i64, to: i64) -> (Vec<u64>, Vec<u64>) {
+    let len = ((to - from) / SLOT_SECS).max(0) as usize;
+    let (mut din, mut dout) = (vec![0u64; len], vec![0u64; len]);
+    for x in samples.iter().filter(|x| from <= x.start && x.start < to) {
+        let i = ((x.start - from) / SLOT_SECS) as usize;
+        din[i] = din[i].saturating_add(x.in_bytes);
+        dout[i] = dout[i].saturating_add(x.out_bytes);
+    }
+    (din, dout)
 }
 
 /// Adds `new` to the sorted `sorted`.

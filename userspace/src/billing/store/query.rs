@@ -271,8 +271,9 @@ impl Ledger {
             .map_err(self.sql("reading the aggregate's state"))
     }
 
-    /// The per-slot series of slot indexes `[lo, hi)`: the aggregate rows (or, while the
-    /// aggregate is not current, the slot rows) plus the open rows.
+    /// The per-slot series of slot indexes `[lo, hi)`: the aggregate's hours and the slot rows
+    /// after its last one (or, while the aggregate is not current, the slot rows alone), plus
+    /// the open rows.
     pub(super) fn series_in(
         &self,
         state: &CtState,
@@ -283,7 +284,8 @@ impl Ledger {
     ) -> Result<Series, BillingError> {
         let op = "reading the per-slot aggregate";
         let mut series = Series::with_capacity((hi - lo).clamp(0, 1 << 16) as usize);
-        if aggregate {
+        let mut rows_from = lo;
+        if aggregate && lo < hi {
             let mut stmt = self
                 .conn
                 .prepare_cached(
@@ -311,9 +313,13 @@ impl Ledger {
                         format!("CT {}: bad aggregate of hour {hour}", state.info.uuid),
                     )
                 })?;
+                // The aggregated hours are a prefix of the hours with rows: an hour after the
+                // last one read is either not aggregated yet or has no rows.
+                rows_from = rows_from.max((hour + 1) * agg::HOUR_SLOTS);
             }
-        } else {
-            series.push_rows(&self.table_slots(state, lo, hi)?);
+        }
+        if rows_from < hi {
+            series.push_rows(&self.table_slots(state, rows_from, hi)?);
         }
         let (from, to) = (lo * SLOT_SECS, hi * SLOT_SECS);
         let first = open.partition_point(|o| o.slot_start < from);

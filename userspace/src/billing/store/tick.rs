@@ -23,8 +23,8 @@ struct Booked<'a> {
     flushed: Vec<SlotRow>,
     /// (period start, key) → delta of the flushed rows.
     totals: Vec<(i64, CounterKey, Counter)>,
-    /// (hour, records) of the flushed rows for the per-slot aggregate.
-    hours: Vec<(i64, Vec<u8>)>,
+    /// Hours `[from, to)` to aggregate from the slot rows (after this CT's slot writes).
+    aggregate: Option<(i64, i64)>,
     period: Option<Period>,
 }
 
@@ -100,7 +100,18 @@ impl Ledger {
                 t.bytes += f.counter.bytes;
                 t.packets += f.counter.packets;
             }
-            let hours = agg::hour_records(&flushed);
+            let mut aggregate = None;
+            if (state.id + seq).rem_euclid(agg::AGG_EVERY) == 0 {
+                let from = self
+                    .agg_next
+                    .get(&state.id)
+                    .copied()
+                    .unwrap_or(agg::NO_HOUR);
+                let to = agg::complete_before(Some(b.checkpoint.slot), &open);
+                if to > from {
+                    aggregate = Some((from, to));
+                }
+            }
             booked.push(Booked {
                 id: state.id,
                 uuid: r.uuid.as_str(),
@@ -109,7 +120,7 @@ impl Ledger {
                 open_seq,
                 flushed,
                 totals: totals.into_iter().map(|((p, k), c)| (p, k, c)).collect(),
-                hours,
+                aggregate,
                 period,
             });
         }
@@ -145,9 +156,6 @@ impl Ledger {
                        bytes = bytes + excluded.bytes, packets = packets + excluded.packets",
                 )
                 .map_err(sql_err(path, "preparing the totals upsert"))?;
-            let mut put_hour = tx
-                .prepare_cached(agg::APPEND)
-                .map_err(sql_err(path, "preparing the aggregate upsert"))?;
             let mut min_slot: Option<i64> = None;
             for (done, b) in booked.iter().enumerate() {
                 #[cfg(test)]
@@ -191,10 +199,8 @@ impl Ledger {
                         .execute(params![b.id, p, k.code(), c.bytes as i64, c.packets as i64])
                         .map_err(sql_err(path, "writing a period total"))?;
                 }
-                for (hour, v) in &b.hours {
-                    put_hour
-                        .execute(params![b.id, hour, v])
-                        .map_err(sql_err(path, "writing the per-slot aggregate"))?;
+                if let Some((from, to)) = b.aggregate {
+                    agg::aggregate(&tx, path, b.id, from, to)?;
                 }
             }
             if let Some(min_slot) = min_slot {
@@ -204,7 +210,7 @@ impl Ledger {
                 )
                 .map_err(sql_err(path, "recording the tick"))?;
             }
-            // `agg` moves with `seq`: the aggregate holds this tick's slots too.
+            // `agg` moves with `seq`: this berth keeps the aggregate (store/agg.rs).
             tx.execute("UPDATE meta SET v = ?1 WHERE k IN ('seq', 'agg')", [seq])
                 .map_err(sql_err(path, "advancing the sequence"))?;
         }
@@ -217,6 +223,9 @@ impl Ledger {
                 state.open_seq = b.open_seq;
                 if b.period.is_some() {
                     state.period = b.period;
+                }
+                if let Some((_, to)) = b.aggregate {
+                    self.agg_next.insert(b.id, to);
                 }
             }
         }
