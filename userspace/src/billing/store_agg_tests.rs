@@ -65,7 +65,7 @@ fn aggregate_and_current_periods_equal_full_reports_tick_by_tick() {
         CounterKey::new(Direction::In, 3, Family::V6),
     ];
     let mut rng = Rng::new(0xa99);
-    let mut cum = vec![[0u64; 4]; 6];
+    let mut cum = [[0u64; 4]; 6];
     let mut state = CurrentPeriods::default();
     let mut t = start;
     let mut checked = 0;
