@@ -61,9 +61,34 @@ pub struct Berthd {
 impl Berthd {
     /// berthd of `h`, ticking every `tick` seconds into `ledger`, with its tick log at debug.
     pub fn start(h: &TestHost, ledger: &Path, tick: &str) -> Result<Berthd> {
+        Berthd::start_in(h, ledger, tick, None)
+    }
+
+    /// [`Berthd::start`] inside the network namespace `netns` (where the CTs' host sides are:
+    /// berthd's quota enforcement shapes and cuts there); its listen address is that
+    /// namespace's.
+    pub fn start_in(
+        h: &TestHost,
+        ledger: &Path,
+        tick: &str,
+        netns: Option<BorrowedFd<'_>>,
+    ) -> Result<Berthd> {
         let filter =
             std::env::var("BERTHD_TEST_LOG").unwrap_or_else(|_| "warn,berthd=debug".into());
-        let mut child = Command::new(berthd_bin())
+        let mut cmd = Command::new(berthd_bin());
+        if let Some(ns) = netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: setns is async-signal-safe; the fd stays open in the child until exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(["--listen", "127.0.0.1:0", "--tick", tick, "--root"])
             .arg(&h.root)
             .arg("--cgroup-parent")

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,8 +36,9 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn start() -> Result<Receiver> {
-        let l = TcpListener::bind("127.0.0.1:0")?;
+    /// Listening on 127.0.0.1 of the namespace `ns` (berthd's).
+    fn start(ns: BorrowedFd<'_>) -> Result<Receiver> {
+        let l = in_ns(ns, || Ok(TcpListener::bind("127.0.0.1:0")?))?;
         let port = l.local_addr()?.port();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let sink = calls.clone();
@@ -116,16 +118,36 @@ impl Receiver {
     }
 }
 
+/// Runs `f` on a thread inside the namespace `ns` (a socket made there stays there).
+fn in_ns<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let fd = ns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on this thread only, with an fd that outlives the scope.
+            ensure!(unsafe { libc::setns(fd, libc::CLONE_NEWNET) } == 0, "setns");
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    })
+}
+
+fn scrape(ns: BorrowedFd<'_>, d: &Berthd) -> Result<Vec<berth_tests::berthd::Sample>> {
+    let body = in_ns(ns, || Ok(http_get(d.addr, "/metrics", &[])?.body))?;
+    parse_samples(&body)
+}
+
 fn quota_status(h: &TestHost) -> Value {
     h.json(&["quota", "status", CT])
 }
 
-/// Waits for berthd's stored state to be `state`, over at most a few ticks.
-fn wait_state(h: &TestHost, state: &str) -> Result<Value> {
+/// Waits for berthd's stored state to be `state` and the enforcement it applied for it
+/// `enforced` (stored right after the state), over at most a few ticks.
+fn wait_state(h: &TestHost, state: &str, enforced: &str) -> Result<Value> {
     let mut last = Value::Null;
     let ok = wait_for(Duration::from_secs(40), || {
         last = quota_status(h);
-        last["state"] == state
+        last["state"] == state && last["enforced"] == enforced
     });
     ensure!(ok, "quota state never became {state}: {last}");
     Ok(last)
@@ -164,7 +186,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     // Class 1: the uplink (counted: the quota's default is every class but 0).
     std::fs::write(&classes, format!("1 {UPLINK4}/32\n"))?;
     h.ok(&["netclass", "load", classes.to_str().context("path")?]);
-    let hook = Receiver::start()?;
+    let hook = Receiver::start(topo.host.fd())?;
     let url = format!("http://127.0.0.1:{}/hook", hook.port);
 
     h.ok(&["create", CT, "--ipadd", CT_IP]);
@@ -206,7 +228,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         "--quota-count",
         "both",
         "--quota-throttle",
-        "2mbit",
+        "50mbit",
         "--quota-hard",
         "9MB",
         "--quota-hard-action",
@@ -227,9 +249,9 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     // Live only is no quota: berthd reads the saved config.
     let e = h.fails(&["set", CT, "--quota-transfer", "5MB"]);
     ensure!(e.contains("add --save"), "{e}");
-    let mut d = Berthd::start(&h, &ledger, "10")?;
+    let mut d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
     d.wait_tick_end(0, Duration::from_secs(15))?;
-    let st = wait_state(&h, "normal")?;
+    let st = wait_state(&h, "normal", "normal")?;
     ensure!(
         st["limit_bytes"] == 4_000_000 && st["hard_limit_bytes"] == 9_000_000,
         "{st}"
@@ -241,7 +263,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     // ~3 MB each way: over 4 MB counted both ways, under 9 MB.
     traffic(&topo, 2)?;
     let crossed = Instant::now();
-    let st = wait_state(&h, "throttled")?;
+    let st = wait_state(&h, "throttled", "throttle")?;
     // The crossing happened during the traffic; the state follows at the next tick.
     eprintln!(
         "throttled {:?} after the traffic ended (tick 10 s)",
@@ -288,13 +310,13 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     // SIGKILL in the throttled state: the state is kept, nothing is sent again.
     let since = st["since"].clone();
     d.kill()?;
-    let mut d = Berthd::start(&h, &ledger, "10")?;
+    let mut d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
     d.wait_tick_end(1, Duration::from_secs(25))?;
     let st = quota_status(&h);
     ensure!(st["state"] == "throttled" && st["since"] == since, "{st}");
     std::thread::sleep(Duration::from_secs(2));
     ensure!(hook.calls().len() == 3, "{:?}", hook.events());
-    let samples = parse_samples(&http_get(d.addr, "/metrics", &[])?.body)?;
+    let samples = scrape(topo.host.fd(), &d)?;
     let l = [("ctid", CT), ("uuid", uuid)];
     ensure!(
         value_of(&samples, "berth_quota_limit_bytes", &l) == Some(4e6),
@@ -322,7 +344,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     // reported in status and metrics, and delivered once the receiver is back.
     hook.failing.store(true, Ordering::SeqCst);
     traffic(&topo, 2)?;
-    let st = wait_state(&h, "cut")?;
+    let st = wait_state(&h, "cut", "cut")?;
     ensure!(st["enforced"] == "cut", "{st}");
     ensure!(
         wait_for(Duration::from_secs(10), || hook
@@ -342,7 +364,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
                 .is_some_and(|e| e.contains("503")),
         "{st}"
     );
-    let samples = parse_samples(&http_get(d.addr, "/metrics", &[])?.body)?;
+    let samples = scrape(topo.host.fd(), &d)?;
     ensure!(
         value_of(&samples, "berth_quota_webhook_failing", &[]) == Some(1.0)
             && value_of(&samples, "berth_quota_webhook_backlog", &[]) == Some(1.0),
@@ -353,14 +375,14 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     ensure!(hook.events()[3] == "state_cut", "{:?}", hook.events());
     // SIGTERM (a final tick) in the cut state, and back.
     d.sigterm()?;
-    let d = Berthd::start(&h, &ledger, "10")?;
+    let d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
     d.wait_tick_end(1, Duration::from_secs(25))?;
     ensure!(quota_status(&h)["state"] == "cut", "{}", quota_status(&h));
 
     // A top-up of 40 MB: the limits move, the CT (~12 MB) is back under its 50 % of 44 MB.
     let t = h.json(&["quota", "topup", CT, "40MB"]);
     ensure!(t["topup_bytes"] == 40_000_000, "{t}");
-    let st = wait_state(&h, "normal")?;
+    let st = wait_state(&h, "normal", "normal")?;
     ensure!(
         st["limit_bytes"] == 44_000_000 && st["enforced"] == "normal",
         "{st}"

@@ -52,6 +52,31 @@ impl DatapathHooks {
     }
 
     /// Whether a shaper may hold state for this host: opened already, or pinned.
+    /// Shapes with exactly `shaping` (`None`: unshaped).
+    fn shape_exactly(
+        &mut self,
+        ctid: Ctid,
+        net: &NetState,
+        shaping: Option<&ShapingConfig>,
+    ) -> Result<(), HookError> {
+        // Nothing to remove where no shaper was ever set up.
+        if shaping.is_none() && !self.shaper_exists() {
+            return Ok(());
+        }
+        let sh = self.shaper()?;
+        for i in &net.ifaces {
+            match shaping {
+                Some(c) => sh
+                    .apply(ctid, i.host_ifindex, c)
+                    .map_err(|e| HookError::new("shape", &i.host_ifname, e))?,
+                None => sh
+                    .remove(ctid, i.host_ifindex)
+                    .map_err(|e| HookError::new("unshape", &i.host_ifname, e))?,
+            }
+        }
+        Ok(())
+    }
+
     fn shaper_exists(&self) -> bool {
         self.shaper.is_some() || self.pin_dir.join("shaper").exists()
     }
@@ -240,35 +265,35 @@ impl NetHooks for DatapathHooks {
                 e,
             )
         })?;
-        if let Some(cfg) = shaping.filter(|s| !s.is_empty()) {
-            self.shape(ctid, net, Some(cfg))?;
+        // A CT started while its quota throttles it comes up throttled.
+        let overlay = dp
+            .quota_overlay(ctid)
+            .map_err(|e| HookError::new("read the quota overlay of", format!("CT {ctid}"), e))?;
+        let shaping = shaping.filter(|s| !s.is_empty());
+        if let Some(cfg) = crate::quota::enforce::throttled(shaping, overlay.as_ref()) {
+            self.shape_exactly(ctid, net, Some(&cfg))?;
         }
         debug!(%ctid, ifaces = net.ifaces.len(), "datapath attached");
         Ok(())
     }
 
+    /// Shapes with `shaping` under the CT's quota throttle, if one is in force (a `set
+    /// --rate-*` while throttled changes the base the throttle applies to).
     fn shape(
         &mut self,
         ctid: Ctid,
         net: &NetState,
         shaping: Option<&ShapingConfig>,
     ) -> Result<(), HookError> {
-        // Nothing to remove where no shaper was ever set up.
-        if shaping.is_none() && !self.shaper_exists() {
-            return Ok(());
+        let overlay = self
+            .dp()?
+            .quota_overlay(ctid)
+            .map_err(|e| HookError::new("read the quota overlay of", format!("CT {ctid}"), e))?;
+        if overlay.is_some_and(|o| o.throttle_in_bps != 0 || o.throttle_out_bps != 0) {
+            let eff = crate::quota::enforce::throttled(shaping, overlay.as_ref());
+            return self.shape_exactly(ctid, net, eff.as_ref());
         }
-        let sh = self.shaper()?;
-        for i in &net.ifaces {
-            match shaping {
-                Some(c) => sh
-                    .apply(ctid, i.host_ifindex, c)
-                    .map_err(|e| HookError::new("shape", &i.host_ifname, e))?,
-                None => sh
-                    .remove(ctid, i.host_ifindex)
-                    .map_err(|e| HookError::new("unshape", &i.host_ifname, e))?,
-            }
-        }
-        Ok(())
+        self.shape_exactly(ctid, net, shaping)
     }
 
     fn net_down(&mut self, ctid: Ctid, net: &NetState) {

@@ -30,6 +30,10 @@ pub mod map_names {
     /// [`crate::undelivered`]). Newer than the other maps: a pin directory made by an older
     /// berth lacks it until the next load creates it, so readers treat it as optional.
     pub const UNDELIVERED: &str = "UNDELIVERED";
+    /// Per CTID, what a transfer quota currently enforces (`QuotaOverlay`): only user space
+    /// reads it (the programs see `FLAG_QUOTA_CUT`), pinned so that every berth process and
+    /// every start of the CT finds it. Newer than the first ten: optional for readers.
+    pub const QUOTA: &str = "QUOTA";
     /// The maps every pinned datapath has (what readers require).
     pub const REQUIRED: [&str; 10] = [
         IFACES,
@@ -44,7 +48,7 @@ pub mod map_names {
         CONFIG,
     ];
     /// Every map, in the order loaders bind them to pins.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         IFACES,
         IFACES_SPILL,
         CT_ADDRS,
@@ -56,6 +60,7 @@ pub mod map_names {
         DROPS,
         CONFIG,
         UNDELIVERED,
+        QUOTA,
     ];
 }
 
@@ -91,6 +96,8 @@ pub mod capacity {
     pub const DROPS: u32 = 65_536;
     /// (CTID, direction, class, family) rows of undelivered traffic.
     pub const UNDELIVERED: u32 = 65_536;
+    /// CTs with a quota action in force.
+    pub const QUOTA: u32 = 65_536;
 }
 
 /// `IfaceInfo::mode`: a routed (venet-like) interface, the host routes the CT's addresses to it.
@@ -107,6 +114,10 @@ pub const FLAG_IP_FILTER: u8 = 1 << 1;
 pub const FLAG_V4_SPILL: u8 = 1 << 2;
 /// `IfaceInfo::flags`: as `FLAG_V4_SPILL`, for IPv6.
 pub const FLAG_V6_SPILL: u8 = 1 << 3;
+/// `IfaceInfo::flags`: the CT's transfer quota is exhausted: drop its IP traffic of every
+/// network class but 0 (the node's own networks: panel, DNS, mirrors), both ways, reason
+/// `DROP_QUOTA`. Frames without IP (ARP) pass.
+pub const FLAG_QUOTA_CUT: u8 = 1 << 4;
 
 /// Direction `in`: traffic delivered to the CT (the host-side interface's egress).
 pub const DIR_IN: u8 = 0;
@@ -127,6 +138,7 @@ pub const DROP_SPOOFED_MAC: u8 = 2;
 pub const DROP_NON_IP: u8 = 3;
 pub const DROP_BAD_DST: u8 = 4;
 pub const DROP_MALFORMED: u8 = 5;
+pub const DROP_QUOTA: u8 = 6;
 
 /// `Config::byte_layer`: count `skb->len` as the interface sees it, the whole Ethernet frame
 /// (equal to `/sys/class/net/<if>/statistics/*_bytes`).
@@ -284,6 +296,21 @@ pub struct DropValue {
 }
 const _: () = assert!(core::mem::size_of::<DropValue>() == 16);
 
+/// `QUOTA` value: what the CT's transfer quota enforces now. Rates in bit/s, 0 = none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuotaOverlay {
+    /// 1: traffic beyond class 0 is cut (`FLAG_QUOTA_CUT` on the CT's interfaces).
+    pub cut: u8,
+    /// 1: the quota froze the CT (so lifting it thaws it, and only then).
+    pub suspended: u8,
+    pub _pad: [u8; 6],
+    /// The throttle on top of the CT's own shaping: its rates become the lower of the two.
+    pub throttle_in_bps: u64,
+    pub throttle_out_bps: u64,
+}
+const _: () = assert!(core::mem::size_of::<QuotaOverlay>() == 24);
+
 /// `ClassTable::mode`: every address of the family has class `ClassTable::class` (the table
 /// is empty, or holds only a /0): no lookup at all.
 pub const CLASSES_UNIFORM: u8 = 0;
@@ -356,6 +383,7 @@ mod user {
     unsafe impl aya::Pod for DropValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SlotCounters {}
+    unsafe impl aya::Pod for super::QuotaOverlay {}
 }
 
 pub mod shaper;

@@ -13,9 +13,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use berth_common::{
-    AddrKey, CLASSES_INLINE, CLASSES_UNIFORM, Config, DropKey, DropValue, ETH_HLEN, FAMILY_V4,
-    FAMILY_V6, FLAG_V4_SPILL, FLAG_V6_SPILL, INLINE_ADDRS, INLINE_CLASSES, IfaceInfo, LAYER_L3,
-    MODE_BRIDGED, MODE_ROUTED, capacity, slot_row, undelivered::record_word,
+    AddrKey, CLASSES_INLINE, CLASSES_UNIFORM, Config, DROP_QUOTA, DropKey, DropValue, ETH_HLEN,
+    FAMILY_V4, FAMILY_V6, FLAG_QUOTA_CUT, FLAG_V4_SPILL, FLAG_V6_SPILL, INLINE_ADDRS,
+    INLINE_CLASSES, IfaceInfo, LAYER_L3, MODE_BRIDGED, MODE_ROUTED, capacity, slot_row,
+    undelivered::record_word,
 };
 
 use crate::maps::{
@@ -252,6 +253,15 @@ pub fn finish(ctx: &TcContext, iface: &IfaceInfo, dir: u8, verdict: Result<Peer,
                 Peer::V4(a) => (1, class_v4(cfg, a)),
                 Peer::V6(a) => (2, class_v6(cfg, &a)),
             };
+            // An exhausted quota: only class 0 (the node's own networks) still passes; not
+            // counted as traffic (it goes nowhere), counted as a drop.
+            if iface.flags & FLAG_QUOTA_CUT != 0 && family != 0 && class != 0 {
+                let key = DropKeyW(
+                    u64::from(iface.ctid) | u64::from(dir) << 32 | u64::from(DROP_QUOTA) << 40,
+                );
+                add_drop(&key, len);
+                return TC_ACT_SHOT;
+            }
             let bytes = if cfg.byte_layer == LAYER_L3 {
                 len.saturating_sub(u64::from(ETH_HLEN))
             } else {

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use berth_common::{
-    Config, CounterKey, CounterValue, DropValue, IfaceInfo, SlotCounters, capacity,
+    Config, CounterKey, CounterValue, DropValue, IfaceInfo, QuotaOverlay, SlotCounters, capacity,
 };
 
 use crate::account::{AddrKeyW, DropKeyW};
@@ -55,6 +55,11 @@ pub static DROPS: PerCpuHashMap<DropKeyW, DropValue> =
 #[map]
 pub static UNDELIVERED: PerCpuHashMap<u64, CounterValue> =
     PerCpuHashMap::with_max_entries(capacity::UNDELIVERED, BPF_F_NO_PREALLOC);
+
+/// Only user space reads it (see `berth_common::QuotaOverlay`).
+#[map]
+pub static QUOTA: HashMap<u32, QuotaOverlay> =
+    HashMap::with_max_entries(capacity::QUOTA, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

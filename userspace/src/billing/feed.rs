@@ -163,6 +163,9 @@ pub struct Feeder {
     pub ledger: Ledger,
     /// Epoch of the last booked reading, for the retired records of destroyed CTs.
     last_epoch: Option<u64>,
+    /// When the slots past retention were last deleted (at most hourly: a period ends at
+    /// most once a day).
+    last_prune: Option<i64>,
 }
 
 impl Feeder {
@@ -172,6 +175,7 @@ impl Feeder {
             pin_dir,
             ledger,
             last_epoch: None,
+            last_prune: None,
         }
     }
 
@@ -246,6 +250,13 @@ impl Feeder {
         }
         if snap.is_some() {
             self.last_epoch = epoch;
+        }
+        if self.last_prune.is_none_or(|t| now - t >= 3600 || now < t) {
+            let deleted = self.ledger.prune(now)?;
+            self.last_prune = Some(now);
+            if deleted > 0 {
+                info!(deleted, "billing slots past retention deleted");
+            }
         }
         Ok(summary)
     }

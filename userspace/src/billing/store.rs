@@ -9,6 +9,11 @@
 //! moved to the slot and total tables in a staggered way: CT `id` flushes its closed slots on the
 //! ticks where `(id + seq) % FLUSH_EVERY == 0`. Readers merge the open rows in.
 //!
+//! Reads: a report's 95th takes each complete UTC hour of a CT from one `slot_hour` row (the
+//! hour's per-slot in/out sums, written by the tick once the hour is complete; store/agg.rs)
+//! and only the newest hours from the slot rows, so `report all` for a month at 1000 CTs reads
+//! ~720k short rows instead of ~35M. berthd's gauges advance incrementally (store/current.rs).
+//!
 //! Size: slot rows are `WITHOUT ROWID` with a compact integer CT id, the slot index (start/300)
 //! and the packed [`CounterKey::code`] as the key, so a row is ~25 bytes of record; zero deltas
 //! are not stored. The per-node `seq` is the tick number, stored in each row a tick changed. Bytes are SQLite INTEGERs holding the `u64` bit pattern (exact for every value;
@@ -84,6 +89,14 @@ CREATE TABLE IF NOT EXISTS total (
     bytes INTEGER NOT NULL,
     packets INTEGER NOT NULL,
     PRIMARY KEY (ct, period_start, key)
+) WITHOUT ROWID;
+-- Per CT and complete UTC hour, each slot's in/out bytes and flags (store/agg.rs): what the
+-- 95th reads.
+CREATE TABLE IF NOT EXISTS slot_hour (
+    ct INTEGER NOT NULL,
+    hour INTEGER NOT NULL,
+    v BLOB NOT NULL,
+    PRIMARY KEY (ct, hour)
 ) WITHOUT ROWID;
 ";
 
@@ -214,6 +227,8 @@ pub struct Ledger {
     options: LedgerOptions,
     cts: HashMap<String, CtState>,
     seq: i64,
+    /// CT id → its first hour not in the aggregate (store/agg.rs; the writer's only).
+    agg_next: HashMap<i64, i64>,
     #[cfg(test)]
     pub(crate) fail_after: Option<usize>,
 }
@@ -274,10 +289,15 @@ impl Ledger {
             options,
             cts: HashMap::new(),
             seq,
+            agg_next: HashMap::new(),
             #[cfg(test)]
             fail_after: None,
         };
         ledger.load()?;
+        let started = std::time::Instant::now();
+        if let Some(rows) = ledger.ensure_aggregate()? {
+            tracing::info!(ledger = %path.display(), rows, took = ?started.elapsed(), "built the per-slot aggregate from the slot rows");
+        }
         Ok(ledger)
     }
 
@@ -317,6 +337,7 @@ impl Ledger {
             options: LedgerOptions::default(),
             cts: HashMap::new(),
             seq,
+            agg_next: HashMap::new(),
             #[cfg(test)]
             fail_after: None,
         };
@@ -506,12 +527,15 @@ impl Ledger {
     }
 }
 
+mod agg;
+mod current;
 mod layer;
 mod query;
 mod settings;
 pub use layer::BASIS;
 mod tick;
 
+pub use current::{CurrentBill, CurrentPeriods};
 use settings::{decode_classes, migrate_v1};
 
 fn sql_err(path: &Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> BillingError + use<> {
@@ -592,31 +616,55 @@ fn decode_counters(blob: &[u8]) -> Option<BTreeMap<CounterKey, Counter>> {
         .collect()
 }
 
-/// Sums per-key slot rows into per-slot samples for the 95th (the classes `ct` bills, every
-/// family). Rows
-/// come sorted by slot (the slot table's key order, then the newer open rows), so neighbours
-/// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
-/// duplicates).
-fn samples(rows: &[SlotRow], ct: &CtInfo) -> Vec<SlotSample> {
-    let mut out: Vec<SlotSample> = Vec::new();
-    for r in rows.iter().filter(|r| ct.bills_class(r.key.class)) {
-        let s = match out.last_mut() {
-            Some(s) if s.start == r.slot_start => s,
-            _ => {
-                out.push(SlotSample {
+/// The 95th's input: per-slot samples, each with the union of its rows' flags.
+#[derive(Debug, Default)]
+pub(crate) struct Series {
+    samples: Vec<SlotSample>,
+    flags: Vec<SlotFlags>,
+}
+
+impl Series {
+    fn with_capacity(n: usize) -> Series {
+        Series {
+            samples: Vec::with_capacity(n),
+            flags: Vec::with_capacity(n),
+        }
+    }
+
+    /// Sums per-key slot rows into per-slot samples (the classes `ct` bills, every family).
+    /// Rows come
+    /// sorted by slot (the slot table's key order, then the newer open rows), so neighbours
+    /// merge; an unsorted input still gives correct samples, only more of them (`p95` sums
+    /// duplicates, as saturating sums of non-negative values the order does not matter).
+    fn push_rows(&mut self, rows: &[SlotRow], ct: &CtInfo) {
+        for r in rows.iter().filter(|r| ct.bills_class(r.key.class)) {
+            if self.samples.last().is_none_or(|s| s.start != r.slot_start) {
+                self.samples.push(SlotSample {
                     start: r.slot_start,
                     ..SlotSample::default()
                 });
-                out.last_mut().expect("just pushed")
+                self.flags.push(SlotFlags::empty());
             }
-        };
-        match r.key.direction {
-            Direction::In => s.in_bytes = s.in_bytes.saturating_add(r.counter.bytes),
-            Direction::Out => s.out_bytes = s.out_bytes.saturating_add(r.counter.bytes),
+            let s = self.samples.last_mut().expect("just pushed");
+            match r.key.direction {
+                Direction::In => s.in_bytes = s.in_bytes.saturating_add(r.counter.bytes),
+                Direction::Out => s.out_bytes = s.out_bytes.saturating_add(r.counter.bytes),
+            }
+            s.estimated |= r.flags.contains(SlotFlags::ESTIMATED);
+            let f = self.flags.last_mut().expect("just pushed");
+            *f = f.union(r.flags);
         }
-        s.estimated |= r.flags.contains(SlotFlags::ESTIMATED);
     }
-    out
+
+    fn push_sum(&mut self, s: agg::SlotSum) {
+        self.samples.push(SlotSample {
+            start: s.start,
+            in_bytes: s.in_bytes,
+            out_bytes: s.out_bytes,
+            estimated: s.flags.contains(SlotFlags::ESTIMATED),
+        });
+        self.flags.push(s.flags);
+    }
 }
 
 /// The report of one CT for `period` from its slot rows and totals (shared with the CSV
@@ -631,14 +679,30 @@ pub(crate) fn build_report(
     commit_bps: Option<u64>,
     now: i64,
 ) -> Report {
+    let mut series = Series::default();
+    series.push_rows(rows, &ct);
+    report_from(ct, period, totals, &series, mode, commit_bps, now)
+}
+
+fn report_from(
+    ct: CtInfo,
+    period: Period,
+    totals: BTreeMap<CounterKey, Counter>,
+    series: &Series,
+    mode: P95Mode,
+    commit_bps: Option<u64>,
+    now: i64,
+) -> Report {
     let until = ct.destroyed.map_or(now, |d| d.min(now));
     let window = SlotWindow::new(period.start, period.end, ct.created, until);
-    let flags = rows
+    let flags = series
+        .samples
         .iter()
-        .filter(|r| window.contains(r.slot_start))
-        .fold(SlotFlags::empty(), |f, r| f.union(r.flags));
+        .zip(&series.flags)
+        .filter(|(s, _)| window.contains(s.start))
+        .fold(SlotFlags::empty(), |u, (_, f)| u.union(*f));
     let commit_bps = commit_bps.or(ct.commit_bps);
-    let p95 = p95(&samples(rows, &ct), window, mode, commit_bps);
+    let p95 = p95(&series.samples, window, mode, commit_bps);
     Report {
         ct,
         period,
@@ -655,6 +719,12 @@ fn slot_index(start: i64) -> i64 {
     start.div_euclid(SLOT_SECS)
 }
 
+#[cfg(test)]
+#[path = "store_agg_tests.rs"]
+mod agg_tests;
+#[cfg(test)]
+#[path = "store_measure.rs"]
+mod measure;
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;

@@ -3,30 +3,30 @@ use super::super::period::BillingAnchor;
 use super::super::{Counter, CounterKey, Direction, Family, P95Mode, SlotFlags};
 use super::*;
 
-const IN4: CounterKey = CounterKey {
+pub(super) const IN4: CounterKey = CounterKey {
     direction: Direction::In,
     class: 0,
     family: Family::V4,
 };
-const OUT4: CounterKey = CounterKey {
+pub(super) const OUT4: CounterKey = CounterKey {
     direction: Direction::Out,
     class: 0,
     family: Family::V4,
 };
-const OUT6: CounterKey = CounterKey {
+pub(super) const OUT6: CounterKey = CounterKey {
     direction: Direction::Out,
     class: 1,
     family: Family::V6,
 };
 
 /// 2026-03-01T00:00:00Z.
-const MAR1: i64 = 1_772_323_200;
+pub(super) const MAR1: i64 = 1_772_323_200;
 
-fn uuid(n: u32) -> String {
+pub(super) fn uuid(n: u32) -> String {
     format!("{n:08x}-0000-4000-8000-000000000000")
 }
 
-fn info(n: u32, ctid: u32, created: i64) -> CtInfo {
+pub(super) fn info(n: u32, ctid: u32, created: i64) -> CtInfo {
     CtInfo {
         uuid: uuid(n),
         ctid,
@@ -40,7 +40,7 @@ fn info(n: u32, ctid: u32, created: i64) -> CtInfo {
     }
 }
 
-fn reading(n: u32, at: i64, epoch: u64, c: &[(CounterKey, u64, u64)]) -> CtReading {
+pub(super) fn reading(n: u32, at: i64, epoch: u64, c: &[(CounterKey, u64, u64)]) -> CtReading {
     CtReading {
         uuid: uuid(n),
         reading: Reading {
@@ -595,118 +595,4 @@ fn counter_blob_round_trips_and_rejects_garbage() {
     }];
     assert_eq!(decode_open(&encode_open(&open), 9), Some(open));
     assert_eq!(decode_open(&[0; 22], 0), None);
-}
-
-/// Bytes per slot row and CPU per tick at the scale. A measurement, not a test of
-/// behaviour: run in release with
-/// `cargo test --release -p berth --lib billing::store::tests::measure -- --ignored --nocapture`.
-#[test]
-#[ignore = "measurement (minutes in a debug build): run in release with --ignored --nocapture"]
-fn measure_1000_cts_a_day_of_slots() {
-    use nix::sys::resource::{UsageWho, getrusage};
-    /// (user, system) CPU time of this thread.
-    fn cpu() -> (std::time::Duration, std::time::Duration) {
-        let u = getrusage(UsageWho::RUSAGE_THREAD).unwrap();
-        let us = |t: nix::sys::time::TimeVal| {
-            std::time::Duration::from_micros(t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64)
-        };
-        (us(u.user_time()), us(u.system_time()))
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ledger.db");
-    let mut l = Ledger::open(&path, LedgerOptions::default()).unwrap();
-    let cts = 1000u32;
-    for n in 0..cts {
-        l.register_ct(&info(n, n, MAR1)).unwrap();
-    }
-    let keys = [
-        IN4,
-        OUT4,
-        CounterKey::new(Direction::In, 0, Family::V6),
-        OUT6,
-    ];
-    let mut rng = super::super::testrng::Rng::new(1);
-    let mut truth = vec![[0u64; 4]; cts as usize];
-    let mut ticks = Vec::new();
-    let mut user = std::time::Duration::ZERO;
-    // One day at a 30 s tick: 2880 ticks, 288 slots × 4 keys per CT (BILLING_MEASURE_TICKS
-    // shortens the run when only the tick cost is wanted).
-    let n_ticks: i64 = std::env::var("BILLING_MEASURE_TICKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2880);
-    for i in 0..n_ticks {
-        let t = MAR1 + 30 * (i + 1);
-        let rs: Vec<CtReading> = (0..cts)
-            .map(|n| {
-                let tr = &mut truth[n as usize];
-                for v in tr.iter_mut() {
-                    *v += rng.below(40_000_000);
-                }
-                let c: Vec<_> = keys
-                    .iter()
-                    .zip(tr.iter())
-                    .map(|(k, b)| (*k, *b, *b / 700))
-                    .collect();
-                reading(n, t, 1, &c)
-            })
-            .collect();
-        let before = cpu();
-        l.tick(&rs).unwrap();
-        let after = cpu();
-        ticks.push(after.0 + after.1 - before.0 - before.1);
-        user += after.0 - before.0;
-    }
-    let started = std::time::Instant::now();
-    let reports = l
-        .report_all(MAR1 + 100, P95Mode::Max, None, MAR1 + 86400)
-        .unwrap();
-    let report_all = started.elapsed();
-    assert_eq!(reports.len(), cts as usize);
-    drop(l);
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-        .unwrap();
-    let rows: i64 = conn
-        .query_row("SELECT count(*) FROM slot", [], |r| r.get(0))
-        .unwrap();
-    let pages: i64 = conn
-        .query_row("PRAGMA page_count", [], |r| r.get(0))
-        .unwrap();
-    let page: i64 = conn
-        .query_row("PRAGMA page_size", [], |r| r.get(0))
-        .unwrap();
-    let slot_bytes: i64 = conn
-        .query_row(
-            "SELECT sum(pgsize) FROM dbstat WHERE name = 'slot'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap_or(-1);
-    let all: std::time::Duration = ticks.iter().sum();
-    ticks.sort();
-    println!(
-        "billing ledger: {rows} slot rows, file {} bytes = {:.1} bytes/row (the slot table alone {:.1} bytes/row)",
-        pages * page,
-        (pages * page) as f64 / rows as f64,
-        slot_bytes as f64 / rows as f64
-    );
-    println!(
-        "tick of {cts} CTs, CPU (user+system): mean {:?} ({:.0} % user), median {:?}, p95 {:?}, max {:?} over {} ticks",
-        all / ticks.len() as u32,
-        100.0 * user.as_secs_f64() / all.as_secs_f64(),
-        ticks[ticks.len() / 2],
-        ticks[ticks.len() * 95 / 100],
-        ticks[ticks.len() - 1],
-        ticks.len()
-    );
-    println!("report_all over that day (month period, n = slots so far): {report_all:?} wall");
-    let over = ticks
-        .iter()
-        .filter(|t| **t > std::time::Duration::from_millis(20))
-        .count();
-    println!(
-        "ticks over 20 ms of CPU: {over}; slowest five: {:?}",
-        &ticks[ticks.len() - 5..]
-    );
 }

@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use berth::{
-    billing::{Ledger, LedgerOptions, api, feed::Feeder},
+    billing::{Ledger, LedgerOptions, api, feed::Feeder, store::CurrentPeriods},
     datapath::DEFAULT_PIN_DIR,
     metrics::{BerthCollector, DEFAULT_LISTEN, Format, Sources, billing::BillingGauges, expose},
     quota::{self, store::QuotaStore, webhook::SharedStore},
@@ -259,10 +259,12 @@ async fn serve(args: Args) -> Result<()> {
     )
     .await?;
     let quota = open_quota(ledger_path_for_quota).await?;
+    let gauges = SharedGauges::default();
     let ticker = tokio::spawn(tick_loop(
         feeder.clone(),
         quota.clone(),
         server.clone(),
+        gauges.clone(),
         Duration::from_secs(args.tick),
     ));
     let deliverer = tokio::spawn(delivery_loop(
@@ -313,11 +315,13 @@ async fn serve(args: Args) -> Result<()> {
     ticker.abort();
     deliverer.abort();
     // The ticker may be inside a tick: the lock waits for it, then the final one books up to now.
-    tick_once(feeder, quota, server).await;
+    tick_once(feeder, quota, server, gauges).await;
     Ok(())
 }
 
 type SharedFeeder = Arc<std::sync::Mutex<Feeder>>;
+/// The billing gauges' state between ticks (what `Ledger::current_periods` advances).
+type SharedGauges = Arc<std::sync::Mutex<CurrentPeriods>>;
 
 async fn open_feeder(
     host: Host,
@@ -381,8 +385,14 @@ async fn delivery_loop(store: SharedStore, server: Arc<Server>, timeout: Duratio
 
 /// One tick on a blocking thread; a failed tick is logged and retried at the next one (the
 /// ledger re-derives every delta from its last committed checkpoint, so nothing is lost).
-/// After it, the billing gauges of /metrics are read afresh from the ledger.
-async fn tick_once(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>) {
+/// After it, the quota is evaluated and enforced and the billing gauges of /metrics are
+/// advanced from the ledger.
+async fn tick_once(
+    feeder: SharedFeeder,
+    quota: SharedStore,
+    server: Arc<Server>,
+    gauges: SharedGauges,
+) {
     let res = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let now = unix_now();
@@ -392,7 +402,8 @@ async fn tick_once(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>
         // The quota reads the totals this tick committed; after a failed tick, the last ones.
         {
             let mut q = quota.lock().unwrap_or_else(|p| p.into_inner());
-            match quota::engine::tick(&mut q, &f.ledger, &f.host, &f.pin_dir, now) {
+            let mut enforcer = quota::engine::apply_with(&f.host, &f.pin_dir);
+            match quota::engine::tick(&mut q, &f.ledger, &f.host, &mut enforcer, now) {
                 Ok(t) => {
                     debug!(
                         cts = t.cts.len(),
@@ -411,14 +422,20 @@ async fn tick_once(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>
             }
         }
         let path = f.ledger.path().to_owned();
-        // The gauges read every slot of the period: on their own read connection, so a long
-        // read never holds the feeder (the final tick on SIGTERM waits for that lock).
+        // The gauges read on their own read connection, so a slow read (the first one reads
+        // every slot of the period) never holds the feeder (the final tick on SIGTERM waits
+        // for that lock).
         drop(f);
-        match Ledger::open_read_only(&path).and_then(|l| BillingGauges::read(&l, now)) {
+        let mut state = gauges.lock().unwrap_or_else(|p| p.into_inner());
+        match Ledger::open_read_only(&path)
+            .and_then(|l| BillingGauges::advance(&l, &mut state, now))
+        {
             Ok(g) => server.scraper.set_billing(g),
             // The previous gauges stay: stale by a tick rather than gone.
+            // (What a failed read settled is final all the same.)
             Err(e) => warn!(error = %ErrorChain(&e), "reading the billing gauges failed"),
         }
+        drop(state);
         debug!(took = ?t0.elapsed() - took, "billing gauges read");
         (r, took)
     })
@@ -440,13 +457,25 @@ async fn tick_once(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>
     }
 }
 
-async fn tick_loop(feeder: SharedFeeder, quota: SharedStore, server: Arc<Server>, every: Duration) {
+async fn tick_loop(
+    feeder: SharedFeeder,
+    quota: SharedStore,
+    server: Arc<Server>,
+    gauges: SharedGauges,
+    every: Duration,
+) {
     let mut iv = tokio::time::interval(every);
     // After a stall, one tick books the whole gap: no burst of catch-up ticks.
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        tick_once(feeder.clone(), quota.clone(), server.clone()).await;
+        tick_once(
+            feeder.clone(),
+            quota.clone(),
+            server.clone(),
+            gauges.clone(),
+        )
+        .await;
     }
 }
 

@@ -106,6 +106,7 @@ impl Datapath {
         let previous = self.find_iface(ifindex)?;
         let slot = self.slot_for(config.ctid)?;
         let mut raw = config.to_raw(ifindex, slot);
+        raw.flags |= self.quota_cut_flag(config.ctid)?;
         if let Some((_, p)) = previous {
             // Keep the address positions a concurrent reader may be using.
             raw.v4 = p.v4;

@@ -72,6 +72,7 @@ mod error;
 mod ifaces;
 mod map_values;
 mod migrate_v1;
+mod quota;
 mod retire;
 mod settings;
 mod slots;
@@ -264,6 +265,8 @@ pub enum DropReason {
     BadDst,
     /// A truncated or invalid Ethernet/IP/ARP header.
     Malformed,
+    /// The CT's transfer quota is exhausted (cut): traffic beyond class 0.
+    Quota,
     /// A reason this berth does not know (written by a newer program).
     Unknown(u8),
 }
@@ -276,6 +279,7 @@ impl DropReason {
             berth_common::DROP_NON_IP => Self::NonIp,
             berth_common::DROP_BAD_DST => Self::BadDst,
             berth_common::DROP_MALFORMED => Self::Malformed,
+            berth_common::DROP_QUOTA => Self::Quota,
             other => Self::Unknown(other),
         }
     }
@@ -287,6 +291,7 @@ impl DropReason {
             Self::NonIp => "non_ip",
             Self::BadDst => "bad_dst",
             Self::Malformed => "malformed",
+            Self::Quota => "quota",
             Self::Unknown(_) => "unknown",
         }
     }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap};
 use berth_common::{
-    AddrKey, Config, CounterKey, CounterValue, DropKey, DropValue, IfaceInfo, SlotCounters,
-    map_names,
+    AddrKey, Config, CounterKey, CounterValue, DropKey, DropValue, IfaceInfo, QuotaOverlay,
+    SlotCounters, map_names,
 };
 
 use super::Result;
@@ -29,6 +29,8 @@ pub struct DatapathView {
     pub(super) config: Array<MapData, Config>,
     /// `None` in a pin directory an older berth made, until the next load creates it.
     pub(super) undelivered: Option<PerCpuHashMap<MapData, u64, CounterValue>>,
+    /// As `undelivered`.
+    pub(super) quota: Option<HashMap<MapData, u32, QuotaOverlay>>,
 }
 
 impl DatapathView {
@@ -88,6 +90,17 @@ impl DatapathView {
                     map_names::UNDELIVERED,
                     8,
                     size_of::<CounterValue>(),
+                    access,
+                )?)
+            } else {
+                None
+            },
+            quota: if maps.join(map_names::QUOTA).exists() {
+                Some(open_map(
+                    maps,
+                    map_names::QUOTA,
+                    4,
+                    size_of::<QuotaOverlay>(),
                     access,
                 )?)
             } else {

@@ -67,6 +67,20 @@ struct Planned {
     row: StateRow,
 }
 
+/// How a tick enforces a state: berthd's calls [`enforce::apply`] (see [`apply_with`]); the
+/// error is the cause's chain as text (stored for `quota status`).
+pub type Enforcer<'a> = dyn FnMut(Ctid, &enforce::Enforcement) -> Result<(), String> + 'a;
+
+/// The enforcer of berthd: [`enforce::apply`] on `host`'s CTs with the datapath at `pin_dir`.
+pub fn apply_with<'a>(
+    host: &'a Host,
+    pin_dir: &'a Path,
+) -> impl FnMut(Ctid, &enforce::Enforcement) -> Result<(), String> + 'a {
+    move |ctid, e| {
+        enforce::apply(host, pin_dir, ctid, e).map_err(|err| ErrorChain(&err).to_string())
+    }
+}
+
 /// One tick at `now`: evaluates, stores, then enforces. A CT whose ledger rows cannot be read
 /// is skipped with a warning (the others go on); a failed store fails the tick (retried at
 /// the next one: nothing was written, and the events are derived again).
@@ -74,7 +88,7 @@ pub fn tick(
     store: &mut QuotaStore,
     ledger: &Ledger,
     host: &Host,
-    pin_dir: &Path,
+    enforcer: &mut Enforcer<'_>,
     now: i64,
 ) -> Result<QuotaTick, QuotaTickError> {
     let mut planned = Vec::new();
@@ -163,7 +177,7 @@ pub fn tick(
     let queued = store.commit_tick(&rows, &outbox, now)?;
     for p in &planned {
         let e = enforcement(&p.cfg, p.row.state);
-        apply(store, host, pin_dir, p.ctid, &p.row.uuid, &e)?;
+        apply(store, enforcer, p.ctid, &p.row.uuid, &e)?;
     }
     // A stored state without a quota any more (removed from the config, or the CT destroyed or
     // its UUID replaced): lifted once, then forgotten.
@@ -177,8 +191,7 @@ pub fn tick(
         {
             apply(
                 store,
-                host,
-                pin_dir,
+                enforcer,
                 ctid,
                 &old.uuid,
                 &enforce::Enforcement::Normal,
@@ -216,17 +229,15 @@ fn enforcement_name(e: &enforce::Enforcement) -> &'static str {
 
 fn apply(
     store: &mut QuotaStore,
-    host: &Host,
-    pin_dir: &Path,
+    enforcer: &mut Enforcer<'_>,
     ctid: Ctid,
     uuid: &str,
     e: &enforce::Enforcement,
 ) -> Result<(), QuotaStoreError> {
     let name = enforcement_name(e);
-    match enforce::apply(host, pin_dir, ctid, e) {
+    match enforcer(ctid, e) {
         Ok(()) => store.set_enforced(uuid, Ok(name)),
-        Err(err) => {
-            let msg = ErrorChain(&err).to_string();
+        Err(msg) => {
             warn!(%ctid, enforcement = name, error = %msg, "quota enforcement failed (retried next tick)");
             store.set_enforced(uuid, Err(&msg))
         }

@@ -17,13 +17,11 @@ use berth_runtime::transfer_quota::{Count, HardAction, QuotaConfig, SoftAction};
 
 use crate::billing::{Counter, CounterKey, Direction};
 
-pub mod enforce_shim;
+pub mod enforce;
 pub mod engine;
 pub mod status;
 pub mod store;
 pub mod webhook;
-
-pub use enforce_shim as enforce;
 
 /// Where a CT stands in its period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,5 +1,3 @@
-use std::path::Path;
-
 use berth_runtime::Ctid;
 use berth_runtime::config::{CtConfig, Host};
 use berth_runtime::transfer_quota::{
@@ -170,7 +168,25 @@ impl Node {
         }])
         .unwrap();
         let mut s = QuotaStore::open(&self.ledger_path).unwrap();
-        engine::tick(&mut s, &l, &self.host, Path::new("/nonexistent"), at).unwrap();
+        // The enforcement is the datapath's (tested on its own): recorded here.
+        let mut applied = Vec::new();
+        let mut rec = |ctid: Ctid, e: &enforce::Enforcement| {
+            applied.push((ctid, *e));
+            Ok(())
+        };
+        engine::tick(&mut s, &l, &self.host, &mut rec, at).unwrap();
+        // Every tick enforces the one CT: its state, or once the lift after its quota went.
+        assert_eq!(applied.len(), 1, "{applied:?}");
+        let want = match s.state(UUID).unwrap() {
+            Some(st) => enforcement(
+                &CtConfig::load(&self.host, Ctid::new(42).unwrap())
+                    .unwrap()
+                    .quota,
+                st.state,
+            ),
+            None => enforce::Enforcement::Normal,
+        };
+        assert_eq!(applied[0].1, want);
         s
     }
 }

@@ -8,8 +8,8 @@ use super::super::book::{Checkpoint, book};
 use super::super::period::Period;
 use super::super::{BillingError, Counter, CounterKey};
 use super::{
-    CtReading, FLUSH_EVERY, Ledger, MAX_OPEN, SlotRow, TickSummary, encode_counters, encode_open,
-    slot_index, sql_err,
+    CtReading, FLUSH_EVERY, Ledger, MAX_OPEN, SlotRow, TickSummary, agg, encode_counters,
+    encode_open, slot_index, sql_err,
 };
 
 /// One CT's outcome of a tick, written in the transaction and applied to memory after it.
@@ -23,6 +23,8 @@ struct Booked<'a> {
     flushed: Vec<SlotRow>,
     /// (period start, key) → delta of the flushed rows.
     totals: Vec<(i64, CounterKey, Counter)>,
+    /// Hours `[from, to)` to aggregate from the slot rows (after this CT's slot writes).
+    aggregate: Option<(i64, i64)>,
     period: Option<Period>,
 }
 
@@ -98,6 +100,18 @@ impl Ledger {
                 t.bytes += f.counter.bytes;
                 t.packets += f.counter.packets;
             }
+            let mut aggregate = None;
+            if (state.id + seq).rem_euclid(agg::AGG_EVERY) == 0 {
+                let from = self
+                    .agg_next
+                    .get(&state.id)
+                    .copied()
+                    .unwrap_or(agg::NO_HOUR);
+                let to = agg::complete_before(Some(b.checkpoint.slot), &open);
+                if to > from {
+                    aggregate = Some((from, to));
+                }
+            }
             booked.push(Booked {
                 id: state.id,
                 uuid: r.uuid.as_str(),
@@ -106,6 +120,7 @@ impl Ledger {
                 open_seq,
                 flushed,
                 totals: totals.into_iter().map(|((p, k), c)| (p, k, c)).collect(),
+                aggregate,
                 period,
             });
         }
@@ -184,6 +199,9 @@ impl Ledger {
                         .execute(params![b.id, p, k.code(), c.bytes as i64, c.packets as i64])
                         .map_err(sql_err(path, "writing a period total"))?;
                 }
+                if let Some((from, to)) = b.aggregate {
+                    agg::aggregate(&tx, path, b.id, from, to)?;
+                }
             }
             if let Some(min_slot) = min_slot {
                 tx.execute(
@@ -192,7 +210,8 @@ impl Ledger {
                 )
                 .map_err(sql_err(path, "recording the tick"))?;
             }
-            tx.execute("UPDATE meta SET v = ?1 WHERE k = 'seq'", [seq])
+            // `agg` moves with `seq`: this berth keeps the aggregate (store/agg.rs).
+            tx.execute("UPDATE meta SET v = ?1 WHERE k IN ('seq', 'agg')", [seq])
                 .map_err(sql_err(path, "advancing the sequence"))?;
         }
         tx.commit().map_err(sql_err(path, "committing a tick"))?;
@@ -204,6 +223,9 @@ impl Ledger {
                 state.open_seq = b.open_seq;
                 if b.period.is_some() {
                     state.period = b.period;
+                }
+                if let Some((_, to)) = b.aggregate {
+                    self.agg_next.insert(b.id, to);
                 }
             }
         }
