@@ -295,6 +295,24 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         "{body}"
     );
 
+    // status and list show berthd's evaluation.
+    let status = h.status(CT);
+    ensure!(
+        status["quota"]["state"] == "throttled"
+            && status["quota"]["used_bytes"]
+                .as_u64()
+                .is_some_and(|u| u >= used),
+        "{status}"
+    );
+    let rows = h.json(&["list", "-o", "ctid,quota.used,quota.limit,quota.state"]);
+    let row = &rows[0];
+    ensure!(
+        row["quota.state"] == "throttled"
+            && row["quota.used"].as_u64().is_some_and(|u| u >= used)
+            && row["quota.limit"] == 4_000_000,
+        "{rows}"
+    );
+
     // A quota below what the CT used this period (the ledger's count) is refused.
     let e = h.fails(&["set", CT, "--quota-transfer", "2MB", "--save"]);
     ensure!(
