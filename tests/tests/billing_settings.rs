@@ -302,15 +302,22 @@ fn settings_shape_period_commit_and_classes() -> Result<()> {
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().context("header")?.split(',').collect();
     ensure!(
-        header.ends_with(&["billed", "commit_bits_per_second", "slots_over_commit"]),
+        header.ends_with(&[
+            "billed",
+            "commit_bits_per_second",
+            "slots_over_commit",
+            "layer",
+            "basis"
+        ]),
         "{header:?}"
     );
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
         ensure!(
-            f[f.len() - 3] == (f[4] == "1").to_string()
-                && f[f.len() - 2] == "100"
-                && f[f.len() - 1] == over.to_string(),
+            f[f.len() - 5] == (f[4] == "1").to_string()
+                && f[f.len() - 4] == "100"
+                && f[f.len() - 3] == over.to_string()
+                && f[f.len() - 1] == "delivered",
             "{l}"
         );
     }
