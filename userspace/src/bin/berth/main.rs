@@ -10,6 +10,7 @@ mod netclass;
 mod netstat;
 mod set;
 mod shaper;
+mod ship;
 mod status;
 mod template;
 
