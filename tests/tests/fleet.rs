@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use berth::billing::{Direction, Ledger, P95Mode, PeriodSpec, SlotSample, SlotWindow, p95::p95};
+use berth::datapath::{Datapath, IfaceConfig};
+use berth_tests::berthd::{Berthd, BerthdArgs, Prometheus, berthd_bin, value_of};
+use berth_tests::ct::TestHost;
+use berth_tests::datapath::{Pair, PinDir, udp_bind};
 use berth_tests::fleet::{SynthCt, fill, uuid};
 use berth_tests::pg::{self, Cluster};
 use berth_tests::skip::skip;
@@ -437,5 +441,210 @@ fn two_nodes_ship_through_kills_and_replay_to_the_byte() -> Result<()> {
         db.psql("SELECT max(version) FROM berth_schema_migrations")? == "1",
         "schema version"
     );
+    Ok(())
+}
+
+/// berthd --ship-url: shipped after its ticks on its own thread, the lag and failures in
+/// /metrics, a database crash retried without a lost row.
+#[test]
+fn berthd_ships_after_ticks_and_exports_its_lag() -> Result<()> {
+    if pg::bin_dir().is_none() {
+        skip(
+            "fleet::berthd_ships_after_ticks_and_exports_its_lag",
+            "no PostgreSQL server in /usr/lib/postgresql (xtask/setup.sh installs `postgresql`)",
+        );
+        return Ok(());
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("berth-fleet-d-")
+        .tempdir()?;
+    let dir = tmp.path();
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root)?;
+    let ledger = root.join("billing.db");
+    let seq = fill(&ledger, &node_cts(7, 0..3), "node-d", |_| 3600)?;
+    let pgdir = dir.join("pg");
+    std::fs::create_dir_all(&pgdir)?;
+    let db = Cluster::start(&pgdir)?;
+    let args = BerthdArgs {
+        root: root.clone(),
+        run_dir: Some(dir.join("run")),
+        cgroup_parent: format!("berth-fleet-{}", std::process::id()),
+        bpffs: dir.join("no-bpffs"),
+    };
+    let url = db.socket_url();
+    let extra = [
+        "--ship-url",
+        url.as_str(),
+        "--node",
+        "node-d",
+        "--tick",
+        "10",
+    ];
+    let d = Berthd::start_bin_with(&berthd_bin(), &args, 0, &extra)?;
+    let node = Node {
+        name: "node-d",
+        root: root.clone(),
+        ledger: ledger.clone(),
+        seq,
+    };
+    // berthd ticks too (its ledger's seq may pass the fill's): at least the fill is shipped.
+    wait_acked(&db, &node, Duration::from_secs(60))?;
+    let metric = |name: &str| -> Result<Option<f64>> {
+        let (_, s) = d.scrape()?;
+        Ok(value_of(&s, name, &[]))
+    };
+    let t0 = Instant::now();
+    while metric("berth_billing_ship_lag_seq")? != Some(0.0) {
+        ensure!(t0.elapsed() < Duration::from_secs(60), "lag never 0");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(metric("berth_billing_ship_acked_seq")? >= Some(seq as f64));
+    ensure!(metric("berth_billing_ship_failures_total")? == Some(0.0));
+    db.pg_stop("immediate")?;
+    let t0 = Instant::now();
+    while metric("berth_billing_ship_failures_total")? == Some(0.0) {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no failed round while the database is down"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    db.pg_start()?;
+    let t0 = Instant::now();
+    while metric("berth_billing_ship_lag_seq")? != Some(0.0) {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "lag not 0 after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.kill()?;
+    let rows = Ledger::open_read_only(&ledger)?
+        .slots_after_seq(0, u32::MAX)?
+        .len();
+    ensure!(db.psql("SELECT count(*) FROM berth_slot")? == rows.to_string());
+    let replay = ship(&node, &url, &["--replay"])?;
+    ensure!(replay["rows_written"] == 0, "{replay}");
+    Ok(())
+}
+
+fn args_for(h: &TestHost, pin: &Path) -> BerthdArgs {
+    BerthdArgs {
+        root: h.root.clone(),
+        run_dir: None,
+        cgroup_parent: h.cgroup_parent.clone(),
+        bpffs: pin.to_owned(),
+    }
+}
+
+/// The metrics path across nodes: a Prometheus agent scrapes berthd with `external_labels:
+/// {node: …}` and remote_writes to a second Prometheus (the remote-write receiver standing in
+/// for Thanos Receive, Mimir or VictoriaMetrics); PromQL on the receiver sees the CT's rate
+/// with the node label.
+#[test]
+fn prometheus_agent_remote_writes_ct_rates_with_the_node_label() -> Result<()> {
+    const PPS: u64 = 500;
+    const PAYLOAD: usize = 972;
+    let h = TestHost::new();
+    h.ok(&["create", "104", "--name", "fleetct"]);
+    h.ok(&["start", "104"]);
+    let pin = PinDir::new();
+    let pair = Pair::new_down()?;
+    pair.host
+        .ip(&["addr", "add", "10.83.0.1/24", "dev", &pair.host_if])?;
+    pair.ct
+        .ip(&["addr", "add", "10.83.0.2/24", "dev", &pair.ct_if])?;
+    {
+        let _in_host = pair.host.enter()?;
+        let mut dp = Datapath::open_or_load(&pin.path)?;
+        dp.attach(
+            pair.host.ifindex(&pair.host_if)?,
+            IfaceConfig::routed(berth_tests::ct(104), pair.ct_mac()?),
+        )?;
+        dp.set_ct_addrs(berth_tests::ct(104), &["10.83.0.2".parse()?])?;
+    }
+    pair.up()?;
+    let _sink = udp_bind(&pair.host, "10.83.0.1:9000".parse()?)?;
+    let src = udp_bind(&pair.ct, "10.83.0.2:0".parse()?)?;
+    let d = Berthd::start(&args_for(&h, &pin.path), 0)?;
+    let receiver = Prometheus::start_config(
+        "global:\n  scrape_interval: 1s\n",
+        &["--web.enable-remote-write-receiver"],
+    )?;
+    let agent_cfg = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  external_labels:\n    node: node-x\n\
+         scrape_configs:\n  - job_name: berthd\n    static_configs:\n      - targets: ['{}']\n\
+         remote_write:\n  - url: http://{}/api/v1/write\n    queue_config:\n      batch_send_deadline: 1s\n",
+        d.addr, receiver.addr
+    );
+    let agent = Prometheus::start_config(&agent_cfg, &["--enable-feature=agent"])?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sending = stop.clone();
+    let sender = std::thread::spawn(move || -> Result<()> {
+        let buf = vec![0x5au8; PAYLOAD];
+        let start = Instant::now();
+        let mut i = 0u64;
+        while !sending.load(std::sync::atomic::Ordering::Relaxed)
+            && start.elapsed() < Duration::from_secs(90)
+        {
+            let due = start + Duration::from_micros(i * 1_000_000 / PPS);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            src.send_to(&buf, "10.83.0.1:9000".parse::<std::net::SocketAddr>()?)?;
+            i += 1;
+        }
+        Ok(())
+    });
+    let q = r#"sum by (node) (rate(berth_network_transmit_bytes_total{ctid="104",family="ipv4",node="node-x"}[10s]))"#;
+    let t0 = Instant::now();
+    let got = loop {
+        let r = receiver.query(q, None)?;
+        if let Some(one) = r.first()
+            && one["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
+        {
+            break one.clone();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "receiver has no rate with node=node-x: {r:?}\nagent log:\n{}\nreceiver log:\n{}",
+            agent.log(),
+            receiver.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    ensure!(got["metric"]["node"] == "node-x", "{got}");
+    // The first rate seen may have a window reaching back before the first scrape: measure
+    // once the whole 10 s window lies in the traffic.
+    std::thread::sleep(Duration::from_secs(12));
+    let r = receiver.query(q, None)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().expect("sender thread")?;
+    let rate: f64 = r
+        .first()
+        .and_then(|o| o["value"][1].as_str())
+        .context("rate gone")?
+        .parse()?;
+    // 500 frames/s of 1014 bytes (UDP 8 + IPv4 20 + Ethernet 14 on 972): the rate of the
+    // series the agent forwarded, within the window's sampling error.
+    let want = (PPS * (PAYLOAD as u64 + 42)) as f64;
+    ensure!(
+        (rate - want).abs() < want * 0.25,
+        "rate {rate} vs {want} B/s"
+    );
+    // The series keeps berthd's own labels next to the node's.
+    let series = receiver.query(
+        r#"berth_network_transmit_bytes_total{ctid="104",node="node-x",job="berthd"}"#,
+        None,
+    )?;
+    ensure!(!series.is_empty(), "no raw series on the receiver");
+    drop(agent);
+    drop(d);
+    h.ok(&["stop", "104", "--fast"]);
+    h.ok(&["destroy", "104"]);
     Ok(())
 }

@@ -245,6 +245,16 @@ async fn ship_ledger(
         };
         page.retain(|(_, r)| r.seq <= ledger_seq);
         let Some(last) = page.last().map(|(_, r)| r.seq) else {
+            // Caught up: ticks up to the ledger's seq that booked no row are shipped too.
+            if ledger_seq > acked {
+                tx.execute(
+                    "UPDATE berth_node SET last_seq = $2, shipped_at = now() WHERE node = $1",
+                    &[&node, &ledger_seq],
+                )
+                .await
+                .map_err(db("acknowledging the seq"))?;
+                stats.acked_seq = ledger_seq;
+            }
             tx.commit().await.map_err(db("committing"))?;
             return Ok(stats);
         };

@@ -198,12 +198,19 @@ pub struct Scraper {
     spare: Mutex<Vec<Writer>>,
     /// The billing gauges of the last ledger tick ([`Scraper::set_billing`]).
     billing: Mutex<Arc<BillingGauges>>,
+    /// The fleet shipper's state, when berthd ships (`--ship-url`).
+    ship: Mutex<Option<Arc<crate::fleet::ShipStatus>>>,
 }
 
 impl Scraper {
     /// Replaces the billing gauges every later scrape writes.
     pub fn set_billing(&self, gauges: BillingGauges) {
         *self.billing.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(gauges);
+    }
+
+    /// Makes every later scrape carry the shipper's gauges.
+    pub fn set_ship(&self, status: Arc<crate::fleet::ShipStatus>) {
+        *self.ship.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
     }
 
     pub fn scrape(&self, reader: &Reader, format: Format) -> String {
@@ -234,6 +241,9 @@ impl Scraper {
             .clone();
         let configured: std::collections::HashSet<u32> = c.cts.iter().map(|(id, _)| *id).collect();
         billing.emit(|ctid| configured.contains(&ctid), &mut tail);
+        if let Some(s) = self.ship.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            super::billing::emit_ship(s, &mut tail);
+        }
         emit_exporter(sources, t0.elapsed().as_secs_f64(), &mut tail);
         let out = assemble(format, c.batches.iter().chain(std::iter::once(&tail)));
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
