@@ -236,13 +236,15 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if self.pid().is_some() && self.pg_stop("fast").is_err() {
-            if let Some(pid) = self.pid() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGQUIT,
-                );
-            }
+        if self.pid().is_some()
+            && self.pg_stop("fast").is_err()
+            && let Some(pid) = self.pid()
+        {
+            // SIGQUIT: the postmaster's immediate shutdown.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
         }
     }
 }
