@@ -449,7 +449,10 @@ fn start_shipper(
                 if !ledger.exists() {
                     continue;
                 }
-                while !rt.block_on(shipper.round(&ledger, &status, unix_now())) {
+                while rt
+                    .block_on(shipper.round(&ledger, &status, unix_now()))
+                    .is_err()
+                {
                     let n = status
                         .failing_rounds
                         .load(std::sync::atomic::Ordering::Relaxed);

@@ -204,6 +204,10 @@ impl FromStr for ConnInfo {
             SslMode::Prefer => PgSslMode::Prefer,
             _ => PgSslMode::Require,
         });
+        if config.get_connect_timeout().is_none() {
+            // libpq waits for the kernel's TCP timeout (minutes); a shipper rather retries.
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
         if config.get_application_name().is_none() {
             config.application_name("berth-ship");
         }

@@ -458,8 +458,13 @@ pub fn backoff(failures: u64) -> Duration {
 
 impl Shipper {
     /// One round with its outcome recorded in `status` and the log: what berthd runs after each
-    /// tick and `berth billing ship --follow` every interval. Returns whether it caught up.
-    pub async fn round(&mut self, ledger_path: &Path, status: &ShipStatus, now: i64) -> bool {
+    /// tick and `berth billing ship` every interval. Ok: it caught up.
+    pub async fn round(
+        &mut self,
+        ledger_path: &Path,
+        status: &ShipStatus,
+        now: i64,
+    ) -> Result<ShipStats, FleetError> {
         match self.ship(ledger_path).await {
             Ok(s) => {
                 status.acked_seq.store(s.acked_seq, Ordering::Relaxed);
@@ -479,7 +484,7 @@ impl Shipper {
                         "ledger shipped"
                     );
                 }
-                true
+                Ok(s)
             }
             Err(e) => {
                 let n = status.failing_rounds.fetch_add(1, Ordering::Relaxed) + 1;
@@ -493,7 +498,7 @@ impl Shipper {
                     error = %ErrorChain(&e),
                     "shipping the ledger failed; nothing is lost, retrying"
                 );
-                false
+                Err(e)
             }
         }
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use berth::fleet::{ConnInfo, ShipOptions, ShipStatus, Shipper, backoff, default_node};
 use serde_json::json;
-use std::sync::atomic::Ordering;
 
 use crate::cli::ShipArgs;
 
@@ -54,38 +53,36 @@ pub fn ship(ledger: &Path, a: ShipArgs) -> Result<()> {
                     }
                 }
             }
-            let before = status.rows_written_total.load(Ordering::Relaxed);
-            let ok = shipper.round(ledger, &status, now()).await;
-            if ok {
-                attempts = 0;
-                println!(
-                    "{}",
-                    json!({
-                        "node": node,
-                        "acked_seq": status.acked_seq.load(Ordering::Relaxed),
-                        "ledger_seq": status.ledger_seq.load(Ordering::Relaxed),
-                        "lag_seq": status.lag(),
-                        "rows_written": status.rows_written_total.load(Ordering::Relaxed) - before,
-                    })
-                );
-                if !a.follow {
-                    return Ok(());
+            match shipper.round(ledger, &status, now()).await {
+                Ok(s) => {
+                    attempts = 0;
+                    println!(
+                        "{}",
+                        json!({
+                            "node": node,
+                            "acked_seq": s.acked_seq,
+                            "ledger_seq": s.ledger_seq,
+                            "lag_seq": status.lag(),
+                            "pages": s.pages,
+                            "rows_sent": s.rows_sent,
+                            "rows_written": s.rows_written,
+                        })
+                    );
+                    if !a.follow {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_secs(a.interval)).await;
                 }
-                tokio::time::sleep(Duration::from_secs(a.interval)).await;
-            } else {
-                attempts += 1;
-                if !a.follow && attempts >= a.attempts {
-                    // Ship once more for the error itself (round() logged it): the exit names it.
-                    let e = shipper.ship(ledger).await.err();
-                    return match e {
-                        Some(e) => Err(anyhow::Error::new(e).context(format!(
+                Err(e) => {
+                    attempts += 1;
+                    if !a.follow && attempts >= a.attempts {
+                        return Err(anyhow::Error::new(e).context(format!(
                             "shipping to {} failed {attempts} times; nothing was lost (the ledger keeps every row)",
                             shipper.target()
-                        ))),
-                        None => Ok(()),
-                    };
+                        )));
+                    }
+                    tokio::time::sleep(backoff(attempts)).await;
                 }
-                tokio::time::sleep(backoff(attempts)).await;
             }
         }
     })
