@@ -364,6 +364,9 @@ async fn copy_slots(
                                       packets, flags, seq)
          SELECT $1, ct_uuid::uuid, slot_start, direction, class, family, bytes, packets, flags, seq
          FROM berth_ship_slot
+         -- In key order: the page comes tick by tick across every CT, which would touch the
+         -- indexes' pages in a scattered order.
+         ORDER BY ct_uuid, slot_start, direction, class, family
          ON CONFLICT (node, ct_uuid, slot_start, direction, class, family) DO UPDATE
          SET bytes = excluded.bytes, packets = excluded.packets, flags = excluded.flags,
              seq = excluded.seq
