@@ -19,6 +19,7 @@ APT_PACKAGES=(
   util-linux bsdutils                                  # unshare, nsenter, losetup, script
   crun                                                 # benchmark control
   prometheus                                           # promtool, e2e scrape test
+  postgresql openssl libssl-dev                        # fleet: central DB tests, TLS (native-tls)
   hyperfine                                            # whole-process timings
   xz-utils zstd tar                                    # template import formats
   e2fsprogs quota xfsprogs                             # project quotas (--diskspace)
@@ -41,6 +42,21 @@ fi
 # Debian's prometheus package starts a server on :9090 by default; tests start their own.
 if systemctl is-active --quiet prometheus 2>/dev/null; then
   systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+
+# Debian's postgresql package creates a system cluster (main, :5432) and starts it; the fleet
+# tests and `bench ship` run private clusters of their own, so it is stopped and set to start
+# only by hand (start.conf `manual`), and never gets in the way of a port or a socket.
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  pg_lsclusters -h 2>/dev/null | while read -r ver name _port status _rest; do
+    conf="/etc/postgresql/$ver/$name/start.conf"
+    if [ -f "$conf" ] && grep -qx 'auto' "$conf"; then
+      echo manual >"$conf"
+    fi
+    case "$status" in
+      online*) log "stopping the system PostgreSQL cluster $ver/$name"; pg_ctlcluster "$ver" "$name" stop || true ;;
+    esac
+  done
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"

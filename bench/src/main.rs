@@ -9,6 +9,7 @@ mod isolation;
 mod metrics;
 mod net;
 mod shaper;
+mod ship;
 mod start;
 mod stats;
 
@@ -50,6 +51,8 @@ enum Bench {
     Metrics(metrics::MetricsArgs),
     /// Metrics probe: building and encoding the exposition of 1000 CTs in-process.
     MetricsEncode(metrics::EncodeArgs),
+    /// Fleet: 1000 CTs × one day of slots shipped into a private PostgreSQL, and a full replay.
+    Ship(ship::ShipArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Bench::ShaperClassDump(a) => shaper::class_dump(&a),
         Bench::Metrics(a) => metrics::run(&a),
         Bench::MetricsEncode(a) => metrics::encode(&a),
+        Bench::Ship(a) => ship::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

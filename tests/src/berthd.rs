@@ -244,7 +244,18 @@ impl Berthd {
 
     /// [`Self::start`] with another build's berthd (benchmarks compare two).
     pub fn start_bin(bin: &std::path::Path, args: &BerthdArgs, port: u16) -> Result<Self> {
+        Self::start_bin_with(bin, args, port, &[])
+    }
+
+    /// [`Self::start_bin`] with more command-line arguments (e.g. `--ship-url`).
+    pub fn start_bin_with(
+        bin: &std::path::Path,
+        args: &BerthdArgs,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin);
+        cmd.args(extra);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--root")
@@ -358,15 +369,23 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(targets: &[SocketAddr], interval: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-test-prometheus-")
-            .tempdir()?;
         let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         let config = format!(
             "global:\n  scrape_interval: {interval}\n  scrape_timeout: {interval}\n\
              scrape_configs:\n  - job_name: berthd\n    static_configs:\n      - targets: [{}]\n",
             targets.join(", ")
         );
+        Self::start_config(&config, &[])
+    }
+
+    /// A Prometheus with the configuration `config` (YAML) and more flags (`--enable-feature=agent`,
+    /// `--web.enable-remote-write-receiver`); an agent has no query API, so readiness is
+    /// all that is waited for.
+    pub fn start_config(config: &str, flags: &[&str]) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-prometheus-")
+            .tempdir()?;
+        let agent = flags.contains(&"--enable-feature=agent");
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config)?;
         let port = free_port()?;
@@ -374,11 +393,13 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
         let child = Command::new("/usr/bin/prometheus")
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
+            .arg(if agent {
+                format!("--storage.agent.path={}", dir.path().join("wal").display())
+            } else {
+                format!("--storage.tsdb.path={}", dir.path().join("data").display())
+            })
             .arg(format!("--web.listen-address={addr}"))
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -2,6 +2,7 @@
 pub mod billing;
 pub mod bpf;
 pub mod datapath;
+pub mod fleet;
 pub mod inventory;
 pub mod lifecycle_hooks;
 pub mod logging;

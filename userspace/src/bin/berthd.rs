@@ -85,6 +85,14 @@ struct Args {
     /// Seconds a quota webhook POST may take before it counts as failed (retried with backoff).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
     webhook_timeout: u64,
+    /// Ship the ledger after every tick into this central PostgreSQL (libpq connection string,
+    /// README "Fleet"); on its own thread, so a slow or unreachable database never delays a
+    /// tick; failed rounds are retried with backoff.
+    #[arg(long, env = "BERTHD_SHIP_URL")]
+    ship_url: Option<String>,
+    /// The node's name in the central tables. Default: the host name.
+    #[arg(long, env = "BERTHD_NODE")]
+    node: Option<String>,
     /// More logging on stderr (-v debug). BERTH_LOG takes tracing filter syntax.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -99,6 +107,8 @@ struct Server {
     /// The ledger the billing endpoints read (each request opens its own read-only connection:
     /// the feeder's writes never wait for a reader).
     ledger: PathBuf,
+    /// Wakes the shipper after a tick (a full channel: it is already due).
+    ship: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -234,14 +244,26 @@ async fn serve(args: Args) -> Result<()> {
         .ledger
         .clone()
         .unwrap_or_else(|| host.root.join("billing.db"));
+    let scraper = expose::Scraper::default();
+    let ship = match &args.ship_url {
+        Some(url) => Some(start_shipper(
+            url,
+            args.node.clone(),
+            ledger_path.clone(),
+            &scraper,
+            Duration::from_secs(args.tick),
+        )?),
+        None => None,
+    };
     let server = Arc::new(Server {
         collector: BerthCollector::new(Sources {
             host: host.clone(),
             pin_dir: args.bpffs.clone(),
         }),
-        scraper: expose::Scraper::default(),
+        scraper,
         scrape: Mutex::new(()),
         ledger: ledger_path.clone(),
+        ship,
     });
 
     // Before anything is announced: a SIGTERM right after the listen line must still get the
@@ -437,6 +459,9 @@ async fn tick_once(
         }
         drop(state);
         debug!(took = ?t0.elapsed() - took, "billing gauges read");
+        if let Some(tx) = &server.ship {
+            let _ = tx.try_send(());
+        }
         (r, took)
     })
     .await;
@@ -477,6 +502,69 @@ async fn tick_loop(
         )
         .await;
     }
+}
+
+/// The shipper's thread: a round after every tick (or every `every` when no tick wakes it),
+/// backing off while the database fails. It ends with berthd; a round cut short resumes from
+/// the acknowledged seq at the next start.
+fn start_shipper(
+    url: &str,
+    node: Option<String>,
+    ledger: PathBuf,
+    scraper: &expose::Scraper,
+    every: Duration,
+) -> Result<std::sync::mpsc::SyncSender<()>> {
+    use berth::fleet::{ConnInfo, ShipOptions, ShipStatus, Shipper, backoff, default_node};
+    let info: ConnInfo = url.parse().context("--ship-url")?;
+    let node = node.unwrap_or_else(default_node);
+    let mut shipper = Shipper::new(
+        info,
+        ShipOptions {
+            node: node.clone(),
+            page_rows: 100_000,
+        },
+    )
+    .context("--node")?;
+    info!(target_db = %shipper.target(), %node, "shipping the ledger after every tick");
+    let status = Arc::new(ShipStatus::default());
+    scraper.set_ship(status.clone());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("berthd-ship".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "shipper: starting its runtime failed; not shipping");
+                    return;
+                }
+            };
+            loop {
+                match rx.recv_timeout(every) {
+                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                if !ledger.exists() {
+                    continue;
+                }
+                while rt
+                    .block_on(shipper.round(&ledger, &status, unix_now()))
+                    .is_err()
+                {
+                    let n = status
+                        .failing_rounds
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(backoff(n));
+                    // Ticks meanwhile are in the ledger: the next round takes them all.
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+        })
+        .context("starting the shipper thread")?;
+    Ok(tx)
 }
 
 fn main() -> ExitCode {

@@ -9,6 +9,7 @@ use super::defs;
 use super::families::{Sink, Value};
 use crate::billing::store::{CurrentBill, CurrentPeriods};
 use crate::billing::{BillingError, Counter, CounterKey, Direction, Ledger, P95Mode, Report};
+use crate::fleet::ShipStatus;
 
 /// One CT's gauges.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +125,24 @@ impl BillingGauges {
             }
         }
     }
+}
+
+/// The shipper's gauges (berthd --ship-url).
+pub fn emit_ship(s: &ShipStatus, out: &mut impl Sink) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let int = |v: i64| Value::Int(u64::try_from(v).unwrap_or(0));
+    out.sample(&defs::SHIP_LAG, &[], int(s.lag()));
+    out.sample(&defs::SHIP_ACKED, &[], int(s.acked_seq.load(Relaxed)));
+    out.sample(
+        &defs::SHIP_LAST_SUCCESS,
+        &[],
+        int(s.last_success.load(Relaxed)),
+    );
+    out.sample(
+        &defs::SHIP_FAILURES,
+        &[],
+        Value::Int(s.failures_total.load(Relaxed)),
+    );
 }
 
 #[cfg(test)]

@@ -438,6 +438,35 @@ pub const QUOTA_WEBHOOK_FAILING: MetricDef = gauge(
     "Queued quota events whose last delivery attempt failed (retried with backoff).",
 );
 
+// ---- fleet shipping (berthd --ship-url): the ledger into the central PostgreSQL ------------
+
+pub const SHIP_LAG: MetricDef = gauge(
+    "berth_billing_ship_lag_seq",
+    &[],
+    false,
+    "Ledger ticks not yet acknowledged by the central database (berthd --ship-url), as of the \
+     last shipping round; grows while the database is unreachable.",
+);
+pub const SHIP_ACKED: MetricDef = gauge(
+    "berth_billing_ship_acked_seq",
+    &[],
+    false,
+    "The last ledger seq the central database acknowledged for this node.",
+);
+pub const SHIP_LAST_SUCCESS: MetricDef = gauge(
+    "berth_billing_ship_last_success_timestamp_seconds",
+    &[],
+    false,
+    "Unix time of the last shipping round that caught up with the ledger (0: none yet).",
+);
+pub const SHIP_FAILURES: MetricDef = counter(
+    "berth_billing_ship_failures_total",
+    &[],
+    false,
+    "Shipping rounds that failed (database unreachable, refused, TLS); each is retried with \
+     backoff and loses nothing.",
+);
+
 /// Every family, in the order they are documented.
 pub const ALL: &[MetricDef] = &[
     NET_RX_BYTES,
@@ -492,6 +521,10 @@ pub const ALL: &[MetricDef] = &[
     QUOTA_STATE,
     QUOTA_WEBHOOK_BACKLOG,
     QUOTA_WEBHOOK_FAILING,
+    SHIP_LAG,
+    SHIP_ACKED,
+    SHIP_LAST_SUCCESS,
+    SHIP_FAILURES,
     SOURCE_UP,
     COLLECT_SECONDS,
 ];

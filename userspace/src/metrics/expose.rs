@@ -200,6 +200,8 @@ pub struct Scraper {
     billing: Mutex<Arc<BillingGauges>>,
     /// The quota gauges of the last ledger tick ([`Scraper::set_quota`]).
     quota: Mutex<Arc<super::quota::QuotaGauges>>,
+    /// The fleet shipper's state, when berthd ships (`--ship-url`).
+    ship: Mutex<Option<Arc<crate::fleet::ShipStatus>>>,
 }
 
 impl Scraper {
@@ -224,6 +226,11 @@ impl Scraper {
             cts: q.cts.clone(),
             outbox: Some((backlog, failing)),
         });
+    }
+
+    /// Makes every later scrape carry the shipper's gauges.
+    pub fn set_ship(&self, status: Arc<crate::fleet::ShipStatus>) {
+        *self.ship.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
     }
 
     pub fn scrape(&self, reader: &Reader, format: Format) -> String {
@@ -256,6 +263,9 @@ impl Scraper {
         billing.emit(|ctid| configured.contains(&ctid), &mut tail);
         let quota = self.quota.lock().unwrap_or_else(|e| e.into_inner()).clone();
         quota.emit(|ctid| configured.contains(&ctid), &mut tail);
+        if let Some(s) = self.ship.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            super::billing::emit_ship(s, &mut tail);
+        }
         emit_exporter(sources, t0.elapsed().as_secs_f64(), &mut tail);
         let out = assemble(format, c.batches.iter().chain(std::iter::once(&tail)));
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());

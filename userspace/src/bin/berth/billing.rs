@@ -98,6 +98,7 @@ pub fn billing(ctx: &Ctx, a: BillingArgs) -> Result<()> {
             }
             Ok(())
         }
+        BillingCmd::Ship(s) => crate::ship::ship(&ledger_path, s),
         BillingCmd::Recompute {
             file,
             mode,

@@ -212,6 +212,9 @@ pub enum BillingCmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Ship the ledger into a central PostgreSQL (slots, period totals, CT metadata; README
+    /// "Fleet"): everything past the node's acknowledged seq, then exit (or keep following).
+    Ship(ShipArgs),
     /// Recompute totals and the 95th from a `slots --csv` export alone.
     Recompute {
         file: PathBuf,
@@ -455,6 +458,33 @@ fn parse_yes_no(s: &str) -> Result<bool, String> {
         "no" => Ok(false),
         _ => Err(format!("{s:?}: expected yes or no")),
     }
+}
+
+#[derive(Args, Debug)]
+pub struct ShipArgs {
+    /// libpq connection string: postgresql://user:pass@host:port/db?sslmode=verify-full&sslrootcert=FILE
+    /// or `host=/run/postgresql dbname=billing` (PGPASSWORD is read when it has no password).
+    #[arg(long, env = "BERTH_SHIP_URL")]
+    pub url: String,
+    /// The node's name in the central tables. Default: the host name.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Keep shipping every --interval seconds (a failed round is retried with backoff).
+    #[arg(long)]
+    pub follow: bool,
+    /// Seconds between two rounds with --follow.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub interval: u64,
+    /// Without --follow: attempts before giving up on an unreachable database.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub attempts: u64,
+    /// Ship everything the ledger holds again, from seq 0 (rows the database holds are left as
+    /// they are: a replay writes nothing new).
+    #[arg(long)]
+    pub replay: bool,
+    /// Slot rows per transaction (whole ticks are never split).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub page_rows: u32,
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod netstat;
 mod quota;
 mod set;
 mod shaper;
+mod ship;
 mod status;
 mod template;
 
