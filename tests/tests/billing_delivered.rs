@@ -7,65 +7,21 @@
 //! namespace, with a queue of its own, is still billed for it.
 //! Run: `cargo test -p berth-tests --test billing_delivered -- --test-threads=1`.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use berth::datapath::{ByteLayer, DatapathView, Direction};
-use berth_tests::berthd::berthd_bin;
+use berth_tests::billing::Berthd;
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Ns, Topology, UPLINK4, wait_for};
 use berth_tests::shaper::udp_flood;
 
 const CT: &str = "4270";
 const CT_ADDR: &str = "192.0.2.170";
-
-/// berthd, killed if the test fails before it stops it.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn start_berthd(h: &TestHost, ledger: &Path) -> Result<Daemon> {
-    let mut child = Command::new(berthd_bin())
-        .args(["--listen", "127.0.0.1:0", "--tick", "10", "--root"])
-        .arg(&h.root)
-        .arg("--cgroup-parent")
-        .arg(&h.cgroup_parent)
-        .arg("--bpffs")
-        .arg(&h.bpffs)
-        .arg("--ledger")
-        .arg(ledger)
-        .env_remove("BERTH_ROOT")
-        .env_remove("BERTH_RUN_DIR")
-        .env_remove("BERTH_BPFFS")
-        .env("BERTH_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning berthd")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("berthd stdout")?)
-        .read_line(&mut line)
-        .context("reading berthd's listen line")?;
-    if !line.starts_with("berthd listening on") {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("berthd did not start: {line:?}");
-    }
-    Ok(Daemon(child))
-}
 
 /// (bytes, packets) an interface of `ns` transmitted.
 fn tx_of(ns: &Ns, ifname: &str) -> Result<(u64, u64)> {
@@ -266,7 +222,7 @@ fn a_flooded_shaped_ct_is_billed_what_was_delivered() -> Result<()> {
     let h = TestHost::new().in_netns(topo.host.fd());
     let ledger = h.root.join("ledger/billing.db");
     let ledger_s = ledger.to_str().context("ledger path")?.to_owned();
-    let mut d = start_berthd(&h, &ledger)?;
+    let mut d = Berthd::start(&h, &ledger, "10")?;
     std::thread::sleep(Duration::from_secs(2));
 
     h.ok(&["create", CT, "--ipadd", CT_ADDR]);
@@ -370,10 +326,7 @@ fn a_flooded_shaped_ct_is_billed_what_was_delivered() -> Result<()> {
     h.ok(&["stop", "--fast", CT]);
     let (c_in, u_in, _) = billed_parts(&h.bpffs, Direction::In)?;
     let (c_out, u_out, _) = billed_parts(&h.bpffs, Direction::Out)?;
-    let pid = libc::pid_t::try_from(d.0.id())?;
-    // SAFETY: kill(2) on our own child's PID, not reaped yet.
-    ensure!(unsafe { libc::kill(pid, libc::SIGTERM) } == 0);
-    ensure!(d.0.wait()?.success(), "berthd failed on SIGTERM");
+    d.sigterm()?;
     let report = h.json(&["billing", "--ledger", &ledger_s, "report", CT]);
     let (l_in, l_out) = (
         report["in_bytes"].as_u64().context("in_bytes")?,

@@ -7,63 +7,18 @@
 //! Run: `cargo test -p berth-tests --test billing_settings -- --test-threads=1`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_tests::berthd::berthd_bin;
+use berth_tests::billing::Berthd;
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
 use serde_json::Value;
 
 /// The host's own address on the uplink: traffic to it is class 0 (no class entry matches).
 const HOST4: &str = "192.0.2.2";
-
-/// berthd with the ledger at `ledger`, ticking every 10 s (the shortest tick it accepts).
-fn start_berthd(h: &TestHost, ledger: &Path) -> Result<Child> {
-    let mut child = Command::new(berthd_bin())
-        .args(["--listen", "127.0.0.1:0", "--tick", "10", "--root"])
-        .arg(&h.root)
-        .arg("--cgroup-parent")
-        .arg(&h.cgroup_parent)
-        .arg("--bpffs")
-        .arg(&h.bpffs)
-        .arg("--ledger")
-        .arg(ledger)
-        .env_remove("BERTH_ROOT")
-        .env_remove("BERTH_RUN_DIR")
-        .env_remove("BERTH_BPFFS")
-        .env(
-            "BERTH_LOG",
-            std::env::var("BERTHD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning berthd")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("berthd stdout")?)
-        .read_line(&mut line)
-        .context("reading berthd's listen line")?;
-    if !line.starts_with("berthd listening on") {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("berthd did not start: {line:?}");
-    }
-    Ok(child)
-}
-
-fn sigterm_and_wait(child: &mut Child) -> Result<()> {
-    let pid = libc::pid_t::try_from(child.id())?;
-    // SAFETY: kill(2) on our own child's PID, which we have not reaped yet.
-    ensure!(unsafe { libc::kill(pid, libc::SIGTERM) } == 0, "SIGTERM");
-    let status = child.wait()?;
-    ensure!(status.success(), "berthd exited with {status} on SIGTERM");
-    Ok(())
-}
 
 /// GNU date in `tz` (the system's zoneinfo): `args` and the output, trimmed.
 fn date(tz: &str, args: &[&str]) -> Result<String> {
@@ -214,7 +169,7 @@ fn settings_shape_period_commit_and_classes() -> Result<()> {
         "CT 4270 cannot reach the uplink"
     );
 
-    let mut d = start_berthd(&h, &ledger)?;
+    let mut d = Berthd::start(&h, &ledger, "10")?;
     // The first tick runs at once: both CTs are registered with their settings.
     let report_args = ["billing", "--ledger", &ledger_s, "report", "4270", "--json"];
     ensure!(
@@ -248,7 +203,7 @@ fn settings_shape_period_commit_and_classes() -> Result<()> {
     h.ok(&["set", "4271", "--billing-day", "1", "--save"]);
     // Two ticks (10 s apart) see the changes; the final one runs at SIGTERM.
     std::thread::sleep(Duration::from_secs(12));
-    sigterm_and_wait(&mut d)?;
+    d.sigterm()?;
 
     let now = unix_now();
     let r = h.json(&["billing", "--ledger", &ledger_s, "report", "4270"]);
@@ -398,13 +353,13 @@ fn bad_settings_change_nothing() -> Result<()> {
         "--tz",
         "Europe/Berlin",
     ]);
-    let mut d = start_berthd(&h, &ledger)?;
+    let mut d = Berthd::start(&h, &ledger, "10")?;
     ensure!(
         wait_for(Duration::from_secs(5), || ledger.exists()),
         "no ledger"
     );
     std::thread::sleep(Duration::from_secs(1));
-    sigterm_and_wait(&mut d)?;
+    d.sigterm()?;
     let conf = h.root.join("conf/4280.toml");
     let conf_before = std::fs::read(&conf)?;
     let ledger_dir = ledger.parent().context("ledger dir")?;
