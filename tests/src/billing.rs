@@ -344,6 +344,15 @@ fn iperf_bidir_once(
     let mut cmd = Command::new("iperf3");
     cmd.args(["-c", server, "-p", &port.to_string(), "--bidir", "-b", rate])
         .args(["-t", &secs.to_string(), "-J"])
+        // A run the datapath cuts off (a quota cut) ends with an error instead of hanging.
+        .args([
+            "--connect-timeout",
+            "3000",
+            "--rcv-timeout",
+            "5000",
+            "--snd-timeout",
+            "5000",
+        ])
         .stdin(Stdio::null());
     // SAFETY: setns is async-signal-safe; the fd stays open in the child until exec.
     unsafe {

@@ -417,3 +417,21 @@ pub fn udp_flood(ns: BorrowedFd<'_>, dst: SocketAddr, len: usize, dur: Duration)
     .join()
     .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
 }
+
+/// The shaping bar: TCP goodput 94–100 % of the configured rate.
+pub fn within(goodput: f64, rate_bps: f64, what: &str) -> Result<()> {
+    let ratio = goodput / rate_bps;
+    eprintln!(
+        "{what}: {:.2} Mbit/s = {:.1} % of the rate",
+        goodput / 1e6,
+        ratio * 100.0
+    );
+    ensure!(
+        (0.94..=1.0).contains(&ratio),
+        "{what}: goodput {:.2} Mbit/s is {:.1} % of {:.0} Mbit/s (bar: 94–100 %)",
+        goodput / 1e6,
+        ratio * 100.0,
+        rate_bps / 1e6
+    );
+    Ok(())
+}

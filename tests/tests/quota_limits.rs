@@ -1,9 +1,10 @@
 //! Transfer quotas end to end: a routed CT's real traffic (iperf3 with the uplink) against a
 //! quota of a few MB with notify thresholds; berthd's ledger ticks move it normal → throttled
-//! → cut, a top-up back to warned, and a webhook receiver started here on 127.0.0.1 gets
-//! exactly one POST per event, across a SIGKILL and a SIGTERM restart of berthd in a state.
-//! (What each state enforces in the datapath is the enforcement's own test; here the state
-//! berthd stored, and that it reached the enforcement call, are read from `quota status`.)
+//! (iperf3 goodput at the throttle rate, within the shaper's bars) → cut (the uplink dropped
+//! with reason `quota`, class 0 still reachable) → normal at the next billing period (the test
+//! clock of debug builds moved past the period's end, see `berth::clock`), and a webhook
+//! receiver started here on 127.0.0.1 gets exactly one POST per event, across restarts of
+//! berthd (SIGKILL and SIGTERM) in every state it reaches.
 //! Run: `cargo test -p berth-tests --test quota_limits -- --test-threads=1`.
 
 use std::collections::BTreeMap;
@@ -16,14 +17,19 @@ use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use berth::datapath::{DatapathView, DropReason};
 use berth_tests::berthd::{http_get, parse_samples, value_of};
 use berth_tests::billing::{Berthd, IperfServer, ct_netns, iperf_bidir};
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
+use berth_tests::shaper::within;
 use serde_json::Value;
 
 const CT: &str = "4380";
 const CT_IP: &str = "192.0.2.180";
+/// The host's own address on the uplink link: not in the class table, so class 0.
+const HOST4: &str = "192.0.2.2";
+const THROTTLE_BPS: f64 = 8e6;
 
 /// A webhook receiver: every POST's `Idempotency-Key` and JSON body, answered 200.
 struct Receiver {
@@ -176,8 +182,41 @@ thread_local! {
     static PORT: u16 = berth_tests::shaper::port();
 }
 
+/// TCP goodput (bit/s) from the uplink into the CT, or from the CT (`reverse`), for `secs`.
+fn goodput(topo: &Topology, secs: u32, reverse: bool) -> Result<f64> {
+    let port = PORT.with(|p| *p).to_string();
+    let secs = secs.to_string();
+    let mut args = vec!["-c", CT_IP, "-p", &port, "-t", &secs, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = topo.uplink.run("iperf3", &args);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3: {}", String::from_utf8_lossy(&out.stderr)))?;
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .with_context(|| format!("iperf3 result: {v}"))
+}
+
+fn pings(h: &TestHost, to: &str) -> bool {
+    h.exec(CT, &["ping", "-c", "1", "-W", "1", to]).0 == 0
+}
+
+fn quota_drops(h: &TestHost) -> Result<u64> {
+    let v = DatapathView::open_pinned(&h.bpffs)?.context("no datapath")?;
+    Ok(v.drops()?
+        .iter()
+        .filter(|r| r.ctid == CT.parse::<u32>().unwrap_or(0) && r.reason == DropReason::Quota)
+        .map(|r| r.packets)
+        .sum())
+}
+
 #[test]
 fn quota_states_webhooks_once_across_restarts() -> Result<()> {
+    let clock = tempfile::NamedTempFile::new()?;
+    // SAFETY: first thing in this test binary's only test: no other thread reads the
+    // environment yet; every berth and berthd started below inherits it.
+    unsafe { std::env::set_var("BERTH_TEST_CLOCK_FILE", clock.path()) };
     let topo = Topology::new();
     let h = TestHost::new().in_netns(topo.host.fd());
     // berth's default ledger path, which `set`'s usage check and `quota` read too.
@@ -228,9 +267,9 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         "--quota-count",
         "both",
         "--quota-throttle",
-        "50mbit",
+        "8mbit",
         "--quota-hard",
-        "9MB",
+        "20MB",
         "--quota-hard-action",
         "cut",
         "--quota-notify",
@@ -253,7 +292,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     d.wait_tick_end(0, Duration::from_secs(15))?;
     let st = wait_state(&h, "normal", "normal")?;
     ensure!(
-        st["limit_bytes"] == 4_000_000 && st["hard_limit_bytes"] == 9_000_000,
+        st["limit_bytes"] == 4_000_000 && st["hard_limit_bytes"] == 20_000_000,
         "{st}"
     );
     ensure!(st["enforced"] == "normal", "{st}");
@@ -275,7 +314,7 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     );
     ensure!(st["enforced"] == "throttle", "{st}");
     let used = st["used_bytes"].as_u64().context("used")?;
-    ensure!((4_000_000..9_000_000).contains(&used), "{st}");
+    ensure!((4_000_000..20_000_000).contains(&used), "{st}");
     wait_calls(&hook, 3)?;
     ensure!(
         hook.events() == ["threshold_50", "threshold_100", "state_throttled"],
@@ -358,12 +397,41 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
         "backlog gauge"
     );
 
+    // Throttled means the throttle rate on the wire, both ways (~4 MB each: under the hard
+    // limit still).
+    within(
+        goodput(&topo, 4, false)?,
+        THROTTLE_BPS,
+        "throttled, into the CT",
+    )?;
+    within(
+        goodput(&topo, 4, true)?,
+        THROTTLE_BPS,
+        "throttled, from the CT",
+    )?;
+    ensure!(
+        quota_status(&h)["state"] == "throttled",
+        "{}",
+        quota_status(&h)
+    );
+
     // Over the hard limit while the webhook answers 503: the event stays queued, retried,
     // reported in status and metrics, and delivered once the receiver is back.
     hook.failing.store(true, Ordering::SeqCst);
-    traffic(&topo, 2)?;
+    let crossing = Instant::now();
+    while quota_status(&h)["state"] != "cut" && crossing.elapsed() < Duration::from_secs(40) {
+        // The cut may land during a run (which then fails): the state below is what counts.
+        if let Err(e) = traffic(&topo, 2) {
+            eprintln!("traffic while crossing the hard limit: {e:#}");
+        }
+    }
     let st = wait_state(&h, "cut", "cut")?;
     ensure!(st["enforced"] == "cut", "{st}");
+    // Cut: the uplink (class 1) is dropped with reason `quota`; the node (class 0) answers.
+    let before = quota_drops(&h)?;
+    ensure!(!pings(&h, UPLINK4), "the uplink is reachable while cut");
+    ensure!(quota_drops(&h)? > before, "no drop counted as quota");
+    ensure!(pings(&h, HOST4), "class 0 is cut too");
     ensure!(
         wait_for(Duration::from_secs(10), || hook
             .refused
@@ -393,19 +461,70 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
     ensure!(hook.events()[3] == "state_cut", "{:?}", hook.events());
     // SIGTERM (a final tick) in the cut state, and back.
     d.sigterm()?;
-    let d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
+    let mut d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
     d.wait_tick_end(1, Duration::from_secs(25))?;
     ensure!(quota_status(&h)["state"] == "cut", "{}", quota_status(&h));
 
-    // A top-up of 40 MB: the limits move, the CT (~12 MB) is back under its 50 % of 44 MB.
-    let t = h.json(&["quota", "topup", CT, "40MB"]);
-    ensure!(t["topup_bytes"] == 40_000_000, "{t}");
+    // The next billing period: the clock moved a minute past this period's end. The next tick
+    // books in the new period, which starts from 0 used: normal, the cut lifted.
+    let old = quota_status(&h);
+    let end = old["period_end"].as_i64().context("period_end")?;
+    let real = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    std::fs::write(clock.path(), (end - real + 60).to_string())?;
+    let moved = Instant::now();
     let st = wait_state(&h, "normal", "normal")?;
+    eprintln!("normal {:?} after the period rollover", moved.elapsed());
     ensure!(
-        st["limit_bytes"] == 44_000_000 && st["enforced"] == "normal",
-        "{st}"
+        st["period"] != old["period"]
+            && st["limit_bytes"] == 4_000_000
+            && st["used_bytes"].as_u64().is_some_and(|u| u < 1_000_000),
+        "not a fresh period: {st} (was {old}); is BERTH_BIN_DIR a debug build (the test clock)?"
+    );
+    ensure!(
+        wait_for(Duration::from_secs(6), || pings(&h, UPLINK4)),
+        "the uplink is still cut in the new period"
     );
     wait_calls(&hook, 5)?;
+    let (key, body) = &hook.calls()[4];
+    ensure!(
+        *key == format!(
+            "{uuid}:{}:state_normal",
+            st["period"].as_str().unwrap_or("?")
+        ) && body["period"] == st["period"],
+        "{key} {body}"
+    );
+    // SIGKILL in the new period's normal state: nothing is sent again.
+    d.kill()?;
+    let mut d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
+    d.wait_tick_end(1, Duration::from_secs(25))?;
+    ensure!(
+        quota_status(&h)["state"] == "normal",
+        "{}",
+        quota_status(&h)
+    );
+
+    // A top-up of 40 MB in the new period: the limit moves, the state stays normal.
+    let t = h.json(&["quota", "topup", CT, "40MB"]);
+    ensure!(
+        t["topup_bytes"] == 40_000_000 && t["period"] == st["period"],
+        "{t}"
+    );
+    ensure!(
+        wait_for(Duration::from_secs(25), || quota_status(&h)["limit_bytes"]
+            == 44_000_000),
+        "{}",
+        quota_status(&h)
+    );
+    d.sigterm()?;
+    let d = Berthd::start_in(&h, &ledger, "10", Some(topo.host.fd()))?;
+    d.wait_tick_end(1, Duration::from_secs(25))?;
+    ensure!(
+        quota_status(&h)["state"] == "normal",
+        "{}",
+        quota_status(&h)
+    );
     std::thread::sleep(Duration::from_secs(2));
     let events = hook.events();
     ensure!(

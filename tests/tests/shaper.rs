@@ -27,26 +27,9 @@ use berth_tests::{
     datapath::{PinDir, VERDICT_DROP, VERDICT_PASS},
     shaper::{
         Run, Server, Topo, assert_no_shaping, both, iperf, ping_rtts, port, quantile, rate,
-        tc_show, tcp,
+        tc_show, tcp, within,
     },
 };
-
-fn within(goodput: f64, rate_bps: f64, what: &str) -> Result<()> {
-    let ratio = goodput / rate_bps;
-    eprintln!(
-        "{what}: {:.2} Mbit/s = {:.1} % of the rate",
-        goodput / 1e6,
-        ratio * 100.0
-    );
-    ensure!(
-        (0.94..=1.0).contains(&ratio),
-        "{what}: goodput {:.2} Mbit/s is {:.1} % of {:.0} Mbit/s (bar: 94–100 %)",
-        goodput / 1e6,
-        ratio * 100.0,
-        rate_bps / 1e6
-    );
-    Ok(())
-}
 
 #[test]
 fn ten_mbit_each_direction_then_removal_restores_full_speed() -> Result<()> {

@@ -1,6 +1,7 @@
 //! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.
 pub mod billing;
 pub mod bpf;
+pub mod clock;
 pub mod datapath;
 pub mod fleet;
 pub mod inventory;

@@ -7,7 +7,6 @@ use std::fs;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use berth_common::shaper::{DROP_HORIZON, DROP_PPS};
 use berth_common::{DIR_IN, DIR_OUT};
@@ -212,10 +211,7 @@ impl NetHooks for DatapathHooks {
         let rec = RetiredRecord {
             uuid,
             ctid: ctid.get(),
-            retired_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            retired_at: u64::try_from(crate::clock::unix_now()).unwrap_or(0),
             byte_layer,
             totals,
             shaping_drops,

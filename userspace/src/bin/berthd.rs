@@ -18,6 +18,7 @@
 //! (berth::billing::api; a read-only connection per request); a bad query is a 400 whose JSON
 //! body names the parameter, an unknown CT a 404.
 
+use berth::clock::unix_now;
 use std::{
     convert::Infallible,
     io::Write,
@@ -119,12 +120,6 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(b)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

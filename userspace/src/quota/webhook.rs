@@ -2,6 +2,7 @@
 //! tokio TCP stream (plain `http://`; the config refuses `https://`, berthd links no TLS
 //! stack). The body is the event's JSON, the `Idempotency-Key` header its key
 //! `uuid:period:event`, so a receiver that saw a retry whose 2xx got lost can drop it.
+use crate::clock::unix_now;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -121,12 +122,6 @@ pub struct Pass {
     pub failed: usize,
     pub backlog: u64,
     pub failing: u64,
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 async fn with_store<T: Send + 'static>(

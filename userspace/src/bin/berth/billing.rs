@@ -1,6 +1,7 @@
 //! billing: reports, the slot record and the auditor's recompute, read from berthd's ledger
 //! (opened read-only: the CLI never writes it).
 
+use berth::clock::unix_now;
 use std::io::Write;
 use std::path::Path;
 
@@ -146,12 +147,6 @@ fn output_flags(ctx: &Ctx, csv: bool) -> Result<()> {
         bail!("--csv and --json exclude each other");
     }
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn open(path: &Path) -> Result<Ledger> {

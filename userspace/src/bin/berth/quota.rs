@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use berth::billing::{Ledger, Period};
+use berth::clock::unix_now;
 use berth::quota::status::{self, CtQuotaStatus};
 use berth::quota::store::QuotaStore;
 use berth::quota::used_bytes;
@@ -113,12 +114,6 @@ pub fn check_against_ledger(ctx: &Ctx, ctid: Ctid, change: &QuotaChange) -> Resu
         }
     }
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 pub fn quota(ctx: &Ctx, a: QuotaArgs) -> Result<()> {

@@ -1,5 +1,6 @@
 //! `berth billing ship`: the ledger into the central PostgreSQL (berth::fleet), once or
 //! following; one JSON line per round on stdout.
+use berth::clock::unix_now as now;
 use std::path::Path;
 use std::time::Duration;
 
@@ -8,12 +9,6 @@ use berth::fleet::{ConnInfo, ShipOptions, ShipStatus, Shipper, backoff, default_
 use serde_json::json;
 
 use crate::cli::ShipArgs;
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 pub fn ship(ledger: &Path, a: ShipArgs) -> Result<()> {
     let info: ConnInfo = a.url.parse().context("--url")?;
