@@ -1,8 +1,11 @@
 //! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.
 pub mod billing;
 pub mod bpf;
+pub mod ct;
 pub mod datapath;
+pub mod exit_codes;
 pub mod fleet;
+pub mod human;
 pub mod inventory;
 pub mod lifecycle_hooks;
 pub mod logging;
