@@ -245,6 +245,17 @@ fn one_json_object_for_list_and_status() {
     );
     assert_eq!(a["quota"], Value::Null);
 
+    // The human status, golden but for the values a run makes (UUID, id range, PID).
+    let base = a["userns"]["uid_base"].as_u64().unwrap();
+    assert_eq!(
+        h.ok(&["status", "4901"]),
+        format!(
+            "CT 4901 stopped\nuuid: {}\nunprivileged: CT ids 0..65536 are host ids {base}..{}\n",
+            a["uuid"].as_str().unwrap(),
+            base + 65536
+        )
+    );
+
     let c = h.status("4903");
     assert_eq!(c["ip"], json!([]), "no address: an empty array");
     assert_eq!(c["hostname"], Value::Null);
@@ -255,6 +266,12 @@ fn one_json_object_for_list_and_status() {
     assert!(b["init_pid"].as_i64().unwrap() > 1);
     assert_eq!(b["numproc"]["limit"], 64, "the live-only numproc: {b}");
     assert_eq!(b["cpu"]["limit_percent"], 50, "the live-only cpulimit: {b}");
+    let human = h.ok(&["status", "web-4902"]);
+    assert_eq!(
+        human.lines().next().unwrap(),
+        format!("CT 4902 running (init PID {})", b["init_pid"]),
+        "{human}"
+    );
     assert_eq!(
         h.list(&["web-4902", "-o", "ctid,numproc.l,cpulimit,status"]),
         [

@@ -7,11 +7,11 @@ use anyhow::{Result, bail};
 use berth::ct::{self, Field, Kind};
 use berth::exit_codes::SCHEMA_VERSION;
 use berth::inventory::{self, DEFAULT_FIELDS, DEFAULT_NAME_FIELDS, FIELDS, Selection, Which};
-use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement, Table};
 use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::cli::ListArgs;
+use crate::table::{Align, render};
 
 pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<()> {
     if a.list_fields {
@@ -108,36 +108,29 @@ fn compare(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// The table: one space between columns as vzlist has, no borders; text left-aligned,
-/// numbers right-aligned (the header too, so it lines up with its column).
-pub fn table(fields: &[&Field], rows: &[Value], header: bool) -> String {
-    let mut t = Table::new();
-    t.load_style(comfy_table::presets::NOTHING)
-        .set_content_arrangement(ContentArrangement::Disabled);
-    if header {
-        t.set_header(fields.iter().map(|f| f.header));
-    }
-    for r in rows {
-        t.add_row(fields.iter().map(|f| cell_text(f.value(r), f.kind)));
-    }
-    for (i, f) in fields.iter().enumerate() {
-        if let Some(c) = t.column_mut(i) {
-            c.set_padding((0, 1));
-            c.set_cell_alignment(if f.kind == Kind::Text {
-                CellAlignment::Left
+/// The table of `rows` with `fields` as columns.
+fn table(fields: &[&Field], rows: &[Value], header: bool) -> String {
+    let headers: Vec<(&str, Align)> = fields
+        .iter()
+        .map(|f| {
+            let align = if f.kind == Kind::Text {
+                Align::Left
             } else {
-                CellAlignment::Right
-            });
-            c.set_constraint(ColumnConstraint::ContentWidth);
-        }
-    }
-    let mut out = String::new();
-    for line in t.lines() {
-        // The last column's padding (and a left-aligned last cell's fill) are not output.
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+                Align::Right
+            };
+            (f.header, align)
+        })
+        .collect();
+    let cells = rows
+        .iter()
+        .map(|r| {
+            fields
+                .iter()
+                .map(|f| cell_text(f.value(r), f.kind))
+                .collect()
+        })
+        .collect();
+    render(&headers, cells, header)
 }
 
 /// A value as a table cell: `-` for none or empty, sizes human-readable.

@@ -13,6 +13,7 @@ mod set;
 mod shaper;
 mod ship;
 mod status;
+mod table;
 mod template;
 
 use std::path::PathBuf;
