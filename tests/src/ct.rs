@@ -172,8 +172,36 @@ impl TestHost {
         )
     }
 
+    /// `status --json`'s CT object.
     pub fn status(&self, ct: &str) -> serde_json::Value {
-        self.json(&["status", ct])
+        let v = self.json(&["status", ct]);
+        assert_eq!(v["schema_version"], 1, "{v}");
+        v["ct"].clone()
+    }
+
+    /// The CT objects of `list --json` with `args`.
+    pub fn list(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut a = vec!["list"];
+        a.extend_from_slice(args);
+        let v = self.json(&a);
+        assert_eq!(v["schema_version"], 1, "{v}");
+        v["cts"]
+            .as_array()
+            .unwrap_or_else(|| panic!("berth {a:?}: no cts array: {v}"))
+            .clone()
+    }
+
+    /// CT `ct`'s value of one `list` field (`list <ct> -o <field> --json`): the one leaf of the
+    /// object, whatever its nesting.
+    pub fn list_field(&self, ct: &str, field: &str) -> serde_json::Value {
+        let rows = self.list(&[ct, "-o", field]);
+        assert_eq!(rows.len(), 1, "list {ct}: {rows:?}");
+        let mut v = &rows[0];
+        while let Some(o) = v.as_object() {
+            assert_eq!(o.len(), 1, "list {ct} -o {field}: {}", rows[0]);
+            v = o.values().next().unwrap();
+        }
+        v.clone()
     }
 
     /// Every cgroup directory this installation owns, in any hierarchy.

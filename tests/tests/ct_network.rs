@@ -108,15 +108,12 @@ fn routed_cts_via_cli() {
         (tx - s0.0, rx - s0.1),
         "netstat {ns} vs interface tx/rx (deltas)"
     );
-    let listed = h.json(&["list", "-o", "ctid,traffic.in,traffic.out"]);
-    let row = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["ctid"] == 201)
-        .unwrap()
-        .clone();
-    assert!(row["traffic.in"].as_u64().unwrap() >= inb, "{listed}");
+    let listed = h.list(&["-o", "ctid,traffic.in,traffic.out"]);
+    let row = listed.iter().find(|r| r["ctid"] == 201).unwrap().clone();
+    assert!(
+        row["traffic"]["in_bytes"].as_u64().unwrap() >= inb,
+        "{listed:?}"
+    );
     // --reset only moves the live view
     h.ok(&["netstat", "--reset"]);
     let (zi, zo) = sum_netstat(&h.json(&["netstat", "201"]));
@@ -248,7 +245,7 @@ fn kill9_during_network_setup_then_gc() {
         );
         let _ = child.wait();
         h.ok(&["gc"]);
-        if h.status("211")["state"] == "running" {
+        if h.status("211")["status"] == "running" {
             h.ok(&["stop", "--fast", "211"]);
         }
         h.assert_clean();
@@ -305,15 +302,7 @@ fn bridged_ct_and_spoofing_from_inside() {
         );
     }
 
-    let drops = |ct: &str| -> u64 {
-        let v = h.json(&["list", "-o", "ctid,drops"]);
-        v.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["ctid"].as_u64().map(|c| c.to_string()).as_deref() == Some(ct))
-            .map(|r| r["drops"].as_u64().unwrap())
-            .unwrap()
-    };
+    let drops = |ct: &str| -> u64 { h.list_field(ct, "drops").as_u64().unwrap() };
     // bridged: a new MAC inside the CT is refused by the datapath
     let d0 = drops("221");
     assert_eq!(

@@ -298,7 +298,7 @@ fn cgroup_delegation_gives_the_ct_root_nothing_beyond_its_subtree() {
         assert_eq!(std::fs::read_to_string(mem).unwrap().trim(), "268435456");
     }
     let st = h.status("4704");
-    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["status"], "running", "{st}");
     graceful_stop(&h, "4704");
     h.assert_clean();
     h.ok(&["destroy", "4704"]);

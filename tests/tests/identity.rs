@@ -19,13 +19,7 @@ fn conf(h: &TestHost, ctid: &str) -> String {
 }
 
 fn listed(h: &TestHost, ctid: u64, field: &str) -> Value {
-    let v = h.json(&["list", "-a", "-o", &format!("ctid,{field}")]);
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["ctid"] == ctid)
-        .unwrap_or_else(|| panic!("CT {ctid} not listed: {v}"))[field]
-        .clone()
+    h.list_field(&ctid.to_string(), field)
 }
 
 #[test]

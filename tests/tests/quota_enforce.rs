@@ -157,15 +157,15 @@ fn cut_throttle_suspend_and_stop_act_and_lift() -> Result<()> {
 
     // Suspend freezes, lifting thaws.
     enforce(&h, ns, Enforcement::Suspend)?;
-    ensure!(h.status(CT)["state"] == "suspended", "{}", h.status(CT));
+    ensure!(h.status(CT)["status"] == "suspended", "{}", h.status(CT));
     enforce(&h, ns, Enforcement::Suspend)?;
     enforce(&h, ns, Enforcement::Normal)?;
-    ensure!(h.status(CT)["state"] == "running", "{}", h.status(CT));
+    ensure!(h.status(CT)["status"] == "running", "{}", h.status(CT));
     ensure!(pings(&h, FAR), "not back after the thaw");
 
     // Stop stops.
     enforce(&h, ns, Enforcement::Stop)?;
-    ensure!(h.status(CT)["state"] == "stopped", "{}", h.status(CT));
+    ensure!(h.status(CT)["status"] == "stopped", "{}", h.status(CT));
     enforce(&h, ns, Enforcement::Normal)?;
     h.ok(&["destroy", CT]);
     Ok(())

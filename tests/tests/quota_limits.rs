@@ -343,13 +343,13 @@ fn quota_states_webhooks_once_across_restarts() -> Result<()> {
                 .is_some_and(|u| u >= used),
         "{status}"
     );
-    let rows = h.json(&["list", "-o", "ctid,quota.used,quota.limit,quota.state"]);
-    let row = &rows[0];
+    let rows = h.list(&["-o", "ctid,quota.used,quota.limit,quota.state"]);
+    let row = &rows[0]["quota"];
     ensure!(
-        row["quota.state"] == "throttled"
-            && row["quota.used"].as_u64().is_some_and(|u| u >= used)
-            && row["quota.limit"] == 4_000_000,
-        "{rows}"
+        row["state"] == "throttled"
+            && row["used_bytes"].as_u64().is_some_and(|u| u >= used)
+            && row["limit_bytes"] == 4_000_000,
+        "{rows:?}"
     );
 
     // A quota below what the CT used this period (the ledger's count) is refused.

@@ -51,7 +51,7 @@ fn console_log(h: &TestHost, ctid: &str) -> String {
 /// A failed start: nothing running, mounted or left in a cgroup, no run state.
 fn assert_stopped_and_clean(h: &TestHost, ctid: &str) {
     let st = h.status(ctid);
-    assert_eq!(st["state"], "stopped", "{st}");
+    assert_eq!(st["status"], "stopped", "{st}");
     assert!(st["init_pid"].is_null(), "{st}");
     assert!(
         !h.root.join(format!("run/{ctid}.state.json")).exists(),
@@ -110,7 +110,7 @@ fn init_that_exits_fails_start_and_rolls_back() {
     // fixed: it starts, and its address works
     use_init(&h, "5101", "/sbin/init");
     h.ok(&["start", "5101"]);
-    assert_eq!(h.status("5101")["state"], "running");
+    assert_eq!(h.status("5101")["status"], "running");
     let (_, ip, _) = h.exec("5101", &["ip", "addr", "show", "venet0"]);
     assert!(ip.contains("192.0.2.51/32"), "{ip}");
     h.ok(&["stop", "--fast", "5101"]);
@@ -197,7 +197,7 @@ fn healthy_ct_starts_fast() {
             let (o, took) = timed_start(&h, ctid);
             assert!(o.status.success(), "{o:?}");
             best = best.min(took);
-            assert_eq!(h.status(ctid)["state"], "running");
+            assert_eq!(h.status(ctid)["status"], "running");
             h.ok(&["stop", "--fast", ctid]);
         }
         assert!(
@@ -224,9 +224,9 @@ fn init_that_dies_after_start_shows_in_status() {
     let (o, took) = timed_start(&h, "5107");
     assert!(o.status.success(), "{o:?}");
     assert!(took < Duration::from_millis(500), "start took {took:?}");
-    assert_eq!(h.status("5107")["state"], "running");
+    assert_eq!(h.status("5107")["status"], "running");
     let gone = berth_tests::net::wait_for(Duration::from_secs(5), || {
-        h.status("5107")["state"] == "stopped"
+        h.status("5107")["status"] == "stopped"
     });
     assert!(gone, "{}", h.status("5107"));
     // the monitor records the exit right after reaping
@@ -250,7 +250,7 @@ fn init_that_dies_after_start_shows_in_status() {
     // the monitor would write a record right after reaping init: give it the time to
     std::thread::sleep(Duration::from_millis(300));
     let st = h.status("5107");
-    assert_eq!(st["state"], "stopped");
+    assert_eq!(st["status"], "stopped");
     assert!(st["last_exit"].is_null(), "{st}");
     assert!(!Path::new(&h.root.join("run/5107.exit.json")).exists());
     h.assert_clean();

@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use berth_runtime::Ctid;
-use berth_runtime::cgroups::Stats;
-use berth_runtime::config::{ConfigError, CtConfig, Host};
-use berth_runtime::container::{self, CtError, State, Status};
-use serde_json::{Value, json};
+use berth_runtime::config::{ConfigError, Host};
+use berth_runtime::container::{CtError, State};
+
+use crate::ct::{CtView, Need, Reader};
+pub use crate::ct::{DEFAULT_FIELDS, DEFAULT_NAME_FIELDS, FIELDS, Field, parse_fields};
 
 use crate::datapath::{DatapathError, DatapathView, Direction, Family};
 use crate::netstat::{Baseline, CtShapingSummary, Filter, NetstatRow, aggregate};
@@ -22,6 +23,8 @@ use berth_runtime::error_chain::ErrorChain;
 pub enum InventoryError {
     #[error("unknown field {0:?} (see `berth list -L`)")]
     UnknownField(String),
+    #[error("invalid pattern {pattern:?}: {why}")]
+    BadPattern { pattern: String, why: &'static str },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -55,79 +58,8 @@ impl From<ShaperError> for InventoryError {
 
 pub type Result<T, E = InventoryError> = std::result::Result<T, E>;
 
-/// `list`'s fields and what each holds.
-pub const FIELDS: &[(&str, &str)] = &[
-    ("ctid", "container ID"),
-    (
-        "uuid",
-        "the CT's identity, never reused (null: made by an older berth, not started since)",
-    ),
-    ("name", "name set with --name"),
-    ("hostname", "host name"),
-    ("status", "running, suspended, mounted or stopped"),
-    ("template", "template the CT was created from"),
-    (
-        "privileged",
-        "yes: no user namespace, the CT's root is the host's root",
-    ),
-    (
-        "uid_base",
-        "host uid of the CT's root (its id range's start)",
-    ),
-    ("init_pid", "host PID of the CT's init"),
-    ("numproc", "processes and threads in the CT"),
-    ("numproc.l", "process limit (--numproc)"),
-    ("memory.usage", "memory in use, bytes"),
-    ("memory.limit", "memory limit, bytes"),
-    ("memory.failcnt", "times the memory limit was hit"),
-    ("oom_kills", "processes killed by the OOM killer"),
-    ("cpu.usage", "CPU time used, seconds"),
-    ("cpu.throttled", "periods the CPU limit throttled the CT"),
-    ("cpulimit", "CPU limit, percent of one CPU"),
-    ("cpuunits", "CPU weight"),
-    ("diskspace", "disk quota"),
-    ("ip", "routed and static addresses"),
-    (
-        "traffic.in",
-        "bytes delivered to the CT, all classes (eBPF counters: never reset while the CT exists, from 0 for a new CT)",
-    ),
-    ("traffic.out", "bytes sent by the CT, all classes"),
-    ("packets.in", "packets delivered to the CT"),
-    ("packets.out", "packets sent by the CT"),
-    ("drops", "packets dropped by anti-spoofing, all reasons"),
-    (
-        "quota.limit",
-        "transfer quota of the period, bytes, top-ups included (as of berthd's last tick; else the configured one)",
-    ),
-    ("quota.hard", "hard transfer limit of the period, bytes"),
-    (
-        "quota.used",
-        "bytes counted against the quota this period (as of berthd's last tick)",
-    ),
-    (
-        "quota.state",
-        "normal, warned, throttled, cut, suspended or stopped (berthd's last tick)",
-    ),
-];
-
-/// The fields of a listing that names none.
-pub const DEFAULT_FIELDS: &str = "ctid,numproc,status,ip,hostname";
-
-/// The fields of a comma-separated list, each checked against [`FIELDS`].
-pub fn parse_fields(spec: &str) -> Result<Vec<&str>> {
-    let fields: Vec<&str> = spec
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    if let Some(f) = fields.iter().find(|f| !FIELDS.iter().any(|(n, _)| n == *f)) {
-        return Err(InventoryError::UnknownField(f.to_string()));
-    }
-    Ok(fields)
-}
-
 /// One CT's traffic totals over all classes and families.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Traffic {
     pub in_bytes: u64,
     pub out_bytes: u64,
@@ -164,115 +96,140 @@ pub fn traffic_by_ct(pin_dir: &Path) -> Result<HashMap<u32, Traffic>> {
     Ok(m)
 }
 
-fn needs_traffic(field: &str) -> bool {
-    field.starts_with("traffic.") || field.starts_with("packets.") || field == "drops"
+/// Which CTs a listing shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Which {
+    /// Running and suspended CTs (vzlist's default).
+    #[default]
+    Running,
+    /// Every CT (`-a`).
+    All,
+    /// Stopped and mounted CTs (`-S`).
+    Stopped,
 }
 
-/// The value of field `f` for one CT (null where the CT has none, e.g. stats of a stopped CT).
-pub fn field(
-    f: &str,
-    st: &Status,
-    cfg: &CtConfig,
-    stats: Option<&Stats>,
-    traffic: Option<Traffic>,
-) -> Result<Value> {
-    let r = &cfg.resources;
-    let t = traffic.unwrap_or_default();
-    Ok(match f {
-        "traffic.in" => json!(t.in_bytes),
-        "traffic.out" => json!(t.out_bytes),
-        "packets.in" => json!(t.in_packets),
-        "packets.out" => json!(t.out_packets),
-        "drops" => json!(t.drops),
-        "ctid" => json!(st.ctid),
-        "uuid" => json!(st.uuid),
-        "name" => json!(st.name),
-        "hostname" => json!(st.hostname),
-        "status" => json!(st.state),
-        "template" => json!(st.template),
-        "privileged" => json!(st.privileged),
-        "uid_base" => json!(st.userns.map(|u| u.uid_base)),
-        "init_pid" => json!(st.init_pid),
-        "numproc" => json!(stats.map(|s| s.numproc)),
-        "numproc.l" => json!(r.numproc),
-        "memory.usage" => json!(stats.map(|s| s.memory_usage)),
-        "memory.limit" => json!(stats.and_then(|s| s.memory_limit)),
-        "memory.failcnt" => json!(stats.map(|s| s.memory_failcnt)),
-        "oom_kills" => json!(stats.map(|s| s.oom_kills)),
-        "cpu.usage" => json!(stats.map(|s| s.cpu_usage_ns as f64 / 1e9)),
-        "cpu.throttled" => json!(stats.map(|s| s.nr_throttled)),
-        "cpulimit" => json!(r.cpulimit),
-        "cpuunits" => json!(r.cpuunits),
-        "diskspace" => json!(r.diskspace.map(|d| d.to_string())),
-        "ip" => json!(
-            cfg.net
-                .all_addrs()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-        other => return Err(InventoryError::UnknownField(other.to_string())),
-    })
+/// A listing's selection: explicit CTs (shown whatever their state, as vzlist does), else
+/// [`Which`]; then shell patterns (`*`, `?`) on the host name, the name and interface names.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub cts: Vec<String>,
+    pub which: Which,
+    pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub netif: Option<String>,
 }
 
-/// A `quota.*` field: berthd's last evaluation, else (limits) the config's values.
-fn quota_field(f: &str, cfg: &CtConfig, q: Option<&crate::quota::status::CtQuotaStatus>) -> Value {
-    let st = q.and_then(|q| q.state.as_ref());
-    match f {
-        "limit" => json!(st.map(|s| s.soft).or(cfg.quota.transfer.map(|b| b.0))),
-        "hard" => json!(st.and_then(|s| s.hard).or(cfg.quota.hard.map(|b| b.0))),
-        "used" => json!(st.map(|s| s.used)),
-        _ => json!(st.map(|s| s.state.as_str())),
+/// The views of the selected CTs, in CTID order. Unless named explicitly, a CT whose status
+/// cannot be read is skipped with a warning.
+pub fn list(host: &Host, pin_dir: &Path, sel: &Selection, need: Need) -> Result<Vec<CtView>> {
+    for p in [&sel.hostname, &sel.name, &sel.netif].into_iter().flatten() {
+        check_pattern(p)?;
     }
-}
-
-/// One row of `fields` values per CT, in CTID order: running and suspended CTs, or all with
-/// `all`. A CT whose status cannot be read is skipped with a warning.
-pub fn rows(host: &Host, all: bool, fields: &[&str], pin_dir: &Path) -> Result<Vec<Vec<Value>>> {
-    let traffic = if fields.iter().any(|f| needs_traffic(f)) {
-        Some(traffic_by_ct(pin_dir)?)
+    let reader = Reader::new(host, pin_dir, need)?;
+    let explicit = !sel.cts.is_empty();
+    let ctids: Vec<Ctid> = if explicit {
+        let mut v = sel
+            .cts
+            .iter()
+            .map(|c| host.resolve(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        v.sort();
+        v.dedup();
+        v
     } else {
-        None
+        host.list_ctids()?
     };
-    let quota = if fields.iter().any(|f| f.starts_with("quota.")) {
-        crate::quota::status::open(&crate::quota::status::default_ledger(host))
-            .map_err(|e| InventoryError::Quota(Box::new(e)))?
-    } else {
-        None
-    };
-    let mut rows = Vec::new();
-    for ctid in host.list_ctids()? {
-        let st = match container::status(host, ctid) {
-            Ok(s) => s,
-            Err(e) => {
+    let mut out = Vec::new();
+    for ctid in ctids {
+        let view = match reader.view(ctid) {
+            Ok(v) => v,
+            Err(e) if !explicit => {
                 tracing::warn!(%ctid, error = %ErrorChain(&e), "skipping CT");
                 continue;
             }
+            Err(e) => return Err(e),
         };
-        if !all && !matches!(st.state, State::Running | State::Suspended) {
-            continue;
+        let running = matches!(view.status, State::Running | State::Suspended);
+        let shown = explicit
+            || match sel.which {
+                Which::Running => running,
+                Which::All => true,
+                Which::Stopped => !running,
+            };
+        let ifnames: Vec<&str> = view
+            .net
+            .ifaces
+            .iter()
+            .flat_map(|i| [i.ct_ifname.as_str(), i.host_ifname.as_str()])
+            .collect();
+        let matches = |pat: &Option<String>, vals: &[&str]| {
+            pat.as_deref()
+                .is_none_or(|p| vals.iter().any(|v| glob(p, v)))
+        };
+        if shown
+            && matches(
+                &sel.hostname,
+                view.hostname
+                    .as_slice()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+            )
+            && matches(
+                &sel.name,
+                view.name
+                    .as_slice()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+            )
+            && matches(&sel.netif, &ifnames)
+        {
+            out.push(view);
         }
-        let cfg = CtConfig::load(host, ctid)?;
-        let stats = container::stats(host, ctid).ok().flatten();
-        let t = traffic.as_ref().and_then(|t| t.get(&ctid.get()).copied());
-        let q = match &quota {
-            Some(store) if fields.iter().any(|f| f.starts_with("quota.")) => Some(
-                crate::quota::status::of_ct(Some(store), &cfg)
-                    .map_err(|e| InventoryError::Quota(Box::new(e)))?,
-            ),
-            _ => None,
-        };
-        rows.push(
-            fields
-                .iter()
-                .map(|f| match f.strip_prefix("quota.") {
-                    Some(qf) => Ok(quota_field(qf, &cfg, q.as_ref())),
-                    None => field(f, &st, &cfg, stats.as_ref(), t),
-                })
-                .collect::<Result<_>>()?,
-        );
     }
-    Ok(rows)
+    Ok(out)
+}
+
+/// CT `ctid`'s view with everything read (`status`).
+pub fn view(host: &Host, pin_dir: &Path, ctid: Ctid) -> Result<CtView> {
+    Reader::new(host, pin_dir, Need::ALL)?.view(ctid)
+}
+
+fn check_pattern(p: &str) -> Result<()> {
+    if p.is_empty() || p.len() > 256 || p.chars().any(char::is_control) {
+        return Err(InventoryError::BadPattern {
+            pattern: p.to_string(),
+            why: "use 1-256 printable characters, `*` and `?` as wildcards",
+        });
+    }
+    Ok(())
+}
+
+/// Shell-style match of `text` against `pat`: `*` any run, `?` any one character.
+pub fn glob(pat: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pat.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    // The last `*` seen and the text position it was tried at: backtrack there on a mismatch.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 /// CT `ctid`'s live shaping, read without loading anything; `None` when it is not shaped.
@@ -301,41 +258,6 @@ pub fn shaping_summaries(
         }
     }
     Ok(out)
-}
-
-/// A CT's status with its live shaping.
-#[derive(Debug)]
-pub struct CtStatus {
-    pub status: Status,
-    /// Only a running (or suspended) CT has live shaping.
-    pub shaping: Option<ShapingReport>,
-    /// Why the live shaping could not be read, if so.
-    pub shaping_error: Option<String>,
-}
-
-/// CT `ctid`'s status. Reading its live shaping needs the bpffs pins (root), and a failure
-/// there must not hide the rest of the status: it lands in `shaping_error`.
-pub fn status(host: &Host, pin_dir: &Path, ctid: Ctid) -> Result<CtStatus> {
-    let status = container::status(host, ctid)?;
-    let mut shaping_error = None;
-    let shaping = if matches!(status.state, State::Running | State::Suspended) {
-        match ct_shaping(pin_dir, ctid) {
-            Ok(s) => s,
-            Err(e) => {
-                let msg = format!("reading CT {ctid}'s shaping: {}", ErrorChain(&e));
-                tracing::warn!("{msg}");
-                shaping_error = Some(msg);
-                None
-            }
-        }
-    } else {
-        None
-    };
-    Ok(CtStatus {
-        status,
-        shaping,
-        shaping_error,
-    })
 }
 
 /// The netstat view: per-(CT, class) traffic since the last reset, with each shaped CT's
@@ -388,38 +310,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fields_are_trimmed_and_checked() {
-        assert_eq!(
-            parse_fields(" ctid, ,traffic.in,ip ").unwrap(),
-            ["ctid", "traffic.in", "ip"]
-        );
-        assert_eq!(
-            parse_fields(DEFAULT_FIELDS).unwrap(),
-            ["ctid", "numproc", "status", "ip", "hostname"]
-        );
-        let e = parse_fields("ctid,bogus").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "unknown field \"bogus\" (see `berth list -L`)"
-        );
+    fn globs_match_like_the_shell() {
+        assert!(glob("web*", "web01.example.com"));
+        assert!(glob("*.example.com", "web01.example.com"));
+        assert!(glob("web??", "web01"));
+        assert!(!glob("web??", "web1"));
+        assert!(glob("a*b*c", "aXXbYbZc"));
+        assert!(!glob("a*b*c", "aXXbYbZ"));
+        assert!(glob("*", ""));
+        assert!(!glob("x", ""));
+        assert!(glob("exact", "exact"));
     }
 
     #[test]
-    fn only_traffic_fields_read_the_counters() {
-        let traffic: Vec<_> = FIELDS
-            .iter()
-            .map(|(f, _)| *f)
-            .filter(|f| needs_traffic(f))
-            .collect();
-        assert_eq!(
-            traffic,
-            [
-                "traffic.in",
-                "traffic.out",
-                "packets.in",
-                "packets.out",
-                "drops"
-            ]
-        );
+    fn bad_patterns_are_refused() {
+        assert!(check_pattern("").is_err());
+        assert!(check_pattern("web-*.example.com").is_ok());
+        assert!(check_pattern("a\nb").is_err());
+        assert!(check_pattern("a\u{7}").is_err());
+        assert!(check_pattern(&"x".repeat(257)).is_err());
     }
 }

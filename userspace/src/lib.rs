@@ -2,8 +2,11 @@
 pub mod billing;
 pub mod bpf;
 pub mod clock;
+pub mod ct;
 pub mod datapath;
+pub mod exit_codes;
 pub mod fleet;
+pub mod human;
 pub mod inventory;
 pub mod lifecycle_hooks;
 pub mod logging;

@@ -286,7 +286,7 @@ fn demo(root: &Path) -> Result<()> {
         "list",
         "-a",
         "-o",
-        "ctid,name,hostname,status,ip,numproc,memory.usage,traffic.in,traffic.out",
+        "ctid,name,hostname,status,ip,numproc,memory,traffic.in,traffic.out",
     ])?;
     berth(&["netstat"])?;
     println!(

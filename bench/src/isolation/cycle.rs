@@ -346,7 +346,7 @@ fn describe(inst: &Install, crun: &Crun) -> Result<()> {
     quiet(&mut inst.cmd(&["start", ctid]))?;
     let st: serde_json::Value =
         serde_json::from_str(&output(&mut inst.cmd(&["status", "--json", ctid]))?)?;
-    let pid = st["init_pid"]
+    let pid = st["ct"]["init_pid"]
         .as_i64()
         .context("berth status: no init_pid")?;
     let berth = seen(pid, &inst.cg_parent);

@@ -13,9 +13,16 @@ pub struct Stats {
     pub numproc_limit: Option<u64>,
     /// Forks refused because of `pids.max` (`pids.events` max).
     pub numproc_failcnt: u64,
+    /// Most tasks at once since the cgroup was made: `pids.peak` (kernels that have it).
+    pub numproc_peak: Option<u64>,
     /// Bytes charged: v1 `memory.usage_in_bytes`, v2 `memory.current`.
     pub memory_usage: u64,
     pub memory_limit: Option<u64>,
+    /// Most bytes charged at once: v1 `memory.max_usage_in_bytes`, v2 `memory.peak`.
+    pub memory_peak: Option<u64>,
+    /// Where reclaim starts (OpenVZ's barrier): v1 `memory.soft_limit_in_bytes`, v2
+    /// `memory.high`; `None` when unset.
+    pub memory_barrier: Option<u64>,
     /// Times usage hit the limit: v1 `memory.failcnt` + `memory.memsw.failcnt`, v2 `memory.events`
     /// max. Kernel 6.18 leaves memsw.failcnt at 0 even when memsw refuses charges (measured), so
     /// a v1 CT held by its swap limit shows no failures there; `oom_kills` still counts.
@@ -30,6 +37,9 @@ pub struct Stats {
     pub swap_usage: u64,
     /// Swap allowed on top of RAM: v1 memsw limit − memory limit, v2 `memory.swap.max`.
     pub swap_limit: Option<u64>,
+    /// Most swap in use at once: v1 memsw peak − memory peak (an estimate: the two peaks
+    /// need not coincide), v2 `memory.swap.peak`.
+    pub swap_peak: Option<u64>,
     /// Processes killed by the OOM killer inside the CT.
     pub oom_kills: u64,
     pub cpu_usage_ns: u64,

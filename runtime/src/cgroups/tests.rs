@@ -388,6 +388,9 @@ fn v1_stats_from_sample_files() {
     put(&mem, "memory.memsw.limit_in_bytes", "201326592\n");
     put(&mem, "memory.failcnt", "10\n");
     put(&mem, "memory.memsw.failcnt", "7\n");
+    put(&mem, "memory.max_usage_in_bytes", "120000000\n");
+    put(&mem, "memory.memsw.max_usage_in_bytes", "130000000\n");
+    put(&mem, "memory.soft_limit_in_bytes", "9223372036854771712\n");
     put(
         &mem,
         "memory.oom_control",
@@ -413,6 +416,7 @@ fn v1_stats_from_sample_files() {
     put(&pids, "pids.current", "3\n");
     put(&pids, "pids.max", "10\n");
     put(&pids, "pids.events", "max 4\n");
+    put(&pids, "pids.peak", "7\n");
     let blkio = dir(&cg, Controller::Blkio);
     put(
         &blkio,
@@ -434,14 +438,18 @@ fn v1_stats_from_sample_files() {
             numproc: 3,
             numproc_limit: Some(10),
             numproc_failcnt: 4,
+            numproc_peak: Some(7),
             memory_usage: 104_857_600,
             memory_limit: Some(134_217_728),
+            memory_peak: Some(120_000_000),
+            memory_barrier: None,
             memory_failcnt: 17,
             memory_working_set: 104_857_600 - 20_971_520,
             memory_cache: 41_943_040,
             memory_rss: 52_428_800,
             swap_usage: 110_100_480 - 104_857_600,
             swap_limit: Some(201_326_592 - 134_217_728),
+            swap_peak: Some(10_000_000),
             oom_kills: 2,
             cpu_usage_ns: 1_000_000_000,
             cpu_user_ns: 600_000_000,
@@ -707,14 +715,18 @@ fn v2_stats_from_sample_files() {
             numproc: 5,
             numproc_limit: None,
             numproc_failcnt: 0,
+            numproc_peak: None,
             memory_usage: 50_000_000,
             memory_limit: Some(67_108_864),
+            memory_peak: None,
+            memory_barrier: None,
             memory_failcnt: 12,
             memory_working_set: 35_000_000,
             memory_cache: 20_000_000,
             memory_rss: 30_000_000,
             swap_usage: 4096,
             swap_limit: Some(0),
+            swap_peak: None,
             oom_kills: 1,
             cpu_usage_ns: 2_000_000_000,
             cpu_user_ns: 1_500_000_000,

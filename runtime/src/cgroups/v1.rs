@@ -293,6 +293,7 @@ impl V1Cgroup {
                     Some(v) if v.trim() != "max" => Some(fsops::parse_u64(&d, "pids.max", &v)?),
                     _ => None,
                 };
+                s.numproc_peak = fsops::read_u64_opt(&d, "pids.peak")?;
                 if let Some(ev) = fsops::read_opt(&d, "pids.events")? {
                     s.numproc_failcnt = flat_keyed(&ev).get("max").copied().unwrap_or(0);
                 }
@@ -303,6 +304,9 @@ impl V1Cgroup {
             s.memory_usage = fsops::read_u64_opt(&d, "memory.usage_in_bytes")?.unwrap_or(0);
             let limit = fsops::read_u64_opt(&d, MEM_LIMIT)?;
             s.memory_limit = limit.and_then(v1_limit);
+            s.memory_peak = fsops::read_u64_opt(&d, "memory.max_usage_in_bytes")?;
+            s.memory_barrier =
+                fsops::read_u64_opt(&d, "memory.soft_limit_in_bytes")?.and_then(v1_limit);
             // A failed charge is counted once, at the counter that refused it: memsw (tried
             // first) or memory. Their sum is "times the CT hit its memory limits".
             s.memory_failcnt = fsops::read_u64_opt(&d, "memory.failcnt")?.unwrap_or(0)
@@ -319,6 +323,12 @@ impl V1Cgroup {
             }
             if let Some(memsw) = fsops::read_u64_opt(&d, "memory.memsw.usage_in_bytes")? {
                 s.swap_usage = memsw.saturating_sub(s.memory_usage);
+            }
+            if let (Some(sw), Some(m)) = (
+                fsops::read_u64_opt(&d, "memory.memsw.max_usage_in_bytes")?,
+                s.memory_peak,
+            ) {
+                s.swap_peak = Some(sw.saturating_sub(m));
             }
             if let (Some(sw), Some(m)) = (fsops::read_u64_opt(&d, MEMSW_LIMIT)?, s.memory_limit) {
                 s.swap_limit = v1_limit(sw).map(|sw| sw.saturating_sub(m));

@@ -233,11 +233,14 @@ impl V2Cgroup {
             None => self.pids()?.len() as u64,
         };
         s.numproc_limit = limit("pids.max")?;
+        s.numproc_peak = fsops::read_u64_opt(d, "pids.peak")?;
         if let Some(ev) = keyed("pids.events")? {
             s.numproc_failcnt = flat_keyed(&ev).get("max").copied().unwrap_or(0);
         }
         s.memory_usage = fsops::read_u64_opt(d, "memory.current")?.unwrap_or(0);
         s.memory_limit = limit("memory.max")?;
+        s.memory_peak = fsops::read_u64_opt(d, "memory.peak")?;
+        s.memory_barrier = limit("memory.high")?;
         if let Some(ev) = keyed("memory.events")? {
             let ev = flat_keyed(&ev);
             s.memory_failcnt = ev.get("max").copied().unwrap_or(0);
@@ -252,6 +255,7 @@ impl V2Cgroup {
         }
         s.swap_usage = fsops::read_u64_opt(d, "memory.swap.current")?.unwrap_or(0);
         s.swap_limit = limit("memory.swap.max")?;
+        s.swap_peak = fsops::read_u64_opt(d, "memory.swap.peak")?;
         if let Some(st) = keyed("cpu.stat")? {
             let st = flat_keyed(&st);
             let ns = |k| st.get(k).copied().unwrap_or(0).saturating_mul(1000);

@@ -47,8 +47,23 @@ pub use set::{SetOpts, set};
 pub use start::start;
 pub use stop::{destroy, restart, resume, stop, suspend};
 
-/// How long a command waits for another command on the same CT to finish.
+/// How long a command waits for another command on the same CT to finish, unless
+/// `BERTH_LOCK_TIMEOUT` (whole seconds, 0..=3600) says otherwise: a panel that would rather
+/// fail fast with "locked" than queue sets it low.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn lock_timeout() -> Duration {
+    let Ok(v) = std::env::var("BERTH_LOCK_TIMEOUT") else {
+        return LOCK_TIMEOUT;
+    };
+    match v.trim().parse::<u64>() {
+        Ok(s) if s <= 3600 => Duration::from_secs(s),
+        _ => {
+            tracing::warn!(value = %v, "BERTH_LOCK_TIMEOUT: expected whole seconds 0..=3600; waiting the default 60 s");
+            LOCK_TIMEOUT
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtError {
@@ -320,7 +335,7 @@ fn ensure_uuid(host: &Host, ctid: Ctid) -> Result<uuid::Uuid> {
 
 fn lock(host: &Host, ctid: Ctid) -> Result<CtLock> {
     fs::create_dir_all(&host.run).map_err(io_err(ctid, "create run directory", &host.run))?;
-    Ok(CtLock::acquire(&host.lock_path(ctid), LOCK_TIMEOUT)?)
+    Ok(CtLock::acquire(&host.lock_path(ctid), lock_timeout())?)
 }
 
 fn net_err(ctid: Ctid) -> impl FnOnce(NetError) -> CtError {

@@ -287,19 +287,57 @@ pub struct BillingFlags {
     pub classes: Option<String>,
 }
 
-#[derive(Args, Debug)]
+/// vzlist's options. `-h` is vzlist's host-name pattern, so help is `--help` only here.
+#[derive(Args, Debug, Default)]
+#[command(disable_help_flag = true)]
 pub struct ListArgs {
-    #[arg(short, long)]
+    /// CTs to list (CTIDs or names), whatever their state.
+    pub cts: Vec<String>,
+    /// All CTs, stopped ones too.
+    #[arg(short, long, conflicts_with = "stopped")]
     pub all: bool,
+    /// Stopped (and mounted) CTs only.
+    #[arg(short = 'S', long)]
+    pub stopped: bool,
     /// Comma-separated fields (see `berth list -L`).
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "name_column")]
     pub output: Option<String>,
+    /// Sort by FIELD; `-FIELD` reverses.
+    #[arg(short, long, value_name = "[-]FIELD", allow_hyphen_values = true)]
+    pub sort: Option<String>,
+    /// The name column instead of the host name (default fields only).
+    #[arg(short = 'n', long = "name")]
+    pub name_column: bool,
+    /// CTIDs only, one a line, no header.
+    #[arg(short = '1', conflicts_with_all = ["output", "name_column"])]
+    pub ctids_only: bool,
+    /// JSON (as --json).
+    #[arg(short = 'j', id = "list_json")]
+    pub json: bool,
     /// No header line.
     #[arg(short = 'H', long)]
     pub no_header: bool,
+    /// Only CTs whose host name matches PATTERN (`*`, `?`).
+    #[arg(short = 'h', long = "hostname", value_name = "PATTERN")]
+    pub hostname: Option<String>,
+    /// Only CTs whose name matches PATTERN (`*`, `?`).
+    #[arg(short = 'N', long = "name_filter", value_name = "PATTERN")]
+    pub name_filter: Option<String>,
+    /// Only CTs with an interface (in the CT or on the host) matching PATTERN.
+    #[arg(short = 'i', long = "netif", value_name = "PATTERN")]
+    pub netif: Option<String>,
+    /// vzlist's description filter: refused, berth CTs have no description.
+    #[arg(short = 'd', long = "description", value_name = "PATTERN", hide = true)]
+    pub description: Option<String>,
+    /// Refused: berth has no template CTs (`berth template list` lists OS templates).
+    #[arg(short = 't', hide = true)]
+    pub templates: bool,
     /// List the available fields.
     #[arg(short = 'L', long)]
     pub list_fields: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
 }
 
 #[derive(Args, Debug)]

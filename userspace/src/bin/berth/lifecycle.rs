@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use berth_runtime::Ctid;
-use berth_runtime::container::{self, CreateOpts};
+use berth_runtime::container::{self, CreateOpts, CtError};
 use serde_json::json;
 
 use crate::Ctx;
@@ -39,30 +39,58 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Starting a running CT succeeds with a notice (vzctl returns 0 there too), so a panel
+/// can repeat a start safely.
 pub fn start(ctx: &mut Ctx, ct: &str) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
-    let st = container::start(&ctx.host, ctid, &mut ctx.hooks)?;
-    ctx.print(json!({"ctid": ctid, "init_pid": st.init_pid}), || {
-        println!("CT {ctid} started (init PID {})", st.init_pid)
-    });
+    match container::start(&ctx.host, ctid, &mut ctx.hooks) {
+        Ok(st) => ctx.print(
+            json!({"ctid": ctid, "status": "running", "changed": true, "init_pid": st.init_pid}),
+            || println!("CT {ctid} started (init PID {})", st.init_pid),
+        ),
+        Err(CtError::AlreadyRunning(_)) => {
+            eprintln!("berth: CT {ctid} is already running");
+            let st = container::status(&ctx.host, ctid)?;
+            ctx.print(
+                json!({"ctid": ctid, "status": st.state, "changed": false, "init_pid": st.init_pid}),
+                || {},
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(())
 }
 
+/// Stopping a stopped CT succeeds with a notice, as with vzctl; the stop still cleans up
+/// what a crash may have left.
 pub fn stop(ctx: &mut Ctx, ct: &str, fast: bool) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
-    container::stop(&ctx.host, ctid, fast, &mut ctx.hooks)?;
-    ctx.print(json!({"ctid": ctid, "stopped": true}), || {
-        println!("CT {ctid} stopped")
-    });
+    let changed = match container::stop(&ctx.host, ctid, fast, &mut ctx.hooks) {
+        Ok(()) => true,
+        Err(CtError::NotRunning(_)) => {
+            eprintln!("berth: CT {ctid} is not running");
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ctx.print(
+        json!({"ctid": ctid, "status": "stopped", "changed": changed, "stopped": true}),
+        || {
+            if changed {
+                println!("CT {ctid} stopped")
+            }
+        },
+    );
     Ok(())
 }
 
 pub fn restart(ctx: &mut Ctx, ct: &str) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
     let st = container::restart(&ctx.host, ctid, &mut ctx.hooks)?;
-    ctx.print(json!({"ctid": ctid, "init_pid": st.init_pid}), || {
-        println!("CT {ctid} restarted (init PID {})", st.init_pid)
-    });
+    ctx.print(
+        json!({"ctid": ctid, "status": "running", "init_pid": st.init_pid}),
+        || println!("CT {ctid} restarted (init PID {})", st.init_pid),
+    );
     Ok(())
 }
 
@@ -96,7 +124,7 @@ pub fn umount(ctx: &Ctx, ct: &str) -> Result<()> {
 pub fn suspend(ctx: &Ctx, ct: &str) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
     container::suspend(&ctx.host, ctid)?;
-    ctx.print(json!({"ctid": ctid, "state": "suspended"}), || {
+    ctx.print(json!({"ctid": ctid, "status": "suspended"}), || {
         println!("CT {ctid} suspended")
     });
     Ok(())
@@ -105,7 +133,7 @@ pub fn suspend(ctx: &Ctx, ct: &str) -> Result<()> {
 pub fn resume(ctx: &Ctx, ct: &str) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
     container::resume(&ctx.host, ctid)?;
-    ctx.print(json!({"ctid": ctid, "state": "running"}), || {
+    ctx.print(json!({"ctid": ctid, "status": "running"}), || {
         println!("CT {ctid} resumed")
     });
     Ok(())

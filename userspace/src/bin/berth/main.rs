@@ -13,6 +13,7 @@ mod set;
 mod shaper;
 mod ship;
 mod status;
+mod table;
 mod template;
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use berth::datapath::DEFAULT_PIN_DIR;
+use berth::exit_codes::{ErrorCode, JsonError, SCHEMA_VERSION};
 use berth::lifecycle_hooks::DatapathHooks;
 use berth_runtime::Ctid;
 use berth_runtime::config::Host;
@@ -29,17 +31,58 @@ use serde_json::Value;
 use cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return parse_error(e),
+    };
     berth::logging::init(cli.verbose, &["warn", "info", "debug"]);
+    let json = cli.json || matches!(&cli.cmd, Cmd::List(a) if a.json);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            let code = ErrorCode::of(e.as_ref());
             // `{:#}`: the message and each cause once — library errors leave their cause to
             // `source()`, never repeating it in their own text.
-            eprintln!("berth: error: {e:#}");
-            ExitCode::from(1)
+            fail(json, format!("{e:#}"), code)
         }
     }
+}
+
+/// A failed command: the error on stderr, and with --json also as JSON on stdout (where a
+/// panel reads); the code's exit.
+fn fail(json: bool, message: String, code: ErrorCode) -> ExitCode {
+    eprintln!("berth: error: {message}");
+    if json {
+        let e = JsonError::new(message, code);
+        println!("{}", serde_json::to_string(&e).expect("plain struct"));
+    }
+    ExitCode::from(code.exit())
+}
+
+/// clap's help and version exit 0 as usual; a command line that does not parse exits with
+/// vzctl's syntax-error code (and answers in JSON when --json was among the arguments).
+fn parse_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let json = std::env::args().skip(1).any(|a| a == "--json");
+    if json {
+        return fail(true, first_line(&e), ErrorCode::InvalidSyntax);
+    }
+    let _ = e.print();
+    ExitCode::from(ErrorCode::InvalidSyntax.exit())
+}
+
+/// clap's message without its usage and hint lines.
+fn first_line(e: &clap::Error) -> String {
+    let s = e.render().to_string();
+    s.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string()
 }
 
 /// What every verb works with: the host's directories, the output mode and the datapath.
@@ -58,9 +101,13 @@ impl Ctx {
         Ok(self.host.resolve(ct)?)
     }
 
-    /// `value` as one line of JSON with --json, else whatever `human` prints.
-    pub fn print(&self, value: Value, human: impl FnOnce()) {
+    /// `value` as one line of JSON with --json (with the `schema_version` of every JSON
+    /// document), else whatever `human` prints.
+    pub fn print(&self, mut value: Value, human: impl FnOnce()) {
         if self.json {
+            if let Value::Object(m) = &mut value {
+                m.insert("schema_version".into(), SCHEMA_VERSION.into());
+            }
             println!("{value}");
         } else {
             human();

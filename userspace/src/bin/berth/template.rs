@@ -1,13 +1,13 @@
 //! template list / import / build / remove.
 
 use anyhow::{Context, Result};
-use berth_runtime::Size;
 use berth_runtime::container;
 use berth_runtime::template::{DebianInit, TemplateStore};
 use serde_json::json;
 
 use crate::Ctx;
 use crate::cli::{BuildCmd, TemplateCmd};
+use crate::table::Align;
 
 pub fn template(ctx: &Ctx, t: TemplateCmd) -> Result<()> {
     ctx.host.ensure_dirs()?;
@@ -16,15 +16,22 @@ pub fn template(ctx: &Ctx, t: TemplateCmd) -> Result<()> {
         TemplateCmd::List => {
             let list = store.list()?;
             ctx.print(serde_json::to_value(&list)?, || {
-                println!("{:<20} {:<10} {:>10}", "NAME", "KIND", "SIZE");
-                for t in &list {
-                    println!(
-                        "{:<20} {:<10} {:>10}",
-                        t.name,
-                        format!("{:?}", t.kind).to_lowercase(),
-                        Size::Bytes(t.size).to_string()
-                    );
-                }
+                let rows = list
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            format!("{:?}", t.kind).to_lowercase(),
+                            berth::human::bytes(t.size),
+                        ]
+                    })
+                    .collect();
+                let headers = [
+                    ("NAME", Align::Left),
+                    ("KIND", Align::Left),
+                    ("SIZE", Align::Right),
+                ];
+                print!("{}", crate::table::render(&headers, rows, true));
             });
         }
         TemplateCmd::Import { file, name } => {
