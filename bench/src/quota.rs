@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_tests::billing::{Berthd, IperfServer, ct_netns, iperf_bidir};
+use berth_tests::billing::{Berthd, IperfServer, LogLine, ct_netns, iperf_bidir};
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
 use berth_tests::webhook::{Ca, Receiver};
@@ -96,17 +96,46 @@ impl Env<'_> {
         )
     }
 
-    /// The `log.len()`-th restart: SIGKILL and SIGTERM alternately.
-    fn restart(&self, d: &mut Berthd, log: &mut Vec<String>, state: &str) -> Result<Berthd> {
-        let kind = if log.len() % 2 == 0 {
-            d.kill()?;
-            "SIGKILL"
+    /// The `log.len()`-th restart: SIGKILL and SIGTERM alternately; the new berthd and the old
+    /// one's stderr.
+    fn restart(
+        &self,
+        d: &mut Berthd,
+        log: &mut Vec<String>,
+        state: &str,
+    ) -> Result<(Berthd, Vec<LogLine>)> {
+        let (kind, lines) = if log.len().is_multiple_of(2) {
+            ("SIGKILL", d.kill()?)
         } else {
-            d.sigterm()?;
-            "SIGTERM"
+            ("SIGTERM", d.sigterm()?)
         };
         log.push(format!("{kind} while {state}"));
-        self.berthd()
+        Ok((self.berthd()?, lines))
+    }
+}
+
+/// Where the crossing fell between berthd's ticks: its `quota tick` lines (written after the
+/// evaluation and the enforcement) before and after the traffic's end, as offsets from it.
+fn tick_offsets(lines: &[LogLine], ended: Instant) -> String {
+    let ticks: Vec<Instant> = lines
+        .iter()
+        .filter(|l| l.text.contains(" quota tick "))
+        .map(|l| l.at)
+        .collect();
+    let before = ticks.iter().rev().find(|&&t| t <= ended);
+    let after = ticks.iter().find(|&&t| t > ended);
+    match (before, after) {
+        (Some(b), Some(a)) => format!(
+            "quota ticks ended {:.1} s before and {:.1} s after the traffic's end ({:.1} s apart)",
+            (ended - *b).as_secs_f64(),
+            (*a - ended).as_secs_f64(),
+            (*a - *b).as_secs_f64()
+        ),
+        (None, Some(a)) => format!(
+            "next quota tick ended {:.1} s after the traffic's end",
+            (*a - ended).as_secs_f64()
+        ),
+        _ => "no quota tick line around the crossing".into(),
     }
 }
 
@@ -193,7 +222,13 @@ pub fn run(a: &QuotaArgs) -> Result<()> {
             m.to_server > 500_000 && m.from_server > 500_000,
             "iperf3 moved {m:?}"
         );
-        let delay = wait_kernel(&topo, wait_limit, |n| n > 0)?;
+        let ended = Instant::now();
+        let delay = wait_kernel(&topo, wait_limit, |n| n > 0).with_context(|| {
+            format!(
+                "round {round}: no throttle after iperf3 moved {m:?}; quota status {}",
+                h.json(&["quota", "status", CT])
+            )
+        })?;
         delays.push(delay);
         eprintln!(
             "round {round}: throttle in the kernel {:.2} s after the traffic ended",
@@ -214,7 +249,9 @@ pub fn run(a: &QuotaArgs) -> Result<()> {
             } else {
                 "throttled"
             };
-            d = env.restart(&mut d, &mut restarts, state)?;
+            let (nd, lines) = env.restart(&mut d, &mut restarts, state)?;
+            d = nd;
+            eprintln!("round {round}: {}", tick_offsets(&lines, ended));
         }
         hook.failing.store(false, Ordering::SeqCst);
         if round + 1 == a.rounds as usize {
@@ -229,7 +266,13 @@ pub fn run(a: &QuotaArgs) -> Result<()> {
         let topup = (used + 2_000_000).saturating_sub(limit).max(1_000_000);
         let t0 = Instant::now();
         h.ok(&["quota", "topup", CT, &format!("{topup}B")]);
-        let lift = wait_kernel(&topo, wait_limit, |n| n == 0)?;
+        let lift = wait_kernel(&topo, wait_limit, |n| n == 0).with_context(|| {
+            format!(
+                "round {round}: the top-up did not lift; quota status {}",
+                h.json(&["quota", "status", CT])
+            )
+        })?;
+        eprintln!("round {round}: topped up {topup} bytes (used {used}, limit {limit})");
         eprintln!(
             "round {round}: throttle lifted {:.2} s after the top-up ({:?} in total)",
             lift.as_secs_f64(),
@@ -237,7 +280,7 @@ pub fn run(a: &QuotaArgs) -> Result<()> {
         );
         lifts.push(lift);
         if restarts.len() < RESTARTS {
-            d = env.restart(&mut d, &mut restarts, "lifted (warned)")?;
+            d = env.restart(&mut d, &mut restarts, "lifted (warned)")?.0;
         }
     }
     // Every event delivered, then a little more for a late duplicate to show.
