@@ -8,6 +8,7 @@ mod datapath;
 mod isolation;
 mod metrics;
 mod net;
+mod quota;
 mod shaper;
 mod ship;
 mod start;
@@ -53,6 +54,9 @@ enum Bench {
     MetricsEncode(metrics::EncodeArgs),
     /// Fleet: 1000 CTs × one day of slots shipped into a private PostgreSQL, and a full replay.
     Ship(ship::ShipArgs),
+    /// Transfer quotas: the quota action delay against the tick (iperf3 crossing a quota, the
+    /// throttle read back from tc) and duplicate webhooks over 5 berthd restarts.
+    Quota(quota::QuotaArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Bench::Metrics(a) => metrics::run(&a),
         Bench::MetricsEncode(a) => metrics::encode(&a),
         Bench::Ship(a) => ship::run(&a),
+        Bench::Quota(a) => quota::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -168,19 +168,19 @@ word_enum!(
     HardAction, "hard action", { Cut = "cut", Suspend = "suspend", Stop = "stop", None = "none" }
 );
 
-/// `http://host[:port]/path` (`https://` is refused: berthd has no TLS client; point it at a
-/// local relay). Returns the URL trimmed.
+/// `http://host[:port]/path` or `https://…` (berthd verifies the server's certificate and name
+/// against the system's trust store and its `--webhook-ca`). Returns the URL trimmed.
 pub fn parse_webhook(flag: &'static str, s: &str) -> Result<String, QuotaSettingError> {
     let t = s.trim();
-    if t.starts_with("https://") {
+    let Some(rest) = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+    else {
         return Err(err(
             flag,
             s,
-            "https webhooks are not supported: berthd's client speaks plain http (use a relay on the node or the panel's internal network)",
+            "not a URL: expected http://host[:port]/path or https://host[:port]/path",
         ));
-    }
-    let Some(rest) = t.strip_prefix("http://") else {
-        return Err(err(flag, s, "not a URL: expected http://host[:port]/path"));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.is_empty() || authority.contains('@') {

@@ -50,6 +50,11 @@ fn words_and_urls() {
     );
     parse_webhook("--quota-webhook", "http://[::1]:80/x").unwrap();
     parse_webhook("--quota-webhook", "http://panel.example").unwrap();
+    assert_eq!(
+        parse_webhook("--quota-webhook", " https://panel.example:8443/q ").unwrap(),
+        "https://panel.example:8443/q"
+    );
+    parse_webhook("--quota-webhook", "https://[2001:db8::1]/q").unwrap();
     for (bad, why) in [
         ("ftp://x/", "not a URL"),
         ("panel/hook", "not a URL"),
@@ -57,7 +62,9 @@ fn words_and_urls() {
         ("http://a:0/", "bad port"),
         ("http://a:99999/", "bad port"),
         ("http://u@a/", "user info"),
-        ("https://a/", "https"),
+        ("https://", "no host"),
+        ("https://a:0/", "bad port"),
+        ("https://u@a/", "user info"),
         ("http://a b/", "bad host"),
     ] {
         let e = parse_webhook("--quota-webhook", bad)
@@ -167,7 +174,7 @@ fn toml_round_trip_and_bad_values() {
             "quota.soft_action",
         ),
         (
-            "[quota]\ntransfer = \"2TB\"\nwebhook = \"https://x/\"\n",
+            "[quota]\ntransfer = \"2TB\"\nwebhook = \"https://x y/\"\n",
             "quota.webhook",
         ),
         (

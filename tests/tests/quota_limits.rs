@@ -8,11 +8,8 @@
 //! Run: `cargo test -p berth-tests --test quota_limits -- --test-threads=1`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -23,6 +20,7 @@ use berth_tests::billing::{Berthd, IperfServer, ct_netns, iperf_bidir};
 use berth_tests::ct::TestHost;
 use berth_tests::net::{Topology, UPLINK4, wait_for};
 use berth_tests::shaper::within;
+use berth_tests::webhook::{Receiver, in_ns};
 use serde_json::Value;
 
 const CT: &str = "4380";
@@ -30,113 +28,6 @@ const CT_IP: &str = "192.0.2.180";
 /// The host's own address on the uplink link: not in the class table, so class 0.
 const HOST4: &str = "192.0.2.2";
 const THROTTLE_BPS: f64 = 8e6;
-
-/// A webhook receiver: every POST's `Idempotency-Key` and JSON body, answered 200.
-struct Receiver {
-    port: u16,
-    /// The 2xx-answered POSTs.
-    calls: Arc<Mutex<Vec<(String, Value)>>>,
-    /// While set, every POST is answered 503 (and not recorded).
-    failing: Arc<AtomicBool>,
-    refused: Arc<AtomicUsize>,
-}
-
-impl Receiver {
-    /// Listening on 127.0.0.1 of the namespace `ns` (berthd's).
-    fn start(ns: BorrowedFd<'_>) -> Result<Receiver> {
-        let l = in_ns(ns, || Ok(TcpListener::bind("127.0.0.1:0")?))?;
-        let port = l.local_addr()?.port();
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let sink = calls.clone();
-        let failing = Arc::new(AtomicBool::new(false));
-        let refused = Arc::new(AtomicUsize::new(0));
-        let (fail, nrefused) = (failing.clone(), refused.clone());
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut r = BufReader::new(s.try_clone().expect("clone stream"));
-                let (mut key, mut len) = (String::new(), 0usize);
-                let mut line = String::new();
-                let mut first = true;
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        break;
-                    }
-                    let t = line.trim_end();
-                    if first {
-                        first = false;
-                        if !t.starts_with("POST /hook ") {
-                            break;
-                        }
-                        continue;
-                    }
-                    if t.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = t.split_once(':') {
-                        match k.to_ascii_lowercase().as_str() {
-                            "idempotency-key" => key = v.trim().to_string(),
-                            "content-length" => len = v.trim().parse().unwrap_or(0),
-                            _ => {}
-                        }
-                    }
-                }
-                let mut body = vec![0; len];
-                if fail.load(Ordering::SeqCst) {
-                    let _ = r.read_exact(&mut body);
-                    nrefused.fetch_add(1, Ordering::SeqCst);
-                    let _ = s.write_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
-                    continue;
-                }
-                if r.read_exact(&mut body).is_ok()
-                    && let Ok(v) = serde_json::from_slice::<Value>(&body)
-                {
-                    sink.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((key, v));
-                }
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-            }
-        });
-        Ok(Receiver {
-            port,
-            calls,
-            failing,
-            refused,
-        })
-    }
-
-    fn calls(&self) -> Vec<(String, Value)> {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn events(&self) -> Vec<String> {
-        self.calls()
-            .iter()
-            .map(|(_, v)| v["event"].as_str().unwrap_or("?").to_string())
-            .collect()
-    }
-}
-
-/// Runs `f` on a thread inside the namespace `ns` (a socket made there stays there).
-fn in_ns<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let fd = ns.as_raw_fd();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on this thread only, with an fd that outlives the scope.
-            ensure!(unsafe { libc::setns(fd, libc::CLONE_NEWNET) } == 0, "setns");
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread panicked"))?
-    })
-}
 
 fn scrape(ns: BorrowedFd<'_>, d: &Berthd) -> Result<Vec<berth_tests::berthd::Sample>> {
     let body = in_ns(ns, || Ok(http_get(d.addr, "/metrics", &[])?.body))?;

@@ -86,6 +86,10 @@ struct Args {
     /// Seconds a quota webhook POST may take before it counts as failed (retried with backoff).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
     webhook_timeout: u64,
+    /// PEM file of CA certificates trusted for `https://` quota webhooks besides the system's
+    /// trust store (a private CA of the panel). The host name is always checked.
+    #[arg(long, env = "BERTHD_WEBHOOK_CA")]
+    webhook_ca: Option<PathBuf>,
     /// Ship the ledger after every tick into this central PostgreSQL (libpq connection string,
     /// README "Fleet"); on its own thread, so a slow or unreachable database never delays a
     /// tick; failed rounds are retried with backoff.
@@ -239,6 +243,12 @@ async fn serve(args: Args) -> Result<()> {
         .ledger
         .clone()
         .unwrap_or_else(|| host.root.join("billing.db"));
+    // A CA file that does not load stops berthd here: every https event would fail otherwise.
+    let webhooks = quota::webhook::Client::new(
+        args.webhook_ca.as_deref(),
+        Duration::from_secs(args.webhook_timeout),
+    )
+    .context("setting up the quota webhooks' client")?;
     let scraper = expose::Scraper::default();
     let ship = match &args.ship_url {
         Some(url) => Some(start_shipper(
@@ -287,7 +297,8 @@ async fn serve(args: Args) -> Result<()> {
     let deliverer = tokio::spawn(delivery_loop(
         quota.clone(),
         server.clone(),
-        Duration::from_secs(args.webhook_timeout),
+        webhooks,
+        host.clone(),
     ));
 
     let listener = TcpListener::bind(args.listen)
@@ -377,18 +388,26 @@ async fn open_quota(path: PathBuf) -> Result<SharedStore> {
     Ok(Arc::new(std::sync::Mutex::new(s)))
 }
 
-/// Posts the queued quota events every second (a failed one waits for its backoff).
-async fn delivery_loop(store: SharedStore, server: Arc<Server>, timeout: Duration) {
+/// Posts the queued quota events every second (a failed one waits for its backoff), each to
+/// its CT's webhook as saved at that pass.
+async fn delivery_loop(
+    store: SharedStore,
+    server: Arc<Server>,
+    client: quota::webhook::Client,
+    host: Host,
+) {
     let mut iv = tokio::time::interval(Duration::from_secs(1));
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        match quota::webhook::deliver_due(&store, timeout).await {
+        match quota::webhook::deliver_due(&store, &client, &host).await {
             Ok(p) => {
-                if p.delivered + p.failed > 0 {
+                if p.delivered + p.failed + p.retargeted + p.abandoned > 0 {
                     debug!(
                         delivered = p.delivered,
                         failed = p.failed,
+                        retargeted = p.retargeted,
+                        abandoned = p.abandoned,
                         backlog = p.backlog,
                         "quota webhook pass"
                     );

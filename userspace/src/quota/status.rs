@@ -108,6 +108,8 @@ impl CtQuotaStatus {
             "webhook_delivered": self.outbox.delivered,
             "webhook_pending": self.outbox.pending,
             "webhook_last_error": self.outbox.last_error.as_ref().map(|(k, a, e)| json!({"key": k, "attempts": a, "error": e})),
+            "webhook_abandoned": self.outbox.abandoned,
+            "webhook_last_abandoned": self.outbox.last_abandoned.as_ref().map(|(k, r)| json!({"key": k, "reason": r})),
         })
     }
 
@@ -168,6 +170,12 @@ impl CtQuotaStatus {
         ));
         if let Some((k, a, e)) = &self.outbox.last_error {
             s.push_str(&format!("\n  webhook failing: {k} after {a} attempts: {e}"));
+        }
+        if let Some((k, r)) = &self.outbox.last_abandoned {
+            s.push_str(&format!(
+                "\n  webhook: {} abandoned, the last {k}: {r}",
+                self.outbox.abandoned
+            ));
         }
         s
     }

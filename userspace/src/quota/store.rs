@@ -48,6 +48,16 @@ CREATE INDEX IF NOT EXISTS quota_outbox_pending ON quota_outbox (next_attempt)
     WHERE delivered IS NULL AND url IS NOT NULL;
 ";
 
+/// Added after the first release of the outbox: when an event was given up (its CT lost its
+/// webhook, or the CT is gone); the reason is its `last_error`. An abandoned event is neither
+/// pending nor delivered.
+const ADD_ABANDONED: &str = "ALTER TABLE quota_outbox ADD COLUMN abandoned INTEGER";
+
+/// An event still to send: not delivered, not abandoned, with a webhook.
+const LIVE: &str = "delivered IS NULL AND url IS NOT NULL AND abandoned IS NULL";
+/// The same on an outbox that predates `abandoned` (read-only, before berthd migrated it).
+const LIVE_OLD: &str = "delivered IS NULL AND url IS NOT NULL";
+
 /// Errors of the quota tables; each names the operation and the ledger file.
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaStoreError {
@@ -101,6 +111,8 @@ pub struct OutboxRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
     pub key: String,
+    pub uuid: String,
+    pub ctid: u32,
     pub url: String,
     pub body: String,
     pub attempts: u32,
@@ -113,6 +125,9 @@ pub struct OutboxSummary {
     pub pending: u64,
     /// The newest error of an undelivered event, with its key and attempts.
     pub last_error: Option<(String, u32, String)>,
+    /// Events given up (the CT lost its webhook), and the newest one's key and reason.
+    pub abandoned: u64,
+    pub last_abandoned: Option<(String, String)>,
 }
 
 /// The backoff after the `attempts`-th failure: 1 s doubling, at most 5 minutes.
@@ -127,6 +142,8 @@ pub struct QuotaStore {
     path: PathBuf,
     /// Opened read-only on a ledger without the tables: every read is empty.
     missing: bool,
+    /// The outbox has the `abandoned` column (always after [`QuotaStore::open`]).
+    abandoned_col: bool,
 }
 
 impl QuotaStore {
@@ -149,10 +166,15 @@ impl QuotaStore {
             .map_err(sql("setting synchronous"))?;
         conn.execute_batch(SCHEMA)
             .map_err(sql("creating the quota tables"))?;
+        if !has_abandoned(&conn).map_err(sql("reading the outbox's columns"))? {
+            conn.execute_batch(ADD_ABANDONED)
+                .map_err(sql("adding the outbox's abandoned column"))?;
+        }
         Ok(QuotaStore {
             conn,
             path: path.to_path_buf(),
             missing: false,
+            abandoned_col: true,
         })
     }
 
@@ -177,15 +199,22 @@ impl QuotaStore {
                 |r| r.get(0),
             )
             .map_err(sql("reading the schema"))?;
+        let abandoned_col =
+            n == 3 && has_abandoned(&conn).map_err(sql("reading the outbox's columns"))?;
         Ok(QuotaStore {
             conn,
             path: path.to_path_buf(),
             missing: n < 3,
+            abandoned_col,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn live(&self) -> &'static str {
+        if self.abandoned_col { LIVE } else { LIVE_OLD }
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> QuotaStoreError + '_ {
@@ -387,19 +416,22 @@ impl QuotaStore {
         }
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT key, url, body, attempts FROM quota_outbox
-                 WHERE delivered IS NULL AND url IS NOT NULL AND next_attempt <= ?1
+            .prepare_cached(&format!(
+                "SELECT key, uuid, ctid, url, body, attempts FROM quota_outbox
+                 WHERE {} AND next_attempt <= ?1
                  ORDER BY next_attempt, rowid LIMIT ?2",
-            )
+                self.live()
+            ))
             .map_err(self.sql("reading the outbox"))?;
         let rows = stmt
             .query_map(params![now, limit], |r| {
                 Ok(Pending {
                     key: r.get(0)?,
-                    url: r.get(1)?,
-                    body: r.get(2)?,
-                    attempts: r.get(3)?,
+                    uuid: r.get(1)?,
+                    ctid: r.get(2)?,
+                    url: r.get(3)?,
+                    body: r.get(4)?,
+                    attempts: r.get(5)?,
                 })
             })
             .map_err(self.sql("reading the outbox"))?;
@@ -446,7 +478,7 @@ impl QuotaStore {
         let n: i64 = self
             .conn
             .query_row(
-                "SELECT count(*) FROM quota_outbox WHERE delivered IS NULL AND url IS NOT NULL",
+                &format!("SELECT count(*) FROM quota_outbox WHERE {}", self.live()),
                 [],
                 |r| r.get(0),
             )
@@ -462,7 +494,10 @@ impl QuotaStore {
         let n: i64 = self
             .conn
             .query_row(
-                "SELECT count(*) FROM quota_outbox WHERE delivered IS NULL AND url IS NOT NULL AND last_error IS NOT NULL",
+                &format!(
+                    "SELECT count(*) FROM quota_outbox WHERE {} AND last_error IS NOT NULL",
+                    self.live()
+                ),
                 [],
                 |r| r.get(0),
             )
@@ -478,7 +513,10 @@ impl QuotaStore {
         let (delivered, pending): (i64, i64) = self
             .conn
             .query_row(
-                "SELECT count(delivered), coalesce(sum(delivered IS NULL AND url IS NOT NULL), 0) FROM quota_outbox WHERE uuid = ?1",
+                &format!(
+                    "SELECT count(delivered), coalesce(sum({}), 0) FROM quota_outbox WHERE uuid = ?1",
+                    self.live()
+                ),
                 params![uuid],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -486,19 +524,102 @@ impl QuotaStore {
         let last_error = self
             .conn
             .query_row(
-                "SELECT key, attempts, last_error FROM quota_outbox
-                 WHERE uuid = ?1 AND delivered IS NULL AND last_error IS NOT NULL
-                 ORDER BY next_attempt DESC LIMIT 1",
+                &format!(
+                    "SELECT key, attempts, last_error FROM quota_outbox
+                     WHERE uuid = ?1 AND {} AND last_error IS NOT NULL
+                     ORDER BY next_attempt DESC LIMIT 1",
+                    self.live()
+                ),
                 params![uuid],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(self.sql("reading the outbox"))?;
+        let (mut abandoned, mut last_abandoned) = (0, None);
+        if self.abandoned_col {
+            abandoned = self
+                .conn
+                .query_row(
+                    "SELECT count(*) FROM quota_outbox WHERE uuid = ?1 AND abandoned IS NOT NULL",
+                    params![uuid],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(self.sql("reading the outbox"))? as u64;
+            last_abandoned = self
+                .conn
+                .query_row(
+                    "SELECT key, coalesce(last_error, '') FROM quota_outbox
+                     WHERE uuid = ?1 AND abandoned IS NOT NULL ORDER BY abandoned DESC, rowid DESC LIMIT 1",
+                    params![uuid],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(self.sql("reading the outbox"))?;
+        }
         Ok(OutboxSummary {
             delivered: delivered as u64,
             pending: pending as u64,
             last_error,
+            abandoned,
+            last_abandoned,
         })
+    }
+
+    /// The CTs with events still to send, each with the URLs they were queued with (or last
+    /// sent to): what a delivery pass compares with the CTs' current webhooks.
+    pub fn pending_targets(&self) -> Result<Vec<(String, u32, String)>, QuotaStoreError> {
+        if self.missing {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT DISTINCT uuid, ctid, url FROM quota_outbox WHERE {} ORDER BY ctid, uuid",
+                self.live()
+            ))
+            .map_err(self.sql("reading the outbox"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.sql("reading the outbox"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(self.sql("reading the outbox"))
+    }
+
+    /// Points a CT's events still to send at `url` (its webhook now); those that were going
+    /// elsewhere are due at once, the old URL's backoff being no measure of the new one.
+    /// Returns how many moved.
+    pub fn retarget(&mut self, uuid: &str, url: &str, now: i64) -> Result<usize, QuotaStoreError> {
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "UPDATE quota_outbox SET url = ?2, next_attempt = min(next_attempt, ?3)
+                     WHERE uuid = ?1 AND {LIVE} AND url IS NOT ?2"
+                ),
+                params![uuid, url, now],
+            )
+            .map_err(self.sql("retargeting quota events"))?;
+        Ok(n)
+    }
+
+    /// Gives up a CT's events still to send, `reason` kept as their last error. Returns how
+    /// many.
+    pub fn abandon(
+        &mut self,
+        uuid: &str,
+        now: i64,
+        reason: &str,
+    ) -> Result<usize, QuotaStoreError> {
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "UPDATE quota_outbox SET abandoned = ?2, last_error = ?3 WHERE uuid = ?1 AND {LIVE}"
+                ),
+                params![uuid, now, reason],
+            )
+            .map_err(self.sql("abandoning quota events"))?;
+        Ok(n)
     }
 
     /// Every event key of a CT with its delivery time (tests and `quota status --json`).
@@ -518,6 +639,15 @@ impl QuotaStore {
         rows.collect::<Result<_, _>>()
             .map_err(self.sql("reading the outbox"))
     }
+}
+
+fn has_abandoned(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('quota_outbox') WHERE name = 'abandoned'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
 }
 
 fn sql_err(

@@ -294,3 +294,114 @@ fn read_only_without_tables_is_empty_and_a_missing_ledger_is_named() {
         .to_string();
     assert!(e.contains("nope.db"), "{e}");
 }
+
+fn set_webhook(n: &Node, url: Option<&str>) {
+    let mut cfg = CtConfig::load(&n.host, Ctid::new(42).unwrap()).unwrap();
+    cfg.quota.webhook = url.map(str::to_string);
+    cfg.save(&n.host).unwrap();
+}
+
+#[test]
+fn pending_events_follow_the_current_webhook_and_are_abandoned_without_one() {
+    let n = node(quota(10_000, Some(20_000)));
+    let t0 = MAR1 + 3600;
+    drop(n.tick(t0, 1, 1000));
+    // threshold_50, threshold_80, threshold_100, state_throttled, queued for :9.
+    let mut s = n.tick(t0 + 30, 1, 10_000);
+    let due = s.due(t0 + 30, 100).unwrap();
+    assert_eq!(due.len(), 4);
+    assert!(due.iter().all(|p| p.url == "http://127.0.0.1:9/hook"));
+    assert_eq!((due[0].uuid.as_str(), due[0].ctid), (UUID, 42));
+    s.delivered(&due[0].key, t0 + 31).unwrap();
+    // A failure puts the next one into its backoff.
+    s.failed(&due[1].key, t0 + 31, "connection refused")
+        .unwrap();
+    assert_eq!(s.due(t0 + 31, 100).unwrap().len(), 2);
+
+    // Unchanged webhook: nothing moves, the backoff holds.
+    assert_eq!(
+        webhook::retarget_all(&mut s, &n.host, t0 + 31).unwrap(),
+        (0, 0)
+    );
+    assert_eq!(s.due(t0 + 31, 100).unwrap().len(), 2);
+    // The hoster fixes the URL: every pending event goes there, the failed one at once.
+    set_webhook(&n, Some("https://panel.example/new"));
+    assert_eq!(
+        webhook::retarget_all(&mut s, &n.host, t0 + 31).unwrap(),
+        (3, 0)
+    );
+    let due = s.due(t0 + 31, 100).unwrap();
+    assert_eq!(due.len(), 3);
+    assert!(due.iter().all(|p| p.url == "https://panel.example/new"));
+    // The delivered one is not touched (nor sent again).
+    assert_eq!(s.backlog().unwrap(), 3);
+    s.delivered(&due[0].key, t0 + 32).unwrap();
+
+    // The webhook is removed: the two left are abandoned with the reason, not pending, not
+    // delivered, not failing, never due again.
+    set_webhook(&n, None);
+    assert_eq!(
+        webhook::retarget_all(&mut s, &n.host, t0 + 33).unwrap(),
+        (0, 2)
+    );
+    assert!(s.due(t0 + 9999, 100).unwrap().is_empty());
+    assert_eq!((s.backlog().unwrap(), s.failing().unwrap()), (0, 0));
+    let ro = QuotaStore::open_read_only(&n.ledger_path).unwrap();
+    let sum = ro.outbox_summary(UUID).unwrap();
+    assert_eq!((sum.delivered, sum.pending, sum.abandoned), (2, 0, 2));
+    assert!(sum.last_error.is_none());
+    let (key, reason) = sum.last_abandoned.unwrap();
+    assert!(key.starts_with(UUID), "{key}");
+    assert_eq!(reason, "abandoned: CT 42 has no quota webhook any more");
+    // A webhook set again later does not resurrect them.
+    set_webhook(&n, Some("http://127.0.0.1:9/hook"));
+    assert_eq!(
+        webhook::retarget_all(&mut s, &n.host, t0 + 34).unwrap(),
+        (0, 0)
+    );
+    assert_eq!(s.backlog().unwrap(), 0);
+
+    // The CT destroyed with events pending: abandoned as gone.
+    let s = n.tick(t0 + 60, 1, 20_000);
+    drop(s);
+    let mut s = QuotaStore::open(&n.ledger_path).unwrap();
+    assert_eq!(s.backlog().unwrap(), 1, "{:?}", keys(&s));
+    std::fs::remove_file(n.host.conf_path(Ctid::new(42).unwrap())).unwrap();
+    assert_eq!(
+        webhook::retarget_all(&mut s, &n.host, t0 + 61).unwrap(),
+        (0, 1)
+    );
+    let sum = s.outbox_summary(UUID).unwrap();
+    assert_eq!(sum.abandoned, 3);
+    assert_eq!(
+        sum.last_abandoned.unwrap().1,
+        "abandoned: CT 42 no longer exists"
+    );
+}
+
+#[test]
+fn an_outbox_from_before_abandoned_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.db");
+    drop(Ledger::open(&p, LedgerOptions::default()).unwrap());
+    let c = rusqlite::Connection::open(&p).unwrap();
+    c.execute_batch(
+        "CREATE TABLE quota_state (uuid TEXT PRIMARY KEY, ctid INTEGER NOT NULL, period TEXT NOT NULL, period_start INTEGER NOT NULL, period_end INTEGER NOT NULL, state TEXT NOT NULL, used INTEGER NOT NULL, soft INTEGER NOT NULL, hard INTEGER, since INTEGER NOT NULL, updated INTEGER NOT NULL, enforced TEXT, enforce_error TEXT);
+         CREATE TABLE quota_topup (uuid TEXT NOT NULL, period_start INTEGER NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (uuid, period_start)) WITHOUT ROWID;
+         CREATE TABLE quota_outbox (key TEXT PRIMARY KEY, uuid TEXT NOT NULL, ctid INTEGER NOT NULL, event TEXT NOT NULL, url TEXT, body TEXT NOT NULL, created INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt INTEGER NOT NULL, delivered INTEGER, last_error TEXT);
+         INSERT INTO quota_outbox (key, uuid, ctid, event, url, body, created, next_attempt) VALUES ('k', 'u', 1, 'e', 'http://x/', '{}', 1, 1);",
+    )
+    .unwrap();
+    drop(c);
+    // The CLI reads the old outbox before berthd migrated it.
+    let ro = QuotaStore::open_read_only(&p).unwrap();
+    assert_eq!(ro.backlog().unwrap(), 1);
+    assert_eq!(ro.outbox_summary("u").unwrap().abandoned, 0);
+    drop(ro);
+    let s = QuotaStore::open(&p).unwrap();
+    assert_eq!(s.due(5, 10).unwrap().len(), 1);
+    drop(s);
+    // Opening again finds the column and adds nothing.
+    let s = QuotaStore::open(&p).unwrap();
+    assert_eq!(s.backlog().unwrap(), 1);
+}

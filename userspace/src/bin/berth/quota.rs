@@ -88,18 +88,29 @@ fn usage(ctx: &Ctx, cfg: &CtConfig, q: &QuotaConfig) -> Result<Option<(Period, u
 }
 
 /// Refuses a quota (transfer or hard limit, with this period's top-ups) below what the CT
-/// already used in the current period.
+/// already used in the current period. Only the limits this change sets (or recounts, with
+/// `count`/`classes`) are checked: a CT over its quota must still get a new webhook or
+/// throttle rate.
 pub fn check_against_ledger(ctx: &Ctx, ctid: Ctid, change: &QuotaChange) -> Result<()> {
     let cfg = CtConfig::load(&ctx.host, ctid)?;
     let merged = change.merge(&cfg.quota)?;
     let Some(t) = merged.transfer else {
         return Ok(());
     };
+    let recount = change.count.is_some() || change.classes.is_some();
+    let limits = [
+        ("--quota-transfer", Some(t), change.transfer.is_some()),
+        ("--quota-hard", merged.hard, change.hard.is_some()),
+    ];
+    if !limits.iter().any(|(_, _, set)| *set) && !recount {
+        return Ok(());
+    }
     let Some((period, used, topup)) = usage(ctx, &cfg, &merged)? else {
         return Ok(());
     };
-    for (flag, limit) in [("--quota-transfer", Some(t)), ("--quota-hard", merged.hard)] {
+    for (flag, limit, set) in limits {
         if let Some(l) = limit
+            && (set || recount)
             && l.0.saturating_add(topup) < used
         {
             bail!(
