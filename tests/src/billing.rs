@@ -73,6 +73,17 @@ impl Berthd {
         tick: &str,
         netns: Option<BorrowedFd<'_>>,
     ) -> Result<Berthd> {
+        Berthd::start_with(h, ledger, tick, netns, &[])
+    }
+
+    /// [`Berthd::start_in`] with more arguments (`--ship-url URL --node NAME`).
+    pub fn start_with(
+        h: &TestHost,
+        ledger: &Path,
+        tick: &str,
+        netns: Option<BorrowedFd<'_>>,
+        extra: &[&str],
+    ) -> Result<Berthd> {
         let filter =
             std::env::var("BERTHD_TEST_LOG").unwrap_or_else(|_| "warn,berthd=debug".into());
         let mut cmd = Command::new(berthd_bin());
@@ -97,6 +108,7 @@ impl Berthd {
             .arg(&h.bpffs)
             .arg("--ledger")
             .arg(ledger)
+            .args(extra)
             .env_remove("BERTH_ROOT")
             .env_remove("BERTH_RUN_DIR")
             .env_remove("BERTH_BPFFS")
