@@ -24,13 +24,22 @@ pub struct ShipArgs {
     /// Rounds, each into a fresh database.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// A control: another `berth` binary (an earlier build) shipping the same ledger in each
+    /// round too, the order alternating, so a change is measured against it under the same load.
+    #[arg(long)]
+    control_bin: Option<std::path::PathBuf>,
 }
 
 const BAR_SECS: f64 = 10.0;
 const DAY0: i64 = 1_772_323_200; // 2026-03-01T00:00:00Z
 
-fn ship(ledger: &std::path::Path, url: &str, replay: bool) -> Result<(f64, serde_json::Value)> {
-    let mut c = Command::new(berth_tests::ct::berth_bin());
+fn ship(
+    bin: &std::path::Path,
+    ledger: &std::path::Path,
+    url: &str,
+    replay: bool,
+) -> Result<(f64, serde_json::Value)> {
+    let mut c = Command::new(bin);
     c.arg("--root")
         .arg(ledger.parent().context("ledger dir")?)
         .args(["billing", "--ledger"])
@@ -98,49 +107,73 @@ pub fn run(a: &ShipArgs) -> Result<()> {
     let pgdir = tmp.path().join("pg");
     std::fs::create_dir_all(&pgdir)?;
     let db = Cluster::start(&pgdir)?;
+    let bin = berth_tests::ct::berth_bin();
     let mut times = Vec::new();
+    let mut control = Vec::new();
     let mut replays = Vec::new();
     let mut dup_ok = true;
+    let mut fresh = 0;
     for r in 1..=a.rounds {
-        let name = format!("ship{r}");
-        db.psql(&format!("CREATE DATABASE {name}"))?;
-        let url = db
-            .socket_url()
-            .replace("dbname=postgres", &format!("dbname={name}"));
-        let (secs, v) = ship(&ledger, &url, false)?;
-        ensure!(v["acked_seq"] == seq, "round {r}: {v}");
-        let count = |db: &Cluster| -> Result<String> {
-            let o = Command::new(db.bin.join("psql"))
-                .args(["-X", "-A", "-t", "-h"])
-                .arg(&db.sock)
-                .args(["-p", &db.port.to_string(), "-U", pg::USER, "-d", &name])
-                .args(["-c", "SELECT count(*) FROM berth_slot"])
-                .output()?;
-            Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-        };
-        let before = count(&db)?;
-        let (rsecs, rv) = ship(&ledger, &url, true)?;
-        let after = count(&db)?;
-        let ok = before == rows.to_string() && after == before && rv["rows_written"] == 0;
-        dup_ok &= ok;
-        println!(
-            "round {r}: ship {secs:.2} s ({:.0} rows/s, written {}), replay {rsecs:.2} s: written {}, rows {before} → {after} {}",
-            rows as f64 / secs,
-            v["rows_written"],
-            rv["rows_written"],
-            if ok {
-                "(0 duplicates)"
-            } else {
-                "(DUPLICATES or missing rows)"
+        let mut runs = vec![(&bin, "", &mut times)];
+        if let Some(c) = &a.control_bin {
+            runs.push((c, "control ", &mut control));
+            if r % 2 == 0 {
+                runs.reverse();
             }
+        }
+        for (bin, what, out) in runs {
+            fresh += 1;
+            let name = format!("ship{fresh}");
+            db.psql(&format!("CREATE DATABASE {name}"))?;
+            let url = db
+                .socket_url()
+                .replace("dbname=postgres", &format!("dbname={name}"));
+            let (secs, v) = ship(bin, &ledger, &url, false)?;
+            ensure!(v["acked_seq"] == seq, "round {r}: {v}");
+            let count = |db: &Cluster| -> Result<String> {
+                let o = Command::new(db.bin.join("psql"))
+                    .args(["-X", "-A", "-t", "-h"])
+                    .arg(&db.sock)
+                    .args(["-p", &db.port.to_string(), "-U", pg::USER, "-d", &name])
+                    .args(["-c", "SELECT count(*) FROM berth_slot"])
+                    .output()?;
+                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            };
+            let before = count(&db)?;
+            let (rsecs, rv) = ship(bin, &ledger, &url, true)?;
+            let after = count(&db)?;
+            let ok = before == rows.to_string() && after == before && rv["rows_written"] == 0;
+            dup_ok &= ok;
+            println!(
+                "round {r}: {what}ship {secs:.2} s ({:.0} rows/s, written {}), replay {rsecs:.2} s: written {}, rows {before} → {after} {}",
+                rows as f64 / secs,
+                v["rows_written"],
+                rv["rows_written"],
+                if ok {
+                    "(0 duplicates)"
+                } else {
+                    "(DUPLICATES or missing rows)"
+                }
+            );
+            out.push(secs);
+            if what.is_empty() {
+                replays.push(rsecs);
+            }
+            db.psql(&format!("DROP DATABASE {name}"))?;
+        }
+    }
+    if !control.is_empty() {
+        let (m, c) = (median(&times), median(&control));
+        println!(
+            "control: median {c:.2} s (min {:.2}, max {:.2}); this build / control = {:.2}",
+            control.iter().copied().fold(f64::INFINITY, f64::min),
+            control.iter().copied().fold(0.0, f64::max),
+            m / c
         );
-        times.push(secs);
-        replays.push(rsecs);
-        db.psql(&format!("DROP DATABASE {name}"))?;
     }
     let mut s = times.clone();
     s.sort_by(f64::total_cmp);
-    let med = s[s.len() / 2];
+    let med = median(&times);
     let (lo, hi) = (s[0], s[s.len() - 1]);
     println!(
         "ship: median {med:.2} s, min {lo:.2}, max {hi:.2}, spread {:.0} % over {} rounds; bar ≤ {BAR_SECS} s: {}",
@@ -151,4 +184,10 @@ pub fn run(a: &ShipArgs) -> Result<()> {
     println!("full replay inserts 0 duplicates: {}", verdict(dup_ok));
     drop(db);
     Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
 }

@@ -73,16 +73,16 @@ impl Berthd {
         tick: &str,
         netns: Option<BorrowedFd<'_>>,
     ) -> Result<Berthd> {
-        Self::start_with(h, ledger, tick, netns, &[])
+        Self::start_with::<&str>(h, ledger, tick, netns, &[])
     }
 
-    /// [`Berthd::start_in`] with more arguments (`--webhook-ca FILE`, …).
-    pub fn start_with(
+    /// [`Berthd::start_in`] with more arguments (`--webhook-ca FILE`, `--ship-url URL`, …).
+    pub fn start_with<S: AsRef<std::ffi::OsStr>>(
         h: &TestHost,
         ledger: &Path,
         tick: &str,
         netns: Option<BorrowedFd<'_>>,
-        extra: &[&std::ffi::OsStr],
+        extra: &[S],
     ) -> Result<Berthd> {
         let filter =
             std::env::var("BERTHD_TEST_LOG").unwrap_or_else(|_| "warn,berthd=debug".into());

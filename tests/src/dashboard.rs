@@ -62,9 +62,45 @@ pub fn row_panels(dashboard: &Value, row_title: &str) -> Result<Vec<Panel>> {
     Ok(out)
 }
 
-/// A query as Grafana sends it with the `ctid` variable set to one CT.
-pub fn for_ct(expr: &str, ctid: &str) -> String {
-    expr.replace("$ctid", ctid)
+/// Every panel of the dashboard (rows' titles are not panels), in its order, with the title of
+/// the row it sits under.
+pub fn all_panels(dashboard: &Value) -> Result<Vec<(String, Panel)>> {
+    let panels = dashboard["panels"].as_array().context("no panels")?;
+    let mut rows: Vec<&Value> = panels.iter().filter(|p| p["type"] == "row").collect();
+    rows.sort_by_key(|r| r["gridPos"]["y"].as_i64());
+    let mut out = Vec::new();
+    for r in &rows {
+        let title = r["title"].as_str().unwrap_or("").to_owned();
+        for p in row_panels(dashboard, &title)? {
+            out.push((title.clone(), p));
+        }
+    }
+    Ok(out)
+}
+
+/// The dashboard's template variables' names (besides the data source).
+pub fn variables(dashboard: &Value) -> Vec<String> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter(|v| v["type"] != "datasource")
+                .filter_map(|v| v["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A query as Grafana sends it with the `node` variable set to `node` (a regex: `.*` is All,
+/// which matches a single node's series without the label) and `ctid` to one CT.
+pub fn for_node_ct(expr: &str, node: &str, ctid: &str) -> String {
+    expr.replace("$node", node)
+        .replace("$ctid", ctid)
         .replace("$__rate_interval", "1m")
         .replace("$__range", "1h")
+}
+
+/// A query as Grafana sends it on a single node (`node` All) with `ctid` set to one CT.
+pub fn for_ct(expr: &str, ctid: &str) -> String {
+    for_node_ct(expr, ".*", ctid)
 }

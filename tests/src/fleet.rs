@@ -99,3 +99,62 @@ pub fn fill(path: &Path, cts: &[SynthCt], seed: &str, step: impl Fn(i64) -> i64)
 pub fn uuid(node: u32, n: u32) -> String {
     format!("{node:08x}-{:04x}-4000-8000-{n:012x}", n & 0xffff)
 }
+
+/// A node's report (`berth billing report --json`) in the spelling of the central
+/// `berth_monthly_bill` view's row.
+pub fn bill_line(uuid: &str, r: &serde_json::Value) -> String {
+    let p = &r["p95"];
+    format!(
+        "{uuid}|{}|{}|{}|{}|{}|{}|{}",
+        r["in_bytes"],
+        r["out_bytes"],
+        p["n"],
+        p["slot_bytes"],
+        p["bits_per_second"],
+        p["in_bits_per_second"],
+        p["out_bits_per_second"]
+    )
+}
+
+/// A node's report's totals in the spelling of the central `berth_monthly_totals` rows.
+pub fn total_lines(uuid: &str, r: &serde_json::Value) -> Vec<String> {
+    r["totals"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .map(|t| {
+                    format!(
+                        "{uuid}|{}|{}|{}|{}|{}",
+                        t["direction"].as_str().unwrap_or(""),
+                        t["class"],
+                        t["family"].as_str().unwrap_or(""),
+                        t["bytes"],
+                        t["packets"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The central bill of `uuid` for `period` (`YYYY-MM`), as [`bill_line`] spells it.
+pub fn central_bill(db: &crate::pg::Cluster, period: &str, uuid: &str) -> Result<String> {
+    db.psql(&format!(
+        "SELECT ct_uuid, in_bytes, out_bytes, n, slot_bytes, bits_per_second, in_bits_per_second,
+                out_bits_per_second
+         FROM berth_monthly_bill WHERE period = '{period}' AND ct_uuid = '{uuid}'"
+    ))
+}
+
+/// The central totals of `uuid` for `period`, as [`total_lines`] spells them.
+pub fn central_totals(db: &crate::pg::Cluster, period: &str, uuid: &str) -> Result<Vec<String>> {
+    Ok(db
+        .psql(&format!(
+            "SELECT ct_uuid, direction, class, family, bytes, packets FROM berth_monthly_totals
+             WHERE period = '{period}' AND ct_uuid = '{uuid}'
+             ORDER BY direction, class, family"
+        ))?
+        .lines()
+        .map(str::to_string)
+        .collect())
+}

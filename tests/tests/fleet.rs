@@ -13,13 +13,16 @@ use berth::datapath::{Datapath, IfaceConfig};
 use berth_tests::berthd::{Berthd, BerthdArgs, Prometheus, berthd_bin, value_of};
 use berth_tests::ct::TestHost;
 use berth_tests::datapath::{Pair, PinDir, udp_bind};
-use berth_tests::fleet::{SynthCt, fill, uuid};
+use berth_tests::fleet::{
+    SynthCt, bill_line, central_bill, central_totals, fill, total_lines, uuid,
+};
 use berth_tests::pg::{self, Cluster};
 use berth_tests::skip::skip;
 use serde_json::Value;
 
 const MAR1: i64 = 1_772_323_200; // 2026-03-01T00:00:00Z
 const APR1: i64 = MAR1 + 31 * 86_400;
+const MARCH: &str = "2026-03";
 const MOVE: i64 = MAR1 + 11 * 86_400 + 10 * 3600; // 2026-03-12T10:00Z
 
 struct Node {
@@ -106,61 +109,6 @@ fn reports(n: &Node) -> Result<BTreeMap<String, Value>> {
         .context("report all is an array")?
         .iter()
         .map(|r| (r["ct_uuid"].as_str().unwrap_or("").to_string(), r.clone()))
-        .collect())
-}
-
-/// A report's totals and bill in the central views' spelling.
-fn bill_line(uuid: &str, r: &Value) -> String {
-    let p = &r["p95"];
-    format!(
-        "{uuid}|{}|{}|{}|{}|{}|{}|{}",
-        r["in_bytes"],
-        r["out_bytes"],
-        p["n"],
-        p["slot_bytes"],
-        p["bits_per_second"],
-        p["in_bits_per_second"],
-        p["out_bits_per_second"]
-    )
-}
-
-fn total_lines(uuid: &str, r: &Value) -> Vec<String> {
-    r["totals"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .map(|t| {
-                    format!(
-                        "{uuid}|{}|{}|{}|{}|{}",
-                        t["direction"].as_str().unwrap_or(""),
-                        t["class"],
-                        t["family"].as_str().unwrap_or(""),
-                        t["bytes"],
-                        t["packets"]
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn central_bill(db: &Cluster, uuid: &str) -> Result<String> {
-    db.psql(&format!(
-        "SELECT ct_uuid, in_bytes, out_bytes, n, slot_bytes, bits_per_second, in_bits_per_second,
-                out_bits_per_second
-         FROM berth_monthly_bill WHERE period = '2026-03' AND ct_uuid = '{uuid}'"
-    ))
-}
-
-fn central_totals(db: &Cluster, uuid: &str) -> Result<Vec<String>> {
-    Ok(db
-        .psql(&format!(
-            "SELECT ct_uuid, direction, class, family, bytes, packets FROM berth_monthly_totals
-             WHERE period = '2026-03' AND ct_uuid = '{uuid}'
-             ORDER BY direction, class, family"
-        ))?
-        .lines()
-        .map(str::to_string)
         .collect())
 }
 
@@ -340,13 +288,13 @@ fn two_nodes_ship_through_kills_and_replay_to_the_byte() -> Result<()> {
     for r in [&ra, &rb] {
         for (u, rep) in r.iter().filter(|(u, _)| **u != moved) {
             ensure!(
-                central_bill(&db, u)? == bill_line(u, rep),
+                central_bill(&db, MARCH, u)? == bill_line(u, rep),
                 "bill of {u}: central {} node {}",
-                central_bill(&db, u)?,
+                central_bill(&db, MARCH, u)?,
                 bill_line(u, rep)
             );
             ensure!(
-                central_totals(&db, u)? == total_lines(u, rep),
+                central_totals(&db, MARCH, u)? == total_lines(u, rep),
                 "totals of {u}"
             );
             compared += 1;
@@ -373,7 +321,10 @@ fn two_nodes_ship_through_kills_and_replay_to_the_byte() -> Result<()> {
         .iter()
         .map(|((d, c, f), (b, p))| format!("{moved}|{d}|{c}|{f}|{b}|{p}"))
         .collect();
-    ensure!(central_totals(&db, &moved)? == want, "moved CT's totals");
+    ensure!(
+        central_totals(&db, MARCH, &moved)? == want,
+        "moved CT's totals"
+    );
     let spec = PeriodSpec::new(berth::billing::BillingAnchor::Day(1), "UTC", MAR1 - 86_400)?;
     let march = spec.parse("2026-03")?;
     let mut samples = Vec::new();
@@ -409,9 +360,9 @@ fn two_nodes_ship_through_kills_and_replay_to_the_byte() -> Result<()> {
         p.out_bps.unwrap_or(0)
     );
     ensure!(
-        central_bill(&db, &moved)? == want,
+        central_bill(&db, MARCH, &moved)? == want,
         "moved CT: central {} want {want}",
-        central_bill(&db, &moved)?
+        central_bill(&db, MARCH, &moved)?
     );
     ensure!(p.n == 31 * 288 && p.slot_bytes > 0, "{p:?}");
 

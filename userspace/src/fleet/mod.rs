@@ -6,6 +6,7 @@
 //! shipper killed at any point, or a database that went away, resumes from what was committed,
 //! and a replay from 0 changes no row.
 pub mod conninfo;
+mod pages;
 pub mod schema;
 pub mod ship;
 
@@ -54,6 +55,8 @@ pub enum FleetError {
     Node(String),
     #[error("reading the ledger for shipping")]
     Ledger(#[source] crate::billing::BillingError),
+    #[error("reading the ledger for shipping: the reader thread panicked")]
+    Reader,
 }
 
 /// Checks a node name (what the central tables key a node's rows by).

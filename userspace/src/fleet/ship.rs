@@ -1,6 +1,7 @@
 //! One node's shipper: ledger pages (whole ticks, `Ledger::slots_after_seq`) into the central
-//! database, each page in one transaction with the node's acknowledged seq.
-use std::collections::{BTreeSet, HashMap, HashSet};
+//! database, each page in one transaction with the node's acknowledged seq, the next page read
+//! from the ledger while one is written (pages.rs).
+use std::collections::HashSet;
 use std::path::Path;
 use std::pin::pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -11,8 +12,9 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use tracing::{debug, info, warn};
 
+use super::pages::{self, Page};
 use super::{ConnInfo, FleetError, check_node, schema};
-use crate::billing::{BillingAnchor, Ledger, Period, SlotRow};
+use crate::billing::{BillingAnchor, CtInfo, Ledger, SlotRow};
 use berth_runtime::error_chain::ErrorChain;
 
 /// What a shipper ships as, and how much at once.
@@ -191,14 +193,14 @@ impl Shipper {
     pub async fn ship(&mut self, ledger_path: &Path) -> Result<ShipStats, FleetError> {
         let ledger = Ledger::open_read_only(ledger_path).map_err(FleetError::Ledger)?;
         let opts = self.opts.clone();
-        self.with_client(async |c| ship_ledger(c, &ledger, &opts).await)
+        self.with_client(async |c| ship_ledger(c, ledger, &opts).await)
             .await
     }
 }
 
 async fn ship_ledger(
     client: &mut Client,
-    ledger: &Ledger,
+    ledger: Ledger,
     opts: &ShipOptions,
 ) -> Result<ShipStats, FleetError> {
     let node = opts.node.as_str();
@@ -206,83 +208,105 @@ async fn ship_ledger(
     // its seq wait for the next round, so a page never acknowledges a tick it did not ship whole.
     let ledger_seq = ledger.seq();
     let layer = ledger.byte_layer().map_err(FleetError::Ledger)?;
+    let cts: Vec<CtInfo> = ledger.cts().cloned().collect();
     let mut stats = ShipStats {
         ledger_seq,
         ..ShipStats::default()
     };
-    let mut first = true;
-    loop {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(db("starting a transaction"))?;
+    tx.execute(
+        "INSERT INTO berth_node (node, layer) VALUES ($1, $2)
+         ON CONFLICT (node) DO UPDATE SET layer = excluded.layer",
+        &[&node, &layer],
+    )
+    .await
+    .map_err(db("registering the node"))?;
+    let mut acked = locked_ack(&tx, node).await?;
+    upsert_cts(&tx, &cts, node).await?;
+    tx.commit().await.map_err(db("committing"))?;
+    stats.acked_seq = acked;
+    // Page N+1 is read from the ledger while page N is written: the reader owns the ledger.
+    let (mut pages, reader) = pages::read_ahead(ledger, acked, ledger_seq, opts.page_rows);
+    while let Some(page) = pages.recv().await {
+        let page = page?;
         let tx = client
             .transaction()
             .await
             .map_err(db("starting a transaction"))?;
-        tx.execute(
-            "INSERT INTO berth_node (node, layer) VALUES ($1, $2)
-             ON CONFLICT (node) DO UPDATE SET layer = excluded.layer",
-            &[&node, &layer],
-        )
-        .await
-        .map_err(db("registering the node"))?;
-        let acked: i64 = tx
-            .query_one(
-                "SELECT last_seq FROM berth_node WHERE node = $1 FOR UPDATE",
-                &[&node],
-            )
-            .await
-            .map_err(db("reading the acknowledged seq"))?
-            .get(0);
-        if first {
-            upsert_cts(&tx, ledger, node).await?;
-            first = false;
-        }
-        stats.acked_seq = acked;
-        let mut page = if acked < ledger_seq {
-            ledger
-                .slots_after_seq(acked, opts.page_rows)
-                .map_err(FleetError::Ledger)?
-        } else {
-            Vec::new()
-        };
-        page.retain(|(_, r)| r.seq <= ledger_seq);
-        let Some(last) = page.last().map(|(_, r)| r.seq) else {
-            // Caught up: ticks up to the ledger's seq that booked no row are shipped too.
-            if ledger_seq > acked {
-                tx.execute(
-                    "UPDATE berth_node SET last_seq = $2, shipped_at = now() WHERE node = $1",
-                    &[&node, &ledger_seq],
-                )
-                .await
-                .map_err(db("acknowledging the seq"))?;
-                stats.acked_seq = ledger_seq;
-            }
-            tx.commit().await.map_err(db("committing"))?;
+        let now = locked_ack(&tx, node).await?;
+        if now != page.after {
+            // Another shipper of this node name moved the seq since the page was read: this
+            // round stops here, the next starts from what the database holds.
+            warn!(
+                node,
+                acked = now,
+                expected = page.after,
+                "the acknowledged seq moved under the shipper; resuming from it next round"
+            );
+            stats.acked_seq = now;
             return Ok(stats);
-        };
-        let written = copy_slots(&tx, node, &page).await?;
-        upsert_totals(&tx, ledger, node, &page).await?;
-        tx.execute(
-            "UPDATE berth_node SET last_seq = $2, shipped_at = now() WHERE node = $1",
-            &[&node, &last],
-        )
-        .await
-        .map_err(db("acknowledging the seq"))?;
+        }
+        let written = copy_slots(&tx, node, &page.rows).await?;
+        upsert_totals(&tx, node, &page).await?;
+        ack(&tx, node, page.last).await?;
         tx.commit().await.map_err(db("committing a page"))?;
         debug!(
             node,
-            rows = page.len(),
+            rows = page.rows.len(),
             written,
-            acked = last,
+            acked = page.last,
             "page shipped"
         );
         stats.pages += 1;
-        stats.rows_sent += page.len() as u64;
+        stats.rows_sent += page.rows.len() as u64;
         stats.rows_written += written;
-        stats.acked_seq = last;
+        stats.acked_seq = page.last;
+        acked = page.last;
     }
+    reader.await.map_err(|_| FleetError::Reader)?;
+    if ledger_seq > acked {
+        // Caught up: ticks up to the ledger's seq that booked no row are shipped too.
+        let n = client
+            .execute(
+                "UPDATE berth_node SET last_seq = $2, shipped_at = now()
+                 WHERE node = $1 AND last_seq = $3",
+                &[&node, &ledger_seq, &acked],
+            )
+            .await
+            .map_err(db("acknowledging the seq"))?;
+        if n == 1 {
+            stats.acked_seq = ledger_seq;
+        }
+    }
+    Ok(stats)
 }
 
-async fn upsert_cts(tx: &Transaction<'_>, ledger: &Ledger, node: &str) -> Result<(), FleetError> {
-    let cts: Vec<_> = ledger.cts().collect();
+/// The node's acknowledged seq, locked for the transaction.
+async fn locked_ack(tx: &Transaction<'_>, node: &str) -> Result<i64, FleetError> {
+    Ok(tx
+        .query_one(
+            "SELECT last_seq FROM berth_node WHERE node = $1 FOR UPDATE",
+            &[&node],
+        )
+        .await
+        .map_err(db("reading the acknowledged seq"))?
+        .get(0))
+}
+
+async fn ack(tx: &Transaction<'_>, node: &str, seq: i64) -> Result<(), FleetError> {
+    tx.execute(
+        "UPDATE berth_node SET last_seq = $2, shipped_at = now() WHERE node = $1",
+        &[&node, &seq],
+    )
+    .await
+    .map_err(db("acknowledging the seq"))?;
+    Ok(())
+}
+
+async fn upsert_cts(tx: &Transaction<'_>, cts: &[CtInfo], node: &str) -> Result<(), FleetError> {
     let uuid: Vec<&str> = cts.iter().map(|c| c.uuid.as_str()).collect();
     let ctid: Vec<i64> = cts.iter().map(|c| i64::from(c.ctid)).collect();
     let day: Vec<String> = cts.iter().map(|c| anchor_name(c.anchor)).collect();
@@ -378,54 +402,10 @@ async fn copy_slots(
     .map_err(db("upserting slot rows"))
 }
 
-/// The totals and bounds of every period the page touched, as the ledger has them now.
-async fn upsert_totals(
-    tx: &Transaction<'_>,
-    ledger: &Ledger,
-    node: &str,
-    page: &[(String, SlotRow)],
-) -> Result<(), FleetError> {
-    let mut last: HashMap<&str, Period> = HashMap::new();
-    let mut touched: BTreeSet<(&str, i64, i64, String)> = BTreeSet::new();
-    for (uuid, r) in page {
-        if last
-            .get(uuid.as_str())
-            .is_some_and(|p| p.start <= r.slot_start && r.slot_start < p.end)
-        {
-            continue;
-        }
-        let p = ledger
-            .period_spec(uuid)
-            .and_then(|s| s.period_of(r.slot_start))
-            .map_err(FleetError::Ledger)?;
-        touched.insert((uuid.as_str(), p.start, p.end, p.label()));
-        last.insert(uuid.as_str(), p);
-    }
-    let (mut pu, mut ps, mut pe, mut pn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut tu, mut tp, mut td, mut tc, mut tf, mut tb, mut tk) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    for (uuid, start, end, label) in &touched {
-        pu.push(*uuid);
-        ps.push(*start);
-        pe.push(*end);
-        pn.push(label.as_str());
-        for (k, c) in ledger.totals(uuid, *start).map_err(FleetError::Ledger)? {
-            tu.push(*uuid);
-            tp.push(*start);
-            td.push(k.direction.as_str());
-            tc.push(i16::from(k.class));
-            tf.push(k.family.as_str());
-            tb.push(i64_of(c.bytes));
-            tk.push(i64_of(c.packets));
-        }
-    }
+/// The totals and bounds of every period the page touched, as the ledger had them when the page
+/// was read.
+async fn upsert_totals(tx: &Transaction<'_>, node: &str, page: &Page) -> Result<(), FleetError> {
+    let (p, t) = (&page.periods, &page.totals);
     tx.execute(
         "INSERT INTO berth_period (node, ct_uuid, period_start, period_end, period)
          SELECT $1, u::uuid, s, e, n
@@ -434,7 +414,7 @@ async fn upsert_totals(
          SET period_end = excluded.period_end, period = excluded.period
          WHERE (berth_period.period_end, berth_period.period)
                IS DISTINCT FROM (excluded.period_end, excluded.period)",
-        &[&node, &pu, &ps, &pe, &pn],
+        &[&node, &p.uuid, &p.start, &p.end, &p.label],
     )
     .await
     .map_err(db("upserting periods"))?;
@@ -447,7 +427,16 @@ async fn upsert_totals(
          ON CONFLICT (node, ct_uuid, period_start, direction, class, family) DO UPDATE
          SET bytes = excluded.bytes, packets = excluded.packets
          WHERE (t.bytes, t.packets) IS DISTINCT FROM (excluded.bytes, excluded.packets)",
-        &[&node, &tu, &tp, &td, &tc, &tf, &tb, &tk],
+        &[
+            &node,
+            &t.uuid,
+            &t.start,
+            &t.direction,
+            &t.class,
+            &t.family,
+            &t.bytes,
+            &t.packets,
+        ],
     )
     .await
     .map_err(db("upserting period totals"))?;
