@@ -12,6 +12,7 @@ mod shaper;
 mod ship;
 mod start;
 mod stats;
+mod testbed;
 
 use std::process::ExitCode;
 
@@ -53,6 +54,9 @@ enum Bench {
     MetricsEncode(metrics::EncodeArgs),
     /// Fleet: 1000 CTs × one day of slots shipped into a private PostgreSQL, and a full replay.
     Ship(ship::ShipArgs),
+    /// Testbed: `up`/`down` of 2 routed + 2 bridged CTs with berthd vs plain namespaces, and
+    /// concurrent `berth testbed run`s vs a single one.
+    Testbed(testbed::TestbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Bench::Metrics(a) => metrics::run(&a),
         Bench::MetricsEncode(a) => metrics::encode(&a),
         Bench::Ship(a) => ship::run(&a),
+        Bench::Testbed(a) => testbed::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

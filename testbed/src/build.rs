@@ -362,8 +362,8 @@ fn default_routes(topo: &Topology, n: &Node, dev: &str) -> Vec<String> {
     out
 }
 
-/// Creates and starts the CT nodes through the berth binary (starts in parallel: berth
-/// serializes per CT only).
+/// Creates and starts the CT nodes through the berth binary, one thread per CT: berth
+/// serializes commands per CT only, and its id pool and address checks are safe in parallel.
 fn build_cts(built: &mut Built) -> Result<()> {
     let cts: Vec<Node> = built
         .topo
@@ -376,74 +376,71 @@ fn build_cts(built: &mut Built) -> Result<()> {
         return Ok(());
     }
     let host = built.host_pid();
-    let b = built.berth.clone();
+    let (b, topo) = (&built.berth, &built.topo);
     b.ok(host, &["template", "build", "busybox"])?;
-    for n in &cts {
-        let id = n.ctid.unwrap_or_default().to_string();
-        let mut args = vec!["create".to_owned(), id.clone()];
-        if n.mode == Mode::Routed {
-            for a in &n.addrs {
-                args.push("--ipadd".into());
-                args.push(a.addr().to_string());
-            }
-        }
-        b.ok(host, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
-        if let Some(br) = &n.bridge {
-            b.ok(
-                host,
-                &[
-                    "set",
-                    &id,
-                    "--netif_add",
-                    &format!("eth0,,,,{br}"),
-                    "--save",
-                ],
-            )?;
-        }
-        if let Some((rate, _)) = &n.rate {
-            b.ok(
-                host,
-                &["set", &id, "--rate-in", rate, "--rate-out", rate, "--save"],
-            )?;
-        }
-    }
-    let starts: Vec<(String, Child)> = cts
-        .iter()
-        .map(|n| {
-            let id = n.ctid.unwrap_or_default().to_string();
-            let c = b
-                .cmd(host, &["start", &id])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(Error::io(format!("start CT {id}")))?;
-            Ok((id, c))
-        })
-        .collect::<Result<_>>()?;
-    for (id, c) in starts {
-        let out = c
-            .wait_with_output()
-            .map_err(Error::io(format!("start CT {id}")))?;
-        checked(&format!("berth start {id}"), out)?;
-    }
-    for n in &cts {
-        let id = n.ctid.unwrap_or_default().to_string();
-        let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["status", &id, "--json"])?)
-            .map_err(|e| Error::failed(format!("status of CT {id}"), e.to_string()))?;
-        let pid = st["init_pid"]
-            .as_i64()
-            .ok_or_else(|| Error::failed(format!("status of CT {id}"), "no init_pid"))?;
-        built.pids.insert(n.name.clone(), pid as i32);
-        if n.mode == Mode::Bridged {
-            // As the CT's network scripts would; from the host's root, DAD off.
-            sysctl(pid as i32, &n.name, &NO_DAD.map(str::to_owned))?;
-            let mut l: Vec<String> = n.addrs.iter().map(|a| addr_add(a, "eth0")).collect();
-            l.push("link set eth0 up".into());
-            l.extend(default_routes(&built.topo, n, "eth0"));
-            ip_batch(pid as i32, &n.name, &l)?;
-        }
+    let pids: Vec<Result<i32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = cts
+            .iter()
+            .map(|n| s.spawn(move || ct_up(b, topo, host, n)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::failed("bring up a CT", "its thread panicked")))
+            })
+            .collect()
+    });
+    for (n, pid) in cts.iter().zip(pids) {
+        built.pids.insert(n.name.clone(), pid?);
     }
     Ok(())
+}
+
+/// create, configure and start one CT; its init's PID.
+fn ct_up(b: &Berth, topo: &Topology, host: i32, n: &Node) -> Result<i32> {
+    let id = n.ctid.unwrap_or_default().to_string();
+    let mut args = vec!["create".to_owned(), id.clone()];
+    if n.mode == Mode::Routed {
+        for a in &n.addrs {
+            args.push("--ipadd".into());
+            args.push(a.addr().to_string());
+        }
+    }
+    b.ok(host, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    if let Some(br) = &n.bridge {
+        b.ok(
+            host,
+            &[
+                "set",
+                &id,
+                "--netif_add",
+                &format!("eth0,,,,{br}"),
+                "--save",
+            ],
+        )?;
+    }
+    if let Some((rate, _)) = &n.rate {
+        b.ok(
+            host,
+            &["set", &id, "--rate-in", rate, "--rate-out", rate, "--save"],
+        )?;
+    }
+    b.ok(host, &["start", &id])?;
+    let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["status", &id, "--json"])?)
+        .map_err(|e| Error::failed(format!("status of CT {id}"), e.to_string()))?;
+    let pid = st["init_pid"]
+        .as_i64()
+        .ok_or_else(|| Error::failed(format!("status of CT {id}"), "no init_pid"))?
+        as i32;
+    if n.mode == Mode::Bridged {
+        // As the CT's network scripts would; from the host's root, DAD off.
+        sysctl(pid, &n.name, &NO_DAD.map(str::to_owned))?;
+        let mut l: Vec<String> = n.addrs.iter().map(|a| addr_add(a, "eth0")).collect();
+        l.push("link set eth0 up".into());
+        l.extend(default_routes(topo, n, "eth0"));
+        ip_batch(pid, &n.name, &l)?;
+    }
+    Ok(pid)
 }
 
 /// berthd on the testbed's host, on its loopback (a namespace of its own: the port is free).

@@ -12,11 +12,12 @@ use serde::Serialize;
 use crate::supervisor::{self, Handle, Lease, Ready};
 use crate::{Error, Options, Result, Results, RunDir, Topology};
 
-/// A running testbed. Dropping it takes it down (as [`Testbed::down`]).
+/// A running testbed. Dropping one that [`Testbed::up`] made takes it down (as
+/// [`Testbed::down`]); dropping an attached one leaves it running.
 pub struct Testbed {
     pub handle: Handle,
     opts: Options,
-    /// Set when this process cloned the supervisor (then it reaps it).
+    /// Set when this process cloned the supervisor: then it owns the run and reaps it.
     child: bool,
     done: bool,
 }
@@ -60,11 +61,12 @@ impl Testbed {
         let handle: Handle = serde_json::from_str(&text).map_err(|e| {
             Error::failed(format!("parse {}", rd.handle().display()), e.to_string())
         })?;
+        // Not ours: only an explicit `down` ends it.
         Ok(Testbed {
             handle,
             opts: opts.clone(),
             child: false,
-            done: false,
+            done: true,
         })
     }
 
@@ -131,9 +133,6 @@ impl Testbed {
     }
 
     fn teardown(&mut self) -> Result<()> {
-        if self.done {
-            return Ok(());
-        }
         self.done = true;
         let pid = self.handle.supervisor_pid;
         if ctl(&self.handle.run_dir, "down", Duration::from_secs(5)).is_err()
@@ -151,6 +150,9 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         if let Err(e) = self.teardown() {
             tracing::warn!(
                 "testbed {} teardown: {}",

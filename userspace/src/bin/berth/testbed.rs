@@ -130,14 +130,11 @@ fn dispatch(cmd: TestbedCmd, json: bool) -> Result<u8> {
             let tb = attach(&opts, &file, run.as_deref())?;
             let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
             let st = tb.command(&node, &argv)?.status().context("run nsenter")?;
-            tb.detach();
             Ok(st.code().map(|c| c as u8).unwrap_or(exit::SETUP))
         }
         TestbedCmd::Check { file, run, junit } => {
             let tb = attach(&opts, &file, run.as_deref())?;
-            let r = tb.check();
-            tb.detach();
-            report(&r?, json, junit.as_deref())
+            report(&tb.check()?, json, junit.as_deref())
         }
         TestbedCmd::Run { file, junit } => {
             let (r, _) = berth_testbed::run(&file, &opts)?;
