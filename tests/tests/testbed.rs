@@ -244,9 +244,10 @@ fn host_state() -> HostState {
     }
 }
 
-/// What `after` has that `before` had not, of the kinds a testbed makes (other sessions on
-/// this machine make their own objects meanwhile: theirs carry other names).
-fn leaks(before: &HostState, after: &HostState, state_dir: &Path) -> Vec<String> {
+/// What `after` has that `before` had not, of the kinds a testbed makes, cgroups of the runs
+/// `ids` only (other processes on this machine make their own objects meanwhile: theirs carry
+/// other names).
+fn leaks(before: &HostState, after: &HostState, state_dir: &Path, ids: &[String]) -> Vec<String> {
     let sd = state_dir.display().to_string();
     let ours_link = |n: &str| {
         ["up0", "up1", "br0"].contains(&n)
@@ -261,15 +262,23 @@ fn leaks(before: &HostState, after: &HostState, state_dir: &Path) -> Vec<String>
                 out.push(format!("{what}: {x}"));
             }
         };
-    diff("netns", &before.netns, &after.netns, &|_| true);
+    // The testbed names no namespace (holders keep them): a name would be one of the nodes'.
+    let node_names = ["host", "uplink", "r1", "r2", "b1", "a", "b", "c"];
+    diff("netns", &before.netns, &after.netns, &|n| {
+        let name = n.split_whitespace().next().unwrap_or(n);
+        node_names.contains(&name) || name.starts_with(berth_testbed::CGROUP_PREFIX)
+    });
     diff("link", &before.links, &after.links, &ours_link);
     diff("bpffs", &before.bpffs, &after.bpffs, &|p| {
         p.starts_with("/sys/fs/bpf/berth/") || p == "/sys/fs/bpf/berth"
     });
     diff("mount", &before.mounts, &after.mounts, &|m| {
-        m.starts_with(&sd) || m.starts_with("/run/netns") || m == "/proc" || m == "/sys/fs/bpf"
+        m.starts_with(&sd) || m == "/run/netns" || m == "/proc" || m == "/sys/fs/bpf"
     });
-    diff("cgroup", &before.cgroups, &after.cgroups, &|_| true);
+    diff("cgroup", &before.cgroups, &after.cgroups, &|c| {
+        ids.iter()
+            .any(|id| c.ends_with(&berth_testbed::cgroup_parent(id)))
+    });
     out
 }
 
@@ -306,8 +315,10 @@ fn sigkill_of_the_supervisor_during_up_then_gc_leaves_the_host_as_before() {
     let t0 = Instant::now();
     let tb = Testbed::up(&file, &env.options()).expect("undisturbed up");
     let up_ms = t0.elapsed().as_millis() as u64;
+    let id = tb.handle.run_id.clone();
     tb.down().expect("down");
-    assert!(leaks(&before, &host_state(), &env.state()).is_empty());
+    let left = leaks(&before, &host_state(), &env.state(), &[id]);
+    assert!(left.is_empty(), "down left {left:#?}");
 
     for round in 0..3 {
         let delay = Duration::from_millis(rand_below(up_ms + up_ms / 4));
@@ -333,14 +344,30 @@ fn sigkill_of_the_supervisor_during_up_then_gc_leaves_the_host_as_before() {
         std::thread::sleep(delay);
         let pid = lease["supervisor_pid"].as_i64().unwrap() as i32;
         let pidns = lease["pidns"].as_str().unwrap().to_owned();
+        let ids = [lease["run_id"].as_str().unwrap().to_owned()];
+        // Odd rounds kill the `up` command first as well (a whole job killed): then only `gc`
+        // cleans; in even rounds `up` sees its supervisor die and cleans the run itself.
+        let whole_job = round % 2 == 1;
+        if whole_job {
+            // SAFETY: a child this test spawned.
+            assert_eq!(unsafe { libc::kill(up.id() as i32, libc::SIGKILL) }, 0);
+        }
         // SAFETY: the supervisor this test started (its lease names it).
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let out = up.wait_with_output().expect("up ends");
         println!(
-            "round {round}: killed after {} ms of ~{up_ms} ms: up exited {:?}",
+            "round {round}: killed after {} ms of ~{up_ms} ms{}: up exited {:?}",
             delay.as_millis(),
+            if whole_job {
+                " with the up command"
+            } else {
+                ""
+            },
             out.status.code()
         );
+        if !whole_job {
+            assert_eq!(out.status.code(), Some(2), "up must fail as a setup error");
+        }
         // The kernel tore the pid namespace down with its init.
         let end = Instant::now() + Duration::from_secs(5);
         while !procs_in(&pidns).is_empty() && Instant::now() < end {
@@ -351,14 +378,32 @@ fn sigkill_of_the_supervisor_during_up_then_gc_leaves_the_host_as_before() {
             Vec::<i32>::new(),
             "processes outlived the supervisor"
         );
-        let gc = env.run(&["gc"]);
+        // Only the cgroups may outlive the supervisor, and gc removes exactly those.
+        let pre = leaks(&before, &host_state(), &env.state(), &ids);
+        assert!(
+            pre.iter().all(|l| l.starts_with("cgroup: ")),
+            "the kernel left {pre:#?}"
+        );
+        let gc = env.run(&["gc", "--json"]);
         assert!(gc.status.success(), "gc: {}", text(&gc.stderr));
+        let v: Value = serde_json::from_slice(&gc.stdout).expect("gc --json");
+        let left_runs = usize::from(whole_job);
+        assert_eq!(v["runs"].as_array().map(Vec::len), Some(left_runs), "{v}");
+        assert_eq!(
+            v["cgroups"].as_array().map(Vec::len),
+            Some(pre.len()),
+            "{v} vs {pre:#?}"
+        );
+        println!(
+            "round {round}: gc removed {left_runs} run(s), {} cgroup parent(s)",
+            pre.len()
+        );
         // Idempotent: a second gc finds nothing.
         let again = env.run(&["gc", "--json"]);
         let v: Value = serde_json::from_slice(&again.stdout).expect("gc --json");
         assert_eq!(v["runs"].as_array().map(Vec::len), Some(0), "{v}");
         assert_eq!(env.runs(), Vec::<String>::new(), "run directories left");
-        let left = leaks(&before, &host_state(), &env.state());
+        let left = leaks(&before, &host_state(), &env.state(), &ids);
         assert!(left.is_empty(), "round {round} left {left:#?}");
         let in_cgroup: Vec<String> = std::fs::read_dir("/proc")
             .into_iter()
@@ -413,7 +458,8 @@ fn four_concurrent_runs_of_one_topology_pass() {
     }
     assert_eq!(ids.len(), 4, "run ids must differ");
     assert_eq!(env.runs(), Vec::<String>::new(), "run directories left");
-    let left = leaks(&before, &host_state(), &env.state());
+    let ids: Vec<String> = ids.into_iter().collect();
+    let left = leaks(&before, &host_state(), &env.state(), &ids);
     assert!(left.is_empty(), "left {left:#?}");
 }
 
