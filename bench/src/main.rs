@@ -13,6 +13,7 @@ mod shaper;
 mod ship;
 mod start;
 mod stats;
+mod testbed;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,9 @@ enum Bench {
     /// Transfer quotas: the quota action delay against the tick (iperf3 crossing a quota, the
     /// throttle read back from tc) and duplicate webhooks over 5 berthd restarts.
     Quota(quota::QuotaArgs),
+    /// Testbed: `up`/`down` of 2 routed + 2 bridged CTs with berthd vs plain namespaces, and
+    /// concurrent `berth testbed run`s vs a single one.
+    Testbed(testbed::TestbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Bench::MetricsEncode(a) => metrics::encode(&a),
         Bench::Ship(a) => ship::run(&a),
         Bench::Quota(a) => quota::run(&a),
+        Bench::Testbed(a) => testbed::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -67,6 +67,7 @@ const HOST_CRATES: &[&str] = &[
     "berth-common",
     "berth-runtime",
     "berth",
+    "berth-testbed",
     "berth-tests",
     "berth-bench",
     "xtask",

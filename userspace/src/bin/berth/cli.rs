@@ -105,6 +105,9 @@ pub enum Cmd {
     Billing(BillingArgs),
     /// Transfer quotas: their state (as of berthd's last tick) and top-ups.
     Quota(QuotaArgs),
+    /// Network testbeds of CTs and namespaces from a TOML topology, with built-in checks.
+    #[command(subcommand)]
+    Testbed(crate::testbed::TestbedCmd),
 }
 
 #[derive(Args, Debug)]

@@ -15,6 +15,7 @@ mod ship;
 mod status;
 mod table;
 mod template;
+mod testbed;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,6 +118,11 @@ impl Ctx {
 
 /// Runs the verb; the result is berth's exit code.
 fn run(cli: Cli) -> Result<u8> {
+    // Before any host state is opened: the testbed makes installations of its own.
+    let cli = match cli.cmd {
+        Cmd::Testbed(t) => return Ok(testbed::testbed(t, cli.json)),
+        _ => cli,
+    };
     let mut ctx = Ctx {
         host: Host::new(cli.root, cli.run_dir, cli.cgroup_parent)?,
         json: cli.json,
@@ -149,6 +155,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Gc => gc::gc(ctx)?,
         Cmd::Billing(a) => billing::billing(ctx, a)?,
         Cmd::Quota(a) => quota::quota(ctx, a)?,
+        Cmd::Testbed(_) => unreachable!("handled above"),
     }
     Ok(0)
 }
