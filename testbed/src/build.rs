@@ -428,7 +428,7 @@ fn ct_up(b: &Berth, topo: &Topology, host: i32, n: &Node) -> Result<i32> {
     b.ok(host, &["start", &id])?;
     let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["status", &id, "--json"])?)
         .map_err(|e| Error::failed(format!("status of CT {id}"), e.to_string()))?;
-    let pid = st["init_pid"]
+    let pid = st["ct"]["init_pid"]
         .as_i64()
         .ok_or_else(|| Error::failed(format!("status of CT {id}"), "no init_pid"))?
         as i32;

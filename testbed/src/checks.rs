@@ -329,12 +329,13 @@ fn drops(b: &Built, ctid: u32) -> Result<u64, String> {
         .ok(b.host_pid(), &["list", "-o", "ctid,drops", "--json"])
         .map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
-    v.as_array()
+    v["cts"]
+        .as_array()
         .and_then(|rows| {
             rows.iter()
                 .find(|r| r["ctid"].as_u64() == Some(u64::from(ctid)))
         })
-        .and_then(|r| r["drops"].as_u64())
+        .and_then(|r| r["traffic"]["drops"].as_u64())
         .ok_or_else(|| format!("no drops for CT {ctid}"))
 }
 
