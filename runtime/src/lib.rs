@@ -15,6 +15,7 @@ pub mod size;
 pub mod template;
 pub mod transfer_quota;
 pub mod userns;
+pub mod vzimport;
 
 pub use ctid::Ctid;
 pub use size::Size;
