@@ -1,5 +1,6 @@
 //! berth-runtime: the container model and everything that touches the kernel for a CT.
 
+pub mod autostart;
 pub mod billing;
 pub mod cgroups;
 pub mod config;

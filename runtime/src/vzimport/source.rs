@@ -111,6 +111,20 @@ impl Node {
         })
     }
 
+    /// A node with no conf directory (an archive carried off it): only `vz_conf`, if given.
+    pub fn bare(vz_conf: Option<&Path>) -> Result<Self, ImportError> {
+        let global = match vz_conf {
+            Some(p) => parse::parse(p, &read(p)?, None)?,
+            None => VzFile::default(),
+        };
+        Ok(Self {
+            conf_dir: PathBuf::from(DEFAULT_CONF_DIR),
+            global,
+            names: BTreeMap::new(),
+            classes: None,
+        })
+    }
+
     /// Every `CTID.conf` in the conf directory (not `0.conf`, the host's), sorted.
     pub fn ctids(&self) -> Result<Vec<u32>, ImportError> {
         let rd = fs::read_dir(&self.conf_dir).map_err(|source| ImportError::Io {
