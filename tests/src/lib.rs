@@ -15,6 +15,7 @@ pub mod probes;
 pub mod shaper;
 pub mod skip;
 pub mod template;
+pub mod vz;
 
 /// `n` as a CTID, for tests that name CTs by number.
 pub fn ct(n: u32) -> berth_runtime::Ctid {

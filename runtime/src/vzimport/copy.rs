@@ -69,7 +69,7 @@ pub fn shift_id(id: u32, base: u32, path: &Path) -> Result<u32, ImportError> {
 /// Rewrites the ids of a POSIX ACL xattr (version 2: a 4-byte header, then 8-byte entries of
 /// tag, perm, id; only ACL_USER (2) and ACL_GROUP (8) carry an id).
 pub fn shift_acl(value: &[u8], shift: (u32, u32), path: &Path) -> Result<Vec<u8>, ImportError> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) {
         return Err(ImportError::Invalid(format!(
             "{}: malformed POSIX ACL ({} bytes)",
             path.display(),

@@ -9,6 +9,7 @@
 
 pub mod copy;
 pub mod map;
+mod map_net;
 pub mod parse;
 pub mod source;
 

@@ -102,7 +102,7 @@ pub fn vz(ctx: &Ctx, a: &VzImportArgs) -> Result<()> {
         let tty = std::io::stderr().is_terminal();
         for p in &plans {
             let mut bar = |s: CopyStats| {
-                if tty && s.entries % 256 == 0 {
+                if tty && s.entries.is_multiple_of(256) {
                     eprint!(
                         "\r  CT {}: {} entries, {} MiB",
                         p.ctid(),
