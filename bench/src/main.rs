@@ -5,6 +5,7 @@
 //! directories of their own and is removed afterwards.
 
 mod datapath;
+mod import;
 mod isolation;
 mod metrics;
 mod net;
@@ -53,6 +54,8 @@ enum Bench {
     MetricsEncode(metrics::EncodeArgs),
     /// Fleet: 1000 CTs × one day of slots shipped into a private PostgreSQL, and a full replay.
     Ship(ship::ShipArgs),
+    /// OpenVZ import: a 1 GiB simfs private area vs cp -a, and the dry run of 100 configs.
+    Import(import::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Bench::Metrics(a) => metrics::run(&a),
         Bench::MetricsEncode(a) => metrics::encode(&a),
         Bench::Ship(a) => ship::run(&a),
+        Bench::Import(a) => import::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -173,6 +173,17 @@ pub fn build_tree(root: &Path) {
     xattr::set(root.join("home/alice/file"), "user.origin", b"openvz").unwrap();
     xattr::set(root.join("srv/shared"), "user.dir", b"d").unwrap();
     xattr::set(root.join("srv/sparse"), "trusted.secret", b"t").unwrap();
+    // A file capability as setcap writes it (v2: effective, cap_net_raw permitted).
+    fs::write(root.join("bin/ping"), "not really ping").unwrap();
+    xattr::set(root.join("bin/ping"), "security.capability", &fscaps_v2()).unwrap();
+}
+
+/// A v2 `security.capability` value: effective, cap_net_raw (13) permitted.
+pub fn fscaps_v2() -> Vec<u8> {
+    let mut v = 0x0200_0001u32.to_le_bytes().to_vec();
+    v.extend((1u32 << 13).to_le_bytes());
+    v.extend([0u8; 12]);
+    v
 }
 
 /// getfacl -n of every file with an ACL, for comparison (ids as numbers).
@@ -212,7 +223,7 @@ pub fn xattrs(root: &Path) -> BTreeMap<String, Vec<u8>> {
     for rel in ["home/alice/file", "srv/shared", "srv/sparse"] {
         for n in xattr::list(root.join(rel)).unwrap() {
             let n = n.to_string_lossy().into_owned();
-            if n.starts_with("system.posix_acl") {
+            if n.starts_with("system.posix_acl") || n == "security.capability" {
                 continue; // compared through getfacl, ids shifted
             }
             out.insert(

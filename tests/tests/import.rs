@@ -367,6 +367,14 @@ fn simfs_tree_and_vzdump_archive_import_identical() {
     assert_imported_same(&src, &dst, base, false);
     assert_eq!(acls(&src, 0), acls(&dst, base.0), "ACLs (ids shifted)");
     assert_eq!(xattrs(&src), xattrs(&dst));
+    // The file capability is v3 now, owned by the CT's root, so the kernel honours it inside.
+    let caps = xattr::get(dst.join("bin/ping"), "security.capability")
+        .unwrap()
+        .unwrap();
+    assert_eq!(caps.len(), 24, "{caps:?}");
+    assert_eq!(&caps[..4], &0x0300_0001u32.to_le_bytes());
+    assert_eq!(&caps[4..20], &fscaps_v2()[4..20]);
+    assert_eq!(&caps[20..], &base.0.to_le_bytes());
     let conf = fs::read_to_string(h.root.join("conf/301.toml")).unwrap();
     let cfg: toml::Value = toml::from_str(&conf).unwrap();
     assert_eq!(cfg["imported"]["from"].as_str(), Some("openvz"));
@@ -384,6 +392,10 @@ fn simfs_tree_and_vzdump_archive_import_identical() {
     let dst2 = h.root.join("private/302");
     assert_imported_same(&src, &dst2, (0, 0), false);
     assert_eq!(acls(&src, 0), acls(&dst2, 0));
+    assert_eq!(
+        xattr::get(dst2.join("bin/ping"), "security.capability").unwrap(),
+        Some(fscaps_v2())
+    );
     for rel in ["home/alice/file", "srv/shared"] {
         for a in ["system.posix_acl_access", "system.posix_acl_default"] {
             assert_eq!(

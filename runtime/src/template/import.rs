@@ -501,13 +501,13 @@ impl Extractor<'_> {
             let Some(k) = x.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
                 continue;
             };
-            let mut v = x.value_bytes().to_vec();
-            if let (Some(s), "system.posix_acl_access" | "system.posix_acl_default") =
-                (self.opts.shift, k)
-            {
-                v = crate::vzimport::shift_acl(&v, s, Path::new(name))
-                    .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))?;
-            }
+            let v = crate::vzimport::shift_xattr(
+                k,
+                x.value_bytes().to_vec(),
+                self.opts.shift,
+                Path::new(name),
+            )
+            .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))?;
             out.push((k.to_string(), v));
         }
         Ok(out)

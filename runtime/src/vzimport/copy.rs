@@ -90,6 +90,53 @@ pub fn shift_acl(value: &[u8], shift: (u32, u32), path: &Path) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// Rewrites a `security.capability` xattr for a CT whose root is host uid `root`: a v2 value
+/// (no owner, honoured only where host root is root) becomes v3 owned by the CT's root, a v3
+/// value's root id is shifted; without this, file capabilities (ping's cap_net_raw, ...)
+/// would be ignored inside the CT.
+pub fn shift_fscaps(value: &[u8], root: u32, path: &Path) -> Result<Vec<u8>, ImportError> {
+    const REV_MASK: u32 = 0xff00_0000;
+    const REV2: u32 = 0x0200_0000;
+    const REV3: u32 = 0x0300_0000;
+    let bad = || {
+        ImportError::Invalid(format!(
+            "{}: malformed security.capability ({} bytes)",
+            path.display(),
+            value.len()
+        ))
+    };
+    let magic = u32::from_le_bytes(value.get(..4).ok_or_else(bad)?.try_into().expect("4 bytes"));
+    match (magic & REV_MASK, value.len()) {
+        (REV2, 20) => {
+            let mut out = value.to_vec();
+            out[..4].copy_from_slice(&(REV3 | (magic & !REV_MASK)).to_le_bytes());
+            out.extend(root.to_le_bytes());
+            Ok(out)
+        }
+        (REV3, 24) => {
+            let id = u32::from_le_bytes(value[20..24].try_into().expect("4 bytes"));
+            let mut out = value.to_vec();
+            out[20..24].copy_from_slice(&shift_id(id, root, path)?.to_le_bytes());
+            Ok(out)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// An xattr's value as the CT's id range needs it (ACL ids, file capability owner).
+pub fn shift_xattr(
+    name: &str,
+    value: Vec<u8>,
+    shift: Option<(u32, u32)>,
+    path: &Path,
+) -> Result<Vec<u8>, ImportError> {
+    match (shift, name) {
+        (Some(s), ACL_ACCESS | ACL_DEFAULT) => shift_acl(&value, s, path),
+        (Some((u, _)), "security.capability") => shift_fscaps(&value, u, path),
+        _ => Ok(value),
+    }
+}
+
 struct Copier<'a> {
     shift: Option<(u32, u32)>,
     root_dev: u64,
@@ -119,9 +166,9 @@ impl Copier<'_> {
     }
 
     fn xattr_value(&self, name: &OsStr, v: Vec<u8>) -> Result<Vec<u8>, ImportError> {
-        match (self.shift, name.to_str()) {
-            (Some(s), Some(ACL_ACCESS | ACL_DEFAULT)) => shift_acl(&v, s, &self.src),
-            _ => Ok(v),
+        match name.to_str() {
+            Some(n) => shift_xattr(n, v, self.shift, &self.src),
+            None => Ok(v),
         }
     }
 
@@ -428,5 +475,30 @@ mod tests {
             .to_string();
         assert!(e.contains("/p/f") && e.contains("70000"), "{e}");
         assert!(shift_acl(&v[..7], (1, 1), Path::new("f")).is_err());
+    }
+
+    #[test]
+    fn file_capabilities_get_the_cts_root_as_owner() {
+        // v2, effective, cap_net_raw (bit 13) permitted.
+        let mut v2 = 0x0200_0001u32.to_le_bytes().to_vec();
+        v2.extend((1u32 << 13).to_le_bytes());
+        v2.extend([0u8; 12]);
+        let v3 = shift_fscaps(&v2, 100_000, Path::new("ping")).unwrap();
+        assert_eq!(v3.len(), 24);
+        assert_eq!(u32::from_le_bytes(v3[..4].try_into().unwrap()), 0x0300_0001);
+        assert_eq!(&v3[4..20], &v2[4..20]);
+        assert_eq!(u32::from_le_bytes(v3[20..].try_into().unwrap()), 100_000);
+        let again = shift_fscaps(
+            &v3[..20]
+                .iter()
+                .copied()
+                .chain(7u32.to_le_bytes())
+                .collect::<Vec<_>>(),
+            100_000,
+            Path::new("p"),
+        )
+        .unwrap();
+        assert_eq!(u32::from_le_bytes(again[20..].try_into().unwrap()), 100_007);
+        assert!(shift_fscaps(&v2[..10], 1, Path::new("p")).is_err());
     }
 }

@@ -29,7 +29,7 @@ use crate::net::Iface;
 use crate::template::{self, TemplateStore};
 use crate::userns;
 
-pub use copy::{CopyStats, copy_private, shift_acl};
+pub use copy::{CopyStats, copy_private, shift_acl, shift_fscaps, shift_xattr};
 pub use map::{Item, MapOpts, Mapped, Report, Verdict, map_ct};
 pub use parse::ParseError;
 pub use source::{Node, SourceCt};
