@@ -56,7 +56,7 @@ fn build_tree(root: &Path, size_mb: u64) -> Result<()> {
         }
         .min(left);
         let dir = root.join(format!("d{}", n / 500));
-        if n % 500 == 0 {
+        if n.is_multiple_of(500) {
             fs::create_dir_all(&dir)?;
         }
         // Different bytes per file, so nothing can be shared or deduplicated.
@@ -65,7 +65,7 @@ fn build_tree(root: &Path, size_mb: u64) -> Result<()> {
         }
         let p = dir.join(format!("f{n}"));
         fs::File::create(&p)?.write_all(&buf[..size as usize])?;
-        if n % 97 == 0 {
+        if n.is_multiple_of(97) {
             fs::hard_link(&p, dir.join(format!("h{n}")))?;
             std::os::unix::fs::symlink(format!("f{n}"), dir.join(format!("s{n}")))?;
             std::os::unix::fs::chown(&p, Some(1500), Some(1500))?;
