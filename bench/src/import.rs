@@ -42,6 +42,8 @@ fn sh(cmd: &mut Command) -> Result<()> {
 /// symlinks, a sparse file and owners above 1000.
 fn build_tree(root: &Path, size_mb: u64) -> Result<()> {
     fs::create_dir_all(root.join("etc"))?;
+    fs::create_dir_all(root.join("sbin"))?;
+    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init"))?;
     fs::write(root.join("etc/hostname"), "bench\n")?;
     let mut left = size_mb << 20;
     let small_budget = left * 3 / 10;
