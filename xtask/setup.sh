@@ -23,6 +23,7 @@ APT_PACKAGES=(
   hyperfine                                            # whole-process timings
   xz-utils zstd tar                                    # template import formats
   e2fsprogs quota xfsprogs                             # project quotas (--diskspace)
+  acl                                                  # import tests: setfacl/getfacl
 )
 
 missing=()
@@ -80,5 +81,16 @@ fi
 if ! mountpoint -q /sys/fs/bpf; then
   log "mounting bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf
+fi
+# The boot unit (start onboot CTs, stop all at shutdown): installed, not enabled or started —
+# enabling it is the hoster's decision (`systemctl enable berth.service`).
+unit_src="$(dirname "$0")/../userspace/systemd/berth.service"
+unit_dst=/etc/systemd/system/berth.service
+if ! cmp -s "$unit_src" "$unit_dst"; then
+  log "installing $unit_dst (not enabled)"
+  install -m 0644 "$unit_src" "$unit_dst"
+  if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+else
+  log "berth.service present"
 fi
 log "done"

@@ -5,6 +5,7 @@
 //! directories of their own and is removed afterwards.
 
 mod datapath;
+mod import;
 mod isolation;
 mod metrics;
 mod net;
@@ -61,6 +62,8 @@ enum Bench {
     /// Testbed: `up`/`down` of 2 routed + 2 bridged CTs with berthd vs plain namespaces, and
     /// concurrent `berth testbed run`s vs a single one.
     Testbed(testbed::TestbedArgs),
+    /// OpenVZ import: a 1 GiB simfs private area vs cp -a, and the dry run of 100 configs.
+    Import(import::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Bench::Ship(a) => ship::run(&a),
         Bench::Quota(a) => quota::run(&a),
         Bench::Testbed(a) => testbed::run(&a),
+        Bench::Import(a) => import::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -297,6 +297,33 @@ pub struct CtConfig {
     /// [`crate::transfer_quota`]).
     #[serde(default, skip_serializing_if = "QuotaConfig::is_empty")]
     pub quota: QuotaConfig,
+    /// Started by `berth start --all-onboot` (the boot unit) when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub onboot: bool,
+    /// Boot order among `onboot` CTs: higher starts first, unset last (OpenVZ's BOOTORDER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootorder: Option<u32>,
+    /// Where an imported CT came from (`berth import vz`); absent for CTs made here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<ImportOrigin>,
+}
+
+/// The note `berth import` leaves in the config of a CT it made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportOrigin {
+    /// The system it came from (`openvz`).
+    pub from: String,
+    /// Its CTID there.
+    pub source_ctid: u32,
+    /// The config file it was read from (for an archive: the archive and the path inside).
+    pub config: String,
+    /// The private area or archive its files were copied from.
+    pub private: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ostemplate: Option<String>,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 fn default_init() -> String {
@@ -327,6 +354,9 @@ impl CtConfig {
             shaping: None,
             billing: BillingConfig::default(),
             quota: QuotaConfig::default(),
+            onboot: false,
+            bootorder: None,
+            imported: None,
         }
     }
 

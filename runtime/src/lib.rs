@@ -1,5 +1,6 @@
 //! berth-runtime: the container model and everything that touches the kernel for a CT.
 
+pub mod autostart;
 pub mod billing;
 pub mod cgroups;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod size;
 pub mod template;
 pub mod transfer_quota;
 pub mod userns;
+pub mod vzimport;
 
 pub use ctid::Ctid;
 pub use size::Size;

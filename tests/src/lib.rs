@@ -15,6 +15,7 @@ pub mod probes;
 pub mod shaper;
 pub mod skip;
 pub mod template;
+pub mod vz;
 pub mod webhook;
 
 /// `n` as a CTID, for tests that name CTs by number.

@@ -16,7 +16,7 @@ mod hooks;
 mod monitor;
 mod mount;
 pub mod seccomp;
-mod set;
+pub(crate) mod set;
 mod set_undo;
 mod start;
 mod stop;

@@ -201,7 +201,7 @@ pub(super) fn bridged_settings(l: &net::IfaceState) -> net::BridgedIface {
 
 /// Refuses routed addresses another CT's config claims or the host (or a running CT's host
 /// route) holds.
-pub(super) fn check_addrs_free(host: &Host, ctid: Ctid, addrs: &[IpAddr]) -> Result<()> {
+pub(crate) fn check_addrs_free(host: &Host, ctid: Ctid, addrs: &[IpAddr]) -> Result<()> {
     let others: Vec<(Ctid, CtConfig)> = host
         .list_ctids()?
         .into_iter()

@@ -121,10 +121,25 @@ impl<R: Read> Read for EofWatch<R> {
     }
 }
 
+/// How [`extract_with`] treats what a template import does not keep.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ExtractOpts {
+    /// Added to every owner (an unprivileged CT's id range); ids at or above
+    /// [`crate::userns::RANGE`] are refused when set.
+    pub shift: Option<(u32, u32)>,
+    /// Create device nodes instead of skipping them.
+    pub devices: bool,
+    /// Apply `SCHILY.xattr.*` PAX records (GNU tar's --xattrs/--acls), ACL ids shifted.
+    pub xattrs: bool,
+    /// Leave runs of zeros as holes (what `tar --sparse` archived as holes reads back as zeros).
+    pub sparse: bool,
+}
+
 struct Extractor<'a> {
     archive: &'a Path,
     root: PathBuf,
     same_owner: bool,
+    opts: ExtractOpts,
     /// Directories known to be real directories (never replaced later: see `place`).
     dirs: HashSet<PathBuf>,
     /// Directory modes and times, applied last (writing children changes a directory's mtime,
@@ -217,6 +232,24 @@ impl Extractor<'_> {
         let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
             return Err(self.corrupt(format!("{}: owner {uid}:{gid} out of range", abs.display())));
         };
+        let (uid, gid) = match self.opts.shift {
+            None => (uid, gid),
+            Some((ub, gb)) => {
+                let shifted = |id: u32, base: u32| {
+                    (id < crate::userns::RANGE).then_some(base + id).ok_or_else(|| {
+                        TemplateError::Refused {
+                            op: "import",
+                            path: abs.to_path_buf(),
+                            why: format!(
+                                "owned by id {id}, which an unprivileged CT's {} ids cannot map; import with --privileged",
+                                crate::userns::RANGE
+                            ),
+                        }
+                    })
+                };
+                (shifted(uid, ub)?, shifted(gid, gb)?)
+            }
+        };
         let flag = if follow {
             nix::fcntl::AtFlags::empty()
         } else {
@@ -293,7 +326,9 @@ impl Extractor<'_> {
                     Err(err) => return Err(io_err("stat", &abs)(err)),
                 }
                 self.dirs.insert(rel);
+                let xattrs = self.pax_xattrs(&mut e, &name)?;
                 self.chown(&abs, uid, gid, true)?;
+                self.set_xattrs(&abs, &xattrs)?;
                 self.dir_meta.push((abs, mode, mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
@@ -306,14 +341,20 @@ impl Extractor<'_> {
                     .open(&abs)
                     .map_err(io_err("create", &abs))?;
                 let want = e.size();
-                let got = io::copy(&mut e, &mut f)
-                    .map_err(|err| self.corrupt(format!("entry {name:?}: {}", ErrorChain(&err))))?;
+                let xattrs = self.pax_xattrs(&mut e, &name)?;
+                let got = if self.opts.sparse {
+                    copy_sparse(&mut e, &mut f)
+                } else {
+                    io::copy(&mut e, &mut f)
+                }
+                .map_err(|err| self.corrupt(format!("entry {name:?}: {}", ErrorChain(&err))))?;
                 if kind != EntryType::GNUSparse && got != want {
                     return Err(self.corrupt(format!("entry {name:?}: got {got} of {want} bytes")));
                 }
                 self.chown(&abs, uid, gid, true)?;
                 f.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(io_err("chmod", &abs))?;
+                self.set_xattrs(&abs, &xattrs)?;
                 nix::sys::stat::futimens(&f, &mtime, &mtime).map_err(nix_err("set times", &abs))?;
                 self.files += 1;
             }
@@ -396,6 +437,38 @@ impl Extractor<'_> {
                 .map_err(nix_err("set times", &abs))?;
                 self.files += 1;
             }
+            EntryType::Char | EntryType::Block if self.opts.devices => {
+                let dev = |v: io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
+                let (maj, min) = (
+                    dev(e.header().device_major()),
+                    dev(e.header().device_minor()),
+                );
+                self.clear_for(&abs, &rel, &name)?;
+                let kind = if kind == EntryType::Char {
+                    nix::sys::stat::SFlag::S_IFCHR
+                } else {
+                    nix::sys::stat::SFlag::S_IFBLK
+                };
+                nix::sys::stat::mknod(
+                    &abs,
+                    kind,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    nix::sys::stat::makedev(maj.into(), min.into()),
+                )
+                .map_err(nix_err("create device node", &abs))?;
+                self.chown(&abs, uid, gid, false)?;
+                fs::set_permissions(&abs, fs::Permissions::from_mode(mode))
+                    .map_err(io_err("chmod", &abs))?;
+                nix::sys::stat::utimensat(
+                    AT_FDCWD,
+                    &abs,
+                    &mtime,
+                    &mtime,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(nix_err("set times", &abs))?;
+                self.files += 1;
+            }
             EntryType::Char | EntryType::Block => {
                 tracing::debug!(entry = %name, "skipping device node: berth provides /dev");
                 self.skipped_devices += 1;
@@ -403,6 +476,46 @@ impl Extractor<'_> {
             other => {
                 tracing::debug!(entry = %name, kind = ?other, "skipping unsupported tar entry type");
             }
+        }
+        Ok(())
+    }
+
+    /// The entry's `SCHILY.xattr.*` records, when asked for, ACL ids shifted.
+    fn pax_xattrs<R: Read>(
+        &self,
+        e: &mut tar::Entry<'_, R>,
+        name: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        if !self.opts.xattrs {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let Some(exts) = e
+            .pax_extensions()
+            .map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?
+        else {
+            return Ok(out);
+        };
+        for x in exts {
+            let x = x.map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?;
+            let Some(k) = x.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
+                continue;
+            };
+            let v = crate::vzimport::shift_xattr(
+                k,
+                x.value_bytes().to_vec(),
+                self.opts.shift,
+                Path::new(name),
+            )
+            .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))?;
+            out.push((k.to_string(), v));
+        }
+        Ok(out)
+    }
+
+    fn set_xattrs(&self, abs: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<()> {
+        for (k, v) in xattrs {
+            xattr::set(abs, k, v).map_err(io_err("set xattr on", abs))?;
         }
         Ok(())
     }
@@ -427,6 +540,11 @@ impl Extractor<'_> {
 /// Extracts `archive` into the (empty, existing) directory `root`. Public within the crate for
 /// tests that want to look at the result of a rejected archive.
 pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
+    extract_with(archive, root, ExtractOpts::default())
+}
+
+/// Opens `archive` for reading, decompressed by what its first bytes say it is.
+fn open_archive(archive: &Path) -> Result<Box<dyn Read>> {
     let file = File::open(archive).map_err(io_err("open archive", archive))?;
     let mut buf = BufReader::with_capacity(1 << 20, file);
     let head = {
@@ -448,6 +566,53 @@ pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
                 .map_err(io_err("start zstd decoder for", archive))?,
         ),
     };
+    Ok(reader)
+}
+
+/// The contents of the regular file `member` (a clean relative path) in `archive`, without
+/// extracting anything; `None` if the archive has no such regular file.
+pub(crate) fn read_member(archive: &Path, member: &Path, max: u64) -> Result<Option<Vec<u8>>> {
+    let mut ar = tar::Archive::new(open_archive(archive)?);
+    let corrupt = |why: String| TemplateError::Corrupt {
+        archive: archive.to_path_buf(),
+        why,
+    };
+    let entries = ar
+        .entries()
+        .map_err(|err| corrupt(ErrorChain(&err).to_string()))?;
+    for e in entries {
+        let mut e = e.map_err(|err| corrupt(ErrorChain(&err).to_string()))?;
+        let raw = e.path_bytes().into_owned();
+        if sanitize(&raw).ok().flatten().as_deref() != Some(member) {
+            continue;
+        }
+        if !matches!(
+            e.header().entry_type(),
+            EntryType::Regular | EntryType::Continuous
+        ) {
+            return Err(TemplateError::UnsafeEntry {
+                archive: archive.to_path_buf(),
+                entry: member.display().to_string(),
+                why: "is not a regular file".into(),
+            });
+        }
+        if e.size() > max {
+            return Err(corrupt(format!(
+                "{} is larger than {max} bytes",
+                member.display()
+            )));
+        }
+        let mut buf = Vec::new();
+        e.read_to_end(&mut buf)
+            .map_err(|err| corrupt(ErrorChain(&err).to_string()))?;
+        return Ok(Some(buf));
+    }
+    Ok(None)
+}
+
+/// [`extract`] with the options an OpenVZ archive import needs.
+pub(crate) fn extract_with(archive: &Path, root: &Path, opts: ExtractOpts) -> Result<()> {
+    let reader = open_archive(archive)?;
     let mut watch = EofWatch {
         inner: reader,
         hit_eof: false,
@@ -456,6 +621,7 @@ pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
         archive,
         root: root.to_path_buf(),
         same_owner: nix::unistd::geteuid().is_root(),
+        opts,
         dirs: HashSet::new(),
         dir_meta: Vec::new(),
         files: 0,
@@ -488,6 +654,30 @@ pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
         tracing::info!(archive = %archive.display(), count = x.skipped_devices, "skipped device nodes");
     }
     Ok(())
+}
+
+/// Writes `r` into `f`, seeking over 4 KiB blocks of zeros so they stay holes; returns the
+/// bytes read.
+fn copy_sparse(r: &mut impl Read, f: &mut File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for chunk in buf[..n].chunks(4096) {
+            if chunk.iter().all(|&b| b == 0) {
+                f.seek(SeekFrom::Current(chunk.len() as i64))?;
+            } else {
+                f.write_all(chunk)?;
+            }
+        }
+        total += n as u64;
+    }
+    f.set_len(total)?;
+    Ok(total)
 }
 
 /// Which init the tree boots and which signal powers it off. sysvinit only halts on SIGPWR with a

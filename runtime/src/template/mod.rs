@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use build::{DebianInit, UnknownInit};
 pub use copy::remove_tree_fast;
 pub(crate) use fsutil::mounts;
+pub(crate) use import::{ExtractOpts, detect_init, extract_with, read_member};
 
 /// File holding a template's metadata, next to its `rootfs/`.
 pub const METADATA_FILE: &str = "template.toml";

@@ -39,13 +39,23 @@ pub struct Cli {
 pub enum Cmd {
     /// Create a CT from a template.
     Create(Box<CreateArgs>),
-    /// Boot a CT.
+    /// Boot a CT, or with --all-onboot every CT with `onboot` in boot order.
     Start {
-        ct: String,
+        #[arg(required_unless_present = "all_onboot", conflicts_with = "all_onboot")]
+        ct: Option<String>,
+        /// Every CT with `onboot = true`, by `bootorder` (higher first, unset last), the CTs
+        /// of one level in parallel (what the boot unit runs).
+        #[arg(long)]
+        all_onboot: bool,
     },
     /// Halt a CT (the distro's halt signal, then kill what is left after stop_timeout).
     Stop {
-        ct: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ct: Option<String>,
+        /// Every running CT, in the reverse of the boot order (what the boot unit runs at
+        /// shutdown).
+        #[arg(long)]
+        all: bool,
         /// Kill everything at once instead of asking init to halt.
         #[arg(long)]
         fast: bool,
@@ -108,6 +118,49 @@ pub enum Cmd {
     /// Network testbeds of CTs and namespaces from a TOML topology, with built-in checks.
     #[command(subcommand)]
     Testbed(crate::testbed::TestbedCmd),
+    /// Import containers from another system.
+    #[command(subcommand)]
+    Import(ImportCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImportCmd {
+    /// OpenVZ (vzctl) CTs: configs, names, private areas or vzdump archives, with a report of
+    /// what each setting became (MAP / APPROX / DROP).
+    Vz(VzImportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VzImportArgs {
+    /// A CTID, or `all` for every CTID.conf in the conf directory.
+    pub target: String,
+    /// The node's per-CT configs.
+    #[arg(long, default_value = "/etc/vz/conf")]
+    pub conf_dir: std::path::PathBuf,
+    /// The node's global config (default /etc/vz/vz.conf, if present).
+    #[arg(long)]
+    pub vz_conf: Option<std::path::PathBuf>,
+    /// The CT's simfs private area (default: VE_PRIVATE of its config).
+    #[arg(long, conflicts_with = "archive")]
+    pub private: Option<std::path::PathBuf>,
+    /// A vzdump archive of the CT (its config is read from ./etc/vzdump/vps.conf inside).
+    #[arg(long)]
+    pub archive: Option<std::path::PathBuf>,
+    /// Print the report and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Refuse a CT that would lose a setting that matters (a capability turned on, a device).
+    #[arg(long)]
+    pub strict: bool,
+    /// CPUs of the source node (needed for a CPULIMIT in %).
+    #[arg(long)]
+    pub source_cpus: Option<u32>,
+    /// Where NAMESERVER/SEARCHDOMAIN "inherit" are resolved.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: std::path::PathBuf,
+    /// No user namespace: the CT's root is the host's root (for trusted workloads only).
+    #[arg(long)]
+    pub privileged: bool,
 }
 
 #[derive(Args, Debug)]

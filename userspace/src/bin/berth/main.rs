@@ -1,9 +1,11 @@
 //! `berth`: the vzctl-style command line of berth. `main` parses and dispatches to one function
 //! per verb; the verbs' modules call the library and print.
 
+mod autostart;
 mod billing;
 mod cli;
 mod gc;
+mod import;
 mod lifecycle;
 mod list;
 mod netclass;
@@ -135,8 +137,12 @@ fn run(cli: Cli) -> Result<u8> {
     let ctx = &mut ctx;
     match cli.cmd {
         Cmd::Create(a) => lifecycle::create(ctx, *a)?,
-        Cmd::Start { ct } => lifecycle::start(ctx, &ct)?,
-        Cmd::Stop { ct, fast } => lifecycle::stop(ctx, &ct, fast)?,
+        Cmd::Start { ct: Some(ct), .. } => lifecycle::start(ctx, &ct)?,
+        Cmd::Start { ct: None, .. } => return autostart::start_all_onboot(ctx),
+        Cmd::Stop {
+            ct: Some(ct), fast, ..
+        } => lifecycle::stop(ctx, &ct, fast)?,
+        Cmd::Stop { ct: None, fast, .. } => return autostart::stop_all(ctx, fast),
         Cmd::Restart { ct } => lifecycle::restart(ctx, &ct)?,
         Cmd::Destroy { ct } => lifecycle::destroy(ctx, &ct)?,
         Cmd::Mount { ct } => lifecycle::mount(ctx, &ct)?,
@@ -155,6 +161,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Gc => gc::gc(ctx)?,
         Cmd::Billing(a) => billing::billing(ctx, a)?,
         Cmd::Quota(a) => quota::quota(ctx, a)?,
+        Cmd::Import(cli::ImportCmd::Vz(a)) => import::vz(ctx, &a)?,
         Cmd::Testbed(_) => unreachable!("handled above"),
     }
     Ok(0)

@@ -1,0 +1,154 @@
+//! import vz: OpenVZ CTs onto this host, with the report of what each setting became.
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result, bail};
+use berth::datapath::parse_networks_classes;
+use berth_runtime::vzimport::{self, CopyStats, FilesFrom, ImportRun, MapOpts, Node, Plan};
+use serde_json::{Value, json};
+
+use crate::Ctx;
+use crate::cli::VzImportArgs;
+
+fn plan_json(p: &Plan, imported: bool) -> Result<Value> {
+    Ok(json!({
+        "ctid": p.ctid(),
+        "config_file": p.config,
+        "files": p.files,
+        "imported": imported,
+        "items": p.mapped.report.items,
+        "warnings": p.mapped.report.warnings,
+        "scripts": p.mapped.report.scripts,
+        "config": serde_json::to_value(&p.mapped.cfg)?,
+    }))
+}
+
+fn print_plan(p: &Plan) {
+    let r = &p.mapped.report;
+    let files = match &p.files {
+        FilesFrom::Simfs(d) => format!("simfs {}", d.display()),
+        FilesFrom::Archive(a) => format!("archive {}", a.display()),
+    };
+    println!("CT {} (config {}, files {files})", r.ctid, p.config);
+    println!(
+        "  {:<14} {:<7} {:<38} RULE / REASON",
+        "KEY", "VERDICT", "BECOMES"
+    );
+    for i in &r.items {
+        println!(
+            "  {:<14} {:<7} {:<38} {}{}",
+            i.key,
+            i.verdict.to_string(),
+            i.target.as_deref().unwrap_or("-"),
+            i.rule,
+            if i.matters {
+                " [matters: --strict refuses]"
+            } else {
+                ""
+            }
+        );
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+pub fn vz(ctx: &Ctx, a: &VzImportArgs) -> Result<()> {
+    let opts = MapOpts {
+        source_cpus: a.source_cpus,
+        resolv_conf: Some(a.resolv_conf.clone()),
+    };
+    let node = if a.archive.is_some() && !a.conf_dir.is_dir() {
+        Node::bare(a.vz_conf.as_deref())?
+    } else {
+        Node::open(&a.conf_dir, a.vz_conf.as_deref())?
+    };
+    let ctids: Vec<u32> = if a.target == "all" {
+        if a.archive.is_some() || a.private.is_some() {
+            bail!("--archive and --private name one CT's files: give its CTID, not `all`");
+        }
+        node.ctids()?
+    } else {
+        vec![
+            a.target
+                .parse()
+                .with_context(|| format!("{:?} is neither a CTID nor `all`", a.target))?,
+        ]
+    };
+    // Every CT is planned (read, mapped, checked) before the first is made.
+    let mut plans = Vec::new();
+    for &c in &ctids {
+        let p = match &a.archive {
+            Some(ar) => vzimport::plan_archive(&node, c, ar, &opts, a.strict),
+            None => vzimport::plan(&node, c, a.private.as_deref(), &opts, a.strict),
+        };
+        plans.push(p.with_context(|| format!("OpenVZ CT {c}"))?);
+    }
+    let classes = match &node.classes {
+        Some((path, text)) => {
+            let entries =
+                parse_networks_classes(text).with_context(|| format!("{}", path.display()))?;
+            Some(json!({
+                "path": path,
+                "entries": entries.len(),
+                "verdict": "MAP",
+                "rule": format!("the node's network classes: load them with `berth netclass load {}`", path.display()),
+            }))
+        }
+        None => None,
+    };
+    let mut imported = Vec::new();
+    if !a.dry_run {
+        let tty = std::io::stderr().is_terminal();
+        for p in &plans {
+            let mut bar = |s: CopyStats| {
+                if tty && s.entries.is_multiple_of(256) {
+                    eprint!(
+                        "\r  CT {}: {} entries, {} MiB",
+                        p.ctid(),
+                        s.entries,
+                        s.bytes >> 20
+                    );
+                }
+            };
+            let run = ImportRun {
+                privileged: a.privileged,
+                progress: Some(&mut bar),
+            };
+            vzimport::import(&ctx.host, p, run)
+                .with_context(|| format!("import OpenVZ CT {}", p.ctid()))?;
+            if tty {
+                eprintln!();
+            }
+            imported.push(p.ctid());
+        }
+        if a.privileged && !plans.is_empty() {
+            eprintln!(
+                "berth: warning: imported CTs are privileged: their root is root on the host. Privileged CTs are for trusted workloads only."
+            );
+        }
+    }
+    let v = json!({
+        "dry_run": a.dry_run,
+        "cts": plans.iter().map(|p| plan_json(p, imported.contains(&p.ctid()))).collect::<Result<Vec<_>>>()?,
+        "networks_classes": classes,
+    });
+    ctx.print(v, || {
+        for p in &plans {
+            print_plan(p);
+            if imported.contains(&p.ctid()) {
+                println!("  imported as CT {}", p.ctid());
+            }
+        }
+        if let Some(c) = &classes {
+            println!(
+                "networks_classes: {}",
+                c["rule"].as_str().unwrap_or_default()
+            );
+        }
+        if a.dry_run {
+            println!("dry run: nothing changed");
+        }
+    });
+    Ok(())
+}
