@@ -693,7 +693,7 @@ fn start_all_onboot_follows_bootorder_and_stop_all_stops_everything() {
         started(601) <= started(602) && started(602) <= started(604),
         "order"
     );
-    assert_eq!(h.status("605")["state"], "stopped");
+    assert_eq!(h.status("605")["status"], "stopped");
     // Started ones are skipped the second time.
     let v = h.json(&["start", "--all-onboot"]);
     assert_eq!(v["started"], serde_json::json!([]), "{v}");
@@ -705,7 +705,7 @@ fn start_all_onboot_follows_bootorder_and_stop_all_stops_everything() {
         "{v}"
     );
     for c in ["601", "602", "603", "604", "605"] {
-        assert_eq!(h.status(c)["state"], "stopped");
+        assert_eq!(h.status(c)["status"], "stopped");
         h.ok(&["destroy", c]);
     }
     h.assert_clean();
