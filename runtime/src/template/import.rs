@@ -225,6 +225,24 @@ impl Extractor<'_> {
         }
     }
 
+    /// Owner, mode and times of a fifo or device node just made (created 0600: nothing can open
+    /// it with the archive's mode before its owner is set).
+    fn finish_special(
+        &mut self,
+        abs: &Path,
+        uid: u64,
+        gid: u64,
+        mode: u32,
+        mtime: &TimeSpec,
+    ) -> Result<()> {
+        self.chown(abs, uid, gid, false)?;
+        fs::set_permissions(abs, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", abs))?;
+        nix::sys::stat::utimensat(AT_FDCWD, abs, mtime, mtime, UtimensatFlags::NoFollowSymlink)
+            .map_err(nix_err("set times", abs))?;
+        self.files += 1;
+        Ok(())
+    }
+
     fn chown(&self, abs: &Path, uid: u64, gid: u64, follow: bool) -> Result<()> {
         if !self.same_owner {
             return Ok(());
@@ -424,18 +442,7 @@ impl Extractor<'_> {
                 self.clear_for(&abs, &rel, &name)?;
                 nix::unistd::mkfifo(&abs, nix::sys::stat::Mode::from_bits_truncate(0o600))
                     .map_err(nix_err("create fifo", &abs))?;
-                self.chown(&abs, uid, gid, false)?;
-                fs::set_permissions(&abs, fs::Permissions::from_mode(mode))
-                    .map_err(io_err("chmod", &abs))?;
-                nix::sys::stat::utimensat(
-                    AT_FDCWD,
-                    &abs,
-                    &mtime,
-                    &mtime,
-                    UtimensatFlags::NoFollowSymlink,
-                )
-                .map_err(nix_err("set times", &abs))?;
-                self.files += 1;
+                self.finish_special(&abs, uid, gid, mode, &mtime)?;
             }
             EntryType::Char | EntryType::Block if self.opts.devices => {
                 let dev = |v: io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
@@ -456,18 +463,7 @@ impl Extractor<'_> {
                     nix::sys::stat::makedev(maj.into(), min.into()),
                 )
                 .map_err(nix_err("create device node", &abs))?;
-                self.chown(&abs, uid, gid, false)?;
-                fs::set_permissions(&abs, fs::Permissions::from_mode(mode))
-                    .map_err(io_err("chmod", &abs))?;
-                nix::sys::stat::utimensat(
-                    AT_FDCWD,
-                    &abs,
-                    &mtime,
-                    &mtime,
-                    UtimensatFlags::NoFollowSymlink,
-                )
-                .map_err(nix_err("set times", &abs))?;
-                self.files += 1;
+                self.finish_special(&abs, uid, gid, mode, &mtime)?;
             }
             EntryType::Char | EntryType::Block => {
                 tracing::debug!(entry = %name, "skipping device node: berth provides /dev");
