@@ -365,7 +365,11 @@ fn sigkill_of_the_supervisor_during_up_then_gc_leaves_the_host_as_before() {
             },
             out.status.code()
         );
-        if !whole_job {
+        // The kill moments reach past the reference `up` time, and a round's `up` can be faster
+        // than the reference: then `up` handed the run over (exit 0) before the kill, nobody is
+        // left to clean it, and gc must remove it like a whole-job kill.
+        let handed_over = out.status.code() == Some(0);
+        if !whole_job && !handed_over {
             assert_eq!(out.status.code(), Some(2), "up must fail as a setup error");
         }
         // The kernel tore the pid namespace down with its init.
@@ -387,7 +391,7 @@ fn sigkill_of_the_supervisor_during_up_then_gc_leaves_the_host_as_before() {
         let gc = env.run(&["gc", "--json"]);
         assert!(gc.status.success(), "gc: {}", text(&gc.stderr));
         let v: Value = serde_json::from_slice(&gc.stdout).expect("gc --json");
-        let left_runs = usize::from(whole_job);
+        let left_runs = usize::from(whole_job || handed_over);
         assert_eq!(v["runs"].as_array().map(Vec::len), Some(left_runs), "{v}");
         assert_eq!(
             v["cgroups"].as_array().map(Vec::len),
