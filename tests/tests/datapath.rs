@@ -929,22 +929,40 @@ fn end_to_end_counts_polices_and_outlives_the_loader() -> Result<()> {
     let _ = server.kill();
     server.wait()?;
     ensure!(ok, "iperf3 never ran");
-    let rows = dp.counters()?;
-    let d_out = totals(&rows, Direction::Out, |_| true).bytes - base_out.bytes;
-    let d_in = totals(&rows, Direction::In, |_| true).bytes - base_in.bytes;
-    let d_drop = drop_totals(&dp.drops()?, Direction::Out, None).bytes;
-    let d_rx = h.if_stat(&pair.host_if, "rx_bytes")? - base_rx;
-    let d_tx = h.if_stat(&pair.host_if, "tx_bytes")? - base_tx;
-    ensure!(d_drop == 0, "legitimate TCP dropped: {:?}", dp.drops()?);
-    // The egress hook runs before veth_xmit, which may still drop a frame when the peer's
-    // backlog is full under --bidir load (counted in tx_dropped, not tx_bytes): such a frame is
-    // billed traffic that did not leave. Anything else must match to the byte.
-    let d_tx_drop = h.if_stat(&pair.host_if, "tx_dropped")? - base_tx_drop;
+    ensure!(
+        drop_totals(&dp.drops()?, Direction::Out, None).bytes == 0,
+        "legitimate TCP dropped: {:?}",
+        dp.drops()?
+    );
+    // The counters and the interface's statistics are read one after the other, and veth adds a
+    // frame to its statistics only after the peer has taken it (veth_xmit, 6.18), so a frame in
+    // flight at the moment of reading (a late ACK, an MLD report) shows on one side only: read
+    // again until both agree, a short while; a real miscount never agrees.
+    let mut settle = 0;
+    let (rows, d_out, d_in, d_rx, d_tx, d_tx_drop) = loop {
+        let rows = dp.counters()?;
+        let d_out = totals(&rows, Direction::Out, |_| true).bytes - base_out.bytes;
+        let d_in = totals(&rows, Direction::In, |_| true).bytes - base_in.bytes;
+        let d_rx = h.if_stat(&pair.host_if, "rx_bytes")? - base_rx;
+        let d_tx = h.if_stat(&pair.host_if, "tx_bytes")? - base_tx;
+        // The egress hook runs before veth_xmit, which may still drop a frame when the peer's
+        // backlog is full under --bidir load (counted in tx_dropped, not tx_bytes): such a frame
+        // is billed traffic that did not leave. Anything else must match to the byte.
+        let d_tx_drop = h.if_stat(&pair.host_if, "tx_dropped")? - base_tx_drop;
+        let agree = d_out == d_rx
+            && (d_in == d_tx
+                || (d_in > d_tx && d_tx_drop > 0 && d_in - d_tx <= d_tx_drop * 65_550));
+        settle += 1;
+        if agree || settle == 20 {
+            break (rows, d_out, d_in, d_rx, d_tx, d_tx_drop);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     ensure!(
         d_out == d_rx
             && (d_in == d_tx
                 || (d_in > d_tx && d_tx_drop > 0 && d_in - d_tx <= d_tx_drop * 65_550)),
-        "iperf3: out {d_out} vs rx {d_rx}, in {d_in} vs tx {d_tx} (tx_dropped {d_tx_drop})"
+        "iperf3 after {settle} reads: out {d_out} vs rx {d_rx}, in {d_in} vs tx {d_tx} (tx_dropped {d_tx_drop})"
     );
     ensure!(
         d_out > 1_000_000 && d_in > 1_000_000,
