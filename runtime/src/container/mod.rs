@@ -338,6 +338,15 @@ fn lock(host: &Host, ctid: Ctid) -> Result<CtLock> {
     Ok(CtLock::acquire(&host.lock_path(ctid), lock_timeout())?)
 }
 
+/// The CT's lock and its config as read under it. The config is read first only to refuse an
+/// unknown CT before a lock file is made for it; a copy read before the lock is stale once a
+/// concurrent `set --save` commits, and acting on it loses that change.
+fn lock_loaded(host: &Host, ctid: Ctid) -> Result<(CtLock, CtConfig)> {
+    CtConfig::load(host, ctid)?;
+    let l = lock(host, ctid)?;
+    Ok((l, CtConfig::load(host, ctid)?))
+}
+
 fn net_err(ctid: Ctid) -> impl FnOnce(NetError) -> CtError {
     move |source| CtError::Net { ctid, source }
 }

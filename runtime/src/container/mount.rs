@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
-use super::{CtError, Result, io_err, lock, running, state};
+use super::{CtError, Result, io_err, lock, lock_loaded, running, state};
 use crate::config::{CtConfig, Host, PrivateLayout};
 use crate::ctid::Ctid;
 use crate::template::TemplateStore;
@@ -142,8 +142,7 @@ pub(super) fn unbind_private(host: &Host, ctid: Ctid) -> Result<()> {
 }
 
 pub fn mount_ct(host: &Host, ctid: Ctid) -> Result<()> {
-    let cfg = CtConfig::load(host, ctid)?;
-    let _lock = lock(host, ctid)?;
+    let (_lock, cfg) = lock_loaded(host, ctid)?;
     bind_private(host, &cfg)?;
     Ok(())
 }

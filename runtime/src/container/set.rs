@@ -16,8 +16,8 @@ use super::mount::files_view;
 use super::set_undo::{Journal, NetUndo, Undo};
 use super::state::RunState;
 use super::{
-    CtError, NetHooks, Result, cg_err, cgroup, exec, hook_err, io_err, lock, net_err, open_ns,
-    resources_of, running,
+    CtError, NetHooks, Result, cg_err, cgroup, exec, hook_err, io_err, lock_loaded, net_err,
+    open_ns, resources_of, running,
 };
 use crate::billing::{BillingChange, BillingConfig};
 use crate::cgroups::{Cgroup, CgroupManager, Resources, SavedLimits};
@@ -436,8 +436,7 @@ pub fn set(
     save: bool,
     hooks: &mut dyn NetHooks,
 ) -> Result<()> {
-    let mut cfg = CtConfig::load(host, ctid)?;
-    let _lock = lock(host, ctid)?;
+    let (_lock, mut cfg) = lock_loaded(host, ctid)?;
     let run = running(host, ctid);
     if run.is_none() && !save {
         return Err(CtError::NeedSave(ctid));

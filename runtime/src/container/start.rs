@@ -20,8 +20,8 @@ use super::mount::{bind_private, unbind_private};
 use super::state::{self, LastExit, RunState};
 use super::stop::cleanup_stopped;
 use super::{
-    CtError, NetHooks, Result, cg_err, cgroup, ensure_uuid, hook_err, init, io_err, lock, net_err,
-    open_ns, resources_of, running,
+    CtError, NetHooks, Result, cg_err, cgroup, ensure_uuid, hook_err, init, io_err, lock_loaded,
+    net_err, open_ns, resources_of, running,
 };
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host, UserNs};
@@ -75,8 +75,17 @@ fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
 }
 
 pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunState> {
-    let cfg = CtConfig::load(host, ctid)?;
-    let _lock = lock(host, ctid)?;
+    let (_lock, cfg) = lock_loaded(host, ctid)?;
+    start_locked(host, ctid, &cfg, hooks)
+}
+
+/// `start` for a caller that holds the CT's lock.
+pub(super) fn start_locked(
+    host: &Host,
+    ctid: Ctid,
+    cfg: &CtConfig,
+    hooks: &mut dyn NetHooks,
+) -> Result<RunState> {
     if running(host, ctid).is_some() {
         return Err(CtError::AlreadyRunning(ctid));
     }
@@ -126,7 +135,7 @@ pub fn start(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunSta
     undo.push("state", || {
         let _ = fs::remove_file(host.state_path(ctid));
     });
-    let mounted = bind_private(host, &cfg)?;
+    let mounted = bind_private(host, cfg)?;
     if mounted {
         undo.push("mount", || {
             let _ = unbind_private(host, ctid);

@@ -9,9 +9,12 @@ use nix::unistd::Pid;
 use tracing::{info, warn};
 
 use super::mount::unbind_private;
-use super::start::start;
+use super::start::start_locked;
 use super::state::{self, LastExit, RunState};
-use super::{CtError, NetHooks, NoHooks, Result, cg_err, cgroup, hook_err, io_err, lock, running};
+use super::{
+    CtError, NetHooks, NoHooks, Result, cg_err, cgroup, hook_err, io_err, lock, lock_loaded,
+    running,
+};
 use crate::cgroups::{self, CgroupManager};
 use crate::config::{CtConfig, Host};
 use crate::ctid::Ctid;
@@ -21,8 +24,18 @@ use crate::template::TemplateStore;
 
 /// Sends init the distro's halt signal, waits, then kills whatever is left in the cgroup.
 pub fn stop(host: &Host, ctid: Ctid, fast: bool, hooks: &mut dyn NetHooks) -> Result<()> {
-    let cfg = CtConfig::load(host, ctid)?;
-    let _lock = lock(host, ctid)?;
+    let (_lock, cfg) = lock_loaded(host, ctid)?;
+    stop_locked(host, ctid, &cfg, fast, hooks)
+}
+
+/// `stop` for a caller that holds the CT's lock.
+fn stop_locked(
+    host: &Host,
+    ctid: Ctid,
+    cfg: &CtConfig,
+    fast: bool,
+    hooks: &mut dyn NetHooks,
+) -> Result<()> {
     let Some(st) = running(host, ctid) else {
         // Not running: still clean what a crash may have left, so `stop` always converges.
         cleanup_stopped(host, ctid, true, hooks)?;
@@ -147,18 +160,19 @@ pub(super) fn cleanup_stopped(
 }
 
 pub fn restart(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<RunState> {
-    match stop(host, ctid, false, hooks) {
+    // One lock over both halves: a `start` from elsewhere between them would make ours fail.
+    let (_lock, cfg) = lock_loaded(host, ctid)?;
+    match stop_locked(host, ctid, &cfg, false, hooks) {
         Ok(()) | Err(CtError::NotRunning(_)) => {}
         Err(e) => return Err(e),
     }
-    start(host, ctid, hooks)
+    start_locked(host, ctid, &CtConfig::load(host, ctid)?, hooks)
 }
 
 /// Removes a stopped CT: its counters are retired first (`hooks.retire`, recorded under the
 /// CT's UUID in [`Host::retired_counters_path`]), so a failure there leaves the CT whole.
 pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> {
-    let cfg = CtConfig::load(host, ctid)?;
-    let _lock = lock(host, ctid)?;
+    let (_lock, cfg) = lock_loaded(host, ctid)?;
     if running(host, ctid).is_some() {
         return Err(CtError::Running(ctid));
     }
