@@ -439,12 +439,13 @@ pub struct SetArgs {
     pub hostname: Option<String>,
     #[arg(long)]
     pub name: Option<String>,
-    /// Memory limit, e.g. 512M (unlimited to remove).
-    #[arg(long)]
-    pub memory: Option<Size>,
-    /// Swap allowed on top of --memory.
-    #[arg(long)]
-    pub swap: Option<Size>,
+    /// Memory limit, e.g. 512M (`unlimited` removes it). vzctl's BARRIER:LIMIT is accepted:
+    /// berth has one limit and takes LIMIT.
+    #[arg(long, visible_alias = "ram", value_name = "SIZE[:SIZE]", value_parser = parse_bl_size)]
+    pub memory: Option<BarrierLimit<Size>>,
+    /// Swap allowed on top of --memory (BARRIER:LIMIT: the LIMIT).
+    #[arg(long, value_name = "SIZE[:SIZE]", value_parser = parse_bl_size)]
+    pub swap: Option<BarrierLimit<Size>>,
     /// CPU weight (OpenVZ units, default 1000).
     #[arg(long)]
     pub cpuunits: Option<u64>,
@@ -454,15 +455,15 @@ pub struct SetArgs {
     /// Number of CPUs.
     #[arg(long)]
     pub cpus: Option<u32>,
-    /// Maximum number of processes (0 = none).
-    #[arg(long)]
-    pub numproc: Option<u64>,
+    /// Maximum number of processes (0 = none; BARRIER:LIMIT: the LIMIT).
+    #[arg(long, value_name = "N[:N]", value_parser = parse_bl_u64)]
+    pub numproc: Option<BarrierLimit<u64>>,
     /// Block I/O weight 10..1000.
     #[arg(long)]
     pub ioweight: Option<u32>,
-    /// Disk quota (needs project quotas on the filesystem).
-    #[arg(long)]
-    pub diskspace: Option<Size>,
+    /// Disk quota (needs project quotas on the filesystem; BARRIER:LIMIT: the LIMIT).
+    #[arg(long, value_name = "SIZE[:SIZE]", value_parser = parse_bl_size)]
+    pub diskspace: Option<BarrierLimit<Size>>,
     /// Add a routed (venet) address, IPv4 or IPv6; repeatable.
     #[arg(long = "ipadd", value_name = "ADDR")]
     pub ipadd: Vec<IpAddr>,
@@ -503,9 +504,83 @@ pub struct SetArgs {
     pub billing: BillingFlags,
     #[command(flatten)]
     pub quota: QuotaFlags,
+    /// Start the CT at boot (`berth start --all-onboot`, the boot unit); needs --save.
+    #[arg(long, value_name = "yes|no", value_parser = parse_yes_no)]
+    pub onboot: Option<bool>,
+    /// Set USER's password in the CT's /etc/shadow (SHA-512-crypt), running or stopped, no
+    /// --save needed; repeatable. The user must exist in the CT's /etc/passwd.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub userpasswd: Vec<String>,
     /// Persist in the CT's config.
     #[arg(long)]
     pub save: bool,
+}
+
+/// A vzctl resource value: LIMIT, or BARRIER:LIMIT (UBC's soft and hard limits). berth's cgroup
+/// limits are one number, so the LIMIT is what is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarrierLimit<T> {
+    /// As given on the command line, for the notice.
+    pub raw: String,
+    pub barrier: Option<T>,
+    pub limit: T,
+}
+
+fn parse_bl<T: std::str::FromStr + PartialOrd>(s: &str) -> Result<BarrierLimit<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let one = |v: &str| v.parse::<T>().map_err(|e| e.to_string());
+    match s.split_once(':') {
+        None => Ok(BarrierLimit {
+            raw: s.to_owned(),
+            barrier: None,
+            limit: one(s)?,
+        }),
+        Some((b, l)) => {
+            let (barrier, limit) = (one(b)?, one(l)?);
+            if barrier > limit {
+                return Err(format!("{s:?}: the barrier is above the limit"));
+            }
+            Ok(BarrierLimit {
+                raw: s.to_owned(),
+                barrier: Some(barrier),
+                limit,
+            })
+        }
+    }
+}
+
+fn parse_bl_size(s: &str) -> Result<BarrierLimit<Size>, String> {
+    // `unlimited` sorts as no byte count: compare the byte counts, unlimited highest.
+    let bl = parse_bl::<SizeOrd>(s)?;
+    Ok(BarrierLimit {
+        raw: bl.raw,
+        barrier: bl.barrier.map(|b| b.0),
+        limit: bl.limit.0,
+    })
+}
+
+fn parse_bl_u64(s: &str) -> Result<BarrierLimit<u64>, String> {
+    parse_bl::<u64>(s)
+}
+
+/// A [`Size`] ordered by bytes, `unlimited` above every count.
+#[derive(PartialEq)]
+struct SizeOrd(Size);
+
+impl PartialOrd for SizeOrd {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        let key = |s: &Size| s.bytes().unwrap_or(u64::MAX);
+        key(&self.0).partial_cmp(&key(&o.0))
+    }
+}
+
+impl std::str::FromStr for SizeOrd {
+    type Err = berth_runtime::size::SizeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(SizeOrd)
+    }
 }
 
 #[derive(Subcommand, Debug)]
