@@ -38,7 +38,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return parse_error(e),
     };
-    berth::logging::init(cli.verbose, &["warn", "info", "debug"]);
+    let levels: &[&str] = if cli.quiet {
+        &["error"]
+    } else {
+        &["warn", "info", "debug"]
+    };
+    berth::logging::init(cli.verbose, levels);
     let json = cli.json || matches!(&cli.cmd, Cmd::List(a) if a.json);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -92,6 +97,8 @@ fn first_line(e: &clap::Error) -> String {
 pub struct Ctx {
     pub host: Host,
     pub json: bool,
+    /// `-q`: no progress bars, no notices.
+    pub quiet: bool,
     /// The bpffs directory of the datapath's pins (--bpffs, or the default).
     pub pin_dir: PathBuf,
     /// The lifecycle's network hooks; they open the datapath on first use only.
@@ -123,11 +130,31 @@ fn run(cli: Cli) -> Result<u8> {
     // Before any host state is opened: the testbed makes installations of its own.
     let cli = match cli.cmd {
         Cmd::Testbed(t) => return Ok(testbed::testbed(t, cli.json)),
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "berth", &mut script);
+            // `| head` closing the pipe is no failure of ours.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(anyhow::anyhow!("writing the completion script: {e}"));
+                }
+                _ => return Ok(0),
+            }
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages into {}: {e}", dir.display()))?;
+            return Ok(0);
+        }
         _ => cli,
     };
     let mut ctx = Ctx {
         host: Host::new(cli.root, cli.run_dir, cli.cgroup_parent)?,
         json: cli.json,
+        quiet: cli.quiet,
         pin_dir: cli
             .bpffs
             .clone()
@@ -162,7 +189,9 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Billing(a) => billing::billing(ctx, a)?,
         Cmd::Quota(a) => quota::quota(ctx, a)?,
         Cmd::Import(cli::ImportCmd::Vz(a)) => import::vz(ctx, &a)?,
-        Cmd::Testbed(_) => unreachable!("handled above"),
+        Cmd::Testbed(_) | Cmd::Completion { .. } | Cmd::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(0)
 }

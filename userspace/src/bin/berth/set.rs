@@ -64,14 +64,14 @@ pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
         hostname: a.hostname,
         name: a.name,
         resources: ResourceConfig {
-            memory: limit_of("--memory", &a.memory),
-            swap: limit_of("--swap", &a.swap),
+            memory: limit_of(ctx.quiet, "--memory", &a.memory),
+            swap: limit_of(ctx.quiet, "--swap", &a.swap),
             cpuunits: a.cpuunits,
             cpulimit: a.cpulimit,
             cpus: a.cpus,
-            numproc: limit_of("--numproc", &a.numproc),
+            numproc: limit_of(ctx.quiet, "--numproc", &a.numproc),
             ioweight: a.ioweight,
-            diskspace: limit_of("--diskspace", &a.diskspace),
+            diskspace: limit_of(ctx.quiet, "--diskspace", &a.diskspace),
         },
         onboot: a.onboot,
         passwords: a
@@ -95,12 +95,14 @@ pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
 /// The limit of a BARRIER:LIMIT value, with a notice when a barrier below it is dropped
 /// (berth's cgroup limits are one number).
 fn limit_of<T: Copy + PartialEq + std::fmt::Display>(
+    quiet: bool,
     flag: &str,
     v: &Option<BarrierLimit<T>>,
 ) -> Option<T> {
     let v = v.as_ref()?;
     if let Some(b) = v.barrier
         && b != v.limit
+        && !quiet
     {
         eprintln!(
             "berth: {flag} {}: berth has one limit, so it applies the limit {} (the barrier {b} is not used)",
