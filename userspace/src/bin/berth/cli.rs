@@ -772,7 +772,9 @@ mod tests {
         cmd.build();
         let create = cmd.find_subcommand_mut("create").unwrap();
         let help = create.render_long_help().to_string();
-        let (own, global) = help.split_once("Global options:").expect("a global heading");
+        let (own, global) = help
+            .split_once("Global options:")
+            .expect("a global heading");
         assert!(global.contains("--root"), "{help}");
         assert!(!own.contains("--root"), "{help}");
         assert!(own.contains("--template"), "{help}");
