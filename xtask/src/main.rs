@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask test | demo | bench <name>`.
+//! Project tasks: `cargo xtask test | demo | bench <name> | install | man`.
 
 mod bench;
+mod install;
 mod skips;
 
 use std::ffi::OsString;
@@ -29,6 +30,25 @@ enum Cmd {
     Demo {
         #[arg(long, default_value = "/var/lib/berth")]
         root: PathBuf,
+    },
+    /// Install berth, berthd, vzctl, vzlist, the man pages and the shell completions under
+    /// PREFIX (release build; idempotent).
+    Install {
+        /// Where bin/ and share/ are.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install the debug build instead (faster to build; for tests).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Write the man pages of every berth command into DIR.
+    Man {
+        /// The directory the pages are written to.
+        #[arg(default_value = "target/man")]
+        dir: PathBuf,
+        /// Generate with the debug build.
+        #[arg(long)]
+        debug: bool,
     },
     /// Benchmarks with a control measured in the same run: `bench <name> [options]` runs
     /// berth-bench (bench/); `bench --help` lists them.
@@ -83,6 +103,8 @@ fn main() -> Result<()> {
         Cmd::Test { filter } => test(filter),
         Cmd::Demo { root } => demo(&root),
         Cmd::Bench { args } => bench::run_bench(&args),
+        Cmd::Install { prefix, debug } => install::install(&prefix, debug),
+        Cmd::Man { dir, debug } => install::man(&workspace_root().join(dir), debug),
     }
 }
 
