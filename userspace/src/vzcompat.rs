@@ -115,8 +115,7 @@ pub fn vzctl(args: &[String]) -> Result<Plan, Syntax> {
 /// sample config) has no berth equivalent and is refused rather than silently ignored.
 fn create_opts(opts: &[String]) -> Result<Vec<String>, Syntax> {
     let mut out = Vec::with_capacity(opts.len());
-    let mut it = opts.iter();
-    while let Some(o) = it.next() {
+    for o in opts {
         if o == "--ostemplate" {
             out.push("--template".to_owned());
         } else if let Some(v) = o.strip_prefix("--ostemplate=") {
