@@ -62,10 +62,23 @@ impl UserPassword {
     }
 }
 
-/// A `$6$` hash of `password` with a fresh random salt.
+/// A `$6$` hash of `password` with a fresh random salt of 12 bytes: 16 characters once
+/// encoded, the most SHA-crypt uses (a longer salt would be stored but cut by every verifier).
 pub fn hash_password(ctid: Ctid, password: &str) -> Result<String> {
+    let mut salt = [0u8; 12];
+    // SAFETY: the kernel writes at most salt.len() bytes into the buffer.
+    let n = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+    if n != salt.len() as isize {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: format!(
+                "--userpasswd: no random salt: {}",
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
     ShaCrypt::default()
-        .hash_password(password.as_bytes())
+        .hash_password_with_salt(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| CtError::Invalid {
             ctid,
@@ -270,6 +283,9 @@ mod tests {
         let a = hash_password(ctid(), "s3cret").unwrap();
         let b = hash_password(ctid(), "s3cret").unwrap();
         assert!(a.starts_with("$6$"), "{a}");
+        // $6$rounds=5000$SALT$HASH with SHA-crypt's full 16-character salt.
+        let salt = a.rsplit('$').nth(1).unwrap();
+        assert_eq!(salt.len(), 16, "{a}");
         assert_ne!(a, b, "a fresh salt each time");
         ShaCrypt::default()
             .verify_password(b"s3cret", a.as_str())
