@@ -697,8 +697,9 @@ fn parse_yes_no(s: &str) -> Result<bool, String> {
 
 #[derive(Args, Debug)]
 pub struct ShipArgs {
-    /// libpq connection string: postgresql://user:pass@host:port/db?sslmode=verify-full&sslrootcert=FILE
-    /// or `host=/run/postgresql dbname=billing` (PGPASSWORD is read when it has no password).
+    /// libpq connection string: postgresql://user:pass@host:port/db (for TLS add
+    /// ?sslmode=verify-full&sslrootcert=FILE) or `host=/run/postgresql dbname=billing`
+    /// (PGPASSWORD is read when it has no password).
     #[arg(long, env = "BERTH_SHIP_URL")]
     pub url: String,
     /// The node's name in the central tables. Default: the host name.

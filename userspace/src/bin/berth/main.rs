@@ -10,6 +10,7 @@ mod lifecycle;
 mod list;
 mod netclass;
 mod netstat;
+mod progress;
 mod quota;
 mod set;
 mod shaper;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         &["warn", "info", "debug"]
     };
     berth::logging::init(cli.verbose, levels);
+    progress::init(cli.quiet);
     let json = cli.json || matches!(&cli.cmd, Cmd::List(a) if a.json);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
