@@ -149,7 +149,10 @@ fn every_man_page_renders() {
         assert!(page.contains("SYNOPSIS"), "{cmd}: {page}");
         if cmd == "berth-create" {
             // The flags with their help, and the global ones.
-            assert!(page.contains("--template") && page.contains("OS template"), "{page}");
+            assert!(
+                page.contains("--template") && page.contains("OS template"),
+                "{page}"
+            );
             assert!(page.contains("--root"), "{page}");
         }
     }

@@ -338,6 +338,15 @@ fn bridged_ct_and_spoofing_from_inside() {
         "spoofed source address got through"
     );
     assert!(drops("222") > d0, "spoofed source not counted");
+    // netstat names each drop's reason, in JSON and in its table.
+    for (ct, reason) in [("221", "spoofed_mac"), ("222", "spoofed_ip")] {
+        let rows = h.json(&["netstat", ct]);
+        let n = rows[0]["drops"][reason].as_u64().unwrap_or(0);
+        assert!(n > 0, "netstat {ct}: no {reason} drops: {rows}");
+        let table = h.ok(&["netstat", ct]);
+        // (more may have been dropped since the JSON read: the reason is what is checked)
+        assert!(table.contains(&format!("{reason}=")), "{table}");
+    }
     // legitimate traffic is untouched
     assert!(ping_from(&h, "222", UPLINK4));
 
