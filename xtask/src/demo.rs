@@ -1,7 +1,7 @@
 //! `cargo xtask demo --stop`: everything `cargo xtask demo` made, taken down again — its
 //! berthd (by the PID the demo recorded, nothing found by name), the demo CTs, the busybox
 //! template, the `berth-demo` network namespace and, when the root holds no CT any more, the
-//! datapath's pins and the root itself if the demo made it.
+//! datapath's pins, berth's parent cgroups and the root itself if the demo made it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,6 +102,17 @@ pub fn stop(root: &Path, debug: bool) -> Result<()> {
             root.display()
         );
         return Ok(());
+    }
+    // berth's parent cgroup (the default `berth`) under every hierarchy: rmdir only, which
+    // the kernel refuses while any CT cgroup is still inside.
+    let mut parents = vec![PathBuf::from("/sys/fs/cgroup/berth")];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        parents.extend(rd.flatten().map(|e| e.path().join("berth")));
+    }
+    for p in parents.iter().filter(|p| p.is_dir()) {
+        if let Err(e) = std::fs::remove_dir(p) {
+            eprintln!("xtask: cgroup {} kept: {e}", p.display());
+        }
     }
     if Path::new(PIN_DIR).exists() {
         std::fs::remove_dir_all(PIN_DIR).with_context(|| format!("remove {PIN_DIR}"))?;
