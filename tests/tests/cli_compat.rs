@@ -101,6 +101,17 @@ fn panel_session_over_vzctl_and_vzlist() {
     assert_eq!(code, i32::from(ErrorCode::InvalidSyntax.exit()), "{stderr}");
     assert!(stderr.contains("barrier is above the limit"), "{stderr}");
     vzctl_ok(&h, &["set", "4952", "--ram", "128M", "--save"]);
+    // --quiet silences the notice, not the change.
+    let (code, stdout, stderr) = vzctl(
+        &h,
+        &["--quiet", "set", "4952", "--ram", "100M:120M", "--save"],
+    );
+    assert_eq!((code, stderr.as_str()), (0, ""), "{stdout}");
+    let conf = std::fs::read_to_string(h.root.join("conf/4952.toml")).unwrap();
+    assert!(
+        conf.contains("120M") || conf.contains(&(120u64 << 20).to_string()),
+        "{conf}"
+    );
 
     vzctl_ok(&h, &["start", "4951"]);
     assert_eq!(
@@ -177,8 +188,12 @@ fn panel_session_over_vzctl_and_vzlist() {
         vzctl_ok(&h, &["status", "4951"]),
         "CTID 4951 exist unmounted down\n"
     );
-    // Stopping a stopped CT is no failure (vzctl's behaviour).
-    vzctl_ok(&h, &["stop", "4951"]);
+    // Stopping a stopped CT is no failure (vzctl's behaviour); --quiet drops the notice.
+    let (code, _, stderr) = vzctl(&h, &["stop", "4951"]);
+    assert_eq!(code, 0);
+    assert!(stderr.contains("not running"), "{stderr}");
+    let (code, _, stderr) = vzctl(&h, &["--quiet", "stop", "4951"]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
     vzctl_ok(&h, &["destroy", "4951"]);
     vzctl_ok(&h, &["delete", "4952"]);
     assert_eq!(

@@ -113,6 +113,13 @@ impl Ctx {
         Ok(self.host.resolve(ct)?)
     }
 
+    /// A notice on stderr (an idempotent no-op, a setting adjusted), unless `-q`.
+    pub fn notice(&self, msg: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("berth: {msg}");
+        }
+    }
+
     /// `value` as one line of JSON with --json (with the `schema_version` of every JSON
     /// document), else whatever `human` prints.
     pub fn print(&self, mut value: Value, human: impl FnOnce()) {
