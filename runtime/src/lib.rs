@@ -9,6 +9,7 @@ pub mod ctid;
 pub mod error_chain;
 pub mod lock;
 pub mod net;
+pub mod progress;
 pub mod quota;
 pub mod shaping;
 pub mod signal;

@@ -97,8 +97,6 @@ impl TestHost {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
         let mut c = Command::new(&self.bin);
         c.arg("--root")
             .arg(&self.root)
@@ -107,9 +105,26 @@ impl TestHost {
             .arg("--bpffs")
             .arg(&self.bpffs)
             .args(args)
-            .env_remove("BERTH_ROOT")
-            .env_remove("BERTH_RUN_DIR")
-            .stdin(Stdio::null());
+            .env_remove("BERTH_ROOT");
+        self.in_ns(c)
+    }
+
+    /// One of the vzctl/vzlist entry points (`tool`, built next to berth) on this
+    /// installation: vzctl has no flags for it, so it comes through berth's environment.
+    pub fn compat(&self, tool: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join(tool));
+        c.args(args)
+            .env("BERTH_BIN", &self.bin)
+            .env("BERTH_ROOT", &self.root)
+            .env("BERTH_CGROUP_PARENT", &self.cgroup_parent)
+            .env("BERTH_BPFFS", &self.bpffs);
+        self.in_ns(c)
+    }
+
+    fn in_ns(&self, mut c: Command) -> Command {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        c.env_remove("BERTH_RUN_DIR").stdin(Stdio::null());
         if let Some(fd) = &self.netns {
             let fd = fd.as_raw_fd();
             // SAFETY: setns is async-signal-safe; the fd stays open in the child until exec.

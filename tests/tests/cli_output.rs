@@ -369,6 +369,24 @@ fn every_exit_code_is_provoked() {
     check(ErrorCode::InvalidValue, &["list", "-o", "ctid,bogus"], &[]);
     check(ErrorCode::InvalidValue, &["create", "abc"], &[]);
     check(ErrorCode::InvalidValue, &["list", "-h", ""], &[]);
+    // vzctl syntax: a barrier above its limit does not parse; --onboot needs --save; a
+    // password for an account the CT lacks.
+    check(
+        ErrorCode::InvalidSyntax,
+        &["set", "4903", "--memory", "300M:256M", "--save"],
+        &[],
+    );
+    check(ErrorCode::InvalidSyntax, &["completion", "tcsh"], &[]);
+    check(
+        ErrorCode::InvalidValue,
+        &["set", "4902", "--onboot", "yes"],
+        &[],
+    );
+    check(
+        ErrorCode::InvalidValue,
+        &["set", "4903", "--userpasswd", "nosuch:pw"],
+        &[],
+    );
     check(ErrorCode::NotRunning, &["exec", "4903", "--", "true"], &[]);
     check(ErrorCode::Running, &["destroy", "4902"], &[]);
     check(ErrorCode::Exists, &["create", "4901"], &[]);

@@ -180,6 +180,31 @@ fn routed_cts_via_cli() {
     assert_eq!(sh["backend"]["backend"], "htb", "{sh}");
     assert!(sh["configured"]["rate_in"].is_string(), "{sh}");
     assert!(sh["live"].is_object(), "{sh}");
+    // The human view is text with a class table, not JSON.
+    let text = h.ok(&["shaper", "status", "202"]);
+    assert!(text.starts_with("backend: htb"), "{text}");
+    assert!(!text.contains('{'), "JSON in the text view: {text}");
+    assert!(
+        text.contains("configured: rate_in=10mbit rate_out=20mbit"),
+        "{text}"
+    );
+    let class_rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.first().is_some_and(|d| *d == "in" || *d == "out"))
+        .collect();
+    assert!(
+        class_rows
+            .iter()
+            .any(|r| r[0] == "in" && r.contains(&"10mbit")),
+        "{text}"
+    );
+    assert!(
+        class_rows
+            .iter()
+            .any(|r| r[0] == "out" && r.contains(&"20mbit")),
+        "{text}"
+    );
     assert!(ping_from(&h, "202", UPLINK4), "shaped CT lost connectivity");
     h.ok(&[
         "set",
@@ -338,6 +363,15 @@ fn bridged_ct_and_spoofing_from_inside() {
         "spoofed source address got through"
     );
     assert!(drops("222") > d0, "spoofed source not counted");
+    // netstat names each drop's reason, in JSON and in its table.
+    for (ct, reason) in [("221", "spoofed_mac"), ("222", "spoofed_ip")] {
+        let rows = h.json(&["netstat", ct]);
+        let n = rows[0]["drops"][reason].as_u64().unwrap_or(0);
+        assert!(n > 0, "netstat {ct}: no {reason} drops: {rows}");
+        let table = h.ok(&["netstat", ct]);
+        // (more may have been dropped since the JSON read: the reason is what is checked)
+        assert!(table.contains(&format!("{reason}=")), "{table}");
+    }
     // legitimate traffic is untouched
     assert!(ping_from(&h, "222", UPLINK4));
 

@@ -273,9 +273,9 @@ pub fn netstat(
 ) -> Result<Vec<NetstatRow>> {
     // Read-only: a host without a pinned datapath has counted nothing (no rows), and
     // reading must not create one.
-    let rows = match DatapathView::open_pinned(pin_dir)? {
-        Some(dp) => dp.counters()?,
-        None => Vec::new(),
+    let (rows, drops) = match DatapathView::open_pinned(pin_dir)? {
+        Some(dp) => (dp.counters()?, dp.drops()?),
+        None => (Vec::new(), Vec::new()),
     };
     let only = ct.map(|c| host.resolve(c)).transpose()?;
     let shaping = shaping_summaries(pin_dir, only)?;
@@ -297,12 +297,9 @@ pub fn netstat(
         class,
         family,
     };
-    Ok(aggregate(
-        &rows,
-        &shaping,
-        &filter,
-        &Baseline::load(&base_path),
-    ))
+    let mut out = aggregate(&rows, &shaping, &filter, &Baseline::load(&base_path));
+    crate::netstat::add_drops(&mut out, &drops);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod netstat;
 pub mod quota;
 pub mod shaper;
+pub mod vzcompat;

@@ -27,6 +27,9 @@ pub struct NetstatRow {
     /// Packets the CT's shaping dropped (full queues, packet-rate limits, EDT horizon), both
     /// directions, since the last `--reset`.
     pub shaping_drops: u64,
+    /// Packets the datapath dropped by reason (`spoofed_ip`, `quota`, …), both directions, as
+    /// the kernel counted them (`--reset` does not move these); reasons with none are absent.
+    pub drops: BTreeMap<String, u64>,
 }
 
 /// What `netstat` shows of one CT's shaping.
@@ -158,34 +161,56 @@ pub fn aggregate(
     out
 }
 
-/// The human table: one line per (CT, class), the CT's rates ("-": no limit) and shaping drops
-/// on each of its lines.
+/// Adds the datapath's drop counters to the rows of their CTs.
+pub fn add_drops(rows: &mut [NetstatRow], drops: &[crate::datapath::DropRow]) {
+    for r in rows.iter_mut() {
+        for d in drops.iter().filter(|d| d.ctid == r.ctid && d.packets > 0) {
+            *r.drops.entry(d.reason.as_str().to_owned()).or_default() += d.packets;
+        }
+    }
+}
+
+/// `reason=packets …`, or `-` for none.
+fn drops_text(d: &BTreeMap<String, u64>) -> String {
+    if d.is_empty() {
+        return "-".to_owned();
+    }
+    d.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The human table: one line per (CT, class), the CT's rates ("-": no limit), shaping drops
+/// and datapath drops by reason on each of its lines; byte counts in human units.
 pub fn table(rows: &[NetstatRow]) -> String {
     let mut s = format!(
-        "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12}\n",
+        "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12} {}\n",
         "CTID",
         "CLASS",
-        "INPUT(bytes)",
+        "INPUT",
         "INPUT(pkts)",
-        "OUTPUT(bytes)",
+        "OUTPUT",
         "OUTPUT(pkts)",
         "RATE-IN",
         "RATE-OUT",
-        "SHAPE-DROPS"
+        "SHAPE-DROPS",
+        "DROPS(reason=pkts)"
     );
     for r in rows {
         let rate = |b: Option<u64>| b.map_or_else(|| "-".to_owned(), rate_text);
         s.push_str(&format!(
-            "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12}\n",
+            "{:>10} {:>5} {:>16} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12} {}\n",
             r.ctid,
             r.class,
-            r.in_bytes,
+            crate::human::bytes(r.in_bytes),
             r.in_packets,
-            r.out_bytes,
+            crate::human::bytes(r.out_bytes),
             r.out_packets,
             rate(r.rate_in_bps),
             rate(r.rate_out_bps),
-            r.shaping_drops
+            r.shaping_drops,
+            drops_text(&r.drops)
         ));
     }
     s
@@ -306,6 +331,7 @@ mod tests {
                 rate_in_bps: Some(20_000_000),
                 rate_out_bps: Some(1_500_000),
                 shaping_drops: 4,
+                drops: [("spoofed_ip".to_owned(), 3), ("quota".to_owned(), 2)].into(),
             },
             NetstatRow {
                 ctid: 102,
@@ -320,24 +346,37 @@ mod tests {
             [
                 "CTID",
                 "CLASS",
-                "INPUT(bytes)",
+                "INPUT",
                 "INPUT(pkts)",
-                "OUTPUT(bytes)",
+                "OUTPUT",
                 "OUTPUT(pkts)",
                 "RATE-IN",
                 "RATE-OUT",
-                "SHAPE-DROPS"
+                "SHAPE-DROPS",
+                "DROPS(reason=pkts)"
             ]
         );
         assert_eq!(
             lines[1],
             [
-                "101", "0", "1000", "10", "2000", "20", "20mbit", "1500kbit", "4"
+                "101",
+                "0",
+                "1000",
+                "10",
+                "2.0K",
+                "20",
+                "20mbit",
+                "1500kbit",
+                "4",
+                "quota=2,spoofed_ip=3"
             ]
         );
-        assert_eq!(lines[2], ["102", "1", "0", "0", "0", "0", "-", "-", "0"]);
-        // Columns line up: every line is as wide as the header.
-        let widths: Vec<usize> = t.lines().map(str::len).collect();
-        assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
+        assert_eq!(
+            lines[2],
+            ["102", "1", "0", "0", "0", "0", "-", "-", "0", "-"]
+        );
+        // The fixed columns line up: the drops list starts at the same offset on every line.
+        let starts: Vec<usize> = t.lines().map(|l| l.rfind(' ').unwrap()).collect();
+        assert!(starts.iter().all(|w| *w == starts[0]), "{t}");
     }
 }

@@ -1,6 +1,8 @@
-//! Project tasks: `cargo xtask test | demo | bench <name>`.
+//! Project tasks: `cargo xtask test | demo | bench <name> | install | man`.
 
 mod bench;
+mod demo;
+mod install;
 mod skips;
 
 use std::ffi::OsString;
@@ -25,10 +27,37 @@ enum Cmd {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Build, make the busybox template, boot demo CTs and show `berth list`.
+    /// Build, make the busybox template, boot demo CTs and show `berth list`; `--stop` tears
+    /// it all down again.
     Demo {
+        /// The demo's berth state directory.
         #[arg(long, default_value = "/var/lib/berth")]
         root: PathBuf,
+        /// Tear the demo down: its berthd, CTs, template, network namespace and datapath pins.
+        #[arg(long)]
+        stop: bool,
+        /// Use the debug build (faster to build).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Install berth, berthd, vzctl, vzlist, the man pages and the shell completions under
+    /// PREFIX (release build; idempotent).
+    Install {
+        /// Where bin/ and share/ are.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install the debug build instead (faster to build; for tests).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Write the man pages of every berth command into DIR.
+    Man {
+        /// The directory the pages are written to.
+        #[arg(default_value = "target/man")]
+        dir: PathBuf,
+        /// Generate with the debug build.
+        #[arg(long)]
+        debug: bool,
     },
     /// Benchmarks with a control measured in the same run: `bench <name> [options]` runs
     /// berth-bench (bench/); `bench --help` lists them.
@@ -81,8 +110,16 @@ pub fn build_release() -> Result<PathBuf> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test { filter } => test(filter),
-        Cmd::Demo { root } => demo(&root),
+        Cmd::Demo { root, stop, debug } => {
+            if stop {
+                demo::stop(&root, debug)
+            } else {
+                demo(&root, debug)
+            }
+        }
         Cmd::Bench { args } => bench::run_bench(&args),
+        Cmd::Install { prefix, debug } => install::install(&prefix, debug),
+        Cmd::Man { dir, debug } => install::man(&workspace_root().join(dir), debug),
     }
 }
 
@@ -147,12 +184,22 @@ pub fn nix_is_root() -> bool {
 
 /// Network namespace holding the demo CTs' host-side links and routes, so the demo never
 /// touches the machine's own interfaces, routes or neighbour tables.
-const DEMO_NETNS: &str = "berth-demo";
+pub const DEMO_NETNS: &str = "berth-demo";
 
-fn demo(root: &Path) -> Result<()> {
+fn demo(root: &Path, debug: bool) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let dir = build_release()?;
+    let dir = if debug {
+        run(cargo().args(["build", "-p", "berth", "--bins"]))?;
+        workspace_root().join("target/debug")
+    } else {
+        build_release()?
+    };
     let bin = dir.join("berth");
+    if !root.exists() {
+        // The root is the demo's own: `demo --stop` may remove it whole (ledger included).
+        std::fs::create_dir_all(root)?;
+        std::fs::write(root.join(demo::OWN_ROOT), "made by cargo xtask demo\n")?;
+    }
     let netns = PathBuf::from(format!("/run/netns/{DEMO_NETNS}"));
     if !netns.exists() {
         run(Command::new("ip").args(["netns", "add", DEMO_NETNS]))?;
@@ -276,6 +323,8 @@ fn demo(root: &Path) -> Result<()> {
             });
         }
         let child = d.spawn().context("start berthd")?;
+        // `demo --stop` ends this PID (and only this one).
+        std::fs::write(root.join(demo::BERTHD_PID), format!("{}\n", child.id()))?;
         eprintln!(
             "demo: berthd started (PID {}), log {}",
             child.id(),

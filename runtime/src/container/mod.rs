@@ -15,6 +15,7 @@ mod gc;
 mod hooks;
 mod monitor;
 mod mount;
+pub mod passwd;
 pub mod seccomp;
 pub(crate) mod set;
 mod set_undo;

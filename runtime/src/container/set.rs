@@ -13,6 +13,7 @@ use tracing::warn;
 
 use super::create::write_hostname_files;
 use super::mount::files_view;
+use super::passwd::{self, UserPassword};
 use super::set_undo::{Journal, NetUndo, Undo};
 use super::state::RunState;
 use super::{
@@ -55,6 +56,12 @@ pub struct SetOpts {
     /// The transfer quota flags (`--quota-*`): config only like billing (berthd reads the
     /// saved config at each tick), so they need `--save`.
     pub quota: QuotaChange,
+    /// `--onboot yes|no`: config only (the boot unit reads the saved config), so it needs
+    /// `--save`.
+    pub onboot: Option<bool>,
+    /// `--userpasswd`: written into the CT's /etc/shadow, running or stopped, without
+    /// `--save` (a password is no setting of the config).
+    pub passwords: Vec<UserPassword>,
 }
 
 impl SetOpts {
@@ -65,6 +72,29 @@ impl SetOpts {
             || self.netif_del.is_some()
             || !self.nameservers.is_empty()
             || !self.searchdomains.is_empty()
+    }
+
+    /// Whether the change is passwords only: those apply to a stopped CT without --save.
+    fn passwords_only(&self) -> bool {
+        let Self { passwords, .. } = self;
+        let rest = Self {
+            passwords: Vec::new(),
+            ..self.clone()
+        };
+        !passwords.is_empty() && rest.is_empty()
+    }
+
+    /// No change at all.
+    fn is_empty(&self) -> bool {
+        self.hostname.is_none()
+            && self.name.is_none()
+            && self.resources == ResourceConfig::default()
+            && !self.net_changes()
+            && self.shaping.is_empty()
+            && self.billing.is_empty()
+            && self.quota.is_empty()
+            && self.onboot.is_none()
+            && self.passwords.is_empty()
     }
 }
 
@@ -438,8 +468,14 @@ pub fn set(
 ) -> Result<()> {
     let (_lock, mut cfg) = lock_loaded(host, ctid)?;
     let run = running(host, ctid);
-    if run.is_none() && !save {
+    if run.is_none() && !save && !opts.passwords_only() {
         return Err(CtError::NeedSave(ctid));
+    }
+    if opts.onboot.is_some() && !save {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: "--onboot is read from the saved config at boot: add --save".into(),
+        });
     }
     if !opts.billing.is_empty() && !save {
         // Nothing in a running CT holds billing settings: berthd reads the saved config, so
@@ -542,6 +578,11 @@ fn apply(
         journal.save_etc_files(&write, &["hostname", "hosts"])?;
         write_hostname_files(ctid, &read, &write, h, cfg.id_shift())?;
     }
+    if !opts.passwords.is_empty() {
+        let (read, write) = files_view(host, &cfg);
+        journal.save_etc_files(&write, &["shadow"])?;
+        passwd::set_passwords(ctid, &read, &write, cfg.id_shift(), &opts.passwords)?;
+    }
     if let Some(n) = &plan.net
         && (!opts.nameservers.is_empty() || !opts.searchdomains.is_empty())
     {
@@ -575,6 +616,9 @@ fn apply(
         }
         if let Some(q) = &plan.quota {
             cfg.quota = q.clone();
+        }
+        if let Some(b) = opts.onboot {
+            cfg.onboot = b;
         }
         cfg.save(host)?;
     }

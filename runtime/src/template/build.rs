@@ -366,7 +366,8 @@ impl TemplateStore {
             cmd.arg(m);
         }
         tracing::info!(suite, template = %name, init = init.name(), "running debootstrap");
-        run(&mut cmd, &format!("debootstrap {suite}")).map_err(|e| match e {
+        let task = crate::progress::Task::start(&format!("debootstrap {suite}"), None);
+        let res = run(&mut cmd, &format!("debootstrap {suite}")).map_err(|e| match e {
             TemplateError::Command { what, why } if why.contains("not found") => {
                 TemplateError::Command {
                     what,
@@ -374,7 +375,9 @@ impl TemplateStore {
                 }
             }
             e => e,
-        })?;
+        });
+        drop(task);
+        res?;
         match init {
             DebianInit::Sysvinit => ensure_powerfail(&root.join("etc/inittab"))?,
             // Nothing to mask: with its delegated cgroup, a console it owns and /run, Debian 12's

@@ -39,6 +39,8 @@ struct Copier {
     /// file operations are relative to open directory fds (no repeated path walks).
     src: PathBuf,
     dst: PathBuf,
+    /// File bytes copied, reported as progress.
+    task: crate::progress::Task,
 }
 
 fn stat_times(st: &libc::stat) -> (TimeSpec, TimeSpec) {
@@ -221,6 +223,7 @@ impl Copier {
         if len > 0 {
             let dst = self.dst.clone();
             self.copy_data(&File::from(from), &to, len, &dst)?;
+            self.task.advance(len);
         }
         self.finish_fd(&to, st, &self.dst)?;
         if st.st_nlink > 1 {
@@ -291,7 +294,13 @@ impl Copier {
 /// Copies the tree `src` to `dest` preserving modes, owners (shifted if asked), times, symlinks,
 /// device nodes and hard links within the tree. `dest` must not exist or be an empty directory;
 /// on failure whatever was copied is removed again.
-pub(crate) fn copy_tree(src: &Path, dest: &Path, shift: Option<(u32, u32)>) -> Result<()> {
+/// `total` is the tree's size in bytes if known (for the progress report).
+pub(crate) fn copy_tree(
+    src: &Path,
+    dest: &Path,
+    shift: Option<(u32, u32)>,
+    total: Option<u64>,
+) -> Result<()> {
     let root_st = nix::sys::stat::lstat(src).map_err(nix_err("stat", src))?;
     let created = match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -335,6 +344,7 @@ pub(crate) fn copy_tree(src: &Path, dest: &Path, shift: Option<(u32, u32)>) -> R
         try_cfr: true,
         src: src.to_path_buf(),
         dst: dest.to_path_buf(),
+        task: crate::progress::Task::start(&format!("copying {}", src.display()), total),
     };
     let res = (|| {
         let s = nix::fcntl::openat(AT_FDCWD, src, DIR_FLAGS, Mode::empty())

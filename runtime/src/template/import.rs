@@ -542,7 +542,8 @@ pub(crate) fn extract(archive: &Path, root: &Path) -> Result<()> {
 /// Opens `archive` for reading, decompressed by what its first bytes say it is.
 fn open_archive(archive: &Path) -> Result<Box<dyn Read>> {
     let file = File::open(archive).map_err(io_err("open archive", archive))?;
-    let mut buf = BufReader::with_capacity(1 << 20, file);
+    // The compressed bytes read are the progress of an extraction (its total: the file size).
+    let mut buf = BufReader::with_capacity(1 << 20, crate::progress::Counted(file));
     let head = {
         use std::io::BufRead;
         buf.fill_buf()
@@ -608,6 +609,8 @@ pub(crate) fn read_member(archive: &Path, member: &Path, max: u64) -> Result<Opt
 
 /// [`extract`] with the options an OpenVZ archive import needs.
 pub(crate) fn extract_with(archive: &Path, root: &Path, opts: ExtractOpts) -> Result<()> {
+    let size = fs::metadata(archive).ok().map(|m| m.len());
+    let _task = crate::progress::Task::start(&format!("unpacking {}", archive.display()), size);
     let reader = open_archive(archive)?;
     let mut watch = EofWatch {
         inner: reader,

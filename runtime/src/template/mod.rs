@@ -434,7 +434,8 @@ impl TemplateStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(name)),
             Err(e) => return Err(io_err("stat template rootfs", &src)(e)),
         }
-        copy::copy_tree(&src, dest, shift)
+        let size = self.get(name).ok().map(|i| i.size);
+        copy::copy_tree(&src, dest, shift, size)
     }
 }
 

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use berth_runtime::Size;
 use clap::{Args, Parser, Subcommand};
 
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "berth",
@@ -14,23 +17,26 @@ use clap::{Args, Parser, Subcommand};
 )]
 pub struct Cli {
     /// State directory (configs, private areas, templates).
-    #[arg(long, global = true, env = "BERTH_ROOT")]
+    #[arg(long, global = true, env = "BERTH_ROOT", help_heading = GLOBAL)]
     pub root: Option<PathBuf>,
     /// Run-state directory (locks, init PIDs, console logs). Default: /run/berth, or <root>/run.
-    #[arg(long, global = true, env = "BERTH_RUN_DIR")]
+    #[arg(long, global = true, env = "BERTH_RUN_DIR", help_heading = GLOBAL)]
     pub run_dir: Option<PathBuf>,
     /// cgroup directory holding this installation's CTs, under every hierarchy.
-    #[arg(long, global = true, env = "BERTH_CGROUP_PARENT")]
+    #[arg(long, global = true, env = "BERTH_CGROUP_PARENT", help_heading = GLOBAL)]
     pub cgroup_parent: Option<String>,
     /// bpffs directory of the eBPF datapath's pinned programs, maps and links.
-    #[arg(long, global = true, env = "BERTH_BPFFS")]
+    #[arg(long, global = true, env = "BERTH_BPFFS", help_heading = GLOBAL)]
     pub bpffs: Option<PathBuf>,
     /// Print machine-readable JSON on stdout.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
     /// More logging on stderr (-v info, -vv debug). BERTH_LOG takes tracing filter syntax.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = GLOBAL)]
     pub verbose: u8,
+    /// No progress bars and no notices on stderr (errors are still printed).
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -41,6 +47,7 @@ pub enum Cmd {
     Create(Box<CreateArgs>),
     /// Boot a CT, or with --all-onboot every CT with `onboot` in boot order.
     Start {
+        /// CTID or name.
         #[arg(required_unless_present = "all_onboot", conflicts_with = "all_onboot")]
         ct: Option<String>,
         /// Every CT with `onboot = true`, by `bootorder` (higher first, unset last), the CTs
@@ -50,6 +57,7 @@ pub enum Cmd {
     },
     /// Halt a CT (the distro's halt signal, then kill what is left after stop_timeout).
     Stop {
+        /// CTID or name.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         ct: Option<String>,
         /// Every running CT, in the reverse of the boot order (what the boot unit runs at
@@ -60,38 +68,52 @@ pub enum Cmd {
         #[arg(long)]
         fast: bool,
     },
+    /// Stop a CT (if it runs) and start it again.
     Restart {
+        /// CTID or name.
         ct: String,
     },
     /// Remove a stopped CT: its files, config and cgroups.
     Destroy {
+        /// CTID or name.
         ct: String,
     },
+    /// A CT's state, init PID, identity, shaping and quota.
     Status {
+        /// CTID or name.
         ct: String,
     },
     /// Bind-mount the CT's private area on its root directory.
     Mount {
+        /// CTID or name.
         ct: String,
     },
+    /// Unmount a stopped CT's root.
     Umount {
+        /// CTID or name.
         ct: String,
     },
     /// Freeze every process of the CT.
     Suspend {
+        /// CTID or name.
         ct: String,
     },
+    /// Thaw a suspended CT.
     Resume {
+        /// CTID or name.
         ct: String,
     },
     /// Run a command in a running CT; its exit code becomes berth's.
     Exec {
+        /// CTID or name.
         ct: String,
+        /// The command and its arguments (no shell: `sh -c '…'` for one).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         cmd: Vec<String>,
     },
     /// Interactive shell in a running CT.
     Enter {
+        /// CTID or name.
         ct: String,
     },
     /// Change a CT's settings, live when it runs; --save persists them.
@@ -121,6 +143,18 @@ pub enum Cmd {
     /// Import containers from another system.
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Print a shell completion script: `berth completion bash > /etc/bash_completion.d/berth`.
+    Completion {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (berth.1, berth-create.1, …) into DIR (what `cargo xtask install`
+    /// runs).
+    #[command(hide = true)]
+    Man {
+        /// The directory the pages are written to (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,9 +209,17 @@ pub struct QuotaArgs {
 #[derive(Subcommand, Debug)]
 pub enum QuotaCmd {
     /// A CT's (or every CT's) quota, state, usage and webhook deliveries.
-    Status { ct: Option<String> },
+    Status {
+        /// CTID or name. Default: every CT with a quota.
+        ct: Option<String>,
+    },
     /// Add SIZE (e.g. 100GB, 50GiB) to the CT's limits for the current billing period.
-    Topup { ct: String, size: String },
+    Topup {
+        /// CTID or name.
+        ct: String,
+        /// The transfer added, e.g. 100GB (10^9) or 50GiB (2^30).
+        size: String,
+    },
 }
 
 /// The CT's transfer quota, read by berthd from the saved config (`set` needs --save).
@@ -273,6 +315,7 @@ pub enum BillingCmd {
     Ship(ShipArgs),
     /// Recompute totals and the 95th from a `slots --csv` export alone.
     Recompute {
+        /// The `billing slots --csv` export.
         file: PathBuf,
         /// 95th-percentile mode: max, per-direction, sum or max-per-slot.
         #[arg(long, default_value = "max")]
@@ -298,11 +341,15 @@ pub enum BillingCmd {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// The new CT's numeric id (101, 4801, …).
     pub ctid: String,
-    #[arg(long, default_value = "busybox")]
+    /// The OS template (`berth template list`).
+    #[arg(long, visible_alias = "ostemplate", default_value = "busybox")]
     pub template: String,
+    /// The CT's host name.
     #[arg(long)]
     pub hostname: Option<String>,
+    /// A name the CT can be called by instead of its CTID.
     #[arg(long)]
     pub name: Option<String>,
     /// No user namespace: the CT's root is root on the host. For trusted workloads only;
@@ -417,34 +464,44 @@ pub struct NetstatArgs {
 #[derive(Subcommand, Debug)]
 pub enum ShaperCmd {
     /// Which backend shapes on this host and why; with a CT, its rates, drops and overlimits.
-    Status { ct: Option<String> },
+    Status {
+        /// CTID or name.
+        ct: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum NetclassCmd {
     /// Replace the class table live from a networks_classes file.
-    Load { file: PathBuf },
+    Load {
+        /// The networks_classes file.
+        file: PathBuf,
+    },
     /// Show the class table.
     List,
 }
 
 #[derive(Args, Debug, Default, PartialEq)]
 pub struct SetArgs {
+    /// CTID or name.
     pub ct: String,
     /// Convert a stopped CT: `yes` drops its user namespace (its root becomes the host's root),
     /// `no` gives it its own id range; its files' owners are shifted to match. Alone only.
     #[arg(long, value_name = "yes|no", value_parser = parse_yes_no)]
     pub privileged: Option<bool>,
+    /// The CT's host name (written into its /etc/hostname and /etc/hosts).
     #[arg(long)]
     pub hostname: Option<String>,
+    /// A name the CT can be called by instead of its CTID.
     #[arg(long)]
     pub name: Option<String>,
-    /// Memory limit, e.g. 512M (unlimited to remove).
-    #[arg(long)]
-    pub memory: Option<Size>,
-    /// Swap allowed on top of --memory.
-    #[arg(long)]
-    pub swap: Option<Size>,
+    /// Memory limit, e.g. 512M (`unlimited` removes it). vzctl's BARRIER:LIMIT is accepted:
+    /// berth has one limit and takes LIMIT.
+    #[arg(long, visible_alias = "ram", value_name = "SIZE[:SIZE]", value_parser = parse_bl_size)]
+    pub memory: Option<BarrierLimit<Size>>,
+    /// Swap allowed on top of --memory (BARRIER:LIMIT: the LIMIT).
+    #[arg(long, value_name = "SIZE[:SIZE]", value_parser = parse_bl_size)]
+    pub swap: Option<BarrierLimit<Size>>,
     /// CPU weight (OpenVZ units, default 1000).
     #[arg(long)]
     pub cpuunits: Option<u64>,
@@ -454,15 +511,15 @@ pub struct SetArgs {
     /// Number of CPUs.
     #[arg(long)]
     pub cpus: Option<u32>,
-    /// Maximum number of processes (0 = none).
-    #[arg(long)]
-    pub numproc: Option<u64>,
+    /// Maximum number of processes (0 = none; BARRIER:LIMIT: the LIMIT).
+    #[arg(long, value_name = "N[:N]", value_parser = parse_bl_u64)]
+    pub numproc: Option<BarrierLimit<u64>>,
     /// Block I/O weight 10..1000.
     #[arg(long)]
     pub ioweight: Option<u32>,
-    /// Disk quota (needs project quotas on the filesystem).
-    #[arg(long)]
-    pub diskspace: Option<Size>,
+    /// Disk quota (needs project quotas on the filesystem; BARRIER:LIMIT: the LIMIT).
+    #[arg(long, value_name = "SIZE[:SIZE]", value_parser = parse_bl_size)]
+    pub diskspace: Option<BarrierLimit<Size>>,
     /// Add a routed (venet) address, IPv4 or IPv6; repeatable.
     #[arg(long = "ipadd", value_name = "ADDR")]
     pub ipadd: Vec<IpAddr>,
@@ -503,23 +560,103 @@ pub struct SetArgs {
     pub billing: BillingFlags,
     #[command(flatten)]
     pub quota: QuotaFlags,
+    /// Start the CT at boot (`berth start --all-onboot`, the boot unit); needs --save.
+    #[arg(long, value_name = "yes|no", value_parser = parse_yes_no)]
+    pub onboot: Option<bool>,
+    /// Set USER's password in the CT's /etc/shadow (SHA-512-crypt), running or stopped, no
+    /// --save needed; repeatable. The user must exist in the CT's /etc/passwd.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub userpasswd: Vec<String>,
     /// Persist in the CT's config.
     #[arg(long)]
     pub save: bool,
 }
 
+/// A vzctl resource value: LIMIT, or BARRIER:LIMIT (UBC's soft and hard limits). berth's cgroup
+/// limits are one number, so the LIMIT is what is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarrierLimit<T> {
+    /// As given on the command line, for the notice.
+    pub raw: String,
+    pub barrier: Option<T>,
+    pub limit: T,
+}
+
+fn parse_bl<T: std::str::FromStr + PartialOrd>(s: &str) -> Result<BarrierLimit<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let one = |v: &str| v.parse::<T>().map_err(|e| e.to_string());
+    match s.split_once(':') {
+        None => Ok(BarrierLimit {
+            raw: s.to_owned(),
+            barrier: None,
+            limit: one(s)?,
+        }),
+        Some((b, l)) => {
+            let (barrier, limit) = (one(b)?, one(l)?);
+            if barrier > limit {
+                return Err(format!("{s:?}: the barrier is above the limit"));
+            }
+            Ok(BarrierLimit {
+                raw: s.to_owned(),
+                barrier: Some(barrier),
+                limit,
+            })
+        }
+    }
+}
+
+fn parse_bl_size(s: &str) -> Result<BarrierLimit<Size>, String> {
+    // `unlimited` sorts as no byte count: compare the byte counts, unlimited highest.
+    let bl = parse_bl::<SizeOrd>(s)?;
+    Ok(BarrierLimit {
+        raw: bl.raw,
+        barrier: bl.barrier.map(|b| b.0),
+        limit: bl.limit.0,
+    })
+}
+
+fn parse_bl_u64(s: &str) -> Result<BarrierLimit<u64>, String> {
+    parse_bl::<u64>(s)
+}
+
+/// A [`Size`] ordered by bytes, `unlimited` above every count.
+#[derive(PartialEq)]
+struct SizeOrd(Size);
+
+impl PartialOrd for SizeOrd {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        let key = |s: &Size| s.bytes().unwrap_or(u64::MAX);
+        key(&self.0).partial_cmp(&key(&o.0))
+    }
+}
+
+impl std::str::FromStr for SizeOrd {
+    type Err = berth_runtime::size::SizeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(SizeOrd)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum TemplateCmd {
+    /// The installed OS templates, their kinds and sizes.
     List,
     /// Import a rootfs tarball (.tar, .tar.gz, .tar.xz, .tar.zst).
     Import {
+        /// The tarball.
         file: PathBuf,
+        /// The template's name. Default: taken from the file name.
         #[arg(long)]
         name: Option<String>,
     },
+    /// Build a template.
     #[command(subcommand)]
     Build(BuildCmd),
+    /// Remove a template no CT uses.
     Remove {
+        /// The template's name.
         name: String,
     },
 }
@@ -528,15 +665,19 @@ pub enum TemplateCmd {
 pub enum BuildCmd {
     /// Offline, from Debian's busybox-static.
     Busybox {
+        /// The template's name.
         #[arg(long, default_value = "busybox")]
         name: String,
     },
     /// A real distribution with debootstrap (needs the Debian mirror).
     Debian {
+        /// The Debian release.
         #[arg(long, default_value = "bookworm")]
         suite: String,
+        /// The template's name. Default: debian-SUITE.
         #[arg(long)]
         name: Option<String>,
+        /// The Debian mirror debootstrap downloads from. Default: debootstrap's.
         #[arg(long)]
         mirror: Option<String>,
         /// The CT's init: sysvinit (sysvinit-core, stopped with SIGPWR) or systemd
@@ -556,8 +697,9 @@ fn parse_yes_no(s: &str) -> Result<bool, String> {
 
 #[derive(Args, Debug)]
 pub struct ShipArgs {
-    /// libpq connection string: postgresql://user:pass@host:port/db?sslmode=verify-full&sslrootcert=FILE
-    /// or `host=/run/postgresql dbname=billing` (PGPASSWORD is read when it has no password).
+    /// libpq connection string: postgresql://user:pass@host:port/db (for TLS add
+    /// ?sslmode=verify-full&sslrootcert=FILE) or `host=/run/postgresql dbname=billing`
+    /// (PGPASSWORD is read when it has no password).
     #[arg(long, env = "BERTH_SHIP_URL")]
     pub url: String,
     /// The node's name in the central tables. Default: the host name.
@@ -590,5 +732,52 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// Every command, argument and flag has help: walks the whole tree, hidden ones too (a
+    /// hidden flag is still shown in man pages of older habits and by completions).
+    #[test]
+    fn every_command_and_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            let about = cmd.get_about().map(|a| a.to_string()).unwrap_or_default();
+            if about.trim().is_empty() {
+                missing.push(format!("command `{}`", path.trim()));
+            }
+            for a in cmd.get_arguments() {
+                // clap's own --help/--version carry clap's text.
+                if matches!(a.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("`{}` argument `{}`", path.trim(), a.get_id()));
+                }
+            }
+            // clap's generated `help` subcommand mirrors the tree with clap's text.
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "no help:\n{}", missing.join("\n"));
+    }
+
+    /// The options every command takes are under their own heading, not mixed into a verb's.
+    #[test]
+    fn global_options_have_their_own_heading() {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let create = cmd.find_subcommand_mut("create").unwrap();
+        let help = create.render_long_help().to_string();
+        let (own, global) = help
+            .split_once("Global options:")
+            .expect("a global heading");
+        assert!(global.contains("--root"), "{help}");
+        assert!(!own.contains("--root"), "{help}");
+        assert!(own.contains("--template"), "{help}");
     }
 }

@@ -49,7 +49,7 @@ pub fn start(ctx: &mut Ctx, ct: &str) -> Result<()> {
             || println!("CT {ctid} started (init PID {})", st.init_pid),
         ),
         Err(CtError::AlreadyRunning(_)) => {
-            eprintln!("berth: CT {ctid} is already running");
+            ctx.notice(format_args!("CT {ctid} is already running"));
             let st = container::status(&ctx.host, ctid)?;
             ctx.print(
                 json!({"ctid": ctid, "status": st.state, "changed": false, "init_pid": st.init_pid}),
@@ -68,7 +68,7 @@ pub fn stop(ctx: &mut Ctx, ct: &str, fast: bool) -> Result<()> {
     let changed = match container::stop(&ctx.host, ctid, fast, &mut ctx.hooks) {
         Ok(()) => true,
         Err(CtError::NotRunning(_)) => {
-            eprintln!("berth: CT {ctid} is not running");
+            ctx.notice(format_args!("CT {ctid} is not running"));
             false
         }
         Err(e) => return Err(e.into()),

@@ -10,6 +10,7 @@ mod lifecycle;
 mod list;
 mod netclass;
 mod netstat;
+mod progress;
 mod quota;
 mod set;
 mod shaper;
@@ -38,7 +39,13 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return parse_error(e),
     };
-    berth::logging::init(cli.verbose, &["warn", "info", "debug"]);
+    let levels: &[&str] = if cli.quiet {
+        &["error"]
+    } else {
+        &["warn", "info", "debug"]
+    };
+    berth::logging::init(cli.verbose, levels);
+    progress::init(cli.quiet);
     let json = cli.json || matches!(&cli.cmd, Cmd::List(a) if a.json);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -92,6 +99,8 @@ fn first_line(e: &clap::Error) -> String {
 pub struct Ctx {
     pub host: Host,
     pub json: bool,
+    /// `-q`: no progress bars, no notices.
+    pub quiet: bool,
     /// The bpffs directory of the datapath's pins (--bpffs, or the default).
     pub pin_dir: PathBuf,
     /// The lifecycle's network hooks; they open the datapath on first use only.
@@ -102,6 +111,13 @@ impl Ctx {
     /// The CT a command-line argument names (CTID or name).
     pub fn resolve(&self, ct: &str) -> Result<Ctid> {
         Ok(self.host.resolve(ct)?)
+    }
+
+    /// A notice on stderr (an idempotent no-op, a setting adjusted), unless `-q`.
+    pub fn notice(&self, msg: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("berth: {msg}");
+        }
     }
 
     /// `value` as one line of JSON with --json (with the `schema_version` of every JSON
@@ -123,11 +139,31 @@ fn run(cli: Cli) -> Result<u8> {
     // Before any host state is opened: the testbed makes installations of its own.
     let cli = match cli.cmd {
         Cmd::Testbed(t) => return Ok(testbed::testbed(t, cli.json)),
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "berth", &mut script);
+            // `| head` closing the pipe is no failure of ours.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(anyhow::anyhow!("writing the completion script: {e}"));
+                }
+                _ => return Ok(0),
+            }
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages into {}: {e}", dir.display()))?;
+            return Ok(0);
+        }
         _ => cli,
     };
     let mut ctx = Ctx {
         host: Host::new(cli.root, cli.run_dir, cli.cgroup_parent)?,
         json: cli.json,
+        quiet: cli.quiet,
         pin_dir: cli
             .bpffs
             .clone()
@@ -162,7 +198,9 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Billing(a) => billing::billing(ctx, a)?,
         Cmd::Quota(a) => quota::quota(ctx, a)?,
         Cmd::Import(cli::ImportCmd::Vz(a)) => import::vz(ctx, &a)?,
-        Cmd::Testbed(_) => unreachable!("handled above"),
+        Cmd::Testbed(_) | Cmd::Completion { .. } | Cmd::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(0)
 }

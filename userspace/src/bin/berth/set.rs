@@ -9,12 +9,13 @@ use berth::shaper::{
 };
 use berth_runtime::billing::{BillingChange, BillingDay, parse_classes, parse_commit, parse_tz};
 use berth_runtime::config::ResourceConfig;
-use berth_runtime::container::{self, SetOpts};
+use berth_runtime::container::passwd::UserPassword;
+use berth_runtime::container::{self, CtError, SetOpts};
 use berth_runtime::net::{AddrSelection, BridgedIface};
 use serde_json::json;
 
 use crate::Ctx;
-use crate::cli::{BillingFlags, SetArgs};
+use crate::cli::{BarrierLimit, BillingFlags, SetArgs};
 
 pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
     let ctid = ctx.resolve(&a.ct)?;
@@ -63,24 +64,52 @@ pub fn set(ctx: &mut Ctx, a: SetArgs) -> Result<()> {
         hostname: a.hostname,
         name: a.name,
         resources: ResourceConfig {
-            memory: a.memory,
-            swap: a.swap,
+            memory: limit_of(ctx.quiet, "--memory", &a.memory),
+            swap: limit_of(ctx.quiet, "--swap", &a.swap),
             cpuunits: a.cpuunits,
             cpulimit: a.cpulimit,
             cpus: a.cpus,
-            numproc: a.numproc,
+            numproc: limit_of(ctx.quiet, "--numproc", &a.numproc),
             ioweight: a.ioweight,
-            diskspace: a.diskspace,
+            diskspace: limit_of(ctx.quiet, "--diskspace", &a.diskspace),
         },
+        onboot: a.onboot,
+        passwords: a
+            .userpasswd
+            .iter()
+            .map(|u| UserPassword::parse(u).map_err(|msg| CtError::Invalid { ctid, msg }))
+            .collect::<Result<_, _>>()?,
     };
     container::set(&ctx.host, ctid, &opts, a.save, &mut ctx.hooks)?;
     ctx.print(json!({"ctid": ctid, "saved": a.save}), || {
-        println!(
-            "CT {ctid} updated{}",
-            if a.save { " and saved" } else { "" }
-        )
+        // vzctl's wording, which panel modules look for.
+        if a.save {
+            println!("Saved parameters for CT {ctid}")
+        } else {
+            println!("CT {ctid} updated")
+        }
     });
     Ok(())
+}
+
+/// The limit of a BARRIER:LIMIT value, with a notice when a barrier below it is dropped
+/// (berth's cgroup limits are one number).
+fn limit_of<T: Copy + PartialEq + std::fmt::Display>(
+    quiet: bool,
+    flag: &str,
+    v: &Option<BarrierLimit<T>>,
+) -> Option<T> {
+    let v = v.as_ref()?;
+    if let Some(b) = v.barrier
+        && b != v.limit
+        && !quiet
+    {
+        eprintln!(
+            "berth: {flag} {}: berth has one limit, so it applies the limit {} (the barrier {b} is not used)",
+            v.raw, v.limit
+        );
+    }
+    Some(v.limit)
 }
 
 /// The shaping flags as typed values (each `none` removes that setting).

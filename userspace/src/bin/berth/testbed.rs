@@ -11,22 +11,33 @@ use clap::Subcommand;
 #[derive(Subcommand, Debug)]
 pub enum TestbedCmd {
     /// Check a topology file; nothing is created.
-    Validate { file: PathBuf },
+    Validate {
+        /// The topology file (TOML).
+        file: PathBuf,
+    },
     /// Bring a topology up under a supervisor and print its handle (run id, node PIDs).
-    Up { file: PathBuf },
+    Up {
+        /// The topology file (TOML).
+        file: PathBuf,
+    },
     /// Run a command in a node of a running testbed (a CT's namespaces, else the node's netns).
     Exec {
+        /// The topology file (TOML).
         file: PathBuf,
         /// The run, when several of this file run.
         #[arg(long)]
         run: Option<String>,
+        /// The node (CT or namespace) of the topology.
         node: String,
+        /// The command and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         cmd: Vec<String>,
     },
     /// Run the topology's checks on a running testbed.
     Check {
+        /// The topology file (TOML).
         file: PathBuf,
+        /// The run, when several of this file run.
         #[arg(long)]
         run: Option<String>,
         /// Also write the results as JUnit XML.
@@ -35,13 +46,17 @@ pub enum TestbedCmd {
     },
     /// Up, checks and down under one supervisor.
     Run {
+        /// The topology file (TOML).
         file: PathBuf,
+        /// Also write the results as JUnit XML.
         #[arg(long)]
         junit: Option<PathBuf>,
     },
     /// Take a running testbed down.
     Down {
+        /// The topology file (TOML).
         file: PathBuf,
+        /// The run, when several of this file run.
         #[arg(long)]
         run: Option<String>,
     },
@@ -49,14 +64,19 @@ pub enum TestbedCmd {
     Ls,
     /// Remove what dead runs left behind (cgroups, run directories). Idempotent.
     Gc,
+    /// Internal: the supervisor process `up` and `run` start.
     #[command(name = "__supervise", hide = true)]
     Supervise {
+        /// The testbed's state directory.
         #[arg(long)]
         state_dir: PathBuf,
+        /// The run's id.
         #[arg(long)]
         run_id: String,
+        /// Run the checks, then take the testbed down.
         #[arg(long)]
         run: bool,
+        /// The topology file (TOML).
         file: PathBuf,
     },
 }
