@@ -192,7 +192,12 @@ fn demo(root: &Path, debug: bool) -> Result<()> {
         run(cargo().args(["build", "-p", "berth", "--bins"]))?;
         workspace_root().join("target/debug")
     } else {
-        build_release()?
+        let dir = build_release()?;
+        // The README's first command is the hoster's install: berth, berthd, the vzctl/vzlist
+        // wrappers, man pages and completions into /usr/local (the boot unit runs
+        // /usr/local/bin/berth). The debug demo is a developer's and installs nothing.
+        install::install(Path::new("/usr/local"), false)?;
+        dir
     };
     let bin = dir.join("berth");
     if !root.exists() {
