@@ -627,7 +627,7 @@ pub(crate) fn extract_with(archive: &Path, root: &Path, opts: ExtractOpts) -> Re
 /// The space an unprivileged writer may still use on the filesystem holding `dir`.
 fn free_bytes(dir: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(nix_err("statfs", dir))?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// [`extract_with`], refusing an archive whose files expand to more than `max_bytes` (by
