@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use berth::datapath::classes::parse_networks_classes;
+use berth::datapath::parse_networks_classes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
