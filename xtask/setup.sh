@@ -70,6 +70,13 @@ if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'
   log "adding rust-src to nightly"
   rustup component add rust-src --toolchain nightly
 fi
+# The fuzz targets (fuzz/, `cargo xtask fuzz`, and the short run in `cargo xtask test`).
+if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13'; then
+  log "installing cargo-fuzz 0.13"
+  cargo install --locked cargo-fuzz --version '^0.13'
+else
+  log "cargo-fuzz present"
+fi
 
 if ! bpf-linker --version 2>/dev/null | grep -q '^bpf-linker 0\.13'; then
   log "building bpf-linker 0.13 against LLVM 22 (~1 min)"

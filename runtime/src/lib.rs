@@ -7,6 +7,9 @@ pub mod config;
 pub mod container;
 pub mod ctid;
 pub mod error_chain;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lock;
 pub mod net;
 pub mod progress;

@@ -6,6 +6,9 @@ pub mod ct;
 pub mod datapath;
 pub mod exit_codes;
 pub mod fleet;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod human;
 pub mod inventory;
 pub mod lifecycle_hooks;

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask test | demo | bench <name> | install | man`.
+//! Project tasks: `cargo xtask test | demo | bench <name> | fuzz | install | man`.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod install;
 mod skips;
 
@@ -58,6 +59,14 @@ enum Cmd {
         /// Generate with the debug build.
         #[arg(long)]
         debug: bool,
+    },
+    /// Runs the cargo-fuzz targets (fuzz/, nightly) from their corpus, each for `--seconds`.
+    Fuzz {
+        /// Only this target (default: all of them).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        seconds: u32,
     },
     /// Benchmarks with a control measured in the same run: `bench <name> [options]` runs
     /// berth-bench (bench/); `bench --help` lists them.
@@ -120,6 +129,10 @@ fn main() -> Result<()> {
         Cmd::Bench { args } => bench::run_bench(&args),
         Cmd::Install { prefix, debug } => install::install(&prefix, debug),
         Cmd::Man { dir, debug } => install::man(&workspace_root().join(dir), debug),
+        Cmd::Fuzz { target, seconds } => match target {
+            Some(t) => fuzz::fuzz(&[t.as_str()], seconds),
+            None => fuzz::fuzz(fuzz::TARGETS, seconds),
+        },
     }
 }
 
@@ -143,6 +156,11 @@ fn test(filter: Option<String>) -> Result<()> {
         "--exclude",
         "berth-tests",
     ]))?;
+    // The parsers against a short burst of fuzzing; a filtered run is someone's own e2e tests,
+    // so it fuzzes only when asked by name (`cargo xtask test --filter fuzz`).
+    if filter.as_deref().is_none_or(|f| f == "fuzz") {
+        fuzz::fuzz(fuzz::TARGETS, fuzz::SHORT_SECONDS)?;
+    }
     run(cargo().args(["build", "-p", "berth", "--bins"]))?;
     let bin = workspace_root().join("target/debug");
     let skip_log = skips::log_path();

@@ -50,7 +50,7 @@ pub mod files;
 pub mod inspect;
 pub mod nl;
 pub mod ns;
-mod packet;
+pub(crate) mod packet;
 mod routed;
 mod sysctl;
 

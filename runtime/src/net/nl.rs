@@ -153,11 +153,8 @@ impl Netlink {
         loop {
             self.recv_batch()?;
             let mut off = 0;
-            while off + NLMSG_HDRLEN <= self.buf.len() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..])
-                    .map_err(|e| self.decode_err(e))?;
-                let len = m.header.length as usize;
-                off += len.next_multiple_of(4).max(NLMSG_HDRLEN);
+            while let Some(m) = next_reply(&self.buf, &mut off) {
+                let m = m.map_err(|e| self.decode_err(e))?;
                 if m.header.sequence_number != seq {
                     continue;
                 }
@@ -530,8 +527,28 @@ impl Netlink {
     }
 }
 
+/// The message at `*off` in a received batch, advancing `*off` past it (the kernel pads each to
+/// 4 bytes); `None` once no whole header is left.
+pub(crate) fn next_reply(
+    buf: &[u8],
+    off: &mut usize,
+) -> Option<Result<NetlinkMessage<RouteNetlinkMessage>, netlink_packet_core::DecodeError>> {
+    let rest = buf.get(*off..).filter(|r| r.len() >= NLMSG_HDRLEN)?;
+    let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest);
+    match &m {
+        Ok(m) => {
+            *off += (m.header.length as usize)
+                .next_multiple_of(4)
+                .max(NLMSG_HDRLEN)
+        }
+        // Nothing after an undecodable message can be trusted to start where it claims.
+        Err(_) => *off = buf.len(),
+    }
+    Some(m)
+}
+
 /// Pulls the `NLMSGERR_ATTR_MSG` string out of a capped error payload (original header + TLVs).
-fn extack_text(payload: &[u8]) -> Option<String> {
+pub(crate) fn extack_text(payload: &[u8]) -> Option<String> {
     let mut tlvs = payload.get(NLMSG_HDRLEN..)?;
     while tlvs.len() >= 4 {
         let len = u16::from_ne_bytes([tlvs[0], tlvs[1]]) as usize;

@@ -206,7 +206,7 @@ fn unsolicited_na_frame(mac: MacAddr, src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8
 }
 
 /// If `frame` shows another machine using `addr`, returns its MAC.
-fn claims(frame: &[u8], addr: IpAddr, own: MacAddr) -> Option<MacAddr> {
+pub(crate) fn claims(frame: &[u8], addr: IpAddr, own: MacAddr) -> Option<MacAddr> {
     if frame.len() < 14 {
         return None;
     }

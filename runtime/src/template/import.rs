@@ -147,6 +147,10 @@ struct Extractor<'a> {
     dir_meta: Vec<(PathBuf, u32, TimeSpec)>,
     files: u64,
     skipped_devices: u64,
+    /// Bytes the file entries expand to so far (holes included), and the most they may: a
+    /// gzip bomb or a terabyte sparse file is refused before it fills the disk.
+    expanded: u64,
+    max_bytes: u64,
 }
 
 impl Extractor<'_> {
@@ -350,6 +354,16 @@ impl Extractor<'_> {
                 self.dir_meta.push((abs, mode, mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let want = e.size();
+                self.expanded = self.expanded.saturating_add(want);
+                if self.expanded > self.max_bytes {
+                    return Err(TemplateError::TooLarge {
+                        archive: self.archive.to_path_buf(),
+                        entry: name,
+                        limit: self.max_bytes,
+                        dest: self.root.clone(),
+                    });
+                }
                 self.clear_for(&abs, &rel, &name)?;
                 let mut f = OpenOptions::new()
                     .write(true)
@@ -358,7 +372,6 @@ impl Extractor<'_> {
                     .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(&abs)
                     .map_err(io_err("create", &abs))?;
-                let want = e.size();
                 let xattrs = self.pax_xattrs(&mut e, &name)?;
                 let got = if self.opts.sparse {
                     copy_sparse(&mut e, &mut f)
@@ -609,6 +622,27 @@ pub(crate) fn read_member(archive: &Path, member: &Path, max: u64) -> Result<Opt
 
 /// [`extract`] with the options an OpenVZ archive import needs.
 pub(crate) fn extract_with(archive: &Path, root: &Path, opts: ExtractOpts) -> Result<()> {
+    extract_limited(archive, root, opts, None)
+}
+
+/// The space an unprivileged writer may still use on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(nix_err("statfs", dir))?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
+/// [`extract_with`], refusing an archive whose files expand to more than `max_bytes` (by
+/// default the space free where `root` is).
+pub(crate) fn extract_limited(
+    archive: &Path,
+    root: &Path,
+    opts: ExtractOpts,
+    max_bytes: Option<u64>,
+) -> Result<()> {
+    let max_bytes = match max_bytes {
+        Some(m) => m,
+        None => free_bytes(root)?,
+    };
     let size = fs::metadata(archive).ok().map(|m| m.len());
     let _task = crate::progress::Task::start(&format!("unpacking {}", archive.display()), size);
     let reader = open_archive(archive)?;
@@ -625,6 +659,8 @@ pub(crate) fn extract_with(archive: &Path, root: &Path, opts: ExtractOpts) -> Re
         dir_meta: Vec::new(),
         files: 0,
         skipped_devices: 0,
+        expanded: 0,
+        max_bytes,
     };
     {
         let mut ar = tar::Archive::new(&mut watch);

@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use build::{DebianInit, UnknownInit};
 pub use copy::remove_tree_fast;
 pub(crate) use fsutil::mounts;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use import::extract_limited;
 pub(crate) use import::{ExtractOpts, detect_init, extract_with, read_member};
 
 /// File holding a template's metadata, next to its `rootfs/`.
@@ -63,6 +65,17 @@ pub enum TemplateError {
         archive.display()
     )]
     UnknownCompression { archive: PathBuf, what: String },
+    #[error(
+        "import {}: entry {entry:?} would expand the archive to more than {limit} bytes, the space free in {}",
+        archive.display(),
+        dest.display()
+    )]
+    TooLarge {
+        archive: PathBuf,
+        entry: String,
+        limit: u64,
+        dest: PathBuf,
+    },
     #[error("import {}: archive contains no files", archive.display())]
     EmptyArchive { archive: PathBuf },
     #[error("import {}: no /sbin/init in the archive, so it cannot boot as a system container", archive.display())]

@@ -587,3 +587,45 @@ fn debian_init_choices_and_a_clear_error_for_others() {
         );
     }
 }
+
+/// A gzip bomb and a header claiming a terabyte are refused before their data is written, with
+/// an error naming the entry and the limit, instead of filling the disk holding the store.
+#[test]
+fn refuses_archives_expanding_past_the_limit() {
+    let fx = fixture();
+    let zeros = vec![0u8; 16 << 20];
+    let bomb = gz(&rootfs_with(vec![file("big", &zeros)]));
+    let p = fx.write("bomb.tar.gz", &bomb);
+    assert!(bomb.len() < 1 << 20, "the bomb compresses");
+    let dest = fx.work.join("dest");
+    fs::create_dir(&dest).unwrap();
+    let opts = || ExtractOpts {
+        shift: None,
+        devices: false,
+        xattrs: false,
+        sparse: false,
+    };
+    let err = extract_limited(&p, &dest, opts(), Some(8 << 20)).unwrap_err();
+    assert!(
+        matches!(&err, TemplateError::TooLarge { entry, limit, .. } if entry == "big" && *limit == 8 << 20),
+        "{err}"
+    );
+    assert!(!dest.join("big").exists(), "the bomb's entry was written");
+
+    // A header alone claiming 1 TiB: refused on its size, the data never read.
+    let mut h = Header::new_gnu();
+    h.set_path("huge").unwrap();
+    h.set_size(1 << 40);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(MTIME);
+    h.set_entry_type(EntryType::Regular);
+    h.set_cksum();
+    let p = fx.write("huge.tar", h.as_bytes());
+    let dest = fx.work.join("dest2");
+    fs::create_dir(&dest).unwrap();
+    let err = extract_limited(&p, &dest, opts(), None).unwrap_err();
+    assert!(matches!(err, TemplateError::TooLarge { .. }), "{err}");
+    assert!(!dest.join("huge").exists());
+}

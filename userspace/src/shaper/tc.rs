@@ -205,7 +205,7 @@ fn parse_htb(options: &[u8]) -> Option<(u64, u64, u64)> {
     Some((rate, ceil, u64::try_from(burst).unwrap_or(u64::MAX)))
 }
 
-fn to_object(msg: TcMessage) -> TcObject {
+pub(crate) fn to_object(msg: TcMessage) -> TcObject {
     let mut o = TcObject {
         handle: msg.header.handle.into(),
         parent: msg.header.parent.into(),
