@@ -132,18 +132,12 @@ impl Shipper {
                 }
             });
             schema::migrate(&mut client).await?;
-            // Asynchronous commit: a page's rows and the node's acknowledged seq commit in one
-            // transaction, and each round starts from the seq the database holds, so a commit
-            // a database crash loses is shipped again; nothing on the node trusts an ack it was
-            // told (the ledger keeps slots by time, not until shipped). Each commit's WAL flush
-            // otherwise waits on the central server's fsync.
             client
                 .batch_execute(
                     "CREATE TEMP TABLE IF NOT EXISTS berth_ship_slot (
                          ct_uuid text, slot_start bigint, direction text, class smallint,
                          family text, bytes bigint, packets bigint, flags smallint, seq bigint
-                     ) ON COMMIT DELETE ROWS;
-                     SET synchronous_commit = off",
+                     ) ON COMMIT DELETE ROWS",
                 )
                 .await
                 .map_err(db("creating the staging table"))?;
