@@ -40,7 +40,6 @@ fn berth_bin(debug: bool) -> PathBuf {
 }
 
 pub fn stop(root: &Path, debug: bool) -> Result<()> {
-    use std::os::unix::process::CommandExt;
     let bin = berth_bin(debug);
     anyhow::ensure!(
         bin.exists(),
@@ -55,15 +54,7 @@ pub fn stop(root: &Path, debug: bool) -> Result<()> {
         let mut c = Command::new(&bin);
         c.arg("--root").arg(root).args(args);
         if netns.exists() {
-            let ns = netns.clone();
-            // SAFETY: setns on a freshly opened fd, between fork and exec.
-            unsafe {
-                c.pre_exec(move || {
-                    let f = std::fs::File::open(&ns)?;
-                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)
-                });
-            }
+            crate::enter_netns(&mut c, netns.clone());
         }
         eprintln!("xtask: berth {}", args.join(" "));
         c.status()

@@ -204,6 +204,19 @@ pub fn nix_is_root() -> bool {
 /// touches the machine's own interfaces, routes or neighbour tables.
 pub const DEMO_NETNS: &str = "berth-demo";
 
+/// Makes `c` run in the network namespace `ns` names (setns between fork and exec).
+pub fn enter_netns(c: &mut Command, ns: PathBuf) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setns on a freshly opened fd, between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            let f = std::fs::File::open(&ns)?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 fn demo(root: &Path, debug: bool) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let dir = if debug {
@@ -248,15 +261,7 @@ fn demo(root: &Path, debug: bool) -> Result<()> {
     let berth_cmd = |args: &[&str]| {
         let mut c = Command::new(&bin);
         c.arg("--root").arg(root).args(args);
-        let ns = netns.clone();
-        // SAFETY: setns on a freshly opened fd, between fork and exec.
-        unsafe {
-            c.pre_exec(move || {
-                let f = std::fs::File::open(&ns)?;
-                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        enter_netns(&mut c, netns.clone());
         c
     };
     let berth = |args: &[&str]| run(&mut berth_cmd(args));
