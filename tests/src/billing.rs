@@ -165,6 +165,18 @@ impl Berthd {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The lines berthd has written on stderr so far.
+    pub fn lines(&self) -> Vec<LogLine> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether berthd is still running (not exited, whether reaped or not).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The ticks that have ended so far.
     pub fn tick_ends(&self) -> usize {
         let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());

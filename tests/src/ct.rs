@@ -65,11 +65,21 @@ impl Default for TestHost {
 impl TestHost {
     /// A new installation with the busybox template built.
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// The same with the berth root at `root` (for example on a small filesystem of the
+    /// test's own); the rest of the test's files stay in a temporary directory.
+    pub fn new_at(root: PathBuf) -> Self {
+        Self::build(Some(root))
+    }
+
+    fn build(root: Option<PathBuf>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-test-")
             .tempdir()
             .expect("tempdir");
-        let root = dir.path().join("root");
+        let root = root.unwrap_or_else(|| dir.path().join("root"));
         let cgroup_parent = format!(
             "berth-test-{}-{}",
             std::process::id(),

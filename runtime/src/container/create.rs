@@ -155,7 +155,10 @@ fn create_locked(
                 ),
             });
         }
-        let u = userns::allocate(host, ctid)?;
+        let u = userns::allocate(host, ctid).map_err(|e| match e {
+            e @ userns::UsernsError::Io { .. } => CtError::AllocateIds { ctid, source: e },
+            e => e.into(),
+        })?;
         claimed = Some(u);
         cfg.userns = Some(u);
     }

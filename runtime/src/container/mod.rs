@@ -91,6 +91,14 @@ pub enum CtError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Userns(#[from] crate::userns::UsernsError),
+    /// The id pool's own files could not be read or written (a full disk, say); pool errors
+    /// that already name the CT (exhausted, overlapping) stay [`CtError::Userns`].
+    #[error("CT {ctid}: allocate an id range")]
+    AllocateIds {
+        ctid: Ctid,
+        #[source]
+        source: crate::userns::UsernsError,
+    },
     #[error("CT {ctid}: {op} {path}")]
     Io {
         ctid: Ctid,

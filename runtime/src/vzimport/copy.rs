@@ -389,17 +389,55 @@ impl Copier<'_> {
                     )
                 };
                 if r < 0 {
-                    let e = Errno::last();
-                    if e == Errno::EINTR {
-                        continue;
+                    match Errno::last() {
+                        Errno::EINTR => continue,
+                        // Since 5.19 copy_file_range refuses two different superblocks unless
+                        // the filesystem implements it (ext4 does not): a private area on
+                        // another disk than the berth root takes the read/write path.
+                        Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL => {
+                            self.copy_range_rw(from, to, off_in, hole)?;
+                            break;
+                        }
+                        e => return Err(io("copy file data", &self.dst)(e)),
                     }
-                    return Err(io("copy file data", &self.dst)(e));
                 }
                 if r == 0 {
                     return Ok(()); // the source shrank while copying
                 }
             }
             pos = hole;
+        }
+        Ok(())
+    }
+}
+
+impl Copier<'_> {
+    /// Copies bytes `from..to` of the source at the same offsets through a buffer.
+    fn copy_range_rw(
+        &self,
+        from: &File,
+        to: &OwnedFd,
+        start: i64,
+        end: i64,
+    ) -> Result<(), ImportError> {
+        use std::os::unix::fs::FileExt;
+        let out = File::from(to.try_clone().map_err(ioe("dup", &self.dst))?);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = u64::try_from(start).unwrap_or(0);
+        let end = u64::try_from(end).unwrap_or(0);
+        while pos < end {
+            let want = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = match from.read_at(&mut buf[..want], pos) {
+                Ok(0) => return Ok(()), // the source shrank while copying
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ioe("read", &self.src)(e)),
+            };
+            out.write_all_at(&buf[..n], pos)
+                .map_err(ioe("copy file data", &self.dst))?;
+            pos += n as u64;
         }
         Ok(())
     }
