@@ -378,3 +378,83 @@ fn out_of_file_descriptors_at_every_point_of_start() {
     h.ok(&["destroy", "5331"]);
     h.assert_clean();
 }
+
+/// Every counter slot held by a CT with an interface attached: the next CT's attach fails
+/// naming it and the table, attaches nothing, and leaves the other CTs' interfaces and slots
+/// as they were; once one CT detaches, the refused CT gets its slot.
+#[test]
+fn full_counter_slot_table_refuses_the_next_ct() -> Result<()> {
+    use berth::datapath::{Datapath, IfaceConfig};
+    use berth_tests::datapath::{CT_MAC, Netns, PinDir};
+    const BASE: u32 = 700_000;
+    const FIRST_IF: u32 = 100;
+    let slots = berth_common::capacity::SLOTS;
+    let pin = PinDir::new();
+    let ns = Netns::new("bxs")?;
+    // One veth per CT and one more, at ifindexes of the test's choosing.
+    let batch: String = (0..=slots)
+        .map(|i| {
+            format!(
+                "link add bx{i} index {} type veth peer name by{i} index {}\n",
+                FIRST_IF + i,
+                FIRST_IF + slots + 1 + i
+            )
+        })
+        .collect();
+    let file = tempfile::NamedTempFile::new()?;
+    fs::write(file.path(), batch)?;
+    ns.ip(&["-batch", file.path().to_str().context("batch path")?])?;
+    let in_ns = ns.enter()?;
+    let mut dp = Datapath::open_or_load(&pin.path)?;
+    for i in 0..slots {
+        dp.attach(
+            FIRST_IF + i,
+            IfaceConfig::routed(berth_tests::ct(BASE + i), CT_MAC),
+        )?;
+    }
+    let attached = dp.attached()?;
+    ensure!(
+        attached.len() == slots as usize,
+        "{} attached",
+        attached.len()
+    );
+
+    let refused = BASE + slots;
+    let e = dp
+        .attach(
+            FIRST_IF + slots,
+            IfaceConfig::routed(berth_tests::ct(refused), CT_MAC),
+        )
+        .expect_err("an attach with every slot taken succeeded");
+    let msg = berth_runtime::error_chain::ErrorChain(&e).to_string();
+    ensure!(
+        msg.contains(&format!("CT {refused}")) && msg.contains("no counter slot left"),
+        "{msg}"
+    );
+    let after: Vec<_> = dp
+        .attached()?
+        .iter()
+        .map(|a| (a.ifindex, a.config.ctid))
+        .collect();
+    let before: Vec<_> = attached
+        .iter()
+        .map(|a| (a.ifindex, a.config.ctid))
+        .collect();
+    ensure!(
+        after == before,
+        "the refused attach changed the interface table"
+    );
+
+    // One CT goes: its interface detached, the refused CT now fits.
+    dp.detach(FIRST_IF)?;
+    dp.attach(
+        FIRST_IF + slots,
+        IfaceConfig::routed(berth_tests::ct(refused), CT_MAC),
+    )?;
+    ensure!(dp.attached()?.len() == slots as usize);
+    drop(dp);
+    drop(in_ns);
+    drop(pin);
+    drop(ns);
+    Ok(())
+}
