@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use berth_common::shaper::{DROP_HORIZON, DROP_PPS};
 use berth_common::{DIR_IN, DIR_OUT};
 use berth_runtime::Ctid;
+use berth_runtime::billing::BillingConfig;
 use berth_runtime::container::{HookError, NetHooks};
 use berth_runtime::error_chain::ErrorChain;
 use berth_runtime::net::{Mode, NetState};
@@ -105,6 +106,9 @@ pub struct RetiredRecord {
     /// The shaper's packet-rate and horizon drops (not in `drops`, which are anti-spoofing's).
     #[serde(default)]
     pub shaping_drops: Vec<ShapingDrop>,
+    /// The CT's billing settings when it went (records of an older berth have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing: Option<BillingConfig>,
 }
 
 impl RetiredRecord {
@@ -134,7 +138,13 @@ impl RetiredRecord {
 }
 
 impl NetHooks for DatapathHooks {
-    fn retire(&mut self, ctid: Ctid, uuid: Uuid, record: &Path) -> Result<(), HookError> {
+    fn retire(
+        &mut self,
+        ctid: Ctid,
+        uuid: Uuid,
+        billing: &BillingConfig,
+        record: &Path,
+    ) -> Result<(), HookError> {
         let Some(view) = DatapathView::open_pinned(&self.pin_dir)
             .map_err(|e| HookError::new("open the eBPF datapath at", self.pin_dir.display(), e))?
         else {
@@ -215,6 +225,7 @@ impl NetHooks for DatapathHooks {
             byte_layer,
             totals,
             shaping_drops,
+            billing: Some(billing.clone()),
         };
         rec.write(record)
             .map_err(|e| HookError::new("write", record.display(), e))?;

@@ -18,19 +18,43 @@ pub const TARGETS: &[&str] = &[
     "netlink",
 ];
 
-/// Seconds per target in `cargo xtask test`: six targets plus one build stay under 3 minutes.
+/// Seconds per target in `cargo xtask test`: six targets plus one unoptimised build stay
+/// under 3 minutes.
 pub const SHORT_SECONDS: u32 = 12;
+
+/// How the targets are built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// Optimised and under AddressSanitizer: `cargo xtask fuzz`, where the run is long enough
+    /// for the build (~12 min on 2 vCPUs) to pay off.
+    Thorough,
+    /// Unoptimised, no sanitizer, debug assertions on: the short run in `cargo xtask test`,
+    /// whose worth is replaying the corpus and a few seconds of search, so the build must be cheap.
+    Quick,
+}
+
+impl Build {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Build::Thorough => &["--debug-assertions"],
+            Build::Quick => &["--debug-assertions", "--dev", "--sanitizer", "none"],
+        }
+    }
+}
 
 fn cargo_fuzz() -> Command {
     // rustup's proxy picks the toolchain from `+nightly`; the xtask's own CARGO is stable.
     let mut c = Command::new("cargo");
     c.args(["+nightly", "fuzz"]);
+    // No target loads the datapath, so the eBPF objects (a nightly build of their own through
+    // userspace/build.rs) are not needed inside the fuzz binaries.
+    c.env("AYA_BUILD_SKIP", "1");
     c
 }
 
 /// Builds the targets, then runs `targets` for `seconds` each. A crash fails the run and leaves
 /// its input under fuzz/artifacts/<target>/ (cargo-fuzz prints how to reproduce it).
-pub fn fuzz(targets: &[&str], seconds: u32) -> Result<()> {
+pub fn fuzz(targets: &[&str], seconds: u32, how: Build) -> Result<()> {
     for t in targets {
         if !TARGETS.contains(t) {
             bail!(
@@ -41,13 +65,16 @@ pub fn fuzz(targets: &[&str], seconds: u32) -> Result<()> {
     }
     let dir = workspace_root().join("fuzz");
     let mut build = cargo_fuzz();
-    build.arg("build").args(["--debug-assertions"]);
+    // `run` must get the same flags, or cargo-fuzz rebuilds the targets another way.
+    build.arg("build").args(how.flags());
     run_in(&dir, &mut build)?;
     for t in targets {
         let corpus = dir.join("corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
         let mut c = cargo_fuzz();
-        c.args(["run", "--debug-assertions", t])
+        c.arg("run")
+            .args(how.flags())
+            .arg(t)
             .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))

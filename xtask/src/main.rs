@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask test | demo | bench <name> | fuzz | install | man`.
+//! Project tasks: `cargo xtask test | demo | bench <name> | fuzz | soak | install | man`.
 
 mod bench;
 mod demo;
@@ -68,6 +68,15 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         seconds: u32,
     },
+    /// The soak: random lifecycle operations and traffic on `--cts` CTs for `--minutes`, with
+    /// berthd killed and restarted at random; ends with the ledger checked against the kernel's
+    /// counters and a leak check (tests/tests/soak.rs; `BERTH_TEST_SEED` replays a run).
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        #[arg(long, default_value_t = 50)]
+        cts: u64,
+    },
     /// Benchmarks with a control measured in the same run: `bench <name> [options]` runs
     /// berth-bench (bench/); `bench --help` lists them.
     #[command(disable_help_flag = true)]
@@ -127,11 +136,12 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Bench { args } => bench::run_bench(&args),
+        Cmd::Soak { minutes, cts } => soak(minutes, cts),
         Cmd::Install { prefix, debug } => install::install(&prefix, debug),
         Cmd::Man { dir, debug } => install::man(&workspace_root().join(dir), debug),
         Cmd::Fuzz { target, seconds } => match target {
-            Some(t) => fuzz::fuzz(&[t.as_str()], seconds),
-            None => fuzz::fuzz(fuzz::TARGETS, seconds),
+            Some(t) => fuzz::fuzz(&[t.as_str()], seconds, fuzz::Build::Thorough),
+            None => fuzz::fuzz(fuzz::TARGETS, seconds, fuzz::Build::Thorough),
         },
     }
 }
@@ -159,7 +169,7 @@ fn test(filter: Option<String>) -> Result<()> {
     // The parsers against a short burst of fuzzing; a filtered run is someone's own e2e tests,
     // so it fuzzes only when asked by name (`cargo xtask test --filter fuzz`).
     if filter.as_deref().is_none_or(|f| f == "fuzz") {
-        fuzz::fuzz(fuzz::TARGETS, fuzz::SHORT_SECONDS)?;
+        fuzz::fuzz(fuzz::TARGETS, fuzz::SHORT_SECONDS, fuzz::Build::Quick)?;
     }
     run(cargo().args(["build", "-p", "berth", "--bins"]))?;
     let bin = workspace_root().join("target/debug");
@@ -187,6 +197,23 @@ fn test(filter: Option<String>) -> Result<()> {
     ])?);
     print!("{}", skips::report(&skipped));
     result
+}
+
+fn soak(minutes: u64, cts: u64) -> Result<()> {
+    if !nix_is_root() {
+        bail!("the soak needs root (real namespaces, cgroups, eBPF)");
+    }
+    if minutes == 0 || !(1..=150).contains(&cts) {
+        bail!("--minutes must be at least 1 and --cts 1..=150 (one routed /24 of addresses)");
+    }
+    run(cargo().args(["build", "-p", "berth", "--bins"]))?;
+    let mut t = cargo();
+    t.args(["test", "-p", "berth-tests", "--test", "soak"])
+        .env("BERTH_BIN_DIR", workspace_root().join("target/debug"))
+        .env("BERTH_SOAK_MINUTES", minutes.to_string())
+        .env("BERTH_SOAK_CTS", cts.to_string())
+        .args(["--", "--ignored", "--nocapture", "--exact", "soak"]);
+    run(&mut t)
 }
 
 pub fn nix_is_root() -> bool {

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
+use crate::billing::BillingConfig;
 use crate::ctid::Ctid;
 use crate::net::NetState;
 use crate::shaping::ShapingConfig;
@@ -60,11 +61,18 @@ pub trait NetHooks {
         shaping: Option<&ShapingConfig>,
     ) -> Result<(), HookError>;
     /// CT `ctid` (identity `uuid`) is being destroyed, stopped: write what it counted to
-    /// `record` (replacing the file atomically), then clear its counters, so a new CT given the
+    /// `record` (replacing the file atomically) with its billing settings (a CT no ledger tick
+    /// saw alive is registered from them), then clear its counters, so a new CT given the
     /// same CTID counts from 0. Must be idempotent (a destroy interrupted after it runs again).
     /// The default: nothing is counted, nothing to do.
-    fn retire(&mut self, ctid: Ctid, uuid: Uuid, record: &Path) -> Result<(), HookError> {
-        let _ = (ctid, uuid, record);
+    fn retire(
+        &mut self,
+        ctid: Ctid,
+        uuid: Uuid,
+        billing: &BillingConfig,
+        record: &Path,
+    ) -> Result<(), HookError> {
+        let _ = (ctid, uuid, billing, record);
         Ok(())
     }
 }

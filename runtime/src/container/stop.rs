@@ -182,7 +182,7 @@ pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> 
         .uuid
         .unwrap_or_else(uuid::Uuid::new_v4);
     hooks
-        .retire(ctid, uuid, &host.retired_counters_path(uuid))
+        .retire(ctid, uuid, &cfg.billing, &host.retired_counters_path(uuid))
         .map_err(hook_err(ctid))?;
     let private = host.private_dir(ctid);
     if cfg.resources.diskspace.is_some()

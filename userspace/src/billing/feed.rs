@@ -223,6 +223,10 @@ impl Feeder {
                 });
             }
         }
+        for (uuid, ctid, billing, went) in self.unseen_retired(&alive)? {
+            info!(%uuid, ctid, "a CT no tick saw alive was destroyed: billed from its retired record");
+            summary.registered += self.sync_settings(&uuid, ctid, &billing, went)?;
+        }
         let gone: Vec<String> = self
             .ledger
             .cts()
@@ -251,6 +255,7 @@ impl Feeder {
         if snap.is_some() {
             self.last_epoch = epoch;
         }
+        self.ledger.set_watched_since(now)?;
         if self.last_prune.is_none_or(|t| now - t >= 3600 || now < t) {
             let deleted = self.ledger.prune(now)?;
             self.last_prune = Some(now);
@@ -298,6 +303,50 @@ impl Feeder {
             self.ledger.register_ct(&info)?;
         }
         Ok(0)
+    }
+
+    /// Retired records of CTs the ledger does not know and that are not alive, destroyed since
+    /// the ledger watches the node: (UUID, CTID, billing settings, when it went).
+    fn unseen_retired(
+        &self,
+        alive: &HashSet<String>,
+    ) -> Result<Vec<(String, u32, BillingConfig, i64)>, FeedError> {
+        let Some(since) = self.ledger.watched_since()? else {
+            return Ok(Vec::new());
+        };
+        let dir = self.host.root.join("retired");
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(FeedError::Io(dir, e)),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| FeedError::Io(dir.clone(), e))?;
+            let name = e.file_name();
+            let Some(uuid) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| uuid::Uuid::parse_str(n).ok())
+                .map(|u| u.hyphenated().to_string())
+            else {
+                continue; // temporary files of a record being written, and strangers
+            };
+            if alive.contains(&uuid) || self.ledger.ct(&uuid).is_ok() {
+                continue;
+            }
+            let path = e.path();
+            let rec = crate::lifecycle_hooks::RetiredRecord::read(&path)
+                .map_err(|e| FeedError::Io(path.clone(), e))?;
+            let Some(rec) = rec else { continue };
+            let went = i64::try_from(rec.retired_at).unwrap_or(i64::MAX);
+            if went < since {
+                debug!(%uuid, went, since, "retired before the ledger watched the node: not billed");
+                continue;
+            }
+            out.push((uuid, rec.ctid, rec.billing.unwrap_or_default(), went));
+        }
+        Ok(out)
     }
 
     /// The final reading of a destroyed CT from its retired record, read by destroy just before

@@ -534,6 +534,7 @@ mod query;
 mod settings;
 pub use layer::BASIS;
 mod tick;
+mod watched;
 
 pub use current::{CurrentBill, CurrentPeriods};
 use settings::{decode_classes, migrate_v1};
