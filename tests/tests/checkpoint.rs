@@ -1,0 +1,196 @@
+//! Checkpoint and restore of a running CT with CRIU on one "host" (a network namespace of the
+//! test's own, its own berth root): a counting process goes on from where it was, with the same
+//! PID inside the CT, the CT's address answers from another namespace, `stop` works, and
+//! nothing is left behind. Bad input fails before anything changes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_tests::ct::TestHost;
+use berth_tests::net::{Topology, assert_same, wait_for};
+use berth_tests::skip::skip;
+
+const CT: &str = "301";
+const ADDR: &str = "192.0.2.31";
+
+/// Appends 1, 2, 3 … to /tmp/seq every 10 ms, its PID in /tmp/counter.pid.
+const COUNTER: &str = "#!/bin/sh\necho $$ > /tmp/counter.pid\ni=0\nwhile :; do i=$((i+1)); echo $i >> /tmp/seq; usleep 10000; done\n";
+
+fn criu_or_skip(what: &str) -> bool {
+    match berth_runtime::container::checkpoint::criu_available() {
+        Ok(_) => true,
+        Err(why) => {
+            skip(what, &why);
+            false
+        }
+    }
+}
+
+fn seq(h: &TestHost) -> Vec<u64> {
+    let p = h.root.join("private").join(CT).join("tmp/seq");
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The numbers are 1, 2, … n with none missing, repeated or restarted.
+fn assert_consecutive(s: &[u64]) {
+    for (i, v) in s.iter().enumerate() {
+        assert_eq!(*v, i as u64 + 1, "sequence broken at line {}: {:?}", i + 1, &s[i.saturating_sub(3)..(i + 3).min(s.len())]);
+    }
+}
+
+fn create_counting_ct(h: &TestHost) {
+    h.ok(&["create", CT, "--ipadd", ADDR]);
+    let private = h.root.join("private").join(CT);
+    let script = private.join("counter.sh");
+    std::fs::write(&script, COUNTER).unwrap();
+    let rc = private.join("etc/rc.local");
+    std::fs::create_dir_all(rc.parent().unwrap()).unwrap();
+    std::fs::write(&rc, "#!/bin/sh\n/bin/sh /counter.sh </dev/null >/dev/null 2>&1 &\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&script, &rc] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+fn cgroup_count(h: &TestHost) -> usize {
+    h.cgroup_dirs().len()
+}
+
+#[test]
+fn checkpoint_restore_continues_the_ct() {
+    if !criu_or_skip("checkpoint_restore_continues_the_ct") {
+        return;
+    }
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    create_counting_ct(&h);
+    h.ok(&["start", CT]);
+    assert!(
+        wait_for(Duration::from_secs(5), || seq(&h).len() >= 20),
+        "the counter did not start"
+    );
+    let (_, pid, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
+    let pid = pid.trim().to_string();
+    assert!(topo.uplink.ping(ADDR), "CT unreachable before the checkpoint");
+    let uuid = h.status(CT)["uuid"].clone();
+
+    // Checkpoint: the CT stops, its host side goes.
+    let t0 = Instant::now();
+    let r = h.json(&["checkpoint", CT]);
+    assert_eq!(r["status"], "stopped", "{r}");
+    assert_eq!(h.status(CT)["state"], "stopped");
+    let dumped = seq(&h);
+    assert_consecutive(&dumped);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(seq(&h), dumped, "the counter ran on after the checkpoint");
+    assert!(
+        !topo.host.run("ip", &["link", "show", "venet301"]).status.success(),
+        "host end still there after the checkpoint"
+    );
+
+    // Restore: the same process counts on from where it was.
+    let r = h.json(&["restore", CT]);
+    let downtime = t0.elapsed();
+    assert_eq!(r["status"], "running", "{r}");
+    let st = h.status(CT);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["uuid"], uuid, "the UUID changed");
+    assert!(
+        wait_for(Duration::from_secs(5), || seq(&h).len() >= dumped.len() + 20),
+        "the counter did not go on after the restore"
+    );
+    let after = seq(&h);
+    assert_consecutive(&after);
+    assert!(after.len() > dumped.len());
+    let (rc, same, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
+    assert_eq!((rc, same.trim()), (0, pid.as_str()));
+    let (rc, cmd, _) = h.exec(CT, &["cat", &format!("/proc/{pid}/cmdline")]);
+    assert!(rc == 0 && cmd.contains("counter.sh"), "PID {pid} in the CT is not the counter: {cmd:?}");
+    println!("checkpoint + restore took {downtime:?}");
+
+    // Its address answers from the uplink namespace again, through the re-created host end.
+    assert!(topo.uplink.ping(ADDR), "CT unreachable after the restore");
+    let console = std::fs::read_to_string(h.root.join("run").join(format!("{CT}.console.log")));
+    assert!(console.is_ok(), "no console log after the restore");
+
+    // The images are gone (restoring twice would fork the CT's history).
+    let err = h.fails(&["restore", CT]);
+    assert!(err.contains("running") || err.contains("no checkpoint"), "{err}");
+
+    h.ok(&["stop", CT]);
+    assert_eq!(h.status(CT)["state"], "stopped");
+    h.assert_clean();
+    assert_same("after stop", &before, &topo.host.settled_snapshot());
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    create_counting_ct(&h);
+
+    // No CRIU: a clear error before anything happens (runs whether CRIU works here or not).
+    let o = h
+        .cmd(&["checkpoint", CT])
+        .env("BERTH_CRIU", "/nonexistent/criu")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("checkpoint unavailable:"), "{err}");
+    let o = h
+        .cmd(&["restore", CT])
+        .env("BERTH_CRIU", "/nonexistent/criu")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("restore unavailable:"), "{err}");
+
+    if !criu_or_skip("bad_input_changes_nothing (with CRIU)") {
+        return;
+    }
+    // Not running.
+    let err = h.fails(&["checkpoint", CT]);
+    assert!(err.contains("CT 301 is not running"), "{err}");
+    assert!(!h.root.join("dump").join(CT).exists());
+
+    // No images, or not berth's.
+    let err = h.fails(&["restore", CT]);
+    assert!(err.contains("holds no checkpoint"), "{err}");
+    let bogus = h.dir.path().join("bogus");
+    std::fs::create_dir_all(&bogus).unwrap();
+    std::fs::write(bogus.join("berth-checkpoint.json"), b"{]").unwrap();
+    let err = h.fails(&["restore", CT, "--dir", bogus.to_str().unwrap()]);
+    assert!(err.contains("damaged"), "{err}");
+    assert_eq!(h.status(CT)["state"], "stopped");
+
+    // Corrupt images of a real checkpoint: CRIU fails, the restore rolls back completely.
+    h.ok(&["start", CT]);
+    assert!(wait_for(Duration::from_secs(5), || seq(&h).len() >= 5));
+    let dir = h.dir.path().join("ck");
+    h.ok(&["checkpoint", CT, "--dir", dir.to_str().unwrap()]);
+    assert_eq!(h.status(CT)["state"], "stopped");
+    let err = h.fails(&["checkpoint", CT, "--dir", dir.to_str().unwrap()]);
+    assert!(err.contains("not running"), "{err}");
+    corrupt(&dir.join("pstree.img"));
+    let err = h.fails(&["restore", CT, "--dir", dir.to_str().unwrap()]);
+    assert!(err.contains("restore failed"), "{err}");
+    assert_eq!(h.status(CT)["state"], "stopped");
+    assert_eq!(cgroup_count(&h), 0, "a cgroup is left after a failed restore");
+    assert!(dir.join("berth-checkpoint.json").exists(), "a failed restore removed the images");
+    h.assert_clean();
+    assert_same("after a failed restore", &before, &topo.host.settled_snapshot());
+}
+
+fn corrupt(p: &Path) {
+    let mut b = std::fs::read(p).unwrap();
+    for x in b.iter_mut().skip(4) {
+        *x = 0xff;
+    }
+    std::fs::write(p, b).unwrap();
+}
