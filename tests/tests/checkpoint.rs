@@ -27,7 +27,7 @@ fn criu_or_skip(what: &str) -> bool {
 }
 
 fn seq(h: &TestHost) -> Vec<u64> {
-    let p = h.root.join("private").join(CT).join("tmp/seq");
+    let p = h.root.join("private").join(CT).join("upper/tmp/seq");
     std::fs::read_to_string(p)
         .unwrap_or_default()
         .lines()
@@ -38,18 +38,28 @@ fn seq(h: &TestHost) -> Vec<u64> {
 /// The numbers are 1, 2, … n with none missing, repeated or restarted.
 fn assert_consecutive(s: &[u64]) {
     for (i, v) in s.iter().enumerate() {
-        assert_eq!(*v, i as u64 + 1, "sequence broken at line {}: {:?}", i + 1, &s[i.saturating_sub(3)..(i + 3).min(s.len())]);
+        assert_eq!(
+            *v,
+            i as u64 + 1,
+            "sequence broken at line {}: {:?}",
+            i + 1,
+            &s[i.saturating_sub(3)..(i + 3).min(s.len())]
+        );
     }
 }
 
 fn create_counting_ct(h: &TestHost) {
     h.ok(&["create", CT, "--ipadd", ADDR]);
-    let private = h.root.join("private").join(CT);
+    let private = h.root.join("private").join(CT).join("upper");
     let script = private.join("counter.sh");
     std::fs::write(&script, COUNTER).unwrap();
     let rc = private.join("etc/rc.local");
     std::fs::create_dir_all(rc.parent().unwrap()).unwrap();
-    std::fs::write(&rc, "#!/bin/sh\n/bin/sh /counter.sh </dev/null >/dev/null 2>&1 &\n").unwrap();
+    std::fs::write(
+        &rc,
+        "#!/bin/sh\n/bin/sh /counter.sh </dev/null >/dev/null 2>&1 &\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     for p in [&script, &rc] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -76,20 +86,27 @@ fn checkpoint_restore_continues_the_ct() {
     );
     let (_, pid, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
     let pid = pid.trim().to_string();
-    assert!(topo.uplink.ping(ADDR), "CT unreachable before the checkpoint");
+    assert!(
+        topo.uplink.ping(ADDR),
+        "CT unreachable before the checkpoint"
+    );
     let uuid = h.status(CT)["uuid"].clone();
 
     // Checkpoint: the CT stops, its host side goes.
     let t0 = Instant::now();
     let r = h.json(&["checkpoint", CT]);
     assert_eq!(r["status"], "stopped", "{r}");
-    assert_eq!(h.status(CT)["state"], "stopped");
+    assert_eq!(h.status(CT)["status"], "stopped");
     let dumped = seq(&h);
     assert_consecutive(&dumped);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(seq(&h), dumped, "the counter ran on after the checkpoint");
     assert!(
-        !topo.host.run("ip", &["link", "show", "venet301"]).status.success(),
+        !topo
+            .host
+            .run("ip", &["link", "show", "venet301"])
+            .status
+            .success(),
         "host end still there after the checkpoint"
     );
 
@@ -98,10 +115,11 @@ fn checkpoint_restore_continues_the_ct() {
     let downtime = t0.elapsed();
     assert_eq!(r["status"], "running", "{r}");
     let st = h.status(CT);
-    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["status"], "running", "{st}");
     assert_eq!(st["uuid"], uuid, "the UUID changed");
     assert!(
-        wait_for(Duration::from_secs(5), || seq(&h).len() >= dumped.len() + 20),
+        wait_for(Duration::from_secs(5), || seq(&h).len()
+            >= dumped.len() + 20),
         "the counter did not go on after the restore"
     );
     let after = seq(&h);
@@ -110,7 +128,10 @@ fn checkpoint_restore_continues_the_ct() {
     let (rc, same, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
     assert_eq!((rc, same.trim()), (0, pid.as_str()));
     let (rc, cmd, _) = h.exec(CT, &["cat", &format!("/proc/{pid}/cmdline")]);
-    assert!(rc == 0 && cmd.contains("counter.sh"), "PID {pid} in the CT is not the counter: {cmd:?}");
+    assert!(
+        rc == 0 && cmd.contains("counter.sh"),
+        "PID {pid} in the CT is not the counter: {cmd:?}"
+    );
     println!("checkpoint + restore took {downtime:?}");
 
     // Its address answers from the uplink namespace again, through the re-created host end.
@@ -120,10 +141,13 @@ fn checkpoint_restore_continues_the_ct() {
 
     // The images are gone (restoring twice would fork the CT's history).
     let err = h.fails(&["restore", CT]);
-    assert!(err.contains("running") || err.contains("no checkpoint"), "{err}");
+    assert!(
+        err.contains("running") || err.contains("no checkpoint"),
+        "{err}"
+    );
 
     h.ok(&["stop", CT]);
-    assert_eq!(h.status(CT)["state"], "stopped");
+    assert_eq!(h.status(CT)["status"], "stopped");
     h.assert_clean();
     assert_same("after stop", &before, &topo.host.settled_snapshot());
 }
@@ -142,14 +166,20 @@ fn bad_input_changes_nothing() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("checkpoint unavailable:"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("checkpoint unavailable:"),
+        "{err}"
+    );
     let o = h
         .cmd(&["restore", CT])
         .env("BERTH_CRIU", "/nonexistent/criu")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("restore unavailable:"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("restore unavailable:"),
+        "{err}"
+    );
 
     if !criu_or_skip("bad_input_changes_nothing (with CRIU)") {
         return;
@@ -167,24 +197,35 @@ fn bad_input_changes_nothing() {
     std::fs::write(bogus.join("berth-checkpoint.json"), b"{]").unwrap();
     let err = h.fails(&["restore", CT, "--dir", bogus.to_str().unwrap()]);
     assert!(err.contains("damaged"), "{err}");
-    assert_eq!(h.status(CT)["state"], "stopped");
+    assert_eq!(h.status(CT)["status"], "stopped");
 
     // Corrupt images of a real checkpoint: CRIU fails, the restore rolls back completely.
     h.ok(&["start", CT]);
     assert!(wait_for(Duration::from_secs(5), || seq(&h).len() >= 5));
     let dir = h.dir.path().join("ck");
     h.ok(&["checkpoint", CT, "--dir", dir.to_str().unwrap()]);
-    assert_eq!(h.status(CT)["state"], "stopped");
+    assert_eq!(h.status(CT)["status"], "stopped");
     let err = h.fails(&["checkpoint", CT, "--dir", dir.to_str().unwrap()]);
     assert!(err.contains("not running"), "{err}");
     corrupt(&dir.join("pstree.img"));
     let err = h.fails(&["restore", CT, "--dir", dir.to_str().unwrap()]);
     assert!(err.contains("restore failed"), "{err}");
-    assert_eq!(h.status(CT)["state"], "stopped");
-    assert_eq!(cgroup_count(&h), 0, "a cgroup is left after a failed restore");
-    assert!(dir.join("berth-checkpoint.json").exists(), "a failed restore removed the images");
+    assert_eq!(h.status(CT)["status"], "stopped");
+    assert_eq!(
+        cgroup_count(&h),
+        0,
+        "a cgroup is left after a failed restore"
+    );
+    assert!(
+        dir.join("berth-checkpoint.json").exists(),
+        "a failed restore removed the images"
+    );
     h.assert_clean();
-    assert_same("after a failed restore", &before, &topo.host.settled_snapshot());
+    assert_same(
+        "after a failed restore",
+        &before,
+        &topo.host.settled_snapshot(),
+    );
 }
 
 fn corrupt(p: &Path) {

@@ -56,7 +56,11 @@ pub enum CheckpointError {
         log: PathBuf,
     },
     #[error("CT {ctid}: {} {msg}", dir.display())]
-    Images { ctid: Ctid, dir: PathBuf, msg: String },
+    Images {
+        ctid: Ctid,
+        dir: PathBuf,
+        msg: String,
+    },
     #[error("CT {ctid}: cannot checkpoint: {msg}")]
     Unsupported { ctid: Ctid, msg: String },
     #[error("CT {ctid}: {op} {}", path.display())]
@@ -105,12 +109,17 @@ pub fn criu_available() -> Result<PathBuf, String> {
         .arg("check")
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {}: {e} (xtask/setup.sh installs CRIU)", bin.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot run {}: {e} (xtask/setup.sh installs CRIU)",
+                bin.display()
+            )
+        })?;
     if out.status.success() {
         return Ok(bin);
     }
-    let text = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     let last = text
         .lines()
         .rev()
@@ -179,7 +188,10 @@ impl Meta {
             )));
         }
         if m.ctid != ctid.get() {
-            return Err(bad(format!("holds a checkpoint of CT {}, not {ctid}", m.ctid)));
+            return Err(bad(format!(
+                "holds a checkpoint of CT {}, not {ctid}",
+                m.ctid
+            )));
         }
         for f in ["inventory.img", "pstree.img"] {
             if !dir.join(f).is_file() {
@@ -284,10 +296,16 @@ pub fn checkpoint(
         });
     }
     let pid = st.init_pid;
-    let ct_mounts = fs::read_to_string(format!("/proc/{pid}/mountinfo"))
-        .map_err(io_err(ctid, "read", Path::new("init's mountinfo")))?;
-    let host_mounts = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io_err(ctid, "read", Path::new("/proc/self/mountinfo")))?;
+    let ct_mounts = fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(io_err(
+        ctid,
+        "read",
+        Path::new("init's mountinfo"),
+    ))?;
+    let host_mounts = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(
+        ctid,
+        "read",
+        Path::new("/proc/self/mountinfo"),
+    ))?;
     let ext = mounts::externals(&mounts::parse(&ct_mounts), &mounts::parse(&host_mounts))
         .map_err(|msg| CheckpointError::Unsupported { ctid, msg })?;
     let console = fs::metadata(format!("/proc/{pid}/root/dev/console"))
@@ -337,9 +355,7 @@ pub fn checkpoint(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let t0 = Instant::now();
-    let status = cmd
-        .status()
-        .map_err(io_err(ctid, "run", criu.as_path()))?;
+    let status = cmd.status().map_err(io_err(ctid, "run", criu.as_path()))?;
     let dump_ms = t0.elapsed().as_millis() as u64;
     let log = dir.join(DUMP_LOG);
     if !status.success() {

@@ -21,8 +21,8 @@ use super::super::{
     running,
 };
 use super::{
-    CheckpointError, Meta, RESTORE_LOG, Result, Source, common_args, default_dir,
-    io_err, log_tail, remove_images, require_criu,
+    CheckpointError, Meta, RESTORE_LOG, Result, Source, common_args, default_dir, io_err, log_tail,
+    remove_images, require_criu,
 };
 use crate::cgroups::CgroupManager;
 use crate::config::{CtConfig, Host};
@@ -31,8 +31,10 @@ use crate::error_chain::ErrorChain;
 use crate::net::{self, HostNet, LinkTeardown, NetError, NetState, Netlink};
 
 /// Undo steps run in reverse unless disarmed: a failed restore leaves nothing behind.
+type UndoStep<'a> = (&'static str, Box<dyn FnOnce() + 'a>);
+
 #[derive(Default)]
-struct Undo<'a>(Vec<(&'static str, Box<dyn FnOnce() + 'a>)>);
+struct Undo<'a>(Vec<UndoStep<'a>>);
 
 impl<'a> Undo<'a> {
     fn push(&mut self, what: &'static str, f: impl FnOnce() + 'a) {
@@ -317,8 +319,11 @@ impl CriuRestore {
         let _ = fs::remove_file(&pidfile);
         // The new console is inherited by CRIU (and the restored tasks) under its old id.
         let fd = slave.as_raw_fd();
-        nix::fcntl::fcntl(slave, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-            .map_err(|e| format!("make the console inheritable: {e}"))?;
+        nix::fcntl::fcntl(
+            slave,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(|e| format!("make the console inheritable: {e}"))?;
         let mut cmd = Command::new(&self.criu);
         cmd.arg("restore")
             .arg("-D")
@@ -356,8 +361,8 @@ impl CriuRestore {
                 log_tail(&self.dir.join(RESTORE_LOG))
             ));
         }
-        let text = fs::read_to_string(&pidfile)
-            .map_err(|e| format!("read {}: {e}", pidfile.display()))?;
+        let text =
+            fs::read_to_string(&pidfile).map_err(|e| format!("read {}: {e}", pidfile.display()))?;
         text.trim()
             .parse::<i32>()
             .ok()

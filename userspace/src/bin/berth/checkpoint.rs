@@ -8,12 +8,7 @@ use serde_json::json;
 
 use crate::Ctx;
 
-pub fn checkpoint(
-    ctx: &mut Ctx,
-    ct: &str,
-    dir: Option<PathBuf>,
-    keep_running: bool,
-) -> Result<()> {
+pub fn checkpoint(ctx: &mut Ctx, ct: &str, dir: Option<PathBuf>, keep_running: bool) -> Result<()> {
     let ctid = ctx.resolve(ct)?;
     let opts = ckpt::CheckpointOpts { dir, keep_running };
     let r = ckpt::checkpoint(&ctx.host, ctid, &opts, &mut ctx.hooks)?;
@@ -31,7 +26,11 @@ pub fn checkpoint(
                 r.dir.display(),
                 r.dump_ms,
                 r.bytes,
-                if r.left_running { "; still running" } else { "; stopped" }
+                if r.left_running {
+                    "; still running"
+                } else {
+                    "; stopped"
+                }
             )
         },
     );
