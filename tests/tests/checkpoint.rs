@@ -27,7 +27,11 @@ fn criu_or_skip(what: &str) -> bool {
 }
 
 fn seq(h: &TestHost) -> Vec<u64> {
-    let p = h.root.join("private").join(CT).join("upper/tmp/seq");
+    seq_of(h, CT)
+}
+
+fn seq_of(h: &TestHost, ct: &str) -> Vec<u64> {
+    let p = h.root.join("private").join(ct).join("upper/tmp/seq");
     std::fs::read_to_string(p)
         .unwrap_or_default()
         .lines()
@@ -49,8 +53,16 @@ fn assert_consecutive(s: &[u64]) {
 }
 
 fn create_counting_ct(h: &TestHost) {
-    h.ok(&["create", CT, "--ipadd", ADDR]);
-    let private = h.root.join("private").join(CT).join("upper");
+    create_counter(h, CT, ADDR, false);
+}
+
+fn create_counter(h: &TestHost, ct: &str, addr: &str, privileged: bool) {
+    let mut args = vec!["create", ct, "--ipadd", addr];
+    if privileged {
+        args.push("--privileged");
+    }
+    h.ok(&args);
+    let private = h.root.join("private").join(ct).join("upper");
     let script = private.join("counter.sh");
     std::fs::write(&script, COUNTER).unwrap();
     let rc = private.join("etc/rc.local");
@@ -79,11 +91,14 @@ fn checkpoint_restore_continues_the_ct() {
     let before = topo.host.settled_snapshot();
     let h = TestHost::new().in_netns(topo.host.fd());
     create_counting_ct(&h);
+    h.ok(&["set", CT, "--memory", "200M", "--save"]);
     h.ok(&["start", CT]);
     assert!(
         wait_for(Duration::from_secs(5), || seq(&h).len() >= 20),
         "the counter did not start"
     );
+    let limit_before = memory_limit(&h);
+    assert!(limit_before.starts_with("209715200"), "{limit_before}");
     let (_, pid, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
     let pid = pid.trim().to_string();
     assert!(
@@ -91,6 +106,8 @@ fn checkpoint_restore_continues_the_ct() {
         "CT unreachable before the checkpoint"
     );
     let uuid = h.status(CT)["uuid"].clone();
+    let counted = netstat_bytes(&h);
+    assert!(counted > 0, "nothing counted before the checkpoint");
 
     // Checkpoint: the CT stops, its host side goes.
     let t0 = Instant::now();
@@ -124,7 +141,6 @@ fn checkpoint_restore_continues_the_ct() {
     );
     let after = seq(&h);
     assert_consecutive(&after);
-    assert!(after.len() > dumped.len());
     let (rc, same, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
     assert_eq!((rc, same.trim()), (0, pid.as_str()));
     let (rc, cmd, _) = h.exec(CT, &["cat", &format!("/proc/{pid}/cmdline")]);
@@ -132,24 +148,132 @@ fn checkpoint_restore_continues_the_ct() {
         rc == 0 && cmd.contains("counter.sh"),
         "PID {pid} in the CT is not the counter: {cmd:?}"
     );
-    println!("checkpoint + restore took {downtime:?}");
+    println!("checkpoint + restore (CLI to CLI, counter stopped) took {downtime:?}");
 
-    // Its address answers from the uplink namespace again, through the re-created host end.
+    // Its address answers from the uplink namespace again, through the re-created host end,
+    // and the datapath counts on from the totals before (same CT, same UUID).
     assert!(topo.uplink.ping(ADDR), "CT unreachable after the restore");
-    let console = std::fs::read_to_string(h.root.join("run").join(format!("{CT}.console.log")));
-    assert!(console.is_ok(), "no console log after the restore");
+    let recounted = netstat_bytes(&h);
+    assert!(
+        recounted > counted,
+        "counters did not continue: {counted} before, {recounted} after"
+    );
+    assert_eq!(
+        memory_limit(&h),
+        limit_before,
+        "memory limit not re-applied"
+    );
+    // The console is the new monitor's pty: what the CT writes there is logged.
+    let (rc, _, e) = h.exec(CT, &["sh", "-c", "echo restored-console-ok > /dev/console"]);
+    assert_eq!(rc, 0, "{e}");
+    let log = h.root.join("run").join(format!("{CT}.console.log"));
+    assert!(
+        wait_for(Duration::from_secs(3), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("restored-console-ok")),
+        "the console after the restore is not logged"
+    );
 
     // The images are gone (restoring twice would fork the CT's history).
     let err = h.fails(&["restore", CT]);
+    assert!(err.contains("already running"), "{err}");
     assert!(
-        err.contains("running") || err.contains("no checkpoint"),
-        "{err}"
+        !h.root
+            .join("dump")
+            .join(CT)
+            .join("berth-checkpoint.json")
+            .exists()
     );
+
+    // vzctl's chkpnt/restore: `suspend --dump` stops the CT into a dump, `resume` restores it.
+    let n = seq(&h).len();
+    h.ok(&["suspend", CT, "--dump"]);
+    assert_eq!(h.status(CT)["status"], "stopped");
+    h.ok(&["resume", CT]);
+    assert!(
+        wait_for(Duration::from_secs(5), || seq(&h).len() >= n + 20),
+        "the counter did not go on after resume"
+    );
+    assert_consecutive(&seq(&h));
+    let (_, again, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
+    assert_eq!(again.trim(), pid);
+
+    // --keep-running: a snapshot; the CT goes on.
+    let n = seq(&h).len();
+    let snap = h.dir.path().join("snap");
+    let snap_s = snap.to_str().unwrap();
+    let r = h.json(&["checkpoint", CT, "--keep-running", "--dir", snap_s]);
+    assert_eq!(r["status"], "running", "{r}");
+    assert_eq!(h.status(CT)["status"], "running");
+    assert!(wait_for(Duration::from_secs(5), || seq(&h).len() >= n + 20));
+    assert_consecutive(&seq(&h));
+    assert!(snap.join("berth-checkpoint.json").exists());
+    assert!(
+        topo.uplink.ping(ADDR),
+        "CT unreachable after a --keep-running checkpoint"
+    );
+    let err = h.fails(&["checkpoint", CT, "--dir", snap_s]);
+    assert!(err.contains("already holds a checkpoint"), "{err}");
+    assert_eq!(h.status(CT)["status"], "running");
 
     h.ok(&["stop", CT]);
     assert_eq!(h.status(CT)["status"], "stopped");
     h.assert_clean();
     assert_same("after stop", &before, &topo.host.settled_snapshot());
+}
+
+/// A privileged CT (no user namespace) takes CRIU's other paths (no usernsd).
+#[test]
+fn checkpoint_restore_privileged_ct() {
+    if !criu_or_skip("checkpoint_restore_privileged_ct") {
+        return;
+    }
+    let topo = Topology::new();
+    let before = topo.host.settled_snapshot();
+    let h = TestHost::new().in_netns(topo.host.fd());
+    create_counter(&h, "302", "192.0.2.32", true);
+    h.ok(&["start", "302"]);
+    assert!(wait_for(Duration::from_secs(5), || seq_of(&h, "302").len() >= 20));
+    h.ok(&["checkpoint", "302"]);
+    let dumped = seq_of(&h, "302").len();
+    h.ok(&["restore", "302"]);
+    assert!(
+        wait_for(Duration::from_secs(5), || seq_of(&h, "302").len()
+            >= dumped + 20),
+        "the counter did not go on after the restore"
+    );
+    assert_consecutive(&seq_of(&h, "302"));
+    assert!(
+        topo.uplink.ping("192.0.2.32"),
+        "CT unreachable after the restore"
+    );
+    h.ok(&["stop", "302"]);
+    h.assert_clean();
+    assert_same("after stop", &before, &topo.host.settled_snapshot());
+}
+
+/// In + out bytes the datapath counted for the CT.
+fn netstat_bytes(h: &TestHost) -> u64 {
+    let v = h.json(&["netstat", CT]);
+    v.as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r["in_bytes"].as_u64().unwrap_or(0) + r["out_bytes"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The CT's memory limit as its cgroup has it (v1 or v2).
+fn memory_limit(h: &TestHost) -> String {
+    for d in h.cgroup_dirs() {
+        for f in ["memory.limit_in_bytes", "memory.max"] {
+            if let Ok(v) = std::fs::read_to_string(d.join(f)) {
+                return v.trim().to_string();
+            }
+        }
+    }
+    String::new()
 }
 
 #[test]

@@ -71,6 +71,10 @@ pub fn restore(
     CtConfig::load(host, ctid).map_err(CtError::from)?;
     let criu = require_criu("restore")?;
     let dir = dir.map_or_else(|| default_dir(host, ctid), Path::to_path_buf);
+    // Checked again under the lock; first so a running CT is the error, not its missing images.
+    if running(host, ctid).is_some() {
+        return Err(CtError::AlreadyRunning(ctid).into());
+    }
     let meta = Meta::read(ctid, &dir)?;
     let (_lock, cfg) = lock_loaded(host, ctid)?;
     if running(host, ctid).is_some() {
