@@ -108,6 +108,21 @@ fn checkpoint_restore_continues_the_ct() {
     let uuid = h.status(CT)["uuid"].clone();
     let counted = netstat_bytes(&h);
     assert!(counted > 0, "nothing counted before the checkpoint");
+    // The CT's root binds what it can reach (its cgroup, its /etc, the host's /dev/null bound
+    // in): the restore must rebuild each from the same source, never a wider host path.
+    let (rc, _, e) = h.exec(
+        CT,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/cg /tmp/etc && mount --bind /sys/fs/cgroup/memory /tmp/cg \
+             && mount --bind /etc /tmp/etc && touch /tmp/nul && mount --bind /dev/null /tmp/nul",
+        ],
+    );
+    assert_eq!(rc, 0, "binds inside the CT: {e}");
+    let views = "ls /tmp/cg | md5sum; ls /sys/fs/cgroup/memory | md5sum; ls /tmp/etc | md5sum; \
+                 ls /etc | md5sum; stat -c %t:%T /tmp/nul";
+    let (_, views_before, _) = h.exec(CT, &["sh", "-c", views]);
 
     // Checkpoint: the CT stops, its host side goes.
     let t0 = Instant::now();
@@ -162,6 +177,16 @@ fn checkpoint_restore_continues_the_ct() {
         memory_limit(&h),
         limit_before,
         "memory limit not re-applied"
+    );
+    let (_, views_after, _) = h.exec(CT, &["sh", "-c", views]);
+    assert_eq!(
+        views_after, views_before,
+        "the CT's own binds came back different"
+    );
+    let v: Vec<&str> = views_after.lines().collect();
+    assert!(
+        v.len() == 5 && v[0] == v[1] && v[2] == v[3] && v[4] == "1:3",
+        "{views_after}"
     );
     // The console is the new monitor's pty: what the CT writes there is logged.
     let (rc, _, e) = h.exec(CT, &["sh", "-c", "echo restored-console-ok > /dev/console"]);

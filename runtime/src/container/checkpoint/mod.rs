@@ -132,8 +132,33 @@ pub fn criu_available() -> Result<PathBuf, String> {
     ))
 }
 
-fn require_criu(op: &'static str) -> Result<PathBuf> {
-    criu_available().map_err(|reason| CheckpointError::Unavailable { op, reason })
+/// [`criu_available`], remembered in the run directory for this boot and this CRIU binary:
+/// `criu check` takes ~0.3 s here, which a restore would otherwise add to the CT's downtime.
+fn require_criu(host: &Host, op: &'static str) -> Result<PathBuf> {
+    let bin = criu_path();
+    let stamp = fs::metadata(&bin)
+        .ok()
+        .map(|m| {
+            format!(
+                "{} {} {} {}\n",
+                state::boot_id().unwrap_or_default(),
+                bin.display(),
+                m.len(),
+                m.mtime()
+            )
+        })
+        .filter(|_| bin.is_absolute());
+    let cache = host.run.join("criu-check.ok");
+    if let Some(s) = &stamp
+        && fs::read_to_string(&cache).ok().as_deref() == Some(s.as_str())
+    {
+        return Ok(bin);
+    }
+    let bin = criu_available().map_err(|reason| CheckpointError::Unavailable { op, reason })?;
+    if let Some(s) = stamp {
+        let _ = fs::create_dir_all(&host.run).and_then(|()| fs::write(&cache, s));
+    }
+    Ok(bin)
 }
 
 /// Where `checkpoint` puts a CT's images unless told otherwise (`<root>/dump/<CTID>`).
@@ -279,7 +304,7 @@ pub fn checkpoint(
     hooks: &mut dyn NetHooks,
 ) -> Result<CheckpointReport> {
     CtConfig::load(host, ctid).map_err(CtError::from)?;
-    let criu = require_criu("checkpoint")?;
+    let criu = require_criu(host, "checkpoint")?;
     let (_lock, cfg) = lock_loaded(host, ctid)?;
     let Some(st) = running(host, ctid) else {
         return Err(CtError::NotRunning(ctid).into());

@@ -69,7 +69,7 @@ pub fn restore(
     hooks: &mut dyn NetHooks,
 ) -> Result<RunState> {
     CtConfig::load(host, ctid).map_err(CtError::from)?;
-    let criu = require_criu("restore")?;
+    let criu = require_criu(host, "restore")?;
     let dir = dir.map_or_else(|| default_dir(host, ctid), Path::to_path_buf);
     // Checked again under the lock; first so a running CT is the error, not its missing images.
     if running(host, ctid).is_some() {
