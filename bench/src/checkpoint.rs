@@ -187,6 +187,16 @@ fn raw_criu(criu: &Path, dir: &Path, mib: u64) -> Result<Duration> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The tree's PIDs must be free again for the restore: the dumped tasks' orphans come to
+    // this process (a subreaper) to be reaped at once, not to a PID 1 that may reap late.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let mut pids = vec![pid];
+    pids.extend(
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok()),
+    );
     let pidfile = dir.join("pid");
     let t0 = Instant::now();
     let dumped = quiet(
@@ -199,6 +209,7 @@ fn raw_criu(criu: &Path, dir: &Path, mib: u64) -> Result<Duration> {
     let mut child = child;
     let _ = child.wait();
     dumped?;
+    reap_until_gone(&pids)?;
     quiet(
         Command::new(criu)
             .args(["restore", "-d", "-D"])
@@ -212,7 +223,29 @@ fn raw_criu(criu: &Path, dir: &Path, mib: u64) -> Result<Duration> {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     );
+    reap_until_gone(&pids)?;
     Ok(took)
+}
+
+/// Reaps this process's children until none of `pids` exists any more.
+fn reap_until_gone(pids: &[i32]) -> Result<()> {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        while let Ok(ws) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if ws == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the control's processes {pids:?} did not go away");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 /// Resident KiB of `pid` and its children (one level: sh, dd, sleep).
