@@ -369,6 +369,14 @@ fn bad_input_changes_nothing() {
         dir.join("berth-checkpoint.json").exists(),
         "a failed restore removed the images"
     );
+    // Images of an earlier CT that had this CTID (another UUID) are refused before anything.
+    let meta = dir.join("berth-checkpoint.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    m["uuid"] = "00000000-0000-4000-8000-000000000001".into();
+    std::fs::write(&meta, serde_json::to_vec(&m).unwrap()).unwrap();
+    let err = h.fails(&["restore", CT, "--dir", dir.to_str().unwrap()]);
+    assert!(err.contains("UUID differs"), "{err}");
+    assert_eq!(h.status(CT)["status"], "stopped");
     h.assert_clean();
     assert_same(
         "after a failed restore",
