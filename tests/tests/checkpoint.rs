@@ -123,6 +123,49 @@ fn checkpoint_restore_continues_the_ct() {
     let views = "ls /tmp/cg | md5sum; ls /sys/fs/cgroup/memory | md5sum; ls /tmp/etc | md5sum; \
                  ls /etc | md5sum; stat -c %t:%T /tmp/nul";
     let (_, views_before, _) = h.exec(CT, &["sh", "-c", views]);
+    // A process `berth exec` left behind keeps its session outside the CT: CRIU refuses the
+    // dump, and the CT must run on untouched.
+    let (rc, _, e) = h.exec(CT, &["sh", "-c", "sleep 1000 </dev/null >/dev/null 2>&1 &"]);
+    assert_eq!(rc, 0, "{e}");
+    let n = seq(&h).len();
+    let err = h.fails(&["checkpoint", CT]);
+    assert!(
+        err.contains("checkpoint failed") && err.contains("session leader"),
+        "{err}"
+    );
+    assert_eq!(h.status(CT)["status"], "running");
+    assert!(wait_for(Duration::from_secs(5), || seq(&h).len() >= n + 20));
+    assert_consecutive(&seq(&h));
+    assert!(
+        !h.root
+            .join("dump")
+            .join(CT)
+            .join("berth-checkpoint.json")
+            .exists()
+    );
+    let (rc, _, e) = h.exec(CT, &["killall", "sleep"]);
+    assert_eq!(rc, 0, "{e}");
+    assert!(wait_for(Duration::from_secs(3), || h
+        .exec(CT, &["pidof", "sleep"])
+        .0
+        != 0));
+    // An established TCP connection from the uplink into the CT (an echo server there, in a
+    // session of its own).
+    let (rc, _, e) = h.exec(
+        CT,
+        &[
+            "sh",
+            "-c",
+            "setsid nc -l -p 7000 -e cat </dev/null >/dev/null 2>&1 &",
+        ],
+    );
+    assert_eq!(rc, 0, "{e}");
+    let mut tcp = TcpClient::connect(&topo, ADDR, 7000);
+    assert_eq!(
+        tcp.echo("one").as_deref(),
+        Some("one"),
+        "echo before the checkpoint"
+    );
 
     // Checkpoint: the CT stops, its host side goes.
     let t0 = Instant::now();
@@ -177,6 +220,11 @@ fn checkpoint_restore_continues_the_ct() {
         memory_limit(&h),
         limit_before,
         "memory limit not re-applied"
+    );
+    assert_eq!(
+        tcp.echo("two").as_deref(),
+        Some("two"),
+        "the TCP connection did not survive checkpoint and restore"
     );
     let (_, views_after, _) = h.exec(CT, &["sh", "-c", views]);
     assert_eq!(
@@ -391,4 +439,60 @@ fn corrupt(p: &Path) {
         *x = 0xff;
     }
     std::fs::write(p, b).unwrap();
+}
+
+/// `busybox nc` in the uplink namespace, connected to the CT: lines in, echoed lines out.
+struct TcpClient {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TcpClient {
+    fn connect(topo: &Topology, addr: &str, port: u16) -> Self {
+        use std::io::BufRead;
+        use std::os::fd::AsRawFd;
+        let ns = format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            topo.uplink.fd.as_raw_fd()
+        );
+        let mut child = std::process::Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .args(["busybox", "nc", addr, &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nc in the uplink namespace");
+        let stdin = child.stdin.take().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn echo(&mut self, line: &str) -> Option<String> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").ok()?;
+        self.stdin.flush().ok()?;
+        self.lines.recv_timeout(Duration::from_secs(10)).ok()
+    }
+}
+
+impl Drop for TcpClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
