@@ -91,13 +91,26 @@ fn checkpoint_restore_continues_the_ct() {
     let before = topo.host.settled_snapshot();
     let h = TestHost::new().in_netns(topo.host.fd());
     create_counting_ct(&h);
-    h.ok(&["set", CT, "--memory", "200M", "--save"]);
+    h.ok(&[
+        "set",
+        CT,
+        "--memory",
+        "200M",
+        "--rate-in",
+        "10mbit",
+        "--save",
+    ]);
     h.ok(&["start", CT]);
     assert!(
         wait_for(Duration::from_secs(5), || seq(&h).len() >= 20),
         "the counter did not start"
     );
     let limit_before = memory_limit(&h);
+    let shaped = tc_classes(&topo);
+    assert!(
+        shaped.contains("rate 10Mbit"),
+        "not shaped before: {shaped}"
+    );
     assert!(limit_before.starts_with("209715200"), "{limit_before}");
     let (_, pid, _) = h.exec(CT, &["cat", "/tmp/counter.pid"]);
     let pid = pid.trim().to_string();
@@ -226,6 +239,11 @@ fn checkpoint_restore_continues_the_ct() {
         Some("two"),
         "the TCP connection did not survive checkpoint and restore"
     );
+    let reshaped = tc_classes(&topo);
+    assert!(
+        reshaped.contains("rate 10Mbit"),
+        "shaping not re-applied: {reshaped}"
+    );
     let (_, views_after, _) = h.exec(CT, &["sh", "-c", views]);
     assert_eq!(
         views_after, views_before,
@@ -335,6 +353,12 @@ fn netstat_bytes(h: &TestHost) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The HTB classes on the CT's host end.
+fn tc_classes(topo: &Topology) -> String {
+    let o = topo.host.run("tc", &["class", "show", "dev", "venet301"]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// The CT's memory limit as its cgroup has it (v1 or v2).
