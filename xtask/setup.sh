@@ -86,6 +86,9 @@ else
   log "bpf-linker present"
 fi
 
+# CRIU >= 4.1 for `berth checkpoint`/`restore` (built from source where none works).
+bash "$(dirname "$0")/setup-criu.sh"
+
 if ! mountpoint -q /sys/fs/bpf; then
   log "mounting bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

@@ -4,6 +4,7 @@
 //! run those). All need root; everything they create lives in namespaces, cgroups and pin
 //! directories of their own and is removed afterwards.
 
+mod checkpoint;
 mod datapath;
 mod import;
 mod isolation;
@@ -64,6 +65,9 @@ enum Bench {
     Testbed(testbed::TestbedArgs),
     /// OpenVZ import: a 1 GiB simfs private area vs cp -a, and the dry run of 100 configs.
     Import(import::ImportArgs),
+    /// Checkpoint + restore downtime of a busybox CT holding 200 MB of anonymous memory, vs
+    /// CRIU alone on a plain process tree holding the same.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Bench::Quota(a) => quota::run(&a),
         Bench::Testbed(a) => testbed::run(&a),
         Bench::Import(a) => import::run(&a),
+        Bench::Checkpoint(a) => checkpoint::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,6 +197,9 @@ fn known(e: &(dyn StdError + 'static)) -> Option<ErrorCode> {
     if let Some(e) = e.downcast_ref::<CtError>() {
         return ct(e);
     }
+    if let Some(berth_runtime::container::checkpoint::CheckpointError::Ct(e)) = e.downcast_ref() {
+        return ct(e);
+    }
     if let Some(e) = e.downcast_ref::<ConfigError>() {
         return config(e);
     }

@@ -87,6 +87,9 @@ pub fn vzctl(args: &[String]) -> Result<Plan, Syntax> {
         "restart" => berth("restart", drop_flags(&opts, &["--wait", "--force"])),
         "destroy" | "delete" => berth("destroy", opts),
         v @ ("mount" | "umount" | "suspend" | "resume" | "set" | "enter") => berth(v, opts),
+        // vzctl's dump is one file; berth's a directory of CRIU images named the same way.
+        "chkpnt" => berth("checkpoint", dumpfile_opts(&opts)),
+        "restore" => berth("restore", dumpfile_opts(&opts)),
         "status" => {
             if !opts.is_empty() {
                 return Err(Syntax(format!("status: unexpected {:?}", opts[0])));
@@ -109,6 +112,17 @@ pub fn vzctl(args: &[String]) -> Result<Plan, Syntax> {
         }
         other => Err(Syntax(format!("unknown command {other:?}"))),
     }
+}
+
+/// `--dumpfile F` is `--dir F`.
+fn dumpfile_opts(opts: &[String]) -> Vec<String> {
+    opts.iter()
+        .map(|o| match o.strip_prefix("--dumpfile") {
+            Some("") => "--dir".to_owned(),
+            Some(v) if v.starts_with('=') => format!("--dir{v}"),
+            _ => o.clone(),
+        })
+        .collect()
 }
 
 /// `create`'s options in berth's words: `--ostemplate` is `--template`; `--config` (vzctl's
@@ -199,6 +213,14 @@ mod tests {
         assert_eq!(
             vzctl(&v("create 101 --ostemplate debian-12 --hostname a.test")).unwrap(),
             berth("create 101 --template debian-12 --hostname a.test")
+        );
+        assert_eq!(
+            vzctl(&v("chkpnt 101 --dumpfile /d/101")).unwrap(),
+            berth("checkpoint 101 --dir /d/101")
+        );
+        assert_eq!(
+            vzctl(&v("restore 101 --dumpfile=/d/101")).unwrap(),
+            berth("restore 101 --dir=/d/101")
         );
         assert_eq!(
             vzctl(&v("--quiet start 101 --wait")).unwrap(),

@@ -5,6 +5,7 @@
 //! `<run>/<CTID>.console.log`) and reaps init; berth itself exits once init has exec'd, so the CT
 //! keeps running with no berth command alive.
 
+pub mod checkpoint;
 pub mod exec;
 pub mod init;
 pub mod state;

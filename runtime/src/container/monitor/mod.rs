@@ -196,6 +196,109 @@ pub(super) fn monitor_main(
     0
 }
 
+/// The monitor of a CT restored from a checkpoint: the same console logging and reaping as
+/// after a start, but init comes from `restore` (CRIU restoring the tree as this process's
+/// child, `--restore-sibling`) instead of a clone. `restore` gets the new console's slave and
+/// its path and returns init's host PID; its error is reported to `berth restore` as `Failed`.
+pub(super) fn adopt_main(
+    ctid: Ctid,
+    paths: &Paths,
+    ready_w: OwnedFd,
+    userns: Option<UserNs>,
+    restore: &mut dyn FnMut(BorrowedFd<'_>, &std::path::Path) -> Result<i32, String>,
+) -> i32 {
+    let fail = |error: String| {
+        let _ = MonitorMsg::Failed { error }.send(&ready_w);
+        1
+    };
+    let _ = nix::unistd::setsid();
+    let _ = nix::sys::prctl::set_name(
+        &std::ffi::CString::new(format!("berth-mon {ctid}")).unwrap_or_default(),
+    );
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let b = null.as_fd();
+        let _ = nix::unistd::dup2_stdin(b);
+        let _ = nix::unistd::dup2_stdout(b);
+        let _ = nix::unistd::dup2_stderr(b);
+    }
+    let pty = match nix::pty::openpty(None, None) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("open console pty: {e}")),
+    };
+    let console_path = match nix::unistd::ttyname(&pty.slave) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("console pty name: {e}")),
+    };
+    if let Err(e) = init::own_console(&pty.slave, userns.as_ref()) {
+        return fail(e);
+    }
+    init::close_fds_except(&[
+        ready_w.as_raw_fd(),
+        pty.master.as_raw_fd(),
+        pty.slave.as_raw_fd(),
+    ]);
+    // Blocked before the restore: an init that dies at once still leaves its SIGCHLD queued
+    // for the signalfd (CRIU's own exit queues one too, harmlessly).
+    let mut chld = nix::sys::signal::SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    chld.add(STOPPING);
+    if let Err(e) = chld.thread_block() {
+        return fail(format!("block SIGCHLD and {}: {e}", STOPPING.as_str()));
+    }
+    let sfd = match nix::sys::signalfd::SignalFd::with_flags(
+        &chld,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    ) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("signalfd: {e}")),
+    };
+    let init_pid = match restore(pty.slave.as_fd(), &console_path) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let child = Pid::from_raw(init_pid);
+    if (MonitorMsg::Started { init_pid }).send(&ready_w).is_err() {
+        let _ = kill(child, Signal::SIGKILL);
+    }
+    let _ = nix::fcntl::fcntl(
+        &pty.master,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let console = Console {
+        master: pty.master,
+        slave: Some(pty.slave),
+        log: fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.console_log)
+            .ok(),
+        tail: Vec::new(),
+        open: true,
+    };
+    let mut m = Monitor {
+        init: child,
+        console,
+        sfd,
+        ready_w,
+        phase: Phase::Reported { settled: true },
+        stopping: false,
+    };
+    let exit = m.run().filter(|_| !m.stopping);
+    if let (Some((exit, true)), Ok(at)) = (exit, SystemTime::now().duration_since(UNIX_EPOCH)) {
+        let _ = LastExit {
+            exit,
+            at: at.as_secs(),
+            boot_id: state::boot_id().unwrap_or_default(),
+        }
+        .write(&paths.last_exit);
+    }
+    0
+}
+
 /// In the cloned init: wait for the go-ahead, build the CT's view of the world, exec init.
 fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
     let res = (|| -> Result<(), String> {

@@ -93,15 +93,37 @@ pub enum Cmd {
         /// CTID or name.
         ct: String,
     },
-    /// Freeze every process of the CT.
+    /// Freeze every process of the CT (with --dump: checkpoint it and stop it, as vzctl chkpnt).
     Suspend {
         /// CTID or name.
         ct: String,
+        /// Dump the CT with CRIU into its default checkpoint directory and stop it.
+        #[arg(long)]
+        dump: bool,
     },
-    /// Thaw a suspended CT.
+    /// Thaw a suspended CT, or restore a CT stopped by `suspend --dump`.
     Resume {
         /// CTID or name.
         ct: String,
+    },
+    /// Dump a running CT with CRIU (it stops unless --keep-running).
+    Checkpoint {
+        /// CTID or name.
+        ct: String,
+        /// Image directory (default: <root>/dump/<CTID>).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Leave the CT running after the dump.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Restore a CT from a checkpoint made by `checkpoint`.
+    Restore {
+        /// CTID or name.
+        ct: String,
+        /// Image directory (default: <root>/dump/<CTID>).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
     /// Run a command in a running CT; its exit code becomes berth's.
     Exec {

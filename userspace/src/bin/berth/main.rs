@@ -3,6 +3,7 @@
 
 mod autostart;
 mod billing;
+mod checkpoint;
 mod cli;
 mod gc;
 mod import;
@@ -183,8 +184,15 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Destroy { ct } => lifecycle::destroy(ctx, &ct)?,
         Cmd::Mount { ct } => lifecycle::mount(ctx, &ct)?,
         Cmd::Umount { ct } => lifecycle::umount(ctx, &ct)?,
-        Cmd::Suspend { ct } => lifecycle::suspend(ctx, &ct)?,
-        Cmd::Resume { ct } => lifecycle::resume(ctx, &ct)?,
+        Cmd::Suspend { ct, dump: false } => lifecycle::suspend(ctx, &ct)?,
+        Cmd::Suspend { ct, dump: true } => checkpoint::suspend_dump(ctx, &ct)?,
+        Cmd::Resume { ct } => checkpoint::resume(ctx, &ct)?,
+        Cmd::Checkpoint {
+            ct,
+            dir,
+            keep_running,
+        } => checkpoint::checkpoint(ctx, &ct, dir, keep_running)?,
+        Cmd::Restore { ct, dir } => checkpoint::restore(ctx, &ct, dir)?,
         Cmd::Exec { ct, cmd } => return lifecycle::exec(ctx, &ct, &cmd),
         Cmd::Enter { ct } => return lifecycle::enter(ctx, &ct),
         Cmd::Status { ct } => status::status(ctx, &ct)?,
