@@ -338,7 +338,7 @@ async fn create_ct(
     // Refused here, before an operation exists: a bad value is the request's fault.
     body.ctid().map_err(|e| ApiError::bad_request(e.0))?;
     body.opts().map_err(|e| ApiError::bad_request(e.0))?;
-    Ok(api.operate(Op::Create { body }, wait, true).await)
+    Ok(api.operate(Op::Create { body: Box::new(body) }, wait, true).await)
 }
 
 async fn patch_ct(
@@ -353,7 +353,7 @@ async fn patch_ct(
         return Err(ApiError::bad_request("request body: no setting to change"));
     }
     body.opts(ctid).map_err(|e| ApiError::bad_request(e.0))?;
-    Ok(api.operate(Op::Set { ctid, body }, wait, false).await)
+    Ok(api.operate(Op::Set { ctid, body: Box::new(body) }, wait, false).await)
 }
 
 async fn delete_ct(
@@ -511,22 +511,18 @@ async fn event_stream(
     query_pairs(&q, &[])?;
     let rx = api.events.subscribe();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(e) => {
-                    let data = serde_json::to_string(&e).unwrap_or_default();
-                    let ev = SseEvent::default().event(e.kind).data(data);
-                    return Some((Ok::<_, std::convert::Infallible>(ev), rx));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let ev = SseEvent::default()
-                        .event("lagged")
-                        .data(json!({"missed": n}).to_string());
-                    return Some((Ok(ev), rx));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        let ev = match rx.recv().await {
+            Ok(e) => {
+                let data = serde_json::to_string(&e).unwrap_or_default();
+                SseEvent::default().event(e.kind).data(data)
             }
-        }
+            // A slow client is told how many events it missed, then reads on.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => SseEvent::default()
+                .event("lagged")
+                .data(json!({"type": "lagged", "missed": n}).to_string()),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(ev), rx))
     });
     // A first event tells the client its subscription is in place: changes after it reach it.
     let ready = SseEvent::default()

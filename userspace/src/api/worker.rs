@@ -29,8 +29,8 @@ const MAX_REQUEST: u64 = 1 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
-    Create { body: CreateBody },
-    Set { ctid: Ctid, body: PatchBody },
+    Create { body: Box<CreateBody> },
+    Set { ctid: Ctid, body: Box<PatchBody> },
     Start { ctid: Ctid },
     Stop { ctid: Ctid, fast: bool },
     Restart { ctid: Ctid },

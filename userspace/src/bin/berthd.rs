@@ -342,14 +342,18 @@ async fn serve(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    // Tests and scripts started with port 0 learn the port from this line.
-    println!("berthd listening on http://{addr}/metrics");
-    std::io::stdout().flush().ok();
-    info!(%addr, root = %host.root.display(), cgroup_parent = %host.cgroup_parent, bpffs = %args.bpffs.display(), "berthd serving");
+    // Tests and scripts started with port 0 learn the port from the first line, the API's
+    // addresses from the next ones. One write, errors ignored: a reader that closes the pipe
+    // after the first line must not fail the daemon.
+    let mut announce = format!("berthd listening on http://{addr}/metrics\n");
     for line in &api_lines {
-        println!("{line}");
+        announce.push_str(line);
+        announce.push('\n');
     }
-    std::io::stdout().flush().ok();
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(announce.as_bytes()).and_then(|()| out.flush());
+    drop(out);
+    info!(%addr, root = %host.root.display(), cgroup_parent = %host.cgroup_parent, bpffs = %args.bpffs.display(), "berthd serving");
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -423,11 +427,20 @@ async fn start_api(
             .api_socket
             .clone()
             .unwrap_or_else(|| host.run.join("berthd.sock"));
-        let (l, g) = api::socket::bind(&path).context("the API socket")?;
-        guard = Some(g);
-        lines.push(format!("berthd API on unix:{}", path.display()));
-        info!(socket = %path.display(), "API serving");
-        tokio::spawn(api::socket::serve(l, app.clone()));
+        match api::socket::bind(&path) {
+            Ok((l, g)) => {
+                guard = Some(g);
+                lines.push(format!("berthd API on unix:{}", path.display()));
+                info!(socket = %path.display(), "API serving");
+                tokio::spawn(api::socket::serve(l, app.clone()));
+            }
+            // Another berthd of this installation serves it (a second daemon for a side-by-side
+            // measurement): the metrics and the ledger still work here.
+            Err(e @ api::socket::SocketError::InUse { .. }) => {
+                warn!(error = %e, "not serving the API on the socket");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("the API socket")),
+        }
     }
     if let Some(t) = tcp {
         let a = t.local_addr().context("reading the API's bound address")?;
