@@ -338,7 +338,15 @@ async fn create_ct(
     // Refused here, before an operation exists: a bad value is the request's fault.
     body.ctid().map_err(|e| ApiError::bad_request(e.0))?;
     body.opts().map_err(|e| ApiError::bad_request(e.0))?;
-    Ok(api.operate(Op::Create { body: Box::new(body) }, wait, true).await)
+    Ok(api
+        .operate(
+            Op::Create {
+                body: Box::new(body),
+            },
+            wait,
+            true,
+        )
+        .await)
 }
 
 async fn patch_ct(
@@ -353,7 +361,16 @@ async fn patch_ct(
         return Err(ApiError::bad_request("request body: no setting to change"));
     }
     body.opts(ctid).map_err(|e| ApiError::bad_request(e.0))?;
-    Ok(api.operate(Op::Set { ctid, body: Box::new(body) }, wait, false).await)
+    Ok(api
+        .operate(
+            Op::Set {
+                ctid,
+                body: Box::new(body),
+            },
+            wait,
+            false,
+        )
+        .await)
 }
 
 async fn delete_ct(

@@ -351,7 +351,9 @@ async fn serve(args: Args) -> Result<()> {
         announce.push('\n');
     }
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(announce.as_bytes()).and_then(|()| out.flush());
+    let _ = out
+        .write_all(announce.as_bytes())
+        .and_then(|()| out.flush());
     drop(out);
     info!(%addr, root = %host.root.display(), cgroup_parent = %host.cgroup_parent, bpffs = %args.bpffs.display(), "berthd serving");
 
