@@ -40,14 +40,27 @@ pub struct ApiArgs {
 
 const P99_BAR_MS: f64 = 50.0;
 const START_BAR: f64 = 1.2;
+/// CTIDs of the create+start CTs (the listed ones are below).
+const START_BASE: u32 = 30_000;
 
 /// One request on a fresh connection: the status and the time to the whole answer.
 fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, Duration, Vec<u8>)> {
+    request_with(sock, method, path, body, "")
+}
+
+/// [`request`] with extra header lines (each ending in `\r\n`).
+fn request_with(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &str,
+) -> Result<(u16, Duration, Vec<u8>)> {
     let t = Instant::now();
     let mut s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: berthd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: berthd\r\nConnection: close\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes())?;
@@ -126,9 +139,15 @@ pub fn run(a: &ApiArgs) -> Result<()> {
     };
     let res = measure(&s, a, dir.path());
     // Whatever happened: no CT of ours runs, no cgroup or pin is left.
+    // (The listed CTs never ran; only the started ones can be left running.)
     for c in s.host.list_ctids().unwrap_or_default() {
-        let n = c.to_string();
-        let _ = s.berth(&["stop", "--fast", &n]).status();
+        if c.get() >= START_BASE {
+            let n = c.to_string();
+            let _ = s
+                .berth(&["stop", "--fast", &n])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
     let _ = s.berth(&["gc"]).status();
     for r in cgroup_roots() {
@@ -184,7 +203,8 @@ fn measure(s: &Setup, a: &ApiArgs, dir: &Path) -> Result<()> {
             ensure!(n > 0, "berthd ended before serving: {seen}");
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-        list_rounds(&sock, a)?;
+        list_rounds(&sock, a, "")?;
+        list_rounds(&sock, a, "Accept-Encoding: gzip\r\n")?;
         starts(s, &sock, a)
     })();
     let _ = nix::sys::signal::kill(
@@ -195,7 +215,19 @@ fn measure(s: &Setup, a: &ApiArgs, dir: &Path) -> Result<()> {
     res
 }
 
-fn list_rounds(sock: &Path, a: &ApiArgs) -> Result<()> {
+/// Rounds of concurrent `GET /v1/cts` with `headers` (plain, or gzip as panels' HTTP clients
+/// ask for it).
+fn list_rounds(sock: &Path, a: &ApiArgs, headers: &str) -> Result<()> {
+    let label = if headers.is_empty() { "plain" } else { "gzip" };
+    let mut one = Vec::new();
+    for _ in 0..5 {
+        one.push(request_with(sock, "GET", "/v1/cts", "", headers)?.1);
+    }
+    one.sort();
+    println!(
+        "[{label}] one GET /v1/cts at a time: median {:.1} ms",
+        ms(one[2])
+    );
     let (status, _, body) = request(sock, "GET", "/v1/cts", "")?;
     ensure!(status == 200, "GET /v1/cts: {status}");
     let text = String::from_utf8_lossy(&body);
@@ -214,10 +246,10 @@ fn list_rounds(sock: &Path, a: &ApiArgs) -> Result<()> {
         let barrier = Arc::new(Barrier::new(a.concurrency));
         let handles: Vec<_> = (0..a.concurrency)
             .map(|_| {
-                let (b, sock) = (barrier.clone(), sock.to_owned());
+                let (b, sock, h) = (barrier.clone(), sock.to_owned(), headers.to_owned());
                 std::thread::spawn(move || -> Result<Duration> {
                     b.wait();
-                    let (st, took, _) = request(&sock, "GET", "/v1/cts", "")?;
+                    let (st, took, _) = request_with(&sock, "GET", "/v1/cts", "", &h)?;
                     ensure!(st == 200, "GET /v1/cts: {st}");
                     Ok(took)
                 })
@@ -233,7 +265,7 @@ fn list_rounds(sock: &Path, a: &ApiArgs) -> Result<()> {
         v.sort();
         let (p50, p99) = (quantile(&v, 0.5), quantile(&v, 0.99));
         println!(
-            "round {round}: {} concurrent GET /v1/cts: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            "[{label}] round {round}: {} concurrent GET /v1/cts: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             a.concurrency,
             ms(p50),
             ms(p99),
@@ -248,7 +280,7 @@ fn list_rounds(sock: &Path, a: &ApiArgs) -> Result<()> {
         .iter()
         .fold((f64::MAX, 0.0f64), |(l, h), x| (l.min(*x), h.max(*x)));
     println!(
-        "GET /v1/cts over {} requests: p50 {:.1} ms, p99 {p99:.1} ms (per-round p99 {lo:.1}–{hi:.1} ms); bar p99 ≤ {P99_BAR_MS} ms: {}",
+        "[{label}] GET /v1/cts over {} requests: p50 {:.1} ms, p99 {p99:.1} ms (per-round p99 {lo:.1}–{hi:.1} ms); bar p99 ≤ {P99_BAR_MS} ms: {}",
         all.len(),
         ms(quantile(&all, 0.5)),
         if p99 <= P99_BAR_MS { "met" } else { "MISSED" }
@@ -259,7 +291,7 @@ fn list_rounds(sock: &Path, a: &ApiArgs) -> Result<()> {
 fn starts(s: &Setup, sock: &Path, a: &ApiArgs) -> Result<()> {
     let (mut api, mut cli, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.starts {
-        let base = 30_000 + 2 * i as u32;
+        let base = START_BASE + 2 * i as u32;
         // Alternate which goes first, so neither always meets a warmer cache.
         let order = if i % 2 == 0 {
             [true, false]

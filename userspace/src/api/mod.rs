@@ -56,7 +56,15 @@ pub struct Api {
     pub ops: Operations,
     pub events: Events,
     /// `GET /v1/cts` answers concurrent requests from one read (see [`Api::list_json`]).
-    list: tokio::sync::Mutex<Option<(Instant, Arc<Vec<u8>>)>>,
+    list: tokio::sync::Mutex<Option<(Instant, Listing)>>,
+}
+
+/// One read of `GET /v1/cts`, plain and gzip-compressed (compressed once per read, not per
+/// client: at 1000 CTs the document is ~1 MB and compresses about tenfold).
+#[derive(Clone)]
+struct Listing {
+    plain: axum::body::Bytes,
+    gzip: axum::body::Bytes,
 }
 
 pub type Shared = Arc<Api>;
@@ -89,7 +97,7 @@ impl Api {
     /// The `GET /v1/cts` document. Each answer comes from a read that began after the request
     /// arrived (a client sees its own changes), but requests arriving while a read runs share
     /// the next one: 200 panels polling at once cost two reads, not 200.
-    async fn list_json(self: &Shared) -> Result<Arc<Vec<u8>>, ApiError> {
+    async fn list_json(self: &Shared) -> Result<Listing, ApiError> {
         let arrived = Instant::now();
         let mut slot = self.list.lock().await;
         if let Some((started, body)) = slot.as_ref()
@@ -109,10 +117,19 @@ impl Api {
             let mut b = serde_json::to_vec(&json!({"schema_version": SCHEMA_VERSION, "cts": cts}))
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             b.push(b'\n');
-            Ok(b)
+            let mut z = flate2::write::GzEncoder::new(
+                Vec::with_capacity(b.len() / 8),
+                flate2::Compression::fast(),
+            );
+            std::io::Write::write_all(&mut z, &b)
+                .and_then(|()| z.finish())
+                .map(|gz| Listing {
+                    plain: b.into(),
+                    gzip: gz.into(),
+                })
+                .map_err(|e| ApiError::internal(format!("compressing the listing: {e}")))
         })
         .await?;
-        let body = Arc::new(body);
         *slot = Some((started, body.clone()));
         Ok(body)
     }
@@ -304,14 +321,34 @@ async fn resolve(api: &Shared, ct: String) -> Result<Ctid, ApiError> {
     blocking(move || me.host.resolve(&ct).map_err(|e| ApiError::of(&e))).await
 }
 
-async fn list_cts(State(api): State<Shared>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn list_cts(
+    State(api): State<Shared>,
+    RawQuery(q): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     query_pairs(&q, &[])?;
     let body = api.list_json().await?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        body.as_ref().clone(),
-    )
-        .into_response())
+    let gzip = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.trim().split(';').next() == Some("gzip"));
+    let mut r = if gzip {
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CONTENT_ENCODING, "gzip"),
+            ],
+            body.gzip,
+        )
+            .into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/json")], body.plain).into_response()
+    };
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    Ok(r)
 }
 
 async fn get_ct(
