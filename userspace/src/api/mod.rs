@@ -56,8 +56,14 @@ pub struct Api {
     pub ops: Operations,
     pub events: Events,
     /// `GET /v1/cts` answers concurrent requests from one read (see [`Api::list_json`]).
-    list: tokio::sync::Mutex<Option<(Instant, Listing)>>,
+    list: tokio::sync::Mutex<Option<(Instant, u64, Listing)>>,
+    /// Bumped when an operation ends: a listing read before it is stale.
+    generation: std::sync::atomic::AtomicU64,
 }
+
+/// How old a listing may be served for changes made outside the API (the CLI, an init that
+/// died); the API's own changes make it stale at once.
+pub const LIST_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// One read of `GET /v1/cts`, plain and gzip-compressed (compressed once per read, not per
 /// client: at 1000 CTs the document is ~1 MB and compresses about tenfold).
@@ -79,6 +85,7 @@ impl Api {
             ops: Operations::default(),
             events: Events::new(),
             list: tokio::sync::Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -94,17 +101,22 @@ impl Api {
         }
     }
 
-    /// The `GET /v1/cts` document. Each answer comes from a read that began after the request
-    /// arrived (a client sees its own changes), but requests arriving while a read runs share
-    /// the next one: 200 panels polling at once cost two reads, not 200.
+    /// The `GET /v1/cts` document. A read serves every request that arrives while it runs or
+    /// within [`LIST_MAX_AGE`] after it began, unless an API operation ended since (a client
+    /// sees its own changes at once, the CLI's within a second): 200 panels polling at once
+    /// cost one read, not 200.
     async fn list_json(self: &Shared) -> Result<Listing, ApiError> {
+        use std::sync::atomic::Ordering::SeqCst;
         let arrived = Instant::now();
         let mut slot = self.list.lock().await;
-        if let Some((started, body)) = slot.as_ref()
-            && *started >= arrived
+        if let Some((started, generation, body)) = slot.as_ref()
+            && (*started >= arrived
+                || (started.elapsed() < LIST_MAX_AGE
+                    && *generation == self.generation.load(SeqCst)))
         {
             return Ok(body.clone());
         }
+        let generation = self.generation.load(SeqCst);
         let started = Instant::now();
         let me = self.clone();
         let body = blocking(move || {
@@ -130,7 +142,7 @@ impl Api {
                 .map_err(|e| ApiError::internal(format!("compressing the listing: {e}")))
         })
         .await?;
-        *slot = Some((started, body.clone()));
+        *slot = Some((started, generation, body.clone()));
         Ok(body)
     }
 
@@ -173,6 +185,8 @@ impl Api {
                 }
             }
             let now = unix_now();
+            me.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             me.ops.finish(&id, &res, now);
             if let Some(c) = ctid {
                 let event = res
