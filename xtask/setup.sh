@@ -25,6 +25,7 @@ APT_PACKAGES=(
   e2fsprogs quota xfsprogs                             # project quotas (--diskspace)
   acl                                                  # import tests: setfacl/getfacl
   man-db groff-base zsh fish                           # cli tests: man -l, completion -n
+  curl python3-venv                                    # api tests: unix-socket client, validator venv
 )
 
 missing=()
@@ -103,5 +104,20 @@ if ! cmp -s "$unit_src" "$unit_dst"; then
   if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 else
   log "berth.service present"
+fi
+# berthd's API socket is group `berth` (root and the group's members may use it).
+if ! getent group berth >/dev/null; then
+  log "creating the system group berth (the API socket's group)"
+  groupadd --system berth
+fi
+# The API test validates /v1/openapi.json with openapi-spec-validator from PyPI, in a venv of
+# its own (Debian's python refuses pip installs into the system).
+API_VENV=/opt/berth-venv
+if ! "$API_VENV/bin/openapi-spec-validator" --version >/dev/null 2>&1; then
+  log "installing openapi-spec-validator into $API_VENV"
+  /usr/bin/python3 -m venv "$API_VENV"
+  "$API_VENV/bin/pip" install -q 'openapi-spec-validator==0.9.0'
+else
+  log "openapi-spec-validator present"
 fi
 log "done"

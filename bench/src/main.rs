@@ -4,6 +4,7 @@
 //! run those). All need root; everything they create lives in namespaces, cgroups and pin
 //! directories of their own and is removed afterwards.
 
+mod api;
 mod checkpoint;
 mod datapath;
 mod import;
@@ -63,6 +64,9 @@ enum Bench {
     /// Testbed: `up`/`down` of 2 routed + 2 bridged CTs with berthd vs plain namespaces, and
     /// concurrent `berth testbed run`s vs a single one.
     Testbed(testbed::TestbedArgs),
+    /// berthd's panel API: 200 concurrent GET /v1/cts over 1000 CTs (p99), and create+start
+    /// through the API vs the CLI.
+    Api(api::ApiArgs),
     /// OpenVZ import: a 1 GiB simfs private area vs cp -a, and the dry run of 100 configs.
     Import(import::ImportArgs),
     /// Checkpoint + restore downtime of a busybox CT holding 200 MB of anonymous memory, vs
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Bench::Testbed(a) => testbed::run(&a),
         Bench::Import(a) => import::run(&a),
         Bench::Checkpoint(a) => checkpoint::run(&a),
+        Bench::Api(a) => api::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
 //! berth user space: shared code of the `berth` CLI and `berthd`, including the datapath manager.
+pub mod api;
 pub mod billing;
 pub mod bpf;
 pub mod clock;

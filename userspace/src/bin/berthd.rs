@@ -17,6 +17,10 @@
 //! `GET /v1/billing/slots?after_seq=N&limit=K` answer from the ledger in JSON
 //! (berth::billing::api; a read-only connection per request); a bad query is a 400 whose JSON
 //! body names the parameter, an unknown CT a 404.
+//!
+//! The panel API (berth::api, README "API") is served on a unix socket (`--api-socket`,
+//! default `<run>/berthd.sock`, mode 0660, group `berth`) and, with `--api-listen`, on TCP
+//! with TLS and a bearer token or client certificate — never plain or unauthenticated.
 
 use berth::clock::unix_now;
 use std::{
@@ -98,6 +102,32 @@ struct Args {
     /// The node's name in the central tables. Default: the host name.
     #[arg(long, env = "BERTHD_NODE")]
     node: Option<String>,
+    /// The panel API's unix socket. Default: <run-dir>/berthd.sock.
+    #[arg(long, env = "BERTHD_API_SOCKET")]
+    api_socket: Option<PathBuf>,
+    /// Serve no API on a unix socket.
+    #[arg(long)]
+    no_api_socket: bool,
+    /// Also serve the API on this TCP address: TLS only (--api-tls-cert, --api-tls-key) and
+    /// with --api-token-file and/or --api-client-ca; berthd refuses to start otherwise.
+    #[arg(long, env = "BERTHD_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TCP API.
+    #[arg(long, env = "BERTHD_API_TLS_CERT", requires = "api_listen")]
+    api_tls_cert: Option<PathBuf>,
+    /// PEM private key of the TCP API.
+    #[arg(long, env = "BERTHD_API_TLS_KEY", requires = "api_listen")]
+    api_tls_key: Option<PathBuf>,
+    /// File holding the bearer token TCP clients send (one word, ≥ 16 characters, not
+    /// readable by others).
+    #[arg(long, env = "BERTHD_API_TOKEN_FILE", requires = "api_listen")]
+    api_token_file: Option<PathBuf>,
+    /// PEM CA certificates whose client certificates authenticate TCP clients.
+    #[arg(long, env = "BERTHD_API_CLIENT_CA", requires = "api_listen")]
+    api_client_ca: Option<PathBuf>,
+    /// TCP API requests per second per client address (bursts of twice that).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    api_rate: u32,
     /// More logging on stderr (-v debug). BERTH_LOG takes tracing filter syntax.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -234,8 +264,12 @@ impl Server {
 }
 
 async fn serve(args: Args) -> Result<()> {
-    let host = Host::new(args.root, args.run_dir, args.cgroup_parent)
-        .context("invalid --root/--run-dir/--cgroup-parent")?;
+    let host = Host::new(
+        args.root.clone(),
+        args.run_dir.clone(),
+        args.cgroup_parent.clone(),
+    )
+    .context("invalid --root/--run-dir/--cgroup-parent")?;
     if !host.root.exists() {
         warn!(root = %host.root.display(), "state directory does not exist (yet): no CTs to export");
     }
@@ -278,6 +312,7 @@ async fn serve(args: Args) -> Result<()> {
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
     let ledger_path_for_quota = ledger_path.clone();
+    let ledger_for_api = ledger_path.clone();
     let feeder = open_feeder(
         host.clone(),
         args.bpffs.clone(),
@@ -286,6 +321,8 @@ async fn serve(args: Args) -> Result<()> {
     )
     .await?;
     let quota = open_quota(ledger_path_for_quota).await?;
+    // Before the ticker writes files: the socket is bound under a narrow umask.
+    let (_api, api_lines) = start_api(&args, &host, &ledger_for_api).await?;
     let gauges = SharedGauges::default();
     let ticker = tokio::spawn(tick_loop(
         feeder.clone(),
@@ -305,9 +342,19 @@ async fn serve(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    // Tests and scripts started with port 0 learn the port from this line.
-    println!("berthd listening on http://{addr}/metrics");
-    std::io::stdout().flush().ok();
+    // Tests and scripts started with port 0 learn the port from the first line, the API's
+    // addresses from the next ones. One write, errors ignored: a reader that closes the pipe
+    // after the first line must not fail the daemon.
+    let mut announce = format!("berthd listening on http://{addr}/metrics\n");
+    for line in &api_lines {
+        announce.push_str(line);
+        announce.push('\n');
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_all(announce.as_bytes())
+        .and_then(|()| out.flush());
+    drop(out);
     info!(%addr, root = %host.root.display(), cgroup_parent = %host.cgroup_parent, bpffs = %args.bpffs.display(), "berthd serving");
 
     loop {
@@ -345,6 +392,65 @@ async fn serve(args: Args) -> Result<()> {
     // The ticker may be inside a tick: the lock waits for it, then the final one books up to now.
     tick_once(feeder, quota, server, gauges).await;
     Ok(())
+}
+
+/// The API's listeners (berth::api), started after the metrics listener; the guard removes
+/// the socket file when berthd stops.
+async fn start_api(
+    args: &Args,
+    host: &Host,
+    ledger: &std::path::Path,
+) -> Result<(Option<berth::api::socket::SocketGuard>, Vec<String>)> {
+    use berth::api;
+    // A TCP listener that would be plain or unauthenticated stops berthd before it serves.
+    let tcp = match args.api_listen {
+        Some(listen) => Some(
+            api::tls::TlsListener::bind(&api::tls::TlsOptions {
+                listen,
+                cert: args.api_tls_cert.clone(),
+                key: args.api_tls_key.clone(),
+                token_file: args.api_token_file.clone(),
+                client_ca: args.api_client_ca.clone(),
+                rate: args.api_rate,
+            })
+            .await
+            .context("the TCP API")?,
+        ),
+        None => None,
+    };
+    let exe =
+        std::env::current_exe().context("finding berthd's own executable (the API's worker)")?;
+    let state = api::Api::new(host.clone(), args.bpffs.clone(), ledger.to_owned(), exe);
+    let app = api::router(state.clone());
+    tokio::spawn(state.watch_loop());
+    let (mut guard, mut lines) = (None, Vec::new());
+    if !args.no_api_socket {
+        let path = args
+            .api_socket
+            .clone()
+            .unwrap_or_else(|| host.run.join("berthd.sock"));
+        match api::socket::bind(&path) {
+            Ok((l, g)) => {
+                guard = Some(g);
+                lines.push(format!("berthd API on unix:{}", path.display()));
+                info!(socket = %path.display(), "API serving");
+                tokio::spawn(api::socket::serve(l, app.clone()));
+            }
+            // Another berthd of this installation serves it (a second daemon for a side-by-side
+            // measurement): the metrics and the ledger still work here.
+            Err(e @ api::socket::SocketError::InUse { .. }) => {
+                warn!(error = %e, "not serving the API on the socket");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("the API socket")),
+        }
+    }
+    if let Some(t) = tcp {
+        let a = t.local_addr().context("reading the API's bound address")?;
+        lines.push(format!("berthd API on https://{a}/v1"));
+        info!(%a, "API serving over TLS");
+        tokio::spawn(t.serve(app));
+    }
+    Ok((guard, lines))
 }
 
 type SharedFeeder = Arc<std::sync::Mutex<Feeder>>;
@@ -582,6 +688,14 @@ fn start_shipper(
 }
 
 fn main() -> ExitCode {
+    // A worker of the API: one state change, in a process of its own, before any thread.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == berth::api::worker::WORKER_ARG)
+    {
+        berth::logging::init(0, &["warn"]);
+        return ExitCode::from(berth::api::worker::worker_main());
+    }
     let args = Args::parse();
     berth::logging::init(args.verbose, &["info", "debug"]);
     // One thread serves HTTP; a scrape's reads run on a blocking thread and fan out over a
