@@ -34,6 +34,8 @@ pub(crate) enum Compression {
     Gzip,
     Xz,
     Zstd,
+    /// vzdump's `.tar.lzo`.
+    Lzo,
 }
 
 /// Recognises the compression from the first bytes, not the file name, so a mislabelled file is
@@ -45,6 +47,8 @@ pub(crate) fn sniff(head: &[u8]) -> std::result::Result<Compression, String> {
         Ok(Compression::Xz)
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Ok(Compression::Zstd)
+    } else if head.starts_with(crate::vzimport::lzop::MAGIC) {
+        Ok(Compression::Lzo)
     } else if head.len() >= 262 && &head[257..262] == b"ustar" {
         Ok(Compression::None)
     } else if head.starts_with(b"BZh") {
@@ -574,6 +578,9 @@ fn open_archive(archive: &Path) -> Result<Box<dyn Read>> {
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(buf)
                 .map_err(io_err("start zstd decoder for", archive))?,
+        ),
+        Compression::Lzo => Box::new(
+            crate::vzimport::lzop::Lzop::open(archive).map_err(io_err("decompress", archive))?,
         ),
     };
     Ok(reader)
