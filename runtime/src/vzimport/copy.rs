@@ -355,6 +355,35 @@ impl Copier<'_> {
         Ok(())
     }
 
+    /// Copies bytes `start..end` of `from` to the same place in `to` with pread/pwrite.
+    fn copy_range_rw(
+        &self,
+        from: &File,
+        to: &OwnedFd,
+        start: u64,
+        end: u64,
+    ) -> Result<(), ImportError> {
+        use std::os::unix::fs::FileExt as _;
+        let to = File::from(to.try_clone().map_err(ioe("dup", &self.dst))?);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = start;
+        while pos < end {
+            let want = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = from
+                .read_at(&mut buf[..want], pos)
+                .map_err(ioe("read", &self.src))?;
+            if n == 0 {
+                return Ok(()); // the source shrank while copying
+            }
+            to.write_all_at(&buf[..n], pos)
+                .map_err(ioe("write", &self.dst))?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
     /// Copies the data ranges SEEK_DATA/SEEK_HOLE report, leaving holes as holes, then sets the
     /// length (a trailing hole).
     fn copy_sparse(&self, from: &File, to: &OwnedFd, len: u64) -> Result<(), ImportError> {
@@ -392,6 +421,15 @@ impl Copier<'_> {
                     let e = Errno::last();
                     if e == Errno::EINTR {
                         continue;
+                    }
+                    // Another filesystem type (a ploop image's ext4 onto the berth root's
+                    // xfs, say): the kernel will not copy across, so copy through memory.
+                    if matches!(
+                        e,
+                        Errno::EXDEV | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL
+                    ) {
+                        self.copy_range_rw(from, to, off_in as u64, hole as u64)?;
+                        break;
                     }
                     return Err(io("copy file data", &self.dst)(e));
                 }
