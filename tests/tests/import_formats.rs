@@ -232,3 +232,79 @@ fn networks_classes_load_into_an_empty_table_and_differing_ones_need_replace() {
     }
     h.assert_clean();
 }
+
+#[test]
+fn vzdump_archive_with_acls_and_xattrs_restores_them_shifted() {
+    let h = TestHost::new();
+    let n = VzNode::new(VZ_CONF);
+    let src = n.path("tree");
+    build_tree(&src);
+    fs::write(src.join("etc/vzdump/vps.conf"), SIMPLE_CONF).unwrap();
+    // As vzdump makes them (both the ACL text records and the xattrs), and with --acls alone
+    // (the text records only).
+    let cases = [
+        ("801", vec!["--acls", "--xattrs", "--xattrs-include=*"]),
+        ("802", vec!["--acls"]),
+    ];
+    for (ct, flags) in &cases {
+        let ar = n.path(&format!("vzdump-openvz-{ct}-2016_01_02-03_04_05.tar.gz"));
+        let mut args = vec!["--format=posix", "--numeric-owner", "-czpf"];
+        args.push(ar.to_str().unwrap());
+        args.extend(flags);
+        tar(&args, &src);
+        ok_json(&h, &n.args(&[ct, "--archive", ar.to_str().unwrap()]));
+        let base = userns_base(&h, ct);
+        let dst = h.root.join(format!("private/{ct}"));
+        assert_imported_same(&src, &dst, base, true);
+        assert_eq!(
+            acls(&src, 0),
+            acls(&dst, base.0),
+            "CT {ct}: ACLs, ids shifted"
+        );
+        let got = acls(&dst, 0);
+        assert!(
+            got.iter()
+                .any(|l| l.ends_with(&format!("user:{}:r--", 1500 + base.0))),
+            "CT {ct}: {got:?}"
+        );
+        if flags.contains(&"--xattrs") {
+            assert_eq!(xattrs(&src), xattrs(&dst), "CT {ct}");
+        }
+    }
+
+    // An ACL naming a user (made without --numeric-owner ids): which id it means on the
+    // source host is unknown, so it is refused naming it, and nothing is made.
+    let ar = n.path("vzdump-openvz-803-names.tar");
+    let mut b = tar::Builder::new(fs::File::create(&ar).unwrap());
+    let mut add = |path: &str, data: &[u8], pax: Option<&[u8]>| {
+        if let Some(acl) = pax {
+            b.append_pax_extensions([("SCHILY.acl.access", acl)])
+                .unwrap();
+        }
+        let mut hd = tar::Header::new_ustar();
+        hd.set_path(path).unwrap();
+        hd.set_mode(0o644);
+        hd.set_uid(0);
+        hd.set_gid(0);
+        hd.set_mtime(1);
+        hd.set_size(data.len() as u64);
+        hd.set_cksum();
+        b.append(&hd, data).unwrap();
+    };
+    add("./etc/vzdump/vps.conf", SIMPLE_CONF.as_bytes(), None);
+    add("./sbin/init", b"x", None);
+    add(
+        "./etc/secret",
+        b"s",
+        Some(b"user::rw-\nuser:alice:r--\ngroup::r--\nmask::r--\nother::---\n"),
+    );
+    b.finish().unwrap();
+    drop(b);
+    let e = fails(&h, &n.args(&["803", "--archive", ar.to_str().unwrap()]));
+    assert!(e.contains("\"alice\"") && e.contains("numeric"), "{e}");
+    assert_no_ct(&h, 803);
+    for (ct, _) in &cases {
+        h.ok(&["destroy", ct]);
+    }
+    h.assert_clean();
+}

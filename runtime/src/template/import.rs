@@ -133,7 +133,8 @@ pub(crate) struct ExtractOpts {
     pub shift: Option<(u32, u32)>,
     /// Create device nodes instead of skipping them.
     pub devices: bool,
-    /// Apply `SCHILY.xattr.*` PAX records (GNU tar's --xattrs/--acls), ACL ids shifted.
+    /// Apply `SCHILY.xattr.*` and `SCHILY.acl.*` PAX records (GNU tar's --xattrs/--acls), ACL
+    /// ids shifted.
     pub xattrs: bool,
     /// Leave runs of zeros as holes (what `tar --sparse` archived as holes reads back as zeros).
     pub sparse: bool,
@@ -493,7 +494,7 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    /// The entry's `SCHILY.xattr.*` records, when asked for, ACL ids shifted.
+    /// The xattrs of the entry's PAX records, when asked for, ACL ids shifted.
     fn pax_xattrs<R: Read>(
         &self,
         e: &mut tar::Entry<'_, R>,
@@ -502,28 +503,21 @@ impl Extractor<'_> {
         if !self.opts.xattrs {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
         let Some(exts) = e
             .pax_extensions()
             .map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?
         else {
-            return Ok(out);
+            return Ok(Vec::new());
         };
+        let mut recs = Vec::new();
         for x in exts {
             let x = x.map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?;
-            let Some(k) = x.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
-                continue;
-            };
-            let v = crate::vzimport::shift_xattr(
-                k,
-                x.value_bytes().to_vec(),
-                self.opts.shift,
-                Path::new(name),
-            )
-            .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))?;
-            out.push((k.to_string(), v));
+            if let Ok(k) = x.key() {
+                recs.push((k, x.value_bytes()));
+            }
         }
-        Ok(out)
+        crate::vzimport::pax::entry_xattrs(recs, self.opts.shift, Path::new(name))
+            .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))
     }
 
     fn set_xattrs(&self, abs: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<()> {
@@ -652,7 +646,11 @@ pub(crate) fn extract_limited(
     };
     let size = fs::metadata(archive).ok().map(|m| m.len());
     let _task = crate::progress::Task::start(&format!("unpacking {}", archive.display()), size);
-    let reader = open_archive(archive)?;
+    let mut reader = open_archive(archive)?;
+    if opts.xattrs {
+        // GNU tar's multi-line ACL records, made readable for the tar crate.
+        reader = Box::new(crate::vzimport::pax::Normalize::new(reader));
+    }
     let mut watch = EofWatch {
         inner: reader,
         hit_eof: false,

@@ -12,6 +12,7 @@ pub(crate) mod lzop;
 pub mod map;
 mod map_net;
 pub mod parse;
+pub mod pax;
 pub mod ploop;
 pub mod source;
 
