@@ -396,7 +396,8 @@ pub fn ploop_area(area: &Path, tree: &Path, mib: u64) {
     )
     .unwrap();
     drop(f);
-    let fs_kib = (last - first + 1) / 2;
+    let fs_sectors = last - first + 1;
+    let fs_kib = fs_sectors / 2;
     let o = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-E", "offset=1048576", "-d"])
         .arg(tree)
