@@ -64,6 +64,10 @@ fn parse_records(mut data: &[u8]) -> io::Result<Vec<(&[u8], &[u8])>> {
             .iter()
             .position(|&b| b == b'=')
             .ok_or_else(|| bad("PAX record without '='".into()))?;
+        // A key never holds a newline; one that does would read differently to the tar crate.
+        if kv[..eq].contains(&b'\n') {
+            return Err(bad("PAX record key with a newline".into()));
+        }
         out.push((&kv[..eq], &kv[eq + 1..]));
         data = &data[len..];
     }
@@ -432,5 +436,8 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 1);
+        let mut bad = record(b"a\n10 size", b"1");
+        bad.extend(record(b"size", b"1000"));
+        assert!(parse_records(&bad).is_err());
     }
 }

@@ -388,6 +388,47 @@ mod tests {
             assert!(image_file(&t).is_err(), "{bad}");
         }
         assert!(image_file("<other/>").unwrap_err().contains("root element"));
+        assert!(
+            image_file("<Parallels_disk_image/>")
+                .unwrap_err()
+                .contains("no <Image>")
+        );
         assert!(image_file("<Parallels_disk_image>").is_err());
+    }
+
+    #[test]
+    fn the_filesystem_is_found_in_an_mbr_or_bare_and_two_partitions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        let len = 8u64 << 20;
+        let write = |at: u64, b: &[u8]| {
+            let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(b, at).unwrap();
+        };
+        fs::File::create(&p).unwrap().set_len(len).unwrap();
+        assert!(find_filesystem(&p).unwrap_err().contains("neither"));
+        write(1024 + 56, &0xef53u16.to_le_bytes());
+        assert_eq!(find_filesystem(&p).unwrap(), (0, len));
+        write(1024 + 56, &[0, 0]);
+        let mut mbr = vec![0u8; 512];
+        mbr[510..].copy_from_slice(&[0x55, 0xaa]);
+        let entry = |i: usize, start: u32, n: u32, mbr: &mut Vec<u8>| {
+            let e = &mut mbr[446 + 16 * i..446 + 16 * (i + 1)];
+            e[4] = 0x83;
+            e[8..12].copy_from_slice(&start.to_le_bytes());
+            e[12..16].copy_from_slice(&n.to_le_bytes());
+        };
+        entry(0, 2048, 4096, &mut mbr);
+        write(0, &mbr);
+        assert_eq!(find_filesystem(&p).unwrap(), (2048 * 512, 4096 * 512));
+        entry(1, 8192, 4096, &mut mbr);
+        write(0, &mbr);
+        assert!(find_filesystem(&p).unwrap_err().contains("2 partitions"));
+        // A partition past the end of the disk is not read from.
+        let mut one = vec![0u8; 512];
+        one[510..].copy_from_slice(&[0x55, 0xaa]);
+        entry(0, 2048, 1 << 30, &mut one);
+        write(0, &one);
+        assert!(find_filesystem(&p).unwrap_err().contains("outside"));
     }
 }
