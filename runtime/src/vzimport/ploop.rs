@@ -230,10 +230,11 @@ pub fn import_image(
     mut progress: Option<&mut dyn FnMut(CopyStats)>,
 ) -> Result<CopyStats, ImportError> {
     let s = Scratch {
-        raw: PathBuf::from(format!("{}.ploop.raw", scratch.display())),
-        mnt: PathBuf::from(format!("{}.ploop.mnt", scratch.display())),
+        raw: PathBuf::from(format!("{}.ploop.raw.tmp", scratch.display())),
+        mnt: PathBuf::from(format!("{}.ploop.mnt.tmp", scratch.display())),
     };
-    // Left over by a killed import: nothing can be using them (the CT's lock is held).
+    // Left over by a killed import (`berth gc` removes them too: `.*.tmp`): nothing can be
+    // using them, the CT's lock is held.
     s.clear().map_err(|source| ImportError::Io {
         op: "remove stale",
         path: s.raw.clone(),
