@@ -86,10 +86,18 @@ fn plan_classes(
     entries: Vec<ClassEntry>,
     replace: bool,
 ) -> Result<Classes> {
-    let current = match DatapathView::open_pinned(&ctx.pin_dir)? {
-        Some(dp) => dp.classes()?,
-        None => Vec::new(),
+    let read = || -> Result<Vec<ClassEntry>> {
+        Ok(match DatapathView::open_pinned(&ctx.pin_dir)? {
+            Some(dp) => dp.classes()?,
+            None => Vec::new(),
+        })
     };
+    let current = read().with_context(|| {
+        format!(
+            "read this host's class table, to compare it with {}",
+            path.display()
+        )
+    })?;
     let action = if current.is_empty() {
         ClassAction::Load
     } else if normalized(&current) == normalized(&entries) {
