@@ -24,6 +24,7 @@ APT_PACKAGES=(
   xz-utils zstd tar                                    # template import formats
   e2fsprogs quota xfsprogs                             # project quotas (--diskspace)
   acl                                                  # import tests: setfacl/getfacl
+  qemu-utils lzop                                      # OpenVZ import: ploop images, vzdump .tar.lzo
   man-db groff-base zsh fish                           # cli tests: man -l, completion -n
   curl python3-venv                                    # api tests: unix-socket client, validator venv
 )

@@ -312,3 +312,147 @@ pub fn evil_tar(path: &Path, entries: &[TarEntry<'_>]) {
     }
     b.finish().unwrap();
 }
+
+/// CRC-32 (IEEE), as GPT headers and entry arrays carry it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// A GPT header for `disk_sectors` 512-byte sectors, at `my_lba`, entries at `entries_lba`.
+fn gpt_header(
+    disk_sectors: u64,
+    my_lba: u64,
+    alt_lba: u64,
+    entries_lba: u64,
+    table_crc: u32,
+) -> Vec<u8> {
+    let mut h = vec![0u8; 92];
+    h[..8].copy_from_slice(b"EFI PART");
+    h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&my_lba.to_le_bytes());
+    h[32..40].copy_from_slice(&alt_lba.to_le_bytes());
+    h[40..48].copy_from_slice(&34u64.to_le_bytes());
+    h[48..56].copy_from_slice(&(disk_sectors - 34).to_le_bytes());
+    h[56..72].copy_from_slice(&[0x42; 16]);
+    h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+    h[80..84].copy_from_slice(&128u32.to_le_bytes());
+    h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    h[88..92].copy_from_slice(&table_crc.to_le_bytes());
+    let crc = crc32(&h);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A ploop private area in `area` holding `tree`, made as `ploop init` lays it out: a raw disk
+/// of `mib` MiB with a GPT whose one partition (from 1 MiB, like ploop's) holds an ext4
+/// filesystem of `tree` (mkfs.ext4 -d, no mount needed), converted to the Parallels format as
+/// `root.hdd/root.hds`, next to a DiskDescriptor.xml with one delta.
+pub fn ploop_area(area: &Path, tree: &Path, mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let hdd = area.join("root.hdd");
+    fs::create_dir_all(&hdd).unwrap();
+    let raw = area.join("disk.raw");
+    let sectors = mib << 11;
+    let f = fs::File::create(&raw).unwrap();
+    f.set_len(sectors * 512).unwrap();
+    // Protective MBR.
+    let mut mbr = vec![0u8; 512];
+    mbr[446 + 4] = 0xee;
+    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&(sectors as u32 - 1).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    f.write_all_at(&mbr, 0).unwrap();
+    let (first, last) = (2048u64, sectors - 34);
+    let mut table = vec![0u8; 128 * 128];
+    // Linux filesystem data, as ploop marks its partition.
+    table[..16].copy_from_slice(&[
+        0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47, 0x7d,
+        0xe4,
+    ]);
+    table[16..32].copy_from_slice(&[0x17; 16]);
+    table[32..40].copy_from_slice(&first.to_le_bytes());
+    table[40..48].copy_from_slice(&last.to_le_bytes());
+    let tcrc = crc32(&table);
+    f.write_all_at(&gpt_header(sectors, 1, sectors - 1, 2, tcrc), 512)
+        .unwrap();
+    f.write_all_at(&table, 1024).unwrap();
+    f.write_all_at(&table, (sectors - 33) * 512).unwrap();
+    f.write_all_at(
+        &gpt_header(sectors, sectors - 1, 1, sectors - 33, tcrc),
+        (sectors - 1) * 512,
+    )
+    .unwrap();
+    drop(f);
+    let fs_sectors = last - first + 1;
+    let fs_kib = fs_sectors / 2;
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(tree)
+        .arg(&raw)
+        .arg(format!("{fs_kib}k"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "parallels"])
+        .arg(&raw)
+        .arg(hdd.join("root.hds"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    fs::remove_file(&raw).unwrap();
+    fs::write(
+        hdd.join("DiskDescriptor.xml"),
+        ploop_descriptor(sectors, &["root.hds"]),
+    )
+    .unwrap();
+}
+
+/// DiskDescriptor.xml as ploop writes it, one <Image> and <Shot> per delta (the first is the
+/// base, the last the top).
+pub fn ploop_descriptor(sectors: u64, files: &[&str]) -> String {
+    let guid = |i: usize| format!("{{5fbaabe3-6958-40ff-92a7-860e329aab{i:02x}}}");
+    let mut images = String::new();
+    let mut shots = String::new();
+    for (i, f) in files.iter().enumerate() {
+        images += &format!(
+            "\t\t\t<Image>\n\t\t\t\t<GUID>{}</GUID>\n\t\t\t\t<Type>Compressed</Type>\n\t\t\t\t<File>{f}</File>\n\t\t\t</Image>\n",
+            guid(i)
+        );
+        let parent = if i == 0 {
+            "{00000000-0000-0000-0000-000000000000}".to_string()
+        } else {
+            guid(i - 1)
+        };
+        shots += &format!(
+            "\t\t<Shot>\n\t\t\t<GUID>{}</GUID>\n\t\t\t<ParentGUID>{parent}</ParentGUID>\n\t\t</Shot>\n",
+            guid(i)
+        );
+    }
+    format!(
+        "<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\">\n\t<Disk_Parameters>\n\t\t<Disk_size>{sectors}</Disk_size>\n\t\t<Cylinders>{}</Cylinders>\n\t\t<Heads>16</Heads>\n\t\t<Sectors>63</Sectors>\n\t\t<Padding>0</Padding>\n\t</Disk_Parameters>\n\t<StorageData>\n\t\t<Storage>\n\t\t\t<Start>0</Start>\n\t\t\t<End>{sectors}</End>\n\t\t\t<Blocksize>2048</Blocksize>\n{images}\t\t</Storage>\n\t</StorageData>\n\t<Snapshots>\n\t\t<TopGUID>{}</TopGUID>\n{shots}\t</Snapshots>\n</Parallels_disk_image>\n",
+        sectors / (16 * 63),
+        guid(files.len() - 1)
+    )
+}

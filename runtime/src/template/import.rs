@@ -34,6 +34,8 @@ pub(crate) enum Compression {
     Gzip,
     Xz,
     Zstd,
+    /// vzdump's `.tar.lzo`.
+    Lzo,
 }
 
 /// Recognises the compression from the first bytes, not the file name, so a mislabelled file is
@@ -45,6 +47,8 @@ pub(crate) fn sniff(head: &[u8]) -> std::result::Result<Compression, String> {
         Ok(Compression::Xz)
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Ok(Compression::Zstd)
+    } else if head.starts_with(crate::vzimport::lzop::MAGIC) {
+        Ok(Compression::Lzo)
     } else if head.len() >= 262 && &head[257..262] == b"ustar" {
         Ok(Compression::None)
     } else if head.starts_with(b"BZh") {
@@ -129,7 +133,8 @@ pub(crate) struct ExtractOpts {
     pub shift: Option<(u32, u32)>,
     /// Create device nodes instead of skipping them.
     pub devices: bool,
-    /// Apply `SCHILY.xattr.*` PAX records (GNU tar's --xattrs/--acls), ACL ids shifted.
+    /// Apply `SCHILY.xattr.*` and `SCHILY.acl.*` PAX records (GNU tar's --xattrs/--acls), ACL
+    /// ids shifted.
     pub xattrs: bool,
     /// Leave runs of zeros as holes (what `tar --sparse` archived as holes reads back as zeros).
     pub sparse: bool,
@@ -489,7 +494,7 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    /// The entry's `SCHILY.xattr.*` records, when asked for, ACL ids shifted.
+    /// The xattrs of the entry's PAX records, when asked for, ACL ids shifted.
     fn pax_xattrs<R: Read>(
         &self,
         e: &mut tar::Entry<'_, R>,
@@ -498,28 +503,21 @@ impl Extractor<'_> {
         if !self.opts.xattrs {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
         let Some(exts) = e
             .pax_extensions()
             .map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?
         else {
-            return Ok(out);
+            return Ok(Vec::new());
         };
+        let mut recs = Vec::new();
         for x in exts {
             let x = x.map_err(|err| self.corrupt(format!("entry {name:?}: {err}")))?;
-            let Some(k) = x.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
-                continue;
-            };
-            let v = crate::vzimport::shift_xattr(
-                k,
-                x.value_bytes().to_vec(),
-                self.opts.shift,
-                Path::new(name),
-            )
-            .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))?;
-            out.push((k.to_string(), v));
+            if let Ok(k) = x.key() {
+                recs.push((k, x.value_bytes()));
+            }
         }
-        Ok(out)
+        crate::vzimport::pax::entry_xattrs(recs, self.opts.shift, Path::new(name))
+            .map_err(|err| self.unsafe_entry(name, ErrorChain(&err).to_string()))
     }
 
     fn set_xattrs(&self, abs: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<()> {
@@ -574,6 +572,9 @@ fn open_archive(archive: &Path) -> Result<Box<dyn Read>> {
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(buf)
                 .map_err(io_err("start zstd decoder for", archive))?,
+        ),
+        Compression::Lzo => Box::new(
+            crate::vzimport::lzop::Lzop::open(archive).map_err(io_err("decompress", archive))?,
         ),
     };
     Ok(reader)
@@ -645,7 +646,11 @@ pub(crate) fn extract_limited(
     };
     let size = fs::metadata(archive).ok().map(|m| m.len());
     let _task = crate::progress::Task::start(&format!("unpacking {}", archive.display()), size);
-    let reader = open_archive(archive)?;
+    let mut reader = open_archive(archive)?;
+    if opts.xattrs {
+        // GNU tar's multi-line ACL records, made readable for the tar crate.
+        reader = Box::new(crate::vzimport::pax::Normalize::new(reader));
+    }
     let mut watch = EofWatch {
         inner: reader,
         hit_eof: false,

@@ -61,7 +61,7 @@ pub enum TemplateError {
     #[error("import {}: corrupt or truncated archive: {why}", archive.display())]
     Corrupt { archive: PathBuf, why: String },
     #[error(
-        "import {}: unknown compression {what} (supported: .tar, .tar.gz/.tgz, .tar.xz/.txz, .tar.zst/.tzst)",
+        "import {}: unknown compression {what} (supported: .tar, .tar.gz/.tgz, .tar.xz/.txz, .tar.zst/.tzst, .tar.lzo)",
         archive.display()
     )]
     UnknownCompression { archive: PathBuf, what: String },

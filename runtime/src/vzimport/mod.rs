@@ -8,9 +8,12 @@
 //!   into place, so bad input leaves nothing behind.
 
 pub mod copy;
+pub(crate) mod lzop;
 pub mod map;
 mod map_net;
 pub mod parse;
+pub mod pax;
+pub mod ploop;
 pub mod source;
 
 use std::fs;
@@ -50,11 +53,8 @@ pub enum ImportError {
     Parse(ParseError),
     #[error("{0}")]
     Invalid(String),
-    #[error(
-        "{}: a ploop image (root.hdd/DiskDescriptor.xml); berth does not convert ploop: on the OpenVZ node mount it (`vzctl mount CTID`) and import the mounted tree with --private, or make a vzdump archive of the CT",
-        path.display()
-    )]
-    Ploop { path: PathBuf },
+    #[error("{}: ploop image ({}): {why}", path.display(), ploop::DESCRIPTOR)]
+    Ploop { path: PathBuf, why: String },
     #[error("{}: unknown private area layout: {why}", path.display())]
     UnknownLayout { path: PathBuf, why: String },
     #[error(
@@ -90,8 +90,10 @@ pub enum ImportError {
 pub enum FilesFrom {
     /// A simfs private area (a plain directory tree).
     Simfs(PathBuf),
-    /// A vzdump archive (`vzdump-openvz-CTID-*.tar[.gz]`).
+    /// A vzdump archive (`vzdump-openvz-CTID-*.tar[.gz|.lzo]`).
     Archive(PathBuf),
+    /// A ploop private area's one delta (`root.hdd/<image>`).
+    Ploop(PathBuf),
 }
 
 /// Everything `import` will do for one CT, checked, with nothing changed yet.
@@ -110,8 +112,9 @@ impl Plan {
     }
 }
 
-/// The layout of the private area at `path`: simfs, or an error naming why not.
-pub fn detect_layout(path: &Path) -> Result<(), ImportError> {
+/// The layout of the private area at `path`: simfs (the tree itself) or ploop (its one
+/// delta), or an error naming why neither.
+pub fn detect_layout(path: &Path) -> Result<FilesFrom, ImportError> {
     let meta = fs::symlink_metadata(path).map_err(|source| ImportError::Io {
         op: "open private area",
         path: path.to_path_buf(),
@@ -123,16 +126,14 @@ pub fn detect_layout(path: &Path) -> Result<(), ImportError> {
             why: "not a directory".into(),
         });
     }
-    if path.join("root.hdd/DiskDescriptor.xml").exists() {
-        return Err(ImportError::Ploop {
-            path: path.to_path_buf(),
-        });
+    if fs::symlink_metadata(path.join(ploop::DESCRIPTOR)).is_ok() {
+        return ploop::single_delta(path).map(FilesFrom::Ploop);
     }
     if ["etc", "sbin", "bin", "usr"]
         .iter()
         .any(|d| fs::symlink_metadata(path.join(d)).is_ok())
     {
-        return Ok(());
+        return Ok(FilesFrom::Simfs(path.to_path_buf()));
     }
     Err(ImportError::UnknownLayout {
         path: path.to_path_buf(),
@@ -186,13 +187,13 @@ pub fn plan(
             PathBuf::from(s.value)
         }
     };
-    detect_layout(&path)?;
+    let files = detect_layout(&path)?;
     strict_check(&mapped.report, strict)?;
     Ok(Plan {
         ostemplate: ct.conf.get("OSTEMPLATE").map(|s| s.value.clone()),
         config: ct.conf.path.display().to_string(),
         mapped,
-        files: FilesFrom::Simfs(path),
+        files,
     })
 }
 
@@ -337,6 +338,16 @@ fn import_locked(
                 };
                 template::extract_with(a, &tmp, opts).map_err(terr)?;
                 a.clone()
+            }
+            FilesFrom::Ploop(image) => {
+                // The private area is the directory holding root.hdd/.
+                let area = image
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or(Path::new("/"));
+                let scratch = host.root.join("private").join(format!(".{ctid}"));
+                ploop::import_image(area, image, &scratch, &tmp, shift, run.progress)?;
+                area.to_path_buf()
             }
         };
         let (init, stop_signal) = template::detect_init(&tmp, &src).map_err(terr)?;

@@ -217,6 +217,10 @@ pub struct VzImportArgs {
     /// No user namespace: the CT's root is the host's root (for trusted workloads only).
     #[arg(long)]
     pub privileged: bool,
+    /// Replace this host's network classes with the node's networks_classes when they differ
+    /// (without it the import refuses).
+    #[arg(long)]
+    pub replace_classes: bool,
 }
 
 #[derive(Args, Debug)]

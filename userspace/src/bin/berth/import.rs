@@ -3,12 +3,121 @@
 use std::io::IsTerminal;
 
 use anyhow::{Context, Result, bail};
-use berth::datapath::parse_networks_classes;
+use std::path::{Path, PathBuf};
+
+use berth::datapath::{ClassEntry, Datapath, DatapathView, parse_networks_classes};
 use berth_runtime::vzimport::{self, CopyStats, FilesFrom, ImportRun, MapOpts, Node, Plan};
 use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::cli::VzImportArgs;
+
+/// What the import does with the node's `networks_classes`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClassAction {
+    /// This host has no class table: the node's becomes it.
+    Load,
+    /// This host's table is the node's already.
+    Unchanged,
+    /// They differ and --replace-classes was given.
+    Replace,
+}
+
+struct Classes {
+    path: PathBuf,
+    entries: Vec<ClassEntry>,
+    action: ClassAction,
+}
+
+impl Classes {
+    fn rule(&self, dry_run: bool) -> String {
+        let n = self.entries.len();
+        let p = self.path.display();
+        let (done, todo) = match self.action {
+            ClassAction::Load => ("loaded into", "would be loaded into"),
+            ClassAction::Replace => ("replaced", "would replace"),
+            ClassAction::Unchanged => {
+                return format!("{n} entries of {p}: the same as this host's class table");
+            }
+        };
+        let verb = if dry_run { todo } else { done };
+        if self.action == ClassAction::Load {
+            format!("{n} entries of {p} {verb} this host's empty class table")
+        } else {
+            format!("{n} entries of {p}: {verb} this host's class table (--replace-classes)")
+        }
+    }
+
+    fn json(&self, dry_run: bool) -> Value {
+        json!({
+            "path": self.path,
+            "entries": self.entries.len(),
+            "verdict": "MAP",
+            "action": match self.action {
+                ClassAction::Load => "load",
+                ClassAction::Unchanged => "unchanged",
+                ClassAction::Replace => "replace",
+            },
+            "applied": !dry_run && self.action != ClassAction::Unchanged,
+            "rule": self.rule(dry_run),
+        })
+    }
+}
+
+/// One entry per prefix, host bits cleared and in order, as the class table holds them.
+fn normalized(entries: &[ClassEntry]) -> Vec<ClassEntry> {
+    let mut v: Vec<ClassEntry> = entries
+        .iter()
+        .map(|e| ClassEntry {
+            class: e.class,
+            net: e.net.trunc(),
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Decides what to do with the node's classes before anything is imported, so a conflict
+/// refuses the whole import with nothing changed.
+fn plan_classes(
+    ctx: &Ctx,
+    path: &Path,
+    entries: Vec<ClassEntry>,
+    replace: bool,
+) -> Result<Classes> {
+    let read = || -> Result<Vec<ClassEntry>> {
+        Ok(match DatapathView::open_pinned(&ctx.pin_dir)? {
+            Some(dp) => dp.classes()?,
+            None => Vec::new(),
+        })
+    };
+    let current = read().with_context(|| {
+        format!(
+            "read this host's class table, to compare it with {}",
+            path.display()
+        )
+    })?;
+    let action = if current.is_empty() {
+        ClassAction::Load
+    } else if normalized(&current) == normalized(&entries) {
+        ClassAction::Unchanged
+    } else if replace {
+        ClassAction::Replace
+    } else {
+        bail!(
+            "the node's network classes ({}, {} entries) differ from this host's class table ({} entries, `berth netclass list`): give --replace-classes to replace this host's table with the node's, or make them the same first",
+            path.display(),
+            entries.len(),
+            current.len()
+        );
+    };
+    Ok(Classes {
+        path: path.to_path_buf(),
+        entries,
+        action,
+    })
+}
 
 fn plan_json(p: &Plan, imported: bool) -> Result<Value> {
     Ok(json!({
@@ -28,6 +137,7 @@ fn print_plan(p: &Plan) {
     let files = match &p.files {
         FilesFrom::Simfs(d) => format!("simfs {}", d.display()),
         FilesFrom::Archive(a) => format!("archive {}", a.display()),
+        FilesFrom::Ploop(i) => format!("ploop image {}", i.display()),
     };
     println!("CT {} (config {}, files {files})", r.ctid, p.config);
     println!(
@@ -88,12 +198,7 @@ pub fn vz(ctx: &Ctx, a: &VzImportArgs) -> Result<()> {
         Some((path, text)) => {
             let entries =
                 parse_networks_classes(text).with_context(|| format!("{}", path.display()))?;
-            Some(json!({
-                "path": path,
-                "entries": entries.len(),
-                "verdict": "MAP",
-                "rule": format!("the node's network classes: load them with `berth netclass load {}`", path.display()),
-            }))
+            Some(plan_classes(ctx, path, entries, a.replace_classes)?)
         }
         None => None,
     };
@@ -122,6 +227,14 @@ pub fn vz(ctx: &Ctx, a: &VzImportArgs) -> Result<()> {
             }
             imported.push(p.ctid());
         }
+        if let Some(c) = &classes
+            && c.action != ClassAction::Unchanged
+        {
+            let mut dp = Datapath::open_or_load(&ctx.pin_dir)?;
+            dp.load_classes(&c.entries).with_context(|| {
+                format!("load the node's network classes from {}", c.path.display())
+            })?;
+        }
         if a.privileged && !plans.is_empty() {
             eprintln!(
                 "berth: warning: imported CTs are privileged: their root is root on the host. Privileged CTs are for trusted workloads only."
@@ -131,7 +244,7 @@ pub fn vz(ctx: &Ctx, a: &VzImportArgs) -> Result<()> {
     let v = json!({
         "dry_run": a.dry_run,
         "cts": plans.iter().map(|p| plan_json(p, imported.contains(&p.ctid()))).collect::<Result<Vec<_>>>()?,
-        "networks_classes": classes,
+        "networks_classes": classes.as_ref().map(|c| c.json(a.dry_run)),
     });
     ctx.print(v, || {
         for p in &plans {
@@ -141,10 +254,7 @@ pub fn vz(ctx: &Ctx, a: &VzImportArgs) -> Result<()> {
             }
         }
         if let Some(c) = &classes {
-            println!(
-                "networks_classes: {}",
-                c["rule"].as_str().unwrap_or_default()
-            );
+            println!("networks_classes: {}", c.rule(a.dry_run));
         }
         if a.dry_run {
             println!("dry run: nothing changed");
