@@ -349,7 +349,15 @@ pub fn iperf_bidir(
     loop {
         tries += 1;
         match iperf_bidir_once(client, server, port, secs, rate) {
-            Err(e) if tries < 5 && format!("{e:#}").contains("busy") => {
+            // iperf3 3.12's server closes its listening socket after each test and opens a
+            // new one (iperf_reset_test, then iperf_server_listen): a run that starts in that
+            // window is refused, like one that finds the server busy.
+            Err(e)
+                if tries < 5 && {
+                    let m = format!("{e:#}");
+                    m.contains("busy") || m.contains("Connection refused")
+                } =>
+            {
                 std::thread::sleep(Duration::from_millis(200));
             }
             r => return r,
