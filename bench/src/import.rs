@@ -177,10 +177,12 @@ pub fn run(a: &ImportArgs) -> Result<()> {
     let median = sorted[sorted.len() / 2];
     let (c, i) = (summarize(cp), summarize(imp));
     println!(
-        "import of a {} MiB simfs tree: berth import p50 {:.0} ms, cp -a p50 {:.0} ms; speed ratio (cp time / import time) median {median:.2} over {} rounds (bar >= 0.80): {}",
+        "import of a {} MiB simfs tree: berth import p50 {:.0} ms, cp -a p50 {:.0} ms; speed ratio (cp time / import time) median {median:.2} (range {:.2}-{:.2}) over {} rounds (bar >= 0.80): {}",
         a.size_mb,
         ms(i.p50),
         ms(c.p50),
+        sorted[0],
+        sorted[sorted.len() - 1],
         ratios.len(),
         if median >= 0.8 { "PASS" } else { "FAIL" }
     );

@@ -59,6 +59,8 @@ pub struct Api {
     list: tokio::sync::Mutex<Option<(Instant, u64, Listing)>>,
     /// Bumped when an operation ends: a listing read before it is stale.
     generation: std::sync::atomic::AtomicU64,
+    /// A background read of the listing is running (see [`Api::list_json`]).
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 /// How old a listing may be served for changes made outside the API (the CLI, an init that
@@ -86,6 +88,7 @@ impl Api {
             events: Events::new(),
             list: tokio::sync::Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -104,19 +107,43 @@ impl Api {
     /// The `GET /v1/cts` document. A read serves every request that arrives while it runs or
     /// within [`LIST_MAX_AGE`] after it began, unless an API operation ended since (a client
     /// sees its own changes at once, the CLI's within a second): 200 panels polling at once
-    /// cost one read, not 200.
+    /// cost one read, not 200. A listing between one and two [`LIST_MAX_AGE`]s old is still
+    /// served, while one background read replaces it: panels polling steadily never wait for a
+    /// read (at 1000 CTs one takes ~60 ms), and a CLI change shows within two seconds.
     async fn list_json(self: &Shared) -> Result<Listing, ApiError> {
         use std::sync::atomic::Ordering::SeqCst;
         let arrived = Instant::now();
         let mut slot = self.list.lock().await;
-        if let Some((started, generation, body)) = slot.as_ref()
-            && (*started >= arrived
-                || (started.elapsed() < LIST_MAX_AGE
-                    && *generation == self.generation.load(SeqCst)))
-        {
-            return Ok(body.clone());
+        if let Some((started, generation, body)) = slot.as_ref() {
+            let current = *generation == self.generation.load(SeqCst);
+            if *started >= arrived || (current && started.elapsed() < LIST_MAX_AGE) {
+                return Ok(body.clone());
+            }
+            if current && started.elapsed() < 2 * LIST_MAX_AGE {
+                if !self.refreshing.swap(true, SeqCst) {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Ok(read) = me.read_listing().await {
+                            let mut slot = me.list.lock().await;
+                            if slot.as_ref().is_none_or(|(s, _, _)| *s < read.0) {
+                                *slot = Some(read);
+                            }
+                        }
+                        me.refreshing.store(false, SeqCst);
+                    });
+                }
+                return Ok(body.clone());
+            }
         }
-        let generation = self.generation.load(SeqCst);
+        let read = self.read_listing().await?;
+        let body = read.2.clone();
+        *slot = Some(read);
+        Ok(body)
+    }
+
+    /// One read of every CT, with when it began and the operation generation it saw.
+    async fn read_listing(self: &Shared) -> Result<(Instant, u64, Listing), ApiError> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let started = Instant::now();
         let me = self.clone();
         let body = blocking(move || {
@@ -142,8 +169,7 @@ impl Api {
                 .map_err(|e| ApiError::internal(format!("compressing the listing: {e}")))
         })
         .await?;
-        *slot = Some((started, generation, body.clone()));
-        Ok(body)
+        Ok((started, generation, body))
     }
 
     fn worker_request(&self, op: Op) -> WorkerRequest {
