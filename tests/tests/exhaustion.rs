@@ -254,6 +254,41 @@ fn full_root_fails_vz_import_cleanly() {
     h.assert_clean();
 }
 
+/// A ploop image whose raw conversion cannot fit is refused before qemu-img runs, naming the
+/// space needed and free; nothing is left; it imports once space is back.
+#[test]
+fn full_root_refuses_a_ploop_conversion_before_it_runs() {
+    let fs = SmallFs::new(48);
+    let h = TestHost::new_at(fs.mnt.join("root"));
+    h.ok(&["create", "5320"]);
+    h.ok(&["destroy", "5320"]);
+    let n = VzNode::new("VE_PRIVATE=/vz/private/$VEID\n");
+    let tree_src = n.path("tree");
+    build_tree(&tree_src);
+    let area = n.path("private/5321");
+    berth_tests::vz::ploop_area(&area, &tree_src, 160);
+    n.conf(
+        5321,
+        "HOSTNAME=\"ploop.example.com\"\nPHYSPAGES=\"0:128M\"\n",
+    );
+    let before = tree(&h.root);
+
+    fs.fill(1 << 20);
+    let e = vz_fails(&h, &n.args(&["5321"]));
+    assert!(
+        e.contains("5321") && e.contains("needs about") && e.contains("MiB are"),
+        "the error does not name the CT and the space: {e}"
+    );
+    assert_same_tree(&before, &tree(&h.root));
+    assert_no_ct(&h, 5321);
+
+    fs.unfill();
+    let o = berth_tests::vz::run_args(&h, &n.args(&["5321"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    h.ok(&["destroy", "5321"]);
+    h.assert_clean();
+}
+
 fn ping_from_ct(h: &TestHost, ct: &str, n: &str) {
     let (rc, out, err) = h.exec(
         ct,

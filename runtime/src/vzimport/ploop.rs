@@ -240,6 +240,7 @@ pub fn import_image(
         path: s.raw.clone(),
         source,
     })?;
+    check_space(private, image, &s.raw)?;
     let out = Command::new("qemu-img")
         .args(["convert", "-q", "-f", "parallels", "-O", "raw"])
         .arg(image)
@@ -295,6 +296,42 @@ pub fn import_image(
         .unwrap_or_else(|_| Err(refuse(private, "the copy thread panicked")));
     drop(s);
     res
+}
+
+/// Refuses a conversion that cannot fit before it runs: `qemu-img` writes the raw copy sparse,
+/// so it takes about what the image has allocated, and a long convert that ends in ENOSPC
+/// would only then fail. The copied tree needs its own space on top; running out there is
+/// caught (and cleaned up) by the copy.
+fn check_space(private: &Path, image: &Path, raw: &Path) -> Result<(), ImportError> {
+    use std::os::unix::fs::MetadataExt;
+    let need = fs::metadata(image)
+        .map_err(|source| ImportError::Io {
+            op: "stat",
+            path: image.to_path_buf(),
+            source,
+        })?
+        .blocks()
+        .saturating_mul(SECTOR);
+    let dir = raw.parent().unwrap_or(Path::new("/"));
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| ImportError::Io {
+        op: "statfs",
+        path: dir.to_path_buf(),
+        source: io::Error::from(e),
+    })?;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    if free < need {
+        return Err(refuse(
+            private,
+            format!(
+                "converting {} needs about {} MiB free in {} (the image's allocated size), {} MiB are",
+                image.display(),
+                need >> 20,
+                dir.display(),
+                free >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs on a thread of its own: the mount namespace it makes dies with it.
