@@ -85,19 +85,28 @@ fn acked(db: &Cluster, node: &str) -> i64 {
     .unwrap_or(0)
 }
 
-fn wait_acked(db: &Cluster, node: &Node, timeout: Duration) -> Result<()> {
+fn wait_acked(db: &Cluster, node: &Node, timeout: Duration, log: Option<&Path>) -> Result<()> {
     let t0 = Instant::now();
     while acked(db, node.name) < node.seq {
         ensure!(
             t0.elapsed() < timeout,
-            "node {} acked {} of {} after {timeout:?}",
+            "node {} acked {} of {} after {timeout:?}; its shipper logged:\n{}\nthe server logged:\n{}",
             node.name,
             acked(db, node.name),
-            node.seq
+            node.seq,
+            log.map_or_else(|| "(on the test's stderr)".to_string(), tail),
+            tail(&db.dir.join("server.log"))
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// The last lines of a log, for a failure message.
+fn tail(p: &Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_else(|e| format!("({}: {e})", p.display()));
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// The node's reports of March, keyed by UUID.
@@ -269,8 +278,8 @@ fn two_nodes_ship_through_kills_and_replay_to_the_byte() -> Result<()> {
     std::thread::sleep(Duration::from_secs(3));
     db.pg_start()?;
     let crashed_mid = during.1 < b.seq;
-    wait_acked(&db, a, Duration::from_secs(300))?;
-    wait_acked(&db, b, Duration::from_secs(300))?;
+    wait_acked(&db, a, Duration::from_secs(300), Some(&dir.join("a2.log")))?;
+    wait_acked(&db, b, Duration::from_secs(300), Some(&dir.join("b.log")))?;
     kill(&mut fa);
     kill(&mut fb);
     let logs =
@@ -440,7 +449,7 @@ fn berthd_ships_after_ticks_and_exports_its_lag() -> Result<()> {
         seq,
     };
     // berthd ticks too (its ledger's seq may pass the fill's): at least the fill is shipped.
-    wait_acked(&db, &node, Duration::from_secs(60))?;
+    wait_acked(&db, &node, Duration::from_secs(60), None)?;
     let metric = |name: &str| -> Result<Option<f64>> {
         let (_, s) = d.scrape()?;
         Ok(value_of(&s, name, &[]))

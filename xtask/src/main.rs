@@ -173,6 +173,7 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     run(cargo().args(["build", "-p", "berth", "--bins"]))?;
     let bin = workspace_root().join("target/debug");
+    print_free_space("before the end-to-end tests");
     let skip_log = skips::log_path();
     let _ = std::fs::remove_file(&skip_log);
     let mut e2e = cargo();
@@ -196,7 +197,30 @@ fn test(filter: Option<String>) -> Result<()> {
         root.join("userspace/src"),
     ])?);
     print!("{}", skips::report(&skipped));
+    print_free_space("after the end-to-end tests");
     result
+}
+
+/// Free space where the tests write (their temporary roots, the build): a run on a nearly full
+/// disk fails in ways that look like bugs (an import refused, PostgreSQL stalling), so the log
+/// says how much there was.
+fn print_free_space(when: &str) {
+    let tmp = std::env::temp_dir();
+    for dir in [tmp.as_path(), workspace_root().as_path()] {
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(s) => {
+                let free = s.blocks_available() * s.fragment_size();
+                println!("disk {when}: {} MiB free in {}", free >> 20, dir.display());
+                if free < 2 << 30 {
+                    println!(
+                        "warning: less than 2 GiB free in {}: tests that import, ship or checkpoint may fail for want of space",
+                        dir.display()
+                    );
+                }
+            }
+            Err(e) => println!("disk {when}: statvfs {}: {e}", dir.display()),
+        }
+    }
 }
 
 fn soak(minutes: u64, cts: u64) -> Result<()> {

@@ -9,11 +9,21 @@ pub mod conninfo;
 mod pages;
 pub mod schema;
 pub mod ship;
+mod slots;
 
 use std::path::PathBuf;
 
 pub use conninfo::{ConnInfo, SslMode};
 pub use ship::{ShipOptions, ShipStats, ShipStatus, Shipper, backoff};
+
+fn db(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> FleetError {
+    move |source| FleetError::Db { op, source }
+}
+
+fn i64_of(v: u64) -> i64 {
+    // Bytes of one CT's period stay far below 2^63 (9.2 EB); saturate rather than wrap.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 /// Errors of the fleet shipper. Each names the operation and the object; the cause is in the
 /// message (bad input) or in `#[source]` (PostgreSQL, TLS, the ledger), never both.

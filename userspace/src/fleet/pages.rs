@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::mpsc;
 
-use super::FleetError;
+use super::{FleetError, i64_of};
 use crate::billing::{Ledger, Period, SlotRow};
 
 /// One page as the ledger had it when read: whole ticks after `after`, up to `last`.
@@ -39,11 +39,6 @@ pub(super) struct TotalRows {
     pub family: Vec<&'static str>,
     pub bytes: Vec<i64>,
     pub packets: Vec<i64>,
-}
-
-fn i64_of(v: u64) -> i64 {
-    // Bytes of one CT's period stay far below 2^63 (9.2 EB); saturate rather than wrap.
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The page after `after`: up to `page_rows` rows of whole ticks up to `until` (the ledger's

@@ -8,7 +8,7 @@
 //! several nodes are summed only by the views.
 use tokio_postgres::Client;
 
-use super::FleetError;
+use super::{FleetError, db};
 
 /// The newest schema version this berth writes.
 pub const VERSION: i32 = 1;
@@ -167,7 +167,6 @@ const MIGRATIONS: [&str; VERSION as usize] = [V1];
 /// with a newer version is an error (an older berth must not write into a schema it does not
 /// know).
 pub async fn migrate(client: &mut Client) -> Result<i32, FleetError> {
-    let db = |op| move |source| FleetError::Db { op, source };
     let tx = client
         .transaction()
         .await

@@ -1,20 +1,16 @@
 //! One node's shipper: ledger pages (whole ticks, `Ledger::slots_after_seq`) into the central
 //! database, each page in one transaction with the node's acknowledged seq, the next page read
 //! from the ledger while one is written (pages.rs).
-use std::collections::HashSet;
 use std::path::Path;
-use std::pin::pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use tracing::{debug, info, warn};
 
 use super::pages::{self, Page};
-use super::{ConnInfo, FleetError, check_node, schema};
-use crate::billing::{BillingAnchor, CtInfo, Ledger, SlotRow};
+use super::{ConnInfo, FleetError, check_node, db, i64_of, schema, slots};
+use crate::billing::{BillingAnchor, CtInfo, Ledger};
 use berth_runtime::error_chain::ErrorChain;
 
 /// What a shipper ships as, and how much at once.
@@ -68,32 +64,11 @@ pub struct Shipper {
     client: Option<Client>,
 }
 
-const SLOT_COLUMNS: [Type; 9] = [
-    Type::TEXT,
-    Type::INT8,
-    Type::TEXT,
-    Type::INT2,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT2,
-    Type::INT8,
-];
-
-fn db(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> FleetError {
-    move |source| FleetError::Db { op, source }
-}
-
 fn anchor_name(a: BillingAnchor) -> String {
     match a {
         BillingAnchor::Day(d) => d.to_string(),
         BillingAnchor::Anniversary => "anniversary".to_string(),
     }
-}
-
-fn i64_of(v: u64) -> i64 {
-    // Bytes of one CT's period stay far below 2^63 (9.2 EB); saturate rather than wrap.
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Shipper {
@@ -249,7 +224,7 @@ async fn ship_ledger(
             stats.acked_seq = now;
             return Ok(stats);
         }
-        let written = copy_slots(&tx, node, &page.rows).await?;
+        let written = slots::write(&tx, node, &page.rows).await?;
         upsert_totals(&tx, node, &page).await?;
         ack(&tx, node, page.last).await?;
         tx.commit().await.map_err(db("committing a page"))?;
@@ -345,61 +320,6 @@ async fn upsert_cts(tx: &Transaction<'_>, cts: &[CtInfo], node: &str) -> Result<
     .await
     .map_err(db("upserting CT metadata"))?;
     Ok(())
-}
-
-/// Copies the page into the staging table and upserts it with the node's values; returns the
-/// rows inserted or changed.
-async fn copy_slots(
-    tx: &Transaction<'_>,
-    node: &str,
-    page: &[(String, SlotRow)],
-) -> Result<u64, FleetError> {
-    let sink = tx
-        .copy_in("COPY berth_ship_slot FROM STDIN (FORMAT binary)")
-        .await
-        .map_err(db("starting the slot copy"))?;
-    let mut w = pin!(BinaryCopyInWriter::new(sink, &SLOT_COLUMNS));
-    // A row is once in the feed (its latest value); a later duplicate would make the upsert
-    // fail ("cannot affect row a second time"), so the latest one wins here too.
-    let mut seen: HashSet<(&str, i64, u16)> = HashSet::with_capacity(page.len());
-    for (uuid, r) in page.iter().rev() {
-        if !seen.insert((uuid.as_str(), r.slot_start, r.key.code())) {
-            continue;
-        }
-        let row: [&(dyn ToSql + Sync); 9] = [
-            uuid,
-            &r.slot_start,
-            &r.key.direction.as_str(),
-            &i16::from(r.key.class),
-            &r.key.family.as_str(),
-            &i64_of(r.counter.bytes),
-            &i64_of(r.counter.packets),
-            &i16::from(r.flags.0),
-            &r.seq,
-        ];
-        w.as_mut()
-            .write(&row)
-            .await
-            .map_err(db("copying slot rows"))?;
-    }
-    w.finish().await.map_err(db("finishing the slot copy"))?;
-    tx.execute(
-        "INSERT INTO berth_slot AS s (node, ct_uuid, slot_start, direction, class, family, bytes,
-                                      packets, flags, seq)
-         SELECT $1, ct_uuid::uuid, slot_start, direction, class, family, bytes, packets, flags, seq
-         FROM berth_ship_slot
-         -- In key order: the page comes tick by tick across every CT, which would touch the
-         -- indexes' pages in a scattered order.
-         ORDER BY ct_uuid, slot_start, direction, class, family
-         ON CONFLICT (node, ct_uuid, slot_start, direction, class, family) DO UPDATE
-         SET bytes = excluded.bytes, packets = excluded.packets, flags = excluded.flags,
-             seq = excluded.seq
-         WHERE (s.bytes, s.packets, s.flags) IS DISTINCT FROM
-               (excluded.bytes, excluded.packets, excluded.flags)",
-        &[&node],
-    )
-    .await
-    .map_err(db("upserting slot rows"))
 }
 
 /// The totals and bounds of every period the page touched, as the ledger had them when the page
