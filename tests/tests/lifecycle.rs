@@ -163,7 +163,7 @@ fn resources_memory_numproc_cpulimit_live() {
         &[
             "sh",
             "-c",
-            "for i in $(seq 1 40); do sleep 3 & done; echo spawned",
+            "for i in $(seq 1 40); do sleep 8 & done; echo spawned",
         ],
     );
     let procs = field(&h, "102", "numproc").as_u64().unwrap();
@@ -173,7 +173,8 @@ fn resources_memory_numproc_cpulimit_live() {
         "the sleeps did not run: {procs} processes\n{out}{err}"
     );
     assert!(err.contains("fork"), "no fork failure reported: {err:?}");
-    std::thread::sleep(Duration::from_secs(3));
+    // The sleeps outlive a slow count on a loaded machine (3 s ones had ended at load 15).
+    std::thread::sleep(Duration::from_secs(8));
 
     // live change without restart
     h.ok(&["set", "102", "--memory", "64M"]);
