@@ -75,6 +75,21 @@ pub trait NetHooks {
         let _ = (ctid, uuid, billing, record);
         Ok(())
     }
+    /// `berth gc`: drops the caller's state for interfaces that no longer exist (a CT whose
+    /// berth was killed mid start or stop: its veth went with the netns, its datapath entries,
+    /// link pins, IFBs and shaper entries did not). The default: nothing is kept, nothing to do.
+    fn gc(&mut self) -> Result<NetGc, HookError> {
+        Ok(NetGc::default())
+    }
+}
+
+/// What [`NetHooks::gc`] removed, by host ifindex.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetGc {
+    /// Datapath attachments (link pins, interface entries) of vanished interfaces.
+    pub detached: Vec<u32>,
+    /// Shaping (IFB, map entries) of vanished interfaces.
+    pub unshaped: Vec<u32>,
 }
 
 /// Lifecycle without a datapath (and so without shaping).
