@@ -156,7 +156,7 @@ mod tests {
         }
     }
 
-    /// Every `crash_point!("…")` use in runtime/ and userspace/, by name, with its count.
+    /// Every use of the macro in runtime/ and userspace/, by name, with its count.
     fn uses() -> BTreeMap<String, usize> {
         let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut files = Vec::new();

@@ -87,10 +87,11 @@ pub(super) fn stale_files(host: &Host, known: &[Ctid], rep: &mut GcReport) {
             let Some((ctid, suffix)) = name.to_str().and_then(owner) else {
                 continue;
             };
-            let orphan = dir == host.run && !known.contains(&ctid);
-            if orphan {
+            // Its lock file goes too, even one this pass makes by locking it.
+            if !known.contains(&ctid) {
                 unknown.push(ctid);
             }
+            let orphan = dir == host.run && !known.contains(&ctid);
             let tmp = suffix.ends_with(".tmp");
             if tmp || (orphan && matches!(suffix, "state.json" | "exit.json" | "console.log")) {
                 found.push((ctid, ent.path()));
