@@ -271,14 +271,20 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Every entry under a `links` directory of the pin tree (the datapath's and the shaper's
-/// per-interface link pins).
+/// Every per-interface entry under a `links` directory of the pin tree (the datapath's and
+/// the shaper's link pins).
 fn link_pins(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in entries(dir) {
         if e.is_dir() {
             if e.file_name().is_some_and(|n| n == "links") {
-                out.extend(entries(&e));
+                // Per-interface pins are named by ifindex; others (the shaper's `undelivered`
+                // program link) are the host's own.
+                out.extend(entries(&e).into_iter().filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                }));
             } else {
                 out.extend(link_pins(&e));
             }
