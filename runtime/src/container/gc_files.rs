@@ -52,7 +52,8 @@ fn rollback_create(host: &Host, ctid: Ctid) -> Result<bool> {
     if !marker.exists() {
         return Ok(false);
     }
-    if !host.conf_path(ctid).exists() {
+    let whole = host.conf_path(ctid).exists();
+    if !whole {
         let private = host.root.join("private");
         for p in [
             private.join(format!(".{ctid}.tmp")),
@@ -68,7 +69,7 @@ fn rollback_create(host: &Host, ctid: Ctid) -> Result<bool> {
     }
     // With a config the CT is whole: only the marker was left.
     remove_file(ctid, &marker)?;
-    Ok(true)
+    Ok(!whole)
 }
 
 /// Removes what killed commands left in the run and conf directories: `.tmp` files (a write
