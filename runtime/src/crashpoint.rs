@@ -187,7 +187,10 @@ mod tests {
             );
         }
         for name in used.keys() {
-            assert!(POINTS.contains(&name.as_str()), "crash point {name:?} is not in POINTS");
+            assert!(
+                POINTS.contains(&name.as_str()),
+                "crash point {name:?} is not in POINTS"
+            );
         }
         let mut sorted = POINTS.to_vec();
         sorted.sort_unstable();

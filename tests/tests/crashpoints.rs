@@ -169,7 +169,10 @@ impl Env {
                 found.insert(k.clone(), v.clone());
             }
         }
-        eprintln!("{point}: gc removed {}", serde_json::Value::Object(found.clone()));
+        eprintln!(
+            "{point}: gc removed {}",
+            serde_json::Value::Object(found.clone())
+        );
         serde_json::Value::Object(found)
     }
 
@@ -227,8 +230,7 @@ impl Env {
                 );
                 let f = fs::OpenOptions::new().write(true).open(&e).unwrap();
                 assert!(
-                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                        .is_ok(),
+                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
                     "{n} still held after {what}"
                 );
             }
@@ -363,7 +365,10 @@ fn stop_killed_at_each_point() {
         env.h.ok(&["start", "170"]);
         env.killed_at(point, &["stop", "--fast", "170"]);
         env.gc(point);
-        assert!(!env.running("170"), "{point}: running after a stop killed midway and gc");
+        assert!(
+            !env.running("170"),
+            "{point}: running after a stop killed midway and gc"
+        );
         env.assert_clean(point);
         // The stop redone on the stopped CT (it reports so) changes nothing.
         let o = env.h.run(&["stop", "170"]);
@@ -454,7 +459,11 @@ fn template_import_killed_at_each_point() {
         .arg(".")
         .output()
         .unwrap();
-    assert!(o.status.success(), "tar: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let a = archive.to_str().unwrap();
     let store = env.h.root.join("template");
     for point in TEMPLATE {
@@ -544,9 +553,19 @@ fn ledger_tick_killed_at_each_point_stays_exact() {
     env.h.ok(&["create", "195", "--ipadd", "192.0.2.195"]);
     for point in LEDGER {
         env.h.ok(&["start", "195"]);
-        let (code, _, err) =
-            env.h
-                .exec("195", &["ping", "-c", "5", "-i", "0.2", "-W", "2", berth_tests::net::UPLINK4]);
+        let (code, _, err) = env.h.exec(
+            "195",
+            &[
+                "ping",
+                "-c",
+                "5",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                berth_tests::net::UPLINK4,
+            ],
+        );
         assert_eq!(code, 0, "{point}: ping from the CT: {err}");
         // Stopped: its counters are final while the ledger is checked.
         env.h.ok(&["stop", "--fast", "195"]);
@@ -582,7 +601,11 @@ fn vz_import_killed_at_each_point() {
         .arg(node.path("private/196"))
         .output()
         .unwrap();
-    assert!(o.status.success(), "cp: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let args = node.args(&["196"]);
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     for point in VZIMPORT {

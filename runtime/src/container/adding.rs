@@ -34,7 +34,8 @@ fn path(host: &Host, ctid: Ctid) -> PathBuf {
 fn write(host: &Host, ctid: Ctid, rec: &Adding) -> Result<()> {
     let p = path(host, ctid);
     let tmp = p.with_extension("json.tmp");
-    let text = serde_json::to_vec(rec).map_err(|e| io_err(ctid, "encode", &p)(io::Error::other(e)))?;
+    let text =
+        serde_json::to_vec(rec).map_err(|e| io_err(ctid, "encode", &p)(io::Error::other(e)))?;
     fs::write(&tmp, text).map_err(io_err(ctid, "write", &tmp))?;
     fs::rename(&tmp, &p).map_err(io_err(ctid, "rename into place", &p))
 }

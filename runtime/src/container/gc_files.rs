@@ -104,7 +104,8 @@ pub(super) fn stale_files(host: &Host, known: &[Ctid], rep: &mut GcReport) {
         let res = (|| -> Result<bool> {
             let _lock = lock(host, ctid)?;
             // Re-checked under the lock: a create may have made the CT since the listing.
-            if !path.extension().is_some_and(|x| x == "tmp") && !gone(ctid) {
+            let tmp = path.extension().is_some_and(|x| x == "tmp");
+            if !tmp && !gone(ctid) {
                 return Ok(false);
             }
             remove_file(ctid, &path)

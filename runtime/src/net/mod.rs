@@ -530,7 +530,11 @@ pub fn undo_addrs(
     host: &mut HostNet,
 ) -> Vec<NetError> {
     let mut st = iface.clone();
-    let mut devs: Vec<(String, u32)> = st.proxy.iter().map(|p| (p.dev.clone(), p.ifindex)).collect();
+    let mut devs: Vec<(String, u32)> = st
+        .proxy
+        .iter()
+        .map(|p| (p.dev.clone(), p.ifindex))
+        .collect();
     devs.sort();
     devs.dedup();
     for a in addrs {
@@ -545,7 +549,10 @@ pub fn undo_addrs(
         }
     }
     let mut errors = Vec::new();
-    let mut ct = match ct_netns.map(|fd| Netlink::open_in(fd, ct_ns_name(ctid))).transpose() {
+    let mut ct = match ct_netns
+        .map(|fd| Netlink::open_in(fd, ct_ns_name(ctid)))
+        .transpose()
+    {
         Ok(c) => c,
         Err(e) => {
             errors.push(e);
