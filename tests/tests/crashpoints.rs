@@ -345,6 +345,18 @@ fn start_killed_at_each_point() {
         env.killed_at(point, &["start", "160"]);
         env.gc(point);
         if env.running("160") {
+            // Where the CT's host side is not visible, gc must not take its interfaces for gone.
+            gc_in_other_netns(&env);
+            let v = berth::datapath::DatapathView::open_pinned(&env.h.bpffs)
+                .unwrap()
+                .expect("datapath pinned");
+            assert!(
+                v.attached()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a.config.ctid.get() == 160),
+                "{point}: gc from another netns detached the running CT"
+            );
             env.h.ok(&["stop", "--fast", "160"]);
         }
         env.assert_clean(point);
@@ -354,6 +366,40 @@ fn start_killed_at_each_point() {
     }
     env.h.ok(&["destroy", "160"]);
     eprintln!("start: {:?}", t0.elapsed());
+}
+
+/// `berth gc` of this installation run in a fresh network namespace of the test's own.
+fn gc_in_other_netns(env: &Env) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let other = berth_tests::net::Ns::new();
+    let fd = other.fd().as_raw_fd();
+    let mut c = std::process::Command::new(berth_tests::ct::berth_bin());
+    c.arg("--root")
+        .arg(&env.h.root)
+        .arg("--cgroup-parent")
+        .arg(&env.h.cgroup_parent)
+        .arg("--bpffs")
+        .arg(&env.h.bpffs)
+        .arg("gc")
+        .env_remove("BERTH_ROOT")
+        .env_remove("BERTH_RUN_DIR")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: setns is async-signal-safe; the fd stays open in the child until exec.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().expect("spawn berth gc");
+    assert!(
+        o.status.success(),
+        "gc in another netns: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

@@ -245,8 +245,17 @@ impl NetHooks for DatapathHooks {
         Ok(())
     }
 
-    fn gc(&mut self) -> Result<NetGc, HookError> {
+    fn gc(&mut self, live: &[(u32, String)]) -> Result<NetGc, HookError> {
         let mut out = NetGc::default();
+        // "Gone" means not in this network namespace: from another one than the running CTs'
+        // host sides, every interface would look gone and live CTs would be detached.
+        if let Some((ifindex, name)) = live
+            .iter()
+            .find(|(i, n)| crate::bpf::sys::if_indextoname(*i).as_deref() != Some(n.as_str()))
+        {
+            warn!(ifindex, ifname = %name, "gc: a running CT's host interface is not in this network namespace: the datapath and shaper are left as they are");
+            return Ok(out);
+        }
         let pinned = DatapathView::open_pinned(&self.pin_dir)
             .map_err(|e| HookError::new("open the eBPF datapath at", self.pin_dir.display(), e))?
             .is_some();

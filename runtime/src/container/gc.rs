@@ -130,7 +130,14 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
         Err(e) => rep.errors.push(error_chain(&e)),
     }
     // After the CTs' own teardown above: what their links' deletion left in the datapath.
-    match hooks.gc() {
+    let live: Vec<(u32, String)> = known
+        .iter()
+        .filter_map(|&c| running(host, c))
+        .filter_map(|st| st.net)
+        .flat_map(|n| n.ifaces)
+        .map(|i| (i.host_ifindex, i.host_ifname))
+        .collect();
+    match hooks.gc(&live) {
         Ok(n) => rep.datapath = n,
         Err(e) => rep.errors.push(error_chain(&e)),
     }

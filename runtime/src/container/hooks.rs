@@ -78,7 +78,11 @@ pub trait NetHooks {
     /// `berth gc`: drops the caller's state for interfaces that no longer exist (a CT whose
     /// berth was killed mid start or stop: its veth went with the netns, its datapath entries,
     /// link pins, IFBs and shaper entries did not). The default: nothing is kept, nothing to do.
-    fn gc(&mut self) -> Result<NetGc, HookError> {
+    /// `live`: the host-side interfaces (ifindex, name) of the CTs that run; an implementation
+    /// must clean nothing when they are not visible by that name, which means this berth runs
+    /// in another network namespace than the CTs' host sides.
+    fn gc(&mut self, live: &[(u32, String)]) -> Result<NetGc, HookError> {
+        let _ = live;
         Ok(NetGc::default())
     }
 }
