@@ -130,6 +130,10 @@ impl Host {
     pub fn conf_path(&self, ctid: Ctid) -> PathBuf {
         self.conf_dir().join(format!("{ctid}.toml"))
     }
+    /// `<conf>/<CTID>.creating`: a create in progress (or killed), which gc rolls back.
+    pub fn creating_path(&self, ctid: Ctid) -> PathBuf {
+        self.conf_dir().join(format!("{ctid}.creating"))
+    }
     pub fn private_dir(&self, ctid: Ctid) -> PathBuf {
         self.root.join("private").join(ctid.to_string())
     }
@@ -432,6 +436,12 @@ impl CtConfig {
 
     /// Writes the config atomically (temp file + rename), so a crash never leaves half a file.
     pub fn save(&self, host: &Host) -> Result<(), ConfigError> {
+        self.save_with(host, || {})
+    }
+
+    /// `save`, calling `between` after the temporary file is written and before it is renamed
+    /// into place (where the crash-point tests kill it: gc removes the `.toml.tmp`).
+    pub fn save_with(&self, host: &Host, between: impl FnOnce()) -> Result<(), ConfigError> {
         let path = host.conf_path(self.ctid);
         let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
             path: path.clone(),
@@ -439,6 +449,7 @@ impl CtConfig {
         })?;
         let tmp = path.with_extension("toml.tmp");
         fs::write(&tmp, text).map_err(io_err("write", &tmp))?;
+        between();
         fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
         Ok(())
     }

@@ -5,6 +5,7 @@ pub mod billing;
 pub mod cgroups;
 pub mod config;
 pub mod container;
+pub mod crashpoint;
 pub mod ctid;
 pub mod error_chain;
 #[cfg(feature = "fuzzing")]

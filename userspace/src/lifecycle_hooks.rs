@@ -12,7 +12,7 @@ use berth_common::shaper::{DROP_HORIZON, DROP_PPS};
 use berth_common::{DIR_IN, DIR_OUT};
 use berth_runtime::Ctid;
 use berth_runtime::billing::BillingConfig;
-use berth_runtime::container::{HookError, NetHooks};
+use berth_runtime::container::{HookError, NetGc, NetHooks};
 use berth_runtime::error_chain::ErrorChain;
 use berth_runtime::net::{Mode, NetState};
 use berth_runtime::shaping::ShapingConfig;
@@ -243,6 +243,35 @@ impl NetHooks for DatapathHooks {
         }
         info!(%ctid, %uuid, record = %record.display(), "counters retired");
         Ok(())
+    }
+
+    fn gc(&mut self, live: &[(u32, String)]) -> Result<NetGc, HookError> {
+        let mut out = NetGc::default();
+        // "Gone" means not in this network namespace: from another one than the running CTs'
+        // host sides, every interface would look gone and live CTs would be detached.
+        if let Some((ifindex, name)) = live
+            .iter()
+            .find(|(i, n)| crate::bpf::sys::if_indextoname(*i).as_deref() != Some(n.as_str()))
+        {
+            warn!(ifindex, ifname = %name, "gc: a running CT's host interface is not in this network namespace: the datapath and shaper are left as they are");
+            return Ok(out);
+        }
+        let pinned = DatapathView::open_pinned(&self.pin_dir)
+            .map_err(|e| HookError::new("open the eBPF datapath at", self.pin_dir.display(), e))?
+            .is_some();
+        // Nothing was ever attached where nothing is pinned (and gc must not load programs).
+        if pinned {
+            out.detached = self.dp()?.gc().map_err(|e| {
+                HookError::new("clean the eBPF datapath at", self.pin_dir.display(), e)
+            })?;
+        }
+        if self.pin_dir.join("shaper").exists() {
+            out.unshaped = self
+                .shaper()?
+                .gc()
+                .map_err(|e| HookError::new("clean the shaper at", self.pin_dir.display(), e))?;
+        }
+        Ok(out)
     }
 
     fn net_up(

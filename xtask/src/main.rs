@@ -171,7 +171,9 @@ fn test(filter: Option<String>) -> Result<()> {
     if filter.as_deref().is_none_or(|f| f == "fuzz") {
         fuzz::fuzz(fuzz::TARGETS, fuzz::SHORT_SECONDS, fuzz::Build::Quick)?;
     }
-    run(cargo().args(["build", "-p", "berth", "--bins"]))?;
+    // With the crash points of tests/tests/crashpoints.rs: inert unless FAILPOINTS is set.
+    // berth-tests depends on berth with the same feature, so its build reuses this one.
+    run(cargo().args(["build", "-p", "berth", "--bins", "--features", "failpoints"]))?;
     let bin = workspace_root().join("target/debug");
     print_free_space("before the end-to-end tests");
     let skip_log = skips::log_path();

@@ -75,7 +75,15 @@ pub fn create(host: &Host, ctid: Ctid, opts: &CreateOpts) -> Result<()> {
     if host.conf_path(ctid).exists() {
         return Err(ConfigError::Exists(ctid).into());
     }
+    // Until the config is whole, the marker tells gc that whatever exists of this CT is a
+    // create's leftovers to roll back (a private area without a config, a claimed id range).
+    let marker = host.creating_path(ctid);
+    fs::write(&marker, b"").map_err(io_err(ctid, "write", &marker))?;
+    crate::crash_point!("create.marker_written");
     let res = create_locked(host, ctid, opts, &store, &tmpl);
+    if let Err(e) = fs::remove_file(&marker) {
+        warn!(%ctid, path = %marker.display(), error = %e, "create: remove marker");
+    }
     if res.is_err() {
         // No CT came of it: its lock file goes too, as with destroy.
         let lock_path = host.lock_path(ctid);
@@ -161,6 +169,7 @@ fn create_locked(
         })?;
         claimed = Some(u);
         cfg.userns = Some(u);
+        crate::crash_point!("create.ids_claimed");
     }
     let res = create_private(host, ctid, opts, store, &mut cfg, &tmp);
     if res.is_err()
@@ -232,12 +241,16 @@ fn create_private(
                 }
             }
         }
+        crate::crash_point!("create.private_copied");
         fs::rename(tmp, &private).map_err(io_err(ctid, "rename into place", &private))?;
+        crate::crash_point!("create.private_renamed");
         if let Some(limit) = cfg.resources.diskspace {
             crate::quota::set_diskspace(&private, ctid.get(), limit)?;
             quota_set = true;
         }
-        cfg.save(host)?;
+        crate::crash_point!("create.quota_set");
+        cfg.save_with(host, || crate::crash_point!("create.config_tmp_written"))?;
+        crate::crash_point!("create.config_written");
         Ok(())
     })();
     if let Err(e) = res {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::mount::idmap_staging;
 use super::stop::cleanup_stopped;
-use super::{NetHooks, Result, cg_err, cgroup, lock, running};
+use super::{NetGc, NetHooks, Result, cg_err, cgroup, lock, running};
 use crate::cgroups::{self, CgroupManager};
 use crate::config::{ConfigError, CtConfig, Host};
 use crate::ctid::Ctid;
@@ -23,6 +23,16 @@ pub struct GcReport {
     pub partial_creates: Vec<PathBuf>,
     /// Id ranges whose CT is gone (a create killed after claiming one).
     pub released_id_ranges: Vec<PathBuf>,
+    /// Creates (and OpenVZ imports) killed before their config was whole, rolled back.
+    pub rolled_back_creates: Vec<Ctid>,
+    /// Half-written `.tmp` files, and run files (state, exit, console, lock) of CTs that are gone.
+    pub stale_files: Vec<PathBuf>,
+    /// Template store scratch directories of imports and builds that died.
+    pub template_scratch: usize,
+    /// CTs whose live address add a killed `set` left in flight was taken back.
+    pub address_adds: Vec<Ctid>,
+    /// Datapath and shaper state (link pins, map entries, IFBs) of interfaces that are gone.
+    pub datapath: NetGc,
     pub errors: Vec<String>,
 }
 
@@ -31,6 +41,7 @@ pub struct GcReport {
 /// private areas. Running CTs are left alone.
 pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
     let mut rep = GcReport::default();
+    super::gc_files::rollback_creates(host, &mut rep);
     let known = host.list_ctids()?;
     for &ctid in &known {
         let _lock = match lock(host, ctid) {
@@ -42,6 +53,11 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
         };
         if userns::remove_staging(&idmap_staging(host, ctid)) {
             rep.cleaned.push(ctid);
+        }
+        match super::adding::recover(host, ctid, hooks) {
+            Ok(true) => rep.address_adds.push(ctid),
+            Ok(false) => {}
+            Err(e) => rep.errors.push(error_chain(&e)),
         }
         if running(host, ctid).is_some() {
             continue;
@@ -108,12 +124,36 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
         Ok(r) => rep.released_id_ranges = r,
         Err(e) => rep.errors.push(error_chain(&e)),
     }
+    super::gc_files::stale_files(host, &known, &mut rep);
+    match TemplateStore::open(host.template_dir()).and_then(|s| s.cleanup_stale()) {
+        Ok(n) => rep.template_scratch = n,
+        Err(e) => rep.errors.push(error_chain(&e)),
+    }
+    // After the CTs' own teardown above: what their links' deletion left in the datapath.
+    let live: Vec<(u32, String)> = known
+        .iter()
+        .filter_map(|&c| running(host, c))
+        .filter_map(|st| st.net)
+        .flat_map(|n| n.ifaces)
+        .map(|i| (i.host_ifindex, i.host_ifname))
+        .collect();
+    match hooks.gc(&live) {
+        Ok(n) => rep.datapath = n,
+        Err(e) => rep.errors.push(error_chain(&e)),
+    }
     let pdir = host.root.join("private");
     if let Ok(rd) = fs::read_dir(&pdir) {
         for ent in rd.flatten() {
             let name = ent.file_name();
             let n = name.to_string_lossy();
-            if n.starts_with('.') && n.ends_with(".tmp") {
+            // One with a marker belongs to a create that is still running (a dead one's was
+            // rolled back above).
+            let live = n
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".tmp"))
+                .and_then(|n| n.parse::<Ctid>().ok())
+                .is_some_and(|c| host.creating_path(c).exists());
+            if n.starts_with('.') && n.ends_with(".tmp") && !live {
                 let p = ent.path();
                 match TemplateStore::remove_tree_fast(&p) {
                     Ok(()) => rep.partial_creates.push(p),
@@ -125,7 +165,7 @@ pub fn gc(host: &Host, hooks: &mut dyn NetHooks) -> Result<GcReport> {
     Ok(rep)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     crate::error_chain::ErrorChain(e).to_string()
 }
 

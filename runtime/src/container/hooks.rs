@@ -75,6 +75,25 @@ pub trait NetHooks {
         let _ = (ctid, uuid, billing, record);
         Ok(())
     }
+    /// `berth gc`: drops the caller's state for interfaces that no longer exist (a CT whose
+    /// berth was killed mid start or stop: its veth went with the netns, its datapath entries,
+    /// link pins, IFBs and shaper entries did not). The default: nothing is kept, nothing to do.
+    /// `live`: the host-side interfaces (ifindex, name) of the CTs that run; an implementation
+    /// must clean nothing when they are not visible by that name, which means this berth runs
+    /// in another network namespace than the CTs' host sides.
+    fn gc(&mut self, live: &[(u32, String)]) -> Result<NetGc, HookError> {
+        let _ = live;
+        Ok(NetGc::default())
+    }
+}
+
+/// What [`NetHooks::gc`] removed, by host ifindex.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetGc {
+    /// Datapath attachments (link pins, interface entries) of vanished interfaces.
+    pub detached: Vec<u32>,
+    /// Shaping (IFB, map entries) of vanished interfaces.
+    pub unshaped: Vec<u32>,
 }
 
 /// Lifecycle without a datapath (and so without shaping).

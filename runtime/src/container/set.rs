@@ -250,7 +250,7 @@ pub(crate) fn check_addrs_free(host: &Host, ctid: Ctid, addrs: &[IpAddr]) -> Res
 }
 
 /// The shaping a CT has now: what `set` applied live to a running CT, else its config's.
-fn current_shaping(cfg: &CtConfig, run: Option<&RunState>) -> Option<ShapingConfig> {
+pub(super) fn current_shaping(cfg: &CtConfig, run: Option<&RunState>) -> Option<ShapingConfig> {
     match run.and_then(|r| r.shaping.clone()) {
         Some(live) => live.non_empty(),
         None => cfg.active_shaping().cloned(),
@@ -259,7 +259,9 @@ fn current_shaping(cfg: &CtConfig, run: Option<&RunState>) -> Option<ShapingConf
 
 /// Applies a network change to a running CT, keeping `st` in step and recording in `undo`
 /// each sub-step done (each of them either completes or undoes itself).
+#[allow(clippy::too_many_arguments)]
 fn apply_net_live(
+    host: &Host,
     ctid: Ctid,
     st: &mut RunState,
     newcfg: &net::NetConfig,
@@ -276,6 +278,7 @@ fn apply_net_live(
         let had = routed_addrs(state);
         let errors =
             net::del_addrs(ctid, Some(ns.as_fd()), sel, &mut hn, state).map_err(net_err(ctid))?;
+        crate::crash_point!("set.addrs_deleted");
         let left = routed_addrs(state);
         // The routed link stays with no address; the datapath just loses the addresses.
         undo.push(NetUndo::AddAddrs(
@@ -309,8 +312,13 @@ fn apply_net_live(
     }
     if !o.ipadd.is_empty() {
         let link_created = state.routed().is_none();
+        super::adding::begin(host, ctid, &o.ipadd)?;
         net::add_addrs(ctid, ns.as_fd(), newcfg, &o.ipadd, &mut hn, state)
             .map_err(net_err(ctid))?;
+        if let Some(r) = state.ifaces.iter().find(|i| i.mode == net::Mode::Routed) {
+            super::adding::added(host, ctid, &o.ipadd, r)?;
+        }
+        crate::crash_point!("set.addrs_added");
         undo.push(NetUndo::DelAddrs {
             addrs: o.ipadd.clone(),
             link_created,
@@ -322,6 +330,7 @@ fn apply_net_live(
     }
     // New interfaces get the shaping the CT has; a shaping change comes as its own step.
     hooks.net_up(ctid, state, shaping).map_err(hook_err(ctid))?;
+    crate::crash_point!("set.datapath_updated");
     Ok(())
 }
 
@@ -467,6 +476,8 @@ pub fn set(
     hooks: &mut dyn NetHooks,
 ) -> Result<()> {
     let (_lock, mut cfg) = lock_loaded(host, ctid)?;
+    // An add a killed set left in flight is taken back before this set plans on the state.
+    super::adding::recover(host, ctid, hooks)?;
     let run = running(host, ctid);
     if run.is_none() && !save && !opts.passwords_only() {
         return Err(CtError::NeedSave(ctid));
@@ -504,6 +515,8 @@ pub fn set(
     if res.is_err() {
         journal.rollback(hooks);
     }
+    // Done either way: in the run state, or rolled back.
+    super::adding::end(host, ctid);
     res
 }
 
@@ -533,6 +546,7 @@ fn apply(
         let mut steps = Vec::new();
         let before = st.net.clone();
         let res = apply_net_live(
+            host,
             ctid,
             st,
             n,
@@ -561,12 +575,14 @@ fn apply(
         hooks
             .shape(ctid, &net, new.as_ref())
             .map_err(hook_err(ctid))?;
+        crate::crash_point!("set.shaping_applied");
         st.shaping = Some(new.clone().unwrap_or_default());
     }
     if let Some((cg, saved)) = &plan.limits {
         // Registered first: a write that fails halfway leaves earlier files changed.
         journal.push(Undo::Limits(cg.clone(), saved.clone()));
         cg.apply(&plan.delta).map_err(cg_err(ctid))?;
+        crate::crash_point!("set.limits_applied");
     }
     if let (Some(h), Some(pid)) = (&opts.hostname, journal.live.as_ref().map(|s| s.init_pid)) {
         let before = exec::hostname_live(ctid, pid)?;
@@ -595,6 +611,7 @@ fn apply(
     {
         let sp = host.state_path(ctid);
         st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+        crate::crash_point!("set.state_written");
         journal.push(Undo::RunState);
     }
     if save {
@@ -620,7 +637,8 @@ fn apply(
         if let Some(b) = opts.onboot {
             cfg.onboot = b;
         }
-        cfg.save(host)?;
+        cfg.save_with(host, || crate::crash_point!("set.config_tmp_written"))?;
+        crate::crash_point!("set.config_written");
     }
     Ok(())
 }

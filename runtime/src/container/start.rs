@@ -106,6 +106,7 @@ pub(super) fn start_locked(
             warn!(%ctid, error = %ErrorChain(&e), "rollback: remove cgroup");
         }
     });
+    crate::crash_point!("start.cgroup_created");
     if let Some(u) = cfg.userns {
         cg.delegate(u.uid_base, u.gid_base).map_err(cg_err(ctid))?;
     }
@@ -114,6 +115,7 @@ pub(super) fn start_locked(
     if let Some(limit) = cfg.resources.diskspace {
         crate::quota::set_diskspace(&host.private_dir(ctid), ctid.get(), limit)?;
     }
+    crate::crash_point!("start.limits_applied");
 
     let sp = host.state_path(ctid);
     let mut st = RunState {
@@ -135,7 +137,9 @@ pub(super) fn start_locked(
     undo.push("state", || {
         let _ = fs::remove_file(host.state_path(ctid));
     });
+    crate::crash_point!("start.state_provisional");
     let mounted = bind_private(host, cfg)?;
+    crate::crash_point!("start.private_mounted");
     if mounted {
         undo.push("mount", || {
             let _ = unbind_private(host, ctid);
@@ -197,6 +201,7 @@ pub(super) fn start_locked(
         ForkResult::Parent { child } => child,
     };
     drop((ready_w, go_r));
+    crate::crash_point!("start.monitor_spawned");
     undo.push("monitor", move || {
         let _ = kill(monitor_pid, Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(monitor_pid, None);
@@ -221,13 +226,16 @@ pub(super) fn start_locked(
         let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
     });
     let starttime = state::proc_starttime(init_pid).unwrap_or(0);
+    crate::crash_point!("start.init_cloned");
 
     if let Some(u) = cfg.userns {
         write_id_maps(ctid, init_pid, &u)?;
+        crate::crash_point!("start.id_maps_written");
     }
     if !cfg.net.ifaces.is_empty() {
         let ns = open_ns(ctid, init_pid)?;
         let mut hn = HostNet::current().map_err(net_err(ctid))?;
+        crate::crash_point!("start.netns_opened");
         // A venet/veth left by a crashed run (or still being destroyed with an old netns)
         // would block the names; these are berth's own names for this CT.
         for e in net::remove_stale_links(ctid, &cfg.net, &mut hn) {
@@ -238,9 +246,12 @@ pub(super) fn start_locked(
         let mut early: Option<NetState> = None;
         let setup = net::setup_with(ctid, ns.as_fd(), &cfg.net, &mut hn, &mut |planned| {
             early = Some(planned.clone());
-            hooks
+            crate::crash_point!("start.veth_made");
+            let r = hooks
                 .net_up(ctid, planned, None)
-                .map_err(|e| NetError::BeforeUp(Box::new(e)))
+                .map_err(|e| NetError::BeforeUp(Box::new(e)));
+            crate::crash_point!("start.ebpf_attached");
+            r
         });
         let ns_state = match setup {
             Ok(s) => s,
@@ -252,6 +263,7 @@ pub(super) fn start_locked(
             }
         };
         st.net = Some(ns_state.clone());
+        crate::crash_point!("start.net_up");
         // The links die with init's netns; only the proxy entries need removing.
         let undo_state = ns_state.clone();
         undo.push("network", move || {
@@ -278,6 +290,7 @@ pub(super) fn start_locked(
         let hooks = &mut *hooks;
         undo.push("datapath", move || hooks.net_down(ctid, &ns_state));
         up.map_err(hook_err(ctid))?;
+        crate::crash_point!("start.shaping_applied");
     }
     if !cfg.net.nameservers.is_empty() || !cfg.net.searchdomains.is_empty() {
         net::write_resolv_conf(&rootfs, &cfg.net.nameservers, &cfg.net.searchdomains)
@@ -286,6 +299,7 @@ pub(super) fn start_locked(
 
     write_fd(&go_w, b"g").map_err(io_err(ctid, "signal init", Path::new("pipe")))?;
     drop(go_w);
+    crate::crash_point!("start.init_released");
     // The monitor answers within its watch window of init's exec; the margin covers a
     // loaded host, the bound a monitor that is stopped or wedged.
     if !readable_within(&ready, monitor::WATCH + Duration::from_secs(10)) {
@@ -328,6 +342,7 @@ pub(super) fn start_locked(
     st.monitor_pid = monitor_pid.as_raw();
     st.mounted_by_start = mounted;
     st.write(&sp).map_err(io_err(ctid, "write state", &sp))?;
+    crate::crash_point!("start.state_written");
     undo.disarm();
     info!(%ctid, init_pid, "started");
     Ok(st)

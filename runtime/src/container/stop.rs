@@ -36,6 +36,8 @@ fn stop_locked(
     fast: bool,
     hooks: &mut dyn NetHooks,
 ) -> Result<()> {
+    // Addresses a killed set was adding are not in the run state the teardown goes by.
+    super::adding::recover(host, ctid, hooks)?;
     let Some(st) = running(host, ctid) else {
         // Not running: still clean what a crash may have left, so `stop` always converges.
         cleanup_stopped(host, ctid, true, hooks)?;
@@ -66,10 +68,13 @@ fn stop_locked(
             }
         }
     }
+    crate::crash_point!("stop.init_signalled");
     cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+    crate::crash_point!("stop.cgroup_killed");
     if let Some(ns) = &st.net {
         net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
     }
+    crate::crash_point!("stop.net_down");
     teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
     let exit = LastExit::path(&host.run, ctid);
     LastExit::remove(&exit).map_err(io_err(ctid, "remove", &exit))?;
@@ -106,9 +111,11 @@ fn teardown_after_stop(host: &Host, ctid: Ctid, cg: &cgroups::Cgroup, unmount: b
     if cg.exists() {
         cg.destroy().map_err(cg_err(ctid))?;
     }
+    crate::crash_point!("stop.cgroup_removed");
     if unmount {
         unbind_private(host, ctid)?;
     }
+    crate::crash_point!("stop.unmounted");
     for p in [host.state_path(ctid)] {
         match fs::remove_file(&p) {
             Ok(()) => {}
@@ -116,6 +123,7 @@ fn teardown_after_stop(host: &Host, ctid: Ctid, cg: &cgroups::Cgroup, unmount: b
             Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
         }
     }
+    crate::crash_point!("stop.state_removed");
     Ok(())
 }
 
@@ -177,6 +185,7 @@ pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> 
         return Err(CtError::Running(ctid));
     }
     cleanup_stopped(host, ctid, true, &mut NoHooks)?;
+    crate::crash_point!("destroy.cleaned");
     // A CT made before UUIDs and never started since has none: its record gets a fresh one.
     let uuid = CtConfig::load(host, ctid)?
         .uuid
@@ -184,6 +193,7 @@ pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> 
     hooks
         .retire(ctid, uuid, &cfg.billing, &host.retired_counters_path(uuid))
         .map_err(hook_err(ctid))?;
+    crate::crash_point!("destroy.counters_retired");
     let private = host.private_dir(ctid);
     if cfg.resources.diskspace.is_some()
         && private.exists()
@@ -194,6 +204,7 @@ pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> 
     if private.exists() {
         TemplateStore::remove_tree_fast(&private)?;
     }
+    crate::crash_point!("destroy.private_removed");
     let root = host.root_dir(ctid);
     match fs::remove_dir(&root) {
         Ok(()) => {}
@@ -212,10 +223,12 @@ pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> 
             Err(e) => return Err(io_err(ctid, "remove", &p)(e)),
         }
     }
+    crate::crash_point!("destroy.config_removed");
     // After the config: a crash in between leaves a claim without a CT, which gc releases.
     if let Some(u) = &cfg.userns {
         crate::userns::release(host, ctid, u)?;
     }
+    crate::crash_point!("destroy.ids_released");
     info!(%ctid, "destroyed");
     Ok(())
 }

@@ -518,6 +518,53 @@ pub fn del_addrs(
     Ok(errors)
 }
 
+/// Takes back routed addresses an add that was killed midway left on `iface` (the CT's routed
+/// interface as that add saw it): each address, its host route and its proxy entries, which
+/// are those in `iface` or, if they were not recorded, one per neighbour device the CT's other
+/// addresses have one on. Errors are returned, not stopped at.
+pub fn undo_addrs(
+    ctid: Ctid,
+    ct_netns: Option<BorrowedFd<'_>>,
+    iface: &IfaceState,
+    addrs: &[IpAddr],
+    host: &mut HostNet,
+) -> Vec<NetError> {
+    let mut st = iface.clone();
+    let mut devs: Vec<(String, u32)> = st
+        .proxy
+        .iter()
+        .map(|p| (p.dev.clone(), p.ifindex))
+        .collect();
+    devs.sort();
+    devs.dedup();
+    for a in addrs {
+        if !st.proxy.iter().any(|p| p.addr == *a) {
+            for (dev, ifindex) in &devs {
+                st.proxy.push(ProxyEntry {
+                    addr: *a,
+                    dev: dev.clone(),
+                    ifindex: *ifindex,
+                });
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    let mut ct = match ct_netns
+        .map(|fd| Netlink::open_in(fd, ct_ns_name(ctid)))
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    for a in addrs {
+        routed::del_one(host, ct.as_mut(), &mut st, *a, &mut errors);
+    }
+    errors
+}
+
 /// Live `--netif_add`: adds a bridged interface to a running CT.
 pub fn add_netif(
     ctid: Ctid,

@@ -770,7 +770,9 @@ impl TemplateStore {
         self.ensure_absent(&name)?;
         let scratch: Scratch = self.scratch("import", &name)?;
         let rootfs = scratch.rootfs();
+        crate::crash_point!("template.import.staged");
         extract(file, &rootfs)?;
+        crate::crash_point!("template.import.unpacked");
         let (init, stop_signal) = detect_init(&rootfs, file)?;
         let info = TemplateInfo {
             name: name.clone(),
@@ -785,6 +787,7 @@ impl TemplateStore {
             size: tree_size(&rootfs)?,
         };
         scratch.commit(self, &info)?;
+        crate::crash_point!("template.import.committed");
         tracing::info!(template = %name, archive = %file.display(), size = info.size, "imported template");
         Ok(info)
     }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use build::{DebianInit, UnknownInit};
 pub use copy::remove_tree_fast;
-pub(crate) use fsutil::mounts;
+pub(crate) use fsutil::{detach_mounts_below, mounts};
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use import::extract_limited;
 pub(crate) use import::{ExtractOpts, detect_init, extract_with, read_member};

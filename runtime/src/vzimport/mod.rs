@@ -251,7 +251,17 @@ pub fn import(host: &Host, plan: &Plan, run: ImportRun<'_>) -> Result<CtConfig, 
     if host.conf_path(ctid).exists() {
         return Err(ConfigError::Exists(ctid).into());
     }
+    // As at create: gc rolls back what exists of the CT while the marker does.
+    let marker = host.creating_path(ctid);
+    fs::write(&marker, b"").map_err(|source| ImportError::Io {
+        op: "write",
+        path: marker.clone(),
+        source,
+    })?;
     let res = import_locked(host, ctid, plan, run);
+    if let Err(e) = fs::remove_file(&marker) {
+        warn!(%ctid, error = %e, "import: remove marker");
+    }
     drop(lock);
     if res.is_err()
         && let Err(e) = fs::remove_file(&lock_path)
@@ -362,17 +372,20 @@ fn import_locked(
             ostemplate: plan.ostemplate.clone(),
             at: template::now_unix(),
         });
+        crate::crash_point!("vzimport.private_copied");
         fs::rename(&tmp, &private).map_err(|source| ImportError::Io {
             op: "rename into place",
             path: private.clone(),
             source,
         })?;
+        crate::crash_point!("vzimport.private_renamed");
         if let Some(limit) = cfg.resources.diskspace {
             crate::quota::set_diskspace(&private, ctid.get(), limit)?;
             quota_set = true;
         }
         cfg.validate(&host.conf_path(ctid))?;
         cfg.save(host)?;
+        crate::crash_point!("vzimport.config_written");
         Ok(())
     })();
     if let Err(e) = res {

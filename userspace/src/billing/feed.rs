@@ -194,6 +194,7 @@ impl Feeder {
             super::Baseline::Zero
         };
         let snap = read_snapshot(&self.pin_dir)?;
+        berth_runtime::crash_point!("ledger.tick.after_read");
         let mut alive: HashSet<String> = HashSet::new();
         let mut readings = Vec::new();
         for ctid in self.host.list_ctids().map_err(FeedError::Configs)? {

@@ -696,6 +696,11 @@ fn main() -> ExitCode {
         berth::logging::init(0, &["warn"]);
         return ExitCode::from(berth::api::worker::worker_main());
     }
+    // The fault-injection tests' crash points (a build with `--features failpoints`).
+    if let Err(e) = berth_runtime::crashpoint::setup_from_env() {
+        eprintln!("berthd: error: {e}");
+        return ExitCode::from(2);
+    }
     let args = Args::parse();
     berth::logging::init(args.verbose, &["info", "debug"]);
     // One thread serves HTTP; a scrape's reads run on a blocking thread and fan out over a

@@ -179,6 +179,9 @@ impl Ledger {
                         b.open_seq
                     ])
                     .map_err(sql_err(path, "writing a checkpoint"))?;
+                if done == 0 {
+                    berth_runtime::crash_point!("ledger.tick.mid_write");
+                }
                 for f in &b.flushed {
                     let idx = slot_index(f.slot_start);
                     min_slot = Some(min_slot.map_or(idx, |m| m.min(idx)));
@@ -215,6 +218,7 @@ impl Ledger {
                 .map_err(sql_err(path, "advancing the sequence"))?;
         }
         tx.commit().map_err(sql_err(path, "committing a tick"))?;
+        berth_runtime::crash_point!("ledger.tick.after_commit");
         self.seq = seq;
         for b in booked {
             if let Some(state) = self.cts.get_mut(b.uuid) {

@@ -36,6 +36,11 @@ use serde_json::Value;
 use cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
+    // The fault-injection tests' crash points (a build with `--features failpoints`).
+    if let Err(e) = berth_runtime::crashpoint::setup_from_env() {
+        eprintln!("berth: error: {e}");
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => return parse_error(e),
