@@ -13,6 +13,8 @@ use clap::Args;
 
 use crate::stats::{ms, summarize};
 
+mod impair;
+
 #[derive(Args)]
 pub struct TestbedArgs {
     /// Measured up/down cycles of each topology (after one warm-up).
@@ -21,6 +23,12 @@ pub struct TestbedArgs {
     /// Concurrent runs in the parallel part.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
     parallel: u64,
+    /// Only the impairment bars (delay RTT, exact loss with accounting).
+    #[arg(long)]
+    impair_only: bool,
+    /// Also the impairment bars after the others.
+    #[arg(long)]
+    impair: bool,
 }
 
 const PREAMBLE: &str = r#"
@@ -83,7 +91,11 @@ pub fn run(a: &TestbedArgs) -> Result<()> {
     let opts = Options {
         berth_bin: bin.clone(),
         state_dir: dir.path().join("state"),
+        rootless: false,
     };
+    if a.impair_only {
+        return impair::run(&opts, dir.path(), a.rounds);
+    }
     let mut up_down = Vec::new();
     for kind in ["ct", "netns"] {
         let file = dir.path().join(format!("{kind}.toml"));
@@ -131,10 +143,13 @@ pub fn run(a: &TestbedArgs) -> Result<()> {
         ms(many),
         verdict(ratio <= 3.0)
     );
+    if a.impair {
+        impair::run(&opts, dir.path(), a.rounds)?;
+    }
     Ok(())
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 

@@ -62,6 +62,11 @@ pub struct Built {
     pub pids: BTreeMap<String, i32>,
     pub holders: Vec<Child>,
     pub berthd: Option<(Child, String)>,
+    /// Node name -> PID holding the namespace of its delay line.
+    pub delay_pids: BTreeMap<String, i32>,
+    pub delay_lines: Vec<crate::delay::DelayLine>,
+    /// In a user namespace of its own: no eBPF.
+    pub rootless: bool,
 }
 
 impl Built {
@@ -104,7 +109,7 @@ pub fn in_netns(c: &mut Command, pid: i32) {
     }
 }
 
-fn checked(what: &str, out: Output) -> Result<String> {
+pub fn checked(what: &str, out: Output) -> Result<String> {
     if !out.status.success() {
         return Err(Error::failed(
             what,
@@ -119,7 +124,7 @@ fn checked(what: &str, out: Output) -> Result<String> {
 }
 
 /// A process holding a new network namespace.
-fn holder() -> Result<Child> {
+pub fn holder() -> Result<Child> {
     let mut c = Command::new("sleep");
     c.arg("infinity")
         .stdin(Stdio::null())
@@ -138,7 +143,7 @@ fn holder() -> Result<Child> {
 }
 
 /// Runs `lines` through one `ip -batch -` in the netns of `pid`.
-fn ip_batch(pid: i32, what: &str, lines: &[String]) -> Result<()> {
+pub fn ip_batch(pid: i32, what: &str, lines: &[String]) -> Result<()> {
     let mut c = Command::new("ip");
     c.args(["-batch", "-"])
         .stdin(Stdio::piped())
@@ -159,7 +164,7 @@ fn ip_batch(pid: i32, what: &str, lines: &[String]) -> Result<()> {
     checked(&format!("configure {what}"), out).map(|_| ())
 }
 
-fn sysctl(pid: i32, what: &str, kv: &[String]) -> Result<()> {
+pub fn sysctl(pid: i32, what: &str, kv: &[String]) -> Result<()> {
     let mut c = Command::new("sysctl");
     c.arg("-qw").args(kv).stdin(Stdio::null());
     in_netns(&mut c, pid);
@@ -218,6 +223,9 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         pids: BTreeMap::new(),
         holders: Vec::new(),
         berthd: None,
+        delay_pids: BTreeMap::new(),
+        delay_lines: Vec::new(),
+        rootless: false,
     };
     let mut names = vec![HOST.to_owned(), UPLINK.to_owned()];
     names.extend(
@@ -232,6 +240,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         built.holders.push(h);
         sysctl(built.pids[n], n, &NO_DAD.map(str::to_owned))?;
     }
+    crate::impair::delay_namespaces(&mut built)?;
     let host = built.host_pid();
     let uplink = built.pids[UPLINK];
     sysctl(
@@ -271,9 +280,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         let hif = host_ifname(n);
         match n.mode {
             Mode::Routed => {
-                h.push(format!(
-                    "link add {hif} type veth peer name venet0 netns {pid}"
-                ));
+                h.push(crate::impair::host_link(&built, n, &hif, "venet0", pid));
                 h.push(format!("link set {hif} up"));
                 h.push(format!("addr add fe80::1/64 dev {hif} nodad"));
                 for a in &n.addrs {
@@ -287,9 +294,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
             }
             Mode::Bridged => {
                 let br = n.bridge.as_deref().unwrap_or_default();
-                h.push(format!(
-                    "link add {hif} type veth peer name eth0 netns {pid}"
-                ));
+                h.push(crate::impair::host_link(&built, n, &hif, "eth0", pid));
                 h.push(format!("link set {hif} master {br}"));
                 h.push(format!("link set {hif} up"));
             }
@@ -330,6 +335,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         }
     }
     build_cts(&mut built)?;
+    crate::impair::start(&mut built)?;
     if topo.berthd {
         built.berthd = Some(start_berthd(&built, mnt)?);
     }

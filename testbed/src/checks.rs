@@ -32,15 +32,15 @@ pub fn run_all(b: &Built, h: &Handle) -> Results {
     }
 }
 
-struct Outcome {
-    status: Status,
-    expected: String,
-    actual: String,
-    attempts: u32,
-    reason: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) status: Status,
+    pub(crate) expected: String,
+    pub(crate) actual: String,
+    pub(crate) attempts: u32,
+    pub(crate) reason: Option<String>,
 }
 
-fn skipped(expected: &str, why: &str) -> Outcome {
+pub(crate) fn skipped(expected: &str, why: &str) -> Outcome {
     Outcome {
         status: Status::Skipped,
         expected: expected.into(),
@@ -52,11 +52,17 @@ fn skipped(expected: &str, why: &str) -> Outcome {
 
 fn run_one(b: &Built, c: &Check) -> CheckResult {
     let t0 = Instant::now();
+    let ebpf = matches!(
+        c.kind,
+        CheckKind::Accounting | CheckKind::Spoof | CheckKind::Loss
+    );
     let o = match c.kind {
+        _ if b.rootless && ebpf => skipped("-", crate::ROOTLESS_NO_EBPF),
         CheckKind::Ping => ping(b, c),
         CheckKind::Rate => rate(b, c),
         CheckKind::Accounting => accounting(b, c),
         CheckKind::Spoof => spoof(b, c),
+        CheckKind::Loss => crate::impair::loss_check(b, c),
     };
     CheckResult {
         name: c.name.clone(),
@@ -70,7 +76,7 @@ fn run_one(b: &Built, c: &Check) -> CheckResult {
     }
 }
 
-fn addr_of(b: &Built, node: &str, fam: Family) -> Option<IpAddr> {
+pub(crate) fn addr_of(b: &Built, node: &str, fam: Family) -> Option<IpAddr> {
     b.topo
         .addrs_of(node)
         .iter()
@@ -83,7 +89,7 @@ fn addr_of(b: &Built, node: &str, fam: Family) -> Option<IpAddr> {
         .map(|a| a.addr())
 }
 
-fn ping_ok(b: &Built, from: &str, to: IpAddr, extra: &[&str]) -> bool {
+pub(crate) fn ping_ok(b: &Built, from: &str, to: IpAddr, extra: &[&str]) -> bool {
     let t = to.to_string();
     let mut args = vec!["-n", "-q", "-c", "1", "-W", "1"];
     args.extend_from_slice(extra);

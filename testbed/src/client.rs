@@ -81,6 +81,9 @@ impl Testbed {
         })?;
         let mut c = Command::new("nsenter");
         c.arg("-t").arg(n.pid.to_string());
+        if self.handle.rootless {
+            c.arg("-U");
+        }
         if n.kind == "ct" {
             c.arg("-a");
         } else {
@@ -99,11 +102,11 @@ impl Testbed {
             .get(node)
             .ok_or_else(|| Error::failed("exec", format!("no node `{node}`")))?;
         let mut c = Command::new("nsenter");
-        c.arg("-t")
-            .arg(n.pid.to_string())
-            .arg("-n")
-            .arg("--")
-            .args(argv);
+        c.arg("-t").arg(n.pid.to_string());
+        if self.handle.rootless {
+            c.arg("-U");
+        }
+        c.arg("-n").arg("--").args(argv);
         Ok(c)
     }
 

@@ -164,6 +164,7 @@ impl Env {
         Options {
             berth_bin: berth_bin(),
             state_dir: self.state(),
+            rootless: false,
         }
     }
 
