@@ -20,6 +20,7 @@ addrs = ["192.0.2.10"]
 kind = "ping"
 from = "a"
 to = "uplink"
+family = "4"
 "#;
 
 const PY_TESTS: &str = r#"
