@@ -132,16 +132,33 @@ pub fn run(a: &TestbedArgs) -> Result<()> {
         ms(u) / ms(summarize(up_down[1].1.clone()).p50)
     );
 
+    // Interleaved rounds, medians compared: one single run's luck (a neighbour answering late,
+    // another process's burst on the shared CPUs) would otherwise decide the ratio.
     let file = dir.path().join("ct.toml");
-    let single = runs(&bin, &opts, &file, 1)?;
-    let many = runs(&bin, &opts, &file, a.parallel as usize)?;
-    let ratio = many.as_secs_f64() / single.as_secs_f64();
+    let (mut singles, mut manys) = (Vec::new(), Vec::new());
+    for _ in 0..a.rounds {
+        singles.push(runs(&bin, &opts, &file, 1)?);
+        manys.push(runs(&bin, &opts, &file, a.parallel as usize)?);
+    }
+    let (single, many) = (summarize(singles), summarize(manys));
+    let ratio = many.p50.as_secs_f64() / single.p50.as_secs_f64();
     println!(
-        "testbed run (up + 4 pings + down, CTs with berthd): single {:.0} ms, {} concurrent {:.0} ms wall: {ratio:.2}× (bar ≤ 3×: {})",
-        ms(single),
+        "testbed run (up + 4 pings + down, CTs with berthd), {} rounds: single p50 {:.0} ms ({:.0}–{:.0}), {} concurrent p50 {:.0} ms wall ({:.0}–{:.0}): {ratio:.2}× (bar ≤ 3×: {})",
+        a.rounds,
+        ms(single.p50),
+        ms(single.min),
+        ms(single.max),
         a.parallel,
-        ms(many),
+        ms(many.p50),
+        ms(many.min),
+        ms(many.max),
         verdict(ratio <= 3.0)
+    );
+    println!(
+        "  load average: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     if a.impair {
         impair::run(&opts, dir.path(), a.rounds)?;

@@ -227,6 +227,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         delay_lines: Vec::new(),
         rootless: false,
     };
+    let t0 = std::time::Instant::now();
     let mut names = vec![HOST.to_owned(), UPLINK.to_owned()];
     names.extend(
         topo.nodes
@@ -334,11 +335,19 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
             tc(host, HOST, &tbf(&host_ifname(n), rate))?;
         }
     }
+    let t_ns = t0.elapsed();
     build_cts(&mut built)?;
+    let t_cts = t0.elapsed();
     crate::impair::start(&mut built)?;
     if topo.berthd {
         built.berthd = Some(start_berthd(&built, mnt)?);
     }
+    tracing::info!(
+        namespaces_ms = t_ns.as_millis() as u64,
+        cts_ms = (t_cts - t_ns).as_millis() as u64,
+        berthd_ms = (t0.elapsed() - t_cts).as_millis() as u64,
+        "testbed built"
+    );
     Ok(built)
 }
 
@@ -383,7 +392,12 @@ fn build_cts(built: &mut Built) -> Result<()> {
     }
     let host = built.host_pid();
     let (b, topo) = (&built.berth, &built.topo);
+    let t = std::time::Instant::now();
     b.ok(host, &["template", "build", "busybox"])?;
+    tracing::info!(
+        ms = t.elapsed().as_millis() as u64,
+        "busybox template built"
+    );
     let pids: Vec<Result<i32>> = std::thread::scope(|s| {
         let hs: Vec<_> = cts
             .iter()
@@ -431,12 +445,15 @@ fn ct_up(b: &Berth, topo: &Topology, host: i32, n: &Node) -> Result<i32> {
             &["set", &id, "--rate-in", rate, "--rate-out", rate, "--save"],
         )?;
     }
-    b.ok(host, &["start", &id])?;
-    let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["status", &id, "--json"])?)
-        .map_err(|e| Error::failed(format!("status of CT {id}"), e.to_string()))?;
-    let pid = st["ct"]["init_pid"]
+    let t = std::time::Instant::now();
+    // `start --json` names the init PID: no `status` call (a berth process less per CT, which
+    // counts when many runs share the CPUs).
+    let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["start", &id, "--json"])?)
+        .map_err(|e| Error::failed(format!("start CT {id}"), e.to_string()))?;
+    tracing::info!(ctid = %id, ms = t.elapsed().as_millis() as u64, "CT started");
+    let pid = st["init_pid"]
         .as_i64()
-        .ok_or_else(|| Error::failed(format!("status of CT {id}"), "no init_pid"))?
+        .ok_or_else(|| Error::failed(format!("start CT {id}"), format!("no init_pid in {st}")))?
         as i32;
     if n.mode == Mode::Bridged {
         // As the CT's network scripts would; from the host's root, DAD off.

@@ -33,8 +33,8 @@ impl Testbed {
         let rd = prepare(opts, &id)?;
         let log = std::fs::File::create(rd.log())
             .map_err(Error::io(format!("create {}", rd.log().display())))?;
-        let (pid, ready) = supervisor::spawn(opts, &file, &id, false, Some(&log))
-            .inspect_err(|_| {
+        let (pid, ready) =
+            supervisor::spawn(opts, &file, &id, false, Some(&log)).inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&rd.0);
             })?;
         match supervisor::read_ready(ready) {
