@@ -36,8 +36,11 @@ pub struct DelayLine {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// A frame waiting for its deadline (the sequence number keeps equal deadlines in order).
+type Held = Reverse<(Instant, u64, Vec<u8>)>;
+
 struct Queue {
-    heap: Mutex<BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>>,
+    heap: Mutex<BinaryHeap<Held>>,
     ready: Condvar,
 }
 

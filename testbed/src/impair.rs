@@ -292,6 +292,18 @@ fn udp_run(built: &Built, c: &Check, to: IpAddr, count: u32) -> Result<u64, Stri
         .map_err(|_| "the UDP reader panicked".to_owned())
 }
 
+/// One round of the loss check.
+struct Tally {
+    /// Datagrams that did not arrive.
+    lost: u64,
+    /// Datagrams the impairment had to drop, by their numbers on the hooks.
+    want: u64,
+    /// What the hooks counted as dropped.
+    dropped: u64,
+    /// Each hook's packet numbers before and after.
+    seen: Vec<(u64, u64)>,
+}
+
 /// `loss`: exactly the datagrams the configured impairment picks are lost, no other.
 pub(crate) fn loss_check(b: &Built, c: &Check) -> Outcome {
     let m = u64::from(c.count);
@@ -307,7 +319,7 @@ pub(crate) fn loss_check(b: &Built, c: &Check) -> Outcome {
         // Neighbours resolved first: datagrams queued behind an unresolved neighbour are
         // dropped beyond its small queue, a loss the impairment did not make.
         let _ = (0..3).any(|_| ping_ok(b, &c.from, to, &[]));
-        let r = (|| -> Result<(u64, u64, u64, Vec<(u64, u64)>), String> {
+        let r = (|| -> Result<Tally, String> {
             let s0: Vec<ImpairStats> = hooks
                 .iter()
                 .map(|(n, w, _)| stats(b, n, *w))
@@ -325,10 +337,20 @@ pub(crate) fn loss_check(b: &Built, c: &Check) -> Outcome {
                 dropped += z.dropped - a.dropped;
                 seen.push((a.seen, z.seen));
             }
-            Ok((m - received, want, dropped, seen))
+            Ok(Tally {
+                lost: m - received,
+                want,
+                dropped,
+                seen,
+            })
         })();
         match r {
-            Ok((lost, want, dropped, seen)) => {
+            Ok(Tally {
+                lost,
+                want,
+                dropped,
+                seen,
+            }) => {
                 let expected = format!("{want} of {m} lost");
                 let actual = format!("{lost} of {m} lost ({dropped} dropped by the impairment)");
                 // Another packet crossing a hook meanwhile moves the numbering: try again.

@@ -36,7 +36,7 @@ pub const PROGRAM: &str = "berth_impair";
 /// Whether packet `i` of a hook configured with `cfg` is dropped.
 #[inline(always)]
 pub const fn drops(cfg: &ImpairConfig, i: u64) -> bool {
-    if cfg.every != 0 && (i + 1) % (cfg.every as u64) == 0 {
+    if cfg.every != 0 && (i + 1).is_multiple_of(cfg.every as u64) {
         return true;
     }
     cfg.threshold != 0 && mix(cfg.seed, i) < cfg.threshold
