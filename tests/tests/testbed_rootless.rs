@@ -93,8 +93,11 @@ impl Env {
         let state = dir.path().join("state");
         std::fs::create_dir(&state).unwrap();
         chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
-        // The binary must be reachable by nobody.
-        let bin = berth_bin();
+        // nobody must reach the binary: a copy in the test's own directory (the build's may sit
+        // under a home directory nobody cannot enter).
+        let bin = dir.path().join("berth");
+        std::fs::copy(berth_bin(), &bin).expect("copy the berth binary");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let probe = as_nobody(&state, &[bin.to_str().unwrap(), "testbed", "ls"]);
         if !probe.status.success() {
             skip(
@@ -130,7 +133,7 @@ impl Env {
     }
 
     fn testbed(&self, args: &[&str]) -> Output {
-        let bin = berth_bin();
+        let bin = self.dir.path().join("berth");
         let mut argv = vec![bin.to_str().unwrap(), "testbed"];
         argv.extend_from_slice(args);
         as_nobody(&self.state(), &argv)
