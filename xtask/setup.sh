@@ -27,6 +27,7 @@ APT_PACKAGES=(
   qemu-utils lzop                                      # OpenVZ import: ploop images, vzdump .tar.lzo
   man-db groff-base zsh fish                           # cli tests: man -l, completion -n
   curl python3-venv                                    # api tests: unix-socket client, validator venv
+  bats jq                                              # testbed fixtures: the bats helpers' test
 )
 
 missing=()
@@ -120,5 +121,13 @@ if ! "$API_VENV/bin/openapi-spec-validator" --version >/dev/null 2>&1; then
   "$API_VENV/bin/pip" install -q 'openapi-spec-validator==0.9.0'
 else
   log "openapi-spec-validator present"
+fi
+# The testbed's pytest fixture (testbed/fixtures/berth_testbed.py) is tested with this pytest.
+if [ "$("$API_VENV/bin/python" -c 'import pytest; print(pytest.__version__)' 2>/dev/null)" != "8.3.4" ]; then
+  log "installing pytest 8.3.4 into $API_VENV"
+  [ -x "$API_VENV/bin/pip" ] || /usr/bin/python3 -m venv "$API_VENV"
+  "$API_VENV/bin/pip" install -q 'pytest==8.3.4'
+else
+  log "pytest 8.3.4 present"
 fi
 log "done"

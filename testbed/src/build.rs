@@ -62,6 +62,11 @@ pub struct Built {
     pub pids: BTreeMap<String, i32>,
     pub holders: Vec<Child>,
     pub berthd: Option<(Child, String)>,
+    /// Node name -> PID holding the namespace of its delay line.
+    pub delay_pids: BTreeMap<String, i32>,
+    pub delay_lines: Vec<crate::delay::DelayLine>,
+    /// In a user namespace of its own: no eBPF.
+    pub rootless: bool,
 }
 
 impl Built {
@@ -104,7 +109,7 @@ pub fn in_netns(c: &mut Command, pid: i32) {
     }
 }
 
-fn checked(what: &str, out: Output) -> Result<String> {
+pub fn checked(what: &str, out: Output) -> Result<String> {
     if !out.status.success() {
         return Err(Error::failed(
             what,
@@ -119,7 +124,7 @@ fn checked(what: &str, out: Output) -> Result<String> {
 }
 
 /// A process holding a new network namespace.
-fn holder() -> Result<Child> {
+pub fn holder() -> Result<Child> {
     let mut c = Command::new("sleep");
     c.arg("infinity")
         .stdin(Stdio::null())
@@ -138,7 +143,7 @@ fn holder() -> Result<Child> {
 }
 
 /// Runs `lines` through one `ip -batch -` in the netns of `pid`.
-fn ip_batch(pid: i32, what: &str, lines: &[String]) -> Result<()> {
+pub fn ip_batch(pid: i32, what: &str, lines: &[String]) -> Result<()> {
     let mut c = Command::new("ip");
     c.args(["-batch", "-"])
         .stdin(Stdio::piped())
@@ -159,7 +164,7 @@ fn ip_batch(pid: i32, what: &str, lines: &[String]) -> Result<()> {
     checked(&format!("configure {what}"), out).map(|_| ())
 }
 
-fn sysctl(pid: i32, what: &str, kv: &[String]) -> Result<()> {
+pub fn sysctl(pid: i32, what: &str, kv: &[String]) -> Result<()> {
     let mut c = Command::new("sysctl");
     c.arg("-qw").args(kv).stdin(Stdio::null());
     in_netns(&mut c, pid);
@@ -218,7 +223,11 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         pids: BTreeMap::new(),
         holders: Vec::new(),
         berthd: None,
+        delay_pids: BTreeMap::new(),
+        delay_lines: Vec::new(),
+        rootless: false,
     };
+    let t0 = std::time::Instant::now();
     let mut names = vec![HOST.to_owned(), UPLINK.to_owned()];
     names.extend(
         topo.nodes
@@ -232,6 +241,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         built.holders.push(h);
         sysctl(built.pids[n], n, &NO_DAD.map(str::to_owned))?;
     }
+    crate::impair::delay_namespaces(&mut built)?;
     let host = built.host_pid();
     let uplink = built.pids[UPLINK];
     sysctl(
@@ -271,9 +281,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
         let hif = host_ifname(n);
         match n.mode {
             Mode::Routed => {
-                h.push(format!(
-                    "link add {hif} type veth peer name venet0 netns {pid}"
-                ));
+                h.push(crate::impair::host_link(&built, n, &hif, "venet0", pid));
                 h.push(format!("link set {hif} up"));
                 h.push(format!("addr add fe80::1/64 dev {hif} nodad"));
                 for a in &n.addrs {
@@ -287,9 +295,7 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
             }
             Mode::Bridged => {
                 let br = n.bridge.as_deref().unwrap_or_default();
-                h.push(format!(
-                    "link add {hif} type veth peer name eth0 netns {pid}"
-                ));
+                h.push(crate::impair::host_link(&built, n, &hif, "eth0", pid));
                 h.push(format!("link set {hif} master {br}"));
                 h.push(format!("link set {hif} up"));
             }
@@ -329,10 +335,19 @@ pub fn build(topo: &Topology, berth: Berth, mnt: &Path) -> Result<Built> {
             tc(host, HOST, &tbf(&host_ifname(n), rate))?;
         }
     }
+    let t_ns = t0.elapsed();
     build_cts(&mut built)?;
+    let t_cts = t0.elapsed();
+    crate::impair::start(&mut built)?;
     if topo.berthd {
         built.berthd = Some(start_berthd(&built, mnt)?);
     }
+    tracing::info!(
+        namespaces_ms = t_ns.as_millis() as u64,
+        cts_ms = (t_cts - t_ns).as_millis() as u64,
+        berthd_ms = (t0.elapsed() - t_cts).as_millis() as u64,
+        "testbed built"
+    );
     Ok(built)
 }
 
@@ -377,7 +392,12 @@ fn build_cts(built: &mut Built) -> Result<()> {
     }
     let host = built.host_pid();
     let (b, topo) = (&built.berth, &built.topo);
+    let t = std::time::Instant::now();
     b.ok(host, &["template", "build", "busybox"])?;
+    tracing::info!(
+        ms = t.elapsed().as_millis() as u64,
+        "busybox template built"
+    );
     let pids: Vec<Result<i32>> = std::thread::scope(|s| {
         let hs: Vec<_> = cts
             .iter()
@@ -425,12 +445,15 @@ fn ct_up(b: &Berth, topo: &Topology, host: i32, n: &Node) -> Result<i32> {
             &["set", &id, "--rate-in", rate, "--rate-out", rate, "--save"],
         )?;
     }
-    b.ok(host, &["start", &id])?;
-    let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["status", &id, "--json"])?)
-        .map_err(|e| Error::failed(format!("status of CT {id}"), e.to_string()))?;
-    let pid = st["ct"]["init_pid"]
+    let t = std::time::Instant::now();
+    // `start --json` names the init PID: no `status` call (a berth process less per CT, which
+    // counts when many runs share the CPUs).
+    let st: serde_json::Value = serde_json::from_str(&b.ok(host, &["start", &id, "--json"])?)
+        .map_err(|e| Error::failed(format!("start CT {id}"), e.to_string()))?;
+    tracing::info!(ctid = %id, ms = t.elapsed().as_millis() as u64, "CT started");
+    let pid = st["init_pid"]
         .as_i64()
-        .ok_or_else(|| Error::failed(format!("status of CT {id}"), "no init_pid"))?
+        .ok_or_else(|| Error::failed(format!("start CT {id}"), format!("no init_pid in {st}")))?
         as i32;
     if n.mode == Mode::Bridged {
         // As the CT's network scripts would; from the host's root, DAD off.

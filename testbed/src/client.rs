@@ -33,7 +33,10 @@ impl Testbed {
         let rd = prepare(opts, &id)?;
         let log = std::fs::File::create(rd.log())
             .map_err(Error::io(format!("create {}", rd.log().display())))?;
-        let (pid, ready) = supervisor::spawn(opts, &file, &id, false, Some(&log))?;
+        let (pid, ready) =
+            supervisor::spawn(opts, &file, &id, false, Some(&log)).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&rd.0);
+            })?;
         match supervisor::read_ready(ready) {
             Ok(Ready::Handle(handle)) => Ok(Testbed {
                 handle,
@@ -81,6 +84,9 @@ impl Testbed {
         })?;
         let mut c = Command::new("nsenter");
         c.arg("-t").arg(n.pid.to_string());
+        if self.handle.rootless {
+            c.args(["-U", "--preserve-credentials"]);
+        }
         if n.kind == "ct" {
             c.arg("-a");
         } else {
@@ -99,11 +105,11 @@ impl Testbed {
             .get(node)
             .ok_or_else(|| Error::failed("exec", format!("no node `{node}`")))?;
         let mut c = Command::new("nsenter");
-        c.arg("-t")
-            .arg(n.pid.to_string())
-            .arg("-n")
-            .arg("--")
-            .args(argv);
+        c.arg("-t").arg(n.pid.to_string());
+        if self.handle.rootless {
+            c.args(["-U", "--preserve-credentials"]);
+        }
+        c.arg("-n").arg("--").args(argv);
         Ok(c)
     }
 
@@ -175,8 +181,10 @@ pub fn run(file: &Path, opts: &Options) -> Result<(Results, u8)> {
         std::fs::canonicalize(file).map_err(Error::io(format!("resolve {}", file.display())))?;
     Topology::from_file(&file)?;
     let id = crate::new_run_id();
-    prepare(opts, &id)?;
-    let (pid, ready) = supervisor::spawn(opts, &file, &id, true, None)?;
+    let rd = prepare(opts, &id)?;
+    let (pid, ready) = supervisor::spawn(opts, &file, &id, true, None).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&rd.0);
+    })?;
     let msg = supervisor::read_ready(ready);
     wait_pid(pid, true, Duration::from_secs(10));
     gc_run(opts, &id)?;

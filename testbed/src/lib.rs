@@ -17,6 +17,8 @@
 pub mod build;
 pub mod checks;
 pub mod client;
+pub mod delay;
+pub mod impair;
 pub mod report;
 pub mod supervisor;
 pub mod topology;
@@ -78,6 +80,9 @@ pub struct Options {
     /// The `berth` binary: the supervisor is `berth testbed __supervise`, CTs are its verbs.
     pub berth_bin: PathBuf,
     pub state_dir: PathBuf,
+    /// Run as an unprivileged user: the supervisor also gets a user namespace of its own (see
+    /// [`supervisor`]); CT nodes become plain namespaces and eBPF-based checks are skipped.
+    pub rootless: bool,
 }
 
 impl Options {
@@ -86,15 +91,30 @@ impl Options {
         Options {
             berth_bin: berth_bin.into(),
             state_dir: default_state_dir(),
+            rootless: false,
         }
     }
 }
 
+/// `BERTH_TESTBED_STATE`, else [`DEFAULT_STATE_DIR`] for root, else a directory of the user's
+/// (`$XDG_RUNTIME_DIR/berth-testbed`, or `/tmp/berth-testbed-<uid>`).
 pub fn default_state_dir() -> PathBuf {
-    std::env::var_os(STATE_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    if let Some(d) = std::env::var_os(STATE_ENV) {
+        return PathBuf::from(d);
+    }
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return PathBuf::from(DEFAULT_STATE_DIR);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("berth-testbed"),
+        None => PathBuf::from(format!("/tmp/berth-testbed-{uid}")),
+    }
 }
+
+/// Why eBPF-based checks and impairments do not run in rootless mode.
+pub const ROOTLESS_NO_EBPF: &str =
+    "rootless mode: eBPF needs CAP_BPF in the initial user namespace (run as root)";
 
 /// The files of one run, in `<state>/<run id>/`.
 #[derive(Debug, Clone)]

@@ -60,6 +60,9 @@ pub struct Handle {
     /// berthd's listen address inside the `host` node, when the topology runs it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub berthd: Option<String>,
+    /// The nodes' namespaces belong to the run's user namespace: enter it first (`nsenter -U`).
+    #[serde(default)]
+    pub rootless: bool,
     pub nodes: BTreeMap<String, NodeInfo>,
 }
 
@@ -100,6 +103,26 @@ pub fn spawn(
     if run_mode {
         args.push(cstr("--run".as_ref())?);
     }
+    if opts.rootless {
+        args.push(cstr("--rootless".as_ref())?);
+    }
+    // The child maps the caller's IDs to root of its new user namespace itself (an
+    // unprivileged process may map exactly its own IDs, and `setgroups` must be denied first).
+    let id_maps = [
+        (
+            c"/proc/self/setgroups",
+            CString::new("deny").expect("no NUL"),
+        ),
+        (
+            c"/proc/self/uid_map",
+            CString::new(format!("0 {} 1", nix::unistd::geteuid())).expect("no NUL"),
+        ),
+        (
+            c"/proc/self/gid_map",
+            CString::new(format!("0 {} 1", nix::unistd::getegid())).expect("no NUL"),
+        ),
+    ];
+    let rootless = opts.rootless;
     args.push(cstr(file.as_os_str())?);
     let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
@@ -132,6 +155,15 @@ pub fn spawn(
         // SAFETY: only async-signal-safe calls between clone and exec; every pointer refers to
         // memory owned by the parent's frame, which the child's copy still holds.
         unsafe {
+            if rootless {
+                for (path, text) in &id_maps {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, text.as_ptr().cast(), text.as_bytes().len()) < 0 {
+                        libc::_exit(126);
+                    }
+                    libc::close(fd);
+                }
+            }
             libc::setsid();
             libc::dup2(w_raw, READY_FD);
             libc::dup2(null_raw, 0);
@@ -143,11 +175,21 @@ pub fn spawn(
             libc::_exit(127)
         }
     });
-    let flags = nix::sched::CloneFlags::CLONE_NEWPID | nix::sched::CloneFlags::CLONE_NEWNS;
+    let mut flags = nix::sched::CloneFlags::CLONE_NEWPID | nix::sched::CloneFlags::CLONE_NEWNS;
+    if rootless {
+        flags |= nix::sched::CloneFlags::CLONE_NEWUSER;
+    }
     // SAFETY: the callback only makes async-signal-safe calls before exec.
     let pid =
         unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(|e| {
-            Error::io("clone the supervisor into new pid and mount namespaces")(e.into())
+            let hint = if rootless || nix::unistd::geteuid().is_root() {
+                ""
+            } else {
+                " (not root: try --rootless)"
+            };
+            Error::io(format!(
+                "clone the supervisor into new pid and mount namespaces{hint}"
+            ))(e.into())
         })?;
     drop(w);
     Ok((pid.as_raw(), File::from(r)))
@@ -186,6 +228,7 @@ pub struct SuperviseArgs {
     pub run_id: String,
     pub file: PathBuf,
     pub run_mode: bool,
+    pub rootless: bool,
     pub berth_bin: PathBuf,
 }
 
@@ -323,7 +366,10 @@ fn setup(a: &SuperviseArgs, rd: &RunDir) -> Result<(Built, Handle)> {
             "not PID 1 of a pid namespace (start it through `berth testbed`)",
         ));
     }
-    let topo = Topology::from_file(&a.file)?;
+    let mut topo = Topology::from_file(&a.file)?;
+    if a.rootless {
+        topo.make_rootless();
+    }
     // Read before the fresh /proc hides the host's view.
     let (host_pid, start, pidns) = self_info()?;
     let cg = crate::cgroup_parent(&a.run_id);
@@ -380,13 +426,16 @@ fn setup(a: &SuperviseArgs, rd: &RunDir) -> Result<(Built, Handle)> {
             Some("mode=0755"),
         )?;
     }
-    mount_fs(
-        "bpffs",
-        Path::new("/sys/fs/bpf"),
-        "bpf",
-        MsFlags::empty(),
-        Some("mode=0700"),
-    )?;
+    // A user namespace may not mount bpffs (and has no use for one: no eBPF there).
+    if !a.rootless {
+        mount_fs(
+            "bpffs",
+            Path::new("/sys/fs/bpf"),
+            "bpf",
+            MsFlags::empty(),
+            Some("mode=0700"),
+        )?;
+    }
 
     let berth = Berth {
         bin: a.berth_bin.clone(),
@@ -395,7 +444,8 @@ fn setup(a: &SuperviseArgs, rd: &RunDir) -> Result<(Built, Handle)> {
         cgroup_parent: cg.clone(),
         bpffs: PathBuf::from("/sys/fs/bpf/berth"),
     };
-    let built = build::build(&topo, berth, &mnt)?;
+    let mut built = build::build(&topo, berth, &mnt)?;
+    built.rootless = a.rootless;
     let host_pids = translate(&hostproc, host_pid, &built.pids)?;
     let mut nodes = BTreeMap::new();
     for (name, pid) in &host_pids {
@@ -425,6 +475,7 @@ fn setup(a: &SuperviseArgs, rd: &RunDir) -> Result<(Built, Handle)> {
         topology_hash: topo.hash.clone(),
         cgroup_parent: cg,
         berthd: built.berthd.as_ref().map(|b| b.1.clone()),
+        rootless: a.rootless,
         nodes,
     };
     Ok((built, handle))

@@ -18,12 +18,17 @@
 //! mode = "routed"                     # "routed" or "bridged" (then `bridge = "br0"`)
 //! ctid = 101                          # CTs only
 //! addrs = ["192.0.2.101", "2001:db8:1::101"]
-//! link = { rate = "10mbit" }          # shaping both ways; `[node.link.impair]` is reserved
+//! link = { rate = "10mbit" }          # shaping both ways (see "Impairments" below)
 //! [[check]]
-//! kind = "ping"                       # ping | rate | accounting | spoof
+//! kind = "ping"                       # ping | rate | accounting | spoof | loss
 //! from = "a"
 //! to = "uplink"
 //! ```
+//!
+//! Impairments (this kernel has no netem), keys of `link`, each way of the node's link:
+//! `loss_every = 100` drops every 100th IP packet, `loss = 0.01` a seeded fraction (`seed`,
+//! default 1) — both by an eBPF classifier, exact and repeatable; `delay = "20ms"` with an
+//! optional `jitter = "2ms"` (plain namespace nodes) holds frames in a userspace delay line.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -112,8 +117,11 @@ struct NodeSpec {
 #[serde(deny_unknown_fields)]
 struct LinkSpec {
     rate: Option<Spanned<String>>,
-    /// Loss and delay: reserved for a later version, refused until then.
-    impair: Option<Spanned<toml::Table>>,
+    loss_every: Option<Spanned<u32>>,
+    loss: Option<Spanned<f64>>,
+    seed: Option<Spanned<u64>>,
+    delay: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
 }
 
 /// A flat struct rather than an enum tagged by `kind`: serde's tagged enums buffer their
@@ -156,6 +164,7 @@ pub enum CheckKind {
     Rate,
     Accounting,
     Spoof,
+    Loss,
 }
 
 /// A validated topology.
@@ -189,6 +198,25 @@ pub struct Node {
     pub bridge: Option<String>,
     /// Shaping rate both ways, as written (tc units) and in bit/s.
     pub rate: Option<(String, u64)>,
+    pub impair: Impair,
+}
+
+/// A link's impairments, each way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Impair {
+    /// Drop every Nth IP packet.
+    pub loss_every: Option<u32>,
+    /// Drop a seeded fraction of the IP packets.
+    pub loss: Option<f64>,
+    pub seed: u64,
+    pub delay: Option<std::time::Duration>,
+    pub jitter: std::time::Duration,
+}
+
+impl Impair {
+    pub fn lossy(&self) -> bool {
+        self.loss_every.is_some() || self.loss.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -228,6 +256,18 @@ impl Topology {
             v.err(at, e.message().trim_end().to_owned())
         })?;
         v.topology(spec)
+    }
+
+    /// What an unprivileged user can build of this topology: CT nodes as plain namespaces,
+    /// no berthd, no eBPF loss (the checks needing them report skipped).
+    pub fn make_rootless(&mut self) {
+        self.berthd = false;
+        for n in &mut self.nodes {
+            n.kind = Kind::Netns;
+            n.ctid = None;
+            n.impair.loss_every = None;
+            n.impair.loss = None;
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -395,14 +435,9 @@ impl Validator<'_> {
             };
             let addrs = self.nets(&n.addrs, "node.addrs", n.mode == Mode::Routed)?;
             let mut rate = None;
+            let mut impair = Impair::default();
             if let Some(l) = &n.link {
-                if let Some(i) = &l.impair {
-                    return Err(self.spanned_err(
-                        i,
-                        "node.link.impair",
-                        "impairments (loss, delay) are not supported yet",
-                    ));
-                }
+                impair = self.impair(l, n.kind)?;
                 if let Some(r) = &l.rate {
                     let bps = parse_rate(r.get_ref())
                         .map_err(|w| self.spanned_err(r, "node.link.rate", w))?;
@@ -417,6 +452,7 @@ impl Validator<'_> {
                 addrs,
                 bridge,
                 rate,
+                impair,
             });
         }
         let mut topo = Topology {
@@ -435,6 +471,52 @@ impl Validator<'_> {
             topo.checks.push(chk);
         }
         Ok(topo)
+    }
+
+    fn impair(&self, l: &LinkSpec, kind: Kind) -> Result<Impair, TopologyError> {
+        let mut i = Impair {
+            seed: l.seed.as_ref().map(|s| *s.get_ref()).unwrap_or(1),
+            ..Impair::default()
+        };
+        if let Some(e) = &l.loss_every {
+            if *e.get_ref() < 2 {
+                return Err(self.spanned_err(e, "node.link.loss_every", "must be 2 or more"));
+            }
+            i.loss_every = Some(*e.get_ref());
+        }
+        if let Some(f) = &l.loss {
+            if !(0.0..1.0).contains(f.get_ref()) {
+                return Err(self.spanned_err(f, "node.link.loss", "must be in 0..1"));
+            }
+            i.loss = Some(*f.get_ref());
+        }
+        if let Some(d) = &l.delay {
+            if kind == Kind::Ct {
+                return Err(self.spanned_err(
+                    d,
+                    "node.link.delay",
+                    "a delay line goes on plain namespace nodes only (`kind = \"netns\"`)",
+                ));
+            }
+            let v = parse_duration(d.get_ref())
+                .map_err(|w| self.spanned_err(d, "node.link.delay", w))?;
+            if v > std::time::Duration::from_secs(10) {
+                return Err(self.spanned_err(d, "node.link.delay", "at most 10s"));
+            }
+            i.delay = Some(v);
+        }
+        if let Some(j) = &l.jitter {
+            let Some(delay) = i.delay else {
+                return Err(self.spanned_err(j, "node.link.jitter", "needs `delay`"));
+            };
+            let v = parse_duration(j.get_ref())
+                .map_err(|w| self.spanned_err(j, "node.link.jitter", w))?;
+            if v > delay {
+                return Err(self.spanned_err(j, "node.link.jitter", "larger than `delay`"));
+            }
+            i.jitter = v;
+        }
+        Ok(i)
     }
 
     fn endpoint(
@@ -464,7 +546,7 @@ impl Validator<'_> {
                 self.endpoint(topo, &c.from, "check.from", at, false)?,
                 self.endpoint(topo, &c.to, "check.to", at, false)?,
             ),
-            CheckKind::Accounting | CheckKind::Spoof => {
+            CheckKind::Accounting | CheckKind::Spoof | CheckKind::Loss => {
                 if let Some(f) = &c.from {
                     return Err(self.spanned_err(
                         f,
@@ -527,6 +609,17 @@ impl Validator<'_> {
                 format!("key `check.kind`: a rate check needs `link.rate` on `{from}` or `{to}`"),
             ));
         }
+        if kind == CheckKind::Loss && !topo.node(&from).is_some_and(|n| n.impair.lossy()) {
+            return Err(self.err(
+                at,
+                format!("key `check.kind`: a loss check needs `link.loss_every` or `link.loss` on `{from}`"),
+            ));
+        }
+        let max_count = if kind == CheckKind::Loss {
+            100_000
+        } else {
+            1000
+        };
         let tolerance = match &c.tolerance {
             Some(t) if !(0.0..1.0).contains(t.get_ref()) => {
                 return Err(self.spanned_err(t, "check.tolerance", "must be in 0..1"));
@@ -556,8 +649,8 @@ impl Validator<'_> {
                 .count
                 .as_ref()
                 .map(|s| *s.get_ref())
-                .unwrap_or(5)
-                .clamp(1, 1000),
+                .unwrap_or(if kind == CheckKind::Loss { 1000 } else { 5 })
+                .clamp(1, max_count),
         })
     }
 }
@@ -568,6 +661,7 @@ pub fn kind_name(k: CheckKind) -> &'static str {
         CheckKind::Rate => "rate",
         CheckKind::Accounting => "accounting",
         CheckKind::Spoof => "spoof",
+        CheckKind::Loss => "loss",
     }
 }
 
@@ -632,6 +726,25 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(bps)
 }
 
+/// `20ms`, `1.5ms`, `500us`, `1s`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 20ms"))?;
+    let secs = match unit {
+        "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        _ => return Err(format!("`{s}`: unit must be one of s, ms, us")),
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn fnv64(data: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in data {
@@ -642,62 +755,4 @@ fn fnv64(data: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(t: &str) -> Result<Topology, TopologyError> {
-        Topology::parse(t, Path::new("t.toml"))
-    }
-
-    #[test]
-    fn unknown_key_names_file_line_and_key() {
-        let e = parse("[[node]]\nname = \"a\"\nrat = 1\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("t.toml:3:"), "{e}");
-        assert!(e.contains("rat"), "{e}");
-    }
-
-    #[test]
-    fn semantic_errors_point_at_the_value() {
-        let e = parse("[[node]]\nname = \"a\"\nmode = \"bridged\"\nbridge = \"br9\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("t.toml:4:10:") && e.contains("node.bridge") && e.contains("br9"),
-            "{e}"
-        );
-        let e = parse("[[node]]\nname = \"a\"\nlink = { rate = \"10furlongs\" }\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("t.toml:3:") && e.contains("node.link.rate"),
-            "{e}"
-        );
-        let e = parse("[[node]]\nname = \"a\"\naddrs=[\"192.0.2.5\"]\n[[check]]\nkind = \"ping\"\nfrom = \"a\"\nto = \"zz\"\n").unwrap_err().to_string();
-        assert!(e.starts_with("t.toml:7:") && e.contains("check.to"), "{e}");
-        let e = parse("[[node]]\nname = \"a\"\n[node.link.impair]\nloss_every = 100\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("node.link.impair"), "{e}");
-    }
-
-    #[test]
-    fn a_valid_topology_resolves() {
-        let t = parse(
-            "[[bridge]]\nname=\"br0\"\naddrs=[\"198.51.100.1/24\"]\n[[node]]\nname=\"a\"\nkind=\"ct\"\nctid=7\naddrs=[\"192.0.2.7\"]\nlink={rate=\"10mbit\"}\n[[node]]\nname=\"b\"\nmode=\"bridged\"\nbridge=\"br0\"\naddrs=[\"198.51.100.9/24\"]\n[[check]]\nkind=\"rate\"\nfrom=\"a\"\nto=\"uplink\"\n",
-        )
-        .unwrap();
-        assert_eq!(t.nodes[0].addrs[0].to_string(), "192.0.2.7/32");
-        assert_eq!(t.nodes[0].rate, Some(("10mbit".into(), 10_000_000)));
-        assert_eq!(t.checks[0].families, vec![Family::V4, Family::V6]);
-        assert_eq!(rate_between(&t, "a", "uplink"), Some(10_000_000));
-    }
-
-    #[test]
-    fn rates() {
-        assert_eq!(parse_rate("1.5mbit"), Ok(1_500_000));
-        assert_eq!(parse_rate("2mbps"), Ok(16_000_000));
-        assert!(parse_rate("10").is_err());
-    }
-}
+mod tests;

@@ -16,7 +16,8 @@ use berth_tests::ct::berth_bin;
 use berth_tests::skip::skip;
 use serde_json::Value;
 
-/// Two routed and one bridged CT (real berth CTs, berthd on), checks that pass on a good host.
+/// Two routed and one bridged CT (real berth CTs, berthd on), checks that pass on a good host,
+/// and a namespace node behind a delay line and a loss classifier (what they make must go too).
 const CTS: &str = r#"
 berthd = true
 [uplink]
@@ -42,6 +43,10 @@ ctid = 201
 mode = "bridged"
 bridge = "br0"
 addrs = ["198.51.100.21/24", "2001:db8:2::21/64"]
+[[node]]
+name = "d"
+addrs = ["192.0.2.50"]
+link = { delay = "5ms", loss_every = 50 }
 [[check]]
 kind = "ping"
 from = "r1"
@@ -164,6 +169,7 @@ impl Env {
         Options {
             berth_bin: berth_bin(),
             state_dir: self.state(),
+            rootless: false,
         }
     }
 
@@ -263,7 +269,7 @@ fn leaks(before: &HostState, after: &HostState, state_dir: &Path, ids: &[String]
             }
         };
     // The testbed names no namespace (holders keep them): a name would be one of the nodes'.
-    let node_names = ["host", "uplink", "r1", "r2", "b1", "a", "b", "c"];
+    let node_names = ["host", "uplink", "r1", "r2", "b1", "a", "b", "c", "d"];
     diff("netns", &before.netns, &after.netns, &|n| {
         let name = n.split_whitespace().next().unwrap_or(n);
         node_names.contains(&name) || name.starts_with(berth_testbed::CGROUP_PREFIX)

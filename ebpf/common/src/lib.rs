@@ -386,5 +386,6 @@ mod user {
     unsafe impl aya::Pod for super::QuotaOverlay {}
 }
 
+pub mod impair;
 pub mod shaper;
 pub mod undelivered;

@@ -14,6 +14,7 @@ mod account;
 mod atomic;
 mod edt;
 mod egress;
+mod impair;
 mod ingress;
 mod maps;
 mod packet;

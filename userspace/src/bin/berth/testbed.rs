@@ -8,6 +8,8 @@ use berth_testbed::supervisor::{SuperviseArgs, supervise};
 use berth_testbed::{Options, Results, Testbed, Topology, exit};
 use clap::Subcommand;
 
+mod impair;
+
 #[derive(Subcommand, Debug)]
 pub enum TestbedCmd {
     /// Check a topology file; nothing is created.
@@ -19,6 +21,10 @@ pub enum TestbedCmd {
     Up {
         /// The topology file (TOML).
         file: PathBuf,
+        /// As an unprivileged user, in a user namespace: CT nodes become plain namespaces and
+        /// eBPF-based checks report skipped.
+        #[arg(long)]
+        rootless: bool,
     },
     /// Run a command in a node of a running testbed (a CT's namespaces, else the node's netns).
     Exec {
@@ -51,6 +57,9 @@ pub enum TestbedCmd {
         /// Also write the results as JUnit XML.
         #[arg(long)]
         junit: Option<PathBuf>,
+        /// As an unprivileged user (see `up --rootless`).
+        #[arg(long)]
+        rootless: bool,
     },
     /// Take a running testbed down.
     Down {
@@ -76,8 +85,33 @@ pub enum TestbedCmd {
         /// Run the checks, then take the testbed down.
         #[arg(long)]
         run: bool,
+        /// In the user namespace the caller made.
+        #[arg(long)]
+        rootless: bool,
         /// The topology file (TOML).
         file: PathBuf,
+    },
+    /// Internal: attach the loss impairment to an interface of this network namespace, or
+    /// print the counters of one attached (`--stats`).
+    #[command(name = "__impair", hide = true)]
+    Impair {
+        /// Where the counters map is (to be) pinned.
+        #[arg(long)]
+        pin: PathBuf,
+        /// Print the counters pinned at `--pin` as JSON.
+        #[arg(long)]
+        stats: bool,
+        /// The interface whose egress is impaired.
+        #[arg(long, required_unless_present = "stats")]
+        dev: Option<String>,
+        /// Drop every Nth IP packet (0: off).
+        #[arg(long, default_value_t = 0)]
+        every: u32,
+        /// Drop a seeded fraction (threshold of 2^32; 0: off).
+        #[arg(long, default_value_t = 0)]
+        threshold: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -99,7 +133,7 @@ fn options() -> Result<Options> {
 }
 
 fn dispatch(cmd: TestbedCmd, json: bool) -> Result<u8> {
-    let opts = options()?;
+    let mut opts = options()?;
     match cmd {
         TestbedCmd::Validate { file } => {
             let t = Topology::from_file(&file)?;
@@ -119,7 +153,8 @@ fn dispatch(cmd: TestbedCmd, json: bool) -> Result<u8> {
             }
             Ok(exit::PASS)
         }
-        TestbedCmd::Up { file } => {
+        TestbedCmd::Up { file, rootless } => {
+            opts.rootless = rootless;
             let tb = Testbed::up(&file, &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&tb.handle)?);
@@ -156,7 +191,12 @@ fn dispatch(cmd: TestbedCmd, json: bool) -> Result<u8> {
             let tb = attach(&opts, &file, run.as_deref())?;
             report(&tb.check()?, json, junit.as_deref())
         }
-        TestbedCmd::Run { file, junit } => {
+        TestbedCmd::Run {
+            file,
+            junit,
+            rootless,
+        } => {
+            opts.rootless = rootless;
             let (r, _) = berth_testbed::run(&file, &opts)?;
             report(&r, json, junit.as_deref())
         }
@@ -207,14 +247,41 @@ fn dispatch(cmd: TestbedCmd, json: bool) -> Result<u8> {
             state_dir,
             run_id,
             run,
+            rootless,
             file,
         } => Ok(supervise(SuperviseArgs {
             state_dir,
             run_id,
             file,
             run_mode: run,
+            rootless,
             berth_bin: opts.berth_bin,
         })),
+        TestbedCmd::Impair {
+            pin,
+            stats,
+            dev,
+            every,
+            threshold,
+            seed,
+        } => {
+            if stats {
+                let s = impair::stats(&pin)?;
+                println!(
+                    "{}",
+                    serde_json::json!({"seen": s.seen, "dropped": s.dropped})
+                );
+            } else {
+                let dev = dev.context("--dev")?;
+                let cfg = berth_common::impair::ImpairConfig {
+                    every,
+                    threshold,
+                    seed,
+                };
+                impair::attach(&dev, &pin, cfg)?;
+            }
+            Ok(exit::PASS)
+        }
     }
 }
 
