@@ -218,13 +218,21 @@ fn measure(inst: &Install, a: &DensityArgs) -> Result<()> {
     let after_stop = meminfo()?;
     let freed_kb = (kernel_kb(&before_stop) - kernel_kb(&after_stop)) as f64 / nf;
     let still: Vec<u32> = (0..n)
-        .filter(|i| inst.run_dir.join(format!("{}.state.json", ctid(*i))).exists())
+        .filter(|i| {
+            inst.run_dir
+                .join(format!("{}.state.json", ctid(*i)))
+                .exists()
+        })
         .collect();
     ensure!(
         still.is_empty(),
         "{} CTs still have run state after stop --all",
         still.len()
     );
+
+    // Control, same run: some of the CTs again under the forked monitor (berth without a
+    // berth-mon next to it), the monitor this replaced.
+    let control = control_monitor_pss(inst, n.min(30))?;
 
     let k = if n >= 1000 { 100 } else { (n / 10).max(1) } as usize;
     let mut first: Vec<Duration> = starts[..k].to_vec();
@@ -236,7 +244,9 @@ fn measure(inst: &Install, a: &DensityArgs) -> Result<()> {
     let per_ct = mon_kb + kern_kb;
     let delta = |f: &str| (field(&after, f) - field(&before, f)) as f64 / nf;
 
-    println!("BENCH density: {n} running routed busybox CTs (IPv4 only), berth-mon monitors: {berth_mon}/{n}");
+    println!(
+        "BENCH density: {n} running routed busybox CTs (IPv4 only), berth-mon monitors: {berth_mon}/{n}"
+    );
     println!("  load average: {load0} before starts, {load1} after");
     println!(
         "  monitor PSS {mon_kb:.0} kB/CT (CT init PSS {:.0} kB/CT, not counted)",
@@ -271,6 +281,12 @@ fn measure(inst: &Install, a: &DensityArgs) -> Result<()> {
         STOP_ALL_BAR.as_secs(),
         verdict(stop_all <= STOP_ALL_BAR)
     );
+    if let Some((c, kb)) = control {
+        println!(
+            "  control: forked monitor (no berth-mon) PSS {kb:.0} kB/CT over {c} CTs; berth-mon/forked {:.2}",
+            mon_kb / kb
+        );
+    }
     let p99 = quantile(&scrapes, 0.99);
     println!(
         "  /metrics over {} scrapes: p50 {:.1} ms, p99 {p99:.1} ms (bar ≤ {SCRAPE_P99_BAR_MS} ms): {}",
@@ -292,4 +308,44 @@ fn pids(run_dir: &Path, ct: &str) -> Result<(i32, i32)> {
             .with_context(|| format!("{}: no {k}", p.display()))
     };
     Ok((get("init_pid")?, get("monitor_pid")?))
+}
+
+/// Starts the first `c` (stopped) CTs with a `berth` that has no `berth-mon` next to it and
+/// returns their monitors' mean PSS, kB; stops them again. None if `c` is 0.
+fn control_monitor_pss(inst: &Install, c: u32) -> Result<Option<(u32, f64)>> {
+    if c == 0 {
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("berth-bench-density-fork-")
+        .tempdir()?;
+    let bin = dir.path().join("berth");
+    std::fs::hard_link(&inst.bin, &bin)
+        .or_else(|_| std::fs::copy(&inst.bin, &bin).map(|_| ()))
+        .context("berth into the control's directory")?;
+    let fork = Install {
+        bin,
+        root: inst.root.clone(),
+        run_dir: inst.run_dir.clone(),
+        pin_dir: inst.pin_dir.clone(),
+        cg_parent: inst.cg_parent.clone(),
+    };
+    let mut sum = 0i64;
+    let res = (|| {
+        for i in 0..c {
+            quiet(&mut fork.cmd(&["start", &ctid(i)]))?;
+            let (_, monitor) = pids(&inst.run_dir, &ctid(i))?;
+            let exe = std::fs::read_link(format!("/proc/{monitor}/exe"))?;
+            ensure!(
+                exe.file_name().is_some_and(|f| f == "berth"),
+                "control monitor runs {}",
+                exe.display()
+            );
+            sum += pss_kb(monitor)?;
+        }
+        Ok(())
+    })();
+    let _ = quiet(&mut fork.cmd(&["stop", "--all", "--fast"]));
+    res?;
+    Ok(Some((c, sum as f64 / f64::from(c))))
 }

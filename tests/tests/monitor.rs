@@ -61,7 +61,10 @@ fn berth_mon_serves_console_stop_and_reaping() {
     assert_eq!(comm(mon), "berth-mon 7101");
 
     // Console output written in the CT lands in the log berth-mon keeps.
-    let (rc, _, err) = h.exec("7101", &["sh", "-c", "echo monitor-marker-7101 > /dev/console"]);
+    let (rc, _, err) = h.exec(
+        "7101",
+        &["sh", "-c", "echo monitor-marker-7101 > /dev/console"],
+    );
     assert_eq!(rc, 0, "{err}");
     assert!(
         wait_for(Duration::from_secs(5), || console_log(&h, "7101")
@@ -88,7 +91,9 @@ fn berth_mon_serves_console_stop_and_reaping() {
     assert_eq!(unsafe { libc::kill(init, libc::SIGKILL) }, 0);
     assert!(gone(init), "init left a zombie: berth-mon did not reap it");
     assert!(gone(mon), "berth-mon did not exit after init");
-    assert!(wait_for(Duration::from_secs(5), || !h.status("7101")["last_exit"].is_null()));
+    assert!(wait_for(Duration::from_secs(5), || {
+        !h.status("7101")["last_exit"].is_null()
+    }));
     let st = h.status("7101");
     assert_eq!(st["status"], "stopped", "{st}");
     assert_eq!(st["last_exit"]["killed"]["signal"], 9, "{st}");
@@ -165,7 +170,9 @@ fn untrusted_or_missing_berth_mon_falls_back_to_the_forked_monitor() {
     h.ok(&["create", "7104", "--template", "busybox"]);
     let berth = fs::canonicalize(&berth).unwrap();
     let mon_path = fs::canonicalize(dir.path()).unwrap().join("berth-mon");
-    let cases: [(&str, Option<(u32, u32)>, bool); 4] = [
+    // (what, the berth-mon put there as (mode, owner), whether start uses it)
+    type Case = (&'static str, Option<(u32, u32)>, bool);
+    let cases: [Case; 4] = [
         ("absent", None, false),
         ("owned by nobody", Some((0o755, 65534)), false),
         ("writable by others", Some((0o757, 0)), false),
@@ -185,7 +192,10 @@ fn untrusted_or_missing_berth_mon_falls_back_to_the_forked_monitor() {
         let want = if used { &mon_path } else { &berth };
         assert_eq!(&exe(mon), want, "berth-mon {what}");
         assert_eq!(comm(mon), "berth-mon 7104", "berth-mon {what}");
-        let (rc, _, err) = h.exec("7104", &["sh", "-c", &format!("echo {marker} > /dev/console")]);
+        let (rc, _, err) = h.exec(
+            "7104",
+            &["sh", "-c", &format!("echo {marker} > /dev/console")],
+        );
         assert_eq!(rc, 0, "{err}");
         assert!(
             wait_for(Duration::from_secs(5), || console_log(&h, "7104")

@@ -173,9 +173,10 @@ pub fn restore(
     })? {
         ForkResult::Child => {
             drop(ready_r);
-            let code = monitor::adopt_main(ctid, &paths, ready_w, cfg.userns, exe, &mut |slave, p| {
-                plan.run(slave, p)
-            });
+            let code =
+                monitor::adopt_main(ctid, &paths, ready_w, cfg.userns, exe, &mut |slave, p| {
+                    plan.run(slave, p)
+                });
             // SAFETY: _exit skips atexit handlers and destructors of the parent's state.
             unsafe { libc::_exit(code) }
         }

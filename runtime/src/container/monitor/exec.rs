@@ -62,7 +62,10 @@ impl MonitorExe {
             Mode::empty(),
         )
         .map_err(|_| Untrusted::Absent)?;
-        check_owner(&fs::File::from(d.try_clone().map_err(|_| Untrusted::Absent)?), dir)?;
+        check_owner(
+            &fs::File::from(d.try_clone().map_err(|_| Untrusted::Absent)?),
+            dir,
+        )?;
         let f = nix::fcntl::openat(
             &d,
             MONITOR_BIN,
@@ -166,7 +169,10 @@ pub struct BadArgs(String);
 /// serving loop of the CT's monitor, on descriptors inherited from the forked monitor.
 pub fn berth_mon_main(args: &[OsString]) -> Result<i32, BadArgs> {
     let [_, ctid, init, ready, master, slave, err, log, last] = args else {
-        return Err(BadArgs(format!("expected 8 arguments, got {}", args.len().saturating_sub(1))));
+        return Err(BadArgs(format!(
+            "expected 8 arguments, got {}",
+            args.len().saturating_sub(1)
+        )));
     };
     let text = |a: &OsString, what: &str| {
         a.to_str()
@@ -197,9 +203,7 @@ pub fn berth_mon_main(args: &[OsString]) -> Result<i32, BadArgs> {
         std::mem::forget((ready, master, slave, err_r));
         return Err(BadArgs("a descriptor is named twice".into()));
     }
-    let _ = nix::sys::prctl::set_name(
-        &CString::new(super::comm_name(ctid)).unwrap_or_default(),
-    );
+    let _ = nix::sys::prctl::set_name(&CString::new(super::comm_name(ctid)).unwrap_or_default());
     Ok(serve(Served {
         init: Pid::from_raw(init),
         master,

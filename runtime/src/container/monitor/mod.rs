@@ -63,9 +63,7 @@ struct Prologue {
 /// the exec into `berth-mon` too, until the serving loop's signalfd reads them).
 fn prepare_run(ctid: Ctid, userns: Option<&UserNs>) -> Result<Prologue, String> {
     let _ = nix::unistd::setsid();
-    let _ = nix::sys::prctl::set_name(
-        &std::ffi::CString::new(comm_name(ctid)).unwrap_or_default(),
-    );
+    let _ = nix::sys::prctl::set_name(&std::ffi::CString::new(comm_name(ctid)).unwrap_or_default());
     // The monitor outlives the CLI: it must not hold the CLI's stdio (a caller reading
     // `berth start` output to EOF would hang) nor its CT lock (flock is per open file).
     if let Ok(null) = fs::OpenOptions::new()
@@ -267,4 +265,3 @@ fn init_main(spec: &init::InitSpec, go_fd: RawFd, err_fd: RawFd) -> isize {
     // SAFETY: exiting the forked child without running the parent's destructors.
     unsafe { libc::_exit(127) }
 }
-
