@@ -7,6 +7,7 @@
 mod api;
 mod checkpoint;
 mod datapath;
+mod density;
 mod import;
 mod isolation;
 mod metrics;
@@ -72,6 +73,9 @@ enum Bench {
     /// Checkpoint + restore downtime of a busybox CT holding 200 MB of anonymous memory, vs
     /// CRIU alone on a plain process tree holding the same.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Density: N running routed busybox CTs: host memory per CT (monitor PSS + kernel),
+    /// start p50 of the first and last 100, stop of all, /metrics p99 at that size.
+    Density(density::DensityArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         Bench::Import(a) => import::run(&a),
         Bench::Checkpoint(a) => checkpoint::run(&a),
         Bench::Api(a) => api::run(&a),
+        Bench::Density(a) => density::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -106,6 +106,13 @@ impl TestHost {
         self
     }
 
+    /// Runs this installation's commands with the `berth` binary at `bin` (for example a
+    /// copy in a directory of the test's own, next to other companion binaries).
+    pub fn with_bin(mut self, bin: PathBuf) -> Self {
+        self.bin = bin;
+        self
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--root")

@@ -328,6 +328,21 @@ fn checkpoint_restore_privileged_ct() {
     h.ok(&["checkpoint", "302"]);
     let dumped = seq_of(&h, "302").len();
     h.ok(&["restore", "302"]);
+    // The restored init's parent, its monitor, is berth-mon as after a start.
+    let init = h.status("302")["init_pid"].as_i64().expect("init_pid");
+    let stat = std::fs::read_to_string(format!("/proc/{init}/stat")).expect("init's stat");
+    let ppid = stat[stat.rfind(')').expect("comm end") + 2..]
+        .split(' ')
+        .nth(1)
+        .expect("ppid")
+        .to_string();
+    let exe = std::fs::read_link(format!("/proc/{ppid}/exe")).expect("monitor exe");
+    assert_eq!(
+        exe.file_name().and_then(|f| f.to_str()),
+        Some("berth-mon"),
+        "restored CT's monitor runs {}",
+        exe.display()
+    );
     assert!(
         wait_for(Duration::from_secs(5), || seq_of(&h, "302").len()
             >= dumped + 20),

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use crate::{cargo, run, workspace_root};
 
 /// The binaries installed.
-pub const BINARIES: &[&str] = &["berth", "berthd", "vzctl", "vzlist"];
+pub const BINARIES: &[&str] = &["berth", "berth-mon", "berthd", "vzctl", "vzlist"];
 
 /// Builds the binaries (release, or debug with `debug`) and returns their directory.
 fn build(debug: bool) -> Result<PathBuf> {

@@ -46,6 +46,7 @@ pub use create::{CreateOpts, create, remove_template, template_users, write_host
 pub use gc::{GcReport, gc};
 pub use hooks::{HookError, NetGc, NetHooks, NoHooks};
 pub use monitor::MonitorMsgError;
+pub use monitor::exec::{BadArgs, MONITOR_BIN, MonitorExe, Untrusted, berth_mon_main};
 pub use mount::{mount_ct, umount_ct};
 pub use set::{SetOpts, set};
 pub use start::start;

@@ -186,6 +186,7 @@ pub(super) fn start_locked(
     // How the previous run ended is no news once this one starts.
     LastExit::remove(&paths.last_exit).map_err(io_err(ctid, "remove", &paths.last_exit))?;
 
+    let exe = monitor::exec::MonitorExe::locate();
     // SAFETY: berth's CLI is single-threaded here; the child only runs the monitor and exits.
     let monitor_pid = match unsafe { fork() }.map_err(|errno| CtError::Sys {
         ctid,
@@ -194,13 +195,13 @@ pub(super) fn start_locked(
     })? {
         ForkResult::Child => {
             drop((ready_r, go_w));
-            let code = monitor::monitor_main(ctid, spec, &paths, ready_w, go_r, cfg.userns);
+            let code = monitor::monitor_main(ctid, spec, &paths, ready_w, go_r, cfg.userns, exe);
             // SAFETY: _exit skips atexit handlers and destructors of the parent's state.
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => child,
     };
-    drop((ready_w, go_r));
+    drop((ready_w, go_r, exe));
     crate::crash_point!("start.monitor_spawned");
     undo.push("monitor", move || {
         let _ = kill(monitor_pid, Signal::SIGKILL);

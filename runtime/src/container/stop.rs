@@ -87,7 +87,7 @@ fn stop_locked(
 /// than that exit's SIGCHLD.
 fn notify_monitor(ctid: Ctid, pid: i32) {
     // A PID reused since is not the monitor: its name says so (comm is cut at 15 bytes).
-    let name = format!("berth-mon {ctid}");
+    let name = super::monitor::comm_name(ctid);
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     if pid > 0 && comm.trim_end() == &name[..name.len().min(15)] {
         let _ = kill(Pid::from_raw(pid), super::monitor::STOPPING);

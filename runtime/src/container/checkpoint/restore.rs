@@ -162,6 +162,7 @@ pub fn restore(
         meta: meta.clone(),
         staged: staged.clone(),
     };
+    let exe = monitor::exec::MonitorExe::locate();
     let t0 = Instant::now();
     // SAFETY: berth's CLI is single-threaded here (the staging thread has been joined); the
     // child only runs the monitor and exits.
@@ -172,15 +173,16 @@ pub fn restore(
     })? {
         ForkResult::Child => {
             drop(ready_r);
-            let code = monitor::adopt_main(ctid, &paths, ready_w, cfg.userns, &mut |slave, p| {
-                plan.run(slave, p)
-            });
+            let code =
+                monitor::adopt_main(ctid, &paths, ready_w, cfg.userns, exe, &mut |slave, p| {
+                    plan.run(slave, p)
+                });
             // SAFETY: _exit skips atexit handlers and destructors of the parent's state.
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => child,
     };
-    drop(ready_w);
+    drop((ready_w, exe));
     undo.push("monitor", move || {
         let _ = kill(monitor_pid, Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(monitor_pid, None);
