@@ -10,6 +10,7 @@ mod datapath;
 mod import;
 mod isolation;
 mod metrics;
+mod migrate;
 mod net;
 mod quota;
 mod shaper;
@@ -72,6 +73,9 @@ enum Bench {
     /// Checkpoint + restore downtime of a busybox CT holding 200 MB of anonymous memory, vs
     /// CRIU alone on a plain process tree holding the same.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Migration downtime between two namespaced hosts over ssh: offline with 1 GiB of files
+    /// (10 MiB changing), live with 200 MiB of memory, vs a restart / checkpoint in place.
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Bench::Testbed(a) => testbed::run(&a),
         Bench::Import(a) => import::run(&a),
         Bench::Checkpoint(a) => checkpoint::run(&a),
+        Bench::Migrate(a) => migrate::run(&a),
         Bench::Api(a) => api::run(&a),
     };
     match res {
