@@ -204,10 +204,27 @@ impl Drop for TcpClient {
     }
 }
 
-fn pids(h: &TestHost, ct: &str) -> String {
-    let (rc, out, e) = h.exec(ct, &["sh", "-c", "cd /proc && ls -d [0-9]* | sort -n | tr '\\n' ' '"]);
+/// PID → command of every process in the CT but the inspecting shell's own.
+fn procs(h: &TestHost, ct: &str) -> std::collections::BTreeMap<u32, String> {
+    let script = "for p in /proc/[0-9]*; do n=${p#/proc/}; [ \"$n\" = \"$$\" ] && continue; \
+                  c=$(cat $p/comm 2>/dev/null) && echo \"$n $c\"; done";
+    let (rc, out, e) = h.exec(ct, &["sh", "-c", script]);
     assert_eq!(rc, 0, "{e}");
-    out
+    out.lines()
+        .filter_map(|l| {
+            let (p, c) = l.split_once(' ')?;
+            Some((p.parse().ok()?, c.to_string()))
+        })
+        .collect()
+}
+
+/// The processes that live on (seen in two looks 300 ms apart): not the counter's short
+/// sleeps, not an exec's.
+fn lasting(h: &TestHost, ct: &str) -> std::collections::BTreeMap<u32, String> {
+    let a = procs(h, ct);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = procs(h, ct);
+    a.into_iter().filter(|(p, c)| b.get(p) == Some(c)).collect()
 }
 
 #[test]
@@ -233,8 +250,8 @@ fn live_migration_keeps_processes_and_a_connection() {
     let mut tcp = TcpClient::connect(&bed, addr, 7000);
     assert_eq!(tcp.echo("one").as_deref(), Some("one"), "echo before the migration");
     let (_, counter_pid, _) = bed.src.exec(ct, &["cat", "/tmp/counter.pid"]);
-    // The exec's own shell is not part of the CT's tree afterwards: compare without it.
-    let before = pids(&bed.src, ct);
+    let before = lasting(&bed.src, ct);
+    assert!(before.len() >= 3, "init, the counter and the echo server: {before:?}");
 
     let r = ok_json(&bed.migrate(ct, &["--live", "--json"]));
     let downtime = r["downtime_ms"].as_u64().expect("downtime measured");
@@ -249,18 +266,8 @@ fn live_migration_keeps_processes_and_a_connection() {
     );
     let (_, after_pid, _) = bed.dst.exec(ct, &["cat", "/tmp/counter.pid"]);
     assert_eq!(after_pid, counter_pid, "the counter is another process");
-    let after = pids(&bed.dst, ct);
-    let strip = |s: &str| -> Vec<u32> {
-        let mut v: Vec<u32> = s.split_whitespace().filter_map(|p| p.parse().ok()).collect();
-        // The last ones are the inspecting exec's shell and ls.
-        v.truncate(v.len().saturating_sub(2));
-        v
-    };
-    let (b, a) = (strip(&before), strip(&after));
-    assert!(
-        b.iter().all(|p| a.contains(p)),
-        "PIDs inside differ: before {before}, after {after}"
-    );
+    let after = lasting(&bed.dst, ct);
+    assert_eq!(after, before, "the processes inside differ");
     let n = seq(&bed.dst, ct).len();
     assert!(wait_for(Duration::from_secs(5), || seq(&bed.dst, ct).len() >= n + 20));
     assert_consecutive(&seq(&bed.dst, ct));
@@ -317,7 +324,9 @@ fn failures_bring_the_source_back_and_leak_nothing() {
     assert_consecutive(&seq(&bed.src, ct));
     drop(held);
 
-    // 3. ssh drops mid-run (the sshd and its sessions killed once the copy began).
+    // 3. ssh drops mid-run (the sshd and its sessions killed once the copy began; new
+    //    contents for the big file make that copy take a while).
+    std::fs::write(&big, vec![9u8; 64 << 20]).unwrap();
     use std::os::unix::fs::MetadataExt;
     let incoming = bed.dst.root.join("incoming").join(format!("{ct}.json"));
     let ino = std::fs::metadata(&incoming).unwrap().ino();

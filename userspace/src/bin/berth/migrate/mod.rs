@@ -35,7 +35,7 @@ struct Plan<'a> {
 
 pub fn migrate(ctx: &mut Ctx, a: &MigrateArgs) -> Result<()> {
     let ctid = ctx.resolve(&a.ct)?;
-    let (cfg, was_running) = mig::prepare(&ctx.host, ctid)?;
+    let (_cfg, was_running) = mig::prepare(&ctx.host, ctid)?;
     if a.live {
         if !was_running {
             bail!("CT {ctid} is not running: --live moves a running CT (migrate it without --live)");
@@ -79,7 +79,7 @@ pub fn migrate(ctx: &mut Ctx, a: &MigrateArgs) -> Result<()> {
         private,
         target_private: path_of("private_dir")?,
         target_images: path_of("images_dir")?,
-        progress: !ctx.quiet && !ctx.json,
+        progress: !ctx.quiet && !ctx.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     ctx.notice(format!(
         "CT {ctid}: {} MiB of files to {}{}",

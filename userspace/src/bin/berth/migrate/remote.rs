@@ -66,10 +66,6 @@ impl Remote {
         })
     }
 
-    pub fn dest(&self) -> &str {
-        &self.dest
-    }
-
     fn ssh_opts(&self) -> Vec<String> {
         let mut v: Vec<String> = [
             "BatchMode=yes",
