@@ -162,7 +162,7 @@ fn live(a: &MigrateArgs) -> Result<()> {
     let (mut down, mut control) = (Vec::new(), Vec::new());
     let ct = "952";
     for round in 1..=a.rounds {
-        let bed = Bed::new();
+        let bed = Bed::shared_cgroups();
         ok(&bed.src, &["create", ct, "--ipadd", "192.0.2.96"])?;
         rc_local(
             &bed.src,

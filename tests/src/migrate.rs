@@ -9,9 +9,11 @@
 //! ```
 //!
 //! A CT's routed address in 192.0.2.0/24 is answered by proxy ARP from whichever host runs
-//! it; the target's gratuitous ARP moves the lan's neighbour entry. Both installations share
-//! one cgroup parent name (as two real nodes both use `berth`): CRIU's images name the CT's
-//! cgroups by path, and the source's are gone before the target's are made.
+//! it; the target's gratuitous ARP moves the lan's neighbour entry. For live migration both
+//! installations share one cgroup parent name (as two real nodes both use `berth`): CRIU's
+//! images name the CT's cgroups by path, and the source's are gone before the target's are
+//! made. Otherwise each has its own: a CTID on both "hosts" at once (a refusal test) would
+//! share a cgroup, and the target's `destroy` would kill the source's CT.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -49,7 +51,17 @@ fn ns_path(ns: &Ns) -> String {
 }
 
 impl Bed {
+    /// Two hosts with cgroup parents of their own.
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// Two hosts sharing one cgroup parent name (for live migration).
+    pub fn shared_cgroups() -> Self {
+        Self::build(true)
+    }
+
+    fn build(shared_cgroups: bool) -> Self {
         let lan = Ns::new();
         let a = Ns::new();
         let b = Ns::new();
@@ -79,11 +91,13 @@ impl Bed {
         b.ip("link set mg0 up");
         let src = TestHost::new().in_netns(a.fd());
         let mut dst = TestHost::new().in_netns(b.fd());
-        // The shared cgroup parent: see the module docs. dst's own (empty) one is dropped.
-        for r in crate::ct::cgroup_roots() {
-            let _ = std::fs::remove_dir(r.join(&dst.cgroup_parent));
+        if shared_cgroups {
+            // See the module docs. dst's own (empty) parent is dropped.
+            for r in crate::ct::cgroup_roots() {
+                let _ = std::fs::remove_dir(r.join(&dst.cgroup_parent));
+            }
+            dst.cgroup_parent = src.cgroup_parent.clone();
         }
-        dst.cgroup_parent = src.cgroup_parent.clone();
         let keys = tempfile::Builder::new()
             .prefix("berth-mig-keys-")
             .tempdir()

@@ -236,7 +236,7 @@ fn live_migration_keeps_processes_and_a_connection() {
         skip("live_migration_keeps_processes_and_a_connection", &why);
         return;
     }
-    let bed = Bed::new();
+    let bed = Bed::shared_cgroups();
     let (ct, addr) = ("352", "192.0.2.52");
     create_counter(&bed.src, ct, addr);
     bed.src.ok(&["start", ct]);
@@ -305,7 +305,7 @@ fn failures_bring_the_source_back_and_leak_nothing() {
     bed.dst.ok(&["destroy", ct]);
 
     // 2. The target's start fails (its CT lock is held there): the source runs again, the
-    //    target keeps only its copy, and a retry goes through.
+    //    target keeps only its copy (which the next attempt reuses).
     let lock_path = bed.dst.root.join("run").join(format!("{ct}.lock"));
     std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
     let held = berth_runtime::lock::CtLock::acquire(&lock_path, Duration::from_secs(1)).unwrap();
@@ -347,6 +347,7 @@ fn failures_bring_the_source_back_and_leak_nothing() {
     });
     bed.kill_sshd();
     let err = failed(&out);
+    println!("with the connection dropped: {err}");
     assert!(
         err.contains("ssh") || err.contains("rsync"),
         "the error does not say the connection broke: {err}"
