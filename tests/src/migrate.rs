@@ -28,9 +28,16 @@ pub const DST_ADDR: &str = "198.51.100.2";
 
 /// What the tests need that this machine may lack, or `None` when all is there.
 pub fn missing_tools() -> Option<String> {
-    for p in ["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen", "/usr/bin/rsync"] {
+    for p in [
+        "/usr/sbin/sshd",
+        "/usr/bin/ssh",
+        "/usr/bin/ssh-keygen",
+        "/usr/bin/rsync",
+    ] {
         if !Path::new(p).exists() {
-            return Some(format!("{p} missing (xtask/setup.sh installs openssh and rsync)"));
+            return Some(format!(
+                "{p} missing (xtask/setup.sh installs openssh and rsync)"
+            ));
         }
     }
     None
@@ -158,7 +165,10 @@ impl Bed {
         assert!(
             wait_for(Duration::from_secs(10), || {
                 self.a
-                    .run("sh", &["-c", &format!("echo | busybox nc -w 1 {DST_ADDR} 22")])
+                    .run(
+                        "sh",
+                        &["-c", &format!("echo | busybox nc -w 1 {DST_ADDR} 22")],
+                    )
                     .stdout
                     .starts_with(b"SSH-")
             }),

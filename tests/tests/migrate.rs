@@ -95,12 +95,32 @@ fn failed(o: &std::process::Output) -> String {
 /// incoming mark a retry uses.
 fn assert_target_clean(bed: &Bed, ct: &str, copy: bool) {
     let d = &bed.dst;
-    assert!(!d.root.join("conf").join(format!("{ct}.toml")).exists(), "config left on the target");
-    assert!(!d.root.join("incoming").join(format!("{ct}.images")).exists(), "images left");
-    assert_eq!(d.root.join("private").join(ct).exists(), copy, "target's copy");
-    assert_eq!(d.mounts(), Vec::<String>::new(), "mounts left on the target");
     assert!(
-        !bed.b.run("ip", &["link", "show", &format!("venet{ct}")]).status.success(),
+        !d.root.join("conf").join(format!("{ct}.toml")).exists(),
+        "config left on the target"
+    );
+    assert!(
+        !d.root
+            .join("incoming")
+            .join(format!("{ct}.images"))
+            .exists(),
+        "images left"
+    );
+    assert_eq!(
+        d.root.join("private").join(ct).exists(),
+        copy,
+        "target's copy"
+    );
+    assert_eq!(
+        d.mounts(),
+        Vec::<String>::new(),
+        "mounts left on the target"
+    );
+    assert!(
+        !bed.b
+            .run("ip", &["link", "show", &format!("venet{ct}")])
+            .status
+            .success(),
         "host end left on the target"
     );
 }
@@ -124,13 +144,18 @@ fn offline_migration_loses_no_write_and_moves_the_address() {
     assert_eq!(r["mode"], "offline");
     assert_eq!(state(&bed.src, ct), "migrated");
     assert_eq!(state(&bed.dst, ct), "running");
-    assert_eq!(bed.dst.status(ct)["uuid"], uuid.as_str(), "the UUID moved with it");
+    assert_eq!(
+        bed.dst.status(ct)["uuid"],
+        uuid.as_str(),
+        "the UUID moved with it"
+    );
     let left = seq(&bed.src, ct);
     assert_consecutive(&left);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(seq(&bed.src, ct), left, "the source's writer ran on");
     assert!(
-        wait_for(Duration::from_secs(5), || seq(&bed.dst, ct).len() >= left.len() + 30),
+        wait_for(Duration::from_secs(5), || seq(&bed.dst, ct).len()
+            >= left.len() + 30),
         "the writer does not go on on the target"
     );
     // Every number the source wrote is on the target, once, and the target's go on from it.
@@ -140,14 +165,29 @@ fn offline_migration_loses_no_write_and_moves_the_address() {
         "CT unreachable from the lan after the migration"
     );
     assert!(
-        !bed.a.run("ip", &["link", "show", &format!("venet{ct}")]).status.success(),
+        !bed.a
+            .run("ip", &["link", "show", &format!("venet{ct}")])
+            .status
+            .success(),
         "the source still has the CT's host end"
     );
     // The source's booking closed: its counters retired under the UUID.
-    assert!(bed.src.root.join("retired").join(format!("{uuid}.json")).exists());
+    assert!(
+        bed.src
+            .root
+            .join("retired")
+            .join(format!("{uuid}.json"))
+            .exists()
+    );
     let err = bed.src.fails(&["start", ct]);
     assert!(err.contains("was migrated to root@198.51.100.2"), "{err}");
-    assert!(!bed.dst.root.join("incoming").join(format!("{ct}.json")).exists());
+    assert!(
+        !bed.dst
+            .root
+            .join("incoming")
+            .join(format!("{ct}.json"))
+            .exists()
+    );
 
     bed.dst.ok(&["stop", "--fast", ct]);
     bed.dst.ok(&["destroy", ct]);
@@ -243,15 +283,26 @@ fn live_migration_keeps_processes_and_a_connection() {
     assert!(wait_for(Duration::from_secs(5), || seq(&bed.src, ct).len() >= 20));
     let (rc, _, e) = bed.src.exec(
         ct,
-        &["sh", "-c", "setsid nc -l -p 7000 -e cat </dev/null >/dev/null 2>&1 &"],
+        &[
+            "sh",
+            "-c",
+            "setsid nc -l -p 7000 -e cat </dev/null >/dev/null 2>&1 &",
+        ],
     );
     assert_eq!(rc, 0, "{e}");
     std::thread::sleep(Duration::from_millis(200));
     let mut tcp = TcpClient::connect(&bed, addr, 7000);
-    assert_eq!(tcp.echo("one").as_deref(), Some("one"), "echo before the migration");
+    assert_eq!(
+        tcp.echo("one").as_deref(),
+        Some("one"),
+        "echo before the migration"
+    );
     let (_, counter_pid, _) = bed.src.exec(ct, &["cat", "/tmp/counter.pid"]);
     let before = lasting(&bed.src, ct);
-    assert!(before.len() >= 3, "init, the counter and the echo server: {before:?}");
+    assert!(
+        before.len() >= 3,
+        "init, the counter and the echo server: {before:?}"
+    );
 
     let r = ok_json(&bed.migrate(ct, &["--live", "--json"]));
     let downtime = r["downtime_ms"].as_u64().expect("downtime measured");
@@ -271,7 +322,10 @@ fn live_migration_keeps_processes_and_a_connection() {
     let n = seq(&bed.dst, ct).len();
     assert!(wait_for(Duration::from_secs(5), || seq(&bed.dst, ct).len() >= n + 20));
     assert_consecutive(&seq(&bed.dst, ct));
-    assert!(bed.lan_ping(addr), "CT unreachable from the lan after the live migration");
+    assert!(
+        bed.lan_ping(addr),
+        "CT unreachable from the lan after the live migration"
+    );
     drop(tcp);
 
     bed.dst.ok(&["stop", "--fast", ct]);
@@ -300,8 +354,18 @@ fn failures_bring_the_source_back_and_leak_nothing() {
     let err = failed(&bed.migrate(ct, &[]));
     assert!(err.contains("CTID 353 is taken"), "{err}");
     assert_eq!(state(&bed.src, ct), "running");
-    assert_eq!(state(&bed.dst, ct), "stopped", "the target's own CT 353 was touched");
-    assert!(!bed.dst.root.join("incoming").join(format!("{ct}.json")).exists());
+    assert_eq!(
+        state(&bed.dst, ct),
+        "stopped",
+        "the target's own CT 353 was touched"
+    );
+    assert!(
+        !bed.dst
+            .root
+            .join("incoming")
+            .join(format!("{ct}.json"))
+            .exists()
+    );
     bed.dst.ok(&["destroy", ct]);
 
     // 2. The target's start fails (its CT lock is held there): the source runs again, the
@@ -318,7 +382,10 @@ fn failures_bring_the_source_back_and_leak_nothing() {
     assert!(err.contains("runs here again"), "{err}");
     assert_eq!(state(&bed.src, ct), "running");
     assert_target_clean(&bed, ct, true);
-    assert!(bed.lan_ping(addr), "the source's CT unreachable after the failed migration");
+    assert!(
+        bed.lan_ping(addr),
+        "the source's CT unreachable after the failed migration"
+    );
     let n = seq(&bed.src, ct).len();
     assert!(wait_for(Duration::from_secs(5), || seq(&bed.src, ct).len() >= n + 20));
     assert_consecutive(&seq(&bed.src, ct));
@@ -354,7 +421,11 @@ fn failures_bring_the_source_back_and_leak_nothing() {
     );
     assert_eq!(state(&bed.src, ct), "running", "{err}");
     assert!(
-        !bed.dst.root.join("conf").join(format!("{ct}.toml")).exists(),
+        !bed.dst
+            .root
+            .join("conf")
+            .join(format!("{ct}.toml"))
+            .exists(),
         "config left on the target"
     );
     assert_eq!(bed.dst.mounts(), Vec::<String>::new());
@@ -381,16 +452,26 @@ fn bad_input_is_refused_before_anything_changes() {
 
     // A stopped CT cannot move --live.
     let err = failed(&bed.migrate(ct, &["--live"]));
-    assert!(err.contains("is not running") && err.contains("--live"), "{err}");
+    assert!(
+        err.contains("is not running") && err.contains("--live"),
+        "{err}"
+    );
 
     bed.src.ok(&["start", ct]);
     let unchanged = |what: &str| {
         assert_eq!(state(&bed.src, ct), "running", "{what}");
         assert!(
-            !bed.dst.root.join("incoming").join(format!("{ct}.json")).exists(),
+            !bed.dst
+                .root
+                .join("incoming")
+                .join(format!("{ct}.json"))
+                .exists(),
             "{what}: the target has a migration under way"
         );
-        assert!(!bed.dst.root.join("private").join(ct).exists(), "{what}: files copied");
+        assert!(
+            !bed.dst.root.join("private").join(ct).exists(),
+            "{what}: files copied"
+        );
     };
 
     // An unknown host, and a port nothing listens on.
@@ -398,7 +479,10 @@ fn bad_input_is_refused_before_anything_changes() {
     args[2] = "root@no-such-host.invalid".into();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let err = failed(&bed.src.run(&refs));
-    assert!(err.contains("cannot reach root@no-such-host.invalid"), "{err}");
+    assert!(
+        err.contains("cannot reach root@no-such-host.invalid"),
+        "{err}"
+    );
     unchanged("unknown host");
     let err = failed(&bed.migrate(ct, &["--ssh-opt", "Port=2"]));
     assert!(err.contains("cannot reach root@198.51.100.2"), "{err}");

@@ -147,7 +147,9 @@ pub enum CtError {
     #[error("CT {ctid}: {msg}")]
     Invalid { ctid: Ctid, msg: String },
     /// The CT left for another host; this copy only waits to be destroyed.
-    #[error("CT {ctid} was migrated to {to} and runs there (`berth destroy {ctid}` removes this copy)")]
+    #[error(
+        "CT {ctid} was migrated to {to} and runs there (`berth destroy {ctid}` removes this copy)"
+    )]
     Migrated { ctid: Ctid, to: String },
     /// A migration's target cannot take the CT; nothing was changed on it.
     #[error("CT {ctid}: this host cannot take it: {msg}")]

@@ -140,7 +140,10 @@ pub fn preflight(
                 .map_err(|source| CtError::Net { ctid, source })?
                 .is_none()
         {
-            return Err(refuse(format!("bridge {br} (of {}) does not exist", b.name)));
+            return Err(refuse(format!(
+                "bridge {br} (of {}) does not exist",
+                b.name
+            )));
         }
     }
     if cfg.layout == PrivateLayout::Overlay {
@@ -164,7 +167,7 @@ pub fn preflight(
             Ok(_) => {}
         }
     }
-    let free_bytes = free_bytes(&host.root).map_err(|e| refuse(e))?;
+    let free_bytes = free_bytes(&host.root).map_err(&refuse)?;
     let have = if retry { dir_bytes(&private) } else { 0 };
     // 5% and 64 MiB of slack: the copy's directories and the target's own growth meanwhile.
     let need = need_bytes.saturating_sub(have) + need_bytes / 20 + (64 << 20);
@@ -211,8 +214,8 @@ fn free_bytes(p: &Path) -> std::result::Result<u64, String> {
             break;
         }
     }
-    let s = nix::sys::statvfs::statvfs(&dir)
-        .map_err(|e| format!("statvfs {}: {e}", dir.display()))?;
+    let s =
+        nix::sys::statvfs::statvfs(&dir).map_err(|e| format!("statvfs {}: {e}", dir.display()))?;
     Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
@@ -310,7 +313,9 @@ pub fn activate(
                             warn!(%ctid, error = %crate::error_chain::ErrorChain(&e), "announcing the moved addresses");
                         }
                     }
-                    Err(e) => warn!(%ctid, error = %crate::error_chain::ErrorChain(&e), "announcing the moved addresses"),
+                    Err(e) => {
+                        warn!(%ctid, error = %crate::error_chain::ErrorChain(&e), "announcing the moved addresses")
+                    }
                 }
             }
             let _ = remove_if_present(ctid, &incoming_path(host, ctid));

@@ -38,7 +38,9 @@ pub fn migrate(ctx: &mut Ctx, a: &MigrateArgs) -> Result<()> {
     let (_cfg, was_running) = mig::prepare(&ctx.host, ctid)?;
     if a.live {
         if !was_running {
-            bail!("CT {ctid} is not running: --live moves a running CT (migrate it without --live)");
+            bail!(
+                "CT {ctid} is not running: --live moves a running CT (migrate it without --live)"
+            );
         }
         ckpt::criu_available().map_err(|r| anyhow!("live migration unavailable: {r}"))?;
     }
@@ -192,7 +194,10 @@ fn activate(plan: &Plan, mode: &str) -> Result<Value> {
 fn switch_stopped(ctx: &Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)> {
     // Nothing ran during the copy, unless someone started the CT meanwhile.
     if container::running(&ctx.host, plan.ctid).is_some() {
-        bail!("CT {} was started during the copy: migrate it again", plan.ctid);
+        bail!(
+            "CT {} was started during the copy: migrate it again",
+            plan.ctid
+        );
     }
     let sent = plan
         .remote
@@ -243,7 +248,10 @@ fn switch_offline(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)>
         let back = container::start(&host, ctid, &mut ctx.hooks)
             .map(drop)
             .map_err(Into::into);
-        return Err(with_source_state(e.context("starting it on the target"), back));
+        return Err(with_source_state(
+            e.context("starting it on the target"),
+            back,
+        ));
     }
     Ok((sent, None))
 }

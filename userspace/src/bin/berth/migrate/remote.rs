@@ -155,11 +155,7 @@ impl Remote {
         }
         // 255: ssh's own failure (connection lost, refused).
         if out.status.code() == Some(255) {
-            bail!(
-                "ssh to {} failed: {}",
-                self.dest,
-                last_line(&out.stderr)
-            );
+            bail!("ssh to {} failed: {}", self.dest, last_line(&out.stderr));
         }
         bail!(
             "on {}: `{cmd}` failed ({}): {}",

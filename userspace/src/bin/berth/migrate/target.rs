@@ -30,7 +30,10 @@ pub fn run(ctx: &mut Ctx, cmd: MigrateTargetCmd) -> Result<()> {
             let cfg = tgt::parse_config(&ctx.host, ctid, &stdin_text()?)?;
             let r = tgt::preflight(&ctx.host, &cfg, bytes, live)?;
             ctx.print(serde_json::to_value(&r).expect("plain struct"), || {
-                println!("CT {ctid} can come here: files into {}", r.private_dir.display())
+                println!(
+                    "CT {ctid} can come here: files into {}",
+                    r.private_dir.display()
+                )
             });
         }
         MigrateTargetCmd::Activate {
