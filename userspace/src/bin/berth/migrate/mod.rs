@@ -8,7 +8,7 @@ mod remote;
 pub mod target;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use berth_runtime::Ctid;
@@ -19,6 +19,15 @@ use tracing::{info, warn};
 use crate::Ctx;
 use crate::cli::MigrateArgs;
 use remote::Remote;
+
+/// How long each step of the switch took (ms), for the report.
+type Steps = Vec<(&'static str, u64)>;
+
+fn since(t: &mut Instant) -> u64 {
+    let ms = t.elapsed().as_millis() as u64;
+    *t = Instant::now();
+    ms
+}
 
 /// A pass that sends less than this is the last one worth making while the CT runs.
 const SMALL_DELTA: u64 = 1 << 20;
@@ -109,7 +118,7 @@ pub fn migrate(ctx: &mut Ctx, a: &MigrateArgs) -> Result<()> {
     } else {
         switch_offline(ctx, &plan)
     };
-    let (final_bytes, t_dump) = switched?;
+    let (final_bytes, steps) = switched?;
     let downtime = t0.elapsed();
     let mark = mig::finish_source(&ctx.host, ctid, &a.dest, a.live, &mut ctx.hooks)
         .context("the CT runs on the target; recording it here")?;
@@ -129,15 +138,19 @@ pub fn migrate(ctx: &mut Ctx, a: &MigrateArgs) -> Result<()> {
             "running": was_running,
             "passes": passes,
             "final_bytes": final_bytes,
-            "dump_ms": t_dump.map(|d| d.as_millis() as u64),
+            "dump_ms": steps.iter().find(|(n, _)| *n == "dump").map(|(_, ms)| *ms),
+            "steps_ms": steps.iter().map(|(n, ms)| (n.to_string(), Value::from(*ms))).collect::<serde_json::Map<_, _>>(),
             "downtime_ms": if was_running { Value::from(ms) } else { Value::Null },
             "source": if a.remove_source { "removed" } else { "migrated" },
         }),
         || {
             if was_running {
+                let detail: Vec<String> =
+                    steps.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
                 println!(
-                    "CT {ctid} migrated to {} ({how}): downtime {ms} ms, {passes} passes",
-                    a.dest
+                    "CT {ctid} migrated to {} ({how}): downtime {ms} ms ({}), {passes} passes",
+                    a.dest,
+                    detail.join(", ")
                 );
             } else {
                 println!("CT {ctid} (stopped) moved to {} in {passes} passes", a.dest);
@@ -191,7 +204,7 @@ fn activate(plan: &Plan, mode: &str) -> Result<Value> {
     plan.remote.target(&args, Some(plan.cfg_text.as_bytes()))
 }
 
-fn switch_stopped(ctx: &Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)> {
+fn switch_stopped(ctx: &Ctx, plan: &Plan) -> Result<(u64, Steps)> {
     // Nothing ran during the copy, unless someone started the CT meanwhile.
     if container::running(&ctx.host, plan.ctid).is_some() {
         bail!(
@@ -206,15 +219,18 @@ fn switch_stopped(ctx: &Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)> {
         let _ = abort_target(plan.remote, plan.ctid, false);
         return Err(e);
     }
-    Ok((sent, None))
+    Ok((sent, Vec::new()))
 }
 
 /// Offline: freeze, final pass, kill while frozen (a frozen CT writes nothing, so the copy is
 /// its last state), start on the target.
-fn switch_offline(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)> {
+fn switch_offline(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Steps)> {
     let host = ctx.host.clone();
     let ctid = plan.ctid;
+    let mut t = Instant::now();
+    let mut steps = Steps::new();
     mig::freeze(&host, ctid)?;
+    steps.push(("freeze", since(&mut t)));
     let sent = match plan
         .remote
         .rsync(&plan.private, &plan.target_private, false)
@@ -229,6 +245,7 @@ fn switch_offline(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)>
             ));
         }
     };
+    steps.push(("final_copy", since(&mut t)));
     if let Err(e) = container::kill_frozen(&host, ctid, &mut ctx.hooks) {
         let back = if container::running(&host, ctid).is_some() {
             mig::thaw(&host, ctid).map_err(Into::into)
@@ -243,6 +260,7 @@ fn switch_offline(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)>
             back,
         ));
     }
+    steps.push(("stop", since(&mut t)));
     if let Err(e) = activate(plan, "start") {
         let _ = abort_target(plan.remote, ctid, false);
         let back = container::start(&host, ctid, &mut ctx.hooks)
@@ -253,17 +271,19 @@ fn switch_offline(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)>
             back,
         ));
     }
-    Ok((sent, None))
+    steps.push(("start_on_target", since(&mut t)));
+    Ok((sent, steps))
 }
 
 /// Live: CRIU dumps the CT (it stops here with the dump), the files and the images go over,
 /// the target restores it.
-fn switch_live(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)> {
+fn switch_live(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Steps)> {
     let host = ctx.host.clone();
     let ctid = plan.ctid;
     let dir = host.root.join("dump").join(format!("{ctid}.migrate"));
     let _ = std::fs::remove_dir_all(&dir);
-    let t = Instant::now();
+    let mut t = Instant::now();
+    let mut steps = Steps::new();
     let opts = ckpt::CheckpointOpts {
         dir: Some(dir.clone()),
         keep_running: false,
@@ -282,22 +302,27 @@ fn switch_live(ctx: &mut Ctx, plan: &Plan) -> Result<(u64, Option<Duration>)> {
             back,
         ));
     }
-    let dump = t.elapsed();
+    steps.push(("dump", since(&mut t)));
     let sent = plan
         .remote
         .rsync(&plan.private, &plan.target_private, false)
         .context("final copy")
         .and_then(|s| {
+            steps.push(("final_copy", since(&mut t)));
             plan.remote
                 .rsync(&dir, &plan.target_images, false)
                 .context("sending the images")
                 .map(|i| s + i)
         })
-        .and_then(|s| activate(plan, "restore").map(|_| s));
+        .and_then(|s| {
+            steps.push(("images", since(&mut t)));
+            activate(plan, "restore").map(|_| s)
+        });
     match sent {
         Ok(s) => {
+            steps.push(("restore_on_target", since(&mut t)));
             let _ = std::fs::remove_dir_all(&dir);
-            Ok((s, Some(dump)))
+            Ok((s, steps))
         }
         Err(e) => {
             let _ = abort_target(plan.remote, ctid, false);
