@@ -35,15 +35,18 @@ pub struct MigrateArgs {
 pub enum MigrateTargetCmd {
     /// Check that this host can take the CT whose config comes on stdin; make room for it.
     Preflight {
+        /// The CT's CTID (its config comes on stdin).
         ctid: String,
         /// Size of its files.
         #[arg(long)]
         bytes: u64,
+        /// A live migration follows: CRIU must work here.
         #[arg(long)]
         live: bool,
     },
     /// Install the config on stdin and start the CT (or restore it, or leave it stopped).
     Activate {
+        /// The CT's CTID (its config comes on stdin).
         ctid: String,
         /// Restore from the images received instead of starting.
         #[arg(long)]
@@ -57,7 +60,9 @@ pub enum MigrateTargetCmd {
     },
     /// Remove a failed attempt's half-state (keeps the copied files unless --purge).
     Abort {
+        /// The CT's CTID.
         ctid: String,
+        /// Remove the copied files and the incoming mark too.
         #[arg(long)]
         purge: bool,
     },
