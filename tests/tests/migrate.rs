@@ -507,3 +507,60 @@ fn bad_input_is_refused_before_anything_changes() {
     bed.src.assert_clean();
     bed.dst.assert_clean();
 }
+
+#[test]
+fn a_failed_live_restore_brings_the_source_back_from_its_images() {
+    if !tools_or_skip("a_failed_live_restore_brings_the_source_back_from_its_images") {
+        return;
+    }
+    if let Err(why) = berth_runtime::container::checkpoint::criu_available() {
+        skip(
+            "a_failed_live_restore_brings_the_source_back_from_its_images",
+            &why,
+        );
+        return;
+    }
+    let bed = Bed::shared_cgroups();
+    let (ct, addr) = ("356", "192.0.2.56");
+    create_counter(&bed.src, ct, addr);
+    bed.src.ok(&["start", ct]);
+    assert!(wait_for(Duration::from_secs(5), || seq(&bed.src, ct).len() >= 20));
+    let (_, counter_pid, _) = bed.src.exec(ct, &["cat", "/tmp/counter.pid"]);
+    // The target's restore cannot take the CT's lock there.
+    let lock_path = bed.dst.root.join("run").join(format!("{ct}.lock"));
+    std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
+    let held = berth_runtime::lock::CtLock::acquire(&lock_path, Duration::from_secs(1)).unwrap();
+    let mut args = bed.migrate_args(ct);
+    let rb = args.iter().position(|a| a == "--remote-berth").unwrap() + 1;
+    args[rb] = format!("env BERTH_LOCK_TIMEOUT=0 {}", &args[rb][4..]);
+    args.push("--live".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = failed(&bed.src.run(&refs));
+    assert!(err.contains("runs here again"), "{err}");
+    drop(held);
+    assert_eq!(state(&bed.src, ct), "running");
+    let (_, pid, _) = bed.src.exec(ct, &["cat", "/tmp/counter.pid"]);
+    assert_eq!(pid, counter_pid, "the source's counter is another process");
+    let n = seq(&bed.src, ct).len();
+    assert!(wait_for(Duration::from_secs(5), || seq(&bed.src, ct).len() >= n + 20));
+    assert_consecutive(&seq(&bed.src, ct));
+    assert!(
+        bed.lan_ping(addr),
+        "the source's CT unreachable after the failed migration"
+    );
+    assert_target_clean(&bed, ct, true);
+    assert!(
+        !bed.src
+            .root
+            .join("dump")
+            .join(format!("{ct}.migrate"))
+            .join("berth-checkpoint.json")
+            .exists(),
+        "the source kept images it restored from"
+    );
+
+    bed.src.ok(&["stop", "--fast", ct]);
+    bed.src.ok(&["destroy", ct]);
+    bed.src.assert_clean();
+    bed.dst.assert_clean();
+}
