@@ -375,3 +375,53 @@ pub fn abort(host: &Host, ctid: Ctid, purge: bool) -> Result<AbortReport> {
     }
     Ok(rep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Host, CtConfig) {
+        let d = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(d.path().to_path_buf()), None, None).unwrap();
+        let mut cfg = CtConfig::new(Ctid::new(101).unwrap(), "busybox".into());
+        cfg.uuid = Some(Uuid::new_v4());
+        (d, host, cfg)
+    }
+
+    #[test]
+    fn the_config_sent_must_be_the_cts_and_carry_a_uuid() {
+        let (_d, host, mut cfg) = setup();
+        let text = toml::to_string(&cfg).unwrap();
+        let e = parse_config(&host, Ctid::new(102).unwrap(), &text).unwrap_err();
+        assert!(e.to_string().contains("the config sent is CT 101's"), "{e}");
+        cfg.uuid = None;
+        let e = parse_config(&host, cfg.ctid, &toml::to_string(&cfg).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("has no UUID"), "{e}");
+    }
+
+    #[test]
+    fn preflight_refuses_a_taken_ctid_or_a_leftover_copy_and_changes_nothing() {
+        let (_d, host, cfg) = setup();
+        let mut other = cfg.clone();
+        other.uuid = Some(Uuid::new_v4());
+        fs::create_dir_all(host.conf_dir()).unwrap();
+        other.save(&host).unwrap();
+        let e = preflight(&host, &cfg, 0, false).unwrap_err().to_string();
+        assert!(e.contains("CTID 101 is taken by another CT"), "{e}");
+        fs::remove_file(host.conf_path(cfg.ctid)).unwrap();
+        fs::create_dir_all(host.private_dir(cfg.ctid)).unwrap();
+        let e = preflight(&host, &cfg, 0, false).unwrap_err().to_string();
+        assert!(e.contains("exists without a CT config"), "{e}");
+        assert!(!incoming_path(&host, cfg.ctid).exists());
+    }
+
+    #[test]
+    fn abort_touches_only_a_ctid_with_a_migration_under_way() {
+        let (_d, host, cfg) = setup();
+        fs::create_dir_all(host.conf_dir()).unwrap();
+        cfg.save(&host).unwrap();
+        let e = abort(&host, cfg.ctid, true).unwrap_err().to_string();
+        assert!(e.contains("no migration of it is under way"), "{e}");
+        assert!(host.conf_path(cfg.ctid).exists());
+    }
+}
