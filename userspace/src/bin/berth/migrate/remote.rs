@@ -67,22 +67,24 @@ impl Remote {
     }
 
     fn ssh_opts(&self) -> Vec<String> {
-        let mut v: Vec<String> = [
-            "BatchMode=yes",
-            "ConnectTimeout=10",
-            "ServerAliveInterval=5",
-            "ServerAliveCountMax=3",
-            "ControlMaster=auto",
-            "ControlPersist=300",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        // ssh keeps the first value given for an option: the user's come first.
+        let mut v: Vec<String> = self.opts.clone();
+        v.extend(
+            [
+                "BatchMode=yes",
+                "ConnectTimeout=10",
+                "ServerAliveInterval=5",
+                "ServerAliveCountMax=3",
+                "ControlMaster=auto",
+                "ControlPersist=300",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         v.push(format!(
             "ControlPath={}",
             self.control_dir.join("cm").display()
         ));
-        v.extend(self.opts.iter().cloned());
         v.into_iter().flat_map(|o| ["-o".to_string(), o]).collect()
     }
 
