@@ -28,6 +28,7 @@ APT_PACKAGES=(
   man-db groff-base zsh fish                           # cli tests: man -l, completion -n
   curl python3-venv                                    # api tests: unix-socket client, validator venv
   bats jq                                              # testbed fixtures: the bats helpers' test
+  openssh-server openssh-client rsync                  # migrate: transport; tests start their own sshd
 )
 
 missing=()
@@ -38,8 +39,22 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing apt packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # No package may start a service on this machine (openssh-server would start sshd on :22;
+  # the migration tests start their own inside a namespace): invoke-rc.d asks policy-rc.d,
+  # and 101 means "not allowed". Only a policy this script put there is removed again.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  trap '[ "$own_policy" = 1 ] && rm -f "$policy"' EXIT
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$own_policy" = 1 ] && rm -f "$policy"
+  own_policy=0
+  trap - EXIT
 else
   log "apt packages present"
 fi

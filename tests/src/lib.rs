@@ -9,6 +9,7 @@ pub mod ct;
 pub mod dashboard;
 pub mod datapath;
 pub mod fleet;
+pub mod migrate;
 pub mod net;
 pub mod pg;
 pub mod probes;

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod exec;
 pub mod init;
+pub mod migrate;
 pub mod state;
 
 mod adding;
@@ -50,7 +51,7 @@ pub use monitor::exec::{BadArgs, MONITOR_BIN, MonitorExe, Untrusted, berth_mon_m
 pub use mount::{mount_ct, umount_ct};
 pub use set::{SetOpts, set};
 pub use start::start;
-pub use stop::{destroy, restart, resume, stop, suspend};
+pub use stop::{destroy, kill_frozen, restart, resume, stop, suspend};
 
 /// How long a command waits for another command on the same CT to finish, unless
 /// `BERTH_LOCK_TIMEOUT` (whole seconds, 0..=3600) says otherwise: a panel that would rather
@@ -148,6 +149,14 @@ pub enum CtError {
     },
     #[error("CT {ctid}: {msg}")]
     Invalid { ctid: Ctid, msg: String },
+    /// The CT left for another host; this copy only waits to be destroyed.
+    #[error(
+        "CT {ctid} was migrated to {to} and runs there (`berth destroy {ctid}` removes this copy)"
+    )]
+    Migrated { ctid: Ctid, to: String },
+    /// A migration's target cannot take the CT; nothing was changed on it.
+    #[error("CT {ctid}: this host cannot take it: {msg}")]
+    MigrateRefused { ctid: Ctid, msg: String },
     #[error("CT {0} is stopped: use --save to change its stored config")]
     NeedSave(Ctid),
     #[error("CT {ctid}")]
@@ -213,6 +222,8 @@ pub enum State {
     Suspended,
     Mounted,
     Stopped,
+    /// Stopped here because it runs on another host now (`migrate`).
+    Migrated,
 }
 
 impl std::fmt::Display for State {
@@ -222,6 +233,7 @@ impl std::fmt::Display for State {
             State::Suspended => "suspended",
             State::Mounted => "mounted",
             State::Stopped => "stopped",
+            State::Migrated => "migrated",
         })
     }
 }
@@ -302,6 +314,7 @@ pub fn status(host: &Host, ctid: Ctid) -> Result<Status> {
                 State::Running
             }
         }
+        None if migrate::migrated(host, ctid).is_some() => State::Migrated,
         None if mounted(host, ctid) => State::Mounted,
         None => State::Stopped,
     };

@@ -89,6 +89,9 @@ pub(super) fn start_locked(
     if running(host, ctid).is_some() {
         return Err(CtError::AlreadyRunning(ctid));
     }
+    if let Some(m) = super::migrate::migrated(host, ctid) {
+        return Err(CtError::Migrated { ctid, to: m.to });
+    }
     ensure_uuid(host, ctid)?;
     // Leftovers of a crashed start/stop (or of an init that exited on its own).
     cleanup_stopped(host, ctid, false, hooks)?;

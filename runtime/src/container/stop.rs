@@ -82,6 +82,42 @@ fn stop_locked(
     Ok(())
 }
 
+/// Stops a CT that the caller froze, without letting it run again first: every process gets
+/// SIGKILL while frozen (a frozen task cannot handle it yet) and only then the cgroup is thawed,
+/// so the tasks die on their way out of the freezer before running another instruction of
+/// their own. A migration relies on it: files copied while frozen are the CT's last state.
+pub fn kill_frozen(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> {
+    let (_lock, _cfg) = lock_loaded(host, ctid)?;
+    let Some(st) = running(host, ctid) else {
+        return Err(CtError::NotRunning(ctid));
+    };
+    let cg = cgroup(host, ctid)?;
+    if !cg.is_frozen().unwrap_or(false) {
+        return Err(CtError::Invalid {
+            ctid,
+            msg: "kill_frozen: the CT is not frozen".into(),
+        });
+    }
+    notify_monitor(ctid, st.monitor_pid);
+    let pidfd = state::pidfd_open(st.init_pid).ok();
+    for pid in cg.pids().map_err(cg_err(ctid))? {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    cg.thaw().map_err(cg_err(ctid))?;
+    if let Some(fd) = &pidfd {
+        state::wait_pidfd(fd, Duration::from_secs(10));
+    }
+    cg.kill_all(Duration::from_secs(10)).map_err(cg_err(ctid))?;
+    if let Some(ns) = &st.net {
+        net_teardown(ctid, ns, hooks, LinkTeardown::NetnsExit);
+    }
+    teardown_after_stop(host, ctid, &cg, st.mounted_by_start)?;
+    let exit = LastExit::path(&host.run, ctid);
+    LastExit::remove(&exit).map_err(io_err(ctid, "remove", &exit))?;
+    info!(%ctid, "stopped while frozen");
+    Ok(())
+}
+
 /// Tells the CT's monitor that init's coming exit is this stop's doing, so it records no exit
 /// of init's own for `status`. Sent before init is signalled: the monitor reads it no later
 /// than that exit's SIGCHLD.
@@ -224,6 +260,7 @@ pub fn destroy(host: &Host, ctid: Ctid, hooks: &mut dyn NetHooks) -> Result<()> 
         }
     }
     crate::crash_point!("destroy.config_removed");
+    super::migrate::clear_migrated(host, ctid)?;
     // After the config: a crash in between leaves a claim without a CT, which gc releases.
     if let Some(u) = &cfg.userns {
         crate::userns::release(host, ctid, u)?;

@@ -624,6 +624,18 @@ pub fn del_netif(
     Ok(teardown(&tmp, host, LinkTeardown::Delete))
 }
 
+/// Announces a CT's routed addresses (gratuitous ARP / unsolicited NA) on the devices that
+/// proxy them: after a migration the neighbours still point at the old host until told.
+pub fn announce_proxied(state: &NetState, host: &mut HostNet) -> Result<(), NetError> {
+    let targets: Vec<(IpAddr, String, u32)> = state
+        .ifaces
+        .iter()
+        .flat_map(|i| i.proxy.iter())
+        .map(|p| (p.addr, p.dev.clone(), p.ifindex))
+        .collect();
+    packet::announce(host, &targets)
+}
+
 /// Refuses addresses another CT's configuration claims, or that the host (or a running CT's host
 /// route) holds. Call before changing a CT's configuration.
 pub fn addr_owner_check<'a>(

@@ -10,7 +10,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use idmap::{IdmappedTree, idmap_supported, remove_staging, userns_fd};
-pub use pool::{Holder, HostIds, IdPool, allocate, gc_allocations, release};
+pub use pool::{Holder, HostIds, IdPool, allocate, claim, gc_allocations, holder_of, release};
 pub use shift::{ShiftDirection, shift_tree, unmappable_ids};
 
 use crate::ctid::Ctid;

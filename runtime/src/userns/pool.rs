@@ -299,6 +299,45 @@ fn allocate_in(host: &Host, pool: &IdPool, host_ids: &HostIds, ctid: Ctid) -> Re
     })
 }
 
+/// Who holds exactly range `u` here: `Ok(Some(ctid))`, `Ok(None)` when it is free, and the
+/// reason as `Err` when `u` is not a range of this host's pool (a CT moving between hosts keeps
+/// its ids on disk, so it needs the same range on the target).
+pub fn holder_of(host: &Host, u: &UserNs) -> Result<std::result::Result<Option<Ctid>, String>> {
+    let pool = IdPool::load(host)?;
+    let Some(i) = pool.index_of(u) else {
+        return Ok(Err(format!(
+            "ids {}..{} are not a range of this host's pool ({}..{}, {})",
+            u.uid_base,
+            u64::from(u.uid_base) + u64::from(u.size),
+            pool.start,
+            pool.end(),
+            host.host_conf_path().display()
+        )));
+    };
+    if !held(host, &pool)?.contains(&i) {
+        return Ok(Ok(None));
+    }
+    let p = dir(host).join(i.to_string());
+    let text = fs::read_to_string(&p).map_err(io_err("read", &p))?;
+    Ok(Ok(text.trim().parse().ok()))
+}
+
+/// Claims exactly range `u` for `ctid` (true: claimed now or already its own).
+pub fn claim(host: &Host, ctid: Ctid, u: &UserNs) -> Result<bool> {
+    let pool = IdPool::load(host)?;
+    let Some(i) = pool.index_of(u) else {
+        return Ok(false);
+    };
+    held(host, &pool)?;
+    let p = dir(host).join(i.to_string());
+    if write_claim(&p, ctid)? {
+        return Ok(true);
+    }
+    Ok(fs::read_to_string(&p)
+        .map(|t| t.trim() == ctid.to_string())
+        .unwrap_or(false))
+}
+
 /// Releases CT `ctid`'s range (a range recorded for another CT is left alone).
 pub fn release(host: &Host, ctid: Ctid, u: &UserNs) -> Result<()> {
     let pool = IdPool::load(host)?;

@@ -204,6 +204,11 @@ impl Feeder {
                 Err(ConfigError::NotFound(_)) => continue,
                 Err(e) => return Err(FeedError::Configs(e)),
             };
+            if berth_runtime::container::migrate::migrated(&self.host, ctid).is_some() {
+                // Its booking here closed when it left: gone for this node's ledger, billed
+                // from the record its migration retired (the target bills it from then on).
+                continue;
+            }
             let Some(uuid) = cfg.uuid else {
                 debug!(%ctid, "CT has no UUID yet (assigned at its first start): not billed yet");
                 summary.skipped_no_uuid += 1;

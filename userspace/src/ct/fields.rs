@@ -85,7 +85,7 @@ pub const FIELDS: &[Field] = &[
         "STATUS",
         &["status"],
         Text,
-        "running, suspended, mounted or stopped",
+        "running, suspended, mounted, stopped or migrated",
     ),
     f(
         "template",

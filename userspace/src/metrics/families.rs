@@ -23,6 +23,8 @@ fn state_label(s: State) -> &'static str {
         State::Suspended => "suspended",
         State::Mounted => "mounted",
         State::Stopped => "stopped",
+        // Not among STATES: the snapshot reports a migrated CT's copy as stopped.
+        State::Migrated => "migrated",
     }
 }
 

@@ -75,6 +75,9 @@ pub fn restore(
     if running(host, ctid).is_some() {
         return Err(CtError::AlreadyRunning(ctid).into());
     }
+    if let Some(m) = super::super::migrate::migrated(host, ctid) {
+        return Err(CtError::Migrated { ctid, to: m.to }.into());
+    }
     let meta = Meta::read(ctid, &dir)?;
     let (_lock, cfg) = lock_loaded(host, ctid)?;
     if running(host, ctid).is_some() {

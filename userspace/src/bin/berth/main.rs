@@ -9,6 +9,7 @@ mod gc;
 mod import;
 mod lifecycle;
 mod list;
+mod migrate;
 mod netclass;
 mod netstat;
 mod progress;
@@ -198,6 +199,8 @@ fn run(cli: Cli) -> Result<u8> {
             keep_running,
         } => checkpoint::checkpoint(ctx, &ct, dir, keep_running)?,
         Cmd::Restore { ct, dir } => checkpoint::restore(ctx, &ct, dir)?,
+        Cmd::Migrate(a) => migrate::migrate(ctx, &a)?,
+        Cmd::MigrateTarget(t) => migrate::target::run(ctx, t)?,
         Cmd::Exec { ct, cmd } => return lifecycle::exec(ctx, &ct, &cmd),
         Cmd::Enter { ct } => return lifecycle::enter(ctx, &ct),
         Cmd::Status { ct } => status::status(ctx, &ct)?,

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use berth_runtime::Size;
 use clap::{Args, Parser, Subcommand};
 
+mod migrate;
 mod quota;
+pub use migrate::{MigrateArgs, MigrateTargetCmd};
 pub use quota::{QuotaArgs, QuotaCmd, QuotaFlags};
 
 /// The help heading of the options every command takes.
@@ -128,6 +130,11 @@ pub enum Cmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Move a CT to another host over ssh (offline, or --live with CRIU).
+    Migrate(Box<MigrateArgs>),
+    /// What `migrate` runs on the target over ssh.
+    #[command(subcommand, hide = true)]
+    MigrateTarget(MigrateTargetCmd),
     /// Run a command in a running CT; its exit code becomes berth's.
     Exec {
         /// CTID or name.
