@@ -28,3 +28,23 @@ pub fn skip(what: &str, why: &str) {
         );
     }
 }
+
+/// Whether `tool` is on PATH.
+pub fn have_tool(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether every tool is on PATH; the first one missing is recorded as `test`'s skip.
+pub fn require_tools(test: &str, tools: &[&str]) -> bool {
+    match tools.iter().find(|t| !have_tool(t)) {
+        Some(t) => {
+            skip(test, &format!("{t} is not installed"));
+            false
+        }
+        None => true,
+    }
+}

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use berth_testbed::{Options, Testbed};
 use berth_tests::ct::berth_bin;
-use berth_tests::skip::skip;
 use serde_json::Value;
 
 /// Two routed and one bridged CT (real berth CTs, berthd on), checks that pass on a good host,
@@ -124,16 +123,9 @@ struct Env {
 impl Env {
     /// None (after a visible skip) when this machine cannot run testbeds.
     fn new(test: &str) -> Option<Env> {
-        for tool in ["iperf3", "nsenter", "ping", "tc", "python3"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !found {
-                skip(test, &format!("{tool} is not installed"));
-                return None;
-            }
+        if !berth_tests::skip::require_tools(test, &["iperf3", "nsenter", "ping", "tc", "python3"])
+        {
+            return None;
         }
         let dir = tempfile::Builder::new()
             .prefix("berth-testbed-")

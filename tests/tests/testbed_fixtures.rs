@@ -78,13 +78,7 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use berth_tests::skip::have_tool as have;
 
 fn runs(state: &Path) -> Vec<String> {
     std::fs::read_dir(state)

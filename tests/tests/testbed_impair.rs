@@ -8,7 +8,6 @@ use std::process::{Command, Output, Stdio};
 
 use berth_testbed::{Options, Testbed};
 use berth_tests::ct::berth_bin;
-use berth_tests::skip::skip;
 use serde_json::Value;
 
 /// A routed CT losing every 100th IP packet each way, and a plain namespace losing a seeded 2%.
@@ -77,16 +76,8 @@ struct Env {
 
 impl Env {
     fn new(test: &str) -> Option<Env> {
-        for tool in ["iperf3", "nsenter", "ping", "tc"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !found {
-                skip(test, &format!("{tool} is not installed"));
-                return None;
-            }
+        if !berth_tests::skip::require_tools(test, &["iperf3", "nsenter", "ping", "tc"]) {
+            return None;
         }
         let dir = tempfile::Builder::new()
             .prefix("berth-testbed-impair-")

@@ -74,16 +74,9 @@ struct Env {
 
 impl Env {
     fn new(test: &str) -> Option<Env> {
-        for tool in ["setpriv", "iperf3", "nsenter", "ping", "tc"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !found {
-                skip(test, &format!("{tool} is not installed"));
-                return None;
-            }
+        if !berth_tests::skip::require_tools(test, &["setpriv", "iperf3", "nsenter", "ping", "tc"])
+        {
+            return None;
         }
         let dir = tempfile::Builder::new()
             .prefix("berth-testbed-rootless-")

@@ -114,33 +114,39 @@ pub(super) async fn write(
     }
 }
 
-async fn copy_new(
+/// COPYs `rows` with `stmt`: into `berth_slot` with the node and the parsed UUIDs first
+/// (`uuids`), or into the staging table with the UUID as text.
+async fn copy_rows(
     tx: &Transaction<'_>,
+    stmt: &str,
+    types: &[Type],
     node: &str,
     rows: &[(&str, &SlotRow)],
-    uuids: &[Uuid],
+    uuids: Option<&[Uuid]>,
 ) -> Result<u64, FleetError> {
     let sink = tx
-        .copy_in(
-            "COPY berth_slot (node, ct_uuid, slot_start, direction, class, family, bytes, packets,
-                              flags, seq) FROM STDIN (FORMAT binary)",
-        )
+        .copy_in(stmt)
         .await
         .map_err(db("starting the slot copy"))?;
-    let mut w = pin!(BinaryCopyInWriter::new(sink, &SLOT_COLUMNS));
-    for ((_, r), u) in rows.iter().zip(uuids) {
-        let row: [&(dyn ToSql + Sync); 10] = [
-            &node,
-            u,
+    let mut w = pin!(BinaryCopyInWriter::new(sink, types));
+    for (i, (uuid, r)) in rows.iter().enumerate() {
+        let (class, flags) = (i16::from(r.key.class), i16::from(r.flags.0));
+        let (bytes, packets) = (i64_of(r.counter.bytes), i64_of(r.counter.packets));
+        let (direction, family) = (r.key.direction.as_str(), r.key.family.as_str());
+        let mut row: Vec<&(dyn ToSql + Sync)> = match uuids {
+            Some(u) => vec![&node, &u[i]],
+            None => vec![uuid],
+        };
+        row.extend::<[&(dyn ToSql + Sync); 8]>([
             &r.slot_start,
-            &r.key.direction.as_str(),
-            &i16::from(r.key.class),
-            &r.key.family.as_str(),
-            &i64_of(r.counter.bytes),
-            &i64_of(r.counter.packets),
-            &i16::from(r.flags.0),
+            &direction,
+            &class,
+            &family,
+            &bytes,
+            &packets,
+            &flags,
             &r.seq,
-        ];
+        ]);
         w.as_mut()
             .write(&row)
             .await
@@ -149,34 +155,38 @@ async fn copy_new(
     w.finish().await.map_err(db("finishing the slot copy"))
 }
 
+async fn copy_new(
+    tx: &Transaction<'_>,
+    node: &str,
+    rows: &[(&str, &SlotRow)],
+    uuids: &[Uuid],
+) -> Result<u64, FleetError> {
+    copy_rows(
+        tx,
+        "COPY berth_slot (node, ct_uuid, slot_start, direction, class, family, bytes, packets,
+                          flags, seq) FROM STDIN (FORMAT binary)",
+        &SLOT_COLUMNS,
+        node,
+        rows,
+        Some(uuids),
+    )
+    .await
+}
+
 async fn upsert(
     tx: &Transaction<'_>,
     node: &str,
     rows: &[(&str, &SlotRow)],
 ) -> Result<u64, FleetError> {
-    let sink = tx
-        .copy_in("COPY berth_ship_slot FROM STDIN (FORMAT binary)")
-        .await
-        .map_err(db("starting the slot copy"))?;
-    let mut w = pin!(BinaryCopyInWriter::new(sink, &STAGING_COLUMNS));
-    for (uuid, r) in rows {
-        let row: [&(dyn ToSql + Sync); 9] = [
-            uuid,
-            &r.slot_start,
-            &r.key.direction.as_str(),
-            &i16::from(r.key.class),
-            &r.key.family.as_str(),
-            &i64_of(r.counter.bytes),
-            &i64_of(r.counter.packets),
-            &i16::from(r.flags.0),
-            &r.seq,
-        ];
-        w.as_mut()
-            .write(&row)
-            .await
-            .map_err(db("copying slot rows"))?;
-    }
-    w.finish().await.map_err(db("finishing the slot copy"))?;
+    copy_rows(
+        tx,
+        "COPY berth_ship_slot FROM STDIN (FORMAT binary)",
+        &STAGING_COLUMNS,
+        node,
+        rows,
+        None,
+    )
+    .await?;
     // The staging table was filled in key order (`rows_once`) and is read back in it.
     tx.execute(
         "INSERT INTO berth_slot AS s (node, ct_uuid, slot_start, direction, class, family, bytes,
