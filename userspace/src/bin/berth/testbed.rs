@@ -110,6 +110,7 @@ pub enum TestbedCmd {
         /// Drop a seeded fraction (threshold of 2^32; 0: off).
         #[arg(long, default_value_t = 0)]
         threshold: u32,
+        /// Seed of the fraction's random sequence (the same seed drops the same packets).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
