@@ -153,6 +153,20 @@ pub(super) fn monitor_main(
     };
     drop(go_r);
     drop(err_w);
+    serve_started(ctid, paths, p, ready_w, Some(err_r), exe, child)
+}
+
+/// Reports init's PID to `start`/`restore` (killing init if nobody listens any more), then
+/// serves the CT, in `berth-mon` when there is one.
+fn serve_started(
+    ctid: Ctid,
+    paths: &Paths,
+    p: Prologue,
+    ready_w: OwnedFd,
+    err_r: Option<OwnedFd>,
+    exe: Option<MonitorExe>,
+    child: Pid,
+) -> i32 {
     let started = MonitorMsg::Started {
         init_pid: child.as_raw(),
     };
@@ -167,7 +181,7 @@ pub(super) fn monitor_main(
             master: p.master,
             slave: p.slave,
             ready_w,
-            err_r: Some(err_r),
+            err_r,
             console_log: paths.console_log.clone(),
             last_exit: paths.last_exit.clone(),
         },
@@ -205,23 +219,7 @@ pub(super) fn adopt_main(
         Ok(pid) => pid,
         Err(e) => return fail(e),
     };
-    let child = Pid::from_raw(init_pid);
-    if (MonitorMsg::Started { init_pid }).send(&ready_w).is_err() {
-        let _ = kill(child, Signal::SIGKILL);
-    }
-    exec::hand_off(
-        ctid,
-        exe,
-        Served {
-            init: child,
-            master: p.master,
-            slave: p.slave,
-            ready_w,
-            err_r: None,
-            console_log: paths.console_log.clone(),
-            last_exit: paths.last_exit.clone(),
-        },
-    )
+    serve_started(ctid, paths, p, ready_w, None, exe, Pid::from_raw(init_pid))
 }
 
 /// In the cloned init: wait for the go-ahead, build the CT's view of the world, exec init.
